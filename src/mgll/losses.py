@@ -22,6 +22,9 @@ from mgll.distributed import gather_no_grad, gather_sizes, gather_with_grad, is_
 MAX_LOGIT_SCALE = 100.0
 """Cap on ``s = exp(logit_scale)``, as in CLIP."""
 
+INIT_LOGIT_SCALE = math.log(1 / 0.07)
+"""CLIP's initial ``logit_scale`` (temperature 0.07), the default when none is passed."""
+
 LabelKey = Hashable | Iterable[Hashable] | None
 
 
@@ -242,7 +245,7 @@ class MGLLLoss(nn.Module):
         image_emb: torch.Tensor,
         text_embs: Sequence[torch.Tensor],
         labels: Sequence[torch.Tensor],
-        logit_scale: torch.Tensor | float = math.log(1 / 0.07),
+        logit_scale: torch.Tensor | float = INIT_LOGIT_SCALE,
         logit_bias: torch.Tensor | float | None = -10.0,
     ) -> dict[str, torch.Tensor]:
         if len(text_embs) == 0:
@@ -269,9 +272,7 @@ class MGLLLoss(nn.Module):
                 level_log_probs.append(None)
                 continue
             pos = positive_mask(b.labels_rows[g][p_rows], b.labels_cols[g][p_cols])
-            log_probs = (
-                F.log_softmax(logits, dim=1) if (w_sclip > 0 or keep_log_probs) else None
-            )
+            log_probs = F.log_softmax(logits, dim=1) if (w_sclip > 0 or keep_log_probs) else None
             if w_sclip > 0:
                 if b.square:
                     t2i = logits.T
@@ -322,7 +323,7 @@ class CLIPLoss(nn.Module):
         image_emb: torch.Tensor,
         text_embs: Sequence[torch.Tensor] | torch.Tensor,
         labels: Sequence[torch.Tensor] | None = None,
-        logit_scale: torch.Tensor | float = math.log(1 / 0.07),
+        logit_scale: torch.Tensor | float = INIT_LOGIT_SCALE,
         logit_bias: torch.Tensor | float | None = None,
     ) -> dict[str, torch.Tensor]:
         if isinstance(text_embs, torch.Tensor):
@@ -335,9 +336,6 @@ class CLIPLoss(nn.Module):
         scale = _scale(logit_scale, b.image_rows)
         logits = scale * b.image_rows @ b.texts_cols[0].T
         targets = torch.arange(logits.shape[0], device=logits.device) + b.offset
-        if b.square:
-            t2i = logits.T
-        else:
-            t2i = scale * b.texts_rows[0] @ b.image_cols.T
+        t2i = logits.T if b.square else scale * b.texts_rows[0] @ b.image_cols.T
         clip = 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(t2i, targets))
         return {"loss": clip, "clip": clip}
