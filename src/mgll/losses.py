@@ -115,18 +115,20 @@ def encode_labels(
 # --------------------------------------------------------------------------------------------
 
 
-def _soft_cross_entropy(log_probs: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
-    """Mean over rows of CE(row, positives_row / sum(positives_row)), from row log-softmaxes."""
-    pos = positives.to(log_probs.dtype)
-    return (-(pos * log_probs).sum(dim=1) / pos.sum(dim=1)).mean()
+def _select(t: torch.Tensor, keep: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Rows (or columns) where ``keep`` is True; index_select's backward is a cheap index_add."""
+    return t.index_select(dim, keep.nonzero().squeeze(1))
 
 
 def _smooth_kl(log_probs: Sequence[torch.Tensor]) -> torch.Tensor:
     """mean_i sum_g KL(P^g_i || M_i) with M_i the mean of the G distributions, from log-probs."""
-    stacked = torch.stack(list(log_probs))  # (G, n, m)
-    log_mean = torch.logsumexp(stacked, dim=0) - math.log(stacked.shape[0])
-    kl = (stacked.exp() * (stacked - log_mean)).sum(dim=2)  # (G, n)
-    return kl.sum(dim=0).mean()
+    # log M = logsumexp_g(log P^g) - log G, reduced pairwise with the fused logaddexp kernel.
+    log_mean = log_probs[0]
+    for lp in log_probs[1:]:
+        log_mean = torch.logaddexp(log_mean, lp)
+    log_mean = log_mean - math.log(len(log_probs))
+    kl = sum((lp.exp() * (lp - log_mean)).sum() for lp in log_probs)
+    return kl / log_probs[0].shape[0]
 
 
 def _as_scalar(value: torch.Tensor | float | None, like: torch.Tensor) -> torch.Tensor:
@@ -258,48 +260,54 @@ class MGLLLoss(nn.Module):
         sclip, pointwise, skl = zero, zero, zero
 
         levels = len(text_embs)
-        keep_log_probs = w_skl > 0 and levels > 1
-        present_rows, present_cols, level_log_probs = [], [], []
+        present_rows, present_cols, kept = [], [], []
         for g in range(levels):
-            logits = scale * b.image_rows @ b.texts_cols[g].T  # (rows, cols): image -> text
             p_rows, p_cols = label_presence(b.labels_rows[g]), label_presence(b.labels_cols[g])
             present_rows.append(p_rows)
             present_cols.append(p_cols)
             all_present = bool(p_rows.all()) and bool(p_cols.all())
-            if not all_present:  # a missing sample leaves this level's rows and columns
-                logits = logits[p_rows][:, p_cols]
-            if logits.shape[0] == 0:
-                level_log_probs.append(None)
+            # A missing sample leaves this level's rows and columns: select before the matmul.
+            image = b.image_rows if all_present else _select(b.image_rows, p_rows)
+            text = b.texts_cols[g] if all_present else _select(b.texts_cols[g], p_cols)
+            if image.shape[0] == 0:
+                kept.append(None)
                 continue
+            logits = scale * image @ text.T  # (rows, cols): image -> text
             pos = positive_mask(b.labels_rows[g][p_rows], b.labels_cols[g][p_cols])
-            log_probs = F.log_softmax(logits, dim=1) if (w_sclip > 0 or keep_log_probs) else None
+            pos = pos.to(logits.dtype)
+            lse_rows = torch.logsumexp(logits, dim=1)
+            # CE(row, y/|y|) = lse - <y, row>/|y|: no (N, N) log-softmax is materialised.
+            pos_logits = pos * logits if (w_sclip > 0 or w_pw > 0) else None
             if w_sclip > 0:
-                if b.square:
-                    t2i = logits.T
+                n_pos_rows = pos.sum(dim=1)
+                row_term = (lse_rows - pos_logits.sum(dim=1) / n_pos_rows).mean()
+                if b.square:  # text -> image logits are the transpose; the mask is symmetric
+                    col_lse = torch.logsumexp(logits, dim=0)
+                    col_term = (col_lse - pos_logits.sum(dim=0) / n_pos_rows).mean()
                 else:  # local texts against the global images
-                    t2i = (scale * b.texts_rows[g] @ b.image_cols.T)[p_rows][:, p_cols]
-                sclip = sclip + 0.5 * (
-                    _soft_cross_entropy(log_probs, pos)
-                    + _soft_cross_entropy(F.log_softmax(t2i, dim=1), pos)
-                )
+                    t2i = scale * _select(b.texts_rows[g], p_rows) @ _select(b.image_cols, p_cols).T
+                    t2i_lse = torch.logsumexp(t2i, dim=1)
+                    col_term = (t2i_lse - (pos * t2i).sum(dim=1) / n_pos_rows).mean()
+                sclip = sclip + 0.5 * (row_term + col_term)
             if w_pw > 0:
-                bce = F.binary_cross_entropy_with_logits(
-                    logits + bias, pos.to(logits.dtype), reduction="sum"
-                )
+                # sum BCE(x + b, y) = sum softplus(x + b) - sum y * x - b * sum y
+                bce = F.softplus(logits + bias).sum() - pos_logits.sum() - bias * pos.sum()
                 pointwise = pointwise + bce / logits.shape[0]
-            level_log_probs.append(log_probs if all_present else None)
+            kept.append((logits, lse_rows))
 
-        if keep_log_probs:
+        if w_skl > 0 and levels > 1:
             common_rows = torch.stack(present_rows).all(dim=0)
             common_cols = torch.stack(present_cols).all(dim=0)
             if bool(common_rows.any()):
-                if any(lp is None for lp in level_log_probs):  # restrict to common samples
-                    image = b.image_rows[common_rows]
-                    level_log_probs = [
-                        F.log_softmax(scale * image @ b.texts_cols[g][common_cols].T, dim=1)
-                        for g in range(levels)
-                    ]
-                skl = _smooth_kl(level_log_probs)
+                log_probs = []
+                for g, (logits, lse_rows) in enumerate(kept):  # all levels present here
+                    rows_g, cols_g = common_rows[present_rows[g]], common_cols[present_cols[g]]
+                    if bool(rows_g.all()) and bool(cols_g.all()):
+                        log_probs.append(logits - lse_rows[:, None])
+                    else:  # restrict to the samples present at every level
+                        sub = _select(_select(logits, rows_g), cols_g, dim=1)
+                        log_probs.append(sub - torch.logsumexp(sub, dim=1, keepdim=True))
+                skl = _smooth_kl(log_probs)
 
         loss = w_sclip * sclip + w_pw * pointwise + w_skl * skl
         return {"loss": loss, "sclip": sclip, "pointwise": pointwise, "skl": skl}
