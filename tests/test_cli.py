@@ -1,0 +1,40 @@
+"""The `mgll` command: version, help, and `python -m mgll` behaving the same."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import mgll
+from mgll.cli import COMMAND_MODULES, main
+
+
+def test_version_flag(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"mgll {mgll.__version__}"
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: mgll")
+    for name in COMMAND_MODULES:
+        assert name in out
+
+
+def test_python_dash_m_matches_the_console_script():
+    result = subprocess.run(
+        [sys.executable, "-m", "mgll", "--version"], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == f"mgll {mgll.__version__}"
+
+
+def test_unknown_command_is_an_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["no-such-command"])
+    assert exc.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
