@@ -1,0 +1,82 @@
+"""Adapters: one module per real-world dataset format, all producing a RecordSet.
+
+Each adapter has ``detect(path) -> bool`` and ``load(path, **options) -> RecordSet``. Adding a
+format means adding a module and one entry in :data:`ADAPTERS`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mgll.data.records import RecordSet
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A named format: the module and the functions that detect and load it."""
+
+    name: str
+    module: str
+    loader: str = "load"
+    detector: str = "detect"
+    aliases: tuple[str, ...] = ()
+
+    def load(self, path: str | Path, **options: Any) -> RecordSet:
+        """Records of the dataset at ``path`` in this format."""
+        return self._fn(self.loader)(Path(path), **options)
+
+    def detect(self, path: str | Path) -> bool:
+        """Whether ``path`` looks like a dataset in this format."""
+        return bool(self._fn(self.detector)(Path(path)))
+
+    def _fn(self, name: str) -> Callable[..., Any]:
+        return getattr(importlib.import_module(self.module), name)
+
+
+# Detection tries these in order; specific formats come before the generic ones.
+ADAPTERS: tuple[Adapter, ...] = (
+    Adapter("covid-cxr", "mgll.data.adapters.covid_cxr", aliases=("ieee8023", "covid-chestxray")),
+    Adapter("csdi-fundus", "mgll.data.adapters.csdi_fundus", aliases=("csdi",)),
+    Adapter("chestxray14", "mgll.data.adapters.chestxray14", aliases=("nih-chestxray14", "nih")),
+    Adapter("mgll-release", "mgll.data.adapters.mgll_release", aliases=("mgll",)),
+    Adapter(
+        "mgll-downstream",
+        "mgll.data.adapters.mgll_release",
+        loader="load_downstream",
+        detector="detect_downstream",
+    ),
+    Adapter("midrc", "mgll.data.adapters.midrc", aliases=("midrc-xr",)),
+)
+
+
+def adapter_names() -> list[str]:
+    """Names accepted as a ``source`` / ``--format``."""
+    return [a.name for a in ADAPTERS]
+
+
+def get_adapter(name: str) -> Adapter:
+    """The adapter called ``name`` (or one of its aliases)."""
+    for adapter in ADAPTERS:
+        if name == adapter.name or name in adapter.aliases:
+            return adapter
+    raise ValueError(
+        f"unknown dataset format {name!r}; known formats: {adapter_names()} (or give a spec file)"
+    )
+
+
+def detect_adapter(path: str | Path) -> Adapter:
+    """The first adapter recognising the folder ``path`` (ValueError listing the formats)."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path}: no such dataset folder")
+    for adapter in ADAPTERS:
+        if adapter.detect(path):
+            return adapter
+    raise ValueError(
+        f"{path}: not a dataset folder in a known format ({adapter_names()}); name the format "
+        "with --format / data.source, or describe the table in a dataset spec (docs/data.md)"
+    )

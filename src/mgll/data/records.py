@@ -1,0 +1,164 @@
+"""The multi-granular dataset model: records, levels and what was left out.
+
+A record is one image with G granularity levels (coarse to fine). At each level it has one or
+more candidate texts and a label: nothing (missing), one class name, or several (multi-label).
+Class names become ids through each level's fixed vocabulary, so every process agrees on them.
+Adapters and dataset specs produce a :class:`RecordSet`; the torch dataset only reads it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class LevelInfo:
+    """One granularity level: its name, its class names in id order, and whether a sample may
+    carry several classes at once (then labels are multi-hot vectors)."""
+
+    name: str
+    vocabulary: list[str]
+    multi_label: bool = False
+
+    def class_id(self, name: str) -> int:
+        """Id of ``name`` in this level's vocabulary (ValueError naming the level if absent)."""
+        try:
+            return self._index[name]
+        except KeyError:
+            raise ValueError(
+                f"label {name!r} is not in the vocabulary of level {self.name!r} "
+                f"({len(self.vocabulary)} classes: {self.vocabulary[:10]}...)"
+            ) from None
+
+    @property
+    def _index(self) -> dict[str, int]:
+        # Cached on first use; the dataclass is frozen, so bypass __setattr__ once.
+        index = self.__dict__.get("_index_cache")
+        if index is None:
+            index = {name: i for i, name in enumerate(self.vocabulary)}
+            object.__setattr__(self, "_index_cache", index)
+        return index
+
+
+@dataclass
+class Record:
+    """One image and its texts/labels at every level, plus metadata.
+
+    ``texts[g]`` holds the candidate texts at level g (at least one; one is drawn per epoch);
+    ``labels[g]`` holds the class names at level g (empty = missing at that level).
+    ``patient_id`` groups records for splitting; ``metadata`` keeps e.g. view, sex, source row.
+    """
+
+    image: Path
+    texts: list[list[str]]
+    labels: list[list[str]]
+    patient_id: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RecordSet:
+    """Records of one dataset plus the levels they refer to and the counted exclusions.
+
+    ``excluded`` maps a reason ("finding 'todo' (unlabelled)") to how many source rows were left
+    out for it; ``excluded_examples`` keeps a few identifiers per reason so reports can name them.
+    ``source`` says where the records came from (file or folder) for messages.
+    """
+
+    levels: list[LevelInfo]
+    records: list[Record]
+    source: str = ""
+    excluded: Counter[str] = field(default_factory=Counter)
+    excluded_examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def exclude(self, reason: str, example: str) -> None:
+        """Count one left-out source row under ``reason`` (keeping up to 5 examples)."""
+        self.excluded[reason] += 1
+        examples = self.excluded_examples.setdefault(reason, [])
+        if len(examples) < 5:
+            examples.append(example)
+
+    def select_levels(self, indices: Sequence[int] | None) -> RecordSet:
+        """A view keeping only the levels at ``indices`` (in that order); None keeps all."""
+        if indices is None:
+            return self
+        indices = [int(i) for i in indices]
+        for i in indices:
+            if not -len(self.levels) <= i < len(self.levels):
+                raise ValueError(
+                    f"data.levels: index {i} is out of range; {self.source} has "
+                    f"{len(self.levels)} levels: {[lv.name for lv in self.levels]}"
+                )
+        records = [
+            Record(
+                image=r.image,
+                texts=[r.texts[i] for i in indices],
+                labels=[r.labels[i] for i in indices],
+                patient_id=r.patient_id,
+                metadata=r.metadata,
+            )
+            for r in self.records
+        ]
+        return RecordSet(
+            levels=[self.levels[i] for i in indices],
+            records=records,
+            source=self.source,
+            excluded=Counter(self.excluded),
+            excluded_examples=dict(self.excluded_examples),
+        )
+
+    def subset(self, indices: Sequence[int]) -> RecordSet:
+        """The same levels with only the records at ``indices``."""
+        return RecordSet(
+            levels=self.levels,
+            records=[self.records[i] for i in indices],
+            source=self.source,
+            excluded=Counter(self.excluded),
+            excluded_examples=dict(self.excluded_examples),
+        )
+
+    def label_counts(self) -> list[Counter[str]]:
+        """Per level, how many records carry each class (a multi-label record counts once per
+        class); the key "" counts records missing at that level."""
+        counts: list[Counter[str]] = [Counter() for _ in self.levels]
+        for r in self.records:
+            for g, names in enumerate(r.labels):
+                if names:
+                    counts[g].update(set(names))
+                else:
+                    counts[g][""] += 1
+        return counts
+
+
+def vocabulary_from(
+    labels: Sequence[Sequence[str]], given: Sequence[str] | None = None
+) -> list[str]:
+    """The vocabulary of a level: ``given`` when set (order kept), else the sorted class names
+    seen, so ids do not depend on row order."""
+    if given is not None:
+        return [str(v) for v in given]
+    seen = {name for names in labels for name in names}
+    try:
+        # Numeric grades sort as numbers ("2" before "10"), so ids follow severity.
+        return sorted(seen, key=float)
+    except ValueError:
+        return sorted(seen)
+
+
+def build_levels(
+    names: Sequence[str],
+    records: Sequence[Record],
+    multi_label: Sequence[bool],
+    vocabularies: Sequence[Sequence[str] | None] | None = None,
+) -> list[LevelInfo]:
+    """LevelInfo for each level from the records' labels (or the given vocabularies)."""
+    levels = []
+    for g, name in enumerate(names):
+        given = vocabularies[g] if vocabularies is not None else None
+        vocab = vocabulary_from([r.labels[g] for r in records], given)
+        levels.append(LevelInfo(name=name, vocabulary=vocab, multi_label=bool(multi_label[g])))
+    return levels

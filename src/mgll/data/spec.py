@@ -1,0 +1,339 @@
+"""Declarative dataset specs: a YAML/JSON file mapping a label table to the dataset model.
+
+See docs/data.md for the full format. A minimal spec::
+
+    table: labels.csv
+    image: {column: path, root: images}
+    patient: patient_id
+    levels:
+      - name: finding
+        label: finding
+        separator: "|"
+        prompt: "A chest X-ray showing {label}."
+      - name: report
+        text: report
+
+Every error names the spec key, the table file and (for cell errors) the row.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from mgll.data.records import LevelInfo, Record, RecordSet, vocabulary_from
+from mgll.data.tables import TableError, read_table
+
+SPEC_SUFFIXES = (".yaml", ".yml", ".json")
+_TOP_KEYS = {
+    "name",
+    "table",
+    "format",
+    "image",
+    "patient",
+    "metadata",
+    "exclude",
+    "split",
+    "levels",
+}
+_LEVEL_KEYS = {
+    "name",
+    "label",
+    "columns",
+    "text",
+    "prompt",
+    "separator",
+    "multi_label",
+    "vocabulary",
+    "missing",
+    "missing_text",
+    "positive",
+}
+
+
+class SpecError(ValueError):
+    """A dataset spec is invalid; the message names the spec key, file and row."""
+
+
+def load_spec_file(path: str | Path) -> dict[str, Any]:
+    """Parse a YAML or JSON spec into a dict (SpecError naming the file on failure)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read dataset spec ({exc.strerror or exc})") from exc
+    try:
+        spec = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise SpecError(
+            f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} ({exc})"
+        ) from exc
+    if not isinstance(spec, dict):
+        raise SpecError(f"{path}: a dataset spec must be a mapping with keys table, image, levels")
+    return spec
+
+
+def records_from_spec(
+    spec: Mapping[str, Any] | str | Path, base_dir: str | Path | None = None
+) -> RecordSet:
+    """Records described by ``spec`` (a mapping, or the path of a YAML/JSON file).
+
+    Relative paths in the spec (table, image root) are resolved against ``base_dir``, which
+    defaults to the spec file's folder.
+    """
+    if isinstance(spec, (str, Path)):
+        spec_path = Path(spec)
+        mapping = load_spec_file(spec_path)
+        base = Path(base_dir) if base_dir is not None else spec_path.parent
+        where = str(spec_path)
+    else:
+        mapping = dict(spec)
+        base = Path(base_dir) if base_dir is not None else Path.cwd()
+        where = "dataset spec"
+    return _SpecReader(mapping, base, where).read()
+
+
+class _SpecReader:
+    def __init__(self, spec: dict[str, Any], base: Path, where: str) -> None:
+        self.spec = spec
+        self.base = base
+        self.where = where
+
+    def fail(self, key: str, message: str) -> SpecError:
+        return SpecError(f"{self.where}: {key}: {message}")
+
+    def require(self, key: str) -> Any:
+        if key not in self.spec or self.spec[key] in (None, ""):
+            raise self.fail(key, "is required (see docs/data.md for the spec format)")
+        return self.spec[key]
+
+    def column(self, key: str, name: Any) -> str:
+        if not isinstance(name, str) or name not in self.frame.columns:
+            raise self.fail(
+                key,
+                f"column {name!r} not found in {self.table_path} "
+                f"(columns: {', '.join(map(str, self.frame.columns))})",
+            )
+        return name
+
+    def read(self) -> RecordSet:
+        unknown = set(self.spec) - _TOP_KEYS
+        if unknown:
+            raise self.fail(
+                ", ".join(sorted(unknown)), f"unknown key(s); known keys: {sorted(_TOP_KEYS)}"
+            )
+        table = self.require("table")
+        self.table_path = _resolve(self.base, table)
+        try:
+            self.frame = read_table(self.table_path, self.spec.get("format"))
+        except TableError as exc:
+            raise self.fail("table", str(exc)) from exc
+
+        image_cfg = self.require("image")
+        if isinstance(image_cfg, str):
+            image_cfg = {"column": image_cfg}
+        image_col = self.column("image.column", image_cfg.get("column"))
+        root = _resolve(self.base, image_cfg.get("root", "."))
+        patient_col = (
+            self.column("patient", self.spec["patient"]) if self.spec.get("patient") else None
+        )
+        split_col = self.column("split", self.spec["split"]) if self.spec.get("split") else None
+        meta_cols = [
+            self.column(f"metadata[{i}]", c) for i, c in enumerate(self.spec.get("metadata") or [])
+        ]
+        exclude = self.spec.get("exclude") or {}
+        if not isinstance(exclude, Mapping):
+            raise self.fail("exclude", "must map column names to lists of values to leave out")
+        exclude_cols = {
+            self.column(f"exclude.{c}", c): {str(v) for v in _as_list(vals)}
+            for c, vals in exclude.items()
+        }
+
+        level_cfgs = self.require("levels")
+        if not isinstance(level_cfgs, list) or not level_cfgs:
+            raise self.fail(
+                "levels", "must be a non-empty list, one entry per granularity (coarse to fine)"
+            )
+        levels = [self.parse_level(i, cfg) for i, cfg in enumerate(level_cfgs)]
+
+        result = RecordSet(levels=[], records=[], source=str(self.table_path))
+        rows = self.frame.to_dict("records")
+        per_level_labels: list[list[list[str]]] = [[] for _ in levels]
+        kept_rows: list[tuple[int, dict[str, str]]] = []
+        for number, row in enumerate(rows, start=1):
+            dropped = next((c for c, vals in exclude_cols.items() if row[c] in vals), None)
+            if dropped is not None:
+                result.exclude(f"{dropped} = {row[dropped]!r} (exclude)", f"row {number}")
+                continue
+            if not row[image_col].strip():
+                raise self.fail(
+                    "image.column",
+                    f"{self.table_path} row {number}: column {image_col!r} is empty; every row needs an image path",
+                )
+            for g, level in enumerate(levels):
+                per_level_labels[g].append(level.labels(row, number))
+            kept_rows.append((number, row))
+
+        infos = []
+        for g, level in enumerate(levels):
+            vocab = vocabulary_from(per_level_labels[g], level.vocabulary)
+            if level.vocabulary is not None:
+                allowed = set(vocab)
+                for (number, _), names in zip(kept_rows, per_level_labels[g]):
+                    outside = [n for n in names if n not in allowed]
+                    if outside:
+                        raise self.fail(
+                            f"levels[{g}].vocabulary",
+                            f"{self.table_path} row {number}: label(s) {outside} are not in the "
+                            "vocabulary; add them or list the value under missing",
+                        )
+            infos.append(
+                LevelInfo(name=level.name, vocabulary=vocab, multi_label=level.multi_label)
+            )
+
+        for k, (number, row) in enumerate(kept_rows):
+            labels = [per_level_labels[g][k] for g in range(len(levels))]
+            texts = [level.texts(row, labels[g]) for g, level in enumerate(levels)]
+            metadata: dict[str, Any] = {c: row[c] for c in meta_cols}
+            metadata["row"] = number
+            if split_col is not None and row[split_col].strip():
+                metadata["split"] = row[split_col].strip().lower()
+            result.records.append(
+                Record(
+                    image=_resolve(root, row[image_col].strip()),
+                    texts=texts,
+                    labels=labels,
+                    patient_id=(row[patient_col].strip() or None) if patient_col else None,
+                    metadata=metadata,
+                )
+            )
+        result.levels = infos
+        return result
+
+    def parse_level(self, g: int, cfg: Any) -> _LevelSpec:
+        key = f"levels[{g}]"
+        if not isinstance(cfg, Mapping):
+            raise self.fail(key, "must be a mapping with a name and a label, columns or text")
+        unknown = set(cfg) - _LEVEL_KEYS
+        if unknown:
+            raise self.fail(
+                f"{key}.{sorted(unknown)[0]}", f"unknown key; known keys: {sorted(_LEVEL_KEYS)}"
+            )
+        if not any(cfg.get(k) for k in ("label", "columns", "text")):
+            raise self.fail(
+                key,
+                "needs a label column (label), 0/1 class columns (columns) or a text column (text)",
+            )
+        label_col = self.column(f"{key}.label", cfg["label"]) if cfg.get("label") else None
+        class_cols = [
+            self.column(f"{key}.columns[{i}]", c)
+            for i, c in enumerate(_as_list(cfg.get("columns")))
+        ]
+        text_cols = [self.column(f"{key}.text", c) for c in _as_list(cfg.get("text"))]
+        if label_col and class_cols:
+            raise self.fail(key, "give either label or columns, not both")
+        separator = cfg.get("separator")
+        multi = bool(cfg.get("multi_label", bool(separator) or bool(class_cols)))
+        if separator and not multi:
+            raise self.fail(
+                f"{key}.multi_label",
+                "is false but a separator is set; a row could carry several labels",
+            )
+        prompts = [str(p) for p in _as_list(cfg.get("prompt"))]
+        for i, p in enumerate(prompts):
+            try:
+                p.format_map(_Placeholders({"label": "x"}, set(self.frame.columns)))
+            except (KeyError, ValueError, IndexError) as exc:
+                raise self.fail(
+                    f"{key}.prompt[{i}]",
+                    f"{p!r} is not a valid template ({exc}); use {{label}} or {{column}}",
+                ) from exc
+        vocab = cfg.get("vocabulary")
+        return _LevelSpec(
+            name=str(cfg.get("name") or f"level{g + 1}"),
+            key=key,
+            table=self.table_path,
+            label_col=label_col,
+            class_cols=class_cols,
+            text_cols=text_cols,
+            prompts=prompts,
+            separator=str(separator) if separator else None,
+            multi_label=multi,
+            vocabulary=[str(v) for v in vocab] if vocab is not None else None,
+            missing={str(v) for v in _as_list(cfg.get("missing", [""]))} | {""},
+            missing_text=str(cfg.get("missing_text", "")),
+            positive={
+                str(v) for v in _as_list(cfg.get("positive", ["1", "1.0", "true", "True", "yes"]))
+            },
+        )
+
+
+class _LevelSpec:
+    def __init__(self, **kw: Any) -> None:
+        self.__dict__.update(kw)
+
+    def labels(self, row: dict[str, str], number: int) -> list[str]:
+        if self.class_cols:
+            return [c for c in self.class_cols if row[c].strip() in self.positive]
+        if self.label_col is not None:
+            value = row[self.label_col].strip()
+            parts = value.split(self.separator) if self.separator else [value]
+            names = [p.strip() for p in parts]
+            return list(dict.fromkeys(n for n in names if n not in self.missing))
+        # Free text only: identical texts are positives of each other (the authors' rule).
+        texts = [row[c].strip() for c in self.text_cols]
+        return [texts[0]] if texts and texts[0] not in self.missing else []
+
+    def texts(self, row: dict[str, str], labels: Sequence[str]) -> list[str]:
+        candidates = [row[c].strip() for c in self.text_cols if row[c].strip()]
+        if candidates:
+            return candidates
+        if not labels:
+            return [self.missing_text]
+        joined = ", ".join(labels)
+        if self.prompts:
+            values = _Placeholders({"label": joined}, set(row))
+            values.update(row)
+            return [p.format_map(values) for p in self.prompts]
+        return [joined]
+
+
+class _Placeholders(dict):
+    """Template values: {label} and any table column; an unknown name raises KeyError."""
+
+    def __init__(self, values: dict[str, str], columns: set[str]) -> None:
+        super().__init__(values)
+        self.columns = columns
+
+    def __missing__(self, key: str) -> str:
+        if key in self.columns:
+            return ""
+        raise KeyError(f"{{{key}}} is neither 'label' nor a column of the table")
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]
+
+
+def _resolve(base: Path, value: Any) -> Path:
+    path = Path(str(value)).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def is_spec_path(path: str | Path) -> bool:
+    """True when ``path`` names a spec file (by its suffix)."""
+    return Path(path).suffix.lower() in SPEC_SUFFIXES
+
+
+def frame_columns(frame: pd.DataFrame) -> list[str]:
+    """Column names of a frame as strings (for messages)."""
+    return [str(c) for c in frame.columns]

@@ -1,0 +1,138 @@
+"""Patient-level train/val/test splits: every image of a patient lands in the same split.
+
+Patients are shuffled with a fixed seed and assigned in that order, filling train, then val,
+then test up to their share of *images* (not patients), so splits have the requested sizes
+even when some patients have many images. Records without a patient id are their own patient.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from mgll.data.records import Record
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def split_fractions(cfg: Mapping[str, float] | None) -> dict[str, float]:
+    """Validated split fractions (defaults 0.8/0.1/0.1); they must be >= 0 and sum to 1."""
+    cfg = dict(cfg or {})
+    fractions = {
+        name: float(cfg.get(name, default)) for name, default in zip(SPLIT_NAMES, (0.8, 0.1, 0.1))
+    }
+    if any(v < 0 for v in fractions.values()) or abs(sum(fractions.values()) - 1.0) > 1e-6:
+        raise ValueError(
+            f"data.split: fractions {fractions} must be non-negative and sum to 1; "
+            "e.g. {train: 0.8, val: 0.1, test: 0.1}"
+        )
+    return fractions
+
+
+def patient_key(record: Record) -> str:
+    """The grouping key of a record: its patient id, or its image path when it has none."""
+    return (
+        f"patient:{record.patient_id}"
+        if record.patient_id not in (None, "")
+        else f"image:{record.image}"
+    )
+
+
+def patient_split(
+    records: Sequence[Record], fractions: Mapping[str, float] | None = None, seed: int = 0
+) -> dict[str, list[int]]:
+    """Record indices per split (train/val/test); no patient appears in two splits."""
+    fractions = split_fractions(fractions)
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        groups.setdefault(patient_key(r), []).append(i)
+    patients = sorted(groups)  # sorted first so the shuffle does not depend on row order
+    order = np.random.default_rng(seed).permutation(len(patients))
+    total = len(records)
+    bounds = np.cumsum([fractions[name] * total for name in SPLIT_NAMES])
+    result: dict[str, list[int]] = {name: [] for name in SPLIT_NAMES}
+    assigned = 0
+    for p in order:
+        members = groups[patients[p]]
+        # A patient goes to the first split whose image quota its midpoint falls under.
+        midpoint = assigned + len(members) / 2.0
+        k = int(np.searchsorted(bounds, midpoint, side="right"))
+        k = min(k, len(SPLIT_NAMES) - 1)
+        while fractions[SPLIT_NAMES[k]] == 0 and k > 0:
+            k -= 1
+        result[SPLIT_NAMES[k]].extend(members)
+        assigned += len(members)
+    return {name: sorted(idx) for name, idx in result.items()}
+
+
+def write_split_file(
+    path: str | Path, records: Sequence[Record], split: Mapping[str, Sequence[int]]
+) -> None:
+    """Write a CSV with columns image, patient_id, split (one row per record)."""
+    which = {i: name for name, idx in split.items() for i in idx}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "patient_id", "split"])
+        for i, r in enumerate(records):
+            writer.writerow([str(r.image), r.patient_id or "", which.get(i, "")])
+
+
+def read_split_file(path: str | Path, records: Sequence[Record]) -> dict[str, list[int]]:
+    """Record indices per split from a file written by :func:`write_split_file`.
+
+    Records are matched on the image path; a record absent from the file is an error (the file
+    is stale), and so is a patient listed in two splits.
+    """
+    path = Path(path)
+    try:
+        handle = path.open(newline="", encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"data.split.file: cannot read {path} ({exc.strerror or exc})") from exc
+    with handle:
+        reader = csv.DictReader(handle)
+        missing = {"image", "split"} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(
+                f"{path}: split file lacks column(s) {sorted(missing)}; write it with `mgll data split`"
+            )
+        assignment: dict[str, str] = {}
+        for row_number, row in enumerate(reader, start=1):
+            name = row["split"].strip()
+            if name not in SPLIT_NAMES and name != "":
+                raise ValueError(
+                    f"{path} row {row_number}: split {name!r} is not one of {SPLIT_NAMES}"
+                )
+            assignment[row["image"]] = name
+    result: dict[str, list[int]] = {name: [] for name in SPLIT_NAMES}
+    unlisted = []
+    for i, r in enumerate(records):
+        name = assignment.get(str(r.image))
+        if name is None:
+            unlisted.append(str(r.image))
+        elif name:
+            result[name].append(i)
+    if unlisted:
+        raise ValueError(
+            f"{path}: {len(unlisted)} image(s) of the dataset are not in the split file "
+            f"(first: {unlisted[:3]}); regenerate it with `mgll data split`"
+        )
+    check_disjoint_patients(records, result, source=str(path))
+    return result
+
+
+def check_disjoint_patients(
+    records: Sequence[Record], split: Mapping[str, Sequence[int]], source: str = "split"
+) -> None:
+    """Raise ValueError naming a patient that appears in two splits."""
+    seen: dict[str, str] = {}
+    for name, idx in split.items():
+        for i in idx:
+            key = patient_key(records[i])
+            other = seen.setdefault(key, name)
+            if other != name:
+                raise ValueError(f"{source}: {key} is in both {other!r} and {name!r}")

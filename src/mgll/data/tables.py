@@ -1,0 +1,90 @@
+"""Reading label tables (CSV, TSV, JSONL, Parquet) as all-string data frames.
+
+Every cell is read as text with blanks as "", so a label "NA" or a patient id "007" survives
+as written and row numbers in error messages match the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+TABLE_FORMATS = ("csv", "tsv", "jsonl", "parquet")
+
+
+class TableError(ValueError):
+    """A table could not be read; the message names the file and what to do."""
+
+
+def table_format(path: Path, given: str | None = None) -> str:
+    """Format of a table: ``given`` if set, else from the extension (``.gz`` allowed)."""
+    if given is not None:
+        if given not in TABLE_FORMATS:
+            raise TableError(f"{path}: unknown table format {given!r}; use one of {TABLE_FORMATS}")
+        return given
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in (".gz", ".bz2", ".zip", ".xz"):
+        suffixes = suffixes[:-1]
+    ext = suffixes[-1] if suffixes else ""
+    mapping = {
+        ".csv": "csv",
+        ".tsv": "tsv",
+        ".txt": "tsv",
+        ".jsonl": "jsonl",
+        ".ndjson": "jsonl",
+        ".parquet": "parquet",
+        ".pq": "parquet",
+    }
+    if ext not in mapping:
+        raise TableError(
+            f"{path}: cannot tell the table format from the extension {ext!r}; "
+            f"name it with format: one of {TABLE_FORMATS}"
+        )
+    return mapping[ext]
+
+
+def read_table(path: str | Path, fmt: str | None = None) -> pd.DataFrame:
+    """The table at ``path`` with every cell as a string ("" for blanks)."""
+    path = Path(path)
+    fmt = table_format(path, fmt)
+    if not path.is_file():
+        raise TableError(f"{path}: table file not found")
+    try:
+        if fmt in ("csv", "tsv"):
+            frame = pd.read_csv(
+                path,
+                sep="," if fmt == "csv" else "\t",
+                dtype=str,
+                keep_default_na=False,
+                encoding="utf-8-sig",
+            )
+        elif fmt == "jsonl":
+            frame = pd.read_json(path, lines=True, dtype=False)
+        else:
+            try:
+                import pyarrow  # noqa: F401  (pandas needs it for parquet)
+            except ImportError as exc:
+                raise TableError(
+                    f"{path}: reading Parquet needs pyarrow; run pip install 'mgll[parquet]'"
+                ) from exc
+            frame = pd.read_parquet(path)
+    except TableError:
+        raise
+    except (ValueError, OSError, UnicodeDecodeError, pd.errors.ParserError) as exc:
+        raise TableError(f"{path}: cannot read as {fmt} ({exc})") from exc
+    frame.columns = [str(c) for c in frame.columns]
+    # Normalise non-CSV cells (numbers, None, NaN) to the CSV convention: strings, "" if blank.
+    return frame.apply(lambda col: col.map(_cell_text)) if fmt not in ("csv", "tsv") else frame
+
+
+def _cell_text(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        if value != value:  # NaN
+            return ""
+        return str(int(value)) if value.is_integer() else str(value)
+    if isinstance(value, (list, tuple)):
+        return "|".join(_cell_text(v) for v in value)
+    return str(value)
