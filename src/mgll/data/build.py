@@ -60,7 +60,8 @@ def load_records(
             spec_path = Path(source)
         if options:
             raise ValueError(
-                f"data.options: a spec file ({spec_path}) takes no adapter options; put them in the spec"
+                f"data.options: a spec file ({spec_path}) takes no adapter options; "
+                "put them in the spec"
             )
         # A spec's relative paths are relative to its own folder unless data.path says otherwise.
         base = folder if folder is not None else spec_path.parent

@@ -173,7 +173,8 @@ class _SpecReader:
             if not row[image_col].strip():
                 raise self.fail(
                     "image.column",
-                    f"{self.table_path} row {number}: column {image_col!r} is empty; every row needs an image path",
+                    f"{self.table_path} row {number}: column {image_col!r} is empty; "
+                    "every row needs an image path",
                 )
             for g, level in enumerate(levels):
                 per_level_labels[g].append(level.labels(row, number))
@@ -184,7 +185,7 @@ class _SpecReader:
             vocab = vocabulary_from(per_level_labels[g], level.vocabulary)
             if level.vocabulary is not None:
                 allowed = set(vocab)
-                for (number, _), names in zip(kept_rows, per_level_labels[g]):
+                for (number, _), names in zip(kept_rows, per_level_labels[g], strict=True):
                     outside = [n for n in names if n not in allowed]
                     if outside:
                         raise self.fail(

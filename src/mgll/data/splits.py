@@ -22,7 +22,8 @@ def split_fractions(cfg: Mapping[str, float] | None) -> dict[str, float]:
     """Validated split fractions (defaults 0.8/0.1/0.1); they must be >= 0 and sum to 1."""
     cfg = dict(cfg or {})
     fractions = {
-        name: float(cfg.get(name, default)) for name, default in zip(SPLIT_NAMES, (0.8, 0.1, 0.1))
+        name: float(cfg.get(name, default))
+        for name, default in zip(SPLIT_NAMES, (0.8, 0.1, 0.1), strict=True)
     }
     if any(v < 0 for v in fractions.values()) or abs(sum(fractions.values()) - 1.0) > 1e-6:
         raise ValueError(
@@ -98,7 +99,8 @@ def read_split_file(path: str | Path, records: Sequence[Record]) -> dict[str, li
         missing = {"image", "split"} - set(reader.fieldnames or [])
         if missing:
             raise ValueError(
-                f"{path}: split file lacks column(s) {sorted(missing)}; write it with `mgll data split`"
+                f"{path}: split file lacks column(s) {sorted(missing)}; "
+                "write it with `mgll data split`"
             )
         assignment: dict[str, str] = {}
         for row_number, row in enumerate(reader, start=1):

@@ -92,7 +92,8 @@ def load(path: str | Path, **options: Any) -> RecordSet:
                     items = json.load(handle)
             except OSError as exc:
                 raise ValueError(
-                    f"{list_file} line {line_number}: cannot read {json_file} ({exc.strerror or exc})"
+                    f"{list_file} line {line_number}: cannot read {json_file} "
+                    f"({exc.strerror or exc})"
                 ) from exc
             except json.JSONDecodeError as exc:
                 raise ValueError(
@@ -148,7 +149,8 @@ def load_downstream(path: str | Path, **options: Any) -> RecordSet:
     prompt = str(options.pop("prompt", "This is a fundus image of {label}."))
     if options:
         raise ValueError(
-            f"mgll-downstream adapter: unknown option(s) {sorted(options)}; known: ['name', 'image_root', 'prompt']"
+            f"mgll-downstream adapter: unknown option(s) {sorted(options)}; "
+            "known: ['name', 'image_root', 'prompt']"
         )
     if name is None:
         trains = sorted(path.glob("*_Train.csv"))
@@ -171,7 +173,8 @@ def load_downstream(path: str | Path, **options: Any) -> RecordSet:
     for file, frame in frames.values():
         if list(frame.columns[1:]) != label_cols:
             raise ValueError(
-                f"{file}: label columns {list(frame.columns[1:])} differ from {first_file}'s {label_cols}"
+                f"{file}: label columns {list(frame.columns[1:])} differ from "
+                f"{first_file}'s {label_cols}"
             )
     binary = len(label_cols) > 1 and all(
         set(frame[c].str.strip().unique()) <= {"0", "1", "0.0", "1.0"}
