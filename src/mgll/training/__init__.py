@@ -1,0 +1,10 @@
+"""Pretraining: the training loop, checkpoints and resume, ``mgll pretrain`` and ``mgll export``.
+
+``train(load_config("cpu-demo"), data_root, output_dir)`` is what ``mgll pretrain`` runs.
+"""
+
+from mgll.training.config import ConfigError, load_config
+from mgll.training.step import NonFiniteLossError
+from mgll.training.trainer import train
+
+__all__ = ["ConfigError", "NonFiniteLossError", "load_config", "train"]

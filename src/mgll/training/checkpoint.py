@@ -1,0 +1,183 @@
+"""Checkpoints: model weights as safetensors, training state beside them, written atomically.
+
+A checkpoint of step S in ``OUT/checkpoints/`` is two files:
+
+- ``step_0000000S.safetensors``: the model's ``state_dict`` (metadata: step, epoch, the
+  resolved run config as JSON and build facts such as the image tower's activation, so the
+  file alone can rebuild the model);
+- ``step_0000000S.state.pt``: the training state (optimizer, grad scaler, schedule position,
+  step, epoch, position in the epoch, RNG states, config), saved with ``torch.save`` from
+  tensors and plain Python containers only, and read back with ``weights_only=True`` so
+  loading never unpickles arbitrary objects.
+
+Each file is written to a temporary name and renamed into place; the state file is renamed
+first, so a ``.safetensors`` file only exists once its checkpoint is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+CHECKPOINT_SUBDIR = "checkpoints"
+_NAME_RE = re.compile(r"^step_(\d+)\.safetensors$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or does not fit: the message names the file."""
+
+
+def weights_path(directory: Path, step: int) -> Path:
+    return directory / f"step_{step:08d}.safetensors"
+
+
+def state_path_for(weights: Path) -> Path:
+    """The training-state file that belongs to a weights file."""
+    return weights.with_name(weights.name[: -len(".safetensors")] + ".state.pt")
+
+
+def _fsync_replace(tmp: Path, final: Path) -> None:
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+
+
+def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints in ``directory`` as ``(step, weights_path)``, oldest first."""
+    if not directory.is_dir():
+        return []
+    found = []
+    for path in directory.iterdir():
+        match = _NAME_RE.match(path.name)
+        if match and state_path_for(path).is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def save_checkpoint(
+    directory: Path,
+    step: int,
+    model: nn.Module,
+    state: Mapping[str, Any],
+    config: Mapping[str, Any],
+    keep_last: int,
+    extra_metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write the checkpoint of ``step`` atomically, drop all but the newest ``keep_last``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = weights_path(directory, step)
+    state_file = state_path_for(weights)
+    tmp_state = state_file.with_name(f".{state_file.name}.tmp")
+    tmp_weights = weights.with_name(f".{weights.name}.tmp")
+    torch.save(dict(state), tmp_state)
+    _fsync_replace(tmp_state, state_file)
+    metadata = {
+        "format": "mgll-pretrain",
+        "step": str(step),
+        "epoch": str(state.get("epoch", "")),
+        "config": json.dumps(config),
+        "extra": json.dumps(dict(extra_metadata or {})),
+    }
+    save_model(model, str(tmp_weights), metadata=metadata, force_contiguous=True)
+    _fsync_replace(tmp_weights, weights)
+    for old_step, old_weights in list_checkpoints(directory)[:-keep_last]:
+        if old_step == step:
+            continue
+        old_weights.unlink()  # the weights go first: without them the pair is not a checkpoint
+        state_path_for(old_weights).unlink(missing_ok=True)
+    return weights
+
+
+def resolve_checkpoint(spec: str | Path, output_dir: Path | None = None) -> Path:
+    """Turn ``latest``, a run folder, a checkpoints folder or a file into a weights path."""
+    if str(spec) == "latest":
+        if output_dir is None:
+            raise CheckpointError("'latest' needs the run's output folder")
+        spec = output_dir / CHECKPOINT_SUBDIR
+    path = Path(spec)
+    if path.is_dir():
+        folder = path / CHECKPOINT_SUBDIR if (path / CHECKPOINT_SUBDIR).is_dir() else path
+        found = list_checkpoints(folder)
+        if not found:
+            raise CheckpointError(
+                f"no complete checkpoint (step_*.safetensors with its .state.pt) in {folder}"
+            )
+        return found[-1][1]
+    if path.name.endswith(".state.pt"):
+        path = path.with_name(path.name[: -len(".state.pt")] + ".safetensors")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    return path
+
+
+def read_metadata(weights: Path) -> dict[str, Any]:
+    """The step, epoch and run config stored in a checkpoint's safetensors header."""
+    with safe_open(str(weights), framework="pt") as fh:
+        meta = fh.metadata() or {}
+    if meta.get("format") != "mgll-pretrain" or "config" not in meta:
+        raise CheckpointError(
+            f"{weights} is not an mgll pretraining checkpoint (no run config in its metadata)"
+        )
+    return {
+        "step": int(meta["step"]),
+        "config": json.loads(meta["config"]),
+        "extra": json.loads(meta.get("extra", "{}")),
+    }
+
+
+def load_weights(model: nn.Module, weights: Path) -> None:
+    """Load a checkpoint's weights into ``model`` (strict: every key must match)."""
+    missing, unexpected = load_model(model, str(weights), strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{weights} does not fit the model built from the config: missing keys "
+            f"{sorted(missing)[:5]}, unexpected keys {sorted(unexpected)[:5]}"
+        )
+
+
+def load_state(weights: Path) -> dict[str, Any]:
+    """Read the training state that belongs to a weights file (no arbitrary unpickling)."""
+    path = state_path_for(weights)
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: {weights} cannot be resumed without it")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# --------------------------------------------------------------------------------------------
+# RNG states as tensors and plain containers (what weights_only loading accepts)
+# --------------------------------------------------------------------------------------------
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch CPU (and CUDA) generator states."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,103 @@
+"""``mgll pretrain``: train a model from a shipped recipe or a YAML config."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from mgll.training.checkpoint import CheckpointError
+from mgll.training.config import (
+    ConfigError,
+    load_config,
+    parse_overrides,
+    shipped_config_names,
+)
+from mgll.training.step import NonFiniteLossError
+
+
+def _allow_intermixed(parser: argparse.ArgumentParser) -> None:
+    """Let ``key=value`` overrides come before, between or after the options.
+
+    Plain argparse stops filling a ``nargs="*"`` positional at the first option; sub-parsers are
+    always run through ``parse_known_args``, so route that through the intermixed variant
+    (which itself calls ``parse_known_args``, hence the re-entry guard).
+    """
+    plain = parser.parse_known_args
+    inside: list[bool] = []
+
+    def parse_known_args(args=None, namespace=None):  # type: ignore[no-untyped-def]
+        if inside:
+            return plain(args, namespace)
+        inside.append(True)
+        try:
+            return parser.parse_known_intermixed_args(args, namespace)
+        finally:
+            inside.pop()
+
+    parser.parse_known_args = parse_known_args  # type: ignore[method-assign]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``pretrain`` sub-command."""
+    names = ", ".join(shipped_config_names())
+    parser = subparsers.add_parser(
+        "pretrain",
+        help="pretrain an image-text model with the MGLL (or CLIP) objective",
+        description="Pretrain an image-text model. Every config key can be overridden with "
+        "dotted key=value pairs (values are YAML), e.g. train.lr=3e-4 loss.name=clip.",
+    )
+    parser.add_argument("config", help=f"a shipped config ({names}) or a YAML file")
+    parser.add_argument(
+        "--data-root", default=".", help="folder holding the datasets (default: current folder)"
+    )
+    parser.add_argument("--output-dir", required=True, help="run folder (config, metrics, ...)")
+    parser.add_argument(
+        "--max-steps", type=int, default=None, help="stop after this many optimizer steps in total"
+    )
+    parser.add_argument("--seed", type=int, default=None, help="random seed (train.seed)")
+    parser.add_argument(
+        "--deterministic", action="store_true", help="deterministic kernels (train.deterministic)"
+    )
+    parser.add_argument(
+        "--resume",
+        default=None,
+        metavar="latest|PATH",
+        help="continue from the newest checkpoint in --output-dir, or from a checkpoint file",
+    )
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    _allow_intermixed(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Resolve the config, train, and turn expected failures into one-line errors."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    overrides: list[tuple[str, object]] = []
+    if args.max_steps is not None:
+        overrides.append(("train.max_steps", args.max_steps))
+    if args.seed is not None:
+        overrides.append(("train.seed", args.seed))
+    if args.deterministic:
+        overrides.append(("train.deterministic", True))
+    try:
+        pairs = parse_overrides(args.overrides) + overrides
+        cfg = load_config(args.config, pairs)
+        from mgll.training.trainer import train
+
+        train(cfg, Path(args.data_root), Path(args.output_dir), resume=args.resume)
+    except (ConfigError, CheckpointError, NonFiniteLossError) as err:
+        print(f"mgll pretrain: error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        _leave_process_group()
+    return 0
+
+
+def _leave_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

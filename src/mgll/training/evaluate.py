@@ -1,0 +1,155 @@
+"""Validation during pretraining: loss terms and image->text retrieval per granularity level.
+
+Retrieval at level g ranks, for every validation image, the distinct texts of that level:
+
+* ``R@k``: the image's own text is among the k best-scored texts;
+* ``P@k`` (label-aware precision): the fraction of the k best texts whose labels overlap the
+  image's labels at that level, since several texts can be right (a text's labels are those of
+  every sample that carries it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mgll.losses import label_presence
+from mgll.training.step import Precision, select_levels
+
+
+def _as_multi_hot(labels: torch.Tensor) -> torch.Tensor:
+    """(N, C) 0/1 float matrix from class ids (-1 = missing) or multi-hot rows."""
+    if labels.dim() == 2:
+        return (labels != 0).float()
+    classes = int(labels.max().item()) + 1 if labels.numel() else 0
+    out = torch.zeros(labels.shape[0], max(classes, 1))
+    present = labels >= 0
+    out[present.nonzero().squeeze(1), labels[present]] = 1.0
+    return out
+
+
+def retrieval_metrics(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    texts: Sequence[str],
+    labels: torch.Tensor,
+    recall_at: Sequence[int] = (1, 5),
+    precision_at: Sequence[int] = (1, 5),
+) -> dict[str, float]:
+    """Image->text retrieval over the distinct texts of one level.
+
+    ``image_emb``/``text_emb`` are (N, D) (one text embedding per sample), ``texts`` the N
+    strings and ``labels`` the level's (N,) ids or (N, C) multi-hot. Samples with an empty
+    text are neither queries nor gallery; ``P@k`` uses only samples that carry a label.
+    """
+    keep = [i for i, t in enumerate(texts) if t]
+    if not keep:
+        return {"queries": 0, "texts": 0}
+    idx = torch.tensor(keep)
+    images = F.normalize(image_emb[idx].float(), dim=-1)
+    distinct: dict[str, int] = {}
+    first_of: list[int] = []
+    own = []
+    for i in keep:
+        if texts[i] not in distinct:
+            distinct[texts[i]] = len(first_of)
+            first_of.append(i)
+        own.append(distinct[texts[i]])
+    gallery = F.normalize(text_emb[torch.tensor(first_of)].float(), dim=-1)
+    own_t = torch.tensor(own)
+    scores = images @ gallery.T  # (queries, distinct texts)
+    k_max = min(max([*recall_at, *precision_at]), gallery.shape[0])
+    top = scores.topk(k_max, dim=1).indices
+    out: dict[str, float] = {"queries": len(keep), "texts": gallery.shape[0]}
+    for k in recall_at:
+        hit = (top[:, : min(k, k_max)] == own_t[:, None]).any(dim=1)
+        out[f"R@{k}"] = hit.float().mean().item()
+
+    hot = _as_multi_hot(labels)[idx]
+    present = label_presence(labels)[idx]
+    text_hot = torch.zeros(gallery.shape[0], hot.shape[1])
+    text_hot.index_add_(0, own_t[present], hot[present])
+    if bool(present.any()):
+        correct = (hot[present] @ text_hot.T) > 0  # (labelled queries, distinct texts)
+        top_present = top[present]
+        for k in precision_at:
+            kk = min(k, k_max)
+            out[f"P@{k}"] = correct.gather(1, top_present[:, :kk]).float().mean().item()
+    return out
+
+
+@torch.no_grad()
+def validate(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    batches: Iterable[dict[str, Any]],
+    level_names: Sequence[str],
+    loss_cfg: dict[str, Any],
+    precision: Precision,
+    device: torch.device,
+    recall_at: Sequence[int] = (1, 5),
+    precision_at: Sequence[int] = (1, 5),
+) -> dict[str, Any]:
+    """Mean loss terms over validation batches and retrieval metrics per level.
+
+    ``model`` is the plain (not DDP-wrapped) model and ``loss_fn`` a non-gathering loss: this
+    runs in one process.
+    """
+    was_training = model.training
+    model.eval()
+    sums: dict[str, float] = {}
+    count = 0
+    image_embs, text_embs, all_texts, all_labels = [], None, None, None
+    for batch in batches:
+        images = batch["images"].to(device, non_blocking=True)
+        labels = [lab.to(device) for lab in batch["labels"]]
+        _, loss_labels = select_levels({"texts": batch["texts"], "labels": labels}, loss_cfg)
+        all_levels = list(batch["texts"])
+        with precision.autocast():
+            out = model(images, all_levels)
+        n = images.shape[0]
+        loss_out = dict(out)
+        if loss_cfg["name"] == "clip":
+            level = loss_cfg["clip_level"]
+            loss_out["text_embs"] = [out["text_embs"][level]]
+        terms = loss_fn(
+            loss_out["image_emb"],
+            loss_out["text_embs"],
+            loss_labels,
+            logit_scale=out["logit_scale"],
+            logit_bias=out["logit_bias"],
+        )
+        for key, value in terms.items():
+            sums[key] = sums.get(key, 0.0) + float(value) * n
+        count += n
+        image_embs.append(out["image_emb"].float().cpu())
+        if text_embs is None:
+            text_embs = [[] for _ in all_levels]
+            all_texts = [[] for _ in all_levels]
+            all_labels = [[] for _ in all_levels]
+        for g in range(len(all_levels)):
+            text_embs[g].append(out["text_embs"][g].float().cpu())
+            all_texts[g].extend(all_levels[g])
+            all_labels[g].append(batch["labels"][g].cpu())
+    model.train(was_training)
+    if count == 0:
+        return {}
+    result: dict[str, Any] = {key: value / count for key, value in sums.items()}
+    result["samples"] = count
+    images = torch.cat(image_embs)
+    levels = {}
+    for g, name in enumerate(level_names):
+        levels[name] = retrieval_metrics(
+            images,
+            torch.cat(text_embs[g]),
+            all_texts[g],
+            torch.cat(all_labels[g]),
+            recall_at,
+            precision_at,
+        )
+    result["levels"] = levels
+    return result

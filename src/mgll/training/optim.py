@@ -1,0 +1,53 @@
+"""AdamW with the paper's weight-decay exclusions and the per-step warm-up + half-cosine rate."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+NO_DECAY_NAMES = ("logit_scale", "logit_bias")
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two AdamW groups: matrices decay; biases, norm gains, tokens and logit scale/bias do not."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        # Vectors and scalars are biases, norm gains, class tokens or the logit scale/bias.
+        if param.ndim < 2 or name.split(".")[-1] in NO_DECAY_NAMES:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, train_cfg: dict[str, Any]) -> torch.optim.AdamW:
+    """AdamW from the ``train`` section (lr, betas, eps, weight_decay)."""
+    on_cuda = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(
+        parameter_groups(model, train_cfg["weight_decay"]),
+        lr=train_cfg["lr"],
+        betas=tuple(train_cfg["betas"]),
+        eps=train_cfg["eps"],
+        fused=on_cuda or None,
+    )
+
+
+def lr_at(step: int, base_lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then half cosine."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

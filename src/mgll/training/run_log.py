@@ -1,0 +1,78 @@
+"""Where a run reports: ``OUT/metrics.jsonl`` (one JSON object per line) and TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsLog:
+    """Appends rows to ``metrics.jsonl``; mirrors numbers to TensorBoard when asked.
+
+    Training rows carry ``kind: "train"``; validation rows ``kind: "val"`` and ``split``.
+    """
+
+    def __init__(self, output_dir: Path, tensorboard: bool = False) -> None:
+        self.path = output_dir / METRICS_FILE
+        self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:
+                raise ImportError(
+                    "log.tensorboard is true but TensorBoard is not installed: "
+                    "pip install 'mgll[tensorboard]' or set log.tensorboard=false"
+                ) from err
+            self._tb = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        self._fh.write(json.dumps(row) + "\n")
+        self._fh.flush()
+        if self._tb is not None:
+            prefix = row.get("kind", "train")
+            for key, value in _flatten(row).items():
+                if key not in ("step", "epoch", "kind", "split") and isinstance(
+                    value, (int, float)
+                ):
+                    self._tb.add_scalar(f"{prefix}/{key}", value, row["step"])
+
+    def close(self) -> None:
+        self._fh.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _flatten(row: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in row.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}/"))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def truncate_after(output_dir: Path, step: int) -> None:
+    """Drop rows logged after ``step`` (a resumed run rewrites them), atomically."""
+    path = output_dir / METRICS_FILE
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip() and json.loads(line).get("step", 0) <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_metrics(output_dir: Path) -> list[dict[str, Any]]:
+    """All rows of a run's ``metrics.jsonl``."""
+    path = output_dir / METRICS_FILE
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]

@@ -1,0 +1,126 @@
+"""Which samples each rank reads at each step, and per-sample random seeds.
+
+Two properties make runs reproducible across resumption and across rank counts:
+
+- :class:`GlobalBatchSampler` shuffles the dataset once per epoch from ``(seed, epoch)`` and
+  cuts the permutation into global batches; rank ``r`` of ``W`` reads the ``r``-th slice of
+  each global batch. So the set of samples in step ``k`` is the same for any ``W`` (the
+  contrastive loss sees the same batch), and a resumed run can start mid-epoch by skipping
+  the steps already taken (``set_epoch(epoch, start_step)``).
+- :class:`SeededSamples` seeds Python, NumPy and torch from ``(seed, epoch, index)`` before
+  each ``dataset[index]`` and restores the caller's generators afterwards, so random
+  augmentation of a sample does not depend on which worker or rank loads it, nor on where a
+  run was resumed.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+_MASK63 = (1 << 63) - 1
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed from (run seed, epoch, sample index) by splitmix-style mixing."""
+    z = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) & (
+        (1 << 64) - 1
+    )
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & ((1 << 64) - 1)
+    return (z ^ (z >> 31)) & _MASK63
+
+
+class GlobalBatchSampler(Sampler[list[tuple[int, int, int]]]):
+    """Yields this rank's share of each global batch as ``(index, epoch, sample_seed)`` keys.
+
+    Incomplete last global batches are dropped, so every step has the full contrastive batch
+    and every rank the same number of steps.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        global_batch: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+    ) -> None:
+        if global_batch % world_size:
+            raise ValueError(
+                f"train.batch_size ({global_batch}) must be divisible by the number of "
+                f"processes ({world_size})"
+            )
+        if num_samples < global_batch:
+            raise ValueError(
+                f"the training set has {num_samples} samples, fewer than one batch "
+                f"(train.batch_size={global_batch}); lower train.batch_size"
+            )
+        self.num_samples = num_samples
+        self.global_batch = global_batch
+        self.local_batch = global_batch // world_size
+        self.rank = rank
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+        self.start_step = 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_samples // self.global_batch
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Select the epoch's permutation and the first step to yield (for resuming)."""
+        self.epoch = epoch
+        self.start_step = start_step
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch - self.start_step
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.num_samples, generator=gen).tolist()
+        else:
+            order = list(range(self.num_samples))
+        for step in range(self.start_step, self.steps_per_epoch):
+            first = step * self.global_batch + self.rank * self.local_batch
+            yield [
+                (i, self.epoch, sample_seed(self.seed, self.epoch, i))
+                for i in order[first : first + self.local_batch]
+            ]
+
+
+class SeededSamples(Dataset):
+    """Wraps a dataset so that ``self[(index, epoch, seed)]`` is ``dataset[index]`` drawn under
+    ``seed`` in ``epoch``.
+
+    The epoch travels with each key rather than through ``dataset.set_epoch`` in the main
+    process, because worker processes hold their own copy of the dataset.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int, int]) -> dict:
+        index, epoch, seed = key
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)  # e.g. which of several texts a level draws
+        saved = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        random.seed(seed)
+        np.random.seed(seed % (1 << 32))
+        torch.default_generator.manual_seed(seed)  # CPU only: CUDA streams stay untouched
+        try:
+            return self.dataset[index]
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_rng_state(saved[2])
