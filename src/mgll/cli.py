@@ -15,7 +15,10 @@ from collections.abc import Sequence
 from mgll import __version__
 
 # name -> module that registers it; adding a command means adding a line here.
-COMMAND_MODULES: dict[str, str] = {}
+COMMAND_MODULES: dict[str, str] = {
+    "pretrain": "mgll.training.cli",
+    "export": "mgll.training.export_cli",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
