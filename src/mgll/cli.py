@@ -16,6 +16,7 @@ from mgll import __version__
 
 # name -> module that registers it; adding a command means adding a line here.
 COMMAND_MODULES: dict[str, str] = {
+    "data": "mgll.data.cli",
     "pretrain": "mgll.training.cli",
     "export": "mgll.training.export_cli",
 }

@@ -1,0 +1,191 @@
+"""Dataset validation behind ``mgll data check``: what a user must fix before training.
+
+Errors (non-zero exit): missing or undecodable image files, empty texts, a patient in two
+splits. Warnings: the same image file used by several records, different files with identical
+bytes, rows the source left out (counted by reason).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import Counter, defaultdict
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mgll.data.images import ImageLoadError, load_image
+from mgll.data.records import RecordSet
+from mgll.data.splits import SPLIT_NAMES, patient_key, patient_split
+
+
+@dataclass
+class CheckReport:
+    """Findings of :func:`check_records`; ``errors`` decides the exit code."""
+
+    source: str
+    num_records: int
+    levels: list[dict[str, Any]]
+    excluded: dict[str, int]
+    missing: list[str] = field(default_factory=list)
+    corrupt: list[tuple[str, str]] = field(default_factory=list)
+    empty_texts: list[tuple[str, str]] = field(default_factory=list)
+    duplicate_paths: list[tuple[str, int]] = field(default_factory=list)
+    identical_files: list[list[str]] = field(default_factory=list)
+    splits: dict[str, dict[str, int]] = field(default_factory=dict)
+    split_overlap: list[str] = field(default_factory=list)
+    decoded: bool = True
+
+    @property
+    def errors(self) -> int:
+        """Number of problems that make the dataset unfit as it is."""
+        return (
+            len(self.missing) + len(self.corrupt) + len(self.empty_texts) + len(self.split_overlap)
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable form (for --json)."""
+        return {
+            "source": self.source,
+            "num_records": self.num_records,
+            "levels": self.levels,
+            "excluded": self.excluded,
+            "missing": self.missing,
+            "corrupt": [{"path": p, "reason": r} for p, r in self.corrupt],
+            "empty_texts": [{"image": p, "level": lv} for p, lv in self.empty_texts],
+            "duplicate_paths": [{"path": p, "records": n} for p, n in self.duplicate_paths],
+            "identical_files": self.identical_files,
+            "splits": self.splits,
+            "split_overlap": self.split_overlap,
+            "errors": self.errors,
+        }
+
+
+def _probe(path: str, decode: bool) -> tuple[str, str | None, str | None]:
+    """(path, problem or None, content digest or None) for one image file."""
+    if not os.path.exists(path):
+        return path, "missing", None
+    try:
+        with open(path, "rb") as handle:
+            digest = hashlib.sha1(handle.read()).hexdigest()
+    except OSError as exc:
+        return path, f"unreadable: {exc.strerror or exc}", None
+    if decode:
+        try:
+            load_image(path)
+        except ImageLoadError as exc:
+            return path, str(exc).removeprefix(f"{path}: "), digest
+    return path, None, digest
+
+
+def check_records(
+    records: RecordSet,
+    *,
+    decode: bool = True,
+    split: Mapping[str, float] | None = None,
+    seed: int = 0,
+    workers: int = 8,
+) -> CheckReport:
+    """Validate every record of ``records`` (see the module docstring)."""
+    report = CheckReport(
+        source=records.source,
+        num_records=len(records.records),
+        levels=[],
+        excluded=dict(records.excluded.most_common()),
+        decoded=decode,
+    )
+    for level, counts in zip(records.levels, records.label_counts(), strict=True):
+        missing = counts.pop("", 0)
+        report.levels.append(
+            {
+                "name": level.name,
+                "multi_label": level.multi_label,
+                "classes": len(level.vocabulary),
+                "missing": missing,
+                "counts": dict(counts.most_common()),
+            }
+        )
+    paths = [str(r.image) for r in records.records]
+    uses = Counter(paths)
+    report.duplicate_paths = sorted((p, n) for p, n in uses.items() if n > 1)
+    by_digest: dict[str, list[str]] = defaultdict(list)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for path, problem, digest in pool.map(lambda p: _probe(p, decode), list(uses)):
+            if problem == "missing":
+                report.missing.append(path)
+            elif problem is not None:
+                report.corrupt.append((path, problem))
+            if digest is not None:
+                by_digest[digest].append(path)
+    report.identical_files = sorted(sorted(group) for group in by_digest.values() if len(group) > 1)
+    for r in records.records:
+        for level, candidates in zip(records.levels, r.texts, strict=True):
+            if not any(t.strip() for t in candidates):
+                report.empty_texts.append((str(r.image), level.name))
+
+    indices = patient_split(records.records, split, seed=seed)
+    owner: dict[str, str] = {}
+    for name in SPLIT_NAMES:
+        patients = {patient_key(records.records[i]) for i in indices[name]}
+        report.splits[name] = {"images": len(indices[name]), "patients": len(patients)}
+        for p in patients:
+            if owner.setdefault(p, name) != name:
+                report.split_overlap.append(p)
+    return report
+
+
+def format_report(report: CheckReport, *, limit: int = 50) -> str:
+    """Human-readable report; lists are cut at ``limit`` entries (counts stay exact)."""
+    lines = [f"dataset: {report.source}", f"samples: {report.num_records}"]
+    if report.excluded:
+        lines.append(f"left out by the source: {sum(report.excluded.values())} row(s)")
+        lines += [f"  {n:6d}  {reason}" for reason, n in report.excluded.items()]
+    for g, level in enumerate(report.levels):
+        kind = "multi-label" if level["multi_label"] else "single-label"
+        lines.append(
+            f"level {g} {level['name']!r} ({kind}, {level['classes']} classes, "
+            f"{level['missing']} missing):"
+        )
+        counts = list(level["counts"].items())
+        for name, n in counts[:limit]:
+            shown = name if len(name) <= 70 else name[:67] + "..."
+            lines.append(f"  {n:6d}  {shown}")
+        if len(counts) > limit:
+            lines.append(f"  ... {len(counts) - limit} more classes")
+
+    def section(title: str, items: list[str]) -> None:
+        lines.append(f"{title}: {len(items)}")
+        lines.extend(f"  {item}" for item in items[:limit])
+        if len(items) > limit:
+            lines.append(f"  ... {len(items) - limit} more (use --json for all)")
+
+    section("missing image files (error)", report.missing)
+    if report.decoded:
+        section("corrupt image files (error)", [f"{p}: {why}" for p, why in report.corrupt])
+    else:
+        lines.append("corrupt image files: not checked (--no-decode)")
+    section("empty texts (error)", [f"{p} (level {lv})" for p, lv in report.empty_texts])
+    section(
+        "image files used by several records (warning)",
+        [f"{p} x{n}" for p, n in report.duplicate_paths],
+    )
+    section(
+        "identical image files (warning)", [" = ".join(group) for group in report.identical_files]
+    )
+    lines.append("patient-level split:")
+    for name, counts in report.splits.items():
+        lines.append(f"  {name:5s}  {counts['images']:6d} images  {counts['patients']:6d} patients")
+    section("patients in several splits (error)", report.split_overlap)
+    verdict = "OK" if report.errors == 0 else f"{report.errors} error(s)"
+    lines.append(f"result: {verdict}")
+    return "\n".join(lines)
+
+
+def resolve_dataset(path: str | Path) -> Path:
+    """``path`` as given (a readable file or folder), or a ValueError saying what is wrong."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path}: no such file or folder")
+    return path
