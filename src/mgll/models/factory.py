@@ -7,6 +7,7 @@ Architectures are data: image towers are open_clip configs (built-in or shipped 
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from typing import Any
@@ -101,8 +102,9 @@ def create_model(model_cfg: dict[str, Any], num_levels: int | None = None) -> MG
     context = TowerContext(
         arch=image_tower.arch, embed_dim=image_tower.embed_dim, open_clip_text=clip_text
     )
-    builder = TEXT_TOWER_BUILDERS[text_type]
-    text_towers = [builder(text_cfg, context) for _ in range(tower_count)]
+    first = TEXT_TOWER_BUILDERS[text_type](text_cfg, context)
+    # Per-level towers start from the same (pretrained) weights and then train apart.
+    text_towers = [first] + [copy.deepcopy(first) for _ in range(tower_count - 1)]
 
     model = MGLLModel(
         image_tower,

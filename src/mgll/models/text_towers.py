@@ -115,7 +115,13 @@ class HFTextTower(nn.Module):
         return self.proj(POOLINGS[self.pooling](hidden, batch["attention_mask"]))
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        if enable:
+        # transformers >= 5 renamed gradient_checkpointing_* to activation_checkpointing_*.
+        if hasattr(self.encoder, "activation_checkpointing_enable"):
+            if enable:
+                self.encoder.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                self.encoder.activation_checkpointing_disable()
+        elif enable:
             self.encoder.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
