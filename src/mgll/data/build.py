@@ -174,7 +174,7 @@ def build_datasets(
         cache_dir = _resolve(cache_cfg, data_root)
     augmentation = augmentation_options(cfg.get("augmentation"))
 
-    indices = split_records(records, cfg.get("split"), seed, data_root)
+    indices = split_records(records, cfg.get("split"), seed, data_root, folder)
     datasets = {}
     for name in SPLIT_NAMES:
         cache = PreprocessCache(cache_dir, image_size, resize) if cache_dir is not None else None

@@ -67,7 +67,7 @@ def _options(pairs: list[str]) -> dict[str, Any]:
     return options
 
 
-def _load(args: argparse.Namespace) -> RecordSet:
+def _load(args: argparse.Namespace) -> tuple[RecordSet, Path]:
     path = Path(args.path)
     if not path.exists():
         raise ValueError(f"{path}: no such file or folder")
@@ -76,10 +76,8 @@ def _load(args: argparse.Namespace) -> RecordSet:
             raise ValueError(
                 f"--format: {path} is a spec file; --format applies to dataset folders"
             )
-        records, _ = load_records(path, None, options=_options(args.option))
-    else:
-        records, _ = load_records(args.format_name, path, options=_options(args.option))
-    return records
+        return load_records(path, None, options=_options(args.option))
+    return load_records(args.format_name, path, options=_options(args.option))
 
 
 def _fractions(args: argparse.Namespace) -> dict[str, float]:
@@ -89,7 +87,7 @@ def _fractions(args: argparse.Namespace) -> dict[str, float]:
 def run_check(args: argparse.Namespace) -> int:
     """Print the check report; exit 1 when it has errors, 2 when the dataset cannot be read."""
     try:
-        records = _load(args)
+        records, _ = _load(args)
     except (ValueError, OSError, ImportError) as exc:
         print(f"error: {exc}")
         return 2
@@ -111,13 +109,13 @@ def run_check(args: argparse.Namespace) -> int:
 def run_split(args: argparse.Namespace) -> int:
     """Write the split CSV and print images/patients per split."""
     try:
-        records = _load(args)
+        records, folder = _load(args)
         split = patient_split(records.records, _fractions(args), seed=args.seed)
     except (ValueError, OSError, ImportError) as exc:
         print(f"error: {exc}")
         return 2
     check_disjoint_patients(records.records, split)
-    write_split_file(args.out, records.records, split)
+    write_split_file(args.out, records.records, split, root=folder)
     for name in SPLIT_NAMES:
         patients = {
             records.records[i].patient_id or str(records.records[i].image) for i in split[name]

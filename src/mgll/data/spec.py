@@ -255,6 +255,8 @@ class _SpecReader:
                     f"{p!r} is not a valid template ({exc}); use {{label}} or {{column}}",
                 ) from exc
         vocab = cfg.get("vocabulary")
+        if vocab is None and class_cols:
+            vocab = class_cols  # one class per 0/1 column, in column order, even if never 1
         return _LevelSpec(
             name=str(cfg.get("name") or f"level{g + 1}"),
             key=key,

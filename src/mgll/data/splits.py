@@ -69,10 +69,26 @@ def patient_split(
     return {name: sorted(idx) for name, idx in result.items()}
 
 
+def _image_key(record: Record, root: Path | None) -> str:
+    """The image as written in split files: relative to the dataset folder when inside it, so a
+    split survives moving the data."""
+    if root is not None:
+        try:
+            return Path(record.image).relative_to(root).as_posix()
+        except ValueError:
+            pass  # outside the dataset folder: the absolute path is the only stable name
+    return str(record.image)
+
+
 def write_split_file(
-    path: str | Path, records: Sequence[Record], split: Mapping[str, Sequence[int]]
+    path: str | Path,
+    records: Sequence[Record],
+    split: Mapping[str, Sequence[int]],
+    root: str | Path | None = None,
 ) -> None:
-    """Write a CSV with columns image, patient_id, split (one row per record)."""
+    """Write a CSV with columns image, patient_id, split (one row per record); images are
+    written relative to ``root`` (the dataset folder) when given."""
+    base = Path(root) if root is not None else None
     which = {i: name for name, idx in split.items() for i in idx}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -80,11 +96,14 @@ def write_split_file(
         writer = csv.writer(handle)
         writer.writerow(["image", "patient_id", "split"])
         for i, r in enumerate(records):
-            writer.writerow([str(r.image), r.patient_id or "", which.get(i, "")])
+            writer.writerow([_image_key(r, base), r.patient_id or "", which.get(i, "")])
 
 
-def read_split_file(path: str | Path, records: Sequence[Record]) -> dict[str, list[int]]:
-    """Record indices per split from a file written by :func:`write_split_file`.
+def read_split_file(
+    path: str | Path, records: Sequence[Record], root: str | Path | None = None
+) -> dict[str, list[int]]:
+    """Record indices per split from a file written by :func:`write_split_file` (with the same
+    ``root``).
 
     Records are matched on the image path; a record absent from the file is an error (the file
     is stale), and so is a patient listed in two splits.
@@ -112,8 +131,9 @@ def read_split_file(path: str | Path, records: Sequence[Record]) -> dict[str, li
             assignment[row["image"]] = name
     result: dict[str, list[int]] = {name: [] for name in SPLIT_NAMES}
     unlisted = []
+    base = Path(root) if root is not None else None
     for i, r in enumerate(records):
-        name = assignment.get(str(r.image))
+        name = assignment.get(_image_key(r, base), assignment.get(str(r.image)))
         if name is None:
             unlisted.append(str(r.image))
         elif name:
