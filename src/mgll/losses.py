@@ -120,15 +120,27 @@ def _select(t: torch.Tensor, keep: torch.Tensor, dim: int = 0) -> torch.Tensor:
     return t.index_select(dim, keep.nonzero().squeeze(1))
 
 
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum(a * b) over all entries, as one dot product (no temporary of their size)."""
+    return torch.dot(a.reshape(-1), b.reshape(-1))
+
+
 def _smooth_kl(log_probs: Sequence[torch.Tensor]) -> torch.Tensor:
-    """mean_i sum_g KL(P^g_i || M_i) with M_i the mean of the G distributions, from log-probs."""
-    # log M = logsumexp_g(log P^g) - log G, reduced pairwise with the fused logaddexp kernel.
-    log_mean = log_probs[0]
+    """mean_i sum_g KL(P^g_i || M_i) with M_i the mean of the G distributions, from log-probs.
+
+    With L = logsumexp_g(log P^g) (so log M = L - log G) and rows of P summing to 1:
+    sum_g KL(P^g || M) = sum_g <P^g, log P^g> - <sum_g P^g, L> + G log G per row.
+    """
+    levels, n = len(log_probs), log_probs[0].shape[0]
+    log_sum = log_probs[0]
     for lp in log_probs[1:]:
-        log_mean = torch.logaddexp(log_mean, lp)
-    log_mean = log_mean - math.log(len(log_probs))
-    kl = sum((lp.exp() * (lp - log_mean)).sum() for lp in log_probs)
-    return kl / log_probs[0].shape[0]
+        log_sum = torch.logaddexp(log_sum, lp)  # fused, stable: never log of a probability
+    probs = [lp.exp() for lp in log_probs]
+    prob_sum = probs[0]
+    for p in probs[1:]:
+        prob_sum = prob_sum + p
+    total = sum(_dot(p, lp) for p, lp in zip(probs, log_probs, strict=True))
+    return (total - _dot(prob_sum, log_sum)) / n + levels * math.log(levels)
 
 
 def _as_scalar(value: torch.Tensor | float | None, like: torch.Tensor) -> torch.Tensor:
@@ -260,7 +272,7 @@ class MGLLLoss(nn.Module):
         sclip, pointwise, skl = zero, zero, zero
 
         levels = len(text_embs)
-        present_rows, present_cols, kept = [], [], []
+        present_rows, present_cols, kept = [], [], []  # kept: row log-softmax per level
         for g in range(levels):
             p_rows, p_cols = label_presence(b.labels_rows[g]), label_presence(b.labels_cols[g])
             present_rows.append(p_rows)
@@ -275,38 +287,38 @@ class MGLLLoss(nn.Module):
             logits = scale * image @ text.T  # (rows, cols): image -> text
             pos = positive_mask(b.labels_rows[g][p_rows], b.labels_cols[g][p_cols])
             pos = pos.to(logits.dtype)
-            lse_rows = torch.logsumexp(logits, dim=1)
-            # CE(row, y/|y|) = lse - <y, row>/|y|: no (N, N) log-softmax is materialised.
-            pos_logits = pos * logits if (w_sclip > 0 or w_pw > 0) else None
+            n_pos = pos.sum(dim=1)  # >= 1: a present sample is its own positive
+            # Fused log-softmax kernels and flat dot products keep this at a few passes over
+            # the (n, m) matrix, with no (n, m) temporary per term.
+            log_probs = F.log_softmax(logits, dim=1)
             if w_sclip > 0:
-                n_pos_rows = pos.sum(dim=1)
-                row_term = (lse_rows - pos_logits.sum(dim=1) / n_pos_rows).mean()
+                row_targets = pos / n_pos[:, None]
+                row_term = -_dot(row_targets, log_probs) / logits.shape[0]
                 if b.square:  # text -> image logits are the transpose; the mask is symmetric
-                    col_lse = torch.logsumexp(logits, dim=0)
-                    col_term = (col_lse - pos_logits.sum(dim=0) / n_pos_rows).mean()
+                    col_log_probs = F.log_softmax(logits, dim=0)
+                    col_term = -_dot(pos / n_pos[None, :], col_log_probs) / logits.shape[1]
                 else:  # local texts against the global images
                     t2i = scale * _select(b.texts_rows[g], p_rows) @ _select(b.image_cols, p_cols).T
-                    t2i_lse = torch.logsumexp(t2i, dim=1)
-                    col_term = (t2i_lse - (pos * t2i).sum(dim=1) / n_pos_rows).mean()
+                    col_term = -_dot(row_targets, F.log_softmax(t2i, dim=1)) / logits.shape[0]
                 sclip = sclip + 0.5 * (row_term + col_term)
             if w_pw > 0:
-                # sum BCE(x + b, y) = sum softplus(x + b) - sum y * x - b * sum y
-                bce = F.softplus(logits + bias).sum() - pos_logits.sum() - bias * pos.sum()
+                # sum BCE(x + b, y) = sum softplus(x + b) - <y, x> - b * sum y
+                bce = F.softplus(logits + bias).sum() - _dot(pos, logits) - bias * n_pos.sum()
                 pointwise = pointwise + bce / logits.shape[0]
-            kept.append((logits, lse_rows))
+            kept.append(log_probs)
 
         if w_skl > 0 and levels > 1:
             common_rows = torch.stack(present_rows).all(dim=0)
             common_cols = torch.stack(present_cols).all(dim=0)
             if bool(common_rows.any()):
                 log_probs = []
-                for g, (logits, lse_rows) in enumerate(kept):  # all levels present here
+                for g, lp in enumerate(kept):  # every level has samples here
                     rows_g, cols_g = common_rows[present_rows[g]], common_cols[present_cols[g]]
-                    if bool(rows_g.all()) and bool(cols_g.all()):
-                        log_probs.append(logits - lse_rows[:, None])
-                    else:  # restrict to the samples present at every level
-                        sub = _select(_select(logits, rows_g), cols_g, dim=1)
-                        log_probs.append(sub - torch.logsumexp(sub, dim=1, keepdim=True))
+                    if not (bool(rows_g.all()) and bool(cols_g.all())):
+                        # restrict to the samples present at every level and renormalise
+                        sub = _select(_select(lp, rows_g), cols_g, dim=1)
+                        lp = F.log_softmax(sub, dim=1)
+                    log_probs.append(lp)
                 skl = _smooth_kl(log_probs)
 
         loss = w_sclip * sclip + w_pw * pointwise + w_skl * skl
