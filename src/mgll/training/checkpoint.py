@@ -105,6 +105,11 @@ def resolve_checkpoint(spec: str | Path, output_dir: Path | None = None) -> Path
         if output_dir is None:
             raise CheckpointError("'latest' needs the run's output folder")
         spec = output_dir / CHECKPOINT_SUBDIR
+        if not spec.is_dir():
+            raise CheckpointError(
+                f"no complete checkpoint to resume: {spec} does not exist (drop --resume to "
+                "start a new run)"
+            )
     path = Path(spec)
     if path.is_dir():
         folder = path / CHECKPOINT_SUBDIR if (path / CHECKPOINT_SUBDIR).is_dir() else path

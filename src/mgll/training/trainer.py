@@ -151,6 +151,8 @@ def train(
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output_dir / CONFIG_FILE)
     ckpt_dir = output_dir / ckpt.CHECKPOINT_SUBDIR
+    # Fail on a bad --resume before the (slow) model and data are built.
+    resume_from = ckpt.resolve_checkpoint(resume, output_dir) if resume is not None else None
 
     # ---- model, loss, data -----------------------------------------------------------------
     model = model_factory(resolve_package_paths(cfg["model"])).to(device)
@@ -219,8 +221,8 @@ def train(
     params = [p for group in optimizer.param_groups for p in group["params"]]
     precision = Precision(tcfg["precision"], device)
     step, epoch, epoch_step = 0, 0, 0
-    if resume is not None:
-        weights = ckpt.resolve_checkpoint(resume, output_dir)
+    if resume_from is not None:
+        weights = resume_from
         state = ckpt.load_state(weights)
         changed = config_differences(state["config"], cfg)
         if changed and main:

