@@ -262,6 +262,17 @@ def test_hf_pretrained_encoder_separates_meanings():
     assert sim[0] > sim[1]
 
 
+@pytest.mark.parametrize("tower", ["open_clip", pytest.param("hf", marks=needs_minilm)])
+def test_every_trainable_parameter_gets_a_gradient(tower):
+    # DDP (without find_unused_parameters) hangs on a trainable parameter left without gradient.
+    model = create_model(tiny_cfg() if tower == "open_clip" else hf_cfg())
+    out = model(images(), TEXTS)
+    loss = out["image_emb"].sum() + sum(t.sum() for t in out["text_embs"])
+    (loss + out["logit_scale"] + out["logit_bias"]).backward()
+    idle = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert idle == []
+
+
 def test_text_per_level_builds_independent_towers():
     model = create_model(tiny_cfg(text_per_level=True, num_levels=3))
     towers = list(model.text_towers)

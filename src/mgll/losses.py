@@ -268,7 +268,9 @@ class MGLLLoss(nn.Module):
         scale = _scale(logit_scale, b.image_rows)
         bias = _as_scalar(logit_bias, b.image_rows)
         w_sclip, w_pw, w_skl = self.weights
-        zero = (b.image_rows.sum() + scale) * 0.0  # keeps the graph connected when a term is empty
+        # A zero tied to every input keeps the graph (and DDP's gradient buckets) complete when
+        # a term is switched off or a level has no labelled sample.
+        zero = (b.image_rows.sum() + sum(t.sum() for t in b.texts_rows) + scale + bias) * 0.0
         sclip, pointwise, skl = zero, zero, zero
 
         levels = len(text_embs)

@@ -93,11 +93,15 @@ def split_records(
     split_cfg: Mapping[str, Any] | None,
     seed: int,
     data_root: str | Path | None = None,
+    folder: Path | None = None,
 ) -> dict[str, list[int]]:
-    """Record indices per split from the ``data.split`` section (fractions, file or source)."""
+    """Record indices per split from the ``data.split`` section (fractions, file or source).
+
+    A split file's relative image paths are relative to the dataset ``folder``.
+    """
     cfg = dict(split_cfg or {})
     if "file" in cfg:
-        return read_split_file(_resolve(cfg["file"], data_root), records.records)
+        return read_split_file(_resolve(cfg["file"], data_root), records.records, root=folder)
     if cfg.get("mode", "patient") == "source":
         result: dict[str, list[int]] = {name: [] for name in SPLIT_NAMES}
         for i, r in enumerate(records.records):

@@ -91,6 +91,11 @@ class HFTextTower(nn.Module):
                 f"model.text.pooling: {pooling!r} is not supported; use one of {sorted(POOLINGS)}"
             )
         self.encoder = encoder
+        # Our pooling replaces the encoder's own pooler head (BERT's): freeze it so that DDP
+        # does not wait for gradients that never come.
+        pooler = getattr(encoder, "pooler", None)
+        if isinstance(pooler, nn.Module):
+            pooler.requires_grad_(False)
         self.tokenizer = tokenizer
         self.pooling = pooling
         self.max_length = int(max_length)
@@ -129,7 +134,8 @@ class HFTextTower(nn.Module):
             self.encoder.gradient_checkpointing_disable()
 
 
-OPEN_CLIP_TEXT_KEYS = {"type", "context_length"}
+# The context length is fixed by the architecture (its positional embedding), not settable.
+OPEN_CLIP_TEXT_KEYS = {"type"}
 HF_TEXT_KEYS = {"type", "name", "pooling", "max_length"}
 
 
@@ -145,7 +151,7 @@ def _check_keys(text_cfg: dict, known: set[str]) -> None:
 def build_open_clip_text(text_cfg: dict, context: TowerContext) -> nn.Module:
     """``{type: open_clip}``: the architecture's own text tower and tokenizer."""
     _check_keys(text_cfg, OPEN_CLIP_TEXT_KEYS)
-    tokenizer = open_clip.get_tokenizer(context.arch, context_length=text_cfg.get("context_length"))
+    tokenizer = open_clip.get_tokenizer(context.arch)
     return OpenCLIPTextTower(copy.deepcopy(context.open_clip_text), tokenizer, context.embed_dim)
 
 
