@@ -202,5 +202,9 @@ def load_downstream(path: str | Path, **options: Any) -> RecordSet:
                 )
             )
     names = ["labels"] if binary else label_cols
-    result.levels = build_levels(names, result.records, multi_label=[binary] * len(names))
+    # 0/1 columns keep the table's column order as class ids, as the authors' heads do.
+    vocabularies = [label_cols] if binary else None
+    result.levels = build_levels(
+        names, result.records, multi_label=[binary] * len(names), vocabularies=vocabularies
+    )
     return result
