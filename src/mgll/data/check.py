@@ -1,8 +1,9 @@
 """Dataset validation behind ``mgll data check``: what a user must fix before training.
 
-Errors (non-zero exit): missing or undecodable image files, empty texts, a patient in two
-splits. Warnings: the same image file used by several records, different files with identical
-bytes, rows the source left out (counted by reason).
+Errors (non-zero exit): missing or undecodable image files, empty texts at a level where the
+sample has a label, a patient in two splits. Warnings: empty texts where the label is missing
+(the loss leaves the sample out of that level anyway), the same image file used by several
+records, different files with identical bytes, rows the source left out (counted by reason).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class CheckReport:
     missing: list[str] = field(default_factory=list)
     corrupt: list[tuple[str, str]] = field(default_factory=list)
     empty_texts: list[tuple[str, str]] = field(default_factory=list)
+    empty_unlabelled_texts: list[tuple[str, str]] = field(default_factory=list)
     duplicate_paths: list[tuple[str, int]] = field(default_factory=list)
     identical_files: list[list[str]] = field(default_factory=list)
     splits: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -55,6 +57,9 @@ class CheckReport:
             "missing": self.missing,
             "corrupt": [{"path": p, "reason": r} for p, r in self.corrupt],
             "empty_texts": [{"image": p, "level": lv} for p, lv in self.empty_texts],
+            "empty_unlabelled_texts": [
+                {"image": p, "level": lv} for p, lv in self.empty_unlabelled_texts
+            ],
             "duplicate_paths": [{"path": p, "records": n} for p, n in self.duplicate_paths],
             "identical_files": self.identical_files,
             "splits": self.splits,
@@ -121,9 +126,10 @@ def check_records(
                 by_digest[digest].append(path)
     report.identical_files = sorted(sorted(group) for group in by_digest.values() if len(group) > 1)
     for r in records.records:
-        for level, candidates in zip(records.levels, r.texts, strict=True):
+        for level, candidates, labels in zip(records.levels, r.texts, r.labels, strict=True):
             if not any(t.strip() for t in candidates):
-                report.empty_texts.append((str(r.image), level.name))
+                target = report.empty_texts if labels else report.empty_unlabelled_texts
+                target.append((str(r.image), level.name))
 
     indices = patient_split(records.records, split, seed=seed)
     owner: dict[str, str] = {}
@@ -167,6 +173,10 @@ def format_report(report: CheckReport, *, limit: int = 50) -> str:
     else:
         lines.append("corrupt image files: not checked (--no-decode)")
     section("empty texts (error)", [f"{p} (level {lv})" for p, lv in report.empty_texts])
+    section(
+        "empty texts where the label is missing (warning)",
+        [f"{p} (level {lv})" for p, lv in report.empty_unlabelled_texts],
+    )
     section(
         "image files used by several records (warning)",
         [f"{p} x{n}" for p, n in report.duplicate_paths],
