@@ -101,7 +101,10 @@ def test_export_with_hf_text_tower_holds_the_image_tower_only(tmp_path):
     assert json.loads((tmp_path / "encoder.json").read_text())["mgll"]["contents"] == "image"
     with torch.no_grad():
         assert torch.equal(load_image_encoder(weights)(images()), model.encode_image(images()))
-    # Plain open_clip: build the architecture, then load the partial state non-strictly.
+    # Plain open_clip's strict loaders refuse the partial state (as docs/models.md says) ...
+    with pytest.raises(RuntimeError, match="Missing key"):
+        open_clip.create_model(ARCH, pretrained=str(weights))
+    # ... so build the architecture, then load it non-strictly.
     clip = open_clip.create_model(ARCH).eval()
     result = open_clip.load_checkpoint(clip, str(weights), strict=False)
     assert not [k for k in result.missing_keys if k.startswith("visual.")]
