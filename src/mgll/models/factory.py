@@ -102,6 +102,7 @@ def create_model(model_cfg: dict[str, Any], num_levels: int | None = None) -> MG
     context = TowerContext(
         arch=image_tower.arch, embed_dim=image_tower.embed_dim, open_clip_text=clip_text
     )
+    # The builder may take ownership of context.open_clip_text (the open_clip tower does).
     first = TEXT_TOWER_BUILDERS[text_type](text_cfg, context)
     # Per-level towers start from the same (pretrained) weights and then train apart.
     text_towers = [first] + [copy.deepcopy(first) for _ in range(tower_count - 1)]
@@ -109,10 +110,16 @@ def create_model(model_cfg: dict[str, Any], num_levels: int | None = None) -> MG
     model = MGLLModel(
         image_tower,
         text_towers,
-        init_logit_scale=float(model_cfg.get("init_logit_scale", math.log(1 / 0.07))),
-        init_logit_bias=float(model_cfg.get("init_logit_bias", -10.0)),
-        dedup_texts=bool(model_cfg.get("dedup_texts", True)),
+        init_logit_scale=_value(model_cfg, "init_logit_scale", math.log(1 / 0.07)),
+        init_logit_bias=_value(model_cfg, "init_logit_bias", -10.0),
+        dedup_texts=_value(model_cfg, "dedup_texts", True),
     )
     if model_cfg.get("grad_checkpointing", False):
         model.set_grad_checkpointing(True)
     return model
+
+
+def _value(model_cfg: dict[str, Any], key: str, default: Any) -> Any:
+    """``model_cfg[key]`` converted to the default's type, with YAML ``null`` = the default."""
+    value = model_cfg.get(key)
+    return default if value is None else type(default)(value)

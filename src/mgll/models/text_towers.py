@@ -7,7 +7,6 @@ factory picks a builder from :data:`TEXT_TOWER_BUILDERS` by the config's ``type`
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -152,7 +151,7 @@ def build_open_clip_text(text_cfg: dict, context: TowerContext) -> nn.Module:
     """``{type: open_clip}``: the architecture's own text tower and tokenizer."""
     _check_keys(text_cfg, OPEN_CLIP_TEXT_KEYS)
     tokenizer = open_clip.get_tokenizer(context.arch)
-    return OpenCLIPTextTower(copy.deepcopy(context.open_clip_text), tokenizer, context.embed_dim)
+    return OpenCLIPTextTower(context.open_clip_text, tokenizer, context.embed_dim)
 
 
 def build_hf_text(text_cfg: dict, context: TowerContext) -> nn.Module:
