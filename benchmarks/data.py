@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from mgll.data import CLIP_MEAN, CLIP_STD, build_datasets, collate_samples
+from mgll.data import CLIP_MEAN, CLIP_STD, MultiGranularDataset, build_datasets, collate_samples
 
 
 def default_data_root() -> Path:
@@ -34,7 +34,9 @@ def default_data_root() -> Path:
     return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-def epoch_seconds(dataset, workers: int, batch_size: int, epoch: int) -> float:
+def epoch_seconds(
+    dataset: MultiGranularDataset, workers: int, batch_size: int, epoch: int
+) -> float:
     """Wall time of one full pass over ``dataset``."""
     dataset.set_epoch(epoch)
     loader = DataLoader(
@@ -47,7 +49,9 @@ def epoch_seconds(dataset, workers: int, batch_size: int, epoch: int) -> float:
     return time.perf_counter() - start
 
 
-def dataset_for(data_root: Path, image_size: int, cache_dir: Path | None, split: str):
+def dataset_for(
+    data_root: Path, image_size: int, cache_dir: Path | None, split: str
+) -> MultiGranularDataset:
     """All covid-cxr images in one split: "train" (augmenting transform) or "val" (eval)."""
     cfg = {
         "source": "covid-cxr",
