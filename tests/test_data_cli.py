@@ -142,3 +142,26 @@ def test_build_datasets_config_errors(tmp_path):
         build_datasets({**base, "resize": "zoom"}, tmp_path, **kwargs)
     with pytest.warns(UserWarning, match="batch_size"):
         build_datasets({**base, "batch_size": 4}, tmp_path, **kwargs)
+
+
+def test_source_split_from_a_spec_column(tmp_path):
+    spec = _dataset(tmp_path, n=8)
+    table = tmp_path / "labels.csv"
+    lines = table.read_text().splitlines()
+
+    def write(names):
+        rows = [f"{row},{s}" for row, s in zip(lines[1:], names, strict=True)]
+        table.write_text("\n".join([lines[0] + ",split", *rows]) + "\n")
+
+    names = ["train", "train", "train", "train", "val", "val", "test", "test"]  # patient pairs
+    write(names)
+    spec.write_text(SPEC + "split: split\n")
+    cfg = {"source": "spec.yaml", "split": {"mode": "source"}}
+    kwargs = {"image_size": 8, "mean": (0,) * 3, "std": (1,) * 3, "seed": 0}
+    datasets = build_datasets(cfg, tmp_path, **kwargs)
+    assert {k: len(v) for k, v in datasets.items()} == {"train": 4, "val": 2, "test": 2}
+    assert datasets["val"].metadata(0)["image"].endswith("4.png")
+    names[4] = "train"  # patient p2 now spans the source's train and val
+    write(names)
+    with pytest.raises(ValueError, match="patient:p2"):
+        build_datasets(cfg, tmp_path, **kwargs)
