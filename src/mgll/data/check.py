@@ -14,7 +14,6 @@ from collections import Counter, defaultdict
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from mgll.data.images import ImageLoadError, load_image
@@ -191,11 +190,3 @@ def format_report(report: CheckReport, *, limit: int = 50) -> str:
     verdict = "OK" if report.errors == 0 else f"{report.errors} error(s)"
     lines.append(f"result: {verdict}")
     return "\n".join(lines)
-
-
-def resolve_dataset(path: str | Path) -> Path:
-    """``path`` as given (a readable file or folder), or a ValueError saying what is wrong."""
-    path = Path(path)
-    if not path.exists():
-        raise ValueError(f"{path}: no such file or folder")
-    return path

@@ -128,15 +128,14 @@ def _decode_dicom(data: bytes, path: Path) -> np.ndarray:
 
 
 def _first(value: object) -> float | None:
+    """The first number of a DICOM value that may be multi-valued (WindowCenter "40\\400")."""
     if value is None:
         return None
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        value = value[0] if len(value) else None  # type: ignore[index, arg-type]
     try:
-        return (
-            float(value[0])
-            if hasattr(value, "__len__") and not isinstance(value, str)
-            else float(value)
-        )
-    except (TypeError, ValueError, IndexError):
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
         return None
 
 

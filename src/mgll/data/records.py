@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +35,9 @@ class LevelInfo:
                 f"({len(self.vocabulary)} classes: {self.vocabulary[:10]}...)"
             ) from None
 
-    @property
+    @cached_property
     def _index(self) -> dict[str, int]:
-        # Cached on first use; the dataclass is frozen, so bypass __setattr__ once.
-        index = self.__dict__.get("_index_cache")
-        if index is None:
-            index = {name: i for i, name in enumerate(self.vocabulary)}
-            object.__setattr__(self, "_index_cache", index)
-        return index
+        return {name: i for i, name in enumerate(self.vocabulary)}
 
 
 @dataclass

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import yaml
 
 from mgll.data.records import LevelInfo, Record, RecordSet, vocabulary_from
@@ -276,9 +276,23 @@ class _SpecReader:
         )
 
 
+@dataclass
 class _LevelSpec:
-    def __init__(self, **kw: Any) -> None:
-        self.__dict__.update(kw)
+    """One parsed ``levels[g]`` entry: where its labels and texts come from."""
+
+    name: str
+    key: str
+    table: Path
+    label_col: str | None
+    class_cols: list[str]
+    text_cols: list[str]
+    prompts: list[str]
+    separator: str | None
+    multi_label: bool
+    vocabulary: list[str] | None
+    missing: set[str]
+    missing_text: str
+    positive: set[str]
 
     def labels(self, row: dict[str, str], number: int) -> list[str]:
         if self.class_cols:
@@ -335,8 +349,3 @@ def _resolve(base: Path, value: Any) -> Path:
 def is_spec_path(path: str | Path) -> bool:
     """True when ``path`` names a spec file (by its suffix)."""
     return Path(path).suffix.lower() in SPEC_SUFFIXES
-
-
-def frame_columns(frame: pd.DataFrame) -> list[str]:
-    """Column names of a frame as strings (for messages)."""
-    return [str(c) for c in frame.columns]

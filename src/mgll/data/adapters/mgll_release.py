@@ -68,8 +68,8 @@ def load(path: str | Path, **options: Any) -> RecordSet:
     path = Path(path)
     prefix = options.pop("list", None)
     separator = options.pop("disease_separator", None)
-    image_root = Path(options.pop("image_root")) if options.get("image_root") else None
-    options.pop("image_root", None)
+    image_root_option = options.pop("image_root", None)
+    image_root = Path(image_root_option) if image_root_option else None
     modality = str(options.pop("modality", "fundus"))
     if options:
         raise ValueError(
@@ -144,8 +144,8 @@ def load_downstream(path: str | Path, **options: Any) -> RecordSet:
     {label}, default "This is a fundus image of {label}.")."""
     path = Path(path)
     name = options.pop("name", None)
-    image_root = Path(options.pop("image_root")) if options.get("image_root") else path
-    options.pop("image_root", None)
+    image_root_option = options.pop("image_root", None)
+    image_root = Path(image_root_option) if image_root_option else path
     prompt = str(options.pop("prompt", "This is a fundus image of {label}."))
     if options:
         raise ValueError(
