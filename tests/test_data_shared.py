@@ -7,6 +7,7 @@ the adapters, and checked against the tables in ../shared/data/README.md.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import warnings
@@ -18,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from data_fixtures import require_shared
 from mgll.cli import main
-from mgll.data import build_datasets, collate_samples, get_adapter
+from mgll.data import build_datasets, collate_samples, get_adapter, patient_split
 
 pytestmark = pytest.mark.shared_data
 
@@ -201,3 +202,17 @@ def test_data_split_writes_a_patient_level_file(tmp_path, capsys):
     for split, ds in datasets.items():
         for i in range(len(ds)):
             assert by_image["images/" + os.path.basename(ds.metadata(i)["image"])] == split
+
+
+def test_csdi_identical_photos_stay_in_one_split_when_linked():
+    folder = require_shared("csdi-fundus")
+    records = get_adapter("csdi-fundus").load(folder)
+    by_digest = {}
+    for i, r in enumerate(records.records):
+        by_digest.setdefault(hashlib.sha1(r.image.read_bytes()).hexdigest(), []).append(i)
+    groups = [g for g in by_digest.values() if len(g) > 1]
+    assert len(groups) == 7  # LSQ1 = LSY1 = LXW1 = LZQ1 = YZL1, ... (different initials)
+    split = patient_split(records.records, seed=0, link_identical=True)
+    which = {i: name for name, idx in split.items() for i in idx}
+    for group in groups:
+        assert len({which[i] for i in group}) == 1

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from data_fixtures import write_png
 from mgll.data import Record, patient_split, read_split_file, write_split_file
 
 
@@ -80,3 +81,28 @@ def test_split_file_round_trip_and_stale_file(tmp_path):
     (tmp_path / "bad.csv").write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match="patient:P0"):
         read_split_file(tmp_path / "bad.csv", records, root="/d")
+
+
+def test_link_identical_keeps_identical_files_together(tmp_path):
+    # Patients A and B share a byte-identical image (the same photo filed under two names).
+    write_png(tmp_path / "a.png")
+    write_png(tmp_path / "b.png")
+    records = [
+        Record(image=tmp_path / "a.png", texts=[["t"]], labels=[[]], patient_id="A"),
+        Record(image=tmp_path / "b.png", texts=[["t"]], labels=[[]], patient_id="B"),
+    ]
+    for i in range(30):
+        image = tmp_path / f"u{i}.png"
+        write_png(image, np.full((4, 4), i, np.uint8))
+        records.append(Record(image=image, texts=[["t"]], labels=[[]], patient_id=f"U{i}"))
+
+    def splits_holding_a_and_b(split):
+        return {name for name, idx in split.items() if {0, 1} & set(idx)}
+
+    apart = [
+        s for s in range(40) if len(splits_holding_a_and_b(patient_split(records, seed=s))) > 1
+    ]
+    assert apart, "some seed must separate A and B without linking, or the test proves nothing"
+    for s in apart:
+        linked = patient_split(records, seed=s, link_identical=True)
+        assert len(splits_holding_a_and_b(linked)) == 1

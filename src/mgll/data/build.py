@@ -114,13 +114,19 @@ def split_records(
             result[name].append(i)
         check_disjoint_patients(records.records, result, source="source split")
         return result
-    unknown = set(cfg) - {*SPLIT_NAMES, "seed", "mode"}
+    unknown = set(cfg) - {*SPLIT_NAMES, "seed", "mode", "link_identical"}
     if unknown:
         raise ValueError(
-            f"data.split: unknown key(s) {sorted(unknown)}; use train/val/test/seed, file, or mode"
+            f"data.split: unknown key(s) {sorted(unknown)}; "
+            "use train/val/test/seed/link_identical, file, or mode"
         )
     fractions = {k: cfg[k] for k in SPLIT_NAMES if k in cfg}
-    return patient_split(records.records, fractions or None, seed=int(cfg.get("seed", seed)))
+    return patient_split(
+        records.records,
+        fractions or None,
+        seed=int(cfg.get("seed", seed)),
+        link_identical=bool(cfg.get("link_identical", False)),
+    )
 
 
 def build_datasets(

@@ -35,6 +35,7 @@ class CheckReport:
     empty_unlabelled_texts: list[tuple[str, str]] = field(default_factory=list)
     duplicate_paths: list[tuple[str, int]] = field(default_factory=list)
     identical_files: list[list[str]] = field(default_factory=list)
+    identical_across_splits: list[list[str]] = field(default_factory=list)
     splits: dict[str, dict[str, int]] = field(default_factory=dict)
     split_overlap: list[str] = field(default_factory=list)
     decoded: bool = True
@@ -61,6 +62,7 @@ class CheckReport:
             ],
             "duplicate_paths": [{"path": p, "records": n} for p, n in self.duplicate_paths],
             "identical_files": self.identical_files,
+            "identical_across_splits": self.identical_across_splits,
             "splits": self.splits,
             "split_overlap": self.split_overlap,
             "errors": self.errors,
@@ -91,6 +93,7 @@ def check_records(
     split: Mapping[str, float] | None = None,
     seed: int = 0,
     workers: int = 8,
+    link_identical: bool = False,
 ) -> CheckReport:
     """Validate every record of ``records`` (see the module docstring)."""
     report = CheckReport(
@@ -130,7 +133,7 @@ def check_records(
                 target = report.empty_texts if labels else report.empty_unlabelled_texts
                 target.append((str(r.image), level.name))
 
-    indices = patient_split(records.records, split, seed=seed)
+    indices = patient_split(records.records, split, seed=seed, link_identical=link_identical)
     owner: dict[str, str] = {}
     for name in SPLIT_NAMES:
         patients = {patient_key(records.records[i]) for i in indices[name]}
@@ -138,6 +141,10 @@ def check_records(
         for p in patients:
             if owner.setdefault(p, name) != name:
                 report.split_overlap.append(p)
+    split_of = {str(records.records[i].image): name for name, idx in indices.items() for i in idx}
+    for group in report.identical_files:
+        if len({split_of.get(p) for p in group}) > 1:
+            report.identical_across_splits.append([f"{p} ({split_of.get(p)})" for p in group])
     return report
 
 
@@ -187,6 +194,10 @@ def format_report(report: CheckReport, *, limit: int = 50) -> str:
     for name, counts in report.splits.items():
         lines.append(f"  {name:5s}  {counts['images']:6d} images  {counts['patients']:6d} patients")
     section("patients in several splits (error)", report.split_overlap)
+    section(
+        "identical image files in different splits (warning; try --link-identical)",
+        [" = ".join(group) for group in report.identical_across_splits],
+    )
     verdict = "OK" if report.errors == 0 else f"{report.errors} error(s)"
     lines.append(f"result: {verdict}")
     return "\n".join(lines)

@@ -39,6 +39,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         for name, default in zip(SPLIT_NAMES, (0.8, 0.1, 0.1), strict=True):
             parser.add_argument(f"--{name}", type=float, default=default, help=f"{name} fraction")
         parser.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+        parser.add_argument(
+            "--link-identical",
+            action="store_true",
+            help="keep patients whose image files are byte-identical in the same split",
+        )
 
     check = sub.add_parser("check", help="counts per level and label, missing/corrupt files, ...")
     common(check)
@@ -95,6 +100,7 @@ def run_check(args: argparse.Namespace) -> int:
         records,
         decode=not args.no_decode,
         split=_fractions(args),
+        link_identical=args.link_identical,
         seed=args.seed,
         workers=args.workers,
     )
@@ -110,7 +116,9 @@ def run_split(args: argparse.Namespace) -> int:
     """Write the split CSV and print images/patients per split."""
     try:
         records, folder = _load(args)
-        split = patient_split(records.records, _fractions(args), seed=args.seed)
+        split = patient_split(
+            records.records, _fractions(args), seed=args.seed, link_identical=args.link_identical
+        )
     except (ValueError, OSError, ImportError) as exc:
         print(f"error: {exc}")
         return 2

@@ -3,11 +3,16 @@
 Patients are shuffled with a fixed seed and assigned in that order, filling train, then val,
 then test up to their share of *images* (not patients), so splits have the requested sizes
 even when some patients have many images. Records without a patient id are their own patient.
+
+With ``link_identical`` the patients of byte-identical image files are also kept together:
+public sets sometimes hold the same photo under two patient names (CSDI does), which would
+otherwise leak a test image into training.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -42,14 +47,56 @@ def patient_key(record: Record) -> str:
     )
 
 
+def file_digest(path: str | Path) -> str | None:
+    """SHA-1 of a file's bytes, or None when it cannot be read."""
+    digest = hashlib.sha1()
+    try:
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+def linked_patient_keys(records: Sequence[Record]) -> list[str]:
+    """Per record, a group key joining patients that share a byte-identical image file."""
+    parent: dict[str, str] = {}
+
+    def find(key: str) -> str:
+        while parent.setdefault(key, key) != key:
+            parent[key] = parent[parent[key]]  # path halving keeps the chains short
+            key = parent[key]
+        return key
+
+    first_owner: dict[str, str] = {}
+    keys = [patient_key(r) for r in records]
+    for key, record in zip(keys, records, strict=True):
+        digest = file_digest(record.image)
+        if digest is None:
+            find(key)
+            continue
+        other = first_owner.setdefault(digest, key)
+        a, b = find(key), find(other)
+        if a != b:
+            parent[max(a, b)] = min(a, b)  # the smaller key represents, independent of order
+    return [find(k) for k in keys]
+
+
 def patient_split(
-    records: Sequence[Record], fractions: Mapping[str, float] | None = None, seed: int = 0
+    records: Sequence[Record],
+    fractions: Mapping[str, float] | None = None,
+    seed: int = 0,
+    *,
+    link_identical: bool = False,
 ) -> dict[str, list[int]]:
-    """Record indices per split (train/val/test); no patient appears in two splits."""
+    """Record indices per split (train/val/test); no patient appears in two splits (nor, with
+    ``link_identical``, two identical image files)."""
     fractions = split_fractions(fractions)
+    keys = linked_patient_keys(records) if link_identical else [patient_key(r) for r in records]
     groups: dict[str, list[int]] = {}
-    for i, r in enumerate(records):
-        groups.setdefault(patient_key(r), []).append(i)
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
     patients = sorted(groups)  # sorted first so the shuffle does not depend on row order
     order = np.random.default_rng(seed).permutation(len(patients))
     total = len(records)
