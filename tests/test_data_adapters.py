@@ -188,3 +188,18 @@ def test_unknown_format_and_undetectable_folder(tmp_path):
         get_adapter("nope")
     with pytest.raises(ValueError, match="not a dataset folder in a known format"):
         detect_adapter(tmp_path)
+
+
+def test_covid_cxr_finding_parsing():
+    from mgll.data.adapters.covid_cxr import parse_finding
+
+    assert parse_finding("COVID-19, ARDS") == (["Pneumonia", "ARDS"], ["Viral"], ["COVID-19"])
+    assert parse_finding("Bacterial") == (["Pneumonia"], ["Bacterial"], [])
+    # The path form of later metadata.csv releases.
+    assert parse_finding("Pneumonia/Fungal/Aspergillosis") == (
+        ["Pneumonia"], ["Fungal"], ["Aspergillosis"]
+    )  # fmt: skip
+    assert parse_finding("Pneumonia/Aspiration") == (["Pneumonia"], ["Aspiration"], [])
+    assert parse_finding("todo") == "finding 'todo' is not a usable label"
+    assert parse_finding("") == "finding '(blank)' is not a usable label"
+    assert "'Tuberculosis' is not in the hierarchy" in parse_finding("Tuberculosis")

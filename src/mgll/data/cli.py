@@ -18,7 +18,12 @@ from mgll.data.splits import SPLIT_NAMES, check_disjoint_patients, patient_split
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``mgll data`` with its ``check`` and ``split`` sub-commands."""
     data = subparsers.add_parser("data", help="validate datasets and write patient-level splits")
-    data.set_defaults(func=lambda args: (data.print_help(), 2)[1])
+
+    def usage(_: argparse.Namespace) -> int:
+        data.print_help()  # `mgll data` alone: show the actions rather than fail silently
+        return 2
+
+    data.set_defaults(func=usage)
     sub = data.add_subparsers(dest="data_command", metavar="ACTION")
 
     def common(parser: argparse.ArgumentParser) -> None:

@@ -7,11 +7,12 @@ Four levels, coarse to fine:
 - ``organism``: COVID-19, SARS, Streptococcus, Pneumocystis, ...;
 - ``notes``: the free-text ``clinical_notes`` (identical notes are positives).
 
-A finding may list several comma-separated terms ("COVID-19, ARDS"); each term contributes its
-classes. A level a finding does not determine (the organism of "Bacterial") is missing there.
-Normal images ("No Finding") carry "No Finding" at the first three levels so they form their
-own positives. Unusable rows (finding "todo", "Unknown", blank, or an image without a metadata
-row) are excluded and counted by reason. Only X-ray rows are used.
+A finding may list several comma-separated terms ("COVID-19, ARDS"); each term contributes
+its classes. Later releases write paths ("Pneumonia/Viral/COVID-19"), used as given. A level
+a finding does not determine (the organism of "Bacterial") is missing there. Normal images
+("No Finding") carry "No Finding" at the first three levels so they form their own
+positives. Unusable rows (finding "todo", "Unknown", blank, a term outside the hierarchy, or
+an image without a metadata row) are excluded and counted by reason. Only X-ray rows are used.
 
 The image list is ``annotations/annotations.json`` when present (so images it names but the
 folder lacks are reported missing), else the files in ``images/``.
@@ -73,19 +74,28 @@ def detect(path: Path) -> bool:
     return "finding" in header and "filename" in header
 
 
-def parse_finding(finding: str) -> tuple[list[str], list[str], list[str]] | None:
-    """Class names at category/type/organism for a finding string, or None if unusable."""
+def parse_finding(finding: str) -> tuple[list[str], list[str], list[str]] | str:
+    """Class names at category/type/organism for a finding string, or the reason it is unusable.
+
+    Terms are comma-separated. Each is a name from :data:`FINDING_HIERARCHY` or, as in later
+    releases of the collection, a path such as "Pneumonia/Viral/COVID-19".
+    """
     terms = [t.strip() for t in finding.split(",") if t.strip()]
     if not terms or any(t.lower() in UNUSABLE for t in terms):
-        return None
+        return f"finding {finding or '(blank)'!r} is not a usable label"
     levels: tuple[list[str], list[str], list[str]] = ([], [], [])
     for term in terms:
-        if term not in FINDING_HIERARCHY:
-            raise ValueError(
-                f"finding term {term!r} is not in the covid-cxr hierarchy; add it to "
-                "mgll.data.adapters.covid_cxr.FINDING_HIERARCHY"
+        if "/" in term:
+            parts = [p.strip() or None for p in term.split("/")][:3]
+            path = [*parts, None, None][:3]
+        elif term in FINDING_HIERARCHY:
+            path = list(FINDING_HIERARCHY[term])
+        else:
+            return (
+                f"finding term {term!r} is not in the hierarchy (extend "
+                "mgll.data.adapters.covid_cxr.FINDING_HIERARCHY to use it)"
             )
-        for g, name in enumerate(FINDING_HIERARCHY[term]):
+        for g, name in enumerate(path):
             if name is not None and name not in levels[g]:
                 levels[g].append(name)
     return levels
@@ -148,8 +158,8 @@ def load(path: str | Path, **options: Any) -> RecordSet:
         number, row = rows[name]
         finding = row["finding"].strip()
         parsed = parse_finding(finding)
-        if parsed is None:
-            result.exclude(f"finding {finding or '(blank)'!r} is not a usable label", name)
+        if isinstance(parsed, str):
+            result.exclude(parsed, name)
             continue
         notes = row.get("clinical_notes", "").strip()
         labels = [*parsed, [notes] if notes else []]
