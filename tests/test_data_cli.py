@@ -92,6 +92,10 @@ def test_check_unreadable_inputs_exit_two(tmp_path, capsys):
     assert "levels[0].label" in out and "'findng'" in out and "labels.csv" in out
     assert main(["data", "check", str(tmp_path), "--format", "csdi"]) == 2  # wrong format named
     assert "CSDI_annotations.csv" in capsys.readouterr().out
+    spec.write_text(SPEC, encoding="utf-8")
+    assert main(["data", "check", str(spec), "--train", "0.9"]) == 2  # 0.9 + 0.1 + 0.1 != 1
+    assert "sum to 1" in capsys.readouterr().out
+    assert main(["data"]) == 2  # no action: the help, not a traceback
 
 
 def test_split_command_and_build_datasets(tmp_path, capsys):

@@ -98,17 +98,17 @@ def run_check(args: argparse.Namespace) -> int:
     """Print the check report; exit 1 when it has errors, 2 when the dataset cannot be read."""
     try:
         records, _ = _load(args)
+        report = check_records(
+            records,
+            decode=not args.no_decode,
+            split=_fractions(args),
+            link_identical=args.link_identical,
+            seed=args.seed,
+            workers=args.workers,
+        )
     except (ValueError, OSError, ImportError) as exc:
         print(f"error: {exc}")
         return 2
-    report = check_records(
-        records,
-        decode=not args.no_decode,
-        split=_fractions(args),
-        link_identical=args.link_identical,
-        seed=args.seed,
-        workers=args.workers,
-    )
     print(format_report(report, limit=args.limit))
     if args.json:
         Path(args.json).write_text(
