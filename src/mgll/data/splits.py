@@ -119,12 +119,10 @@ def patient_split(
 def _image_key(record: Record, root: Path | None) -> str:
     """The image as written in split files: relative to the dataset folder when inside it, so a
     split survives moving the data."""
-    if root is not None:
-        try:
-            return Path(record.image).relative_to(root).as_posix()
-        except ValueError:
-            pass  # outside the dataset folder: the absolute path is the only stable name
-    return str(record.image)
+    image = Path(record.image)
+    if root is not None and image.is_relative_to(root):
+        return image.relative_to(root).as_posix()
+    return str(image)  # outside the dataset folder: the full path is the only stable name
 
 
 def write_split_file(
