@@ -183,8 +183,9 @@ def forward_backward(
         last = j == accum_steps - 1
         _rng_restore(snapshots[j], images.device)
         sync = contextlib.nullcontext()
-        if not last and isinstance(model, DistributedDataParallel):
-            sync = model.no_sync()  # all-reduce the gradients once, after the last micro-batch
+        ddp = getattr(model, "_orig_mod", model)  # under torch.compile, the wrapped DDP
+        if not last and isinstance(ddp, DistributedDataParallel):
+            sync = ddp.no_sync()  # all-reduce the gradients once, after the last micro-batch
         with sync:
             with precision.autocast():
                 out = model(mb_images, mb_texts)

@@ -242,8 +242,12 @@ def train(
 
     raw_model = model
     if info.enabled:
+        # CLIP trains one level: per-level text towers of the other levels get no gradient.
+        unused = loss_cfg["name"] == "clip" and bool(getattr(model, "text_per_level", False))
         model = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=unused,
         )
     if tcfg["compile"]:
         model = torch.compile(model)
@@ -384,6 +388,7 @@ def train(
         "device": str(device),
         "train": last_train,
         "val": last_val,
+        "samples": {"train": len(train_set), "val": len(val_set) if val_set is not None else 0},
         "skipped_images": len(skipped_all),
         "skipped_image_paths": skipped_all,
         "checkpoint": str(latest[-1][1]) if latest else None,
@@ -419,7 +424,10 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         lines.append("last train step: " + ", ".join(f"{k} {v:.4g}" for k, v in terms.items()))
     if summary["val"]:
         lines.append(_format_val(summary["val"]))
-    lines.append(f"skipped (unreadable) images: {summary['skipped_images']}")
+    lines.append(
+        f"samples: {summary['samples']['train']} train, {summary['samples']['val']} val; "
+        f"skipped (unreadable) images: {summary['skipped_images']}"
+    )
     lines.extend(f"  {p}" for p in summary["skipped_image_paths"][:10])
     lines.append(f"checkpoint: {summary['checkpoint']}")
     return "\n".join(lines)
