@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import yaml
 
 from mgll.cli import main
 from mgll.training import checkpoint as ckpt
-from mgll.training.run_log import read_metrics
+from mgll.training.run_log import MetricsLog, read_metrics
 
 
 def _shared_data() -> Path:
@@ -31,6 +32,23 @@ def test_resume_without_checkpoint_fails_before_building_anything(tmp_path, caps
     code = main(["pretrain", "cpu-demo", "--output-dir", str(tmp_path), "--resume", "latest"])
     assert code == 1
     assert "no complete checkpoint to resume" in capsys.readouterr().err
+
+
+def test_paper_recipe_without_weights_or_data_fails_with_a_clear_message(tmp_path, capsys):
+    code = main(
+        ["pretrain", "paper", "--data-root", str(tmp_path / "none"), "--output-dir", str(tmp_path)]
+    )
+    assert code == 1
+    err = capsys.readouterr().err
+    # Offline: the weights are named with what to do; with cached weights: the missing data.
+    assert "model.image.pretrained" in err or "data section" in err
+
+
+def test_tensorboard_without_the_extra_names_the_fix(tmp_path):
+    if importlib.util.find_spec("tensorboard") is not None:
+        pytest.skip("tensorboard is installed")
+    with pytest.raises(ImportError, match=r"mgll\[tensorboard\]"):
+        MetricsLog(tmp_path, tensorboard=True)
 
 
 def test_export_of_a_non_checkpoint_names_the_file(tmp_path, capsys):

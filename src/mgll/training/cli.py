@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from mgll.models.weights import PretrainedWeightsError
 from mgll.training.checkpoint import CheckpointError
 from mgll.training.config import (
     ConfigError,
@@ -88,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         from mgll.training.trainer import train
 
         train(cfg, Path(args.data_root), Path(args.output_dir), resume=args.resume)
-    except (ConfigError, CheckpointError, NonFiniteLossError) as err:
+    except (ConfigError, CheckpointError, NonFiniteLossError, PretrainedWeightsError) as err:
         print(f"mgll pretrain: error: {err}", file=sys.stderr)
         return 1
     finally:

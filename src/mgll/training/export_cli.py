@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from mgll.models.weights import PretrainedWeightsError
 from mgll.training.checkpoint import (
     CheckpointError,
     load_weights,
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
         path = export_checkpoint(args.checkpoint, args.output)
-    except (CheckpointError, ConfigError) as err:
+    except (CheckpointError, ConfigError, PretrainedWeightsError, ValueError) as err:
         print(f"mgll export: error: {err}", file=sys.stderr)
         return 1
     print(f"wrote {path}")

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from mgll.distributed import barrier, init_distributed
 from mgll.training import checkpoint as ckpt
-from mgll.training.config import resolve_package_paths, save_config
+from mgll.training.config import ConfigError, resolve_package_paths, save_config
 from mgll.training.evaluate import validate
 from mgll.training.optim import build_optimizer, lr_at, set_lr
 from mgll.training.run_log import MetricsLog, truncate_after
@@ -155,7 +155,10 @@ def train(
     resume_from = ckpt.resolve_checkpoint(resume, output_dir) if resume is not None else None
 
     # ---- model, loss, data -----------------------------------------------------------------
-    model = model_factory(resolve_package_paths(cfg["model"])).to(device)
+    try:
+        model = model_factory(resolve_package_paths(cfg["model"])).to(device)
+    except ValueError as err:  # the factory names the model.* key at fault
+        raise ConfigError(f"model section: {err}") from err
     if tcfg["grad_checkpointing"]:
         if not hasattr(model, "set_grad_checkpointing"):
             raise TypeError(
@@ -171,14 +174,17 @@ def train(
     loss_fn = build_loss(loss_cfg)
     eval_loss_fn = build_loss(loss_cfg, gather=False)
 
-    datasets = dataset_builder(
-        cfg["data"],
-        data_root,
-        image_size=model.image_size,
-        mean=model.image_mean,
-        std=model.image_std,
-        seed=seed,
-    )
+    try:
+        datasets = dataset_builder(
+            cfg["data"],
+            data_root,
+            image_size=model.image_size,
+            mean=model.image_mean,
+            std=model.image_std,
+            seed=seed,
+        )
+    except ValueError as err:  # the builder names the data.* key, file or row at fault
+        raise ConfigError(f"data section (data root {data_root}): {err}") from err
     train_set, val_set = datasets["train"], datasets.get("val")
     level_names = [level.name for level in train_set.levels]
     num_workers = int(cfg["data"].get("num_workers", 0))
