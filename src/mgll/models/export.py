@@ -133,8 +133,10 @@ def load_image_encoder(path: str | os.PathLike, device: str | torch.device = "cp
     model_cfg = sidecar["model_cfg"]
     # open_clip's own vision-tower builder, so the exported config rebuilds the same module
     # without instantiating (and discarding) a text tower.
+    # The exported tensors are the weights: never let a timm backbone fetch its own.
+    vision_cfg = {**model_cfg["vision_cfg"], "timm_model_pretrained": False}
     visual = _build_vision_tower(
-        model_cfg["embed_dim"], model_cfg["vision_cfg"], model_cfg.get("quick_gelu", False)
+        model_cfg["embed_dim"], vision_cfg, model_cfg.get("quick_gelu", False)
     )
     tensors = load_file(str(weights_file), device=str(device))
     visual_state = {k[len("visual.") :]: v for k, v in tensors.items() if k.startswith("visual.")}
