@@ -361,6 +361,16 @@ def test_checkpoint_of_another_architecture_is_rejected(tmp_path):
         create_model(tiny_cfg(image={"arch": TEST_ARCH, "pretrained": str(path)}))
 
 
+def test_an_mgll_training_checkpoint_as_pretrained_points_to_mgll_export(tmp_path):
+    from safetensors.torch import save_file
+
+    model = create_model(tiny_cfg())
+    path = tmp_path / "step_10.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    with pytest.raises(PretrainedWeightsError, match="run `mgll export` on it"):
+        create_model(tiny_cfg(image={"arch": TEST_ARCH, "pretrained": str(path)}))
+
+
 def test_unreachable_hub_weights_fail_fast_with_advice():
     # A fresh interpreter, so HF_HUB_OFFLINE is read at import time as a user would set it.
     script = textwrap.dedent(

@@ -10,10 +10,12 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import open_clip
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from mgll.models.weights import PretrainedWeightsError, download_failure, resolve_image_weights
@@ -129,8 +131,13 @@ def build_open_clip(
     return OpenCLIPBuild(clip=clip, open_clip_cfg=open_clip_cfg, preprocess_cfg=preprocess_cfg)
 
 
-def _load_checkpoint_file(clip: nn.Module, checkpoint, load_text_weights: bool) -> None:
+def _load_checkpoint_file(clip: nn.Module, checkpoint: Path, load_text_weights: bool) -> None:
     """Load a full or image-only open_clip checkpoint; the image tower must be complete."""
+    if _is_mgll_run_checkpoint(checkpoint):
+        raise PretrainedWeightsError(
+            f"model.image.pretrained: {checkpoint} is an mgll pretraining checkpoint (keys "
+            "image_tower.*), not an open_clip one: run `mgll export` on it and use the export"
+        )
     try:
         result = open_clip.load_checkpoint(clip, str(checkpoint), strict=False)
     except Exception as error:
@@ -152,3 +159,12 @@ def _load_checkpoint_file(clip: nn.Module, checkpoint, load_text_weights: bool) 
             checkpoint,
             len(missing_text),
         )
+
+
+def _is_mgll_run_checkpoint(checkpoint: Path) -> bool:
+    """Whether a safetensors file holds an MGLLModel state dict (read from its header only)."""
+    if checkpoint.suffix != ".safetensors":
+        return False
+    with safe_open(str(checkpoint), framework="pt") as handle:
+        keys = list(handle.keys())  # a safetensors handle is not iterable
+    return any(key.startswith("image_tower.") for key in keys)
