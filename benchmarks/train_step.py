@@ -11,7 +11,8 @@ load hits them alike. Variants:
 * ``mgll-2, no dedup``: ``mgll-2`` with the model's text de-duplication switched off.
 
 Peak memory: ``torch.cuda.max_memory_allocated`` on GPU; on CPU each variant runs again in a
-fresh subprocess and reports its peak resident memory growth over the steps.
+fresh subprocess that samples its resident memory during two steps (after a first one has
+allocated the optimizer state) and reports the peak growth.
 
     python benchmarks/train_step.py --data-root ../shared/data
 """
@@ -21,10 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
@@ -175,12 +176,22 @@ def _memory_child(variant: str, args: argparse.Namespace) -> None:
     model, batch, cfg = build(args)
     step = make_step(variant, model, batch, cfg, args)
     step()  # optimizer state and allocator pools exist from here on
-    rss_before = _current_rss_mib()
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    base = _current_rss_mib()
+    peak = [base]
+    done = threading.Event()
+
+    def sample() -> None:  # CPU tensors have no allocator statistics: sample the RSS
+        while not done.is_set():
+            peak[0] = max(peak[0], _current_rss_mib())
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     for _ in range(2):
         step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"peak_mib": max(peak, peak_before) - rss_before}))
+    done.set()
+    sampler.join()
+    print(json.dumps({"peak_mib": peak[0] - base}))
 
 
 def _current_rss_mib() -> float:
@@ -196,8 +207,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--no-memory", action="store_true", help="skip the memory runs")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
@@ -211,17 +222,21 @@ def main() -> None:
     memory = {v: None for v in args.variants}
     if not args.no_memory:
         memory = {v: measure_memory(v, args) for v in args.variants}
-    base = statistics.median(times["clip"]) if "clip" in times else None
     threads = torch.get_num_threads()
     print(
         f"config {args.config}, batch {args.batch_size}, {args.precision}, {args.device} "
         f"({threads} threads), {args.rounds} alternating rounds after {args.warmup} warm-up\n"
     )
-    print("| step | levels | median s/step | samples/s | vs CLIP | peak memory (MiB) |")
+    print("| step | levels | median s/step | samples/s | vs CLIP (paired) | peak memory (MiB) |")
     print("|---|---|---|---|---|---|")
     for v in args.variants:
         med = statistics.median(times[v])
-        ratio = f"{base / med:.2f}x" if base else "-"
+        # Per-round ratios pair each step with the CLIP step run just before it, so machine
+        # load that drifts between rounds cancels out.
+        ratio = "-"
+        if "clip" in times:
+            paired = [c / t for c, t in zip(times["clip"], times[v], strict=True)]
+            ratio = f"{statistics.median(paired):.2f}x"
         mem = f"{memory[v]:.0f}" if memory[v] is not None else "-"
         levels = 1 if v == "clip" else int(v.split("-")[1][0])
         print(f"| {v} | {levels} | {med:.3f} | {args.batch_size / med:.1f} | {ratio} | {mem} |")

@@ -95,6 +95,12 @@ def test_max_steps_is_the_total_also_when_resuming(tmp_path):
     assert ckpt.list_checkpoints(tmp_path / "checkpoints")[-1][0] == 5
 
 
+def test_a_fresh_run_refuses_a_folder_with_checkpoints(tmp_path):
+    train(_config(**{"train.max_steps": 1}), ".", tmp_path, **FAKES)
+    with pytest.raises(ckpt.CheckpointError, match="already holds a run"):
+        train(_config(), ".", tmp_path, **FAKES)
+
+
 def test_resume_errors_name_the_missing_file(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="no complete checkpoint"):
         train(_config(), ".", tmp_path, resume="latest", **FAKES)

@@ -153,6 +153,11 @@ def train(
     ckpt_dir = output_dir / ckpt.CHECKPOINT_SUBDIR
     # Fail on a bad --resume before the (slow) model and data are built.
     resume_from = ckpt.resolve_checkpoint(resume, output_dir) if resume is not None else None
+    if resume_from is None and ckpt.list_checkpoints(ckpt_dir):
+        raise ckpt.CheckpointError(
+            f"{output_dir} already holds a run with checkpoints; continue it with --resume "
+            "latest or choose a new --output-dir"
+        )
 
     # ---- model, loss, data -----------------------------------------------------------------
     try:
@@ -243,7 +248,7 @@ def train(
         rng = state["rng"][info.rank] if info.rank < len(state["rng"]) else state["rng"][0]
         ckpt.restore_rng_state(rng)
         if main:
-            truncate_after(output_dir, step)
+            truncate_after(output_dir, step)  # rows logged after the checkpoint are redone
             print(f"resumed from {weights} at step {step} (epoch {epoch}, step {epoch_step})")
 
     raw_model = model
@@ -287,6 +292,8 @@ def train(
         return path
 
     # ---- train --------------------------------------------------------------------------------
+    if main and resume_from is None:
+        truncate_after(output_dir, 0)  # a fresh run (e.g. after a failed start) starts a new log
     log = MetricsLog(output_dir, cfg["log"]["tensorboard"]) if main else None
     bar = tqdm(
         total=max_steps,
