@@ -128,8 +128,33 @@ def train(
     """Pretrain the model of ``cfg`` on the data of ``cfg`` and return the run summary.
 
     ``model_factory``/``dataset_builder``/``collate_fn`` default to ``mgll.models.create_model``,
-    ``mgll.data.build_datasets`` and ``mgll.data.collate_samples``.
+    ``mgll.data.build_datasets`` and ``mgll.data.collate_samples``. Process-wide switches that
+    the run sets (deterministic algorithms, cuDNN/TF32 flags) are restored when it returns.
     """
+    switches = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.deterministic,
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+    )
+    try:
+        return _run(cfg, data_root, output_dir, resume, model_factory, dataset_builder, collate_fn)
+    finally:
+        torch.use_deterministic_algorithms(switches[0])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = switches[1:3]
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = switches[3:]
+
+
+def _run(
+    cfg: dict[str, Any],
+    data_root: str | Path,
+    output_dir: str | Path,
+    resume: str | None,
+    model_factory: ModelFactory | None,
+    dataset_builder: DatasetBuilder | None,
+    collate_fn: Callable | None,
+) -> dict[str, Any]:
     if model_factory is None or dataset_builder is None or collate_fn is None:
         defaults = _default_components()
         model_factory = model_factory or defaults[0]
