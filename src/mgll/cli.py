@@ -1,8 +1,8 @@
 """The ``mgll`` command line: one sub-command per capability, each registered by its own module.
 
 Sub-command modules expose ``register(subparsers)``, which adds a parser whose ``func`` takes
-the parsed arguments and returns an exit code. They are imported only when the command line is
-built, so ``mgll --version`` stays fast.
+the parsed arguments and returns an exit code. Only the module of the command being run is
+imported, so ``mgll --version`` and ``mgll --help`` stay fast (no torch import).
 """
 
 from __future__ import annotations
@@ -14,15 +14,16 @@ from collections.abc import Sequence
 
 from mgll import __version__
 
-# name -> module that registers it; adding a command means adding a line here.
-COMMAND_MODULES: dict[str, str] = {
-    "data": "mgll.data.cli",
-    "pretrain": "mgll.training.cli",
-    "export": "mgll.training.export_cli",
+# name -> (module that registers it, one-line help). Adding a command means adding a line here.
+COMMAND_MODULES: dict[str, tuple[str, str]] = {
+    "data": ("mgll.data.cli", "validate datasets and write patient-level splits"),
+    "pretrain": ("mgll.training.cli", "pretrain an image-text model with MGLL (or CLIP)"),
+    "export": ("mgll.training.export_cli", "export the image encoder of a checkpoint"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``mgll`` parser; only ``command``'s module is imported (the others list their help)."""
     parser = argparse.ArgumentParser(
         prog="mgll",
         description="Multi-Granular Language Learning: label-aware image-text pretraining "
@@ -30,14 +31,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"mgll {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module_name in COMMAND_MODULES.values():
-        importlib.import_module(module_name).register(subparsers)
+    for name, (module_name, help_text) in COMMAND_MODULES.items():
+        if name == command:
+            importlib.import_module(module_name).register(subparsers)
+        else:
+            subparsers.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mgll`` console script; returns the process exit code."""
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMAND_MODULES else None)
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help()
