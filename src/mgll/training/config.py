@@ -227,6 +227,11 @@ def validate(cfg: Mapping[str, Any]) -> None:
             f"train.batch_size ({train['batch_size']}) must be divisible by train.accum_steps "
             f"({train['accum_steps']})"
         )
+    max_steps = train["max_steps"]
+    if max_steps is not None and (
+        isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1
+    ):
+        raise ConfigError(f"train.max_steps must be >= 1 or null, got {train['max_steps']}")
     if len(train["betas"]) != 2:
         raise ConfigError(f"train.betas must be two numbers, got {train['betas']!r}")
     if cfg["checkpoint"]["keep_last"] < 1:

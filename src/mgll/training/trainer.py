@@ -220,13 +220,16 @@ def _run(
     num_workers = int(cfg["data"].get("num_workers", 0))
     global_batch, accum = int(tcfg["batch_size"]), int(tcfg["accum_steps"])
     if global_batch % (info.world_size * accum):
-        raise ValueError(
+        raise ConfigError(
             f"train.batch_size ({global_batch}) must be divisible by processes x "
             f"train.accum_steps ({info.world_size} x {accum})"
         )
-    sampler = GlobalBatchSampler(
-        len(train_set), global_batch, info.rank, info.world_size, seed=seed
-    )
+    try:
+        sampler = GlobalBatchSampler(
+            len(train_set), global_batch, info.rank, info.world_size, seed=seed
+        )
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     loader_kwargs: dict[str, Any] = {
         "num_workers": num_workers,
         "collate_fn": collate_fn,
