@@ -124,9 +124,28 @@ class PreprocessCache:
             )
 
 
+def user_cache_dir() -> Path:
+    """The per-user cache root: ``$MGLL_CACHE_DIR``, else ``$XDG_CACHE_HOME/mgll``, else
+    ``~/.cache/mgll``."""
+    if os.environ.get("MGLL_CACHE_DIR"):
+        return Path(os.environ["MGLL_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "mgll"
+
+
+def _writable(folder: Path) -> bool:
+    """True when ``folder`` exists and is writable, or can be created."""
+    for parent in (folder, *folder.parents):
+        if parent.exists():
+            return parent.is_dir() and os.access(parent, os.W_OK)
+    return False
+
+
 def default_cache_dir(dataset_dir: Path) -> Path | None:
-    """``<dataset>/.mgll-cache`` when that folder is writable, else None (cache off)."""
-    candidate = dataset_dir / ".mgll-cache"
-    if candidate.is_dir():
-        return candidate if os.access(candidate, os.W_OK) else None
-    return candidate if dataset_dir.is_dir() and os.access(dataset_dir, os.W_OK) else None
+    """``<dataset>/.mgll-cache`` when the dataset folder is writable; otherwise (a read-only
+    dataset such as ``../shared/data``) ``<user cache>/preprocess``; None when neither is."""
+    local = dataset_dir / ".mgll-cache"
+    if _writable(local) and dataset_dir.is_dir():
+        return local
+    shared = user_cache_dir() / "preprocess"  # keys hold absolute paths, so sharing is safe
+    return shared if _writable(shared) else None
