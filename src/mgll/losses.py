@@ -115,32 +115,110 @@ def encode_labels(
 # --------------------------------------------------------------------------------------------
 
 
+def _augment(t: torch.Tensor, scale: torch.Tensor | float, last: torch.Tensor | float):
+    """``[scale * t, last]`` row-wise: one extra column so a dot product adds a constant."""
+    column = torch.as_tensor(last, dtype=t.dtype, device=t.device).reshape(1, 1)
+    return torch.cat([scale * t, column.expand(t.shape[0], 1)], dim=1)
+
+
+@dataclass
+class _PositiveSums:
+    """Per image row: sum of the logits of its positive texts, and their count; same per
+    text for the text -> image direction."""
+
+    rows: torch.Tensor
+    n_rows: torch.Tensor
+    cols: torch.Tensor
+    n_cols: torch.Tensor
+
+
+def _class_sums(vectors: torch.Tensor, class_ids: torch.Tensor, k: int) -> torch.Tensor:
+    """(k, D) sums of ``vectors`` grouped by class id (differentiable)."""
+    return vectors.new_zeros(k, vectors.shape[1]).index_add(0, class_ids, vectors)
+
+
+def _positive_sums(
+    logits: torch.Tensor,
+    lab_rows: torch.Tensor,
+    lab_cols: torch.Tensor,
+    image_aug: torch.Tensor,
+    text_aug: torch.Tensor,
+    t2i: torch.Tensor | None = None,
+    t2i_text: torch.Tensor | None = None,
+    t2i_image: torch.Tensor | None = None,
+) -> _PositiveSums:
+    """Sums of logits over each row's positives (both directions), without an (N, N) mask
+    when possible.
+
+    ``logits = image_aug @ text_aug.T``. In the square (global) case the text -> image logits
+    are its transpose; otherwise ``t2i = t2i_text @ t2i_image.T`` (local texts, global images).
+    Class ids: sum_{j: c_j = c_i} <a_i, t_j> = <a_i, sum of the texts of class c_i>, an O(N D)
+    computation from per-class sums. Multi-hot overlap is not linear in the label vectors, so
+    it goes through the (rows, cols) positive mask.
+    """
+    if lab_rows.dim() == 1:
+        classes, inverse = torch.unique(torch.cat([lab_rows, lab_cols]), return_inverse=True)
+        rid, cid = inverse[: lab_rows.shape[0]], inverse[lab_rows.shape[0] :]
+        k = classes.shape[0]
+        count_cols = torch.bincount(cid, minlength=k).to(logits.dtype)
+        rows = (image_aug * _class_sums(text_aug, cid, k)[rid]).sum(dim=1)
+        if t2i is None:  # texts (columns) against the images of their class (the rows)
+            count_rows = torch.bincount(rid, minlength=k).to(logits.dtype)
+            cols = (text_aug * _class_sums(image_aug, rid, k)[cid]).sum(dim=1)
+            return _PositiveSums(rows, count_cols[rid], cols, count_rows[cid])
+        cols = (t2i_text * _class_sums(t2i_image, cid, k)[rid]).sum(dim=1)
+        return _PositiveSums(rows, count_cols[rid], cols, count_cols[rid])
+    pos = positive_mask(lab_rows, lab_cols).to(logits.dtype)
+    pos_logits = pos * logits
+    n_rows = pos.sum(dim=1)
+    if t2i is None:  # the mask is symmetric: column sums are the text -> image sums
+        return _PositiveSums(pos_logits.sum(dim=1), n_rows, pos_logits.sum(dim=0), n_rows)
+    return _PositiveSums(pos_logits.sum(dim=1), n_rows, (pos * t2i).sum(dim=1), n_rows)
+
+
 def _select(t: torch.Tensor, keep: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """Rows (or columns) where ``keep`` is True; index_select's backward is a cheap index_add."""
     return t.index_select(dim, keep.nonzero().squeeze(1))
 
 
-def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sum(a * b) over all entries, as one dot product (no temporary of their size)."""
-    return torch.dot(a.reshape(-1), b.reshape(-1))
+class _SmoothKL(torch.autograd.Function):
+    """mean_i sum_g KL(P^g_i || M_i), P^g_i = softmax(z^g_i), M_i = mean_g P^g_i, from logits.
 
-
-def _smooth_kl(log_probs: Sequence[torch.Tensor]) -> torch.Tensor:
-    """mean_i sum_g KL(P^g_i || M_i) with M_i the mean of the G distributions, from log-probs.
-
-    With L = logsumexp_g(log P^g) (so log M = L - log G) and rows of P summing to 1:
-    sum_g KL(P^g || M) = sum_g <P^g, log P^g> - <sum_g P^g, L> + G log G per row.
+    Autograd through log-softmax, logaddexp and exp would make about three times as many
+    passes over the (n, m) matrices as needed, so the gradient is written out:
+    d/dz^g = P^g * (a^g - <P^g, a^g>) / n with a^g = log P^g - log M (the terms from
+    differentiating M cancel because the P^g sum to G M; a constant shift of a^g cancels too).
     """
-    levels, n = len(log_probs), log_probs[0].shape[0]
-    log_sum = log_probs[0]
-    for lp in log_probs[1:]:
-        log_sum = torch.logaddexp(log_sum, lp)  # fused, stable: never log of a probability
-    probs = [lp.exp() for lp in log_probs]
-    prob_sum = probs[0]
-    for p in probs[1:]:
-        prob_sum = prob_sum + p
-    total = sum(_dot(p, lp) for p, lp in zip(probs, log_probs, strict=True))
-    return (total - _dot(prob_sum, log_sum)) / n + levels * math.log(levels)
+
+    @staticmethod
+    def forward(ctx, *logits: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        log_probs = [F.log_softmax(z, dim=1) for z in logits]
+        # log_sum = log(G M) = logsumexp_g log P^g; the log G it leaves out is added to each
+        # row's KL below (the rows of P sum to 1) and cancels in the gradient.
+        log_sum = log_probs[0]
+        for lp in log_probs[1:]:
+            log_sum = torch.logaddexp(log_sum, lp)  # fused and stable: never log of a P
+        probs, advantages, row_kls = [], [], []
+        for lp in log_probs:
+            a = lp - log_sum
+            p = lp.exp()
+            row_kls.append((p * a).sum(dim=1, keepdim=True))
+            probs.append(p)
+            advantages.append(a)
+        n = logits[0].shape[0]
+        ctx.save_for_backward(*probs, *advantages, *row_kls)
+        ctx.levels, ctx.n = len(logits), n
+        return sum(kl.sum() for kl in row_kls) / n + len(logits) * math.log(len(logits))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        saved, g = ctx.saved_tensors, ctx.levels
+        probs, advantages, row_kls = saved[:g], saved[g : 2 * g], saved[2 * g :]
+        scale = grad / ctx.n
+        return tuple(
+            (a - kl).mul_(p).mul_(scale)
+            for p, a, kl in zip(probs, advantages, row_kls, strict=True)
+        )
 
 
 def _as_scalar(value: torch.Tensor | float | None, like: torch.Tensor) -> torch.Tensor:
@@ -274,7 +352,7 @@ class MGLLLoss(nn.Module):
         sclip, pointwise, skl = zero, zero, zero
 
         levels = len(text_embs)
-        present_rows, present_cols, kept = [], [], []  # kept: row log-softmax per level
+        present_rows, present_cols, kept = [], [], []  # kept: each level's logits
         for g in range(levels):
             p_rows, p_cols = label_presence(b.labels_rows[g]), label_presence(b.labels_cols[g])
             present_rows.append(p_rows)
@@ -286,42 +364,46 @@ class MGLLLoss(nn.Module):
             if image.shape[0] == 0:
                 kept.append(None)
                 continue
-            logits = scale * image @ text.T  # (rows, cols): image -> text
-            pos = positive_mask(b.labels_rows[g][p_rows], b.labels_cols[g][p_cols])
-            pos = pos.to(logits.dtype)
-            n_pos = pos.sum(dim=1)  # >= 1: a present sample is its own positive
-            # Fused log-softmax kernels and flat dot products keep this at a few passes over
-            # the (n, m) matrix, with no (n, m) temporary per term.
-            log_probs = F.log_softmax(logits, dim=1)
+            # Augmented vectors [s*v, b] . [t, 1] put the bias into the one matmul: the
+            # point-wise term needs S + b, and softmaxes are unchanged by a constant shift.
+            image_aug, text_aug = _augment(image, scale, bias), _augment(text, 1.0, 1.0)
+            logits = image_aug @ text_aug.T  # S + b: (rows, cols), image -> text
+            lab_rows, lab_cols = b.labels_rows[g][p_rows], b.labels_cols[g][p_cols]
+            if b.square:
+                t2i = None
+                sums = _positive_sums(logits, lab_rows, lab_cols, image_aug, text_aug)
+            else:  # local texts against the global images
+                t2i_text = _augment(_select(b.texts_rows[g], p_rows), scale, bias)
+                t2i_image = _augment(_select(b.image_cols, p_cols), 1.0, 1.0)
+                t2i = t2i_text @ t2i_image.T
+                sums = _positive_sums(
+                    logits, lab_rows, lab_cols, image_aug, text_aug, t2i, t2i_text, t2i_image
+                )
+            lse_rows = torch.logsumexp(logits, dim=1)
             if w_sclip > 0:
-                row_targets = pos / n_pos[:, None]
-                row_term = -_dot(row_targets, log_probs) / logits.shape[0]
-                if b.square:  # text -> image logits are the transpose; the mask is symmetric
-                    col_log_probs = F.log_softmax(logits, dim=0)
-                    col_term = -_dot(pos / n_pos[None, :], col_log_probs) / logits.shape[1]
-                else:  # local texts against the global images
-                    t2i = scale * _select(b.texts_rows[g], p_rows) @ _select(b.image_cols, p_cols).T
-                    col_term = -_dot(row_targets, F.log_softmax(t2i, dim=1)) / logits.shape[0]
+                # CE(row, y/|y|) = lse - <y, row>/|y|; the bias cancels between the two.
+                row_term = (lse_rows - sums.rows / sums.n_rows).mean()
+                col_lse = torch.logsumexp(logits, dim=0) if b.square else torch.logsumexp(t2i, 1)
+                col_term = (col_lse - sums.cols / sums.n_cols).mean()
                 sclip = sclip + 0.5 * (row_term + col_term)
             if w_pw > 0:
-                # sum BCE(x + b, y) = sum softplus(x + b) - <y, x> - b * sum y
-                bce = F.softplus(logits + bias).sum() - _dot(pos, logits) - bias * n_pos.sum()
+                # sum_ij BCE(x_ij + b, y_ij) = sum softplus(x + b) - sum_ij y_ij (x_ij + b)
+                bce = F.softplus(logits).sum() - sums.rows.sum()
                 pointwise = pointwise + bce / logits.shape[0]
-            kept.append(log_probs)
+            kept.append(logits)
 
         if w_skl > 0 and levels > 1:
             common_rows = torch.stack(present_rows).all(dim=0)
             common_cols = torch.stack(present_cols).all(dim=0)
             if bool(common_rows.any()):
-                log_probs = []
-                for g, lp in enumerate(kept):  # every level has samples here
+                level_logits = []
+                for g, logits in enumerate(kept):  # every level has samples here
                     rows_g, cols_g = common_rows[present_rows[g]], common_cols[present_cols[g]]
                     if not (bool(rows_g.all()) and bool(cols_g.all())):
-                        # restrict to the samples present at every level and renormalise
-                        sub = _select(_select(lp, rows_g), cols_g, dim=1)
-                        lp = F.log_softmax(sub, dim=1)
-                    log_probs.append(lp)
-                skl = _smooth_kl(log_probs)
+                        # only the samples present at every level take part
+                        logits = _select(_select(logits, rows_g), cols_g, dim=1)
+                    level_logits.append(logits)
+                skl = _SmoothKL.apply(*level_logits)
 
         loss = w_sclip * sclip + w_pw * pointwise + w_skl * skl
         return {"loss": loss, "sclip": sclip, "pointwise": pointwise, "skl": skl}
