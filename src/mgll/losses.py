@@ -161,12 +161,12 @@ def _positive_sums(
         rid, cid = inverse[: lab_rows.shape[0]], inverse[lab_rows.shape[0] :]
         k = classes.shape[0]
         count_cols = torch.bincount(cid, minlength=k).to(logits.dtype)
-        rows = (image_aug * _class_sums(text_aug, cid, k)[rid]).sum(dim=1)
+        rows = (image_aug * _class_sums(text_aug, cid, k).index_select(0, rid)).sum(dim=1)
         if t2i is None:  # texts (columns) against the images of their class (the rows)
             count_rows = torch.bincount(rid, minlength=k).to(logits.dtype)
-            cols = (text_aug * _class_sums(image_aug, rid, k)[cid]).sum(dim=1)
+            cols = (text_aug * _class_sums(image_aug, rid, k).index_select(0, cid)).sum(dim=1)
             return _PositiveSums(rows, count_cols[rid], cols, count_rows[cid])
-        cols = (t2i_text * _class_sums(t2i_image, cid, k)[rid]).sum(dim=1)
+        cols = (t2i_text * _class_sums(t2i_image, cid, k).index_select(0, rid)).sum(dim=1)
         return _PositiveSums(rows, count_cols[rid], cols, count_cols[rid])
     pos = positive_mask(lab_rows, lab_cols).to(logits.dtype)
     pos_logits = pos * logits
