@@ -195,8 +195,18 @@ def _random_batch(n=7, d=5, seed=0):
     return image, texts, labels
 
 
+@pytest.fixture(params=["mask", "class_sums"])
+def positives_path(request, monkeypatch):
+    """Run a test through both ways of summing positives (N x N mask / per-class sums)."""
+    import mgll.losses
+
+    threshold = 10**12 if request.param == "mask" else 0
+    monkeypatch.setattr(mgll.losses, "CLASS_SUM_MIN_PAIRS", threshold)
+    return request.param
+
+
 @pytest.mark.parametrize("log_scale,bias", [(0.0, 0.0), (math.log(1 / 0.07), -10.0), (5.0, -3.0)])
-def test_matches_loop_reference(log_scale, bias):
+def test_matches_loop_reference(log_scale, bias, positives_path):
     image, texts, labels = _random_batch()
     out = MGLLLoss()(image, texts, labels, logit_scale=torch.tensor(log_scale), logit_bias=bias)
     ref = _reference(image, texts, labels, log_scale, bias)
@@ -204,7 +214,7 @@ def test_matches_loop_reference(log_scale, bias):
         assert out[key].item() == pytest.approx(ref[key], rel=1e-5, abs=1e-6), key
 
 
-def test_local_loss_equals_global_in_one_process():
+def test_local_loss_equals_global_in_one_process(positives_path):
     image, texts, labels = _random_batch()
     a = MGLLLoss(local_loss=True)(image, texts, labels, logit_scale=2.0)
     b = MGLLLoss()(image, texts, labels, logit_scale=2.0)
@@ -243,7 +253,7 @@ def test_permuting_the_batch_leaves_the_loss_unchanged():
         assert a[key].item() == pytest.approx(b[key].item(), rel=1e-5), key
 
 
-def test_missing_label_removes_exactly_that_row_and_column():
+def test_missing_label_removes_exactly_that_row_and_column(positives_path):
     image, texts, _ = _random_batch()
     labels = torch.tensor([0, 0, 1, 2, 2, 1, 0])
     missing = labels.clone()
@@ -315,7 +325,7 @@ def test_zero_weight_switches_a_term_off():
     assert out["loss"].item() == pytest.approx((0.5 * out["sclip"] + out["skl"]).item(), rel=1e-6)
 
 
-def test_gradcheck_float64():
+def test_gradcheck_float64(positives_path):
     g = torch.Generator().manual_seed(1)
     image = torch.randn(5, 4, dtype=torch.float64, generator=g, requires_grad=True)
     texts = [

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import mgll.losses
 from mgll.losses import CLIPLoss, MGLLLoss
 
 N, D_IN, D = 8, 6, 5
@@ -45,7 +46,17 @@ def _problem():
     return x, labels, params
 
 
-def _run(loss_fn, x, labels, params):
+def _run(loss_fn, x, labels, params, class_sums: bool = False):
+    # "_class_sums" cases force the mask-free positives path that large batches take.
+    old = mgll.losses.CLASS_SUM_MIN_PAIRS
+    mgll.losses.CLASS_SUM_MIN_PAIRS = 0 if class_sums else old
+    try:
+        return _forward_backward(loss_fn, x, labels, params)
+    finally:
+        mgll.losses.CLASS_SUM_MIN_PAIRS = old
+
+
+def _forward_backward(loss_fn, x, labels, params):
     p = {k: v.clone().requires_grad_(True) for k, v in params.items()}
     out = loss_fn(
         x @ p["w_image"],
@@ -60,6 +71,8 @@ def _run(loss_fn, x, labels, params):
 
 CASES = {
     "mgll_even": (lambda: MGLLLoss(), [4, 4]),
+    "mgll_even_class_sums": (lambda: MGLLLoss(), [4, 4]),
+    "mgll_local_class_sums": (lambda: MGLLLoss(local_loss=True), [4, 4]),
     "mgll_uneven": (lambda: MGLLLoss(), [3, 5]),
     "mgll_local": (lambda: MGLLLoss(local_loss=True), [4, 4]),
     "clip": (lambda: CLIPLoss(), [4, 4]),
@@ -76,7 +89,9 @@ def _worker(rank: int, world: int, port: int, result_path: str) -> None:
     for name, (make, sizes) in CASES.items():
         start = sum(sizes[:rank])
         rows = slice(start, start + sizes[rank])
-        out, grads = _run(make(), x[rows], [lab[rows] for lab in labels], params)
+        out, grads = _run(
+            make(), x[rows], [lab[rows] for lab in labels], params, "class_sums" in name
+        )
         results[name] = {"out": out, "grads": grads}
     torch.save(results, f"{result_path}.{rank}")
     dist.destroy_process_group()
@@ -93,7 +108,7 @@ def two_rank_results(tmp_path_factory):
 @pytest.mark.parametrize("case", list(CASES))
 def test_two_ranks_equal_one_process(two_rank_results, case):
     x, labels, params = _problem()
-    single_out, single_grads = _run(CASES[case][0](), x, labels, params)
+    single_out, single_grads = _run(CASES[case][0](), x, labels, params, "class_sums" in case)
     ranks = [r[case] for r in two_rank_results]
     local = "local" in case
     for key, value in single_out.items():

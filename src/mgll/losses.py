@@ -22,6 +22,11 @@ from mgll.distributed import gather_no_grad, gather_sizes, gather_with_grad, is_
 MAX_LOGIT_SCALE = 100.0
 """Cap on ``s = exp(logit_scale)``, as in CLIP."""
 
+CLASS_SUM_MIN_PAIRS = 1 << 18
+"""From this many (image, text) pairs in a level, class-id positives are summed through
+per-class embedding sums instead of an (N, N) mask: fewer passes over N x N memory, but a few
+more small operations, which cost more than they save on small batches (N below ~512)."""
+
 INIT_LOGIT_SCALE = math.log(1 / 0.07)
 """CLIP's initial ``logit_scale`` (temperature 0.07), the default when none is passed."""
 
@@ -153,10 +158,11 @@ def _positive_sums(
     ``logits = image_aug @ text_aug.T``. In the square (global) case the text -> image logits
     are its transpose; otherwise ``t2i = t2i_text @ t2i_image.T`` (local texts, global images).
     Class ids: sum_{j: c_j = c_i} <a_i, t_j> = <a_i, sum of the texts of class c_i>, an O(N D)
-    computation from per-class sums. Multi-hot overlap is not linear in the label vectors, so
-    it goes through the (rows, cols) positive mask.
+    computation from per-class sums (used from ``CLASS_SUM_MIN_PAIRS`` pairs up). Multi-hot
+    overlap is not linear in the label vectors, so it goes through the (rows, cols) positive
+    mask, as do small batches.
     """
-    if lab_rows.dim() == 1:
+    if lab_rows.dim() == 1 and logits.numel() >= CLASS_SUM_MIN_PAIRS:
         classes, inverse = torch.unique(torch.cat([lab_rows, lab_cols]), return_inverse=True)
         rid, cid = inverse[: lab_rows.shape[0]], inverse[lab_rows.shape[0] :]
         k = classes.shape[0]
