@@ -13,6 +13,7 @@ import pytest
 from data_fixtures import write_png
 from mgll.data import MultiGranularDataset, collate_samples, detect_adapter, get_adapter
 from mgll.data.adapters.chestxray14 import FINDINGS
+from mgll.losses import label_presence
 
 # The first rows of the real Data_Entry_2017.csv, with its exact header.
 NIH_SAMPLE = """Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],
@@ -35,7 +36,9 @@ def test_chestxray14_tiny_sample(tmp_path):
     records = get_adapter("nih").load(tmp_path)
     abnormality, findings = records.levels
     assert abnormality.vocabulary == ["Normal", "Abnormal"] and not abnormality.multi_label
-    assert findings.vocabulary == list(FINDINGS) and findings.multi_label and len(FINDINGS) == 14
+    # The 14 findings in canonical order, then "No Finding" (a class, not "missing").
+    assert findings.vocabulary == [*FINDINGS, "No Finding"] and findings.multi_label
+    assert len(FINDINGS) == 14
     assert records.records[0].image == nested / "00000001_000.png"  # found in the nested folder
     assert records.records[5].labels[1] == [
         "Infiltration",
@@ -46,7 +49,7 @@ def test_chestxray14_tiny_sample(tmp_path):
     assert records.records[5].texts[1] == [
         "A chest X-ray showing infiltration, pneumothorax, emphysema, pleural thickening."
     ]
-    assert records.records[3].labels == [["Normal"], []]
+    assert records.records[3].labels == [["Normal"], ["No Finding"]]
     assert records.records[2].patient_id == "1" and records.records[5].metadata["view"] == "AP"
 
     ds = MultiGranularDataset(records.subset([0, 3]), image_size=8)
@@ -54,9 +57,11 @@ def test_chestxray14_tiny_sample(tmp_path):
     assert batch["labels"][0].tolist() == [1, 0]
     hot = batch["labels"][1]
     assert (
-        hot.shape == (2, 14) and hot[0, FINDINGS.index("Cardiomegaly")] == 1 and hot[0].sum() == 1
+        hot.shape == (2, 15) and hot[0, FINDINGS.index("Cardiomegaly")] == 1 and hot[0].sum() == 1
     )
-    assert hot[1].sum() == 0  # "No Finding": absent from the findings level
+    assert hot[1].tolist() == [0.0] * 14 + [1.0]  # "No Finding": its own class, id 14
+    # An all-zero row would be "missing" to the loss; normal images must stay in the level.
+    assert label_presence(hot).tolist() == [True, True]
 
 
 def _real_nih_table() -> Path | None:
@@ -75,7 +80,8 @@ def test_chestxray14_real_table_when_available():
     records = get_adapter("chestxray14").load(table)
     assert len(records.records) == 112120 and not records.excluded
     counts = records.label_counts()
-    assert counts[0]["Normal"] == 60361 and counts[1][""] == 60361
+    assert counts[0]["Normal"] == 60361 and counts[1]["No Finding"] == 60361
+    assert counts[1][""] == 0  # no image is missing at the findings level
     assert counts[1]["Infiltration"] == 19894 and counts[1]["Hernia"] == 227
     assert len({r.patient_id for r in records.records}) == 30805
 

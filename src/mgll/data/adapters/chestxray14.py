@@ -3,8 +3,11 @@
 Two levels, coarse to fine:
 
 - ``abnormality``: Normal ("No Finding") or Abnormal;
-- ``findings``: multi-hot over the 14 findings ("A|B" rows carry both); "No Finding" rows are
-  all-zero there, i.e. absent from that level (the contract's "missing").
+- ``findings``: multi-hot over the 14 findings ("A|B" rows carry both) plus a 15th class,
+  "No Finding" (last, id 14). An all-zero row means *missing* to the loss (the sample leaves
+  that level and the smooth-KL term), so normal images get a class of their own: they stay in
+  the findings level as positives of each other and negatives of every finding. The first 14
+  columns are the usual 14-way multi-hot.
 
 Texts are prompts built from the finding names. Images are looked up by file name anywhere
 under the folder (the official release spreads them over ``images_001/images`` ...
@@ -36,6 +39,7 @@ FINDINGS = (
     "Pleural_Thickening",
     "Hernia",
 )
+NO_FINDING = "No Finding"
 TABLE_NAMES = (
     "Data_Entry_2017.csv",
     "Data_Entry_2017_v2020.csv",
@@ -93,7 +97,7 @@ def load(path: str | Path, **options: Any) -> RecordSet:
     rows = (dict(zip(wanted, values, strict=True)) for values in zip(*columns, strict=True))
     for number, row in enumerate(rows, start=1):
         names = [n.strip() for n in row["Finding Labels"].split("|") if n.strip()]
-        unknown = [n for n in names if n not in known and n != "No Finding"]
+        unknown = [n for n in names if n not in known and n != NO_FINDING]
         if not names or unknown:
             result.exclude(f"finding(s) {unknown or '(blank)'} not among the 14", f"row {number}")
             continue
@@ -104,7 +108,7 @@ def load(path: str | Path, **options: Any) -> RecordSet:
             labels = [["Abnormal"], findings]
         else:
             texts = [["A normal chest X-ray."], ["A chest X-ray with no finding."]]
-            labels = [["Normal"], []]
+            labels = [["Normal"], [NO_FINDING]]
         image = row["Image Index"].strip()
         result.records.append(
             Record(
@@ -123,6 +127,6 @@ def load(path: str | Path, **options: Any) -> RecordSet:
         )
     result.levels = [
         LevelInfo("abnormality", ["Normal", "Abnormal"], multi_label=False),
-        LevelInfo("findings", list(FINDINGS), multi_label=True),
+        LevelInfo("findings", [*FINDINGS, NO_FINDING], multi_label=True),
     ]
     return result
