@@ -147,6 +147,16 @@ def test_dicom_rescale_and_window(tmp_path):
     assert np.abs(row[inside] - expected).max() <= 1
 
 
+def test_dicom_window_is_the_display_mapping(tmp_path):
+    # Values 400..700 inside the window [0, 1000]: they keep their place in the window
+    # (102..178), not stretched to 0..255 as a per-image min-max would.
+    pixels = np.tile(np.array([400, 500, 600, 700], np.uint16), (2, 1))
+    mono2 = _write_dicom(tmp_path / "m2.dcm", pixels, "MONOCHROME2", window=(500, 1000))
+    assert load_image(mono2)[0, :, 0].tolist() == [102, 128, 153, 178]
+    mono1 = _write_dicom(tmp_path / "m1.dcm", pixels, "MONOCHROME1", window=(500, 1000))
+    assert load_image(mono1)[0, :, 0].tolist() == [153, 127, 102, 77]
+
+
 @pytest.mark.parametrize(
     "content, reason",
     [

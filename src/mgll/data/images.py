@@ -116,14 +116,17 @@ def _decode_dicom(data: bytes, path: Path) -> np.ndarray:
     pixels = ds.pixel_array.astype(np.float32)
     if pixels.ndim == 4 or (pixels.ndim == 3 and ds.get("SamplesPerPixel", 1) == 1):
         pixels = pixels[0]  # multi-frame: the first frame represents the series image
-    if ds.get("SamplesPerPixel", 1) == 1:
-        slope = float(ds.get("RescaleSlope", 1) or 1)
-        intercept = float(ds.get("RescaleIntercept", 0) or 0)
-        pixels = pixels * slope + intercept
-        pixels = _apply_window(pixels, ds)
-        if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
-            # MONOCHROME1 stores high values as dark; invert so bone is bright as in MONOCHROME2.
-            pixels = pixels.max() + pixels.min() - pixels
+    if ds.get("SamplesPerPixel", 1) != 1:
+        return pixels
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    pixels = pixels * slope + intercept
+    windowed = _apply_window(pixels, ds)
+    if windowed is not None:
+        pixels = windowed
+    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        # MONOCHROME1 stores high values as dark; invert so bone is bright as in MONOCHROME2.
+        pixels = 255 - pixels if windowed is not None else pixels.max() + pixels.min() - pixels
     return pixels
 
 
@@ -139,14 +142,17 @@ def _first(value: object) -> float | None:
         return None
 
 
-def _apply_window(pixels: np.ndarray, ds: object) -> np.ndarray:
-    """Clip to the file's first VOI window (WindowCenter/Width) when it has one."""
+def _apply_window(pixels: np.ndarray, ds: object) -> np.ndarray | None:
+    """The file's first VOI window (WindowCenter/Width) mapped linearly onto 0..255 (uint8), or
+    None when it has none. The window is the display mapping, so values keep their place in it
+    rather than being stretched to the image's own range."""
     center = _first(getattr(ds, "WindowCenter", None))
     width = _first(getattr(ds, "WindowWidth", None))
     if center is None or width is None or width <= 1:
-        return pixels
-    low, high = center - width / 2.0, center + width / 2.0
-    return np.clip(pixels, low, high)
+        return None
+    low = center - width / 2.0
+    scaled = (np.clip(pixels, low, low + width) - low) * (255.0 / width)
+    return np.rint(scaled).astype(np.uint8)
 
 
 def to_rgb_uint8(array: np.ndarray, source: str | Path = "<array>") -> np.ndarray:
