@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
 
 from mgll.training.evaluate import retrieval_metrics
 from mgll.training.optim import lr_at, parameter_groups
-from mgll.training.step import NonFiniteLossError, Precision, build_loss, forward_backward
+from mgll.training.step import (
+    NonFiniteLossError,
+    Precision,
+    build_loss,
+    forward_backward,
+    optimizer_step,
+)
 from mgll.training.trainer import train
 from test_training_fakes import FAKES, FakeModel, fake_collate, fake_config, fake_datasets
 
@@ -173,3 +180,22 @@ def test_global_batches_hold_the_same_samples_for_any_number_of_processes():
     assert list(one) == list(full)[4:]
     full.set_epoch(2)
     assert [i for i, _, _ in next(iter(full))] != whole[0]  # a new permutation each epoch
+
+
+def test_optimizer_step_clamps_the_logit_scale_at_ln_100():
+    # Above the cap the loss's clamp passes no gradient, so only the clamp after the update
+    # can bring a logit scale that momentum carried past ln(100) back into range.
+    scale = torch.nn.Parameter(torch.tensor(4.0))
+    optimizer = torch.optim.AdamW([scale], lr=1.0, weight_decay=0.0)
+    scale.grad = torch.tensor(-1.0)  # pushes the scale up by ~lr
+    optimizer_step(optimizer, Precision("fp32", torch.device("cpu")), [scale], None, scale)
+    assert scale.item() == pytest.approx(math.log(100))
+
+
+def test_a_run_never_leaves_the_logit_scale_above_ln_100(tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = fake_config({"model.init_logit_scale": 5.0, "train.max_steps": 1})
+    train(cfg, ".", tmp_path, **FAKES)
+    weights = load_file(tmp_path / "checkpoints" / "step_00000001.safetensors")
+    assert weights["logit_scale"].item() <= math.log(100) + 1e-6

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from mgll.losses import CLIPLoss, MGLLLoss
+from mgll.losses import MAX_LOGIT_SCALE, CLIPLoss, MGLLLoss
 
 LOSS_TERMS = {"mgll": ("sclip", "pointwise", "skl"), "clip": ("clip",)}
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -215,8 +215,14 @@ def optimizer_step(
     precision: Precision,
     params: Sequence[torch.Tensor],
     grad_clip: float | None,
+    logit_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Unscale, clip, step and zero the gradients; returns the gradient norm before clipping."""
+    """Unscale, clip, step and zero the gradients; returns the gradient norm before clipping.
+
+    ``logit_scale`` (the model's log-scale parameter) is clamped to at most ln(100) after the
+    update, as CLIP does: the loss caps the scale too, but its clamp has no gradient above the
+    cap, so a parameter that AdamW's momentum carried past it could never come back down.
+    """
     scaler = precision.scaler
     scaler.unscale_(optimizer)
     max_norm = float(grad_clip) if grad_clip else math.inf
@@ -224,4 +230,7 @@ def optimizer_step(
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
+    if logit_scale is not None:
+        with torch.no_grad():
+            logit_scale.clamp_(max=math.log(MAX_LOGIT_SCALE))
     return grad_norm.detach()

@@ -354,7 +354,9 @@ def _run(
                 terms = forward_backward(
                     model, loss_fn, images, texts, labels, precision, accum, step + 1
                 )
-                grad_norm = optimizer_step(optimizer, precision, params, tcfg["grad_clip"])
+                grad_norm = optimizer_step(
+                    optimizer, precision, params, tcfg["grad_clip"], logit_scale=scale_param
+                )
                 step += 1
                 epoch_step += 1
                 window_samples += global_batch
