@@ -78,11 +78,12 @@ def test_size_and_mode_are_part_of_the_key(tmp_path):
     assert (padded[0] == 0).all()  # a 24x32 image padded to square has black bands
 
 
-def test_damaged_entry_is_rebuilt_with_a_warning(tmp_path):
+@pytest.mark.parametrize("damage", [b"half-written", b""])  # b"": np.load raises EOFError
+def test_damaged_entry_is_rebuilt_with_a_warning(tmp_path, damage):
     src = write_png(tmp_path / "x.png")
     cache = PreprocessCache(tmp_path / "cache", 16)
     good = cache.load(src)
-    cache.entry_path(src).write_bytes(b"half-written")
+    cache.entry_path(src).write_bytes(damage)
     with pytest.warns(UserWarning, match="unreadable"):
         again = cache.load(src)
     np.testing.assert_array_equal(good, again)

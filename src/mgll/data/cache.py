@@ -96,8 +96,9 @@ class PreprocessCache:
         if entry.is_file():
             try:
                 array = np.load(entry, allow_pickle=False)
-            except (OSError, ValueError) as exc:
-                # A damaged entry (disk full, killed writer on a non-atomic filesystem) is rebuilt.
+            except (OSError, ValueError, EOFError) as exc:
+                # A damaged entry (disk full, killed writer on a non-atomic filesystem) is rebuilt;
+                # an empty one raises EOFError.
                 warnings.warn(
                     f"cache entry {entry} is unreadable ({exc}); rebuilding it", stacklevel=2
                 )
