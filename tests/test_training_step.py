@@ -108,15 +108,37 @@ def test_non_finite_loss_stops_with_step_and_term_and_keeps_last_checkpoint(tmp_
     assert load_state(resolve_checkpoint("latest", tmp_path))["step"] == 4
 
 
-def test_weight_decay_skips_biases_norms_and_logit_parameters():
-    model = FakeModel({"embed_dim": 8})
+def _decayed(model) -> set[str]:
     decay, no_decay = parameter_groups(model, 0.1)
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.1
     names = {id(p): n for n, p in model.named_parameters()}
-    decayed = {names[id(p)] for p in decay["params"]}
+    return {names[id(p)] for p in decay["params"]}
+
+
+def test_weight_decay_skips_biases_norms_embeddings_and_logit_parameters():
+    decayed = _decayed(FakeModel({"embed_dim": 8}))
     assert "logit_scale" not in decayed and "logit_bias" not in decayed
     assert all(not n.endswith("bias") for n in decayed)
     assert "image_tower.2.weight" not in decayed  # LayerNorm gain
-    assert "image_tower.1.weight" in decayed and no_decay["weight_decay"] == 0.0
+    assert "text_tower.embed.weight" not in decayed  # an embedding table, not a matrix map
+    assert decayed == {"image_tower.1.weight", "image_tower.5.weight", "text_tower.proj.weight"}
+
+
+def test_weight_decay_skips_the_token_and_positional_embeddings_of_real_towers():
+    from mgll.models import create_model
+
+    model = create_model({"image": {"arch": "mgll-vit-test-32"}, "text": {"type": "open_clip"}})
+    decayed = _decayed(model)
+    embeddings = {n for n, _ in model.named_parameters() if "embedding" in n}
+    assert embeddings >= {
+        "image_tower.visual.class_embedding",
+        "image_tower.visual.positional_embedding",
+        "text_towers.0.clip.positional_embedding",
+        "text_towers.0.clip.token_embedding.weight",
+    }
+    assert not embeddings & decayed
+    assert "image_tower.visual.transformer.resblocks.0.attn.in_proj_weight" in decayed
+    assert "image_tower.visual.proj" in decayed and "text_towers.0.clip.text_projection" in decayed
 
 
 def test_schedule_warms_up_linearly_then_half_cosine():

@@ -8,18 +8,31 @@ from typing import Any
 import torch
 from torch import nn
 
-NO_DECAY_NAMES = ("logit_scale", "logit_bias")
+# Parameters named like this are embeddings, not weight matrices: AdamW does not decay them.
+NO_DECAY_NAMES = (
+    "logit_scale",
+    "logit_bias",
+    "positional_embedding",  # open_clip ViT and text transformer
+    "class_embedding",  # open_clip ViT class token
+    "pos_embed",  # timm
+    "cls_token",  # timm
+)
+_EMBEDDING_TABLES = (nn.Embedding, nn.EmbeddingBag)
 _FUSED_ON_CPU = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 4)
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two AdamW groups: matrices decay; biases, norm gains, tokens and logit scale/bias do not."""
+    """Two AdamW groups: weight matrices decay; biases, norm gains, embeddings (token,
+    positional, class token) and the logit scale/bias do not."""
+    tables = {
+        id(module.weight) for module in model.modules() if isinstance(module, _EMBEDDING_TABLES)
+    }
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         # Vectors and scalars are biases, norm gains, class tokens or the logit scale/bias.
-        if param.ndim < 2 or name.split(".")[-1] in NO_DECAY_NAMES:
+        if param.ndim < 2 or id(param) in tables or name.split(".")[-1] in NO_DECAY_NAMES:
             no_decay.append(param)
         else:
             decay.append(param)
@@ -51,5 +64,6 @@ def lr_at(step: int, base_lr: float, min_lr: float, warmup_steps: int, total_ste
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set the learning rate of every parameter group."""
     for group in optimizer.param_groups:
         group["lr"] = lr
