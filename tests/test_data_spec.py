@@ -166,12 +166,21 @@ def test_jsonl_and_parquet_tables(tmp_path):
     pytest.importorskip("pyarrow", reason="pyarrow (the mgll[parquet] extra) not installed")
     import pandas as pd
 
-    pd.DataFrame({"file": ["a.png"], "findings": ["Mass"], "note": ["x"]}).to_parquet(
-        tmp_path / "t.parquet"
-    )
+    # List cells come back from Parquet as arrays, missing strings as pd.NA.
+    frame = pd.DataFrame({"file": ["a.png", "b.png"], "findings": [["Mass", "Nodule"], []]})
+    frame["note"] = pd.array(["x", None], dtype="string")
+    frame.to_parquet(tmp_path / "t.parquet")
     spec["table"] = "t.parquet"
     records = records_from_spec(spec, base_dir=tmp_path)
-    assert records.records[0].labels == [["Mass"], ["x"]]
+    assert [r.labels for r in records.records] == [[["Mass", "Nodule"], ["x"]], [[], []]]
+    assert records.records[1].texts[1] == ["no note"]
+
+
+def test_table_that_is_not_utf8_says_so(tmp_path):
+    (tmp_path / "t.csv").write_bytes("path,finding\na.png,caf\xe9\n".encode("latin-1"))
+    spec = {"table": "t.csv", "image": "path", "levels": [{"label": "finding"}]}
+    with pytest.raises(SpecError, match=r"table: .*t\.csv: not UTF-8 .*save it as UTF-8"):
+        records_from_spec(spec, base_dir=tmp_path)
 
 
 def test_several_texts_are_drawn_reproducibly_per_epoch(tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 TABLE_FORMATS = ("csv", "tsv", "jsonl", "parquet")
@@ -71,7 +72,11 @@ def read_table(path: str | Path, fmt: str | None = None) -> pd.DataFrame:
             frame = pd.read_parquet(path)
     except TableError:
         raise
-    except (ValueError, OSError, UnicodeDecodeError, pd.errors.ParserError) as exc:
+    except UnicodeDecodeError as exc:
+        raise TableError(
+            f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"
+        ) from exc
+    except (ValueError, OSError, pd.errors.ParserError) as exc:
         raise TableError(f"{path}: cannot read as {fmt} ({exc})") from exc
     frame.columns = [str(c) for c in frame.columns]
     # Normalise non-CSV cells (numbers, None, NaN) to the CSV convention: strings, "" if blank.
@@ -79,12 +84,13 @@ def read_table(path: str | Path, fmt: str | None = None) -> pd.DataFrame:
 
 
 def _cell_text(value: object) -> str:
-    if value is None:
+    """One JSONL/Parquet cell as CSV text: blanks "", whole floats without ".0", lists "A|B"."""
+    if isinstance(value, (list, tuple, np.ndarray)):  # Parquet list cells arrive as arrays
+        return "|".join(_cell_text(v) for v in value)
+    if value is None or value is pd.NA or value is pd.NaT:
         return ""
     if isinstance(value, float):
         if value != value:  # NaN
             return ""
         return str(int(value)) if value.is_integer() else str(value)
-    if isinstance(value, (list, tuple)):
-        return "|".join(_cell_text(v) for v in value)
     return str(value)
