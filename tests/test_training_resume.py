@@ -96,10 +96,13 @@ def test_max_steps_is_the_total_also_when_resuming(tmp_path):
     assert ckpt.list_checkpoints(tmp_path / "checkpoints")[-1][0] == 5
 
 
-def test_a_fresh_run_refuses_a_folder_with_checkpoints(tmp_path):
+def test_a_fresh_run_refuses_a_folder_with_checkpoints_and_leaves_it_untouched(tmp_path):
     train(_config(**{"train.max_steps": 1}), ".", tmp_path, **FAKES)
+    before = {p.name: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     with pytest.raises(ckpt.CheckpointError, match="already holds a run"):
-        train(_config(), ".", tmp_path, **FAKES)
+        train(_config(**{"train.lr": 1.0}), ".", tmp_path, **FAKES)
+    # config.yaml still describes the run that wrote the checkpoints.
+    assert {p.name: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
 def test_resume_errors_name_the_missing_file(tmp_path):

@@ -20,7 +20,7 @@ import json
 import os
 import random
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +47,14 @@ def state_path_for(weights: Path) -> Path:
     return weights.with_name(weights.name[: -len(".safetensors")] + ".state.pt")
 
 
-def _fsync_replace(tmp: Path, final: Path) -> None:
+def atomic_write(target: Path, write: Callable[[Path], object]) -> None:
+    """Create ``target`` through ``write(temporary path)``, flushed to disk, then renamed:
+    readers (and a resumed run after a crash) see the old file or the new one, never a part."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    write(tmp)
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
-    os.replace(tmp, final)
+    os.replace(tmp, target)
 
 
 def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
@@ -78,10 +82,7 @@ def save_checkpoint(
     directory.mkdir(parents=True, exist_ok=True)
     weights = weights_path(directory, step)
     state_file = state_path_for(weights)
-    tmp_state = state_file.with_name(f".{state_file.name}.tmp")
-    tmp_weights = weights.with_name(f".{weights.name}.tmp")
-    torch.save(dict(state), tmp_state)
-    _fsync_replace(tmp_state, state_file)
+    atomic_write(state_file, lambda tmp: torch.save(dict(state), tmp))
     metadata = {
         "format": "mgll-pretrain",
         "step": str(step),
@@ -89,8 +90,10 @@ def save_checkpoint(
         "config": json.dumps(config),
         "extra": json.dumps(dict(extra_metadata or {})),
     }
-    save_model(model, str(tmp_weights), metadata=metadata, force_contiguous=True)
-    _fsync_replace(tmp_weights, weights)
+    atomic_write(
+        weights,
+        lambda tmp: save_model(model, str(tmp), metadata=metadata, force_contiguous=True),
+    )
     for old_step, old_weights in list_checkpoints(directory)[:-keep_last]:
         if old_step == step:
             continue

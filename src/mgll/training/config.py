@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from mgll.training.checkpoint import atomic_write
+
 # The trainer's sections with every key and its default; ``model``/``data`` are free-form.
 DEFAULTS: dict[str, Any] = {
     "model": {},
@@ -275,4 +277,5 @@ def resolve_package_paths(section: Any, where: str = "model") -> Any:
 
 def save_config(cfg: Mapping[str, Any], path: Path) -> None:
     """Write the resolved config as YAML (readable by :func:`load_config`)."""
-    path.write_text(yaml.safe_dump(dict(cfg), sort_keys=False), encoding="utf-8")
+    text = yaml.safe_dump(dict(cfg), sort_keys=False)
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from mgll.training.checkpoint import atomic_write
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -67,9 +68,7 @@ def truncate_after(output_dir: Path, step: int) -> None:
     for line in path.read_text(encoding="utf-8").splitlines():
         if line.strip() and json.loads(line).get("step", 0) <= step:
             kept.append(line + "\n")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text("".join(kept), encoding="utf-8"))
 
 
 def read_metrics(output_dir: Path) -> list[dict[str, Any]]:

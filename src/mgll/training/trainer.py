@@ -172,17 +172,18 @@ def _run(
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     seed_everything(seed)
-    if main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, output_dir / CONFIG_FILE)
     ckpt_dir = output_dir / ckpt.CHECKPOINT_SUBDIR
-    # Fail on a bad --resume before the (slow) model and data are built.
+    # Fail on a bad --resume before the (slow) model and data are built, and before writing
+    # anything: a refused run must leave the folder's existing run untouched.
     resume_from = ckpt.resolve_checkpoint(resume, output_dir) if resume is not None else None
     if resume_from is None and ckpt.list_checkpoints(ckpt_dir):
         raise ckpt.CheckpointError(
             f"{output_dir} already holds a run with checkpoints; continue it with --resume "
             "latest or choose a new --output-dir"
         )
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, output_dir / CONFIG_FILE)
 
     # ---- model, loss, data -----------------------------------------------------------------
     try:
@@ -437,7 +438,8 @@ def _run(
         "checkpoint": str(latest[-1][1]) if latest else None,
     }
     if main:
-        (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        text = json.dumps(summary, indent=2)
+        ckpt.atomic_write(output_dir / SUMMARY_FILE, lambda tmp: tmp.write_text(text, "utf-8"))
         print(format_summary(summary))
     return summary
 
