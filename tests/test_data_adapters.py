@@ -106,6 +106,9 @@ def test_midrc_table_levels_and_normalised_labels(tmp_path):
     assert records.records[0].texts == [["This is a CR image."], ["Chest PA and Lateral"], ["PA"]]
     assert records.records[2].labels == [["DX"], ["XR CHEST 1 VIEW"], []]
     assert records.records[1].patient_id == "case1"
+    # The table option is relative to the dataset folder, not to the working directory.
+    named = get_adapter("midrc").load(tmp_path, table="midrc_metadata.csv")
+    assert [r.labels for r in named.records] == [r.labels for r in records.records]
 
 
 def test_midrc_from_dicom_headers(tmp_path):
@@ -187,6 +190,8 @@ def test_mgll_downstream_csvs(tmp_path):
     assert [lv.name for lv in single.levels] == ["grade", "dme"]
     assert single.levels[0].vocabulary == ["2", "10"]  # numeric grades sort as numbers
     assert single.records[0].texts[0] == ["This is a fundus image of 10."]
+    with pytest.raises(ValueError, match=r"RFMid_Train\.csv not found.*\['IDRiD', 'RFMiD'\]"):
+        get_adapter("mgll-downstream").load(tmp_path, name="RFMid")  # a typo: no KeyError
 
 
 def test_unknown_format_and_undetectable_folder(tmp_path):

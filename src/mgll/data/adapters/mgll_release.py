@@ -23,9 +23,6 @@ from typing import Any
 from mgll.data.records import Record, RecordSet, build_levels
 from mgll.data.tables import read_table
 
-_SPLITS = {"train": "train", "val": "val", "test": "test"}
-
-
 def _lists(path: Path, prefix: str | None) -> dict[str, Path]:
     found: dict[str, Path] = {}
     for split in ("train", "val", "test"):
@@ -104,6 +101,9 @@ def load(path: str | Path, **options: Any) -> RecordSet:
                     f"{json_file}: expected a list of records with ImageID, Disease, Description"
                 )
             for k, item in enumerate(items):
+                if not isinstance(item, dict):
+                    result.exclude("record is not a JSON object", f"{json_file.name}[{k}]")
+                    continue
                 missing = [
                     key for key in ("ImageID", "Disease") if not str(item.get(key) or "").strip()
                 ]
@@ -128,7 +128,7 @@ def load(path: str | Path, **options: Any) -> RecordSet:
                         texts=[[prompt], descriptions or [prompt]],
                         labels=[[c for c in classes if c], descriptions[:1]],
                         patient_id=str(item.get("PatientID") or "").strip() or None,
-                        metadata={"split": _SPLITS[split], "json": str(json_file), "item": k},
+                        metadata={"split": split, "json": str(json_file), "item": k},
                     )
                 )
     multi = any(len(r.labels[0]) > 1 for r in result.records)
@@ -164,6 +164,12 @@ def load_downstream(path: str | Path, **options: Any) -> RecordSet:
         file = path / f"{name}_{suffix}.csv"
         if file.is_file():
             frames[split] = (file, read_table(file))
+    if "train" not in frames:
+        found = sorted(p.name for p in path.glob("*_Train.csv"))
+        raise ValueError(
+            f"mgll-downstream adapter: {path / f'{name}_Train.csv'} not found; set the option "
+            f"name to one of {[f[: -len('_Train.csv')] for f in found]}"
+        )
     first_file, first = frames["train"]
     if first.shape[1] < 2:
         raise ValueError(

@@ -69,7 +69,7 @@ def describe(value: str) -> str:
     return " ".join(value.upper().split())
 
 
-def _rows_from_table(table: Path) -> tuple[list[dict[str, str]], dict[str, str]]:
+def _rows_from_table(table: Path) -> list[dict[str, str]]:
     frame = read_table(table)
     by_norm = {_norm(c): c for c in frame.columns}
     found: dict[str, str] = {}
@@ -84,8 +84,7 @@ def _rows_from_table(table: Path) -> tuple[list[dict[str, str]], dict[str, str]]
                 f"and underscores; columns are {list(frame.columns)}); rename it or write a "
                 "dataset spec (docs/data.md)"
             )
-    rows = [{role: row[col] for role, col in found.items()} for row in frame.to_dict("records")]
-    return rows, found
+    return [{role: row[col] for role, col in found.items()} for row in frame.to_dict("records")]
 
 
 def _rows_from_dicom(path: Path) -> list[dict[str, str]]:
@@ -113,14 +112,15 @@ def _rows_from_dicom(path: Path) -> list[dict[str, str]]:
 
 def load(path: str | Path, **options: Any) -> RecordSet:
     """Records of a MIDRC-style folder (see the module docstring). Options: ``table`` (path of
-    the metadata table, default: the first table in the folder with the three columns)."""
+    the metadata table, relative to the folder; default: the first table in the folder with
+    the three columns)."""
     path = Path(path)
     table = options.pop("table", None)
     if options:
         raise ValueError(f"midrc adapter: unknown option(s) {sorted(options)}; known: ['table']")
-    table_path = Path(table) if table else _find_table(path)
     root = path if path.is_dir() else path.parent
-    rows = _rows_from_table(table_path)[0] if table_path is not None else _rows_from_dicom(path)
+    table_path = root / Path(table) if table else _find_table(path)  # relative: to the folder
+    rows = _rows_from_table(table_path) if table_path is not None else _rows_from_dicom(path)
     result = RecordSet(levels=[], records=[], source=str(table_path or path))
     for number, row in enumerate(rows, start=1):
         modality = describe(row["modality"])
