@@ -23,6 +23,7 @@ from typing import Any
 from mgll.data.records import Record, RecordSet, build_levels
 from mgll.data.tables import read_table
 
+
 def _lists(path: Path, prefix: str | None) -> dict[str, Path]:
     found: dict[str, Path] = {}
     for split in ("train", "val", "test"):
