@@ -110,3 +110,47 @@ def test_resume_errors_name_the_missing_file(tmp_path):
         train(_config(), ".", tmp_path, resume="latest", **FAKES)
     with pytest.raises(ckpt.CheckpointError, match=r"nope\.safetensors does not exist"):
         train(_config(), ".", tmp_path, resume=str(tmp_path / "nope.safetensors"), **FAKES)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("unpickled!",))
+
+
+@pytest.mark.parametrize("damage", ["garbage", "pickled object", "no optimizer"])
+def test_a_damaged_or_foreign_state_file_is_refused_naming_it(tmp_path, damage, capsys):
+    train(_config(**{"train.max_steps": 1}), ".", tmp_path, **FAKES)
+    state_file = ckpt.state_path_for(ckpt.resolve_checkpoint("latest", tmp_path))
+    if damage == "garbage":
+        state_file.write_bytes(b"not a torch file")
+    elif damage == "pickled object":
+        torch.save({"step": 1, "payload": _RunsCode()}, state_file)
+    else:
+        state = torch.load(state_file, weights_only=True)
+        del state["optimizer"]
+        torch.save(state, state_file)
+    with pytest.raises(ckpt.CheckpointError, match=r"step_00000001\.state\.pt"):
+        train(_config(), ".", tmp_path, resume="latest", **FAKES)
+    assert "unpickled!" not in capsys.readouterr().out
+
+
+def test_a_damaged_weights_file_is_refused_naming_it(tmp_path):
+    train(_config(**{"train.max_steps": 1}), ".", tmp_path, **FAKES)
+    weights = ckpt.resolve_checkpoint("latest", tmp_path)
+    weights.write_bytes(b"\x00" * 16)
+    with pytest.raises(ckpt.CheckpointError, match=r"step_00000001\.safetensors cannot be read"):
+        ckpt.read_metadata(weights)
+    with pytest.raises(ckpt.CheckpointError, match=r"step_00000001\.safetensors cannot be read"):
+        train(_config(), ".", tmp_path, resume="latest", **FAKES)
+
+
+def test_resume_can_switch_to_fp16_loss_scaling(tmp_path):
+    train(_config(**{"train.max_steps": 1}), ".", tmp_path, **FAKES)
+    summary = train(
+        _config(**{"train.max_steps": 2, "train.precision": "fp16"}),
+        ".",
+        tmp_path,
+        resume="latest",
+        **FAKES,
+    )
+    assert summary["steps"] == 2

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
@@ -129,10 +129,20 @@ def resolve_checkpoint(spec: str | Path, output_dir: Path | None = None) -> Path
     return path
 
 
+def _unreadable(path: Path, err: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"{path} cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:200]}); it is "
+        "damaged or was not written by mgll pretrain: resume from an older checkpoint"
+    )
+
+
 def read_metadata(weights: Path) -> dict[str, Any]:
     """The step, epoch and run config stored in a checkpoint's safetensors header."""
-    with safe_open(str(weights), framework="pt") as fh:
-        meta = fh.metadata() or {}
+    try:
+        with safe_open(str(weights), framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise _unreadable(weights, err) from err
     if meta.get("format") != "mgll-pretrain" or "config" not in meta:
         raise CheckpointError(
             f"{weights} is not an mgll pretraining checkpoint (no run config in its metadata)"
@@ -146,7 +156,14 @@ def read_metadata(weights: Path) -> dict[str, Any]:
 
 def load_weights(model: nn.Module, weights: Path) -> None:
     """Load a checkpoint's weights into ``model`` (strict: every key must match)."""
-    missing, unexpected = load_model(model, str(weights), strict=False)
+    try:
+        missing, unexpected = load_model(model, str(weights), strict=False)
+    except (SafetensorError, OSError) as err:
+        raise _unreadable(weights, err) from err
+    except RuntimeError as err:  # a tensor of another shape
+        raise CheckpointError(
+            f"{weights} does not fit the model built from the config: {err}"
+        ) from err
     if missing or unexpected:
         raise CheckpointError(
             f"{weights} does not fit the model built from the config: missing keys "
@@ -154,12 +171,23 @@ def load_weights(model: nn.Module, weights: Path) -> None:
         )
 
 
+STATE_KEYS = ("step", "epoch", "epoch_step", "optimizer", "scaler", "rng", "config")
+
+
 def load_state(weights: Path) -> dict[str, Any]:
     """Read the training state that belongs to a weights file (no arbitrary unpickling)."""
     path = state_path_for(weights)
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: {weights} cannot be resumed without it")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        # weights_only: tensors and plain containers only; anything else is refused, not run.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError, RuntimeError (zip), EOFError, ...
+        raise _unreadable(path, err) from err
+    missing = [key for key in STATE_KEYS if key not in state] if isinstance(state, dict) else []
+    if not isinstance(state, dict) or missing:
+        raise CheckpointError(f"{path} is not an mgll training state (missing {missing})")
+    return state
 
 
 # --------------------------------------------------------------------------------------------

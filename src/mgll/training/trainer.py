@@ -271,8 +271,15 @@ def _run(
                 file=sys.stderr,
             )
         ckpt.load_weights(model, weights)
-        optimizer.load_state_dict(state["optimizer"])
-        precision.scaler.load_state_dict(state["scaler"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except ValueError as err:  # parameter groups of another model or optimizer setup
+            raise ckpt.CheckpointError(
+                f"{ckpt.state_path_for(weights)}: its optimizer state does not fit this model "
+                f"({err}); resume with the config the run was started with"
+            ) from err
+        if state["scaler"]:  # empty when saved without fp16 loss scaling: start a fresh one
+            precision.scaler.load_state_dict(state["scaler"])
         step, epoch, epoch_step = state["step"], state["epoch"], state["epoch_step"]
         rng = state["rng"][info.rank] if info.rank < len(state["rng"]) else state["rng"][0]
         ckpt.restore_rng_state(rng)
