@@ -214,3 +214,13 @@ def test_covid_cxr_finding_parsing():
     assert parse_finding("todo") == "finding 'todo' is not a usable label"
     assert parse_finding("") == "finding '(blank)' is not a usable label"
     assert "'Tuberculosis' is not in the hierarchy" in parse_finding("Tuberculosis")
+
+
+def test_covid_cxr_texts_name_every_class_of_a_level():
+    from mgll.data.adapters.covid_cxr import _texts, parse_finding
+
+    co_infection = [*parse_finding("COVID-19, Streptococcus"), []]
+    assert co_infection[1:3] == [["Viral", "Bacterial"], ["COVID-19", "Streptococcus"]]
+    texts = _texts(co_infection, "")
+    assert texts[1] == ["A chest X-ray showing viral and bacterial pneumonia."]
+    assert texts[2] == ["A chest X-ray showing pneumonia caused by COVID-19 and Streptococcus."]

@@ -166,9 +166,14 @@ def test_data_check_reports_the_real_sets(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "missing image files (error): 7" in text
     assert "case_71_figura1.png" in text and "covid-19-caso-86-RX-Torace-2.jpg" in text
+    # Rows left out are named, not only counted (the README's 4 images without a metadata row).
+    assert "no X-ray row in metadata.csv (e.g. 4-x-day1.jpg, 4-x-day4.jpg" in text
     report = json.loads(out.read_text())
     assert report["num_records"] == 527 and len(report["missing"]) == 7 and report["errors"] == 7
     assert report["levels"][0]["counts"] == {"Pneumonia": 510, "ARDS": 16, "No Finding": 13}
+    assert sorted(report["excluded_examples"]["no X-ray row in metadata.csv"]) == [
+        "4-x-day1.jpg", "4-x-day13.jpg", "4-x-day4.jpg", "4-x-day8.jpg"
+    ]  # fmt: skip
     split = report["splits"]
     assert sum(s["images"] for s in split.values()) == 527
 

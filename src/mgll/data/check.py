@@ -29,6 +29,7 @@ class CheckReport:
     num_records: int
     levels: list[dict[str, Any]]
     excluded: dict[str, int]
+    excluded_examples: dict[str, list[str]] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
     corrupt: list[tuple[str, str]] = field(default_factory=list)
     empty_texts: list[tuple[str, str]] = field(default_factory=list)
@@ -54,6 +55,7 @@ class CheckReport:
             "num_records": self.num_records,
             "levels": self.levels,
             "excluded": self.excluded,
+            "excluded_examples": self.excluded_examples,
             "missing": self.missing,
             "corrupt": [{"path": p, "reason": r} for p, r in self.corrupt],
             "empty_texts": [{"image": p, "level": lv} for p, lv in self.empty_texts],
@@ -101,6 +103,7 @@ def check_records(
         num_records=len(records.records),
         levels=[],
         excluded=dict(records.excluded.most_common()),
+        excluded_examples={k: list(v) for k, v in records.excluded_examples.items()},
         decoded=decode,
     )
     for level, counts in zip(records.levels, records.label_counts(), strict=True):
@@ -153,7 +156,11 @@ def format_report(report: CheckReport, *, limit: int = 50) -> str:
     lines = [f"dataset: {report.source}", f"samples: {report.num_records}"]
     if report.excluded:
         lines.append(f"left out by the source: {sum(report.excluded.values())} row(s)")
-        lines += [f"  {n:6d}  {reason}" for reason, n in report.excluded.items()]
+        for reason, n in report.excluded.items():
+            examples = report.excluded_examples.get(reason, [])
+            more = ", ..." if n > len(examples) else ""
+            shown = f" (e.g. {', '.join(examples)}{more})" if examples else ""
+            lines.append(f"  {n:6d}  {reason}{shown}")
     for g, level in enumerate(report.levels):
         kind = "multi-label" if level["multi_label"] else "single-label"
         lines.append(

@@ -107,12 +107,13 @@ def _texts(labels: list[list[str]], notes: str) -> list[list[str]]:
         return [[normal], [normal], [normal], [notes or normal]]
     category = " and ".join("pneumonia" if n == "Pneumonia" else n for n in labels[0])
     texts = [[PROMPTS[0].format(category)]]
+    # Every class is named (a co-infection "COVID-19, Streptococcus" has two types, two organisms).
     if labels[1]:
-        texts.append([PROMPTS[1].format(labels[1][0].lower())])
+        texts.append([PROMPTS[1].format(" and ".join(n.lower() for n in labels[1]))])
     else:
         texts.append([f"A chest X-ray showing {category} of unspecified type."])
     if labels[2]:
-        texts.append([PROMPTS[2].format(labels[2][0])])
+        texts.append([PROMPTS[2].format(" and ".join(labels[2]))])
     else:
         texts.append([f"A chest X-ray showing {category} with no identified organism."])
     # An image without notes reads its finest finding text at the notes level (label missing).
