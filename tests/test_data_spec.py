@@ -98,6 +98,18 @@ def test_empty_image_cell_names_the_row(tmp_path):
         records_from_spec(folder / "spec.yaml")
 
 
+def test_several_classes_at_a_single_label_level_name_the_row(tmp_path):
+    folder = _folder(tmp_path, [("a.png", "p1", "1", "0"), ("b.png", "p2", "1", "1")],
+                     header="path,patient,Effusion,Mass")  # fmt: skip
+    spec = {"table": "labels.csv", "image": {"column": "path", "root": "images"},
+            "levels": [{"columns": ["Effusion", "Mass"], "multi_label": False}]}  # fmt: skip
+    with pytest.raises(SpecError, match=r"levels\[0\]\.multi_label: .*labels\.csv row 2"):
+        records_from_spec(spec, base_dir=folder)
+    spec["image"] = ["path"]  # neither a column name nor a mapping
+    with pytest.raises(SpecError, match="image: must be a column name"):
+        records_from_spec(spec, base_dir=folder)
+
+
 def test_unknown_keys_and_missing_levels_are_named(tmp_path):
     folder = _folder(tmp_path, [("a.png", "p1", "Mass", "r")])
     (folder / "s1.yaml").write_text(SPEC + "lables: x\n", encoding="utf-8")

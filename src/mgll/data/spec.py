@@ -137,6 +137,8 @@ class _SpecReader:
         image_cfg = self.require("image")
         if isinstance(image_cfg, str):
             image_cfg = {"column": image_cfg}
+        if not isinstance(image_cfg, Mapping):
+            raise self.fail("image", "must be a column name or {column: ..., root: ...}")
         image_col = self.column("image.column", image_cfg.get("column"))
         root = _resolve(self.base, image_cfg.get("root", "."))
         patient_col = (
@@ -166,7 +168,7 @@ class _SpecReader:
         per_level_labels: list[list[list[str]]] = [[] for _ in levels]
         kept_rows: list[tuple[int, dict[str, str]]] = []
         for number, row in enumerate(rows, start=1):
-            dropped = next((c for c, vals in exclude_cols.items() if row[c] in vals), None)
+            dropped = next((c for c, vals in exclude_cols.items() if row[c].strip() in vals), None)
             if dropped is not None:
                 result.exclude(f"{dropped} = {row[dropped]!r} (exclude)", f"row {number}")
                 continue
@@ -177,7 +179,14 @@ class _SpecReader:
                     "every row needs an image path",
                 )
             for g, level in enumerate(levels):
-                per_level_labels[g].append(level.labels(row, number))
+                names = level.labels(row)
+                if len(names) > 1 and not level.multi_label:
+                    raise self.fail(
+                        f"{level.key}.multi_label",
+                        f"{self.table_path} row {number}: {names} are several classes at a "
+                        "single-label level; set multi_label: true",
+                    )
+                per_level_labels[g].append(names)
             kept_rows.append((number, row))
 
         infos = []
@@ -260,7 +269,6 @@ class _SpecReader:
         return _LevelSpec(
             name=str(cfg.get("name") or f"level{g + 1}"),
             key=key,
-            table=self.table_path,
             label_col=label_col,
             class_cols=class_cols,
             text_cols=text_cols,
@@ -282,7 +290,6 @@ class _LevelSpec:
 
     name: str
     key: str
-    table: Path
     label_col: str | None
     class_cols: list[str]
     text_cols: list[str]
@@ -294,7 +301,8 @@ class _LevelSpec:
     missing_text: str
     positive: set[str]
 
-    def labels(self, row: dict[str, str], number: int) -> list[str]:
+    def labels(self, row: dict[str, str]) -> list[str]:
+        """Class names of ``row`` at this level (empty = missing)."""
         if self.class_cols:
             return [c for c in self.class_cols if row[c].strip() in self.positive]
         if self.label_col is not None:
@@ -307,6 +315,7 @@ class _LevelSpec:
         return [texts[0]] if texts and texts[0] not in self.missing else []
 
     def texts(self, row: dict[str, str], labels: Sequence[str]) -> list[str]:
+        """Candidate texts of ``row``: its text cells, else the prompts over its labels."""
         candidates = [row[c].strip() for c in self.text_cols if row[c].strip()]
         if candidates:
             return candidates
