@@ -96,6 +96,12 @@ def test_check_unreadable_inputs_exit_two(tmp_path, capsys):
     assert main(["data", "check", str(spec), "--train", "0.9"]) == 2  # 0.9 + 0.1 + 0.1 != 1
     assert "sum to 1" in capsys.readouterr().out
     assert main(["data"]) == 2  # no action: the help, not a traceback
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    # An output that cannot be written is a one-line error, not a traceback.
+    assert main(["data", "split", str(spec), "--out", str(blocker / "split.csv")]) == 2
+    assert main(["data", "check", str(spec), "--json", str(blocker / "r.json")]) == 2
+    assert "error: --json: cannot write" in capsys.readouterr().out
 
 
 def test_split_command_and_build_datasets(tmp_path, capsys):
@@ -144,6 +150,8 @@ def test_build_datasets_config_errors(tmp_path):
         build_datasets({**base, "augmentation": {"rotaton": 5}}, tmp_path, **kwargs)
     with pytest.raises(ValueError, match=r"data\.resize"):
         build_datasets({**base, "resize": "zoom"}, tmp_path, **kwargs)
+    with pytest.raises(ValueError, match=r"data\.split\.mode: 'random'"):  # not a silent default
+        build_datasets({**base, "split": {"mode": "random"}}, tmp_path, **kwargs)
     with pytest.warns(UserWarning, match="batch_size"):
         build_datasets({**base, "batch_size": 4}, tmp_path, **kwargs)
 

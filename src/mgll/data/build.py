@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from mgll.data.adapters import detect_adapter, get_adapter
-from mgll.data.cache import RESIZE_MODES, PreprocessCache, default_cache_dir
+from mgll.data.cache import PreprocessCache, check_resize_mode, default_cache_dir
 from mgll.data.dataset import MultiGranularDataset
 from mgll.data.records import RecordSet
-from mgll.data.spec import is_spec_path, records_from_spec
+from mgll.data.spec import is_spec_path, records_from_spec, resolve_path
 from mgll.data.splits import SPLIT_NAMES, check_disjoint_patients, patient_split, read_split_file
 from mgll.data.transforms import augmentation_options, build_transform
 
@@ -33,13 +33,6 @@ DATA_KEYS = {
 }
 
 
-def _resolve(value: str | Path, data_root: str | Path | None) -> Path:
-    path = Path(value).expanduser()
-    if path.is_absolute() or data_root is None:
-        return path
-    return Path(data_root) / path
-
-
 def load_records(
     source: str | Path | None,
     path: str | Path | None = None,
@@ -53,9 +46,9 @@ def load_records(
     folder ``path``. Relative paths are looked up under ``data_root`` first, then as given.
     """
     options = dict(options or {})
-    folder = _resolve(path, data_root) if path is not None else None
+    folder = resolve_path(path, data_root) if path is not None else None
     if source is not None and is_spec_path(source):
-        spec_path = _resolve(source, data_root)
+        spec_path = resolve_path(source, data_root)
         if not spec_path.is_file() and Path(source).is_file():
             spec_path = Path(source)
         if options:
@@ -101,8 +94,14 @@ def split_records(
     """
     cfg = dict(split_cfg or {})
     if "file" in cfg:
-        return read_split_file(_resolve(cfg["file"], data_root), records.records, root=folder)
-    if cfg.get("mode", "patient") == "source":
+        return read_split_file(resolve_path(cfg["file"], data_root), records.records, root=folder)
+    mode = cfg.get("mode", "patient")
+    if mode not in ("patient", "source"):
+        raise ValueError(
+            f"data.split.mode: {mode!r} is not 'patient' (fractions) or 'source' (the split the "
+            "source ships)"
+        )
+    if mode == "source":
         result: dict[str, list[int]] = {name: [] for name in SPLIT_NAMES}
         for i, r in enumerate(records.records):
             name = r.metadata.get("split")
@@ -172,16 +171,14 @@ def build_datasets(
     if not records.records:
         raise ValueError(f"{records.source}: no usable samples; run `mgll data check` on it")
 
-    resize = str(cfg.get("resize", "crop"))
-    if resize not in RESIZE_MODES:
-        raise ValueError(f"data.resize: {resize!r} is not one of {RESIZE_MODES}")
+    resize = check_resize_mode(str(cfg.get("resize", "crop")))
     cache_cfg = cfg.get("cache_dir")
     if cache_cfg is False:
         cache_dir = None
     elif cache_cfg is None:
         cache_dir = default_cache_dir(folder)
     else:
-        cache_dir = _resolve(cache_cfg, data_root)
+        cache_dir = resolve_path(cache_cfg, data_root)
     augmentation = augmentation_options(cfg.get("augmentation"))
 
     indices = split_records(records, cfg.get("split"), seed, data_root, folder)

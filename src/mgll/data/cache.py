@@ -25,6 +25,13 @@ CACHE_VERSION = 1
 RESIZE_MODES = ("crop", "pad", "stretch")
 
 
+def check_resize_mode(mode: str) -> str:
+    """``mode`` when it is one of :data:`RESIZE_MODES` (ValueError naming data.resize if not)."""
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"data.resize: unknown mode {mode!r}; use one of {RESIZE_MODES}")
+    return mode
+
+
 def resize_square(image: np.ndarray, size: int, mode: str = "crop") -> np.ndarray:
     """Resize an RGB uint8 image to (size, size, 3).
 
@@ -32,8 +39,7 @@ def resize_square(image: np.ndarray, size: int, mode: str = "crop") -> np.ndarra
     side to ``size`` then pad with black (keeps the whole field of view); ``stretch``: ignore the
     aspect ratio.
     """
-    if mode not in RESIZE_MODES:
-        raise ValueError(f"data.resize: unknown mode {mode!r}; use one of {RESIZE_MODES}")
+    check_resize_mode(mode)
     pil = Image.fromarray(image)
     w, h = pil.size
     if mode == "stretch":
@@ -61,13 +67,9 @@ class PreprocessCache:
     """
 
     def __init__(self, cache_dir: str | Path, image_size: int, resize_mode: str = "crop") -> None:
-        if resize_mode not in RESIZE_MODES:
-            raise ValueError(
-                f"data.resize: unknown mode {resize_mode!r}; use one of {RESIZE_MODES}"
-            )
         self.cache_dir = Path(cache_dir)
         self.image_size = int(image_size)
-        self.resize_mode = resize_mode
+        self.resize_mode = check_resize_mode(resize_mode)
         self.hits = 0
         self.misses = 0
 

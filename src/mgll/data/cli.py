@@ -12,7 +12,7 @@ from mgll.data.build import load_records
 from mgll.data.check import check_records, format_report
 from mgll.data.records import RecordSet
 from mgll.data.spec import is_spec_path
-from mgll.data.splits import SPLIT_NAMES, check_disjoint_patients, patient_split, write_split_file
+from mgll.data.splits import SPLIT_NAMES, patient_key, patient_split, write_split_file
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -111,9 +111,13 @@ def run_check(args: argparse.Namespace) -> int:
         return 2
     print(format_report(report, limit=args.limit))
     if args.json:
-        Path(args.json).write_text(
-            json.dumps(report.to_dict(), indent=2, ensure_ascii=False), encoding="utf-8"
-        )
+        try:
+            Path(args.json).write_text(
+                json.dumps(report.to_dict(), indent=2, ensure_ascii=False), encoding="utf-8"
+            )
+        except OSError as exc:
+            print(f"error: --json: cannot write {args.json} ({exc.strerror or exc})")
+            return 2
     return 1 if report.errors else 0
 
 
@@ -124,15 +128,12 @@ def run_split(args: argparse.Namespace) -> int:
         split = patient_split(
             records.records, _fractions(args), seed=args.seed, link_identical=args.link_identical
         )
+        write_split_file(args.out, records.records, split, root=folder)
     except (ValueError, OSError, ImportError) as exc:
         print(f"error: {exc}")
         return 2
-    check_disjoint_patients(records.records, split)
-    write_split_file(args.out, records.records, split, root=folder)
     for name in SPLIT_NAMES:
-        patients = {
-            records.records[i].patient_id or str(records.records[i].image) for i in split[name]
-        }
+        patients = {patient_key(records.records[i]) for i in split[name]}
         print(f"{name:5s}  {len(split[name]):6d} images  {len(patients):6d} patients")
     print(f"wrote {args.out}")
     return 0

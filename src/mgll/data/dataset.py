@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mgll.data.cache import PreprocessCache, load_resized
+from mgll.data.cache import PreprocessCache, check_resize_mode, load_resized
 from mgll.data.images import ImageLoadError
 from mgll.data.records import LevelInfo, RecordSet
 from mgll.data.transforms import build_transform
@@ -49,7 +49,9 @@ class MultiGranularDataset(Dataset):
             raise ValueError(
                 f"cache image size {cache.image_size} differs from dataset image size {image_size}"
             )
-        self.resize_mode = cache.resize_mode if cache is not None else resize_mode
+        self.resize_mode = (
+            cache.resize_mode if cache is not None else check_resize_mode(resize_mode)
+        )
         self.seed = int(seed)
         self.epoch = 0
         self.max_replacements = int(max_replacements)

@@ -128,7 +128,7 @@ class _SpecReader:
                 ", ".join(sorted(unknown)), f"unknown key(s); known keys: {sorted(_TOP_KEYS)}"
             )
         table = self.require("table")
-        self.table_path = _resolve(self.base, table)
+        self.table_path = resolve_path(table, self.base)
         try:
             self.frame = read_table(self.table_path, self.spec.get("format"))
         except TableError as exc:
@@ -140,7 +140,7 @@ class _SpecReader:
         if not isinstance(image_cfg, Mapping):
             raise self.fail("image", "must be a column name or {column: ..., root: ...}")
         image_col = self.column("image.column", image_cfg.get("column"))
-        root = _resolve(self.base, image_cfg.get("root", "."))
+        root = resolve_path(image_cfg.get("root", "."), self.base)
         patient_col = (
             self.column("patient", self.spec["patient"]) if self.spec.get("patient") else None
         )
@@ -215,7 +215,7 @@ class _SpecReader:
                 metadata["split"] = row[split_col].strip().lower()
             result.records.append(
                 Record(
-                    image=_resolve(root, row[image_col].strip()),
+                    image=resolve_path(row[image_col].strip(), root),
                     texts=texts,
                     labels=labels,
                     patient_id=(row[patient_col].strip() or None) if patient_col else None,
@@ -350,9 +350,11 @@ def _as_list(value: Any) -> list[Any]:
     return [value]
 
 
-def _resolve(base: Path, value: Any) -> Path:
+def resolve_path(value: Any, base: str | Path | None) -> Path:
+    """``value`` as a path (``~`` expanded): as given when absolute or ``base`` is None, else
+    under ``base``."""
     path = Path(str(value)).expanduser()
-    return path if path.is_absolute() else base / path
+    return path if path.is_absolute() or base is None else Path(base) / path
 
 
 def is_spec_path(path: str | Path) -> bool:
