@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from data_fixtures import gradient, write_jpeg, write_png
 from mgll.data import (
@@ -162,7 +163,7 @@ def test_dicom_window_is_the_display_mapping(tmp_path):
     [
         (b"", "empty"),
         (b"\xff\xd8\xff\xe0" + b"\x00garbage" * 20, "jpeg"),
-        (b"hello, I am not an image at all" * 10, "pil"),
+        (b"hello, I am not an image at all" * 10, "not an image format this loader knows"),
     ],
 )
 def test_broken_files_raise_a_named_error(tmp_path, content, reason):
@@ -217,6 +218,19 @@ def test_dataset_replaces_unreadable_images_and_counts_them(tmp_path):
     assert batch["indices"].tolist() == [0, 2, 2]
     assert batch["skipped"] == [str(bad)]
     assert torch.equal(batch["labels"][0], torch.tensor([0, 1, 1]))
+
+
+def test_worker_processes_replace_broken_images_and_report_them(tmp_path):
+    paths = [write_png(tmp_path / f"{i}.png", np.full((6, 6), 40 * i, np.uint8)) for i in range(6)]
+    paths[1].write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    paths[4].unlink()
+    ds = MultiGranularDataset(_records(paths), image_size=8)
+    loader = DataLoader(ds, batch_size=3, num_workers=2, collate_fn=collate_samples)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the workers warn on their own stderr
+        batches = list(loader)
+    assert [b["indices"].tolist() for b in batches] == [[0, 2, 2], [3, 5, 5]]
+    assert [b["skipped"] for b in batches] == [[str(paths[1])], [str(paths[4])]]
 
 
 def test_dataset_with_only_broken_images_says_what_to_do(tmp_path):

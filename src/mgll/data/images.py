@@ -12,7 +12,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 # A truncated file must raise, not decode into a half-grey image that trains silently.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -61,6 +61,11 @@ def load_image(path: str | Path) -> np.ndarray:
             array = _decode_pil(data)
     except ImageLoadError:
         raise
+    except UnidentifiedImageError as exc:  # its own message only names a BytesIO object
+        raise ImageLoadError(
+            f"{path}: not an image format this loader knows ({kind}: starts with {data[:8]!r}); "
+            "replace or remove the file, or run `mgll data check` to list all such files"
+        ) from exc
     except Exception as exc:  # decoders raise many types; all mean "this file is unusable"
         raise ImageLoadError(
             f"{path}: cannot decode as {kind} ({type(exc).__name__}: {exc})"
