@@ -47,16 +47,15 @@ def _config(**extra):
     return fake_config(settings)
 
 
-@pytest.mark.parametrize("accum", [1, 2])
-def test_two_processes_log_the_losses_of_one_process(tmp_path, accum):
+@pytest.mark.parametrize(("accum", "local_loss"), [(1, False), (2, False), (1, True)])
+def test_two_processes_log_the_losses_of_one_process(tmp_path, accum, local_loss):
     single, double = tmp_path / "single", tmp_path / "double"
-    summary = train(_config(), ".", single, **FAKES)
-    mp.spawn(
-        _worker,
-        args=(2, _free_port(), _config(**{"train.accum_steps": accum}), str(double)),
-        nprocs=2,
-        join=True,
-    )
+    # With local_loss each rank holds part of the loss and the logged value is the ranks' mean,
+    # which is the global loss when the ranks hold equally many labelled samples.
+    data = {"data.missing_labels": not local_loss}
+    summary = train(_config(**data), ".", single, **FAKES)
+    cfg = _config(**data, **{"train.accum_steps": accum, "loss.local_loss": local_loss})
+    mp.spawn(_worker, args=(2, _free_port(), cfg, str(double)), nprocs=2, join=True)
     one, two = read_metrics(single), read_metrics(double)
     assert [r["step"] for r in two] == [r["step"] for r in one]
     for a, b in zip(one, two, strict=True):

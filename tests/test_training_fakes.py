@@ -30,11 +30,19 @@ class FakeLevel:
 class FakeDataset(Dataset):
     """Deterministic images with random augmentation; level 0 single-label, level 1 multi-hot."""
 
-    def __init__(self, size: int, offset: int, augment: bool, unreadable: tuple[int, ...] = ()):
+    def __init__(
+        self,
+        size: int,
+        offset: int,
+        augment: bool,
+        unreadable: tuple[int, ...] = (),
+        missing_labels: bool = True,
+    ):
         self.size = size
         self.offset = offset
         self.augment = augment
         self.unreadable = unreadable
+        self.missing_labels = missing_labels
         self.levels = [
             FakeLevel("finding", LEVEL_CLASSES[0], False),
             FakeLevel("organism", LEVEL_CLASSES[1], True),
@@ -50,7 +58,7 @@ class FakeDataset(Dataset):
         fine[k % 4] = 1.0
         if k % 5 == 0:
             fine[(k + 1) % 4] = 1.0
-        if k % 7 == 3:  # a sample missing its fine level
+        if self.missing_labels and k % 7 == 3:  # a sample missing its fine level
             fine.zero_()
         return coarse, fine
 
@@ -103,8 +111,9 @@ def fake_datasets(
     assert image_size == IMAGE_SIZE
     n = int(data_cfg.get("train_size", 48))
     unreadable = tuple(data_cfg.get("unreadable", ()))
+    missing = bool(data_cfg.get("missing_labels", True))
     return {
-        "train": FakeDataset(n, 0, augment=True, unreadable=unreadable),
+        "train": FakeDataset(n, 0, augment=True, unreadable=unreadable, missing_labels=missing),
         "val": FakeDataset(int(data_cfg.get("val_size", 12)), 10_000, augment=False),
         "test": FakeDataset(4, 20_000, augment=False),
     }

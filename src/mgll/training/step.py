@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from mgll.distributed import all_reduce_mean
 from mgll.losses import MAX_LOGIT_SCALE, CLIPLoss, MGLLLoss
 
 LOSS_TERMS = {"mgll": ("sclip", "pointwise", "skl"), "clip": ("clip",)}
@@ -92,7 +93,11 @@ def select_levels(batch: dict[str, Any], loss_cfg: dict[str, Any]) -> tuple[list
 
 
 def _terms(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().float() for k, v in out.items()}
+    # With loss.local_loss each rank holds its share of the loss and the rank-mean is the
+    # global loss: report (and check for NaN) that mean, so every rank logs and stops alike.
+    names = list(out)
+    values = all_reduce_mean(torch.stack([out[k].detach().float() for k in names]))
+    return dict(zip(names, values, strict=True))
 
 
 def _check_finite(terms: dict[str, torch.Tensor], step: int) -> None:
