@@ -156,7 +156,7 @@ def test_build_datasets_config_errors(tmp_path):
         build_datasets({**base, "batch_size": 4}, tmp_path, **kwargs)
 
 
-def test_source_split_from_a_spec_column(tmp_path):
+def test_source_split_from_a_spec_column(tmp_path, capsys):
     spec = _dataset(tmp_path, n=8)
     table = tmp_path / "labels.csv"
     lines = table.read_text().splitlines()
@@ -177,3 +177,8 @@ def test_source_split_from_a_spec_column(tmp_path):
     write(names)
     with pytest.raises(ValueError, match="patient:p2"):
         build_datasets(cfg, tmp_path, **kwargs)
+    # `data check` reports the shipped split and the leak as an error.
+    assert main(["data", "check", str(spec), "--no-decode"]) == 1
+    out = capsys.readouterr().out
+    assert "split shipped by the source:\n  train       5 images       3 patients" in out
+    assert "patients in several source splits (error): 1\n  patient:p2 (train and val)" in out

@@ -1,7 +1,8 @@
 """Dataset validation behind ``mgll data check``: what a user must fix before training.
 
 Errors (non-zero exit): missing or undecodable image files, empty texts at a level where the
-sample has a label, a patient in two splits. Warnings: empty texts where the label is missing
+sample has a label, a patient in two splits (of the patient-level split, or of the split the
+source ships). Warnings: empty texts where the label is missing
 (the loss leaves the sample out of that level anyway), the same image file used by several
 records, different files with identical bytes, rows the source left out (counted by reason).
 """
@@ -11,13 +12,13 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import Counter, defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from mgll.data.images import ImageLoadError, load_image
-from mgll.data.records import RecordSet
+from mgll.data.records import Record, RecordSet
 from mgll.data.splits import SPLIT_NAMES, patient_key, patient_split
 
 
@@ -39,13 +40,19 @@ class CheckReport:
     identical_across_splits: list[list[str]] = field(default_factory=list)
     splits: dict[str, dict[str, int]] = field(default_factory=dict)
     split_overlap: list[str] = field(default_factory=list)
+    source_splits: dict[str, dict[str, int]] = field(default_factory=dict)
+    source_split_overlap: list[str] = field(default_factory=list)
     decoded: bool = True
 
     @property
     def errors(self) -> int:
         """Number of problems that make the dataset unfit as it is."""
         return (
-            len(self.missing) + len(self.corrupt) + len(self.empty_texts) + len(self.split_overlap)
+            len(self.missing)
+            + len(self.corrupt)
+            + len(self.empty_texts)
+            + len(self.split_overlap)
+            + len(self.source_split_overlap)
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -67,6 +74,8 @@ class CheckReport:
             "identical_across_splits": self.identical_across_splits,
             "splits": self.splits,
             "split_overlap": self.split_overlap,
+            "source_splits": self.source_splits,
+            "source_split_overlap": self.source_split_overlap,
             "errors": self.errors,
         }
 
@@ -137,18 +146,36 @@ def check_records(
                 target.append((str(r.image), level.name))
 
     indices = patient_split(records.records, split, seed=seed, link_identical=link_identical)
-    owner: dict[str, str] = {}
-    for name in SPLIT_NAMES:
-        patients = {patient_key(records.records[i]) for i in indices[name]}
-        report.splits[name] = {"images": len(indices[name]), "patients": len(patients)}
-        for p in patients:
-            if owner.setdefault(p, name) != name:
-                report.split_overlap.append(p)
+    report.splits, report.split_overlap = _split_summary(records.records, indices)
+    shipped = [r.metadata.get("split") for r in records.records]
+    if shipped and all(name in SPLIT_NAMES for name in shipped):
+        # The source ships a split (MGLL release lists, a spec's split column): check it too.
+        by_source = {name: [i for i, s in enumerate(shipped) if s == name] for name in SPLIT_NAMES}
+        report.source_splits, report.source_split_overlap = _split_summary(
+            records.records, by_source
+        )
     split_of = {str(records.records[i].image): name for name, idx in indices.items() for i in idx}
     for group in report.identical_files:
         if len({split_of.get(p) for p in group}) > 1:
             report.identical_across_splits.append([f"{p} ({split_of.get(p)})" for p in group])
     return report
+
+
+def _split_summary(
+    records: Sequence[Record], indices: Mapping[str, Sequence[int]]
+) -> tuple[dict[str, dict[str, int]], list[str]]:
+    """Images and patients per split, and the patients found in more than one split."""
+    counts: dict[str, dict[str, int]] = {}
+    overlap: list[str] = []
+    owner: dict[str, str] = {}
+    for name in SPLIT_NAMES:
+        patients = {patient_key(records[i]) for i in indices[name]}
+        counts[name] = {"images": len(indices[name]), "patients": len(patients)}
+        for p in sorted(patients):
+            first = owner.setdefault(p, name)
+            if first != name:
+                overlap.append(f"{p} ({first} and {name})")
+    return counts, overlap
 
 
 def format_report(report: CheckReport, *, limit: int = 50) -> str:
@@ -201,6 +228,13 @@ def format_report(report: CheckReport, *, limit: int = 50) -> str:
     for name, counts in report.splits.items():
         lines.append(f"  {name:5s}  {counts['images']:6d} images  {counts['patients']:6d} patients")
     section("patients in several splits (error)", report.split_overlap)
+    if report.source_splits:
+        lines.append("split shipped by the source:")
+        for name, counts in report.source_splits.items():
+            lines.append(
+                f"  {name:5s}  {counts['images']:6d} images  {counts['patients']:6d} patients"
+            )
+        section("patients in several source splits (error)", report.source_split_overlap)
     section(
         "identical image files in different splits (warning; try --link-identical)",
         [" = ".join(group) for group in report.identical_across_splits],
