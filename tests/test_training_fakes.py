@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from mgll.data import collate_samples
 from mgll.training.config import DEFAULTS, set_dotted
 
 IMAGE_SIZE = 8
@@ -85,24 +86,6 @@ class FakeDataset(Dataset):
             "index": i,
             "skipped": skipped,
         }
-
-
-def fake_collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    levels = len(samples[0]["texts"])
-    labels = []
-    for g in range(levels):
-        column = [s["labels"][g] for s in samples]
-        if isinstance(column[0], torch.Tensor):
-            labels.append(torch.stack(column).float())
-        else:
-            labels.append(torch.tensor(column, dtype=torch.long))
-    return {
-        "images": torch.stack([s["image"] for s in samples]),
-        "texts": [[s["texts"][g] for s in samples] for g in range(levels)],
-        "labels": labels,
-        "indices": torch.tensor([s["index"] for s in samples]),
-        "skipped": [p for s in samples for p in s["skipped"]],
-    }
 
 
 def fake_datasets(
@@ -184,7 +167,11 @@ def fake_model(cfg: dict[str, Any]) -> FakeModel:
     return FakeModel(cfg)
 
 
-FAKES = {"model_factory": fake_model, "dataset_builder": fake_datasets, "collate_fn": fake_collate}
+FAKES = {
+    "model_factory": fake_model,
+    "dataset_builder": fake_datasets,
+    "collate_fn": collate_samples,
+}
 
 
 def fake_config(overrides: dict[str, Any] | None = None) -> dict[str, Any]:

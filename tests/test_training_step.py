@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from mgll.data import collate_samples
 from mgll.training.evaluate import retrieval_metrics
 from mgll.training.optim import lr_at, parameter_groups
 from mgll.training.step import (
@@ -18,13 +19,13 @@ from mgll.training.step import (
     optimizer_step,
 )
 from mgll.training.trainer import train
-from test_training_fakes import FAKES, FakeModel, fake_collate, fake_config, fake_datasets
+from test_training_fakes import FAKES, FakeModel, fake_config, fake_datasets
 
 
 def _batch(n: int = 16):
     data = fake_datasets({"train_size": n}, None, image_size=8, mean=0, std=1, seed=0)["train"]
     torch.manual_seed(0)
-    return fake_collate([data[i] for i in range(n)])
+    return collate_samples([data[i] for i in range(n)])
 
 
 def _grads(model, loss_cfg, batch, accum, precision="fp32"):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mgll.losses import label_presence
-from mgll.training.step import Precision, select_levels
+from mgll.training.step import Precision, compute_loss, select_levels
 
 
 def _as_multi_hot(labels: torch.Tensor) -> torch.Tensor:
@@ -116,13 +116,7 @@ def validate(
         if loss_cfg["name"] == "clip":
             level = loss_cfg["clip_level"]
             loss_out["text_embs"] = [out["text_embs"][level]]
-        terms = loss_fn(
-            loss_out["image_emb"],
-            loss_out["text_embs"],
-            loss_labels,
-            logit_scale=out["logit_scale"],
-            logit_bias=out["logit_bias"],
-        )
+        terms = compute_loss(loss_fn, loss_out, loss_labels)
         for key, value in terms.items():
             sums[key] = sums.get(key, 0.0) + float(value) * n
         count += n

@@ -37,7 +37,7 @@ class MetricsLog:
         self._fh.flush()
         if self._tb is not None:
             prefix = row.get("kind", "train")
-            for key, value in _flatten(row).items():
+            for key, value in flatten(row, sep="/").items():
                 if key not in ("step", "epoch", "kind", "split") and isinstance(
                     value, (int, float)
                 ):
@@ -49,11 +49,12 @@ class MetricsLog:
             self._tb.close()
 
 
-def _flatten(row: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(row: Mapping[str, Any], sep: str = ".", prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (empty sections stay as values)."""
     flat: dict[str, Any] = {}
     for key, value in row.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}/"))
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, sep, f"{prefix}{key}{sep}"))
         else:
             flat[f"{prefix}{key}"] = value
     return flat

@@ -105,8 +105,10 @@ def _check_finite(terms: dict[str, torch.Tensor], step: int) -> None:
         raise NonFiniteLossError(step, {k: float(v) for k, v in terms.items()})
 
 
-def _loss(loss_fn: nn.Module, out: dict[str, Any], labels: Sequence[torch.Tensor]) -> dict:
-    # Outside autocast: the loss lifts embeddings to fp32 and its matmuls must stay there.
+def compute_loss(
+    loss_fn: nn.Module, out: dict[str, Any], labels: Sequence[torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The loss terms of a model output (call it outside autocast: the loss works in fp32)."""
     return loss_fn(
         out["image_emb"],
         out["text_embs"],
@@ -159,7 +161,7 @@ def forward_backward(
     if accum_steps == 1:
         with precision.autocast():
             out = model(images, texts)
-        losses = _loss(loss_fn, out, labels)
+        losses = compute_loss(loss_fn, out, labels)
         terms = _terms(losses)
         _check_finite(terms, step)
         scaler.scale(losses["loss"]).backward()
@@ -181,7 +183,7 @@ def forward_backward(
             "logit_scale": out["logit_scale"],
             "logit_bias": out["logit_bias"],
         }
-        terms = _terms(_loss(loss_fn, whole, labels))
+        terms = _terms(compute_loss(loss_fn, whole, labels))
     _check_finite(terms, step)
 
     for j, (mb_images, mb_texts) in enumerate(micro):
@@ -211,7 +213,7 @@ def forward_backward(
                 "logit_scale": out["logit_scale"] if last else out["logit_scale"].detach(),
                 "logit_bias": out["logit_bias"] if last else out["logit_bias"].detach(),
             }
-            scaler.scale(_loss(loss_fn, live, labels)["loss"]).backward()
+            scaler.scale(compute_loss(loss_fn, live, labels)["loss"]).backward()
     return terms
 
 

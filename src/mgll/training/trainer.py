@@ -24,12 +24,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from mgll.distributed import barrier, init_distributed
+from mgll.distributed import barrier, init_distributed, is_distributed
 from mgll.training import checkpoint as ckpt
 from mgll.training.config import ConfigError, resolve_package_paths, save_config
 from mgll.training.evaluate import validate
 from mgll.training.optim import build_optimizer, lr_at, set_lr
-from mgll.training.run_log import MetricsLog, truncate_after
+from mgll.training.run_log import MetricsLog, flatten, truncate_after
 from mgll.training.sampling import GlobalBatchSampler, SeededSamples, sample_seed
 from mgll.training.step import (
     LOSS_TERMS,
@@ -70,19 +70,9 @@ def _default_components() -> tuple[ModelFactory, DatasetBuilder, Callable]:
     return create_model, build_datasets, collate_samples
 
 
-def _flat(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in cfg.items():
-        if isinstance(value, Mapping) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """Dotted keys whose values differ and that change what a resumed run computes."""
-    a, b = _flat(old), _flat(new)
+    a, b = flatten(old), flatten(new)
     keys = sorted(set(a) | set(b))
     return [
         k
@@ -109,7 +99,8 @@ def _build_facts(model: nn.Module) -> dict[str, Any]:
 
 
 def _gather_skipped(paths: set[str]) -> list[str]:
-    if not (dist.is_available() and dist.is_initialized()):
+    """Every rank's replaced (unreadable) image paths, once each."""
+    if not is_distributed():
         return sorted(paths)
     everyone: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, sorted(paths))
