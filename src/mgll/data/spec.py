@@ -99,20 +99,25 @@ def records_from_spec(
 
 
 class _SpecReader:
+    """Reads one spec mapping; every error names the spec file and key."""
+
     def __init__(self, spec: dict[str, Any], base: Path, where: str) -> None:
         self.spec = spec
         self.base = base
         self.where = where
 
     def fail(self, key: str, message: str) -> SpecError:
+        """A SpecError naming the spec file and ``key``."""
         return SpecError(f"{self.where}: {key}: {message}")
 
     def require(self, key: str) -> Any:
+        """The value of top-level ``key`` (SpecError when absent or blank)."""
         if key not in self.spec or self.spec[key] in (None, ""):
             raise self.fail(key, "is required (see docs/data.md for the spec format)")
         return self.spec[key]
 
     def column(self, key: str, name: Any) -> str:
+        """``name`` when it is a column of the table (SpecError listing the columns if not)."""
         if not isinstance(name, str) or name not in self.frame.columns:
             raise self.fail(
                 key,
@@ -122,6 +127,7 @@ class _SpecReader:
         return name
 
     def read(self) -> RecordSet:
+        """Validate the spec, read the table and build the records."""
         unknown = set(self.spec) - _TOP_KEYS
         if unknown:
             raise self.fail(
@@ -226,6 +232,7 @@ class _SpecReader:
         return result
 
     def parse_level(self, g: int, cfg: Any) -> _LevelSpec:
+        """Validate ``levels[g]`` against the table's columns."""
         key = f"levels[{g}]"
         if not isinstance(cfg, Mapping):
             raise self.fail(key, "must be a mapping with a name and a label, columns or text")
