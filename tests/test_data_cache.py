@@ -99,6 +99,17 @@ def test_broken_source_is_not_cached(tmp_path):
     assert _entries(tmp_path / "cache") == []
 
 
+def test_unwritable_cache_warns_once_and_still_serves_images(tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")  # the cache folder cannot be created under a file
+    cache = PreprocessCache(blocker / "cache", 8)
+    sources = [write_png(tmp_path / f"{i}.png", np.roll(gradient(), i, axis=1)) for i in range(3)]
+    with pytest.warns(UserWarning, match="cannot write the preprocessing cache") as caught:
+        images = [cache.load(src) for src in sources]
+    assert len(caught) == 1 and not cache.writable
+    assert all(im.shape == (8, 8, 3) for im in images) and cache.misses == 3
+
+
 def test_resize_crop_keeps_the_centre():
     image = np.zeros((10, 30, 3), np.uint8)
     image[:, 10:20] = 255  # a bright centre third

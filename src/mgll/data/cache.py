@@ -72,6 +72,7 @@ class PreprocessCache:
         self.resize_mode = check_resize_mode(resize_mode)
         self.hits = 0
         self.misses = 0
+        self.writable = True  # set False after a failed write: warn once, then read only
 
     def key(self, path: str | Path) -> str:
         """Cache key of ``path`` as it is now (raises ImageLoadError when it does not exist)."""
@@ -110,10 +111,12 @@ class PreprocessCache:
                     return array
         self.misses += 1
         array = load_resized(path, self.image_size, self.resize_mode)
-        self._store(entry, array)
+        if self.writable:
+            self._store(entry, array)
         return array
 
     def _store(self, entry: Path, array: np.ndarray) -> None:
+        tmp = None
         try:
             entry.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=entry.parent, suffix=".tmp")
@@ -121,9 +124,15 @@ class PreprocessCache:
                 np.save(handle, array, allow_pickle=False)
             os.replace(tmp, entry)
         except OSError as exc:
-            # The image itself is fine; only caching failed, so train on without it.
+            # The image itself is fine; only caching failed, so train on without writing more
+            # (one warning, not one per image).
+            self.writable = False
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)  # a disk-full write leaves a partial temporary file
             warnings.warn(
-                f"cannot write cache entry {entry} ({exc}); continuing uncached", stacklevel=3
+                f"cannot write the preprocessing cache {self.cache_dir} ({exc}); continuing "
+                "without writing to it; set data.cache_dir to a writable folder, or false",
+                stacklevel=3,
             )
 
 
