@@ -158,6 +158,27 @@ def test_dicom_window_is_the_display_mapping(tmp_path):
     assert load_image(mono1)[0, :, 0].tolist() == [153, 127, 102, 77]
 
 
+def test_dicom_rgb_8bit_keeps_its_colours(tmp_path):
+    pytest.importorskip("pydicom", reason="pydicom (the mgll[dicom] extra) not installed")
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    rgb = np.zeros((4, 4, 3), np.uint8)
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = 100, 150, 50  # a min-max stretch would change these
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(tmp_path / "rgb.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PlanarConfiguration = 4, 4, 3, 0
+    ds.PhotometricInterpretation = "RGB"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = rgb.tobytes()
+    ds.save_as(str(tmp_path / "rgb.dcm"), enforce_file_format=True)
+    np.testing.assert_array_equal(load_image(tmp_path / "rgb.dcm"), rgb)
+
+
 @pytest.mark.parametrize(
     "content, reason",
     [

@@ -21,7 +21,7 @@ from PIL import Image
 from mgll.data.images import ImageLoadError, load_image
 
 # Bump when the stored pixels would change for the same key (decoder or resize changes).
-CACHE_VERSION = 2  # 2: DICOM windows map onto 0..255 (no min-max stretch)
+CACHE_VERSION = 2  # 2: DICOM windows map onto 0..255; 8-bit colour DICOM kept as stored
 RESIZE_MODES = ("crop", "pad", "stretch")
 
 

@@ -118,11 +118,12 @@ def _decode_dicom(data: bytes, path: Path) -> np.ndarray:
             f"{path}: is a DICOM file, but pydicom is not installed; run pip install 'mgll[dicom]'"
         ) from exc
     ds = pydicom.dcmread(io.BytesIO(data))
-    pixels = ds.pixel_array.astype(np.float32)
+    pixels = ds.pixel_array
     if pixels.ndim == 4 or (pixels.ndim == 3 and ds.get("SamplesPerPixel", 1) == 1):
         pixels = pixels[0]  # multi-frame: the first frame represents the series image
     if ds.get("SamplesPerPixel", 1) != 1:
-        return pixels
+        return pixels  # colour (RGB after pydicom's conversion): 8-bit stays as stored
+    pixels = pixels.astype(np.float32)
     slope = float(ds.get("RescaleSlope", 1) or 1)
     intercept = float(ds.get("RescaleIntercept", 0) or 0)
     pixels = pixels * slope + intercept
