@@ -82,6 +82,18 @@ def test_empty_text_with_a_label_is_an_error(tmp_path):
     assert report.empty_texts == [(str(image), "finding")] and report.errors == 1
 
 
+def test_an_image_path_that_cannot_be_opened_is_an_error(tmp_path):
+    folder = tmp_path / "looks-like.png"
+    folder.mkdir()  # exists, but open() fails (root ignores file permissions)
+    records = RecordSet(
+        levels=[LevelInfo("finding", ["Mass"])],
+        records=[Record(image=folder, texts=[["t"]], labels=[["Mass"]], patient_id="p")],
+    )
+    report = check_records(records)
+    assert report.corrupt == [(str(folder), "cannot be opened or read (check its permissions)")]
+    assert report.errors == 1
+
+
 def test_check_unreadable_inputs_exit_two(tmp_path, capsys):
     assert main(["data", "check", str(tmp_path / "absent")]) == 2
     assert "no such file or folder" in capsys.readouterr().out

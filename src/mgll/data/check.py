@@ -9,7 +9,6 @@ records, different files with identical bytes, rows the source left out (counted
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
@@ -19,7 +18,7 @@ from typing import Any
 
 from mgll.data.images import ImageLoadError, load_image
 from mgll.data.records import Record, RecordSet
-from mgll.data.splits import SPLIT_NAMES, patient_key, patient_split
+from mgll.data.splits import SPLIT_NAMES, file_digest, patient_key, patient_split
 
 
 @dataclass
@@ -84,11 +83,9 @@ def _probe(path: str, decode: bool) -> tuple[str, str | None, str | None]:
     """(path, problem or None, content digest or None) for one image file."""
     if not os.path.exists(path):
         return path, "missing", None
-    try:
-        with open(path, "rb") as handle:
-            digest = hashlib.sha1(handle.read()).hexdigest()
-    except OSError as exc:
-        return path, f"unreadable: {exc.strerror or exc}", None
+    digest = file_digest(path)
+    if digest is None:
+        return path, "cannot be opened or read (check its permissions)", None
     if decode:
         try:
             load_image(path)
