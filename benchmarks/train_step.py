@@ -27,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -72,7 +73,13 @@ def build(args: argparse.Namespace) -> tuple[Any, dict[str, Any], dict[str, Any]
     return model, batch, cfg
 
 
-def make_step(variant: str, model: Any, batch: dict[str, Any], cfg: dict[str, Any], args):
+def make_step(
+    variant: str,
+    model: Any,
+    batch: dict[str, Any],
+    cfg: dict[str, Any],
+    args: argparse.Namespace,
+) -> Callable[[], None]:
     """A closure running one full training step (forward, loss, backward, AdamW update)."""
     from open_clip.loss import ClipLoss
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,7 @@ def _layout(path: Path) -> tuple[Path, Path]:
     return path / FOLDER_WEIGHTS, path / FOLDER_SIDECAR
 
 
-def _atomic_write(target: Path, write) -> None:
+def _atomic_write(target: Path, write: Callable[[Path], object]) -> None:
     tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
     write(tmp)
     os.replace(tmp, target)
@@ -98,7 +99,7 @@ def export_image_encoder(model: MGLLModel, path: str | os.PathLike) -> Path:
 class ImageEncoder(nn.Module):
     """An exported image tower: (N, 3, H, W) normalised images -> (N, embed_dim) embeddings."""
 
-    def __init__(self, visual: nn.Module, sidecar: dict[str, Any]):
+    def __init__(self, visual: nn.Module, sidecar: dict[str, Any]) -> None:
         super().__init__()
         self.visual = visual
         info = sidecar["mgll"]
@@ -112,6 +113,7 @@ class ImageEncoder(nn.Module):
         self.preprocess_cfg: dict[str, Any] = sidecar["preprocess_cfg"]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) normalised images -> (N, embed_dim) unnormalised embeddings."""
         return self.visual(images)
 
 

@@ -28,7 +28,9 @@ IMAGE_KEYS = {"arch", "pretrained", "quick_gelu"}
 class ImageTower(nn.Module):
     """open_clip's vision encoder plus what is needed to rebuild and preprocess for it."""
 
-    def __init__(self, visual: nn.Module, arch: str, open_clip_cfg: dict, preprocess_cfg: dict):
+    def __init__(
+        self, visual: nn.Module, arch: str, open_clip_cfg: dict, preprocess_cfg: dict
+    ) -> None:
         super().__init__()
         self.visual = visual
         self.arch = arch
@@ -38,12 +40,15 @@ class ImageTower(nn.Module):
 
     @property
     def embed_dim(self) -> int:
+        """Size D of the embeddings the tower outputs."""
         return int(self.open_clip_cfg["embed_dim"])
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) normalised images -> (N, D) unnormalised embeddings."""
         return self.visual(images)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the vision transformer's activations in backward (open_clip's switch)."""
         self.visual.set_grad_checkpointing(enable)
 
 

@@ -26,7 +26,7 @@ class MGLLModel(nn.Module):
         init_logit_scale: float = math.log(1 / 0.07),
         init_logit_bias: float = -10.0,
         dedup_texts: bool = True,
-    ):
+    ) -> None:
         super().__init__()
         if not text_towers:
             raise ValueError("MGLLModel needs at least one text tower")
@@ -45,10 +45,12 @@ class MGLLModel(nn.Module):
 
     @property
     def embed_dim(self) -> int:
+        """Size D of the shared image/text embedding space."""
         return self.image_tower.embed_dim
 
     @property
     def text_per_level(self) -> bool:
+        """Whether each granularity level has its own text tower."""
         return len(self.text_towers) > 1
 
     @property
@@ -62,10 +64,12 @@ class MGLLModel(nn.Module):
 
     @property
     def image_mean(self) -> tuple[float, float, float]:
+        """Per-channel mean the image transforms must normalise with."""
         return tuple(float(v) for v in self.image_tower.preprocess_cfg["mean"])
 
     @property
     def image_std(self) -> tuple[float, float, float]:
+        """Per-channel standard deviation the image transforms must normalise with."""
         return tuple(float(v) for v in self.image_tower.preprocess_cfg["std"])
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -91,6 +95,7 @@ class MGLLModel(nn.Module):
     def forward(
         self, images: torch.Tensor, texts: Sequence[Sequence[str]]
     ) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+        """Embed ``images`` and the G levels of ``texts`` (the trainer contract, see class)."""
         if isinstance(texts, str) or not texts or isinstance(texts[0], str):
             raise ValueError("texts must be G lists of N strings (one list per granularity level)")
         batch = images.shape[0]

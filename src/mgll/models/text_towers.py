@@ -33,7 +33,7 @@ class OpenCLIPTextTower(nn.Module):
 
     def __init__(
         self, clip_text: nn.Module, tokenizer: Callable[..., torch.Tensor], embed_dim: int
-    ):
+    ) -> None:
         super().__init__()
         # The open_clip model minus its image tower: its encode_text handles every open_clip
         # text variant (plain CLIP, custom text, HF-backed) without us re-implementing them.
@@ -46,10 +46,12 @@ class OpenCLIPTextTower(nn.Module):
         return next(self.clip.parameters()).device
 
     def forward(self, strings: Sequence[str]) -> torch.Tensor:
+        """N strings -> (N, embed_dim) embeddings (tokenised to the arch's context length)."""
         tokens = self.tokenizer(list(strings)).to(self._device)
         return self.clip.encode_text(tokens)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the text transformer's activations in backward."""
         # open_clip keeps the text transformer flat on CLIP, but under .text on CustomTextCLIP.
         text = getattr(self.clip, "text", None)
         if text is not None:
@@ -83,7 +85,7 @@ class HFTextTower(nn.Module):
         embed_dim: int,
         pooling: str = "mean",
         max_length: int = 128,
-    ):
+    ) -> None:
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(
@@ -103,9 +105,11 @@ class HFTextTower(nn.Module):
 
     @property
     def embed_dim(self) -> int:
+        """Size of the projected embeddings."""
         return self.proj.out_features
 
     def forward(self, strings: Sequence[str]) -> torch.Tensor:
+        """N strings -> (N, embed_dim): tokenise, encode, pool, project."""
         batch = self.tokenizer(
             list(strings),
             padding=True,
@@ -119,6 +123,7 @@ class HFTextTower(nn.Module):
         return self.proj(POOLINGS[self.pooling](hidden, batch["attention_mask"]))
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Hugging Face activation checkpointing of the encoder (non-reentrant)."""
         # transformers >= 5 renamed gradient_checkpointing_* to activation_checkpointing_*.
         if hasattr(self.encoder, "activation_checkpointing_enable"):
             if enable:

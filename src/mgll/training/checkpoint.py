@@ -39,6 +39,7 @@ class CheckpointError(RuntimeError):
 
 
 def weights_path(directory: Path, step: int) -> Path:
+    """The weights file of the checkpoint of ``step`` in ``directory``."""
     return directory / f"step_{step:08d}.safetensors"
 
 

@@ -33,6 +33,7 @@ class MetricsLog:
             self._tb = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
 
     def write(self, row: Mapping[str, Any]) -> None:
+        """Append ``row`` as one JSON line (flushed at once) and mirror its numbers."""
         self._fh.write(json.dumps(row) + "\n")
         self._fh.flush()
         if self._tb is not None:
@@ -44,6 +45,7 @@ class MetricsLog:
                     self._tb.add_scalar(f"{prefix}/{key}", value, row["step"])
 
     def close(self) -> None:
+        """Close the metrics file and the TensorBoard writer."""
         self._fh.close()
         if self._tb is not None:
             self._tb.close()

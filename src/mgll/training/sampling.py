@@ -72,6 +72,7 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int, int]]]):
 
     @property
     def steps_per_epoch(self) -> int:
+        """Complete global batches per epoch (the incomplete last one is dropped)."""
         return self.num_samples // self.global_batch
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:

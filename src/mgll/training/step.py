@@ -62,6 +62,7 @@ class Precision:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.name == "fp16")
 
     def autocast(self) -> contextlib.AbstractContextManager:
+        """The autocast context of the model's forward (a no-op for fp32)."""
         if self.name == "fp32":
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=_AUTOCAST_DTYPES[self.name])
