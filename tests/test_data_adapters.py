@@ -137,6 +137,10 @@ def test_midrc_from_dicom_headers(tmp_path):
     ]
     image = MultiGranularDataset(records, image_size=4)[1]["image"]
     assert image.shape == (3, 4, 4)
+    (tmp_path / "2.dcm").write_bytes(b"not a DICOM file")  # pydicom raises InvalidDicomError
+    records = get_adapter("midrc").load(tmp_path)
+    assert len(records.records) == 2 and records.excluded == {"unreadable DICOM header": 1}
+    assert records.excluded_examples["unreadable DICOM header"] == ["2.dcm"]
 
 
 def test_mgll_release_lists_json_and_npz(tmp_path):

@@ -146,8 +146,14 @@ def load(path: str | Path, **options: Any) -> RecordSet:
 
     annotations = path / "annotations" / "annotations.json"
     if annotations.is_file():
-        with annotations.open(encoding="utf-8") as handle:
-            names = [image["file_name"] for image in json.load(handle)["images"]]
+        try:
+            with annotations.open(encoding="utf-8") as handle:
+                names = [image["file_name"] for image in json.load(handle)["images"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(
+                f"{annotations}: not a COCO file with images[].file_name ({exc}); fix or remove "
+                "it (the images/ folder is then the image list)"
+            ) from exc
     else:
         names = sorted(os.listdir(path / "images"))
 

@@ -96,7 +96,11 @@ def _rows_from_dicom(path: Path) -> list[dict[str, str]]:
         ) from exc
     rows = []
     for file in sorted(path.rglob("*.dcm")):
-        ds = pydicom.dcmread(file, stop_before_pixels=True)
+        try:
+            ds = pydicom.dcmread(file, stop_before_pixels=True)
+        except Exception as exc:  # pydicom raises several types for a damaged header
+            rows.append({"image": str(file.relative_to(path)), "error": type(exc).__name__})
+            continue
         rows.append(
             {
                 "image": str(file.relative_to(path)),
@@ -123,6 +127,9 @@ def load(path: str | Path, **options: Any) -> RecordSet:
     rows = _rows_from_table(table_path) if table_path is not None else _rows_from_dicom(path)
     result = RecordSet(levels=[], records=[], source=str(table_path or path))
     for number, row in enumerate(rows, start=1):
+        if "error" in row:
+            result.exclude("unreadable DICOM header", row["image"])
+            continue
         modality = describe(row["modality"])
         if not modality or not row["image"].strip():
             result.exclude("blank modality or image path", f"row {number}")
