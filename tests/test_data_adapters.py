@@ -228,3 +228,12 @@ def test_covid_cxr_texts_name_every_class_of_a_level():
     texts = _texts(co_infection, "")
     assert texts[1] == ["A chest X-ray showing viral and bacterial pneumonia."]
     assert texts[2] == ["A chest X-ray showing pneumonia caused by COVID-19 and Streptococcus."]
+
+
+def test_covid_cxr_broken_annotations_file_is_named(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "metadata.csv").write_text("patientid,finding,filename\n1,COVID-19,a.png\n")
+    (tmp_path / "annotations" / "annotations.json").write_text("{", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"annotations\.json: not a COCO file"):
+        get_adapter("covid-cxr").load(tmp_path)
