@@ -222,3 +222,16 @@ def test_a_run_never_leaves_the_logit_scale_above_ln_100(tmp_path):
     train(cfg, ".", tmp_path, **FAKES)
     weights = load_file(tmp_path / "checkpoints" / "step_00000001.safetensors")
     assert weights["logit_scale"].item() <= math.log(100) + 1e-6
+
+
+def test_clip_with_one_text_tower_per_level_is_a_named_config_error(tmp_path):
+    from mgll.training.config import ConfigError
+
+    def per_level_model(cfg):
+        model = FakeModel(cfg)
+        model.text_per_level = True  # as MGLLModel with model.text_per_level: true
+        return model
+
+    cfg = fake_config({"loss.name": "clip", "train.max_steps": 1})
+    with pytest.raises(ConfigError, match=r"model\.text_per_level=false"):
+        train(cfg, ".", tmp_path, **dict(FAKES, model_factory=per_level_model))

@@ -188,6 +188,12 @@ def _run(
                 "set_grad_checkpointing(); set train.grad_checkpointing=false"
             )
         model.set_grad_checkpointing(True)
+    if loss_cfg["name"] == "clip" and getattr(model, "text_per_level", False):
+        raise ConfigError(
+            "loss.name=clip reads the texts of one level (loss.clip_level) but "
+            "model.text_per_level=true builds a text tower per level; set "
+            "model.text_per_level=false for the CLIP baseline"
+        )
     # The bias only feeds the point-wise term: freeze it when that term is off (keeps DDP happy).
     if loss_cfg["name"] == "clip" or loss_cfg["weights"]["pointwise"] == 0:
         bias = _find_parameter(model, "logit_bias")
@@ -280,12 +286,8 @@ def _run(
 
     raw_model = model
     if info.enabled:
-        # CLIP trains one level: per-level text towers of the other levels get no gradient.
-        unused = loss_cfg["name"] == "clip" and bool(getattr(model, "text_per_level", False))
         model = DistributedDataParallel(
-            model,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=unused,
+            model, device_ids=[device.index] if device.type == "cuda" else None
         )
     if tcfg["compile"]:
         model = torch.compile(model)
