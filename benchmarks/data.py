@@ -74,7 +74,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--epochs", type=int, default=3, help="epochs per setting (>= 2)")
-    parser.add_argument("--cache-dir", type=Path, default=None, help="default: a temporary folder")
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="folder to hold the benchmark's caches (kept); default: a temporary folder (removed)",
+    )
     args = parser.parse_args()
     if not (args.data_root / "covid-cxr").is_dir():
         raise SystemExit(f"{args.data_root / 'covid-cxr'} not found; pass --data-root")
@@ -88,8 +93,8 @@ def main() -> None:
             plain = dataset_for(args.data_root, args.image_size, None, split)
             times = [epoch_seconds(plain, workers, args.batch_size, e) for e in range(args.epochs)]
             rows.append((workers, kind, "no cache", len(plain), sum(times) / len(times)))
-            cache_dir = args.cache_dir or Path(tempfile.mkdtemp(prefix="mgll-cache-bench-"))
-            shutil.rmtree(cache_dir, ignore_errors=True)
+            # A fresh folder (inside --cache-dir when given): never empty a folder the user named.
+            cache_dir = Path(tempfile.mkdtemp(prefix="mgll-cache-bench-", dir=args.cache_dir))
             cached = dataset_for(args.data_root, args.image_size, cache_dir, split)
             cold = epoch_seconds(cached, workers, args.batch_size, 0)
             warm = [
