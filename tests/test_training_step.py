@@ -224,7 +224,7 @@ def test_a_run_never_leaves_the_logit_scale_above_ln_100(tmp_path):
     assert weights["logit_scale"].item() <= math.log(100) + 1e-6
 
 
-def test_clip_with_one_text_tower_per_level_is_a_named_config_error(tmp_path):
+def test_clip_level_mistakes_are_named_config_errors(tmp_path):
     from mgll.training.config import ConfigError
 
     def per_level_model(cfg):
@@ -234,4 +234,7 @@ def test_clip_with_one_text_tower_per_level_is_a_named_config_error(tmp_path):
 
     cfg = fake_config({"loss.name": "clip", "train.max_steps": 1})
     with pytest.raises(ConfigError, match=r"model\.text_per_level=false"):
-        train(cfg, ".", tmp_path, **dict(FAKES, model_factory=per_level_model))
+        train(cfg, ".", tmp_path / "a", **dict(FAKES, model_factory=per_level_model))
+    cfg = fake_config({"loss.name": "clip", "loss.clip_level": 2, "train.max_steps": 1})
+    with pytest.raises(ConfigError, match=r"loss\.clip_level=2 but the data has 2"):
+        train(cfg, ".", tmp_path / "b", **FAKES)

@@ -158,7 +158,7 @@ def _merge(base: dict[str, Any], update: Mapping[str, Any], prefix: str, strict:
             raise ConfigError(f"unknown config key {dotted!r}; valid keys here: {valid}")
         current = base.get(key)
         if isinstance(current, dict) and isinstance(value, Mapping):
-            # Sections without fixed keys (model/data, loss.weights) accept new keys.
+            # Sections without fixed keys (model, data) accept new keys.
             free = (not strict) or dotted in FREE_FORM_SECTIONS
             _merge(current, value, f"{dotted}.", strict and not free)
         elif isinstance(current, dict) and current and strict:

@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from mgll.distributed import all_reduce_mean
 from mgll.losses import MAX_LOGIT_SCALE, CLIPLoss, MGLLLoss
+from mgll.training.config import ConfigError
 
 LOSS_TERMS = {"mgll": ("sclip", "pointwise", "skl"), "clip": ("clip",)}
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -86,8 +87,9 @@ def select_levels(batch: dict[str, Any], loss_cfg: dict[str, Any]) -> tuple[list
     if loss_cfg["name"] == "clip":
         level = loss_cfg["clip_level"]
         if not -len(texts) <= level < len(texts):
-            raise ValueError(
-                f"loss.clip_level={level} but the data has {len(texts)} granularity levels"
+            raise ConfigError(
+                f"loss.clip_level={level} but the data has {len(texts)} granularity levels; "
+                f"use 0..{len(texts) - 1} or -1 (the finest)"
             )
         return [texts[level]], [labels[level]]
     return texts, labels
