@@ -183,7 +183,7 @@ def _run(
         raise ConfigError(f"model section: {err}") from err
     if tcfg["grad_checkpointing"]:
         if not hasattr(model, "set_grad_checkpointing"):
-            raise TypeError(
+            raise ConfigError(
                 f"train.grad_checkpointing is true but {type(model).__name__} has no "
                 "set_grad_checkpointing(); set train.grad_checkpointing=false"
             )
