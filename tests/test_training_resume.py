@@ -61,6 +61,8 @@ def test_resume_after_a_crash_rewrites_the_rows_logged_after_the_checkpoint(tmp_
     ckpt.state_path_for(last).unlink()
     last.unlink()
     assert max(r["step"] for r in read_metrics(crashed)) == 5
+    with open(crashed / "metrics.jsonl", "a") as fh:  # killed while writing the step-6 row
+        fh.write('{"kind": "train", "step": 6, "lo')
     weights = ckpt.weights_path(crashed / "checkpoints", 4)
     train(_config(**{"train.max_steps": 7}), ".", crashed, resume=str(weights), **FAKES)
     assert _comparable(read_metrics(crashed)) == _comparable(read_metrics(full))

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mgll.training.checkpoint import atomic_write
+from mgll.training.checkpoint import CheckpointError, atomic_write
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -63,13 +63,29 @@ def flatten(row: Mapping[str, Any], sep: str = ".", prefix: str = "") -> dict[st
 
 
 def truncate_after(output_dir: Path, step: int) -> None:
-    """Drop rows logged after ``step`` (a resumed run rewrites them), atomically."""
+    """Drop rows logged after ``step`` (a resumed run rewrites them), atomically.
+
+    A last line cut short by a killed process is dropped too; a broken line before it is an
+    error naming the file and line.
+    """
     path = output_dir / METRICS_FILE
     if not path.is_file():
         return
+    lines = path.read_text(encoding="utf-8").splitlines()
     kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip() and json.loads(line).get("step", 0) <= step:
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines):  # torn by a crash mid-write
+                break
+            raise CheckpointError(
+                f"{path}, line {number}: not a JSON row ({err}); repair or delete that line "
+                "to resume"
+            ) from err
+        if row.get("step", 0) <= step:
             kept.append(line + "\n")
     atomic_write(path, lambda tmp: tmp.write_text("".join(kept), encoding="utf-8"))
 
