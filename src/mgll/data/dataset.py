@@ -47,7 +47,8 @@ class MultiGranularDataset(Dataset):
         self.cache = cache
         if cache is not None and cache.image_size != self.image_size:
             raise ValueError(
-                f"cache image size {cache.image_size} differs from dataset image size {image_size}"
+                f"cache image size {cache.image_size} differs from dataset image size "
+                f"{image_size}; create the PreprocessCache with image_size={image_size}"
             )
         self.resize_mode = (
             cache.resize_mode if cache is not None else check_resize_mode(resize_mode)

@@ -30,9 +30,10 @@ class LevelInfo:
         try:
             return self._index[name]
         except KeyError:
+            shown = self.vocabulary[:10] + (["..."] if len(self.vocabulary) > 10 else [])
             raise ValueError(
                 f"label {name!r} is not in the vocabulary of level {self.name!r} "
-                f"({len(self.vocabulary)} classes: {self.vocabulary[:10]}...)"
+                f"({len(self.vocabulary)} classes: {shown}); add it to the vocabulary"
             ) from None
 
     @cached_property
