@@ -346,6 +346,13 @@ def test_missing_local_weights_file_is_a_clear_error(tmp_path):
     assert "local file" in message
 
 
+def test_damaged_local_weights_file_is_a_clear_error(tmp_path):
+    damaged = tmp_path / "vit.safetensors"
+    damaged.write_bytes(b"\x00" * 16)
+    with pytest.raises(PretrainedWeightsError, match=r"model\.image\.pretrained: .*vit\.safet"):
+        create_model(tiny_cfg(image={"arch": TEST_ARCH, "pretrained": str(damaged)}))
+
+
 def test_folder_without_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(PretrainedWeightsError, match="no checkpoint file in this folder"):
         create_model(tiny_cfg(image={"arch": TEST_ARCH, "pretrained": str(tmp_path)}))

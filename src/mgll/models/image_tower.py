@@ -15,7 +15,7 @@ from typing import Any
 
 import open_clip
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from mgll.models.weights import PretrainedWeightsError, download_failure, resolve_image_weights
@@ -170,6 +170,11 @@ def _is_mgll_run_checkpoint(checkpoint: Path) -> bool:
     """Whether a safetensors file holds an MGLLModel state dict (read from its header only)."""
     if checkpoint.suffix != ".safetensors":
         return False
-    with safe_open(str(checkpoint), framework="pt") as handle:
-        keys = list(handle.keys())  # a safetensors handle is not iterable
+    try:
+        with safe_open(str(checkpoint), framework="pt") as handle:
+            keys = list(handle.keys())  # a safetensors handle is not iterable
+    except SafetensorError as error:
+        raise PretrainedWeightsError(
+            f"model.image.pretrained: {checkpoint} is not a readable safetensors file ({error})"
+        ) from error
     return any(key.startswith("image_tower.") for key in keys)
