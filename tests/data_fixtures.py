@@ -46,3 +46,49 @@ def write_jpeg(path: Path, array: np.ndarray | None = None) -> Path:
     rgb = np.stack([gradient()] * 3, axis=-1) if array is None else array
     Image.fromarray(rgb).save(path, format="JPEG", quality=95)
     return path
+
+
+def write_dicom(
+    path: Path,
+    pixels: np.ndarray,
+    photometric: str = "MONOCHROME2",
+    *,
+    slope: float | None = None,
+    intercept: float | None = None,
+    window: tuple[float, float] | None = None,
+    **tags: object,
+) -> Path:
+    """Write a DICOM file (skips the test without pydicom): 12-bit grayscale in 16-bit words
+    for a 2-D array, 8-bit RGB for an (H, W, 3) array; ``tags`` set header fields."""
+    pytest.importorskip("pydicom", reason="pydicom (the mgll[dicom] extra) not installed")
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns = pixels.shape[:2]
+    ds.PhotometricInterpretation = photometric
+    ds.PixelRepresentation = 0
+    if pixels.ndim == 3:
+        ds.SamplesPerPixel, ds.PlanarConfiguration = 3, 0
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+        ds.PixelData = pixels.astype(np.uint8).tobytes()
+    else:
+        ds.SamplesPerPixel = 1
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+        ds.PixelData = pixels.astype(np.uint16).tobytes()
+    if slope is not None:
+        ds.RescaleSlope = slope
+    if intercept is not None:
+        ds.RescaleIntercept = intercept
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = window
+    for name, value in tags.items():
+        setattr(ds, name, value)
+    ds.save_as(str(path), enforce_file_format=True)
+    return path

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_fixtures import write_png
+from data_fixtures import write_dicom, write_png
 from mgll.data import MultiGranularDataset, collate_samples, detect_adapter, get_adapter
 from mgll.data.adapters.chestxray14 import FINDINGS
 from mgll.losses import label_presence
@@ -113,22 +113,10 @@ def test_midrc_table_levels_and_normalised_labels(tmp_path):
 
 def test_midrc_from_dicom_headers(tmp_path):
     pydicom = pytest.importorskip("pydicom", reason="pydicom (the mgll[dicom] extra) not installed")
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
     for i, (study, series) in enumerate([("CHEST 2 VIEWS", "PA"), ("CHEST 2 VIEWS", "LAT")]):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = FileDataset(str(tmp_path / f"{i}.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
-        ds.Modality, ds.StudyDescription, ds.SeriesDescription = "CR", study, series
-        ds.PatientID = "P7"
-        ds.Rows = ds.Columns = 4
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-        ds.PixelData = (np.arange(16, dtype=np.uint16) * (i + 1)).tobytes()
-        ds.save_as(str(tmp_path / f"{i}.dcm"), enforce_file_format=True)
+        pixels = (np.arange(16, dtype=np.uint16) * (i + 1)).reshape(4, 4)
+        write_dicom(tmp_path / f"{i}.dcm", pixels, Modality="CR", StudyDescription=study,
+                    SeriesDescription=series, PatientID="P7")  # fmt: skip
     assert pydicom.dcmread(tmp_path / "0.dcm").Modality == "CR"
     records = get_adapter("midrc").load(tmp_path)
     assert [r.labels for r in records.records] == [

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from data_fixtures import gradient, write_jpeg, write_png
+from data_fixtures import gradient, write_dicom, write_jpeg, write_png
 from mgll.data import (
     ImageLoadError,
     LevelInfo,
@@ -91,39 +91,9 @@ def test_float_npz_is_scaled(tmp_path):
     assert image[0, 0, 0] == 0 and image[-1, -1, 0] == 255
 
 
-def _write_dicom(path, pixels, photometric, slope=1.0, intercept=0.0, window=None):
-    pytest.importorskip("pydicom", reason="pydicom (the mgll[dicom] extra) not installed")
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CR"
-    ds.PatientID = "P1"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated = 16
-    ds.BitsStored = 12
-    ds.HighBit = 11
-    ds.PixelRepresentation = 0
-    ds.RescaleSlope = slope
-    ds.RescaleIntercept = intercept
-    if window is not None:
-        ds.WindowCenter, ds.WindowWidth = window
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
-    ds.save_as(str(path), enforce_file_format=True)
-    return path
-
-
 def test_dicom_monochrome1_is_inverted(tmp_path):
     pixels = np.tile(np.linspace(0, 4000, 16).astype(np.uint16), (8, 1))
-    path = _write_dicom(tmp_path / "scan.bin", pixels, "MONOCHROME1", slope=2.0, intercept=-100.0)
+    path = write_dicom(tmp_path / "scan.bin", pixels, "MONOCHROME1", slope=2.0, intercept=-100.0)
     assert detect_format(path.read_bytes()[:132]) == "dicom"  # found without a .dcm extension
     image = load_image(path)
     assert image.shape == (8, 16, 3)
@@ -135,7 +105,7 @@ def test_dicom_monochrome1_is_inverted(tmp_path):
 def test_dicom_rescale_and_window(tmp_path):
     pixels = np.tile(np.arange(0, 1600, 100, dtype=np.uint16), (4, 1))  # 0..1500
     # Rescaled values are 2*v - 1000 in -1000..2000; the window [0, 1000] clips both ends.
-    path = _write_dicom(
+    path = write_dicom(
         tmp_path / "w.dcm", pixels, "MONOCHROME2", slope=2.0, intercept=-1000.0, window=(500, 1000)
     )
     row = load_image(path)[0, :, 0].astype(int)
@@ -152,31 +122,17 @@ def test_dicom_window_is_the_display_mapping(tmp_path):
     # Values 400..700 inside the window [0, 1000]: they keep their place in the window
     # (102..178), not stretched to 0..255 as a per-image min-max would.
     pixels = np.tile(np.array([400, 500, 600, 700], np.uint16), (2, 1))
-    mono2 = _write_dicom(tmp_path / "m2.dcm", pixels, "MONOCHROME2", window=(500, 1000))
+    mono2 = write_dicom(tmp_path / "m2.dcm", pixels, "MONOCHROME2", window=(500, 1000))
     assert load_image(mono2)[0, :, 0].tolist() == [102, 128, 153, 178]
-    mono1 = _write_dicom(tmp_path / "m1.dcm", pixels, "MONOCHROME1", window=(500, 1000))
+    mono1 = write_dicom(tmp_path / "m1.dcm", pixels, "MONOCHROME1", window=(500, 1000))
     assert load_image(mono1)[0, :, 0].tolist() == [153, 127, 102, 77]
 
 
 def test_dicom_rgb_8bit_keeps_its_colours(tmp_path):
-    pytest.importorskip("pydicom", reason="pydicom (the mgll[dicom] extra) not installed")
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
     rgb = np.zeros((4, 4, 3), np.uint8)
     rgb[..., 0], rgb[..., 1], rgb[..., 2] = 100, 150, 50  # a min-max stretch would change these
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(tmp_path / "rgb.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
-    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PlanarConfiguration = 4, 4, 3, 0
-    ds.PhotometricInterpretation = "RGB"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.PixelData = rgb.tobytes()
-    ds.save_as(str(tmp_path / "rgb.dcm"), enforce_file_format=True)
-    np.testing.assert_array_equal(load_image(tmp_path / "rgb.dcm"), rgb)
+    path = write_dicom(tmp_path / "rgb.dcm", rgb, "RGB")
+    np.testing.assert_array_equal(load_image(path), rgb)
 
 
 @pytest.mark.parametrize(
