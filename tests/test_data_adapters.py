@@ -13,6 +13,7 @@ import pytest
 from data_fixtures import write_dicom, write_png
 from mgll.data import MultiGranularDataset, collate_samples, detect_adapter, get_adapter
 from mgll.data.adapters.chestxray14 import FINDINGS
+from mgll.data.records import vocabulary_from
 from mgll.losses import label_presence
 
 # The first rows of the real Data_Entry_2017.csv, with its exact header.
@@ -181,6 +182,9 @@ def test_mgll_downstream_csvs(tmp_path):
     single = get_adapter("mgll-downstream").load(tmp_path, name="IDRiD")
     assert [lv.name for lv in single.levels] == ["grade", "dme"]
     assert single.levels[0].vocabulary == ["2", "10"]  # numeric grades sort as numbers
+    # Equal numbers written differently sort by text, never by set (hash-seed) order, so every
+    # process of a distributed run gets the same class ids.
+    assert vocabulary_from([["1.0"], ["1"], ["01"], ["10"], ["2"]]) == ["01", "1", "1.0", "2", "10"]
     assert single.records[0].texts[0] == ["This is a fundus image of 10."]
     with pytest.raises(ValueError, match=r"RFMid_Train\.csv not found.*\['IDRiD', 'RFMiD'\]"):
         get_adapter("mgll-downstream").load(tmp_path, name="RFMid")  # a typo: no KeyError

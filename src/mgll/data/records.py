@@ -140,8 +140,9 @@ def vocabulary_from(
         return [str(v) for v in given]
     seen = {name for names in labels for name in names}
     try:
-        # Numeric grades sort as numbers ("2" before "10"), so ids follow severity.
-        return sorted(seen, key=float)
+        # Numeric grades sort as numbers ("2" before "10"), so ids follow severity; ties such as
+        # "1" and "1.0" by their text, so the order never depends on set (hash) order.
+        return sorted(seen, key=lambda name: (float(name), name))
     except ValueError:
         return sorted(seen)
 
