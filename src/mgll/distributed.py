@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -49,7 +50,14 @@ def distributed_info() -> DistributedInfo:
     )
 
 
-def init_distributed(device: str = "auto") -> tuple[DistributedInfo, torch.device]:
+DEFAULT_TIMEOUT = timedelta(minutes=60)
+"""How long a collective may wait (NCCL's own default is 10 minutes, too short while rank 0
+validates or writes a large checkpoint and the others wait at a barrier)."""
+
+
+def init_distributed(
+    device: str = "auto", timeout: timedelta = DEFAULT_TIMEOUT
+) -> tuple[DistributedInfo, torch.device]:
     """Join the process group that ``torchrun`` describes in the environment, if any.
 
     Picks NCCL when the process uses a CUDA device and gloo otherwise. Returns the rank layout
@@ -65,7 +73,7 @@ def init_distributed(device: str = "auto") -> tuple[DistributedInfo, torch.devic
         torch.cuda.set_device(dev)
     if info.enabled and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=timeout)
         info = distributed_info()
     return info, dev
 
