@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from open_clip.model import _build_vision_tower
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mgll.io import atomic_write
 from mgll.models.model import MGLLModel
 from mgll.models.text_towers import OpenCLIPTextTower
 
@@ -44,12 +44,6 @@ def _layout(path: Path) -> tuple[Path, Path]:
             f"{path}: give the .safetensors file or the export folder, not the JSON sidecar"
         )
     return path / FOLDER_WEIGHTS, path / FOLDER_SIDECAR
-
-
-def _atomic_write(target: Path, write: Callable[[Path], object]) -> None:
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, target)
 
 
 def export_image_encoder(model: MGLLModel, path: str | os.PathLike) -> Path:
@@ -91,8 +85,8 @@ def export_image_encoder(model: MGLLModel, path: str | os.PathLike) -> Path:
             "weights": weights_file.name,
         },
     }
-    _atomic_write(weights_file, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    _atomic_write(sidecar_file, lambda p: p.write_text(json.dumps(sidecar, indent=2) + "\n"))
+    atomic_write(weights_file, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    atomic_write(sidecar_file, lambda p: p.write_text(json.dumps(sidecar, indent=2) + "\n"))
     return weights_file
 
 

@@ -17,10 +17,9 @@ first, so a ``.safetensors`` file only exists once its checkpoint is complete.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
+
+from mgll.io import atomic_write
 
 CHECKPOINT_SUBDIR = "checkpoints"
 _NAME_RE = re.compile(r"^step_(\d+)\.safetensors$")
@@ -46,16 +47,6 @@ def weights_path(directory: Path, step: int) -> Path:
 def state_path_for(weights: Path) -> Path:
     """The training-state file that belongs to a weights file."""
     return weights.with_name(weights.name[: -len(".safetensors")] + ".state.pt")
-
-
-def atomic_write(target: Path, write: Callable[[Path], object]) -> None:
-    """Create ``target`` through ``write(temporary path)``, flushed to disk, then renamed:
-    readers (and a resumed run after a crash) see the old file or the new one, never a part."""
-    tmp = target.with_name(f".{target.name}.tmp")
-    write(tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, target)
 
 
 def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from mgll.training.checkpoint import atomic_write
+from mgll.io import atomic_write
 
 # The trainer's sections with every key and its default; ``model``/``data`` are free-form.
 DEFAULTS: dict[str, Any] = {

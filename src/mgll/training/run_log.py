@@ -7,7 +7,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mgll.training.checkpoint import CheckpointError, atomic_write
+from mgll.io import atomic_write
+from mgll.training.checkpoint import CheckpointError
 
 METRICS_FILE = "metrics.jsonl"
 

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mgll.distributed import barrier, init_distributed, is_distributed
+from mgll.io import atomic_write
 from mgll.training import checkpoint as ckpt
 from mgll.training.config import ConfigError, resolve_package_paths, save_config
 from mgll.training.evaluate import validate
@@ -439,7 +440,7 @@ def _run(
     }
     if main:
         text = json.dumps(summary, indent=2)
-        ckpt.atomic_write(output_dir / SUMMARY_FILE, lambda tmp: tmp.write_text(text, "utf-8"))
+        atomic_write(output_dir / SUMMARY_FILE, lambda tmp: tmp.write_text(text, "utf-8"))
         print(format_summary(summary))
     return summary
 

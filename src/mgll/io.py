@@ -1,0 +1,31 @@
+"""File writing shared by checkpoints and exports."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(target: Path, write: Callable[[Path], object]) -> None:
+    """Create ``target`` through ``write(temporary path)``, flushed to disk, then renamed:
+    readers (and a resumed run after a crash) see the old file or the new one, never a part.
+
+    The file gets the usual permissions for new files (0666 minus the umask); some writers
+    (safetensors) create owner-only files, which colleagues on a cluster could not read.
+    """
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
