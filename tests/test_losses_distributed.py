@@ -7,7 +7,6 @@ gradient is the rank-mean of each rank's gradient (each rank's share, g_r / worl
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -15,15 +14,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import mgll.losses
+from dist_helpers import free_port
 from mgll.losses import CLIPLoss, MGLLLoss
 
 N, D_IN, D = 8, 6, 5
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _problem():
@@ -100,7 +94,7 @@ def _worker(rank: int, world: int, port: int, result_path: str) -> None:
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("ddp") / "result")
-    mp.spawn(_worker, args=(2, _free_port(), path), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), path), nprocs=2, join=True)
     return [torch.load(f"{path}.{r}", weights_only=True) for r in range(2)]
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -12,18 +11,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+from dist_helpers import free_port
 from mgll.training import checkpoint as ckpt
 from mgll.training.run_log import read_metrics
 from mgll.training.trainer import train
 from test_training_fakes import FAKES, fake_config
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
@@ -55,7 +49,7 @@ def test_two_processes_log_the_losses_of_one_process(tmp_path, accum, local_loss
     data = {"data.missing_labels": not local_loss}
     summary = train(_config(**data), ".", single, **FAKES)
     cfg = _config(**data, **{"train.accum_steps": accum, "loss.local_loss": local_loss})
-    mp.spawn(_worker, args=(2, _free_port(), cfg, str(double)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), cfg, str(double)), nprocs=2, join=True)
     one, two = read_metrics(single), read_metrics(double)
     assert [r["step"] for r in two] == [r["step"] for r in one]
     for a, b in zip(one, two, strict=True):
