@@ -229,3 +229,19 @@ def test_covid_cxr_broken_annotations_file_is_named(tmp_path):
     (tmp_path / "annotations" / "annotations.json").write_text("{", encoding="utf-8")
     with pytest.raises(ValueError, match=r"annotations\.json: not a COCO file"):
         get_adapter("covid-cxr").load(tmp_path)
+
+
+def test_an_unknown_adapter_option_is_named_with_the_known_ones(tmp_path):
+    from mgll.data import get_adapter
+
+    with pytest.raises(
+        ValueError,
+        match=r"csdi-fundus adapter: unknown option\(s\) \['langauge'\]; known: \['language'\]",
+    ):
+        get_adapter("csdi-fundus").load(tmp_path, langauge="zh")
+    assert get_adapter("mgll-release").options() == [
+        "list_name",
+        "disease_separator",
+        "image_root",
+        "modality",
+    ]

@@ -7,6 +7,7 @@ format means adding a module and one entry in :data:`ADAPTERS`.
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +26,18 @@ class Adapter:
     detector: str = "detect"
     aliases: tuple[str, ...] = ()
 
+    def options(self) -> list[str]:
+        """The options this format's loader takes (its keyword-only parameters)."""
+        parameters = inspect.signature(self._fn(self.loader)).parameters.values()
+        return [p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY]
+
     def load(self, path: str | Path, **options: Any) -> RecordSet:
-        """Records of the dataset at ``path`` in this format."""
+        """Records of the dataset at ``path`` in this format (options checked by name)."""
+        unknown = sorted(set(options) - set(self.options()))
+        if unknown:
+            raise ValueError(
+                f"{self.name} adapter: unknown option(s) {unknown}; known: {self.options()}"
+            )
         return self._fn(self.loader)(Path(path), **options)
 
     def detect(self, path: str | Path) -> bool:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 from mgll.data.records import LevelInfo, Record, RecordSet
 from mgll.data.tables import read_table
@@ -64,15 +63,11 @@ def finding_text(name: str) -> str:
     return name.replace("_", " ").lower()
 
 
-def load(path: str | Path, **options: Any) -> RecordSet:
+def load(path: str | Path, *, images: str | None = None) -> RecordSet:
     """Records of a ChestX-ray14 folder (or of the table file itself, images then looked up
     next to it). Options: ``images`` (folder to search for images, default the folder)."""
     path = Path(path)
-    image_dir = options.pop("images", None)
-    if options:
-        raise ValueError(
-            f"chestxray14 adapter: unknown option(s) {sorted(options)}; known: ['images']"
-        )
+    image_dir = images
     table = _table(path)
     if table is None:
         raise ValueError(f"{path}: no {TABLE_NAMES[0]} found; pass the table or its folder")

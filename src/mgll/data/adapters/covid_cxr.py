@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 from mgll.data.records import Record, RecordSet, build_levels
 from mgll.data.tables import read_table
@@ -121,17 +120,13 @@ def _texts(labels: list[list[str]], notes: str) -> list[list[str]]:
     return texts
 
 
-def load(path: str | Path, **options: Any) -> RecordSet:
+def load(path: str | Path, *, notes: bool = True) -> RecordSet:
     """Records of an ieee8023 covid-cxr folder (see the module docstring).
 
     Options: ``notes`` (bool, default True) keeps the clinical-notes level.
     """
     path = Path(path)
-    keep_notes = bool(options.pop("notes", True))
-    if options:
-        raise ValueError(
-            f"covid-cxr adapter: unknown option(s) {sorted(options)}; known: ['notes']"
-        )
+    keep_notes = bool(notes)
     meta_path = path / "metadata.csv"
     frame = read_table(meta_path)
     for column in ("filename", "finding", "patientid"):

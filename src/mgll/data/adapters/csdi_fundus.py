@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
 
 from mgll.data.records import Record, RecordSet, build_levels
 from mgll.data.tables import read_table
@@ -61,14 +60,9 @@ def patient_of(filename: str) -> str:
     return _EYE_SUFFIX.sub("", stem) or stem
 
 
-def load(path: str | Path, **options: Any) -> RecordSet:
+def load(path: str | Path, *, language: str = "en") -> RecordSet:
     """Records of a CSDI folder. Options: ``language`` ("en", default, or "zh")."""
     path = Path(path)
-    language = options.pop("language", "en")
-    if options:
-        raise ValueError(
-            f"csdi-fundus adapter: unknown option(s) {sorted(options)}; known: ['language']"
-        )
     column = {"en": "English_diagnosis", "zh": "Chinese_diagnosis"}.get(language)
     if column is None:
         raise ValueError(f"csdi-fundus adapter: language must be 'en' or 'zh', got {language!r}")

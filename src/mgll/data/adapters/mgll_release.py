@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 from mgll.data.records import Record, RecordSet, build_levels
 from mgll.data.tables import read_table
@@ -60,20 +59,19 @@ def _image_path(image_id: str, json_file: Path, root: Path, image_root: Path | N
     return (image_root or json_file.parent) / candidate
 
 
-def load(path: str | Path, **options: Any) -> RecordSet:
-    """Records of an MGLL release folder. Options: ``list`` (the <list> prefix, default the
+def load(
+    path: str | Path,
+    *,
+    list_name: str | None = None,
+    disease_separator: str | None = None,
+    image_root: str | None = None,
+    modality: str = "fundus",
+) -> RecordSet:
+    """Records of an MGLL release folder. Options: ``list_name`` (the <list> prefix, default the
     first ``*_train.txt``), ``disease_separator``, ``image_root``, ``modality`` ("fundus")."""
     path = Path(path)
-    prefix = options.pop("list", None)
-    separator = options.pop("disease_separator", None)
-    image_root_option = options.pop("image_root", None)
-    image_root = Path(image_root_option) if image_root_option else None
-    modality = str(options.pop("modality", "fundus"))
-    if options:
-        raise ValueError(
-            f"mgll-release adapter: unknown option(s) {sorted(options)}; known: "
-            "['list', 'disease_separator', 'image_root', 'modality']"
-        )
+    prefix, separator, modality = list_name, disease_separator, str(modality)
+    image_root = Path(image_root) if image_root else None
     lists = _lists(path, prefix)
     if "train" not in lists:
         raise ValueError(
@@ -139,20 +137,19 @@ def load(path: str | Path, **options: Any) -> RecordSet:
     return result
 
 
-def load_downstream(path: str | Path, **options: Any) -> RecordSet:
+def load_downstream(
+    path: str | Path,
+    *,
+    name: str | None = None,
+    image_root: str | None = None,
+    prompt: str = "This is a fundus image of {label}.",
+) -> RecordSet:
     """Records of a downstream set (``<name>_Train/_Val/_Test.csv``). Options: ``name`` (the
     prefix, default the first ``*_Train.csv``), ``image_root``, ``prompt`` (template with
     {label}, default "This is a fundus image of {label}.")."""
     path = Path(path)
-    name = options.pop("name", None)
-    image_root_option = options.pop("image_root", None)
-    image_root = Path(image_root_option) if image_root_option else path
-    prompt = str(options.pop("prompt", "This is a fundus image of {label}."))
-    if options:
-        raise ValueError(
-            f"mgll-downstream adapter: unknown option(s) {sorted(options)}; "
-            "known: ['name', 'image_root', 'prompt']"
-        )
+    image_root = Path(image_root) if image_root else path
+    prompt = str(prompt)
     if name is None:
         trains = sorted(path.glob("*_Train.csv"))
         if not trains:

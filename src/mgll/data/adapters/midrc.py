@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
 
 from mgll.data.records import Record, RecordSet, build_levels
 from mgll.data.tables import read_table
@@ -114,14 +113,11 @@ def _rows_from_dicom(path: Path) -> list[dict[str, str]]:
     return rows
 
 
-def load(path: str | Path, **options: Any) -> RecordSet:
+def load(path: str | Path, *, table: str | None = None) -> RecordSet:
     """Records of a MIDRC-style folder (see the module docstring). Options: ``table`` (path of
     the metadata table, relative to the folder; default: the first table in the folder with
     the three columns)."""
     path = Path(path)
-    table = options.pop("table", None)
-    if options:
-        raise ValueError(f"midrc adapter: unknown option(s) {sorted(options)}; known: ['table']")
     root = path if path.is_dir() else path.parent
     table_path = root / Path(table) if table else _find_table(path)  # relative: to the folder
     rows = _rows_from_table(table_path) if table_path is not None else _rows_from_dicom(path)
