@@ -133,18 +133,15 @@ def test_dataset_output_is_the_same_with_and_without_cache(tmp_path):
     assert cache.misses == 3 and cache.hits == 3
 
 
-def test_default_cache_dir_prefers_the_dataset_then_the_user_cache(tmp_path, monkeypatch):
+def test_default_cache_dir_is_the_user_cache_never_the_dataset(tmp_path, monkeypatch):
     import mgll.data.cache as cache_module
 
     dataset = tmp_path / "set"
     dataset.mkdir()
-    assert cache_module.default_cache_dir(dataset) == dataset / ".mgll-cache"
-    # A read-only dataset (like ../shared/data); tests run as root, so fake the permission.
-    real_access = os.access
-    monkeypatch.setattr(
-        cache_module.os, "access", lambda p, mode: Path(p) != dataset and real_access(p, mode)
-    )
     monkeypatch.setenv("MGLL_CACHE_DIR", str(tmp_path / "user"))
+    # A writable dataset folder is still never used (data folders are read, never written).
     assert cache_module.default_cache_dir(dataset) == tmp_path / "user" / "preprocess"
-    monkeypatch.setenv("MGLL_CACHE_DIR", str(dataset / "inside"))  # not writable either
+    blocked = tmp_path / "file"
+    blocked.write_text("x")
+    monkeypatch.setenv("MGLL_CACHE_DIR", str(blocked / "inside"))  # under a file: unwritable
     assert cache_module.default_cache_dir(dataset) is None

@@ -154,10 +154,10 @@ def _writable(folder: Path) -> bool:
 
 
 def default_cache_dir(dataset_dir: Path) -> Path | None:
-    """``<dataset>/.mgll-cache`` when the dataset folder is writable; otherwise (a read-only
-    dataset such as ``../shared/data``) ``<user cache>/preprocess``; None when neither is."""
-    local = dataset_dir / ".mgll-cache"
-    if _writable(local) and dataset_dir.is_dir():
-        return local
+    """``<user cache>/preprocess``, or None when it cannot be written.
+
+    Never the dataset folder: data folders are read, never written (a root process would
+    otherwise pass a write-permission check on a read-only shared folder).
+    """
     shared = user_cache_dir() / "preprocess"  # keys hold absolute paths, so sharing is safe
     return shared if _writable(shared) else None

@@ -163,6 +163,31 @@ def load_weights(model: nn.Module, weights: Path) -> None:
         )
 
 
+def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild the ``MGLLModel`` of a pretraining checkpoint and load its weights.
+
+    ``checkpoint`` is a ``step_*.safetensors`` file, a run folder or its ``checkpoints`` folder
+    (the newest checkpoint is used). Returns the model in eval mode and the run config. This is
+    the one way every consumer (export, evaluation, transfer) reads a pretrained run.
+    """
+    from mgll.models import create_model
+    from mgll.training.config import resolve_package_paths
+
+    weights = resolve_checkpoint(checkpoint)
+    meta = read_metadata(weights)
+    model_cfg = resolve_package_paths(meta["config"]["model"])
+    # The checkpoint holds every weight: skip fetching the image tower's pretrained ones, but
+    # keep the activation those weights implied (open_clip derives QuickGELU from the tag).
+    image_cfg = {**model_cfg["image"], "pretrained": None}
+    quick_gelu = meta["extra"].get("image.quick_gelu")
+    if quick_gelu is not None and image_cfg.get("quick_gelu") is None:
+        image_cfg["quick_gelu"] = quick_gelu
+    model_cfg["image"] = image_cfg
+    model = create_model(model_cfg)
+    load_weights(model, weights)
+    return model.to(device).eval(), meta["config"]
+
+
 STATE_KEYS = ("step", "epoch", "epoch_step", "optimizer", "scaler", "rng", "config")
 
 

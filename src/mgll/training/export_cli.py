@@ -8,13 +8,8 @@ import sys
 from pathlib import Path
 
 from mgll.models.weights import PretrainedWeightsError
-from mgll.training.checkpoint import (
-    CheckpointError,
-    load_weights,
-    read_metadata,
-    resolve_checkpoint,
-)
-from mgll.training.config import ConfigError, resolve_package_paths
+from mgll.training.checkpoint import CheckpointError, load_model
+from mgll.training.config import ConfigError
 
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
@@ -23,20 +18,9 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
     ``checkpoint`` is a ``step_*.safetensors`` file, a run folder or its ``checkpoints`` folder
     (the newest checkpoint is used). Returns the written weights file.
     """
-    from mgll.models import create_model, export_image_encoder
+    from mgll.models import export_image_encoder
 
-    weights = resolve_checkpoint(checkpoint)
-    meta = read_metadata(weights)
-    model_cfg = resolve_package_paths(meta["config"]["model"])
-    # The checkpoint holds every weight: skip fetching the image tower's pretrained ones, but
-    # keep the activation those weights implied (open_clip derives QuickGELU from the tag).
-    image_cfg = {**model_cfg["image"], "pretrained": None}
-    quick_gelu = meta["extra"].get("image.quick_gelu")
-    if quick_gelu is not None and image_cfg.get("quick_gelu") is None:
-        image_cfg["quick_gelu"] = quick_gelu
-    model_cfg["image"] = image_cfg
-    model = create_model(model_cfg)
-    load_weights(model, weights)
+    model, _ = load_model(checkpoint)
     return export_image_encoder(model, output)
 
 
