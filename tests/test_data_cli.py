@@ -7,42 +7,14 @@ import warnings
 
 import pytest
 
-from data_fixtures import write_jpeg, write_png
+from data_fixtures import SPEC, spec_dataset, write_png
 from mgll.cli import main
 from mgll.data import LevelInfo, Record, RecordSet, build_datasets, collate_samples
 from mgll.data.check import check_records
 
-SPEC = """
-table: labels.csv
-image: {column: path, root: images}
-patient: patient
-metadata: [view]
-levels:
-  - name: finding
-    label: finding
-    separator: "|"
-    prompt: "A chest X-ray showing {label}."
-  - name: report
-    text: report
-"""
-
-
-def _dataset(tmp_path, n=10):
-    (tmp_path / "images").mkdir()
-    lines = ["path,patient,view,finding,report"]
-    for i in range(n):
-        # Odd rows PNG, even rows JPEG named .png: the format comes from the content.
-        writer = write_png if i % 2 else write_jpeg
-        writer(tmp_path / "images" / f"{i}.png")
-        finding = ["Mass", "Effusion|Mass", "", "Nodule"][i % 4]
-        lines.append(f"{i}.png,p{i // 2},PA,{finding},report {i % 3}")
-    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (tmp_path / "spec.yaml").write_text(SPEC, encoding="utf-8")
-    return tmp_path / "spec.yaml"
-
 
 def test_check_clean_dataset_exits_zero(tmp_path, capsys):
-    spec = _dataset(tmp_path)
+    spec = spec_dataset(tmp_path)
     assert main(["data", "check", str(spec)]) == 0
     out = capsys.readouterr().out
     assert "samples: 10" in out and "result: OK" in out
@@ -53,7 +25,7 @@ def test_check_clean_dataset_exits_zero(tmp_path, capsys):
 
 
 def test_check_names_missing_corrupt_and_empty(tmp_path, capsys):
-    spec = _dataset(tmp_path)
+    spec = spec_dataset(tmp_path)
     (tmp_path / "images" / "3.png").unlink()
     (tmp_path / "images" / "4.png").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     with (tmp_path / "labels.csv").open("a", encoding="utf-8") as handle:
@@ -97,7 +69,7 @@ def test_an_image_path_that_cannot_be_opened_is_an_error(tmp_path):
 def test_check_unreadable_inputs_exit_two(tmp_path, capsys):
     assert main(["data", "check", str(tmp_path / "absent")]) == 2
     assert "no such file or folder" in capsys.readouterr().out
-    spec = _dataset(tmp_path)
+    spec = spec_dataset(tmp_path)
     spec.write_text(SPEC.replace("label: finding", "label: findng"), encoding="utf-8")
     assert main(["data", "check", str(spec)]) == 2
     out = capsys.readouterr().out
@@ -117,7 +89,7 @@ def test_check_unreadable_inputs_exit_two(tmp_path, capsys):
 
 
 def test_split_command_and_build_datasets(tmp_path, capsys):
-    spec = _dataset(tmp_path, n=20)
+    spec = spec_dataset(tmp_path, n=20)
     out = tmp_path / "split.csv"
     assert main(["data", "split", str(spec), "--out", str(out), "--train", "0.6", "--val", "0.2",
                  "--test", "0.2"]) == 0  # fmt: skip
@@ -149,7 +121,7 @@ def test_split_command_and_build_datasets(tmp_path, capsys):
 
 
 def test_build_datasets_config_errors(tmp_path):
-    _dataset(tmp_path)
+    spec_dataset(tmp_path)
     base = {"source": "spec.yaml"}
     kwargs = {"image_size": 8, "mean": (0,) * 3, "std": (1,) * 3, "seed": 0}
     with pytest.raises(ValueError, match=r"data\.levels: index 5"):
@@ -169,7 +141,7 @@ def test_build_datasets_config_errors(tmp_path):
 
 
 def test_source_split_from_a_spec_column(tmp_path, capsys):
-    spec = _dataset(tmp_path, n=8)
+    spec = spec_dataset(tmp_path, n=8)
     table = tmp_path / "labels.csv"
     lines = table.read_text().splitlines()
 

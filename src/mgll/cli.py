@@ -20,6 +20,7 @@ COMMAND_MODULES: dict[str, tuple[str, str]] = {
     "data": ("mgll.data.cli", "validate datasets and write patient-level splits"),
     "pretrain": ("mgll.training.cli", "pretrain an image-text model with MGLL (or CLIP)"),
     "export": ("mgll.training.export_cli", "export the image encoder of a checkpoint"),
+    "cache": ("mgll.data.cache_cli", "show or clear the preprocessing cache"),
 }
 
 
@@ -53,8 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(command if command in COMMAND_MODULES else None)
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
-        parser.print_help()
-        return 0 if args.command is None else 2
+        parser.print_help()  # no command: the help, and a usage error like `mgll data` alone
+        return 2
     return int(args.func(args) or 0)
 
 

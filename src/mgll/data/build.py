@@ -177,8 +177,8 @@ def build_datasets(
         cache_dir = None
     elif cache_cfg is None:
         cache_dir = default_cache_dir(folder)
-    else:
-        cache_dir = resolve_path(cache_cfg, data_root)
+    else:  # a cache root chosen in the config (the dataset folder only when it says so)
+        cache_dir = default_cache_dir(folder, resolve_path(cache_cfg, data_root))
     augmentation = augmentation_options(cfg.get("augmentation"))
 
     indices = split_records(records, cfg.get("split"), seed, data_root, folder)
