@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import csv
+import json
+import re
 import warnings
 
 import pytest
 
 from data_fixtures import SPEC, spec_dataset, write_png
 from mgll.cli import main
-from mgll.data import LevelInfo, Record, RecordSet, build_datasets, collate_samples
+from mgll.data import (
+    LevelInfo,
+    Record,
+    RecordSet,
+    build_datasets,
+    collate_samples,
+    load_records,
+)
 from mgll.data.check import check_records
 
 
@@ -68,30 +77,88 @@ def test_an_image_path_that_cannot_be_opened_is_an_error(tmp_path):
 
 def test_check_unreadable_inputs_exit_two(tmp_path, capsys):
     assert main(["data", "check", str(tmp_path / "absent")]) == 2
-    assert "no such file or folder" in capsys.readouterr().out
+    err = capsys.readouterr().err
+    assert err == f"mgll data check: error: {tmp_path / 'absent'}: no such file or folder\n"
     spec = spec_dataset(tmp_path)
     spec.write_text(SPEC.replace("label: finding", "label: findng"), encoding="utf-8")
     assert main(["data", "check", str(spec)]) == 2
-    out = capsys.readouterr().out
-    assert "levels[0].label" in out and "'findng'" in out and "labels.csv" in out
-    assert main(["data", "check", str(tmp_path), "--format", "csdi"]) == 2  # wrong format named
-    assert "CSDI_annotations.csv" in capsys.readouterr().out
+    err = capsys.readouterr().err
+    assert "levels[0].label" in err and "'findng'" in err and "labels.csv" in err
+    assert main(["data", "check", str(tmp_path), "--source", "csdi"]) == 2  # wrong format named
+    assert "CSDI_annotations.csv" in capsys.readouterr().err
     spec.write_text(SPEC, encoding="utf-8")
     assert main(["data", "check", str(spec), "--train", "0.9"]) == 2  # 0.9 + 0.1 + 0.1 != 1
-    assert "sum to 1" in capsys.readouterr().out
+    assert "sum to 1" in capsys.readouterr().err
     assert main(["data"]) == 2  # no action: the help, not a traceback
     blocker = tmp_path / "a-file"
     blocker.write_text("")
+    capsys.readouterr()
     # An output that cannot be written is a one-line error, not a traceback.
-    assert main(["data", "split", str(spec), "--out", str(blocker / "split.csv")]) == 2
-    assert main(["data", "check", str(spec), "--json", str(blocker / "r.json")]) == 2
-    assert "error: --json: cannot write" in capsys.readouterr().out
+    assert main(["data", "split", str(spec), "--output", str(blocker / "split.csv")]) == 2
+    assert capsys.readouterr().err.startswith("mgll data split: error: ")
+    assert main(["data", "check", str(spec), "--output", str(blocker / "r.json")]) == 2
+    assert "mgll data check: error: --output: cannot write" in capsys.readouterr().err
+    assert main(["data", "split", str(spec)]) == 2
+    assert "--output FILE is required" in capsys.readouterr().err
+
+
+def test_old_option_spellings_still_work(tmp_path, capsys):
+    """--out, --json, --format and --option are hidden aliases; --seed says what it means."""
+    spec = spec_dataset(tmp_path, n=20)
+    new, old = tmp_path / "new.csv", tmp_path / "old.csv"
+    assert main(["data", "split", str(spec), "--output", str(new), "--split-seed", "3"]) == 0
+    assert capsys.readouterr().err == ""
+    assert main(["data", "split", str(spec), "--out", str(old), "--seed", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "--seed is now --split-seed" in err and "data.split.seed" in err
+    assert old.read_text() == new.read_text()
+    seed0 = tmp_path / "seed0.csv"
+    assert main(["data", "split", str(spec), "--output", str(seed0)]) == 0
+    assert seed0.read_text() != new.read_text()  # the seed does change the split
+    report = tmp_path / "report.json"
+    assert main(["data", "check", str(spec), "--no-decode", "--json", str(report)]) == 0
+    assert json.loads(report.read_text())["num_records"] == 20
+    for action in ("check", "split"):
+        with pytest.raises(SystemExit):
+            main(["data", action, "--help"])
+        usage = capsys.readouterr().out.split("\n\n")[0]
+        shown = set(re.findall(r"--[a-z-]+", usage))
+        assert {"--source", "--options", "--split-seed", "--output"} <= shown
+        assert not shown & {"--format", "--option", "--seed", "--json", "--out"}
+
+
+def test_source_and_options_mirror_the_config_keys(tmp_path, capsys):
+    """`--source NAME --options k=v` reads a folder as data.source / data.options would."""
+    csdi = tmp_path / "csdi"
+    (csdi / "images").mkdir(parents=True)
+    write_png(csdi / "images" / "HJX1.png")
+    (csdi / "CSDI_annotations.csv").write_text(
+        "id,score,English_diagnosis,Chinese_diagnosis\nHJX1.png,2,mild haze,轻度混浊\n",
+        encoding="utf-8",
+    )
+    cfg = {"source": "csdi-fundus", "path": str(csdi), "options": {"language": "zh"}}
+    records, _ = load_records(cfg["source"], cfg["path"], options=cfg["options"])
+    assert records.records[0].texts[-1] == ["轻度混浊"]
+    args = ["data", "check", str(csdi), "--source", "csdi-fundus", "--no-decode"]
+    args += ["--train", "1", "--val", "0", "--test", "0"]
+    assert main([*args, "--options", "language=zh"]) == 0
+    assert "1  轻度混浊" in capsys.readouterr().out
+    assert main(args) == 0
+    assert "1  mild haze" in capsys.readouterr().out
+    assert main(["data", "check", str(csdi), "--options", "colour=red"]) == 2
+    assert "colour" in capsys.readouterr().err
+    assert main(["data", "check", str(csdi), "--options", "language"]) == 2
+    assert "--options 'language': expected KEY=VALUE" in capsys.readouterr().err
+    (tmp_path / "spec").mkdir()
+    spec = spec_dataset(tmp_path / "spec", n=2)
+    assert main(["data", "check", str(spec), "--source", "csdi-fundus"]) == 2
+    assert "--source names the format of a dataset folder" in capsys.readouterr().err
 
 
 def test_split_command_and_build_datasets(tmp_path, capsys):
     spec = spec_dataset(tmp_path, n=20)
     out = tmp_path / "split.csv"
-    assert main(["data", "split", str(spec), "--out", str(out), "--train", "0.6", "--val", "0.2",
+    assert main(["data", "split", str(spec), "--output", str(out), "--train", "0.6", "--val", "0.2",
                  "--test", "0.2"]) == 0  # fmt: skip
     with out.open(newline="") as handle:
         rows = list(csv.DictReader(handle))

@@ -163,7 +163,7 @@ def test_splits_share_no_patient_and_batches_follow_the_contract(name):
 def test_data_check_reports_the_real_sets(tmp_path, capsys):
     covid = require_shared("covid-cxr")
     out = tmp_path / "report.json"
-    assert main(["data", "check", str(covid), "--no-decode", "--json", str(out)]) == 1
+    assert main(["data", "check", str(covid), "--no-decode", "--output", str(out)]) == 1
     text = capsys.readouterr().out
     assert "missing image files (error): 7" in text
     assert "case_71_figura1.png" in text and "covid-19-caso-86-RX-Torace-2.jpg" in text
@@ -188,7 +188,7 @@ def test_data_check_reports_the_real_sets(tmp_path, capsys):
 def test_data_split_writes_a_patient_level_file(tmp_path, capsys):
     covid = require_shared("covid-cxr")
     out = tmp_path / "split.csv"
-    assert main(["data", "split", str(covid), "--out", str(out), "--seed", "3"]) == 0
+    assert main(["data", "split", str(covid), "--output", str(out), "--split-seed", "3"]) == 0
     with out.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 527

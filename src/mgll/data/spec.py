@@ -19,6 +19,7 @@ Every error names the spec key, the table file and (for cell errors) the row.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,19 +84,36 @@ def records_from_spec(
 ) -> RecordSet:
     """Records described by ``spec`` (a mapping, or the path of a YAML/JSON file).
 
-    Relative paths in the spec (table, image root) are resolved against ``base_dir``, which
-    defaults to the spec file's folder.
+    Relative paths in a spec file (table, image root) are relative to the spec file's folder,
+    always. ``base_dir`` is only for a mapping: the folder its relative paths start from
+    (default: the current folder).
     """
     if isinstance(spec, (str, Path)):
-        spec_path = Path(spec)
+        if base_dir is not None:
+            raise ValueError(
+                f"{spec}: base_dir applies to a spec mapping; a spec file's paths are relative "
+                "to the file"
+            )
+        spec_path = Path(spec).absolute()
         mapping = load_spec_file(spec_path)
-        base = Path(base_dir) if base_dir is not None else spec_path.parent
+        base = spec_path.parent
         where = str(spec_path)
     else:
         mapping = dict(spec)
-        base = Path(base_dir) if base_dir is not None else Path.cwd()
+        base = Path(base_dir if base_dir is not None else Path.cwd()).absolute()
         where = "dataset spec"
     return _SpecReader(mapping, base, where).read()
+
+
+def find_spec(source: str | Path, data_root: str | Path | None = None) -> Path:
+    """The spec file ``source`` names: under ``data_root`` when it is there, else as given
+    (relative to the current folder). SpecError listing the absolute paths tried if neither."""
+    tried = [resolve_path(source, data_root).absolute(), Path(source).expanduser().absolute()]
+    for candidate in tried:
+        if candidate.is_file():
+            return candidate
+    shown = " or ".join(dict.fromkeys(str(t) for t in tried))
+    raise SpecError(f"data.source: dataset spec {source} not found (tried {shown})")
 
 
 class _SpecReader:
@@ -169,7 +187,12 @@ class _SpecReader:
             )
         levels = [self.parse_level(i, cfg) for i, cfg in enumerate(level_cfgs)]
 
-        result = RecordSet(levels=[], records=[], source=str(self.table_path))
+        result = RecordSet(
+            levels=[],
+            records=[],
+            source=str(self.table_path),
+            missing_cells=Counter(self.frame.attrs.get("missing_cells", {})),
+        )
         rows = self.frame.to_dict("records")
         per_level_labels: list[list[list[str]]] = [[] for _ in levels]
         kept_rows: list[tuple[int, dict[str, str]]] = []
