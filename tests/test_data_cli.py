@@ -233,3 +233,69 @@ def test_source_split_from_a_spec_column(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "split shipped by the source:\n  train       5 images       3 patients" in out
     assert "patients in several source splits (error): 1\n  patient:p2 (train and val)" in out
+
+
+def test_spec_paths_are_relative_to_the_spec_in_pretrain_and_check(tmp_path, capsys):
+    """With the recipe's data.path pointing at another dataset, a spec still reads its own
+    table (not a same-named table under data.path), in build_datasets as in `data check`."""
+    (tmp_path / "mine").mkdir()
+    spec = spec_dataset(tmp_path / "mine")
+    decoy = tmp_path / "covid-cxr"
+    decoy.mkdir()
+    (decoy / "labels.csv").write_text("path,patient,view,finding,report\n", encoding="utf-8")
+    kwargs = {"image_size": 8, "mean": (0,) * 3, "std": (1,) * 3, "seed": 0}
+    cfg = {"source": "mine/spec.yaml", "path": "covid-cxr"}
+    with pytest.warns(UserWarning, match=r"data\.path .*covid-cxr.* is not used with a spec"):
+        datasets = build_datasets(cfg, tmp_path, **kwargs)
+    assert sum(len(d) for d in datasets.values()) == 10
+    assert all(r.image.is_relative_to(tmp_path / "mine") for r in datasets["train"].records)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # data.path naming the spec's folder: nothing to say
+        build_datasets({**cfg, "path": "mine"}, tmp_path, **kwargs)
+    assert main(["data", "check", str(spec), "--no-decode"]) == 0
+    assert "samples: 10" in capsys.readouterr().out
+    # Errors show the absolute paths that were tried.
+    (tmp_path / "mine" / "labels.csv").unlink()
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'mine' / 'labels.csv'}: table file not"):
+        build_datasets({"source": "mine/spec.yaml"}, tmp_path, **kwargs)
+    with pytest.raises(ValueError, match=rf"not found \(tried {tmp_path / 'nope.yaml'} or "):
+        build_datasets({"source": "nope.yaml"}, tmp_path, **kwargs)
+
+
+def test_an_empty_dataset_is_an_error_everywhere(tmp_path, capsys):
+    spec = spec_dataset(tmp_path, n=0)  # a table with a header and no rows
+    assert main(["data", "check", str(spec)]) == 1
+    out = capsys.readouterr().out
+    assert "samples: 0 (error: no usable samples" in out and "result: 1 error(s)" in out
+    assert main(["data", "split", str(spec), "--output", str(tmp_path / "s.csv")]) == 2
+    assert "no usable samples to split" in capsys.readouterr().err
+    assert not (tmp_path / "s.csv").exists()
+    kwargs = {"image_size": 8, "mean": (0,) * 3, "std": (1,) * 3, "seed": 0}
+    with pytest.raises(ValueError, match="no usable samples"):
+        build_datasets({"source": str(spec)}, None, **kwargs)
+
+
+def test_missing_value_spellings_are_missing_and_counted(tmp_path, capsys):
+    spec = spec_dataset(tmp_path, n=8)
+    table = tmp_path / "labels.csv"
+    rows = table.read_text(encoding="utf-8").splitlines()
+    spelled = {1: "NaN", 2: " nan ", 3: "N/A", 4: "NA", 5: "null", 6: "None"}
+    for row, text in spelled.items():  # the finding column of data rows 1-6
+        cells = rows[row].split(",")
+        cells[3] = text
+        rows[row] = ",".join(cells)
+    rows[7] = rows[7].replace(",report 0", ",#N/A")  # a blank report, spelled
+    table.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    report_file = tmp_path / "r.json"
+    assert main(["data", "check", str(spec), "--no-decode", "--output", str(report_file)]) == 0
+    out = capsys.readouterr().out
+    # "None" stays a class (often a finding: no finding); the others are missing.
+    assert "level 0 'finding' (multi-label, 2 classes, 6 missing):\n       1  None\n" in out
+    assert "level 1 'report' (single-label, 3 classes, 1 missing)" in out
+    assert "cells read as missing: 6 (spelled as one of 'nan', 'n/a', 'na', '#n/a'" in out
+    for text in ("finding: 'NaN'", "finding: 'nan'", "finding: 'N/A'", "report: '#N/A'"):
+        assert f"       1  {text}" in out
+    report = json.loads(report_file.read_text())
+    assert {"column": "finding", "value": "null", "cells": 1} in report["missing_cells"]
+    finding_counts = report["levels"][0]["counts"]
+    assert not {"NaN", "nan", "N/A", "NA", "null"} & set(finding_counts)
