@@ -19,6 +19,7 @@ Every error names the spec key, the table file and (for cell errors) the row.
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -152,7 +153,7 @@ class _SpecReader:
                 ", ".join(sorted(unknown)), f"unknown key(s); known keys: {sorted(_TOP_KEYS)}"
             )
         table = self.require("table")
-        self.table_path = resolve_path(table, self.base)
+        self.table_path = _normalised(table, self.base)
         try:
             self.frame = read_table(self.table_path, self.spec.get("format"))
         except TableError as exc:
@@ -164,7 +165,7 @@ class _SpecReader:
         if not isinstance(image_cfg, Mapping):
             raise self.fail("image", "must be a column name or {column: ..., root: ...}")
         image_col = self.column("image.column", image_cfg.get("column"))
-        root = resolve_path(image_cfg.get("root", "."), self.base)
+        root = _normalised(image_cfg.get("root", "."), self.base)
         patient_col = (
             self.column("patient", self.spec["patient"]) if self.spec.get("patient") else None
         )
@@ -244,7 +245,7 @@ class _SpecReader:
                 metadata["split"] = row[split_col].strip().lower()
             result.records.append(
                 Record(
-                    image=resolve_path(row[image_col].strip(), root),
+                    image=_normalised(row[image_col].strip(), root),
                     texts=texts,
                     labels=labels,
                     patient_id=(row[patient_col].strip() or None) if patient_col else None,
@@ -385,6 +386,12 @@ def resolve_path(value: Any, base: str | Path | None) -> Path:
     under ``base``."""
     path = Path(str(value)).expanduser()
     return path if path.is_absolute() or base is None else Path(base) / path
+
+
+def _normalised(value: Any, base: Path) -> Path:
+    """``value`` under the absolute folder ``base``, with ``..`` folded away (for messages, and
+    so split files can write images relative to the dataset folder)."""
+    return Path(os.path.normpath(resolve_path(value, base)))
 
 
 def is_spec_path(path: str | Path) -> bool:
