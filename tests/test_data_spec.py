@@ -236,3 +236,12 @@ def test_missing_spellings_in_jsonl_strings_are_missing_too(tmp_path):
     assert records.missing_cells == {("finding", "N/A"): 1, ("patient", "null"): 1}
     with pytest.raises(ValueError, match="base_dir applies to a spec mapping"):
         records_from_spec(tmp_path / "spec.yaml", base_dir=tmp_path)
+
+
+def test_a_parquet_table_without_rows_reads_as_empty(tmp_path):
+    pytest.importorskip("pyarrow", reason="pyarrow (the mgll[parquet] extra) not installed")
+    import pandas as pd
+
+    pd.DataFrame({"file": pd.Series([], dtype=float), "finding": []}).to_parquet(tmp_path / "t.pq")
+    spec = {"table": "t.pq", "image": "file", "levels": [{"label": "finding"}]}
+    assert records_from_spec(spec, base_dir=tmp_path).records == []

@@ -100,7 +100,7 @@ def blank_missing(frame: pd.DataFrame) -> pd.DataFrame:
     """
     counts: Counter[tuple[str, str]] = Counter()
     for column in frame.columns:
-        cells = frame[column]
+        cells = frame[column].astype(object)  # an empty Parquet column may be float
         stripped = cells.str.strip()
         spelled = stripped.str.lower().isin(MISSING_SPELLINGS)
         counts.update((column, text) for text in stripped[spelled])
