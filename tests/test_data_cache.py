@@ -245,3 +245,18 @@ def test_cache_clear_all_or_one_dataset_by_name(tmp_path, capsys):
     assert [p.name for p in (root / "preprocess").iterdir()] == ["keep.txt"]  # only ours go
     assert main(["cache", "clear", "--cache-dir", str(root), "-y"]) == 0
     assert "nothing to clear" in capsys.readouterr().out
+
+
+def test_cache_clear_asks_on_a_terminal(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "root"
+    (tmp_path / "set").mkdir()
+    cache = PreprocessCache(default_cache_dir(tmp_path / "set", root), 8)
+    cache.load(write_png(tmp_path / "x.png"))
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
+    answers = iter(["n", "yes"])
+    monkeypatch.setattr("builtins.input", lambda prompt: next(answers))
+    assert main(["cache", "clear", "--cache-dir", str(root)]) == 1
+    assert "nothing deleted" in capsys.readouterr().out
+    assert len(list(root.rglob("*.npy"))) == 1
+    assert main(["cache", "clear", "--cache-dir", str(root)]) == 0
+    assert not list(root.rglob("*.npy"))
