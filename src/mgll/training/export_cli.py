@@ -37,9 +37,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--output",
-        required=True,
         help="FILE.safetensors (sidecar FILE.json beside it) or a folder for open_clip",
     )
+    # --- transfer (issue 10): the Hugging Face CLIPVisionModel format; see mgll.models.hf_export
+    parser.add_argument(
+        "--format",
+        choices=("open_clip", "hf-clip-vision"),
+        default="open_clip",
+        help="open_clip (default, --output) or hf-clip-vision: a transformers CLIPVisionModel "
+        "folder for LLaVA-style vision towers (--output-dir)",
+    )
+    parser.add_argument("--output-dir", help="the folder written by --format hf-clip-vision")
+    # --- end transfer
     parser.set_defaults(func=run)
 
 
@@ -48,7 +57,18 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
-        path = export_checkpoint(args.checkpoint, args.output)
+        # --- transfer (issue 10)
+        if args.format == "hf-clip-vision":
+            from mgll.models.hf_export import export_run_hf_clip_vision
+
+            if not args.output_dir:
+                raise ValueError("--format hf-clip-vision needs --output-dir")
+            path = export_run_hf_clip_vision(args.checkpoint, args.output_dir)
+        elif not args.output or args.output_dir:
+            raise ValueError("--format open_clip needs --output (and no --output-dir)")
+        # --- end transfer
+        else:
+            path = export_checkpoint(args.checkpoint, args.output)
     except (CheckpointError, ConfigError, PretrainedWeightsError, ValueError) as err:
         print(f"mgll export: error: {err}", file=sys.stderr)
         return 1
