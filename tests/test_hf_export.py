@@ -87,7 +87,7 @@ def test_attention_pooling_is_refused(tmp_path):
 def test_non_empty_output_dir_is_refused(tmp_path):
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "keep.txt").write_text("x")
-    with pytest.raises(HFExportError, match="not empty"):
+    with pytest.raises(HFExportError, match="exists and is not an empty folder"):
         export_hf_clip_vision(perturbed_vit(False), PREPROCESS, tmp_path / "hf")
     assert (tmp_path / "hf" / "keep.txt").read_text() == "x"
 

@@ -45,6 +45,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mgll.models.hub import write_folder
+
 PROCESSOR_FILE = "preprocessor_config.json"
 
 
@@ -214,29 +216,18 @@ def export_hf_clip_vision(
     output_dir = Path(output_dir)
     hf = to_clip_vision_model(visual)
     processor = image_processor_config(preprocess_cfg, int(hf.config.image_size))
-    if output_dir.exists() and any(output_dir.iterdir()):
-        raise HFExportError(f"--output-dir: {output_dir} exists and is not empty")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
 
-    def write(tmp: Path) -> None:
-        hf.save_pretrained(str(tmp), safe_serialization=True)
-        (tmp / PROCESSOR_FILE).write_text(json.dumps(processor, indent=2) + "\n")
+    def write(folder: Path) -> None:
+        hf.save_pretrained(str(folder), safe_serialization=True)
+        (folder / PROCESSOR_FILE).write_text(json.dumps(processor, indent=2) + "\n")
         info = {"format": "hf-clip-vision", "class": "CLIPVisionModelWithProjection"}
         info.update(extra_info or {})
-        (tmp / "mgll_export.json").write_text(json.dumps(info, indent=2) + "\n")
+        (folder / "mgll_export.json").write_text(json.dumps(info, indent=2) + "\n")
 
-    tmp = output_dir.with_name(f".{output_dir.name}.tmp{os.getpid()}")
     try:
-        write(tmp)
-        if output_dir.exists():
-            output_dir.rmdir()  # empty, checked above
-        tmp.rename(output_dir)
-    finally:
-        if tmp.exists():
-            for path in sorted(tmp.rglob("*"), reverse=True):
-                path.unlink() if path.is_file() else path.rmdir()
-            tmp.rmdir()
-    return output_dir
+        return write_folder(output_dir, write)
+    except ValueError as error:
+        raise HFExportError(str(error)) from error
 
 
 def export_run_hf_clip_vision(checkpoint: str | os.PathLike, output_dir: str | os.PathLike) -> Path:

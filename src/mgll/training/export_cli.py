@@ -42,12 +42,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     # --- transfer (issue 10): the Hugging Face CLIPVisionModel format; see mgll.models.hf_export
     parser.add_argument(
         "--format",
-        choices=("open_clip", "hf-clip-vision"),
+        choices=("open_clip", "hf-clip-vision", "mgll-pretrained"),
         default="open_clip",
-        help="open_clip (default, --output) or hf-clip-vision: a transformers CLIPVisionModel "
-        "folder for LLaVA-style vision towers (--output-dir)",
+        help="open_clip (default, --output); hf-clip-vision: a transformers CLIPVisionModel "
+        "folder for LLaVA-style vision towers; mgll-pretrained: the whole model for "
+        "mgll.from_pretrained, with a model card (both --output-dir)",
     )
-    parser.add_argument("--output-dir", help="the folder written by --format hf-clip-vision")
+    parser.add_argument("--output-dir", help="the folder written by the folder formats")
     # --- end transfer
     parser.set_defaults(func=run)
 
@@ -58,12 +59,17 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
         # --- transfer (issue 10)
-        if args.format == "hf-clip-vision":
+        if args.format != "open_clip":
             from mgll.models.hf_export import export_run_hf_clip_vision
+            from mgll.models.hub import save_run_pretrained
 
             if not args.output_dir:
-                raise ValueError("--format hf-clip-vision needs --output-dir")
-            path = export_run_hf_clip_vision(args.checkpoint, args.output_dir)
+                raise ValueError(f"--format {args.format} needs --output-dir")
+            writers = {
+                "hf-clip-vision": export_run_hf_clip_vision,
+                "mgll-pretrained": save_run_pretrained,
+            }
+            path = writers[args.format](args.checkpoint, args.output_dir)
         elif not args.output or args.output_dir:
             raise ValueError("--format open_clip needs --output (and no --output-dir)")
         # --- end transfer
