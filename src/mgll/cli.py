@@ -20,6 +20,10 @@ COMMAND_MODULES: dict[str, tuple[str, str]] = {
     "data": ("mgll.data.cli", "validate datasets and write patient-level splits"),
     "pretrain": ("mgll.training.cli", "pretrain an image-text model with MGLL (or CLIP)"),
     "export": ("mgll.training.export_cli", "export the image encoder of a checkpoint"),
+    # --- transfer (issue 10)
+    "segment": ("mgll.segmentation.cli", "train and evaluate a segmentation decoder on an encoder"),
+    "explain": ("mgll.explain", "Grad-CAM heatmaps: where in an image the model sees a text"),
+    # --- end transfer
 }
 
 
