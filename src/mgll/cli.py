@@ -20,6 +20,7 @@ COMMAND_MODULES: dict[str, tuple[str, str]] = {
     "data": ("mgll.data.cli", "validate datasets and write patient-level splits"),
     "pretrain": ("mgll.training.cli", "pretrain an image-text model with MGLL (or CLIP)"),
     "export": ("mgll.training.export_cli", "export the image encoder of a checkpoint"),
+    "probe": ("mgll.eval.probe", "linear probe of a frozen image encoder"),
 }
 
 

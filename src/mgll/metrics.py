@@ -371,4 +371,6 @@ def _progress(iterable: Iterator[np.ndarray], total: int, enabled: bool) -> Iter
         return iterable
     from tqdm.auto import tqdm
 
-    return iter(tqdm(iterable, total=total, desc="bootstrap", unit="resample", leave=False))
+    return iter(
+        tqdm(iterable, total=total, desc="bootstrap", unit="resample", leave=False, disable=None)
+    )
