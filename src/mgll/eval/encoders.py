@@ -215,18 +215,14 @@ def _random(spec: str, rest: str) -> Encoder:
         return _from_open_clip_build(spec, "random", arch, None)
 
 
-def _from_run(spec: str, path: Path) -> Encoder:
-    from mgll.training.checkpoint import CheckpointError, load_model
-    from mgll.training.config import ConfigError
-
-    try:
-        model, run_config = load_model(path)
-    except (CheckpointError, ConfigError, ValueError, OSError) as error:
-        raise EncoderError(spec, str(error)) from error
+def encoder_from_model(
+    model: nn.Module, name: str, run_config: dict[str, Any] | None = None
+) -> Encoder:
+    """The :class:`Encoder` of an ``MGLLModel``'s image tower (shares its weights)."""
     tower = model.image_tower
     return Encoder(
         tower.visual,
-        name=spec,
+        name=name,
         kind="run",
         arch=tower.arch,
         image_size=_square(model.image_size),
@@ -235,6 +231,17 @@ def _from_run(spec: str, path: Path) -> Encoder:
         embed_dim=model.embed_dim,
         run_config=run_config,
     )
+
+
+def _from_run(spec: str, path: Path) -> Encoder:
+    from mgll.training.checkpoint import CheckpointError, load_model
+    from mgll.training.config import ConfigError
+
+    try:
+        model, run_config = load_model(path)
+    except (CheckpointError, ConfigError, ValueError, OSError) as error:
+        raise EncoderError(spec, str(error)) from error
+    return encoder_from_model(model, spec, run_config)
 
 
 def _from_export(spec: str, path: Path) -> Encoder:
