@@ -78,8 +78,21 @@ def test_explain_command_writes_overlays_maps_and_a_summary(tmp_path, trained_mo
     heat = np.load(out / "xray__lesion.npy")
     assert heat.shape == (32, 32) and heat.dtype == np.float32
     assert np.asarray(Image.open(out / "xray__lesion.png")).shape == (32, 32, 3)
-    assert main(["explain", str(tmp_path / "missing.png"), "--model", str(run), "--text", "x",
-                 "--output-dir", str(out)]) == 1  # fmt: skip
+    assert (
+        main(
+            [
+                "explain",
+                str(tmp_path / "missing.png"),
+                "--model",
+                str(run),
+                "--text",
+                "x",
+                "--output-dir",
+                str(out),
+            ]
+        )
+        == 1
+    )
     assert "mgll explain: error:" in capsys.readouterr().err
 
 
