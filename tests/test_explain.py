@@ -77,7 +77,7 @@ def test_explain_command_writes_overlays_maps_and_a_summary(tmp_path, trained_mo
     assert [e["overlay"] for e in summary] == ["xray__lesion.png", "xray__normal-lung.png"]
     heat = np.load(out / "xray__lesion.npy")
     assert heat.shape == (32, 32) and heat.dtype == np.float32
-    assert np.asarray(Image.open(out / "xray__lesion.png")).shape == (32, 32, 3)
+    assert np.asarray(Image.open(out / "xray__lesion.png")).shape == (256, 256, 3)
     assert (
         main(
             [

@@ -80,12 +80,12 @@ def test_export_command_writes_a_run_with_its_last_validation_metrics(tmp_path, 
     rows = [
         {"kind": "train", "step": 2, "loss": 9.0},
         {"kind": "val", "split": "val", "step": 2, "loss": 5.5},
-        {"kind": "val", "split": "val", "step": 4, "loss": 4.5, "recall@1": 0.25},
+        {"kind": "val", "split": "val", "step": 4, "loss": 4.5, "levels": {"type": {"R@1": 0.25}}},
     ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "pretrained"
     assert main(["export", str(run), "--format", "mgll-pretrained", "--output-dir", str(out)]) == 0
     card = (out / "README.md").read_text()
-    assert "| loss | 4.5 |" in card and "| recall@1 | 0.25 |" in card and "5.5" not in card
+    assert "| loss | 4.5 |" in card and "| levels/type/R@1 | 0.25 |" in card and "5.5" not in card
     assert mgll.from_pretrained(out).embed_dim == trained_model.embed_dim
     assert main(["export", str(run), "--format", "mgll-pretrained", "--output-dir", str(out)]) == 1

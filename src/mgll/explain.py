@@ -35,6 +35,7 @@ from torch import nn
 from mgll.io import atomic_write
 from mgll.segmentation.data import save_npy
 
+OVERLAY_SIZE = 256
 CAM_METHODS = {"gradcam": "GradCAM", "hirescam": "HiResCAM", "gradcam++": "GradCAMPlusPlus"}
 
 
@@ -143,6 +144,18 @@ def load_explain_model(spec: str | os.PathLike, device: str = "cpu") -> Any:
     return model
 
 
+def _resize_map(heat: np.ndarray, side: int) -> np.ndarray:
+    """A [0, 1] map resized (bilinear) to side x side."""
+    from PIL import Image
+
+    if heat.shape[0] == side:
+        return heat
+    resized = Image.fromarray(heat.astype(np.float32), mode="F").resize(
+        (side, side), Image.BILINEAR
+    )
+    return np.clip(np.asarray(resized), 0.0, 1.0)
+
+
 def _slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:limit] or "text"
 
@@ -174,11 +187,15 @@ def explain_images(
     for path in image_paths:
         rgb = load_resized(path, size, "crop")
         tensor = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255.0
+        # Overlays are drawn at >= OVERLAY_SIZE px (small towers see 64 px); the .npy stays at
+        # the model's input size.
+        side = max(size, OVERLAY_SIZE)
+        view = load_resized(path, side, "crop").astype(np.float32) / 255.0
         maps, similarity = gradcam_maps(model, ((tensor - mean) / std)[None], texts, method)
         for t, text in enumerate(texts):
             stem = f"{Path(path).stem}__{_slug(text)}"
             heat = maps[0, t]
-            overlay = show_cam_on_image(rgb.astype(np.float32) / 255.0, heat, use_rgb=True)
+            overlay = show_cam_on_image(view, _resize_map(heat, view.shape[0]), use_rgb=True)
             png, npy = output_dir / f"{stem}.png", output_dir / f"{stem}.npy"
             atomic_write(png, lambda p, a=overlay: Image.fromarray(a).save(p, format="PNG"))
             atomic_write(npy, lambda p, a=heat: save_npy(p, a))

@@ -75,6 +75,18 @@ def _model_section(model: Any, run_config: Mapping[str, Any]) -> dict[str, Any]:
     return section
 
 
+def _flatten(row: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested metric rows (per-level retrieval) as ``level/metric`` keys."""
+    flat: dict[str, Any] = {}
+    for key, value in row.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{name}/"))
+        else:
+            flat[name] = value
+    return flat
+
+
 def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
@@ -137,7 +149,7 @@ def model_card(
         lines += [f"Last validation of the run ({split} split, step {metrics.get('step')}):", ""]
         lines += ["| metric | value |", "| --- | --- |"]
         skip = {"kind", "split", "step", "epoch"}
-        lines += [f"| {k} | {_fmt(v)} |" for k, v in metrics.items() if k not in skip]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in _flatten(metrics).items() if k not in skip]
     else:
         lines.append("No validation metrics were recorded for this run.")
     lines += [
