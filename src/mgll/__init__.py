@@ -11,4 +11,16 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
-__all__ = ["__version__"]
+__all__ = ["__version__", "from_pretrained"]
+
+
+# --- transfer (issue 10): mgll.from_pretrained(DIR), imported lazily (keeps `mgll --version` fast)
+def __getattr__(name: str) -> object:
+    if name == "from_pretrained":
+        from mgll.models.hub import from_pretrained
+
+        return from_pretrained
+    raise AttributeError(f"module 'mgll' has no attribute {name!r}")
+
+
+# --- end transfer

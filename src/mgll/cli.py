@@ -21,6 +21,11 @@ COMMAND_MODULES: dict[str, tuple[str, str]] = {
     "pretrain": ("mgll.training.cli", "pretrain an image-text model with MGLL (or CLIP)"),
     "export": ("mgll.training.export_cli", "export the image encoder of a checkpoint"),
     "cache": ("mgll.data.cache_cli", "show or clear the preprocessing cache"),
+    "probe": ("mgll.eval.probe", "linear probe of a frozen image encoder"),
+    "zeroshot": ("mgll.eval.zeroshot", "zero-shot classification with class prompts"),
+    "compare": ("mgll.eval.compare", "paired comparison of evaluation outputs (bootstrap CI, p)"),
+    "segment": ("mgll.segmentation.cli", "train and evaluate a segmentation decoder on an encoder"),
+    "explain": ("mgll.explain", "Grad-CAM heatmaps: where in an image the model sees a text"),
 }
 
 

@@ -78,6 +78,18 @@ class MGLLModel(nn.Module):
         for tower in self.text_towers:
             tower.set_grad_checkpointing(enable)
 
+    # --- transfer (issue 10): whole-model folders, see mgll.models.hub
+    def save_pretrained(
+        self, directory: str, run_config: dict | None = None, metrics: dict | None = None
+    ) -> object:
+        """Write config.json, model.safetensors and a model card; ``mgll.from_pretrained``
+        reads it back (see :func:`mgll.models.hub.save_pretrained`)."""
+        from mgll.models.hub import save_pretrained
+
+        return save_pretrained(self, directory, run_config, metrics)
+
+    # --- end transfer
+
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) images -> (N, D) unnormalised embeddings."""
         return self.image_tower(images)

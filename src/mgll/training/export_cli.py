@@ -37,9 +37,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--output",
-        required=True,
         help="FILE.safetensors (sidecar FILE.json beside it) or a folder for open_clip",
     )
+    # --- transfer (issue 10): the Hugging Face CLIPVisionModel format; see mgll.models.hf_export
+    parser.add_argument(
+        "--format",
+        choices=("open_clip", "hf-clip-vision", "mgll-pretrained"),
+        default="open_clip",
+        help="open_clip (default, --output); hf-clip-vision: a transformers CLIPVisionModel "
+        "folder for LLaVA-style vision towers; mgll-pretrained: the whole model for "
+        "mgll.from_pretrained, with a model card (both --output-dir)",
+    )
+    parser.add_argument("--output-dir", help="the folder written by the folder formats")
+    # --- end transfer
     parser.set_defaults(func=run)
 
 
@@ -48,7 +58,23 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
-        path = export_checkpoint(args.checkpoint, args.output)
+        # --- transfer (issue 10)
+        if args.format != "open_clip":
+            from mgll.models.hf_export import export_run_hf_clip_vision
+            from mgll.models.hub import save_run_pretrained
+
+            if not args.output_dir:
+                raise ValueError(f"--format {args.format} needs --output-dir")
+            writers = {
+                "hf-clip-vision": export_run_hf_clip_vision,
+                "mgll-pretrained": save_run_pretrained,
+            }
+            path = writers[args.format](args.checkpoint, args.output_dir)
+        elif not args.output or args.output_dir:
+            raise ValueError("--format open_clip needs --output (and no --output-dir)")
+        # --- end transfer
+        else:
+            path = export_checkpoint(args.checkpoint, args.output)
     except (CheckpointError, ConfigError, PretrainedWeightsError, ValueError) as err:
         print(f"mgll export: error: {err}", file=sys.stderr)
         return 1

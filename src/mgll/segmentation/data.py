@@ -1,0 +1,447 @@
+"""Segmentation data: image/mask samples, their sources, a patient-level split and a mask cache.
+
+A :class:`SegSample` is an image, its patient and, per class, the mask files whose union is that
+class (no file = the class is absent from the image, a true negative). A mask file either marks
+foreground with any non-black pixel (``value=None``, e.g. the RGBA masks of covid-cxr-seg) or
+holds label values (``value=k`` selects the pixels equal to k, e.g. an index map).
+
+Sources (``--data``):
+
+- ``covid-cxr-seg``: the COVID chest X-ray segmentations (``structure.csv`` + ``metadata.csv``);
+  classes are groups of its annotation templates (:data:`COVID_SEG_CLASSES`);
+- ``folder``: ``images/NAME.*`` with ``masks/NAME.*`` (binary, or label values 1..K = class k);
+- ``table``: a CSV with columns ``image``, ``mask`` and optionally ``class`` and ``patient_id``,
+  one row per mask file (paths relative to the CSV's folder).
+
+Images go through the preprocessing cache of pretraining (bicubic); masks are resized with
+nearest neighbour onto the same square geometry and cached beside them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from mgll.data.cache import PreprocessCache, check_resize_mode
+from mgll.data.images import ImageLoadError
+from mgll.data.records import Record
+from mgll.data.splits import SPLIT_NAMES, patient_split, write_split_file
+from mgll.io import atomic_write
+
+MASK_CACHE_VERSION = 1
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+# covid-cxr-seg: class name -> annotation templates ("Template Name" in structure.csv) joined.
+COVID_SEG_CLASSES: dict[str, tuple[str, ...]] = {
+    "lungs": ("Left Lung", "Right Lung"),
+    "ground_glass_opacity": ("Ground Glass Opacities",),
+    "consolidation": ("Consolidation",),
+    "cardiomediastinum": ("Cardiomediastinum",),
+    "airways": ("Airways",),
+    "pleural_effusion": ("Pleural Effusion",),
+    "pneumothorax": ("Pneumothorax",),
+    "tubes_and_lines": (
+        "Tubings",
+        "Endotracheal Tube",
+        "Central Venous Line",
+        "Nosogastric Tube",
+    ),
+}
+# The anatomy that frames the disease plus the two COVID findings the paper's masks are about;
+# the rarer ones (2 effusions, 1 pneumothorax) cannot be learnt or measured from 100 images.
+DEFAULT_COVID_SEG_CLASSES = ("lungs", "ground_glass_opacity", "consolidation")
+
+
+class SegDataError(ValueError):
+    """A segmentation source cannot be read; the message names the file/row and the fix."""
+
+
+@dataclass
+class MaskRef:
+    """One mask file and the pixel value that marks the class (None = any non-black pixel)."""
+
+    path: Path
+    value: int | None = None
+
+
+@dataclass
+class SegSample:
+    """An image, its patient, and per class the masks whose union is that class."""
+
+    image: Path
+    patient_id: str
+    masks: list[list[MaskRef]] = field(default_factory=list)
+
+
+@dataclass
+class SegSource:
+    """Samples and class names of a segmentation dataset."""
+
+    samples: list[SegSample]
+    classes: list[str]
+    folder: Path
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+
+
+def load_covid_cxr_seg(folder: Path, classes: Sequence[str] | None = None) -> SegSource:
+    """The covid-cxr-seg dataset: structure.csv masks grouped into ``classes``."""
+    classes = list(classes or DEFAULT_COVID_SEG_CLASSES)
+    unknown = [c for c in classes if c not in COVID_SEG_CLASSES]
+    if unknown:
+        raise SegDataError(
+            f"--classes: {unknown} are not covid-cxr-seg classes; choose from "
+            f"{sorted(COVID_SEG_CLASSES)}"
+        )
+    structure_file, metadata_file = folder / "structure.csv", folder / "metadata.csv"
+    for needed in (structure_file, metadata_file):
+        if not needed.is_file():
+            raise SegDataError(f"{needed}: missing; is {folder} the covid-cxr-seg folder?")
+    structure = pd.read_csv(structure_file, dtype=str, keep_default_na=False)
+    metadata = pd.read_csv(metadata_file, dtype=str, keep_default_na=False)
+    for frame, path, columns in (
+        (structure, structure_file, ("Filename", "Mask", "Template Name")),
+        (metadata, metadata_file, ("filename", "patientid")),
+    ):
+        missing = [c for c in columns if c not in frame.columns]
+        if missing:
+            raise SegDataError(f"{path}: missing column(s) {missing}")
+    patients = dict(zip(metadata["filename"], metadata["patientid"], strict=True))
+    class_of = {t: k for k, c in enumerate(classes) for t in COVID_SEG_CLASSES[c]}
+    samples: dict[str, SegSample] = {}
+    for filename in dict.fromkeys(structure["Filename"]):
+        patient = patients.get(filename) or f"image:{filename}"
+        samples[filename] = SegSample(folder / "images" / filename, patient, [[] for _ in classes])
+    for row in structure.to_dict("records"):
+        mask = row["Mask"].strip()
+        k = class_of.get(row["Template Name"].strip())
+        if mask and k is not None:  # an empty Mask is an image-level tag (Monitoring Probes)
+            samples[row["Filename"]].masks[k].append(MaskRef(folder / mask))
+    return SegSource(list(samples.values()), classes, folder)
+
+
+def _find_image(folder: Path, stem: str) -> Path | None:
+    for suffix in IMAGE_SUFFIXES:
+        for candidate in (folder / f"{stem}{suffix}", folder / f"{stem}{suffix.upper()}"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def load_mask_folder(folder: Path, classes: Sequence[str] | None = None) -> SegSource:
+    """``images/`` and ``masks/`` with matching names; mask value k (1..K) is class k.
+
+    One class (the default, ``foreground``): any non-zero pixel. K classes: label values 1..K.
+    """
+    classes = list(classes or ["foreground"])
+    images_dir, masks_dir = folder / "images", folder / "masks"
+    for needed in (images_dir, masks_dir):
+        if not needed.is_dir():
+            raise SegDataError(
+                f"{needed}: missing; the folder form needs images/ and masks/ with the same "
+                "file names (stems)"
+            )
+    samples = []
+    no_mask = []
+    for image in sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+        mask = _find_image(masks_dir, image.stem)
+        if mask is None:
+            no_mask.append(image.name)
+            continue
+        values = [None] if len(classes) == 1 else list(range(1, len(classes) + 1))
+        masks = [[MaskRef(mask, v)] for v in values]
+        samples.append(SegSample(image, f"image:{image.name}", masks))
+    if no_mask:
+        warnings.warn(
+            f"{len(no_mask)} image(s) in {images_dir} have no mask in {masks_dir} (skipped): "
+            f"{no_mask[:5]}",
+            stacklevel=2,
+        )
+    return SegSource(samples, classes, folder)
+
+
+def load_mask_table(table: Path, classes: Sequence[str] | None = None) -> SegSource:
+    """A CSV with ``image``, ``mask`` and optional ``class``, ``patient_id`` (one row per mask)."""
+    frame = pd.read_csv(table, dtype=str, keep_default_na=False)
+    missing = [c for c in ("image", "mask") if c not in frame.columns]
+    if missing:
+        raise SegDataError(f"{table}: missing column(s) {missing}; needs image and mask")
+    has_class = "class" in frame.columns
+    found = list(dict.fromkeys(frame["class"])) if has_class else ["foreground"]
+    classes = list(classes or found)
+    base = table.parent
+    samples: dict[str, SegSample] = {}
+    for row_number, row in enumerate(frame.to_dict("records"), start=2):
+        name = str(row["class"]) if has_class else "foreground"
+        if name not in classes:
+            if name not in found:
+                raise SegDataError(f"{table} row {row_number}: class {name!r} unknown")
+            continue
+        if not row["image"] or not row["mask"]:
+            raise SegDataError(f"{table} row {row_number}: empty image or mask path")
+        image = base / row["image"]
+        patient = str(row.get("patient_id") or "") or f"image:{row['image']}"
+        sample = samples.setdefault(str(image), SegSample(image, patient, [[] for _ in classes]))
+        sample.masks[classes.index(name)].append(MaskRef(base / row["mask"]))
+    unknown = [c for c in classes if c not in found]
+    if unknown:
+        raise SegDataError(f"--classes: {unknown} not in {table} (classes there: {found})")
+    return SegSource(list(samples.values()), classes, base)
+
+
+SOURCES = ("covid-cxr-seg", "folder", "table")
+
+
+def load_seg_source(
+    source: str, path: str | Path, classes: Sequence[str] | None = None
+) -> SegSource:
+    """Samples of ``source`` (see :data:`SOURCES`) at ``path``."""
+    path = Path(path)
+    if not path.exists():
+        raise SegDataError(f"--data-root: {path} does not exist")
+    if source == "covid-cxr-seg":
+        return load_covid_cxr_seg(path, classes)
+    if source == "folder":
+        return load_mask_folder(path, classes)
+    if source == "table":
+        if not path.is_file():
+            raise SegDataError(f"{path}: the table form needs a CSV file")
+        return load_mask_table(path, classes)
+    raise SegDataError(f"--data: {source!r} is not one of {SOURCES}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks: reading, checking, resizing, caching
+
+
+def read_mask(ref: MaskRef, image_size: tuple[int, int]) -> np.ndarray:
+    """The boolean (H, W) foreground of one mask file at the image's (width, height).
+
+    Raises :class:`MaskProblem` when unreadable, of another size than its image, or empty.
+    """
+    try:
+        with Image.open(ref.path) as pil:
+            pil.load()
+            size = pil.size
+            array = np.asarray(pil)
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise MaskProblem("unreadable", ref.path, str(exc).splitlines()[0][:120]) from exc
+    if size != image_size:
+        raise MaskProblem(
+            "size", ref.path, f"{size[0]}x{size[1]} vs image {image_size[0]}x{image_size[1]}"
+        )
+    if array.ndim == 3:
+        # RGBA/LA: the alpha channel is opacity, not class; the colour channels mark the class.
+        colour = array[..., :3] if array.shape[2] >= 3 else array[..., :1]
+        foreground = colour.any(axis=2) if ref.value is None else (colour[..., 0] == ref.value)
+    else:
+        foreground = array != 0 if ref.value is None else array == ref.value
+    if ref.value is None and not foreground.any():
+        raise MaskProblem("empty", ref.path, "no foreground pixel")
+    return foreground
+
+
+class MaskProblem(Exception):
+    """A mask that cannot be used: ``kind`` is unreadable, size or empty."""
+
+    MESSAGES: ClassVar[dict[str, str]] = {
+        "unreadable": "mask(s) cannot be read (their images are dropped)",
+        "size": "mask(s) differ in size from their image (their images are dropped)",
+        "empty": "mask(s) are empty, no foreground pixel (ignored; the class counts as absent "
+        "unless another mask marks it)",
+    }
+
+    def __init__(self, kind: str, path: Path, detail: str) -> None:
+        super().__init__(f"{path}: {detail}")
+        self.kind = kind
+        self.path = path
+
+
+def resize_mask(mask: np.ndarray, size: int, mode: str) -> np.ndarray:
+    """(H, W) bool/uint8 -> (size, size) uint8 with nearest neighbour, on the same square
+    geometry as :func:`mgll.data.cache.resize_square` (crop, pad or stretch)."""
+    pil = Image.fromarray(mask.astype(np.uint8) * 255)
+    w, h = pil.size
+    nearest = Image.Resampling.NEAREST
+    if mode == "stretch":
+        return (np.asarray(pil.resize((size, size), nearest)) > 0).astype(np.uint8)
+    scale = size / min(w, h) if mode == "crop" else size / max(w, h)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    pil = pil.resize((nw, nh), nearest)
+    if mode == "crop":
+        left, top = (nw - size) // 2, (nh - size) // 2
+        pil = pil.crop((left, top, left + size, top + size))
+    else:
+        canvas = Image.new("L", (size, size))
+        canvas.paste(pil, ((size - nw) // 2, (size - nh) // 2))
+        pil = canvas
+    return (np.asarray(pil) > 0).astype(np.uint8)
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    """Write ``array`` as .npy at exactly ``path`` (np.save would append a suffix to a name)."""
+    with open(path, "wb") as handle:
+        np.save(handle, array, allow_pickle=False)
+
+
+class MaskCache:
+    """Resized (C, size, size) uint8 targets per sample, keyed by the files' paths and mtimes."""
+
+    def __init__(self, cache_dir: Path | None, image_size: int, resize_mode: str) -> None:
+        self.cache_dir = cache_dir / "seg-masks" if cache_dir is not None else None
+        self.image_size = int(image_size)
+        self.resize_mode = check_resize_mode(resize_mode)
+
+    def _key(self, sample: SegSample) -> str:
+        parts = [f"v{MASK_CACHE_VERSION}|{self.image_size}|{self.resize_mode}|{sample.image}"]
+        for k, refs in enumerate(sample.masks):
+            for ref in refs:
+                st = ref.path.stat()
+                parts.append(f"{k}|{ref.path.absolute()}|{ref.value}|{st.st_mtime_ns}|{st.st_size}")
+        return hashlib.sha1("\n".join(parts).encode()).hexdigest()
+
+    def target(self, sample: SegSample, problems: list[MaskProblem]) -> np.ndarray | None:
+        """The sample's target, or None when a mask problem drops it (appended to ``problems``).
+
+        Empty masks are appended too but do not drop the sample.
+        """
+        entry = None
+        if self.cache_dir is not None:
+            try:
+                key = self._key(sample)
+            except OSError as exc:
+                path = next(r.path for refs in sample.masks for r in refs if not r.path.exists())
+                problems.append(MaskProblem("unreadable", path, str(exc)))
+                return None
+            entry = self.cache_dir / key[:2] / f"{key}.npy"
+            if entry.is_file():
+                try:
+                    return np.load(entry, allow_pickle=False)
+                except (OSError, ValueError, EOFError):
+                    pass  # rebuilt below
+        try:
+            with Image.open(sample.image) as pil:
+                image_size = pil.size
+        except (OSError, UnidentifiedImageError) as exc:
+            raise ImageLoadError(f"{sample.image}: cannot read image ({exc})") from exc
+        target = np.zeros((len(sample.masks), self.image_size, self.image_size), np.uint8)
+        for k, refs in enumerate(sample.masks):
+            union = None
+            for ref in refs:
+                try:
+                    fg = read_mask(ref, image_size)
+                except MaskProblem as problem:
+                    problems.append(problem)
+                    if problem.kind != "empty":
+                        return None
+                    continue
+                union = fg if union is None else union | fg
+            if union is not None:
+                target[k] = resize_mask(union, self.image_size, self.resize_mode)
+        if entry is not None:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(entry, lambda p: save_npy(p, target))
+        return target
+
+
+def report_problems(problems: Sequence[MaskProblem], limit: int = 5) -> list[str]:
+    """One warning line per problem kind: the count, what happens, the first files."""
+    lines = []
+    for kind, message in MaskProblem.MESSAGES.items():
+        found = [p for p in problems if p.kind == kind]
+        if found:
+            shown = "; ".join(str(p) for p in found[:limit])
+            more = f" (and {len(found) - limit} more)" if len(found) > limit else ""
+            lines.append(f"{len(found)} {message}: {shown}{more}")
+    return lines
+
+
+class SegDataset(Dataset):
+    """Normalised images (3, S, S) and float targets (C, S, S) of prepared samples."""
+
+    def __init__(
+        self,
+        samples: Sequence[SegSample],
+        targets: Sequence[np.ndarray],
+        image_cache: PreprocessCache,
+        mean: Sequence[float],
+        std: Sequence[float],
+        augment: bool = False,
+    ) -> None:
+        self.samples = list(samples)
+        self.targets = list(targets)
+        self.image_cache = image_cache
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def image_uint8(self, index: int) -> np.ndarray:
+        """The resized RGB uint8 image (what predictions are overlaid on)."""
+        return self.image_cache.load(self.samples[index].image)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = torch.from_numpy(self.image_uint8(index).copy()).permute(2, 0, 1).float() / 255.0
+        target = torch.from_numpy(self.targets[index].astype(np.float32))
+        if self.augment and torch.rand(()) < 0.5:
+            # A small brightness/contrast jitter; no flips: left and right lung are anatomy.
+            image = ((image - 0.5) * (0.8 + 0.4 * torch.rand(())) + 0.5).clamp(0, 1)
+        return (image - self.mean) / self.std, target
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits
+
+
+def _as_records(samples: Sequence[SegSample]) -> list[Record]:
+    # patient_split groups Records by patient id; the texts/labels are not used by it.
+    return [
+        Record(image=s.image, texts=[[""]], labels=[[]], patient_id=s.patient_id) for s in samples
+    ]
+
+
+def seg_split(
+    samples: Sequence[SegSample], fractions: dict[str, float], seed: int
+) -> dict[str, list[int]]:
+    """Sample indices per split (train/val/test); no patient in two splits."""
+    return patient_split(_as_records(samples), fractions, seed=seed)
+
+
+def write_pretrain_split(
+    pretrain_records: Sequence[Record],
+    pretrain_folder: Path,
+    excluded: Sequence[SegSample],
+    output: Path,
+    fractions: dict[str, float] | None = None,
+    seed: int = 0,
+) -> dict[str, int]:
+    """A pretraining split file (``data.split.file``) that leaves out every patient and image of
+    ``excluded`` (the segmentation set), so no segmentation image, nor another image of its
+    patients, is seen in pretraining. Returns the number of images per split and excluded."""
+    patients = {s.patient_id for s in excluded}
+    names = {s.image.name for s in excluded}
+    keep = [
+        i
+        for i, r in enumerate(pretrain_records)
+        if r.patient_id not in patients and Path(r.image).name not in names
+    ]
+    inner = patient_split([pretrain_records[i] for i in keep], fractions, seed=seed)
+    split = {name: [keep[j] for j in inner[name]] for name in SPLIT_NAMES}
+    write_split_file(output, pretrain_records, split, root=pretrain_folder)
+    counts = {name: len(idx) for name, idx in split.items()}
+    counts["excluded"] = len(pretrain_records) - len(keep)
+    return counts
