@@ -146,7 +146,8 @@ def format_comparison(result: dict[str, Any]) -> str:
     blocks = []
     for pair in result["comparisons"]:
         lines = [
-            f"A = {pair['encoder_a']} ({pair['a']}), B = {pair['encoder_b']} ({pair['b']}); "
+            f"A = {pair['encoder_a']} [{pair['protocol_a']}] ({pair['a']}), "
+            f"B = {pair['encoder_b']} [{pair['protocol_b']}] ({pair['b']}); "
             f"{result['n_test']} test images of {result['n_patients_test']} patients, "
             f"{result['bootstrap']['resamples']} paired patient-bootstrap resamples",
             "",
