@@ -21,6 +21,7 @@ COMMAND_MODULES: dict[str, tuple[str, str]] = {
     "pretrain": ("mgll.training.cli", "pretrain an image-text model with MGLL (or CLIP)"),
     "export": ("mgll.training.export_cli", "export the image encoder of a checkpoint"),
     "probe": ("mgll.eval.probe", "linear probe of a frozen image encoder"),
+    "finetune": ("mgll.eval.finetune", "full fine-tuning of an encoder with a linear head"),
     "zeroshot": ("mgll.eval.zeroshot", "zero-shot classification with class prompts"),
     "retrieve": ("mgll.eval.retrieve", "image-text retrieval (R@K, label-aware P@K)"),
     "compare": ("mgll.eval.compare", "paired comparison of evaluation outputs (bootstrap CI, p)"),
