@@ -41,16 +41,16 @@ def extraction(arch: str, data_root: Path, workers: int, batch_size: int) -> lis
     encoder = load_encoder(f"random:{arch}:0")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        records, _ = load_records("covid-cxr", "covid-cxr", data_root=data_root)
+        records, folder = load_records("covid-cxr", "covid-cxr", data_root=data_root)
         records, _ = drop_missing_images(records)
     n = len(records.records)
     kw = dict(batch_size=batch_size, cache_dir=False, progress=False)
-    extract_features(encoder, records, num_workers=workers, **kw)  # warms the image cache
+    extract_features(encoder, records, folder, num_workers=workers, **kw)  # warms the image cache
     start = time.perf_counter()
-    extract_features(encoder, records, num_workers=workers, **kw)
+    extract_features(encoder, records, folder, num_workers=workers, **kw)
     pipeline = time.perf_counter() - start
 
-    dataset = image_dataset(encoder, records)
+    dataset = image_dataset(encoder, records, folder)
     batches = [
         torch.stack([dataset[i]["image"] for i in range(s, min(s + batch_size, n))])
         for s in range(0, n, batch_size)

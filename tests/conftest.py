@@ -10,14 +10,20 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+_CACHE_VARS = ("MGLL_CACHE", "MGLL_CACHE_DIR")
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _private_user_cache(tmp_path_factory):
-    """Point the default preprocessing cache of read-only datasets at a temporary folder."""
-    old = os.environ.get("MGLL_CACHE_DIR")
-    os.environ["MGLL_CACHE_DIR"] = str(tmp_path_factory.mktemp("mgll-user-cache"))
+    """Point the default preprocessing cache at a temporary folder (both variable names, since
+    ``MGLL_CACHE`` wins over ``MGLL_CACHE_DIR``)."""
+    old = {name: os.environ.get(name) for name in _CACHE_VARS}
+    folder = str(tmp_path_factory.mktemp("mgll-user-cache"))
+    for name in _CACHE_VARS:
+        os.environ[name] = folder
     yield
-    if old is None:
-        os.environ.pop("MGLL_CACHE_DIR", None)
-    else:
-        os.environ["MGLL_CACHE_DIR"] = old
+    for name, value in old.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value

@@ -92,3 +92,33 @@ def write_dicom(
         setattr(ds, name, value)
     ds.save_as(str(path), enforce_file_format=True)
     return path
+
+
+SPEC = """
+table: labels.csv
+image: {column: path, root: images}
+patient: patient
+metadata: [view]
+levels:
+  - name: finding
+    label: finding
+    separator: "|"
+    prompt: "A chest X-ray showing {label}."
+  - name: report
+    text: report
+"""
+
+
+def spec_dataset(tmp_path: Path, n: int = 10) -> Path:
+    """A spec dataset of ``n`` tiny images in ``tmp_path`` (labels.csv, images/, spec.yaml);
+    returns the spec's path. Odd rows are PNGs, even rows JPEGs named .png."""
+    (tmp_path / "images").mkdir()
+    lines = ["path,patient,view,finding,report"]
+    for i in range(n):
+        writer = write_png if i % 2 else write_jpeg
+        writer(tmp_path / "images" / f"{i}.png")
+        finding = ["Mass", "Effusion|Mass", "", "Nodule"][i % 4]
+        lines.append(f"{i}.png,p{i // 2},PA,{finding},report {i % 3}")
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (tmp_path / "spec.yaml").write_text(SPEC, encoding="utf-8")
+    return tmp_path / "spec.yaml"

@@ -18,8 +18,8 @@ def test_version_flag(capsys):
     assert capsys.readouterr().out.strip() == f"mgll {mgll.__version__}"
 
 
-def test_no_command_prints_help(capsys):
-    assert main([]) == 0
+def test_no_command_prints_help_and_exits_two(capsys):
+    assert main([]) == 2  # like `mgll data` alone: a usage error, with the help
     out = capsys.readouterr().out
     assert out.startswith("usage: mgll")
     for name in COMMAND_MODULES:
@@ -31,6 +31,13 @@ def test_python_dash_m_matches_the_console_script():
         [sys.executable, "-m", "mgll", "--version"], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == f"mgll {mgll.__version__}"
+
+
+def test_console_script_without_a_command_exits_two():
+    result = subprocess.run(
+        [sys.executable, "-m", "mgll"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 2 and result.stdout.startswith("usage: mgll")
 
 
 def test_unknown_command_is_an_error(capsys):

@@ -3,46 +3,27 @@
 from __future__ import annotations
 
 import csv
+import json
+import re
 import warnings
 
 import pytest
 
-from data_fixtures import write_jpeg, write_png
+from data_fixtures import SPEC, spec_dataset, write_png
 from mgll.cli import main
-from mgll.data import LevelInfo, Record, RecordSet, build_datasets, collate_samples
+from mgll.data import (
+    LevelInfo,
+    Record,
+    RecordSet,
+    build_datasets,
+    collate_samples,
+    load_records,
+)
 from mgll.data.check import check_records
-
-SPEC = """
-table: labels.csv
-image: {column: path, root: images}
-patient: patient
-metadata: [view]
-levels:
-  - name: finding
-    label: finding
-    separator: "|"
-    prompt: "A chest X-ray showing {label}."
-  - name: report
-    text: report
-"""
-
-
-def _dataset(tmp_path, n=10):
-    (tmp_path / "images").mkdir()
-    lines = ["path,patient,view,finding,report"]
-    for i in range(n):
-        # Odd rows PNG, even rows JPEG named .png: the format comes from the content.
-        writer = write_png if i % 2 else write_jpeg
-        writer(tmp_path / "images" / f"{i}.png")
-        finding = ["Mass", "Effusion|Mass", "", "Nodule"][i % 4]
-        lines.append(f"{i}.png,p{i // 2},PA,{finding},report {i % 3}")
-    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (tmp_path / "spec.yaml").write_text(SPEC, encoding="utf-8")
-    return tmp_path / "spec.yaml"
 
 
 def test_check_clean_dataset_exits_zero(tmp_path, capsys):
-    spec = _dataset(tmp_path)
+    spec = spec_dataset(tmp_path)
     assert main(["data", "check", str(spec)]) == 0
     out = capsys.readouterr().out
     assert "samples: 10" in out and "result: OK" in out
@@ -53,7 +34,7 @@ def test_check_clean_dataset_exits_zero(tmp_path, capsys):
 
 
 def test_check_names_missing_corrupt_and_empty(tmp_path, capsys):
-    spec = _dataset(tmp_path)
+    spec = spec_dataset(tmp_path)
     (tmp_path / "images" / "3.png").unlink()
     (tmp_path / "images" / "4.png").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     with (tmp_path / "labels.csv").open("a", encoding="utf-8") as handle:
@@ -96,30 +77,88 @@ def test_an_image_path_that_cannot_be_opened_is_an_error(tmp_path):
 
 def test_check_unreadable_inputs_exit_two(tmp_path, capsys):
     assert main(["data", "check", str(tmp_path / "absent")]) == 2
-    assert "no such file or folder" in capsys.readouterr().out
-    spec = _dataset(tmp_path)
+    err = capsys.readouterr().err
+    assert err == f"mgll data check: error: {tmp_path / 'absent'}: no such file or folder\n"
+    spec = spec_dataset(tmp_path)
     spec.write_text(SPEC.replace("label: finding", "label: findng"), encoding="utf-8")
     assert main(["data", "check", str(spec)]) == 2
-    out = capsys.readouterr().out
-    assert "levels[0].label" in out and "'findng'" in out and "labels.csv" in out
-    assert main(["data", "check", str(tmp_path), "--format", "csdi"]) == 2  # wrong format named
-    assert "CSDI_annotations.csv" in capsys.readouterr().out
+    err = capsys.readouterr().err
+    assert "levels[0].label" in err and "'findng'" in err and "labels.csv" in err
+    assert main(["data", "check", str(tmp_path), "--source", "csdi"]) == 2  # wrong format named
+    assert "CSDI_annotations.csv" in capsys.readouterr().err
     spec.write_text(SPEC, encoding="utf-8")
     assert main(["data", "check", str(spec), "--train", "0.9"]) == 2  # 0.9 + 0.1 + 0.1 != 1
-    assert "sum to 1" in capsys.readouterr().out
+    assert "sum to 1" in capsys.readouterr().err
     assert main(["data"]) == 2  # no action: the help, not a traceback
     blocker = tmp_path / "a-file"
     blocker.write_text("")
+    capsys.readouterr()
     # An output that cannot be written is a one-line error, not a traceback.
-    assert main(["data", "split", str(spec), "--out", str(blocker / "split.csv")]) == 2
-    assert main(["data", "check", str(spec), "--json", str(blocker / "r.json")]) == 2
-    assert "error: --json: cannot write" in capsys.readouterr().out
+    assert main(["data", "split", str(spec), "--output", str(blocker / "split.csv")]) == 2
+    assert capsys.readouterr().err.startswith("mgll data split: error: ")
+    assert main(["data", "check", str(spec), "--output", str(blocker / "r.json")]) == 2
+    assert "mgll data check: error: --output: cannot write" in capsys.readouterr().err
+    assert main(["data", "split", str(spec)]) == 2
+    assert "--output FILE is required" in capsys.readouterr().err
+
+
+def test_old_option_spellings_still_work(tmp_path, capsys):
+    """--out, --json, --format and --option are hidden aliases; --seed says what it means."""
+    spec = spec_dataset(tmp_path, n=20)
+    new, old = tmp_path / "new.csv", tmp_path / "old.csv"
+    assert main(["data", "split", str(spec), "--output", str(new), "--split-seed", "3"]) == 0
+    assert capsys.readouterr().err == ""
+    assert main(["data", "split", str(spec), "--out", str(old), "--seed", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "--seed is now --split-seed" in err and "data.split.seed" in err
+    assert old.read_text() == new.read_text()
+    seed0 = tmp_path / "seed0.csv"
+    assert main(["data", "split", str(spec), "--output", str(seed0)]) == 0
+    assert seed0.read_text() != new.read_text()  # the seed does change the split
+    report = tmp_path / "report.json"
+    assert main(["data", "check", str(spec), "--no-decode", "--json", str(report)]) == 0
+    assert json.loads(report.read_text())["num_records"] == 20
+    for action in ("check", "split"):
+        with pytest.raises(SystemExit):
+            main(["data", action, "--help"])
+        usage = capsys.readouterr().out.split("\n\n")[0]
+        shown = set(re.findall(r"--[a-z-]+", usage))
+        assert {"--source", "--options", "--split-seed", "--output"} <= shown
+        assert not shown & {"--format", "--option", "--seed", "--json", "--out"}
+
+
+def test_source_and_options_mirror_the_config_keys(tmp_path, capsys):
+    """`--source NAME --options k=v` reads a folder as data.source / data.options would."""
+    csdi = tmp_path / "csdi"
+    (csdi / "images").mkdir(parents=True)
+    write_png(csdi / "images" / "HJX1.png")
+    (csdi / "CSDI_annotations.csv").write_text(
+        "id,score,English_diagnosis,Chinese_diagnosis\nHJX1.png,2,mild haze,轻度混浊\n",
+        encoding="utf-8",
+    )
+    cfg = {"source": "csdi-fundus", "path": str(csdi), "options": {"language": "zh"}}
+    records, _ = load_records(cfg["source"], cfg["path"], options=cfg["options"])
+    assert records.records[0].texts[-1] == ["轻度混浊"]
+    args = ["data", "check", str(csdi), "--source", "csdi-fundus", "--no-decode"]
+    args += ["--train", "1", "--val", "0", "--test", "0"]
+    assert main([*args, "--options", "language=zh"]) == 0
+    assert "1  轻度混浊" in capsys.readouterr().out
+    assert main(args) == 0
+    assert "1  mild haze" in capsys.readouterr().out
+    assert main(["data", "check", str(csdi), "--options", "colour=red"]) == 2
+    assert "colour" in capsys.readouterr().err
+    assert main(["data", "check", str(csdi), "--options", "language"]) == 2
+    assert "--options 'language': expected KEY=VALUE" in capsys.readouterr().err
+    (tmp_path / "spec").mkdir()
+    spec = spec_dataset(tmp_path / "spec", n=2)
+    assert main(["data", "check", str(spec), "--source", "csdi-fundus"]) == 2
+    assert "--source names the format of a dataset folder" in capsys.readouterr().err
 
 
 def test_split_command_and_build_datasets(tmp_path, capsys):
-    spec = _dataset(tmp_path, n=20)
+    spec = spec_dataset(tmp_path, n=20)
     out = tmp_path / "split.csv"
-    assert main(["data", "split", str(spec), "--out", str(out), "--train", "0.6", "--val", "0.2",
+    assert main(["data", "split", str(spec), "--output", str(out), "--train", "0.6", "--val", "0.2",
                  "--test", "0.2"]) == 0  # fmt: skip
     with out.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -149,7 +188,7 @@ def test_split_command_and_build_datasets(tmp_path, capsys):
 
 
 def test_build_datasets_config_errors(tmp_path):
-    _dataset(tmp_path)
+    spec_dataset(tmp_path)
     base = {"source": "spec.yaml"}
     kwargs = {"image_size": 8, "mean": (0,) * 3, "std": (1,) * 3, "seed": 0}
     with pytest.raises(ValueError, match=r"data\.levels: index 5"):
@@ -169,7 +208,7 @@ def test_build_datasets_config_errors(tmp_path):
 
 
 def test_source_split_from_a_spec_column(tmp_path, capsys):
-    spec = _dataset(tmp_path, n=8)
+    spec = spec_dataset(tmp_path, n=8)
     table = tmp_path / "labels.csv"
     lines = table.read_text().splitlines()
 
@@ -194,3 +233,69 @@ def test_source_split_from_a_spec_column(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "split shipped by the source:\n  train       5 images       3 patients" in out
     assert "patients in several source splits (error): 1\n  patient:p2 (train and val)" in out
+
+
+def test_spec_paths_are_relative_to_the_spec_in_pretrain_and_check(tmp_path, capsys):
+    """With the recipe's data.path pointing at another dataset, a spec still reads its own
+    table (not a same-named table under data.path), in build_datasets as in `data check`."""
+    (tmp_path / "mine").mkdir()
+    spec = spec_dataset(tmp_path / "mine")
+    decoy = tmp_path / "covid-cxr"
+    decoy.mkdir()
+    (decoy / "labels.csv").write_text("path,patient,view,finding,report\n", encoding="utf-8")
+    kwargs = {"image_size": 8, "mean": (0,) * 3, "std": (1,) * 3, "seed": 0}
+    cfg = {"source": "mine/spec.yaml", "path": "covid-cxr"}
+    with pytest.warns(UserWarning, match=r"data\.path .*covid-cxr.* is not used with a spec"):
+        datasets = build_datasets(cfg, tmp_path, **kwargs)
+    assert sum(len(d) for d in datasets.values()) == 10
+    assert all(r.image.is_relative_to(tmp_path / "mine") for r in datasets["train"].records)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # data.path naming the spec's folder: nothing to say
+        build_datasets({**cfg, "path": "mine"}, tmp_path, **kwargs)
+    assert main(["data", "check", str(spec), "--no-decode"]) == 0
+    assert "samples: 10" in capsys.readouterr().out
+    # Errors show the absolute paths that were tried.
+    (tmp_path / "mine" / "labels.csv").unlink()
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'mine' / 'labels.csv'}: table file not"):
+        build_datasets({"source": "mine/spec.yaml"}, tmp_path, **kwargs)
+    with pytest.raises(ValueError, match=rf"not found \(tried {tmp_path / 'nope.yaml'} or "):
+        build_datasets({"source": "nope.yaml"}, tmp_path, **kwargs)
+
+
+def test_an_empty_dataset_is_an_error_everywhere(tmp_path, capsys):
+    spec = spec_dataset(tmp_path, n=0)  # a table with a header and no rows
+    assert main(["data", "check", str(spec)]) == 1
+    out = capsys.readouterr().out
+    assert "samples: 0 (error: no usable samples" in out and "result: 1 error(s)" in out
+    assert main(["data", "split", str(spec), "--output", str(tmp_path / "s.csv")]) == 2
+    assert "no usable samples to split" in capsys.readouterr().err
+    assert not (tmp_path / "s.csv").exists()
+    kwargs = {"image_size": 8, "mean": (0,) * 3, "std": (1,) * 3, "seed": 0}
+    with pytest.raises(ValueError, match="no usable samples"):
+        build_datasets({"source": str(spec)}, None, **kwargs)
+
+
+def test_missing_value_spellings_are_missing_and_counted(tmp_path, capsys):
+    spec = spec_dataset(tmp_path, n=8)
+    table = tmp_path / "labels.csv"
+    rows = table.read_text(encoding="utf-8").splitlines()
+    spelled = {1: "NaN", 2: " nan ", 3: "N/A", 4: "NA", 5: "null", 6: "None"}
+    for row, text in spelled.items():  # the finding column of data rows 1-6
+        cells = rows[row].split(",")
+        cells[3] = text
+        rows[row] = ",".join(cells)
+    rows[7] = rows[7].replace(",report 0", ",#N/A")  # a blank report, spelled
+    table.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    report_file = tmp_path / "r.json"
+    assert main(["data", "check", str(spec), "--no-decode", "--output", str(report_file)]) == 0
+    out = capsys.readouterr().out
+    # "None" stays a class (often a finding: no finding); the others are missing.
+    assert "level 0 'finding' (multi-label, 2 classes, 6 missing):\n       1  None\n" in out
+    assert "level 1 'report' (single-label, 3 classes, 1 missing)" in out
+    assert "cells read as missing: 6 (spelled as one of 'nan', 'n/a', 'na', '#n/a'" in out
+    for text in ("finding: 'NaN'", "finding: 'nan'", "finding: 'N/A'", "report: '#N/A'"):
+        assert f"       1  {text}" in out
+    report = json.loads(report_file.read_text())
+    assert {"column": "finding", "value": "null", "cells": 1} in report["missing_cells"]
+    finding_counts = report["levels"][0]["counts"]
+    assert not {"NaN", "nan", "N/A", "NA", "null"} & set(finding_counts)

@@ -163,7 +163,7 @@ def test_splits_share_no_patient_and_batches_follow_the_contract(name):
 def test_data_check_reports_the_real_sets(tmp_path, capsys):
     covid = require_shared("covid-cxr")
     out = tmp_path / "report.json"
-    assert main(["data", "check", str(covid), "--no-decode", "--json", str(out)]) == 1
+    assert main(["data", "check", str(covid), "--no-decode", "--output", str(out)]) == 1
     text = capsys.readouterr().out
     assert "missing image files (error): 7" in text
     assert "case_71_figura1.png" in text and "covid-19-caso-86-RX-Torace-2.jpg" in text
@@ -188,7 +188,7 @@ def test_data_check_reports_the_real_sets(tmp_path, capsys):
 def test_data_split_writes_a_patient_level_file(tmp_path, capsys):
     covid = require_shared("covid-cxr")
     out = tmp_path / "split.csv"
-    assert main(["data", "split", str(covid), "--out", str(out), "--seed", "3"]) == 0
+    assert main(["data", "split", str(covid), "--output", str(out), "--split-seed", "3"]) == 0
     with out.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 527
@@ -222,3 +222,29 @@ def test_csdi_identical_photos_stay_in_one_split_when_linked():
     which = {i: name for name, idx in split.items() for i in idx}
     for group in groups:
         assert len({which[i] for i in group}) == 1
+
+
+def test_the_demo_recipe_leaves_a_copy_of_covid_cxr_as_it_was(tmp_path, monkeypatch):
+    """The cpu-demo's data section on a writable copy of covid-cxr: loading (which fills the
+    cache) and `mgll data check` leave the folder holding exactly the files it held."""
+    import shutil
+    from importlib import resources
+
+    import yaml
+
+    copy = shutil.copytree(require_shared("covid-cxr"), tmp_path / "covid-cxr")
+    before = sorted((str(p.relative_to(copy)), p.stat().st_size) for p in copy.rglob("*"))
+    monkeypatch.setenv("MGLL_CACHE", str(tmp_path / "user-cache"))
+    recipe = yaml.safe_load(resources.files("mgll.configs").joinpath("cpu-demo.yaml").read_text())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the rows covid-cxr leaves out, the 7 missing images
+        datasets = build_datasets(
+            recipe["data"], tmp_path, image_size=64, mean=(0.5,) * 3, std=(0.5,) * 3, seed=0
+        )
+    for name in ("train", "val"):
+        for i in range(8):
+            datasets[name][i]
+    assert main(["data", "check", str(copy), "--no-decode"]) == 1  # the 7 missing images
+    after = sorted((str(p.relative_to(copy)), p.stat().st_size) for p in copy.rglob("*"))
+    assert after == before
+    assert len(list((tmp_path / "user-cache").rglob("*.npy"))) == 16

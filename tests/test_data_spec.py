@@ -220,3 +220,28 @@ def test_several_texts_are_drawn_reproducibly_per_epoch(tmp_path):
     assert draws(0) != draws(1) or draws(0) != draws(2)  # epochs draw afresh
     assert len({t for e in range(4) for t in draws(e)}) > 1
     assert all(t.endswith(" Mass") for t in draws(3))
+
+
+def test_missing_spellings_in_jsonl_strings_are_missing_too(tmp_path):
+    (tmp_path / "t.jsonl").write_text(
+        '{"file": "a.png", "finding": "N/A", "patient": "null"}\n'
+        '{"file": "b.png", "finding": "Mass", "patient": "p2"}\n',
+        encoding="utf-8",
+    )
+    spec = {"table": "t.jsonl", "image": "file", "patient": "patient",
+            "levels": [{"label": "finding"}]}  # fmt: skip
+    records = records_from_spec(spec, base_dir=tmp_path)
+    assert [r.labels[0] for r in records.records] == [[], ["Mass"]]
+    assert [r.patient_id for r in records.records] == [None, "p2"]
+    assert records.missing_cells == {("finding", "N/A"): 1, ("patient", "null"): 1}
+    with pytest.raises(ValueError, match="base_dir applies to a spec mapping"):
+        records_from_spec(tmp_path / "spec.yaml", base_dir=tmp_path)
+
+
+def test_a_parquet_table_without_rows_reads_as_empty(tmp_path):
+    pytest.importorskip("pyarrow", reason="pyarrow (the mgll[parquet] extra) not installed")
+    import pandas as pd
+
+    pd.DataFrame({"file": pd.Series([], dtype=float), "finding": []}).to_parquet(tmp_path / "t.pq")
+    spec = {"table": "t.pq", "image": "file", "levels": [{"label": "finding"}]}
+    assert records_from_spec(spec, base_dir=tmp_path).records == []

@@ -25,6 +25,7 @@ COMMAND_MODULES: dict[str, tuple[str, str]] = {
     "zeroshot": ("mgll.eval.zeroshot", "zero-shot classification with class prompts"),
     "retrieve": ("mgll.eval.retrieve", "image-text retrieval (R@K, label-aware P@K)"),
     "compare": ("mgll.eval.compare", "paired comparison of evaluation outputs (bootstrap CI, p)"),
+    "cache": ("mgll.data.cache_cli", "show or clear the preprocessing cache"),
 }
 
 
@@ -58,8 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(command if command in COMMAND_MODULES else None)
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
-        parser.print_help()
-        return 0 if args.command is None else 2
+        parser.print_help()  # no command: the help, and a usage error like `mgll data` alone
+        return 2
     return int(args.func(args) or 0)
 
 

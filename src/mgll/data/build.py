@@ -15,7 +15,7 @@ from mgll.data.adapters import detect_adapter, get_adapter
 from mgll.data.cache import PreprocessCache, check_resize_mode, default_cache_dir
 from mgll.data.dataset import MultiGranularDataset
 from mgll.data.records import RecordSet
-from mgll.data.spec import is_spec_path, records_from_spec, resolve_path
+from mgll.data.spec import find_spec, is_spec_path, records_from_spec, resolve_path
 from mgll.data.splits import SPLIT_NAMES, check_disjoint_patients, patient_split, read_split_file
 from mgll.data.transforms import augmentation_options, build_transform
 
@@ -43,22 +43,25 @@ def load_records(
     """Records of a dataset and its folder.
 
     ``source`` is a format name, the path of a spec file, or None to detect the format of the
-    folder ``path``. Relative paths are looked up under ``data_root`` first, then as given.
+    folder ``path``. Relative paths are looked up under ``data_root`` first, then as given. A
+    spec's own paths are relative to the spec file (``path`` is not used with a spec).
     """
     options = dict(options or {})
     folder = resolve_path(path, data_root) if path is not None else None
     if source is not None and is_spec_path(source):
-        spec_path = resolve_path(source, data_root)
-        if not spec_path.is_file() and Path(source).is_file():
-            spec_path = Path(source)
+        spec_path = find_spec(source, data_root)
         if options:
             raise ValueError(
                 f"data.options: a spec file ({spec_path}) takes no adapter options; "
                 "put them in the spec"
             )
-        # A spec's relative paths are relative to its own folder unless data.path says otherwise.
-        base = folder if folder is not None else spec_path.parent
-        return records_from_spec(spec_path, base_dir=base), base
+        if folder is not None and folder.resolve() != spec_path.parent.resolve():
+            warnings.warn(
+                f"data.path ({folder}) is not used with a spec: the paths in {spec_path} are "
+                "relative to its folder; set data.path to null",
+                stacklevel=2,
+            )
+        return records_from_spec(spec_path), spec_path.parent
     if folder is None:
         raise ValueError("data.path: is required with a format name (the dataset folder)")
     if source is None:
@@ -177,8 +180,8 @@ def build_datasets(
         cache_dir = None
     elif cache_cfg is None:
         cache_dir = default_cache_dir(folder)
-    else:
-        cache_dir = resolve_path(cache_cfg, data_root)
+    else:  # a cache root chosen in the config (the dataset folder only when it says so)
+        cache_dir = default_cache_dir(folder, resolve_path(cache_cfg, data_root))
     augmentation = augmentation_options(cfg.get("augmentation"))
 
     indices = split_records(records, cfg.get("split"), seed, data_root, folder)

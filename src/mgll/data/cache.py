@@ -3,22 +3,36 @@
 Entries are uint8 ``.npy`` files keyed by the source's absolute path, modification time, size,
 the target size and the resize mode. Editing or replacing a source file changes its key, so the
 stale entry is simply never read again and a fresh one is written: no manual invalidation.
-Writes go to a temporary file renamed into place, so parallel data-loader workers (or two runs
+Writes go through :func:`mgll.io.atomic_write`, so parallel data-loader workers (or two runs
 sharing a cache) never read a half-written entry.
+
+Layout under a cache root (``$MGLL_CACHE``, the platform's user cache, or ``data.cache_dir``)::
+
+    <root>/preprocess/<dataset name>-<hash of its resolved path>/
+        dataset.json                  # {"dataset": "/resolved/path/of/the/dataset"}
+        224px-crop-v2/ab/<key>.npy    # one folder per image size, resize mode and cache version
+
+so ``mgll cache info`` can show the size per dataset and ``mgll cache clear`` can remove one.
+Data folders are read, never written.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-import tempfile
+import re
+import shutil
+import sys
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from mgll.data.images import ImageLoadError, load_image
+from mgll.io import atomic_write
 
 # Bump when the stored pixels would change for the same key (decoder or resize changes).
 CACHE_VERSION = 2  # 2: DICOM windows map onto 0..255; 8-bit colour DICOM kept as stored
@@ -74,6 +88,11 @@ class PreprocessCache:
         self.misses = 0
         self.writable = True  # set False after a failed write: warn once, then read only
 
+    @property
+    def settings_dir(self) -> Path:
+        """The folder of this image size, resize mode and cache version."""
+        return self.cache_dir / settings_name(self.image_size, self.resize_mode)
+
     def key(self, path: str | Path) -> str:
         """Cache key of ``path`` as it is now (raises ImageLoadError when it does not exist)."""
         path = Path(path).absolute()
@@ -90,7 +109,7 @@ class PreprocessCache:
     def entry_path(self, path: str | Path) -> Path:
         """Where the entry for ``path`` at its current version lives."""
         key = self.key(path)
-        return self.cache_dir / key[:2] / f"{key}.npy"
+        return self.settings_dir / key[:2] / f"{key}.npy"
 
     def load(self, path: str | Path) -> np.ndarray:
         """The resized RGB uint8 image of ``path``, from the cache when fresh, else decoded and
@@ -116,19 +135,17 @@ class PreprocessCache:
         return array
 
     def _store(self, entry: Path, array: np.ndarray) -> None:
-        tmp = None
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as handle:
+                np.save(handle, array, allow_pickle=False)
+
         try:
             entry.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=entry.parent, suffix=".tmp")
-            with os.fdopen(fd, "wb") as handle:
-                np.save(handle, array, allow_pickle=False)
-            os.replace(tmp, entry)
+            atomic_write(entry, write)
         except OSError as exc:
             # The image itself is fine; only caching failed, so train on without writing more
             # (one warning, not one per image).
             self.writable = False
-            if tmp is not None and os.path.exists(tmp):
-                os.unlink(tmp)  # a disk-full write leaves a partial temporary file
             warnings.warn(
                 f"cannot write the preprocessing cache {self.cache_dir} ({exc}); continuing "
                 "without writing to it; set data.cache_dir to a writable folder, or false",
@@ -136,13 +153,37 @@ class PreprocessCache:
             )
 
 
-def user_cache_dir() -> Path:
-    """The per-user cache root: ``$MGLL_CACHE_DIR``, else ``$XDG_CACHE_HOME/mgll``, else
-    ``~/.cache/mgll``."""
-    if os.environ.get("MGLL_CACHE_DIR"):
-        return Path(os.environ["MGLL_CACHE_DIR"])
+def settings_name(image_size: int, resize_mode: str) -> str:
+    """Name of the folder holding the entries of one image size, resize mode and cache version."""
+    return f"{int(image_size)}px-{resize_mode}-v{CACHE_VERSION}"
+
+
+CACHE_ENV_VARS = ("MGLL_CACHE", "MGLL_CACHE_DIR")  # MGLL_CACHE_DIR: the older name, still read
+MANIFEST = "dataset.json"
+
+
+def user_cache_location() -> tuple[Path, str]:
+    """The per-user cache root and where it came from (for ``mgll cache info``).
+
+    ``$MGLL_CACHE``, else ``$MGLL_CACHE_DIR``, else the platform's user cache: ``~/Library/
+    Caches/mgll`` on macOS, ``%LOCALAPPDATA%\\mgll\\Cache`` on Windows, else
+    ``$XDG_CACHE_HOME/mgll`` or ``~/.cache/mgll``.
+    """
+    for var in CACHE_ENV_VARS:
+        if os.environ.get(var):
+            return Path(os.environ[var]).expanduser(), f"${var}"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "mgll", "the user cache"
+    if os.name == "nt":
+        local = os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local"
+        return Path(local) / "mgll" / "Cache", "the user cache"
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "mgll"
+    return Path(base) / "mgll", "the user cache"
+
+
+def user_cache_dir() -> Path:
+    """The per-user cache root (see :func:`user_cache_location`)."""
+    return user_cache_location()[0]
 
 
 def _writable(folder: Path) -> bool:
@@ -153,11 +194,103 @@ def _writable(folder: Path) -> bool:
     return False
 
 
-def default_cache_dir(dataset_dir: Path) -> Path | None:
-    """``<user cache>/preprocess``, or None when it cannot be written.
+def dataset_key(dataset_dir: str | Path) -> str:
+    """The cache folder name of a dataset: its folder name and a hash of its resolved path."""
+    resolved = Path(dataset_dir).resolve()
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", resolved.name).strip("._") or "dataset"
+    digest = hashlib.sha1(str(resolved).encode("utf-8")).hexdigest()[:10]
+    return f"{slug[:40]}-{digest}"
 
-    Never the dataset folder: data folders are read, never written (a root process would
-    otherwise pass a write-permission check on a read-only shared folder).
+
+def default_cache_dir(dataset_dir: str | Path, root: str | Path | None = None) -> Path | None:
+    """The cache folder of the dataset in ``dataset_dir``: ``<root>/preprocess/<dataset key>``.
+
+    ``root`` is the cache root (``data.cache_dir``); by default the user cache, and then None
+    when that cannot be written (the run goes on without a cache). Never the dataset folder
+    unless ``root`` names it: data folders are read, never written. Records the dataset's path
+    in ``dataset.json`` so ``mgll cache info`` can name it.
     """
-    shared = user_cache_dir() / "preprocess"  # keys hold absolute paths, so sharing is safe
-    return shared if _writable(shared) else None
+    base = Path(root).expanduser() if root is not None else user_cache_dir()
+    folder = base / "preprocess" / dataset_key(dataset_dir)
+    if root is None and not _writable(folder):
+        return None
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        text = json.dumps({"dataset": str(Path(dataset_dir).resolve())}, indent=2) + "\n"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write(manifest, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        except OSError:
+            # An explicit root that cannot be written: PreprocessCache warns on its first write.
+            return folder if root is not None else None
+    return folder
+
+
+@dataclass
+class CachedDataset:
+    """One dataset's folder in the cache: where it is, what it caches, how big it is."""
+
+    folder: Path
+    dataset: str  # the dataset's resolved path ("" when unknown)
+    entries: int = 0
+    bytes: int = 0
+    settings: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (entries, bytes)
+
+    @property
+    def name(self) -> str:
+        """The key ``mgll cache clear`` accepts (the folder name)."""
+        return self.folder.name
+
+
+def _usage(folder: Path) -> tuple[int, int]:
+    """(number of .npy entries, bytes of all files) below ``folder``."""
+    entries = size = 0
+    for path in folder.rglob("*"):
+        if path.is_file():
+            size += path.stat().st_size
+            entries += path.suffix == ".npy"
+    return entries, size
+
+
+def scan_cache(root: str | Path) -> list[CachedDataset]:
+    """The datasets cached under the cache root ``root``, largest first.
+
+    Entries written by versions that kept no per-dataset folders (``preprocess/ab/*.npy``) are
+    listed as one pseudo-dataset with an empty ``dataset``.
+    """
+    preprocess = Path(root) / "preprocess"
+    if not preprocess.is_dir():
+        return []
+    found: list[CachedDataset] = []
+    legacy = CachedDataset(folder=preprocess, dataset="")
+    for child in sorted(preprocess.iterdir()):
+        if not child.is_dir():
+            continue
+        manifest = child / MANIFEST
+        if manifest.is_file():
+            try:
+                dataset = str(json.loads(manifest.read_text(encoding="utf-8"))["dataset"])
+            except (OSError, ValueError, KeyError, TypeError):
+                dataset = ""
+            item = CachedDataset(folder=child, dataset=dataset)
+            for settings in sorted(p for p in child.iterdir() if p.is_dir()):
+                item.settings[settings.name] = _usage(settings)
+            item.entries, item.bytes = _usage(child)
+            found.append(item)
+        elif re.fullmatch(r"[0-9a-f]{2}", child.name):
+            entries, size = _usage(child)
+            legacy.entries += entries
+            legacy.bytes += size
+    if legacy.entries or legacy.bytes:
+        found.append(legacy)
+    return sorted(found, key=lambda d: (-d.bytes, d.name))
+
+
+def remove_cached(item: CachedDataset) -> None:
+    """Delete one dataset's cache folder (or the old un-keyed entries)."""
+    if item.dataset or (item.folder / MANIFEST).is_file():
+        shutil.rmtree(item.folder)
+        return
+    for child in item.folder.iterdir():
+        if child.is_dir() and re.fullmatch(r"[0-9a-f]{2}", child.name):
+            shutil.rmtree(child)

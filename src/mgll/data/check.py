@@ -1,10 +1,11 @@
 """Dataset validation behind ``mgll data check``: what a user must fix before training.
 
-Errors (non-zero exit): missing or undecodable image files, empty texts at a level where the
-sample has a label, a patient in two splits (of the patient-level split, or of the split the
-source ships). Warnings: empty texts where the label is missing
+Errors (non-zero exit): no samples at all, missing or undecodable image files, empty texts at a
+level where the sample has a label, a patient in two splits (of the patient-level split, or of
+the split the source ships). Warnings: empty texts where the label is missing
 (the loss leaves the sample out of that level anyway), the same image file used by several
 records, different files with identical bytes, rows the source left out (counted by reason).
+Notes: table cells read as missing because of their spelling ("NaN", "N/A", ...).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 from mgll.data.images import ImageLoadError, load_image
 from mgll.data.records import Record, RecordSet
 from mgll.data.splits import SPLIT_NAMES, file_digest, patient_key, patient_split
+from mgll.data.tables import MISSING_SPELLINGS
 
 
 @dataclass
@@ -30,6 +32,7 @@ class CheckReport:
     levels: list[dict[str, Any]]
     excluded: dict[str, int]
     excluded_examples: dict[str, list[str]] = field(default_factory=dict)
+    missing_cells: dict[tuple[str, str], int] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
     corrupt: list[tuple[str, str]] = field(default_factory=list)
     empty_texts: list[tuple[str, str]] = field(default_factory=list)
@@ -47,7 +50,8 @@ class CheckReport:
     def errors(self) -> int:
         """Number of problems that make the dataset unfit as it is."""
         return (
-            len(self.missing)
+            (self.num_records == 0)  # `pretrain` refuses an empty dataset too
+            + len(self.missing)
             + len(self.corrupt)
             + len(self.empty_texts)
             + len(self.split_overlap)
@@ -62,6 +66,10 @@ class CheckReport:
             "levels": self.levels,
             "excluded": self.excluded,
             "excluded_examples": self.excluded_examples,
+            "missing_cells": [
+                {"column": column, "value": value, "cells": n}
+                for (column, value), n in self.missing_cells.items()
+            ],
             "missing": self.missing,
             "corrupt": [{"path": p, "reason": r} for p, r in self.corrupt],
             "empty_texts": [{"image": p, "level": lv} for p, lv in self.empty_texts],
@@ -110,6 +118,7 @@ def check_records(
         levels=[],
         excluded=dict(records.excluded.most_common()),
         excluded_examples={k: list(v) for k, v in records.excluded_examples.items()},
+        missing_cells=dict(records.missing_cells.most_common()),
         decoded=decode,
     )
     for level, counts in zip(records.levels, records.label_counts(), strict=True):
@@ -177,7 +186,16 @@ def _split_summary(
 
 def format_report(report: CheckReport, *, limit: int = 50) -> str:
     """Human-readable report; lists are cut at ``limit`` entries (counts stay exact)."""
-    lines = [f"dataset: {report.source}", f"samples: {report.num_records}"]
+    empty = " (error: no usable samples; pretrain refuses it)" if report.num_records == 0 else ""
+    lines = [f"dataset: {report.source}", f"samples: {report.num_records}{empty}"]
+    if report.missing_cells:
+        spellings = ", ".join(repr(s) for s in MISSING_SPELLINGS)
+        lines.append(
+            f"cells read as missing: {sum(report.missing_cells.values())} "
+            f"(spelled as one of {spellings}, any case)"
+        )
+        for (column, value), n in list(report.missing_cells.items())[:limit]:
+            lines.append(f"  {n:6d}  {column}: {value!r}")
     if report.excluded:
         lines.append(f"left out by the source: {sum(report.excluded.values())} row(s)")
         for reason, n in report.excluded.items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,28 @@ from mgll.data.check import check_records, format_report
 from mgll.data.records import RecordSet
 from mgll.data.spec import is_spec_path
 from mgll.data.splits import SPLIT_NAMES, patient_key, patient_split, write_split_file
+from mgll.io import atomic_write
+
+
+class _Renamed(argparse.Action):
+    """A hidden old spelling of an option: stores into the new option's ``dest``.
+
+    ``note`` (printed once to stderr) is for renames whose meaning users must learn; plain
+    spelling changes stay silent.
+    """
+
+    def __init__(self, option_strings, dest, note=None, **kwargs):  # type: ignore[no-untyped-def]
+        kwargs["help"] = argparse.SUPPRESS
+        super().__init__(option_strings, dest, **kwargs)
+        self.note = note
+
+    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[no-untyped-def]
+        if self.note:
+            print(f"{parser.prog}: note: {self.note}", file=sys.stderr)
+        if isinstance(getattr(namespace, self.dest, None), list):
+            getattr(namespace, self.dest).append(values)
+        else:
+            setattr(namespace, self.dest, values)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,31 +52,52 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     def common(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("path", help="a dataset spec file (.yaml/.json) or a dataset folder")
         parser.add_argument(
-            "--format",
-            dest="format_name",
+            "--source",
             metavar="NAME",
-            help=f"the folder's format (default: detected): {', '.join(adapter_names())}",
+            help="the folder's format, as data.source (default: detected): "
+            f"{', '.join(adapter_names())}",
         )
+        parser.add_argument("--format", dest="source", action=_Renamed)
         parser.add_argument(
-            "--option",
+            "--options",
             action="append",
             default=[],
             metavar="KEY=VALUE",
-            help="adapter option (repeatable), e.g. --option language=zh",
+            help="one entry of data.options (repeatable), e.g. --options language=zh",
         )
+        parser.add_argument("--option", dest="options", action=_Renamed)
         for name, default in zip(SPLIT_NAMES, (0.8, 0.1, 0.1), strict=True):
-            parser.add_argument(f"--{name}", type=float, default=default, help=f"{name} fraction")
-        parser.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+            parser.add_argument(
+                f"--{name}", type=float, default=default, help=f"data.split.{name} fraction"
+            )
+        parser.add_argument(
+            "--split-seed",
+            type=int,
+            default=0,
+            metavar="N",
+            help="data.split.seed (default 0); `pretrain` uses data.split.seed, or train.seed "
+            "(its --seed) when the config sets none",
+        )
+        parser.add_argument(
+            "--seed",
+            dest="split_seed",
+            type=int,
+            action=_Renamed,
+            note="--seed is now --split-seed: the seed of the split (data.split.seed), which "
+            "is not what `pretrain --seed` (train.seed) sets",
+        )
         parser.add_argument(
             "--link-identical",
             action="store_true",
-            help="keep patients whose image files are byte-identical in the same split",
+            help="keep patients whose image files are byte-identical in the same split "
+            "(data.split.link_identical)",
         )
 
     check = sub.add_parser("check", help="counts per level and label, missing/corrupt files, ...")
     common(check)
     check.add_argument("--no-decode", action="store_true", help="only check files exist")
-    check.add_argument("--json", metavar="FILE", help="also write the full report as JSON")
+    check.add_argument("--output", metavar="FILE", help="also write the full report as JSON")
+    check.add_argument("--json", dest="output", action=_Renamed)
     check.add_argument("--limit", type=int, default=50, help="entries shown per list (default 50)")
     check.add_argument("--workers", type=int, default=8, help="threads decoding images")
     check.set_defaults(func=run_check)
@@ -61,8 +105,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     split = sub.add_parser("split", help="write a patient-level train/val/test split (CSV)")
     common(split)
     split.add_argument(
-        "--out", required=True, metavar="FILE", help="CSV to write (image, patient_id, split)"
+        "--output", metavar="FILE", help="CSV to write (image, patient_id, split); required"
     )
+    split.add_argument("--out", dest="output", action=_Renamed)
     split.set_defaults(func=run_split)
 
 
@@ -71,7 +116,7 @@ def _options(pairs: list[str]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ValueError(f"--option {pair!r}: expected KEY=VALUE")
+            raise ValueError(f"--options {pair!r}: expected KEY=VALUE")
         lowered = value.lower()
         options[key] = {"true": True, "false": False}.get(lowered, value)
     return options
@@ -80,14 +125,20 @@ def _options(pairs: list[str]) -> dict[str, Any]:
 def _load(args: argparse.Namespace) -> tuple[RecordSet, Path]:
     path = Path(args.path)
     if not path.exists():
-        raise ValueError(f"{path}: no such file or folder")
+        raise ValueError(f"{path.absolute()}: no such file or folder")
     if is_spec_path(path) and path.is_file():
-        if args.format_name:
+        if args.source:
             raise ValueError(
-                f"--format: {path} is a spec file; --format applies to dataset folders"
+                f"--source: {path} is a spec file; --source names the format of a dataset folder"
             )
-        return load_records(path, None, options=_options(args.option))
-    return load_records(args.format_name, path, options=_options(args.option))
+        return load_records(path, None, options=_options(args.options))
+    return load_records(args.source, path, options=_options(args.options))
+
+
+def _fail(args: argparse.Namespace, message: object) -> int:
+    """Print ``mgll data <action>: error: message`` to stderr; the exit code 2."""
+    print(f"mgll data {args.data_command}: error: {message}", file=sys.stderr)
+    return 2
 
 
 def _fractions(args: argparse.Namespace) -> dict[str, float]:
@@ -103,37 +154,42 @@ def run_check(args: argparse.Namespace) -> int:
             decode=not args.no_decode,
             split=_fractions(args),
             link_identical=args.link_identical,
-            seed=args.seed,
+            seed=args.split_seed,
             workers=args.workers,
         )
     except (ValueError, OSError, ImportError) as exc:
-        print(f"error: {exc}")
-        return 2
+        return _fail(args, exc)
     print(format_report(report, limit=args.limit))
-    if args.json:
+    if args.output:
+        text = json.dumps(report.to_dict(), indent=2, ensure_ascii=False)
         try:
-            Path(args.json).write_text(
-                json.dumps(report.to_dict(), indent=2, ensure_ascii=False), encoding="utf-8"
-            )
+            atomic_write(Path(args.output), lambda tmp: tmp.write_text(text, encoding="utf-8"))
         except OSError as exc:
-            print(f"error: --json: cannot write {args.json} ({exc.strerror or exc})")
-            return 2
+            return _fail(args, f"--output: cannot write {args.output} ({exc.strerror or exc})")
     return 1 if report.errors else 0
 
 
 def run_split(args: argparse.Namespace) -> int:
     """Write the split CSV and print images/patients per split."""
+    if not args.output:
+        return _fail(args, "--output FILE is required (the split CSV to write)")
     try:
         records, folder = _load(args)
+        if not records.records:
+            raise ValueError(
+                f"{records.source}: no usable samples to split; `mgll data check` says why"
+            )
         split = patient_split(
-            records.records, _fractions(args), seed=args.seed, link_identical=args.link_identical
+            records.records,
+            _fractions(args),
+            seed=args.split_seed,
+            link_identical=args.link_identical,
         )
-        write_split_file(args.out, records.records, split, root=folder)
+        write_split_file(args.output, records.records, split, root=folder)
     except (ValueError, OSError, ImportError) as exc:
-        print(f"error: {exc}")
-        return 2
+        return _fail(args, exc)
     for name in SPLIT_NAMES:
         patients = {patient_key(records.records[i]) for i in split[name]}
         print(f"{name:5s}  {len(split[name]):6d} images  {len(patients):6d} patients")
-    print(f"wrote {args.out}")
+    print(f"wrote {args.output}")
     return 0

@@ -64,6 +64,8 @@ class RecordSet:
     ``excluded`` maps a reason ("finding 'todo' (unlabelled)") to how many source rows were left
     out for it; ``excluded_examples`` keeps a few identifiers per reason so reports can name them.
     ``source`` says where the records came from (file or folder) for messages.
+    ``missing_cells`` counts table cells read as missing because of how they were spelled
+    (``{(column, "NaN"): n}``; see :data:`mgll.data.tables.MISSING_SPELLINGS`).
     """
 
     levels: list[LevelInfo]
@@ -71,6 +73,7 @@ class RecordSet:
     source: str = ""
     excluded: Counter[str] = field(default_factory=Counter)
     excluded_examples: dict[str, list[str]] = field(default_factory=dict)
+    missing_cells: Counter[tuple[str, str]] = field(default_factory=Counter)
 
     def exclude(self, reason: str, example: str) -> None:
         """Count one left-out source row under ``reason`` (keeping up to 5 examples)."""
@@ -106,6 +109,7 @@ class RecordSet:
             source=self.source,
             excluded=Counter(self.excluded),
             excluded_examples=dict(self.excluded_examples),
+            missing_cells=Counter(self.missing_cells),
         )
 
     def subset(self, indices: Sequence[int]) -> RecordSet:
@@ -116,6 +120,7 @@ class RecordSet:
             source=self.source,
             excluded=Counter(self.excluded),
             excluded_examples=dict(self.excluded_examples),
+            missing_cells=Counter(self.missing_cells),
         )
 
     def label_counts(self) -> list[Counter[str]]:

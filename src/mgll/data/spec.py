@@ -19,6 +19,8 @@ Every error names the spec key, the table file and (for cell errors) the row.
 from __future__ import annotations
 
 import json
+import os
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,19 +85,36 @@ def records_from_spec(
 ) -> RecordSet:
     """Records described by ``spec`` (a mapping, or the path of a YAML/JSON file).
 
-    Relative paths in the spec (table, image root) are resolved against ``base_dir``, which
-    defaults to the spec file's folder.
+    Relative paths in a spec file (table, image root) are relative to the spec file's folder,
+    always. ``base_dir`` is only for a mapping: the folder its relative paths start from
+    (default: the current folder).
     """
     if isinstance(spec, (str, Path)):
-        spec_path = Path(spec)
+        if base_dir is not None:
+            raise ValueError(
+                f"{spec}: base_dir applies to a spec mapping; a spec file's paths are relative "
+                "to the file"
+            )
+        spec_path = Path(spec).absolute()
         mapping = load_spec_file(spec_path)
-        base = Path(base_dir) if base_dir is not None else spec_path.parent
+        base = spec_path.parent
         where = str(spec_path)
     else:
         mapping = dict(spec)
-        base = Path(base_dir) if base_dir is not None else Path.cwd()
+        base = Path(base_dir if base_dir is not None else Path.cwd()).absolute()
         where = "dataset spec"
     return _SpecReader(mapping, base, where).read()
+
+
+def find_spec(source: str | Path, data_root: str | Path | None = None) -> Path:
+    """The spec file ``source`` names: under ``data_root`` when it is there, else as given
+    (relative to the current folder). SpecError listing the absolute paths tried if neither."""
+    tried = [resolve_path(source, data_root).absolute(), Path(source).expanduser().absolute()]
+    for candidate in tried:
+        if candidate.is_file():
+            return candidate
+    shown = " or ".join(dict.fromkeys(str(t) for t in tried))
+    raise SpecError(f"data.source: dataset spec {source} not found (tried {shown})")
 
 
 class _SpecReader:
@@ -134,7 +153,7 @@ class _SpecReader:
                 ", ".join(sorted(unknown)), f"unknown key(s); known keys: {sorted(_TOP_KEYS)}"
             )
         table = self.require("table")
-        self.table_path = resolve_path(table, self.base)
+        self.table_path = _normalised(table, self.base)
         try:
             self.frame = read_table(self.table_path, self.spec.get("format"))
         except TableError as exc:
@@ -146,7 +165,7 @@ class _SpecReader:
         if not isinstance(image_cfg, Mapping):
             raise self.fail("image", "must be a column name or {column: ..., root: ...}")
         image_col = self.column("image.column", image_cfg.get("column"))
-        root = resolve_path(image_cfg.get("root", "."), self.base)
+        root = _normalised(image_cfg.get("root", "."), self.base)
         patient_col = (
             self.column("patient", self.spec["patient"]) if self.spec.get("patient") else None
         )
@@ -169,7 +188,12 @@ class _SpecReader:
             )
         levels = [self.parse_level(i, cfg) for i, cfg in enumerate(level_cfgs)]
 
-        result = RecordSet(levels=[], records=[], source=str(self.table_path))
+        result = RecordSet(
+            levels=[],
+            records=[],
+            source=str(self.table_path),
+            missing_cells=Counter(self.frame.attrs.get("missing_cells", {})),
+        )
         rows = self.frame.to_dict("records")
         per_level_labels: list[list[list[str]]] = [[] for _ in levels]
         kept_rows: list[tuple[int, dict[str, str]]] = []
@@ -221,7 +245,7 @@ class _SpecReader:
                 metadata["split"] = row[split_col].strip().lower()
             result.records.append(
                 Record(
-                    image=resolve_path(row[image_col].strip(), root),
+                    image=_normalised(row[image_col].strip(), root),
                     texts=texts,
                     labels=labels,
                     patient_id=(row[patient_col].strip() or None) if patient_col else None,
@@ -362,6 +386,12 @@ def resolve_path(value: Any, base: str | Path | None) -> Path:
     under ``base``."""
     path = Path(str(value)).expanduser()
     return path if path.is_absolute() or base is None else Path(base) / path
+
+
+def _normalised(value: Any, base: Path) -> Path:
+    """``value`` under the absolute folder ``base``, with ``..`` folded away (for messages, and
+    so split files can write images relative to the dataset folder)."""
+    return Path(os.path.normpath(resolve_path(value, base)))
 
 
 def is_spec_path(path: str | Path) -> bool:

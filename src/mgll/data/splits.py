@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from mgll.data.records import Record
+from mgll.io import atomic_write
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -137,11 +138,15 @@ def write_split_file(
     which = {i: name for name, idx in split.items() for i in idx}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["image", "patient_id", "split"])
-        for i, r in enumerate(records):
-            writer.writerow([_image_key(r, base), r.patient_id or "", which.get(i, "")])
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["image", "patient_id", "split"])
+            for i, r in enumerate(records):
+                writer.writerow([_image_key(r, base), r.patient_id or "", which.get(i, "")])
+
+    atomic_write(path, write)  # an interrupted write never leaves half a split behind
 
 
 def read_split_file(

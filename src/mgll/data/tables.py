@@ -1,17 +1,24 @@
 """Reading label tables (CSV, TSV, JSONL, Parquet) as all-string data frames.
 
-Every cell is read as text with blanks as "", so a label "NA" or a patient id "007" survives
-as written and row numbers in error messages match the file.
+Every cell is read as text, so a patient id "007" survives as written and row numbers in error
+messages match the file. Missing cells become "" in every format: blanks, whitespace, and the
+usual spellings of a missing value (:data:`MISSING_SPELLINGS`, any letter case), which would
+otherwise become classes named "NaN" or "N/A". "None" is not among them, since it is often a
+finding ("no finding"); list it under a level's ``missing:`` when it means missing.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 TABLE_FORMATS = ("csv", "tsv", "jsonl", "parquet")
+# Cell texts (compared after strip() and lower()) that mean "no value", as pandas, R, Excel and
+# SQL exports write them.
+MISSING_SPELLINGS = ("nan", "n/a", "na", "#n/a", "<na>", "null")
 
 
 class TableError(ValueError):
@@ -79,8 +86,27 @@ def read_table(path: str | Path, fmt: str | None = None) -> pd.DataFrame:
     except (ValueError, OSError, pd.errors.ParserError) as exc:
         raise TableError(f"{path}: cannot read as {fmt} ({exc})") from exc
     frame.columns = [str(c) for c in frame.columns]
-    # Normalise non-CSV cells (numbers, None, NaN) to the CSV convention: strings, "" if blank.
-    return frame.apply(lambda col: col.map(_cell_text)) if fmt not in ("csv", "tsv") else frame
+    if fmt not in ("csv", "tsv"):
+        # Non-CSV cells (numbers, None, NaN) to the CSV convention: strings, "" if blank.
+        frame = frame.apply(lambda col: col.map(_cell_text))
+    return blank_missing(frame)
+
+
+def blank_missing(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with every missing spelling (and whitespace-only cell) replaced by "".
+
+    ``frame.attrs["missing_cells"]`` counts the replaced spellings as ``{(column, text): n}``
+    (blank and whitespace-only cells are not counted), for ``mgll data check`` to report.
+    """
+    counts: Counter[tuple[str, str]] = Counter()
+    for column in frame.columns:
+        cells = frame[column].astype(object)  # an empty Parquet column may be float
+        stripped = cells.str.strip()
+        spelled = stripped.str.lower().isin(MISSING_SPELLINGS)
+        counts.update((column, text) for text in stripped[spelled])
+        frame[column] = cells.where(~(spelled | (stripped == "")), "")
+    frame.attrs["missing_cells"] = counts
+    return frame
 
 
 def _cell_text(value: object) -> str:

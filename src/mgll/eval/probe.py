@@ -151,6 +151,7 @@ def linear_probe(
     features = extract_features(
         encoder,
         data.records,
+        data.folder,
         batch_size=batch_size,
         num_workers=num_workers,
         cache_dir=cache_dir,
@@ -274,7 +275,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "probe",
         help="linear probe of a frozen image encoder",
         description="Linear probe: cached frozen features, logistic regression with C chosen "
-        "on validation, test metrics with patient-bootstrap 95%% CIs (docs/evaluation.md).",
+        "on validation, test metrics with patient-bootstrap 95% CIs (docs/evaluation.md).",
     )
     parser.add_argument(
         "--encoder",

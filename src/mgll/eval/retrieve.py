@@ -100,6 +100,7 @@ def retrieval(
     features = extract_features(
         encoder,
         data.records,
+        data.folder,
         projected=True,
         batch_size=batch_size,
         num_workers=num_workers,
@@ -232,7 +233,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "retrieve",
         help="image-text retrieval (R@K, label-aware P@K)",
         description="Image->text and text->image retrieval on the test split with the texts "
-        "of one level: R@K and label-aware P@K with bootstrap 95%% CIs.",
+        "of one level: R@K and label-aware P@K with bootstrap 95% CIs.",
     )
     add_model_arguments(parser)
     add_task_arguments(parser)

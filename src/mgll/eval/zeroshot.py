@@ -143,6 +143,7 @@ def zero_shot(
     features = extract_features(
         encoder,
         data.records,
+        data.folder,
         projected=True,
         batch_size=batch_size,
         num_workers=num_workers,

@@ -1,0 +1,1 @@
+"""The demo pipeline (``mgll demo``) and its HTML report."""

@@ -1,0 +1,164 @@
+"""The demo report: one self-contained HTML file whose embedded images all decode.
+
+The browser check renders it in headless Chromium (Debian's ``chromium``, which ``.ci/run``
+installs) and reads back, from the page itself, how many images failed to load.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mgll.demo.report import EncoderReport, ReportInputs, RetrievalExample, write_report
+
+_DATA_URI = re.compile(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'")
+
+
+def _inputs() -> ReportInputs:
+    rng = np.random.default_rng(0)
+    classes = ["Mild", "Moderate", "Severe"]
+    n = 30
+    truth = rng.integers(0, 3, size=n)
+    labels = np.eye(3)[truth]
+    encoders = []
+    for name, noise in (("random", 3.0), ("clip", 1.0), ("mgll", 0.5)):
+        scores = labels + noise * rng.normal(size=labels.shape)
+        encoders.append(
+            EncoderReport(
+                name=name,
+                loss_curve=[] if name == "random" else [(s, 5.0 / (s + 1)) for s in range(10)],
+                roc_labels=labels,
+                roc_scores=scores,
+                classes=classes,
+                embedding=rng.normal(size=(n, 8)) + truth[:, None],
+                embedding_labels=[classes[t] for t in truth],
+                retrieval=[
+                    RetrievalExample(
+                        image=(rng.random((40, 50, 3)) * 255).astype(np.uint8),
+                        truth="A fundus photograph with a <severe> cataract.",
+                        texts=[("A severe cataract.", 0.8), ("A mild cataract.", 0.3)],
+                        correct=[True, False],
+                    )
+                ],
+            )
+        )
+    table = [
+        {
+            "encoder": e.name,
+            "level": "severity",
+            "protocol": "probe",
+            "auc_macro": 0.5 + 0.1 * i,
+            "auc_macro_ci95": [0.4 + 0.1 * i, 0.6 + 0.1 * i],
+            "map": 0.4,
+            "accuracy": 0.5,
+        }
+        for i, e in enumerate(encoders)
+    ]
+    comparisons = [
+        {
+            "a": "mgll",
+            "b": "random",
+            "level": "severity",
+            "protocol": "probe",
+            "metric": "auc_macro",
+            "diff": 0.2,
+            "ci95": [0.05, 0.35],
+            "p": 0.01,
+        }
+    ]
+    return ReportInputs(
+        title="mgll demo",
+        dataset="csdi-fundus",
+        table=table,
+        comparisons=comparisons,
+        encoders=encoders,
+        notes=["Test split: 10 patients."],
+        main_level="severity",
+        extra={"seed": 0},
+    )
+
+
+def test_report_is_self_contained_and_every_image_decodes(tmp_path):
+    path = write_report(tmp_path / "report.html", _inputs())
+    text = path.read_text(encoding="utf-8")
+    images = _DATA_URI.findall(text)
+    # loss curves, ROC, embedding map, and one retrieval thumbnail per encoder
+    assert len(images) == 3 + 3
+    for payload in images:
+        with Image.open(io.BytesIO(base64.b64decode(payload))) as picture:
+            picture.load()
+            assert picture.width > 0 and picture.height > 0
+    assert not re.search(r"(src|href)=['\"](?!data:)", text)  # nothing refers to another file
+    assert "0.700 [0.600, 0.800]" in text  # mgll's AUC with its CI
+    assert "mgll better" in text  # the comparison's CI is above 0
+    assert "&lt;severe&gt;" in text  # texts are escaped, not markup
+    assert "not for clinical use" in text
+
+
+def test_report_without_optional_parts_still_renders(tmp_path):
+    inputs = ReportInputs(title="t", dataset="d", table=[{"encoder": "random", "auc_macro": None}])
+    text = write_report(tmp_path / "r.html", inputs).read_text(encoding="utf-8")
+    assert "n/a" in text and "<img" not in text
+
+
+def _chromium() -> str:
+    for name in ("chromium", "chromium-browser"):
+        if shutil.which(name):
+            return name
+    pytest.skip("headless Chromium is not installed (apt-get install chromium; .ci/run does)")
+
+
+_CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--virtual-time-budget=5000",
+]
+
+
+@pytest.mark.slow
+def test_report_renders_in_headless_chromium(tmp_path):
+    chromium = _chromium()
+    report = write_report(tmp_path / "report.html", _inputs())
+    # A copy of the page that writes, once loaded, how many images failed to decode.
+    probe = tmp_path / "probe.html"
+    probe.write_text(
+        report.read_text(encoding="utf-8").replace(
+            "</body>",
+            "<script>window.addEventListener('load', () => {"
+            "const imgs = Array.from(document.images);"
+            "const bad = imgs.filter(i => !i.complete || i.naturalWidth === 0).length;"
+            "document.body.setAttribute('data-images', imgs.length);"
+            "document.body.setAttribute('data-broken', bad);});</script></body>",
+        ),
+        encoding="utf-8",
+    )
+    profile = tmp_path / "profile"
+    common = [chromium, *_CHROMIUM_FLAGS, f"--user-data-dir={profile}"]
+    dom = subprocess.run(
+        [*common, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120
+    )
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert 'data-images="6"' in dom.stdout and 'data-broken="0"' in dom.stdout
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        [*common, f"--screenshot={shot}", "--window-size=1200,1600", report.as_uri()],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    with Image.open(shot) as picture:
+        pixels = np.asarray(picture.convert("L"))
+    assert pixels.std() > 5  # something was drawn, not a blank page
