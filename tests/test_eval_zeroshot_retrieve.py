@@ -94,48 +94,54 @@ def test_zeroshot_and_retrieval_of_a_pretrained_run_then_compare_with_a_probe(
     auc = np.mean([roc_auc_score(pred["y"][:, c], pred["scores"][:, c]) for c in present])
     assert results["metrics"]["auc_macro"] == pytest.approx(auc)
 
-    ml = tmp_path / "zs-ml"
-    assert (
-        main(
-            [
-                "zeroshot",
-                "--model",
-                str(pretrained_run),
-                "--level",
-                "category",
-                "--template",
-                "a chest X-ray showing {}",
-                "--output-dir",
-                str(ml),
-                *common,
-            ]
-        )
-        == 0
-    )
-    details = read_results(ml)["details"]
-    assert details["negative_prompts"]["ARDS"] == ["a chest X-ray showing no ARDS"]
+    # The Python API on one loaded model: a probe of its image tower, then compare via the CLI.
+    from mgll.eval.data import load_eval_data
+    from mgll.eval.encoders import encoder_from_model
+    from mgll.eval.probe import linear_probe
+    from mgll.eval.retrieve import retrieval
+    from mgll.eval.zeroshot import zero_shot
+    from mgll.training.checkpoint import load_model
 
+    model, config = load_model(pretrained_run)
+    category = load_eval_data("covid-cxr", "category", data_root=data_root, encoder_config=config)
+    details = zero_shot(
+        model,
+        category,
+        tmp_path / "zs-ml",
+        name="run",
+        templates=["a chest X-ray showing {}"],
+        n_resamples=20,
+        cache_dir=tmp_path / "f",
+        progress=False,
+    )["details"]
+    assert details["negative_prompts"]["ARDS"] == ["a chest X-ray showing no ARDS"]
+    assert details["prompts"]["ARDS"] == ["a chest X-ray showing ARDS"]
     probe = tmp_path / "probe"
-    assert (
-        main(
-            [
-                "probe",
-                "--encoder",
-                str(pretrained_run),
-                "--level",
-                "type",
-                "--output-dir",
-                str(probe),
-                *common,
-            ]
-        )
-        == 0
+    data = load_eval_data("covid-cxr", "type", data_root=data_root, encoder_config=config)
+    linear_probe(
+        encoder_from_model(model, "run", config),
+        data,
+        probe,
+        n_resamples=50,
+        cache_dir=tmp_path / "f",
+        progress=False,
     )
     capsys.readouterr()
     assert main(["compare", str(probe), str(zs), "--bootstrap", "50", "--no-progress"]) == 0
     assert "| auc_macro |" in capsys.readouterr().out
 
     rt = tmp_path / "rt"
+    notes = load_eval_data("covid-cxr", "notes", data_root=data_root, encoder_config=config)
+    results = retrieval(
+        model,
+        notes,
+        rt,
+        name=str(pretrained_run),
+        n_resamples=50,
+        cache_dir=tmp_path / "f",
+        progress=False,
+    )
+    assert read_results(rt) == results
     assert (
         main(
             [

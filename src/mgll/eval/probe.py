@@ -141,6 +141,7 @@ def linear_probe(
     Several: one sub-folder ``fraction-<f>`` each, ``output_dir/summary.json`` lists them and
     the dict is ``{"fractions": {f: results}}``.
     """
+    from mgll.eval.data import label_fraction_rows
     from mgll.eval.encoders import load_encoder
     from mgll.eval.features import extract_features
     from mgll.eval.results import write_classification_outputs, write_json
@@ -173,8 +174,6 @@ def linear_probe(
     fractions = [float(f) for f in label_fractions]
     all_results: dict[str, Any] = {}
     for fraction in fractions:
-        from mgll.eval.data import label_fraction_rows
-
         train_rows = label_fraction_rows(data, fraction, seed)
         train_rows = train_rows[~bad[train_rows]]
         y_train = data.y[train_rows].astype(int)
