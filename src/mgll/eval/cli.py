@@ -82,6 +82,19 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def run_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments the protocol functions share, from :func:`add_run_arguments`."""
+    return {
+        "seed": args.seed,
+        "n_resamples": args.bootstrap,
+        "cache_dir": args.cache_dir,
+        "batch_size": args.batch_size,
+        "num_workers": args.num_workers,
+        "precision": args.precision,
+        "progress": not args.no_progress,
+    }
+
+
 def split_settings(args: argparse.Namespace) -> dict[str, Any] | None:
     """The ``data.split`` mapping the split arguments describe (None = the default)."""
     if args.split is None:

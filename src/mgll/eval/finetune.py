@@ -397,7 +397,7 @@ def run(args: argparse.Namespace) -> int:
     from mgll.eval.cli import run_safely
 
     def body() -> int:
-        from mgll.eval.cli import load_task
+        from mgll.eval.cli import load_task, run_options
         from mgll.eval.encoders import load_encoder
         from mgll.eval.probe import format_metrics
 
@@ -413,13 +413,9 @@ def run(args: argparse.Namespace) -> int:
             weight_decay=args.weight_decay,
             layer_decay=args.layer_decay,
             augmentation=False if args.no_augmentation else None,
-            precision=args.precision,
             device=args.device,
-            seed=args.seed,
             resume=args.resume,
-            num_workers=args.num_workers,
-            n_resamples=args.bootstrap,
-            progress=not args.no_progress,
+            **{k: v for k, v in run_options(args).items() if k not in ("cache_dir", "batch_size")},
         )
         if results is not None:
             print(format_metrics(results))

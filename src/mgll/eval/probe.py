@@ -298,7 +298,7 @@ def run(args: argparse.Namespace) -> int:
     from mgll.eval.cli import run_safely
 
     def body() -> int:
-        from mgll.eval.cli import load_task, resolve_device
+        from mgll.eval.cli import load_task, resolve_device, run_options
         from mgll.eval.encoders import load_encoder
 
         try:
@@ -312,13 +312,7 @@ def run(args: argparse.Namespace) -> int:
             data,
             args.output_dir,
             label_fractions=fractions,
-            seed=args.seed,
-            n_resamples=args.bootstrap,
-            cache_dir=args.cache_dir,
-            batch_size=args.batch_size,
-            num_workers=args.num_workers,
-            precision=args.precision,
-            progress=not args.no_progress,
+            **run_options(args),
         )
         for fraction, result in results.get("fractions", {"1": results}).items():
             if "fractions" in results:

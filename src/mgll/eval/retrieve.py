@@ -249,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
     from mgll.eval.cli import run_safely
 
     def body() -> int:
-        from mgll.eval.cli import load_task, resolve_device
+        from mgll.eval.cli import load_task, resolve_device, run_options
         from mgll.eval.zeroshot import load_run_model
 
         try:
@@ -267,13 +267,7 @@ def run(args: argparse.Namespace) -> int:
             name=str(args.model),
             run_config=config,
             ks=ks,
-            seed=args.seed,
-            n_resamples=args.bootstrap,
-            cache_dir=args.cache_dir,
-            batch_size=args.batch_size,
-            num_workers=args.num_workers,
-            precision=args.precision,
-            progress=not args.no_progress,
+            **run_options(args),
         )
         print(format_retrieval(results))
         print(f"wrote {args.output_dir}")
