@@ -45,7 +45,10 @@ def pretrained_run(tmp_path_factory) -> Path:
     from mgll.cli import main
 
     data = require_shared("covid-cxr").parent
-    out = tmp_path_factory.mktemp("eval-run") / "run"
+    # Shared by every test module that imports the fixture (each import is its own fixture).
+    out = tmp_path_factory.getbasetemp() / "eval-pretrained-run"
+    if list((out / "checkpoints").glob("step_*.safetensors")):
+        return out
     argv = [
         "pretrain",
         "cpu-demo",

@@ -63,7 +63,7 @@ def test_compare_finds_the_noisier_encoder_worse(tmp_path, capsys):
     assert auc["diff"] == pytest.approx(auc["a"] - auc["b"]) and auc["diff"] > 0
     assert auc["ci95"][0] > 0 and auc["p_value"] < 0.05
     assert result["n_patients_test"] == 40
-    assert (out / "comparison.md").read_text().startswith("A = enc-noise-0.0")
+    assert (out / "comparison.md").read_text().startswith("A = enc-noise-0.0 [linear_probe]")
     # A folder against itself: no difference.
     shutil.copytree(a, tmp_path / "a2")
     assert (

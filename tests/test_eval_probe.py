@@ -134,12 +134,30 @@ def test_probe_of_a_random_tower_on_csdi_severity(tmp_path):
     assert results["task"]["ordinal"] and results["metrics"]["kappa_quadratic"] is not None
     assert results["metrics"]["auc_macro"] == pytest.approx(_recomputed_auc(out))
     assert results["n_test"] == len(read_predictions(out)["images"])
+    # The same floor on a chest X-ray level (multi-label).
+    xray = tmp_path / "xray"
+    argv = [
+        "--encoder",
+        "random:mgll-vit-test-32:0",
+        "--data",
+        "covid-cxr",
+        "--data-root",
+        str(data_root),
+        "--level",
+        "category",
+        "--output-dir",
+        str(xray),
+    ]
+    assert _probe(tmp_path, *argv) == 0
+    assert read_results(xray)["task"]["type"] == "multilabel"
+    assert read_results(xray)["metrics"]["auc_macro"] == pytest.approx(_recomputed_auc(xray))
 
 
 @pytest.mark.shared_data
 @pytest.mark.slow
 def test_probe_of_a_pretrained_run_uses_its_split_on_the_xray_levels(
-    tmp_path, pretrained_run  # noqa: F811 (the imported fixture)
+    tmp_path,
+    pretrained_run,  # noqa: F811 (the imported fixture)
 ):
     from mgll.eval.data import load_eval_data
     from mgll.eval.encoders import load_encoder
@@ -159,6 +177,15 @@ def test_probe_of_a_pretrained_run_uses_its_split_on_the_xray_levels(
         assert results["split"]["from"] == "the pretraining run's data.split"
         assert results["encoder"]["kind"] == "run"
         assert results["metrics"]["auc_macro"] == pytest.approx(_recomputed_auc(out))
+    # The run on another dataset: that dataset's own (default) split.
+    csdi = load_eval_data(
+        "csdi-fundus", "severity", data_root=data_root, encoder_config=encoder.run_config
+    )
+    results = linear_probe(
+        encoder, csdi, tmp_path / "csdi", n_resamples=50, cache_dir=tmp_path / "f", progress=False
+    )
+    assert results["split"]["from"] == "default"
+    assert results["metrics"]["auc_macro"] == pytest.approx(_recomputed_auc(tmp_path / "csdi"))
     # The test patients are the pretraining run's test patients.
     from mgll.data.build import build_datasets
     from mgll.data.splits import patient_key

@@ -16,7 +16,7 @@ from typing import Any
 
 
 def add_task_arguments(parser: argparse.ArgumentParser) -> None:
-    """--data/--data-root/--format/--option/--level/--classes/--ordinal and the split."""
+    """--data/--data-root/--source/--options/--level/--classes/--ordinal and the split."""
     parser.add_argument(
         "--data",
         required=True,
@@ -24,17 +24,14 @@ def add_task_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--data-root", help="folder that relative --data paths are under")
     parser.add_argument(
-        "--format",
-        dest="data_format",
-        metavar="NAME",
-        help="the folder's format (default: detected)",
+        "--source", metavar="NAME", help="the folder's format, as data.source (default: detected)"
     )
     parser.add_argument(
-        "--option",
+        "--options",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="adapter option (repeatable), e.g. --option language=zh",
+        help="one entry of data.options (repeatable), e.g. --options language=zh",
     )
     parser.add_argument("--level", required=True, help="granularity level that is the task")
     parser.add_argument(
@@ -85,15 +82,17 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def parse_options(pairs: list[str]) -> dict[str, Any]:
-    """KEY=VALUE adapter options (true/false become booleans)."""
-    options: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--option {pair!r}: expected KEY=VALUE")
-        options[key] = {"true": True, "false": False}.get(value.lower(), value)
-    return options
+def run_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments the protocol functions share, from :func:`add_run_arguments`."""
+    return {
+        "seed": args.seed,
+        "n_resamples": args.bootstrap,
+        "cache_dir": args.cache_dir,
+        "batch_size": args.batch_size,
+        "num_workers": args.num_workers,
+        "precision": args.precision,
+        "progress": not args.no_progress,
+    }
 
 
 def split_settings(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -126,14 +125,15 @@ def resolve_device(name: str) -> str:
 
 def load_task(args: argparse.Namespace, encoder_config: dict[str, Any] | None = None):
     """The :class:`~mgll.eval.data.EvalData` the task arguments describe."""
+    from mgll.data.cli import _options as parse_options  # the `mgll data` KEY=VALUE parser
     from mgll.eval.data import load_eval_data
 
     return load_eval_data(
         args.data,
         args.level,
         data_root=args.data_root,
-        data_format=args.data_format,
-        options=parse_options(args.option),
+        data_format=args.source,
+        options=parse_options(args.options),
         classes=args.classes,
         ordinal=args.ordinal,
         split=split_settings(args),

@@ -146,7 +146,8 @@ def format_comparison(result: dict[str, Any]) -> str:
     blocks = []
     for pair in result["comparisons"]:
         lines = [
-            f"A = {pair['encoder_a']} ({pair['a']}), B = {pair['encoder_b']} ({pair['b']}); "
+            f"A = {pair['encoder_a']} [{pair['protocol_a']}] ({pair['a']}), "
+            f"B = {pair['encoder_b']} [{pair['protocol_b']}] ({pair['b']}); "
             f"{result['n_test']} test images of {result['n_patients_test']} patients, "
             f"{result['bootstrap']['resamples']} paired patient-bootstrap resamples",
             "",
@@ -171,7 +172,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "compare",
         help="paired comparison of evaluation outputs on the same test set",
         description="Difference of every metric between output folders of probe/finetune/"
-        "zeroshot on the same test images, with a paired patient-bootstrap 95%% CI and p-value.",
+        "zeroshot on the same test images, with a paired patient-bootstrap 95% CI and p-value.",
     )
     parser.add_argument("folders", nargs="+", metavar="OUT", help="output folders; A first")
     parser.add_argument("--output-dir", help="also write comparison.json and comparison.md here")

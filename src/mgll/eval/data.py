@@ -221,7 +221,7 @@ def load_eval_data(
     if data_format is None and is_spec_path(data):
         source, path = str(data), None
     records, folder = load_records(source, path, data_root=data_root, options=options)
-    records, _missing = drop_missing_images(records)
+    records, missing = drop_missing_images(records)  # as pretraining does (counted below)
     if not records.records:
         raise TaskError(f"{records.source}: no image file of the dataset exists")
     task, y, usable = build_task(records, level, classes, ordinal)
@@ -243,6 +243,7 @@ def load_eval_data(
         "from": chosen["from"],
         "settings": chosen["settings"] or {"train": 0.8, "val": 0.1, "test": 0.1},
         "seed": seed,
+        "missing_image_files": len(missing),
         "n_images": {name: len(rows[name]) for name in SPLIT_NAMES},
         "n_patients": {
             name: len({patient_key(records.records[i]) for i in rows[name]}) for name in SPLIT_NAMES

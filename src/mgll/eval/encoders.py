@@ -239,7 +239,7 @@ def _from_run(spec: str, path: Path) -> Encoder:
 
     try:
         model, run_config = load_model(path)
-    except (CheckpointError, ConfigError, ValueError, OSError) as error:
+    except (CheckpointError, ConfigError, ValueError, KeyError, OSError) as error:
         raise EncoderError(spec, str(error)) from error
     return encoder_from_model(model, spec, run_config)
 

@@ -95,10 +95,11 @@ def _write_cache(path: Path, features: np.ndarray, unreadable: np.ndarray) -> No
 
 
 def image_dataset(
-    encoder: Encoder, records: RecordSet, folder: Path | None = None, resize: str = "crop"
+    encoder: Encoder, records: RecordSet, folder: str | Path, resize: str = "crop"
 ) -> MultiGranularDataset:
-    """The records' images, eval-transformed for ``encoder`` (its size, mean and std)."""
-    cache_dir = default_cache_dir(folder or Path("."))
+    """The records' images, eval-transformed for ``encoder`` (its size, mean and std), read
+    through the preprocessing cache of the dataset ``folder`` (as pretraining reads them)."""
+    cache_dir = default_cache_dir(folder)
     cache = PreprocessCache(cache_dir, encoder.image_size, resize) if cache_dir else None
     return MultiGranularDataset(
         records,
@@ -112,6 +113,7 @@ def image_dataset(
 def extract_features(
     encoder: Encoder,
     records: RecordSet,
+    folder: str | Path,
     *,
     projected: bool = False,
     batch_size: int = 64,
@@ -122,7 +124,8 @@ def extract_features(
     progress: bool = True,
 ) -> FeatureSet:
     """Features of every record's image (pre-projection unless ``projected``), from the cache
-    when present. ``cache_dir``: None = :func:`default_feature_cache`, False = no cache."""
+    when present. ``folder`` is the dataset's folder (its preprocessing cache); ``cache_dir``:
+    None = :func:`default_feature_cache`, False = no cache."""
     from mgll.training.step import Precision
 
     n = len(records.records)
@@ -136,7 +139,7 @@ def extract_features(
             if cached is not None:
                 return cached
 
-    dataset = image_dataset(encoder, records, resize=resize)
+    dataset = image_dataset(encoder, records, folder, resize=resize)
     device = encoder.device
     loader = DataLoader(
         dataset,

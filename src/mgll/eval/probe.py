@@ -14,6 +14,7 @@ training split (validation and test unchanged): label efficiency.
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 import warnings
 from collections.abc import Sequence
@@ -25,49 +26,53 @@ import numpy as np
 DEFAULT_C_GRID = tuple(float(c) for c in np.logspace(-4, 2, 7))
 
 
-def fit_linear_classifier(
-    x_train: np.ndarray, y_train: np.ndarray, task_type: str, c: float, seed: int
-) -> Any:
-    """A fitted classifier whose ``predict_scores(x)`` returns (N, C) class/label scores."""
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
+class LinearClassifier:
+    """Logistic regression(s) for a task type, refitted warm over an increasing C grid.
 
-    n_classes = y_train.shape[1]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        if task_type == "multilabel":
-            models = []
-            for k in range(n_classes):
-                column = y_train[:, k]
-                if column.min() == column.max():
-                    models.append(float(column[0]))  # constant: the only value seen
-                else:
-                    models.append(
-                        LogisticRegression(C=c, max_iter=1000, random_state=seed).fit(
-                            x_train, column
-                        )
-                    )
-            return _MultiLabel(models)
-        truth = y_train.argmax(1)
-        model = LogisticRegression(C=c, max_iter=1000, random_state=seed).fit(x_train, truth)
-        return _MultiClass(model, n_classes)
+    Binary / multi-class: one multinomial model; multi-label: one binary model per label (a
+    label with one value in training scores that value). ``warm_start`` makes each fit start
+    from the previous C's solution, which is what keeps a C sweep on 10,000 vectors fast.
+    """
 
+    def __init__(self, task_type: str, n_classes: int, seed: int = 0) -> None:
+        self.task_type, self.n_classes, self.seed = task_type, n_classes, seed
+        self.models: list[Any] = []
 
-class _MultiClass:
-    def __init__(self, model: Any, n_classes: int) -> None:
-        self.model, self.n_classes = model, n_classes
+    def _new(self) -> Any:
+        from sklearn.linear_model import LogisticRegression
 
-    def predict_scores(self, x: np.ndarray) -> np.ndarray:
-        out = np.zeros((len(x), self.n_classes))
-        out[:, self.model.classes_] = self.model.predict_proba(x)  # unseen classes score 0
-        return out
+        return LogisticRegression(max_iter=1000, warm_start=True, random_state=self.seed)
 
+    def fit(self, x: np.ndarray, y: np.ndarray, c: float) -> LinearClassifier:
+        """Fit with inverse regularisation ``c`` on features ``x`` and label rows ``y``."""
+        from sklearn.exceptions import ConvergenceWarning
 
-class _MultiLabel:
-    def __init__(self, models: list[Any]) -> None:
-        self.models = models
+        targets = (
+            [y[:, k] for k in range(self.n_classes)]
+            if self.task_type == "multilabel"
+            else [y.argmax(1)]
+        )
+        if not self.models:
+            self.models = [
+                float(t[0])
+                if self.task_type == "multilabel" and t.min() == t.max()
+                else self._new()
+                for t in targets
+            ]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            for model, target in zip(self.models, targets, strict=True):
+                if not isinstance(model, float):
+                    model.set_params(C=c).fit(x, target)
+        return self
 
     def predict_scores(self, x: np.ndarray) -> np.ndarray:
+        """(N, C) class probabilities (multi-class) or per-label probabilities."""
+        if self.task_type != "multilabel":
+            model = self.models[0]
+            out = np.zeros((len(x), self.n_classes))
+            out[:, model.classes_] = model.predict_proba(x)  # unseen classes score 0
+            return out
         columns = [
             np.full(len(x), m) if isinstance(m, float) else m.predict_proba(x)[:, 1]
             for m in self.models
@@ -91,8 +96,9 @@ def select_and_fit(
 
     present = [k for k in range(y_val.shape[1]) if 0 < y_val[:, k].sum() < len(y_val)]
     best, best_key, sweep = None, None, []
-    for c in c_grid:
-        model = fit_linear_classifier(x_train, y_train, task_type, c, seed)
+    model = LinearClassifier(task_type, y_train.shape[1], seed)
+    for c in sorted(c_grid):
+        model.fit(x_train, y_train, c)
         m = classification_metrics(
             y_val, model.predict_scores(x_val), task_type, classes=classes, macro_classes=present
         )
@@ -102,7 +108,7 @@ def select_and_fit(
             {"C": c, "val_auc_macro": None if np.isnan(auc) else auc, "val_accuracy": m["accuracy"]}
         )
         if best_key is None or key > best_key:
-            best, best_key, chosen = model, key, c
+            best, best_key, chosen = copy.deepcopy(model), key, c
     criterion = "validation macro AUC" if present else "validation accuracy"
     return best, {"C": chosen, "criterion": criterion, "sweep": sweep}
 
@@ -135,6 +141,7 @@ def linear_probe(
     Several: one sub-folder ``fraction-<f>`` each, ``output_dir/summary.json`` lists them and
     the dict is ``{"fractions": {f: results}}``.
     """
+    from mgll.eval.data import label_fraction_rows
     from mgll.eval.encoders import load_encoder
     from mgll.eval.features import extract_features
     from mgll.eval.results import write_classification_outputs, write_json
@@ -145,6 +152,7 @@ def linear_probe(
     features = extract_features(
         encoder,
         data.records,
+        data.folder,
         batch_size=batch_size,
         num_workers=num_workers,
         cache_dir=cache_dir,
@@ -166,8 +174,6 @@ def linear_probe(
     fractions = [float(f) for f in label_fractions]
     all_results: dict[str, Any] = {}
     for fraction in fractions:
-        from mgll.eval.data import label_fraction_rows
-
         train_rows = label_fraction_rows(data, fraction, seed)
         train_rows = train_rows[~bad[train_rows]]
         y_train = data.y[train_rows].astype(int)
@@ -268,7 +274,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "probe",
         help="linear probe of a frozen image encoder",
         description="Linear probe: cached frozen features, logistic regression with C chosen "
-        "on validation, test metrics with patient-bootstrap 95%% CIs (docs/evaluation.md).",
+        "on validation, test metrics with patient-bootstrap 95% CIs (docs/evaluation.md).",
     )
     parser.add_argument(
         "--encoder",
@@ -292,7 +298,7 @@ def run(args: argparse.Namespace) -> int:
     from mgll.eval.cli import run_safely
 
     def body() -> int:
-        from mgll.eval.cli import load_task, resolve_device
+        from mgll.eval.cli import load_task, resolve_device, run_options
         from mgll.eval.encoders import load_encoder
 
         try:
@@ -306,13 +312,7 @@ def run(args: argparse.Namespace) -> int:
             data,
             args.output_dir,
             label_fractions=fractions,
-            seed=args.seed,
-            n_resamples=args.bootstrap,
-            cache_dir=args.cache_dir,
-            batch_size=args.batch_size,
-            num_workers=args.num_workers,
-            precision=args.precision,
-            progress=not args.no_progress,
+            **run_options(args),
         )
         for fraction, result in results.get("fractions", {"1": results}).items():
             if "fractions" in results:

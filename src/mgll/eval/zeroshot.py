@@ -143,6 +143,7 @@ def zero_shot(
     features = extract_features(
         encoder,
         data.records,
+        data.folder,
         projected=True,
         batch_size=batch_size,
         num_workers=num_workers,
@@ -241,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
     from mgll.eval.cli import run_safely
 
     def body() -> int:
-        from mgll.eval.cli import load_task, resolve_device
+        from mgll.eval.cli import load_task, resolve_device, run_options
         from mgll.eval.probe import format_metrics
 
         model, config = load_run_model(args.model, resolve_device(args.device))
@@ -254,13 +255,7 @@ def run(args: argparse.Namespace) -> int:
             run_config=config,
             templates=args.template,
             prompts=load_prompts_file(args.prompts) if args.prompts else None,
-            seed=args.seed,
-            n_resamples=args.bootstrap,
-            cache_dir=args.cache_dir,
-            batch_size=args.batch_size,
-            num_workers=args.num_workers,
-            precision=args.precision,
-            progress=not args.no_progress,
+            **run_options(args),
         )
         print(format_metrics(results))
         print(f"wrote {args.output_dir}")

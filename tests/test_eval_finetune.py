@@ -1,0 +1,63 @@
+"""``mgll finetune``: trains, keeps the best validation epoch, resumes from its checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+
+from eval_fixtures import make_downstream
+from mgll.cli import main
+from mgll.eval.encoders import load_encoder
+from mgll.eval.finetune import FineTuneModel, parameter_groups
+from mgll.eval.results import read_results
+
+
+def test_finetune_writes_outputs_and_resumes(tmp_path, capsys):
+    data = make_downstream(tmp_path / "grades", per_split={"Train": 12, "Val": 6, "Test": 6})
+    out = tmp_path / "ft"
+    argv = [
+        "finetune",
+        "--encoder",
+        "random:mgll-vit-test-32:0",
+        "--data",
+        str(data),
+        "--level",
+        "grade",
+        "--output-dir",
+        str(out),
+        "--num-workers",
+        "0",
+        "--bootstrap",
+        "20",
+        "--no-progress",
+        "--batch-size",
+        "4",
+    ]
+    assert main([*argv, "--epochs", "1"]) == 0
+    first = read_results(out)
+    assert first["protocol"] == "finetune" and first["details"]["best_epoch"] == 1
+    assert first["details"]["lr"] == 1.25e-4 and first["details"]["weight_decay"] == 1e-3
+    assert (out / "checkpoints" / "step_00000003.safetensors").is_file()
+    assert (out / "best.safetensors").is_file() and (out / "predictions.csv").is_file()
+
+    assert main([*argv, "--epochs", "2", "--resume"]) == 0
+    second = read_results(out)
+    history = second["details"]["history"]
+    assert [row["epoch"] for row in history] == [1, 2]
+    assert history[0] == first["details"]["history"][0]  # epoch 1 was not re-run
+    assert (out / "checkpoints" / "step_00000006.safetensors").is_file()
+    capsys.readouterr()
+    assert main([*argv[:-2], "--output-dir", str(tmp_path / "none"), "--resume"]) == 1
+    assert "no complete checkpoint" in capsys.readouterr().err
+
+
+def test_layer_decay_scales_blocks_geometrically():
+    encoder = load_encoder("random:mgll-vit-test-32:0")  # 2 transformer blocks
+    model = FineTuneModel(encoder, 3)
+    groups = parameter_groups(model, 1e-3, 0.5)
+    names = {id(p): n for n, p in model.named_parameters()}
+    scale = {names[id(p)]: g["lr_scale"] for g in groups for p in g["params"]}
+    assert scale["head.weight"] == 1.0
+    assert scale["encoder.tower.transformer.resblocks.1.mlp.c_fc.weight"] == pytest.approx(0.5)
+    assert scale["encoder.tower.transformer.resblocks.0.mlp.c_fc.weight"] == pytest.approx(0.25)
+    assert scale["encoder.tower.conv1.weight"] == pytest.approx(0.125)
+    assert "encoder.tower.proj" not in scale  # frozen: the head reads pre-projection features
