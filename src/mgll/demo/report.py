@@ -251,7 +251,7 @@ def _retrieval_section(encoders: Sequence[EncoderReport]) -> str:
 
 
 _STYLE = """
-body { font-family: sans-serif; margin: 2em auto; padding: 0 1.5em; max-width: 1400px; color: #222; }
+body { font-family: sans-serif; margin: 2em auto; padding: 0 1.5em; max-width: 1400px; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
 td, th { border: 1px solid #ccc; padding: 4px 8px; text-align: left; vertical-align: top; }
 th { background: #f3f3f3; }
