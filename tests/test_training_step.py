@@ -78,15 +78,20 @@ def test_mixed_precision_runs_train_close_to_fp32(precision, tmp_path):
 
     from mgll.training.run_log import read_metrics
 
-    losses = {}
+    rows = {}
     for name in ("fp32", precision):
         cfg = fake_config({"train.precision": name, "train.max_steps": 3})
         train(cfg, ".", tmp_path / name, **FAKES)
-        losses[name] = [r["loss"] for r in read_metrics(tmp_path / name) if r["kind"] == "train"]
+        rows[name] = [r for r in read_metrics(tmp_path / name) if r["kind"] == "train"]
         weights = load_file(tmp_path / name / "checkpoints" / "step_00000003.safetensors")
         assert all(torch.isfinite(w).all() for w in weights.values())
-    # fp16's gradient scaler may skip an overflowing first update, so compare step 1 only.
-    assert losses[precision][0] == pytest.approx(losses["fp32"][0], rel=0.05)
+    # bf16 follows fp32 step by step; fp16's gradient scaler skips the updates that overflow
+    # at its large initial scale, so after step 1 it trains on other weights.
+    compared = rows[precision] if precision == "bf16" else rows[precision][:1]
+    assert len(rows[precision]) == len(rows["fp32"]) == 3
+    for got, ref in zip(compared, rows["fp32"], strict=False):
+        for term in ("loss", "sclip", "pointwise", "skl"):
+            assert got[term] == pytest.approx(ref[term], rel=0.01), (got["step"], term)
 
 
 def test_non_finite_loss_stops_with_step_and_term_and_keeps_last_checkpoint(tmp_path):

@@ -72,10 +72,9 @@ class Precision:
 def build_loss(loss_cfg: dict[str, Any], gather: bool = True) -> nn.Module:
     """The loss of a run config's ``loss`` section (``mgll`` with weights, or ``clip``)."""
     if loss_cfg["name"] == "clip":
-        return CLIPLoss(level=0, gather=gather, local_loss=loss_cfg["local_loss"])
-    w = loss_cfg["weights"]
+        return CLIPLoss(gather=gather, local_loss=loss_cfg["local_loss"])
     return MGLLLoss(
-        weights=(w["sclip"], w["pointwise"], w["skl"]),
+        weights=loss_cfg["weights"],
         gather=gather,
         local_loss=loss_cfg["local_loss"],
     )

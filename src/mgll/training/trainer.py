@@ -33,7 +33,6 @@ from mgll.training.optim import build_optimizer, lr_at, set_lr
 from mgll.training.run_log import MetricsLog, flatten, truncate_after
 from mgll.training.sampling import GlobalBatchSampler, SeededSamples, sample_seed
 from mgll.training.step import (
-    LOSS_TERMS,
     Precision,
     build_loss,
     forward_backward,
@@ -333,7 +332,6 @@ def _run(
         desc="pretrain",
     )
     log_every, ckpt_every = int(cfg["log"]["every_steps"]), int(cfg["checkpoint"]["every_steps"])
-    term_names = LOSS_TERMS[loss_cfg["name"]]
     scale_param = _find_parameter(raw_model, "logit_scale")
     skipped: set[str] = set()
     last_train: dict[str, Any] = {}
@@ -362,7 +360,7 @@ def _run(
                 step += 1
                 epoch_step += 1
                 window_samples += global_batch
-                values = {k: float(terms[k]) for k in ("loss", *term_names)}
+                values = {k: float(v) for k, v in terms.items()}
                 if main:
                     now = time.perf_counter()
                     rate = window_samples / max(now - window_time, 1e-9)
