@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from mgll.training import checkpoint as ckpt
 from mgll.training.step import Precision, optimizer_step
 from mgll.training.trainer import train
-from test_training_fakes import FAKES, fake_config
+from test_training_fakes import FAKES, fake_config, fake_model_factory
 
 
 def _config(**extra):
@@ -45,7 +45,8 @@ def _assert_same_weights(a_dir, b_dir):
 def test_resume_restores_the_global_rng_that_dropout_draws_from(tmp_path):
     # Real text towers use dropout in training; its masks come from the global torch RNG,
     # which only the checkpoint's RNG state puts back where the interrupted run left it.
-    full, split = _full_and_resumed(tmp_path, fakes=FAKES, **{"model.dropout": 0.3})
+    fakes = dict(FAKES, model_factory=fake_model_factory(dropout=0.3))
+    full, split = _full_and_resumed(tmp_path, fakes=fakes)
     _assert_same_weights(full, split)
 
 

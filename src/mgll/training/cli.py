@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from mgll.models.weights import PretrainedWeightsError
+from mgll.process import offline_hubs
 from mgll.training.checkpoint import CheckpointError
 from mgll.training.config import (
     ConfigError,
@@ -74,8 +74,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Resolve the config, train, and turn expected failures into one-line errors."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     overrides: list[tuple[str, object]] = []
     if args.max_steps is not None:
         overrides.append(("train.max_steps", args.max_steps))
@@ -88,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, pairs)
         from mgll.training.trainer import train
 
-        train(cfg, Path(args.data_root), Path(args.output_dir), resume=args.resume)
+        with offline_hubs():
+            train(cfg, Path(args.data_root), Path(args.output_dir), resume=args.resume)
     except (ConfigError, CheckpointError, NonFiniteLossError, PretrainedWeightsError) as err:
         print(f"mgll pretrain: error: {err}", file=sys.stderr)
         return 1

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from mgll.models.weights import PretrainedWeightsError
+from mgll.process import offline_hubs
 from mgll.training.checkpoint import CheckpointError, load_model
 from mgll.training.config import ConfigError
 
@@ -45,10 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Export, turning expected failures into one-line errors (exit code 1)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
-        path = export_checkpoint(args.checkpoint, args.output)
+        with offline_hubs():
+            path = export_checkpoint(args.checkpoint, args.output)
     except (CheckpointError, ConfigError, PretrainedWeightsError, ValueError) as err:
         print(f"mgll export: error: {err}", file=sys.stderr)
         return 1
