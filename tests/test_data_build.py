@@ -78,4 +78,5 @@ def test_the_image_replacement_limit_is_honoured(tmp_path):
     ):
         data[order[0]]
     data.max_replacements = 3  # three broken, the fourth reads
-    assert data[order[0]]["index"] == order[3]
+    with pytest.warns(UserWarning, match="unreadable"):
+        assert data[order[0]]["index"] == order[3]
