@@ -130,7 +130,8 @@ def resolve_checkpoint(spec: str | Path, output_dir: Path | None = None) -> Path
 def _unreadable(path: Path, err: Exception) -> CheckpointError:
     return CheckpointError(
         f"{path} cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:200]}); it is "
-        "damaged or was not written by mgll pretrain: resume from an older checkpoint"
+        "damaged or was not written by mgll pretrain: use an older checkpoint of the run (its "
+        "step_*.safetensors)"
     )
 
 

@@ -152,9 +152,15 @@ class CheckpointConfig:
     """``checkpoint``: how often and how many."""
 
     every_steps: int = 1000
+    every_minutes: float | None = 30.0  # also after this much time; null = off
     keep_last: int = 3
+    on_sigusr1: bool = False  # SIGUSR1 stops with a checkpoint, like SIGINT/SIGTERM (SLURM)
 
     def __post_init__(self) -> None:
+        if self.every_minutes is not None and self.every_minutes <= 0:
+            raise ConfigError(
+                f"checkpoint.every_minutes must be > 0 or null, got {self.every_minutes}"
+            )
         if self.every_steps < 1:
             raise ConfigError(f"checkpoint.every_steps must be >= 1, got {self.every_steps}")
         if self.keep_last < 1:

@@ -20,6 +20,7 @@ import contextlib
 import json
 import math
 import random
+import signal
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -47,6 +48,7 @@ from mgll.training.config import RunConfig, save_config
 from mgll.training.evaluate import validate
 from mgll.training.objective import Objective
 from mgll.training.optim import build_optimizer, lr_at, set_lr
+from mgll.training.run_control import RunInterrupted, RunLock, StopRequests
 from mgll.training.run_log import MetricsLog, flatten, truncate_after
 from mgll.training.sampling import GlobalBatchSampler, SeededSamples, sample_seed
 from mgll.training.step import Precision, forward_backward, optimizer_step
@@ -111,6 +113,9 @@ class Run:
     total_steps: int
     max_steps: int
     skipped: set[str] = field(default_factory=set)
+    stop: StopRequests | None = None  # signals asking for a clean stop
+    last_checkpoint: Path | None = None  # written (or resumed from) by this run
+    validated_at_end: bool = False
 
     @property
     def main(self) -> bool:
@@ -140,8 +145,14 @@ def train(
     """
     cfg = RunConfig.from_dict(cfg)
     output_dir = Path(output_dir)
+    check_device(cfg.train.device)
     info, device = init_distributed(cfg.train.device)
-    with torch_settings(cfg.train.deterministic, cuda=device.type == "cuda"):
+    extra_signals = (signal.SIGUSR1,) if cfg.checkpoint.on_sigusr1 else ()
+    with (
+        torch_settings(cfg.train.deterministic, cuda=device.type == "cuda"),
+        RunLock(output_dir, enabled=info.is_main),
+        StopRequests(extra_signals) as stop,
+    ):
         seed_everything(cfg.train.seed)
         # Fail on a bad --resume before the (slow) model and data are built, and before writing
         # anything: a refused run must leave the folder's existing run untouched.
@@ -151,16 +162,56 @@ def train(
                 f"{output_dir} already holds a run with checkpoints; continue it with --resume "
                 "latest or choose a new --output-dir"
             )
-        if info.is_main:
-            output_dir.mkdir(parents=True, exist_ok=True)
+        if info.is_main and resume_from is None:
             save_config(cfg, output_dir / CONFIG_FILE)
         run = build(
             cfg, data_root, output_dir, info, device, model_factory, data_builder, collate_fn
         )
-        state = restore(run, resume_from) if resume_from is not None else TrainState()
+        run.stop = stop
+        state = TrainState()
+        if resume_from is not None:
+            state = restore(run, resume_from)
+            if state.step >= run.max_steps or state.epoch >= cfg.train.epochs:
+                return _already_complete(run, state, resume_from)
+            # The resume is accepted: only now does the run folder change.
+            if info.is_main:
+                truncate_after(output_dir, state.step)  # rows after the checkpoint are redone
+                save_config(cfg, output_dir / CONFIG_FILE)
+                print(
+                    f"resumed from {resume_from} at step {state.step} (epoch {state.epoch}, "
+                    f"step {state.epoch_step})"
+                )
+            run.last_checkpoint = resume_from
         start = (time.perf_counter(), state.step)
         last_train, last_val = loop(run, state, fresh=resume_from is None)
         return summarize(run, state, start, last_train, last_val)
+
+
+def check_device(spec: str) -> None:
+    """A ConfigError naming ``train.device`` when it asks for CUDA this machine lacks."""
+    if not spec.startswith("cuda"):
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = spec.partition(":")[2]
+    if count == 0 or (index.isdigit() and int(index) >= count):
+        found = f"{count} CUDA device(s)" if count else "no CUDA device"
+        cuda = torch.version.cuda or "none"
+        raise ConfigError(
+            f"train.device={spec!r} but this machine has {found} (torch {torch.__version__}, "
+            f"CUDA build {cuda}); use train.device=cpu or auto"
+        )
+
+
+def _already_complete(run: Run, state: TrainState, weights: Path) -> dict[str, Any]:
+    """A resume of a finished run: say so, change nothing, return the run's summary."""
+    path = run.output_dir / SUMMARY_FILE
+    summary = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if run.main:
+        print(
+            f"the run in {run.output_dir} is complete: {weights.name} is at step {state.step} of "
+            f"{run.max_steps}; nothing to do (raise --max-steps or train.epochs to continue)"
+        )
+    return summary
 
 
 # ---- 1. build ---------------------------------------------------------------------------------
@@ -299,7 +350,10 @@ def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[s
 
 
 def restore(run: Run, weights: Path) -> TrainState:
-    """Load a checkpoint into the run: weights, optimizer, loss scaler, position, RNG states."""
+    """Load a checkpoint into the run: weights, optimizer, loss scaler, position, RNG states.
+
+    Nothing in the run folder changes here: the caller accepts the resume first.
+    """
     saved = ckpt.load_state(weights)
     changed = config_differences(saved["config"], run.cfg.to_dict())
     if changed and run.main:
@@ -319,14 +373,7 @@ def restore(run: Run, weights: Path) -> TrainState:
         run.precision.scaler.load_state_dict(saved["scaler"])
     rank = run.info.rank
     ckpt.restore_rng_state(saved["rng"][rank] if rank < len(saved["rng"]) else saved["rng"][0])
-    state = TrainState(saved["step"], saved["epoch"], saved["epoch_step"])
-    if run.main:
-        truncate_after(run.output_dir, state.step)  # rows logged after the checkpoint are redone
-        print(
-            f"resumed from {weights} at step {state.step} (epoch {state.epoch}, "
-            f"step {state.epoch_step})"
-        )
-    return state
+    return TrainState(saved["step"], saved["epoch"], saved["epoch_step"])
 
 
 def save(run: Run, state: TrainState) -> None:
@@ -350,7 +397,7 @@ def save(run: Run, state: TrainState) -> None:
             "rng": rng_states,
             "config": cfg,
         }
-        ckpt.save_checkpoint(
+        run.last_checkpoint = ckpt.save_checkpoint(
             run.checkpoint_dir,
             state.step,
             run.model,  # type: ignore[arg-type]
@@ -385,6 +432,9 @@ def loop(run: Run, state: TrainState, fresh: bool) -> tuple[dict[str, Any], dict
     last_train: dict[str, Any] = {}
     last_val: dict[str, Any] = {}
     last_saved_step = -1
+    stop = False
+    minutes = cfg.checkpoint.every_minutes
+    saved_at = time.monotonic()
     window_time, window_samples = time.perf_counter(), 0
     run.wrapped.train()
     try:
@@ -439,14 +489,16 @@ def loop(run: Run, state: TrainState, fresh: bool) -> tuple[dict[str, Any], dict
                         log.write(last_train)  # type: ignore[union-attr]
                         window_time, window_samples = now, 0
                 # The last step of an epoch is saved after validation, below.
-                if (
-                    state.step % cfg.checkpoint.every_steps == 0
-                    and state.epoch_step < steps_per_epoch
-                ):
+                due = state.step % cfg.checkpoint.every_steps == 0
+                overdue = minutes is not None and time.monotonic() - saved_at >= 60 * minutes
+                stop, overdue = _agree(run, overdue)
+                if (due or overdue or stop) and state.epoch_step < steps_per_epoch:
                     save(run, state)
-                    last_saved_step = state.step
-                if state.step >= run.max_steps:
-                    break
+                    last_saved_step, saved_at = state.step, time.monotonic()
+                    if stop:
+                        raise RunInterrupted(_signal_name(run), state.step, run.last_checkpoint)
+                if stop or state.step >= run.max_steps:
+                    break  # at an epoch's end a stop is saved below, after its validation
             if state.epoch_step >= steps_per_epoch:  # the epoch is complete
                 every = cfg.eval.every_epochs
                 if run.val_loader is not None and every > 0 and (state.epoch + 1) % every == 0:
@@ -456,7 +508,15 @@ def loop(run: Run, state: TrainState, fresh: bool) -> tuple[dict[str, Any], dict
                 barrier()
                 state.epoch, state.epoch_step = state.epoch + 1, 0
                 save(run, state)
-                last_saved_step = state.step
+                last_saved_step, saved_at = state.step, time.monotonic()
+                if stop and state.step < run.max_steps:
+                    raise RunInterrupted(_signal_name(run), state.step, run.last_checkpoint)
+        if state.epoch == 0 and run.val_loader is not None and cfg.eval.every_epochs > 0:
+            # --max-steps ended the run inside its first epoch: validate once, at the end.
+            last_val = _validate(run, state)
+            log.write(last_val)  # type: ignore[union-attr]
+            bar.write(_format_val(last_val))
+            run.validated_at_end = True
         if last_saved_step != state.step:
             save(run, state)
     finally:
@@ -464,6 +524,22 @@ def loop(run: Run, state: TrainState, fresh: bool) -> tuple[dict[str, Any], dict
         if log is not None:
             log.close()
     return last_train, last_val
+
+
+def _signal_name(run: Run) -> str:
+    received = run.stop.received if run.stop is not None else None
+    return received or "a signal to another process of the run"
+
+
+def _agree(run: Run, overdue: bool) -> tuple[bool, bool]:
+    """(stop requested, checkpoint overdue) as every rank sees it: a signal may reach one rank
+    only and clocks differ, but all must checkpoint and stop at the same step."""
+    stop = run.stop is not None and run.stop.requested
+    if not run.info.enabled:
+        return stop, overdue
+    flags = torch.tensor([float(stop), float(overdue)], device=run.device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return bool(flags[0]), bool(flags[1])
 
 
 def _validate(run: Run, state: TrainState) -> dict[str, Any]:
@@ -503,7 +579,6 @@ def summarize(
     elapsed = time.perf_counter() - start[0]
     steps_this_run = state.step - start[1]
     skipped_all = _gather_skipped(run.skipped)
-    latest = ckpt.list_checkpoints(run.checkpoint_dir)
     summary = {
         "steps": state.step,
         "epochs_completed": state.epoch,
@@ -520,8 +595,12 @@ def summarize(
         },
         "skipped_images": len(skipped_all),
         "skipped_image_paths": skipped_all,
-        "checkpoint": str(latest[-1][1]) if latest else None,
+        "checkpoint": str(run.last_checkpoint) if run.last_checkpoint else None,
     }
+    if run.validated_at_end:
+        summary["validation"] = (
+            "once, at the end: the run stopped (--max-steps) before its first epoch ended"
+        )
     if run.main:
         text = json.dumps(summary, indent=2)
         atomic_write(run.output_dir / SUMMARY_FILE, lambda tmp: tmp.write_text(text, "utf-8"))
@@ -552,8 +631,12 @@ def format_summary(summary: Mapping[str, Any]) -> str:
             if k not in ("kind", "step", "epoch", "samples_per_s")
         }
         lines.append("last train step: " + ", ".join(f"{k} {v:.4g}" for k, v in terms.items()))
-    if summary["val"]:
-        lines.append(_format_val(summary["val"]))
+    if summary["val"]:  # its full block was printed when it ran
+        val = summary["val"]
+        loss = val.get("loss", math.nan)
+        lines.append(f"last validation: epoch {val['epoch']} step {val['step']}, loss {loss:.4f}")
+    if "validation" in summary:
+        lines.append(f"validation: {summary['validation']}")
     lines.append(
         f"samples: {summary['samples']['train']} train, {summary['samples']['val']} val; "
         f"skipped (unreadable) images: {summary['skipped_images']}"
