@@ -47,19 +47,19 @@ def _levels(variant: str, num_levels: int) -> list[int]:
     return [0, num_levels - 1]
 
 
-def build(args: argparse.Namespace) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+def build(args: argparse.Namespace) -> tuple[Any, dict[str, Any], Any]:
     """Model, one fixed training batch, and the resolved config."""
     from mgll.data import build_datasets, collate_samples
     from mgll.models import create_model
-    from mgll.training.config import load_config, resolve_package_paths
+    from mgll.training.config import load_config
     from mgll.training.sampling import GlobalBatchSampler, SeededSamples
 
     cfg = load_config(args.config, args.overrides)
     torch.manual_seed(0)
     device = torch.device(args.device)
-    model = create_model(resolve_package_paths(cfg["model"])).to(device)
+    model = create_model(cfg.model.resolved()).to(device)
     data = build_datasets(
-        cfg["data"],
+        cfg.data,
         args.data_root,
         image_size=model.image_size,
         mean=model.image_mean,
@@ -77,7 +77,7 @@ def make_step(
     variant: str,
     model: Any,
     batch: dict[str, Any],
-    cfg: dict[str, Any],
+    cfg: Any,
     args: argparse.Namespace,
 ) -> Callable[[], None]:
     """A closure running one full training step (forward, loss, backward, AdamW update)."""
@@ -89,7 +89,7 @@ def make_step(
 
     device = torch.device(args.device)
     precision = Precision(args.precision, device)
-    optimizer = build_optimizer(model, cfg["train"])
+    optimizer = build_optimizer(model, cfg.train)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     levels = _levels(variant, len(batch["texts"]))
     images = batch["images"].to(device)
@@ -110,7 +110,7 @@ def make_step(
                 out["logit_scale"].exp(),
             )
             precision.scaler.scale(loss).backward()
-            optimizer_step(optimizer, precision, params, cfg["train"]["grad_clip"])
+            optimizer_step(optimizer, precision, params, cfg.train.grad_clip)
 
         return step
 
@@ -119,7 +119,7 @@ def make_step(
     def step() -> None:
         model.dedup_texts = dedup
         forward_backward(model, loss_fn, images, texts, labels, precision, accum_steps=1, step=0)
-        optimizer_step(optimizer, precision, params, cfg["train"]["grad_clip"])
+        optimizer_step(optimizer, precision, params, cfg.train.grad_clip)
 
     return step
 

@@ -203,7 +203,7 @@ def test_build_datasets_config_errors(tmp_path):
         build_datasets({**base, "resize": "zoom"}, tmp_path, **kwargs)
     with pytest.raises(ValueError, match=r"data\.split\.mode: 'random'"):  # not a silent default
         build_datasets({**base, "split": {"mode": "random"}}, tmp_path, **kwargs)
-    with pytest.warns(UserWarning, match="batch_size"):
+    with pytest.raises(ValueError, match=r"unknown config key 'data\.batch_size'"):
         build_datasets({**base, "batch_size": 4}, tmp_path, **kwargs)
 
 

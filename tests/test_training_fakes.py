@@ -1,11 +1,10 @@
-"""Tiny stand-ins for the model and the datasets, following docs/architecture.md's contracts.
+"""Tiny stand-ins for the model and the data, following docs/architecture.md's contracts.
 
 The training tests use them to exercise the trainer in seconds; they hold no tests themselves.
 """
 
 from __future__ import annotations
 
-import copy
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -14,8 +13,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from mgll.data import collate_samples
-from mgll.training.config import DEFAULTS, set_dotted
+from mgll.data import DataConfig, collate_samples
+from mgll.models import ModelConfig
+from mgll.schema import set_dotted
+from mgll.training.config import RunConfig
 
 IMAGE_SIZE = 8
 LEVEL_CLASSES = (["normal", "pneumonia", "other"], ["viral", "bacterial", "fungal", "ards"])
@@ -89,17 +90,37 @@ class FakeDataset(Dataset):
 
 
 def fake_datasets(
-    data_cfg: dict[str, Any], data_root: Any, *, image_size: int, mean: Any, std: Any, seed: int
+    options: dict[str, Any], *, image_size: int, seed: int = 0
 ) -> dict[str, FakeDataset]:
+    """Train/val/test fakes; ``options`` (``data.options``) sizes them and plants problems."""
     assert image_size == IMAGE_SIZE
-    n = int(data_cfg.get("train_size", 48))
-    unreadable = tuple(data_cfg.get("unreadable", ()))
-    missing = bool(data_cfg.get("missing_labels", True))
+    n = int(options.get("train_size", 48))
+    unreadable = tuple(options.get("unreadable", ()))
+    missing = bool(options.get("missing_labels", True))
     return {
         "train": FakeDataset(n, 0, augment=True, unreadable=unreadable, missing_labels=missing),
-        "val": FakeDataset(int(data_cfg.get("val_size", 12)), 10_000, augment=False),
+        "val": FakeDataset(int(options.get("val_size", 12)), 10_000, augment=False),
         "test": FakeDataset(4, 20_000, augment=False),
     }
+
+
+@dataclass
+class FakeData:
+    """The data builder's result (``mgll.data.PreparedData``'s face): levels, then datasets."""
+
+    config: DataConfig
+    seed: int
+
+    @property
+    def levels(self) -> list[FakeLevel]:
+        return FakeDataset(1, 0, augment=False).levels
+
+    def datasets(self, *, image_size: Any, mean: Any, std: Any) -> dict[str, FakeDataset]:
+        return fake_datasets(self.config.options, image_size=image_size, seed=self.seed)
+
+
+def fake_data(cfg: DataConfig, data_root: Any, seed: int) -> FakeData:
+    return FakeData(cfg, seed)
 
 
 class FakeTextTower(nn.Module):
@@ -123,29 +144,40 @@ class FakeTextTower(nn.Module):
 
 
 class FakeModel(nn.Module):
-    """The model contract: ``model(images, texts)`` -> image_emb, text_embs, logit scale/bias."""
+    """The model contract (``mgll.models.ContrastiveModel``) in a few small layers."""
 
-    def __init__(self, cfg: dict[str, Any]):
+    def __init__(
+        self,
+        embed_dim: int = 8,
+        init_logit_scale: float = 2.0,
+        init_logit_bias: float = -2.0,
+        dropout: float = 0.0,
+        nan_after_calls: int | None = None,
+    ):
         super().__init__()
-        dim = int(cfg.get("embed_dim", 8))
+        dim = embed_dim
         self.image_size = IMAGE_SIZE
         self.image_mean = (0.5, 0.5, 0.5)
         self.image_std = (0.25, 0.25, 0.25)
+        self.text_per_level = False
         self.image_tower = nn.Sequential(
             nn.Flatten(),
             nn.Linear(3 * IMAGE_SIZE * IMAGE_SIZE, 32),
             nn.LayerNorm(32),
             nn.GELU(),
-            nn.Dropout(float(cfg.get("dropout", 0.0))),
+            nn.Dropout(dropout),
             nn.Linear(32, dim),
         )
         self.text_tower = FakeTextTower(dim)
-        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.get("init_logit_scale", 2.0))))
-        self.logit_bias = nn.Parameter(torch.tensor(float(cfg.get("init_logit_bias", -2.0))))
+        self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
+        self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias)))
         # Calls after which image embeddings turn NaN (tests the non-finite loss guard).
-        self.nan_after = cfg.get("nan_after_calls")
+        self.nan_after = nan_after_calls
         self.calls = 0
         self.grad_checkpointing = False
+
+    def build_facts(self) -> dict[str, Any]:
+        return {}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
@@ -163,22 +195,39 @@ class FakeModel(nn.Module):
         }
 
 
-def fake_model(cfg: dict[str, Any]) -> FakeModel:
-    return FakeModel(cfg)
+def fake_model_factory(**knobs: Any):
+    """A model factory (``(ModelConfig, G) -> model``) building FakeModels with ``knobs``
+    (``dropout``, ``nan_after_calls``) on top of the config's size and logit init."""
+
+    def factory(cfg: ModelConfig, num_levels: int) -> FakeModel:
+        return FakeModel(
+            embed_dim=cfg.embed_dim or 8,
+            init_logit_scale=cfg.init_logit_scale,
+            init_logit_bias=cfg.init_logit_bias,
+            **knobs,
+        )
+
+    return factory
 
 
 FAKES = {
-    "model_factory": fake_model,
-    "dataset_builder": fake_datasets,
+    "model_factory": fake_model_factory(),
+    "data_builder": fake_data,
     "collate_fn": collate_samples,
 }
 
 
-def fake_config(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def fake_config(overrides: dict[str, Any] | None = None) -> RunConfig:
     """A resolved run config for the fakes (trainer sections from the real defaults)."""
-    cfg = copy.deepcopy(DEFAULTS)
-    cfg["model"] = {"embed_dim": 8}
-    cfg["data"] = {"train_size": 48, "val_size": 12, "num_workers": 0}
+    raw: dict[str, Any] = {
+        "model": {
+            "image": {"arch": "fake"},
+            "embed_dim": 8,
+            "init_logit_scale": 2.0,
+            "init_logit_bias": -2.0,
+        },
+        "data": {"options": {"train_size": 48, "val_size": 12}, "num_workers": 0},
+    }
     settings = {
         "train.epochs": 2,
         "train.batch_size": 16,
@@ -192,5 +241,5 @@ def fake_config(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     }
     settings.update(overrides or {})
     for key, value in settings.items():
-        set_dotted(cfg, key, value)
-    return cfg
+        set_dotted(raw, key, value)
+    return RunConfig.from_dict(raw)

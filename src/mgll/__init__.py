@@ -14,13 +14,9 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 __all__ = ["__version__", "from_pretrained"]
 
 
-# --- transfer (issue 10): mgll.from_pretrained(DIR), imported lazily (keeps `mgll --version` fast)
 def __getattr__(name: str) -> object:
     if name == "from_pretrained":
         from mgll.models.hub import from_pretrained
 
         return from_pretrained
     raise AttributeError(f"module 'mgll' has no attribute {name!r}")
-
-
-# --- end transfer

@@ -7,12 +7,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def atomic_write(target: Path, write: Callable[[Path], object]) -> None:
     """Create ``target`` through ``write(temporary path)``, flushed to disk, then renamed:
     readers (and a resumed run after a crash) see the old file or the new one, never a part.
@@ -22,10 +16,14 @@ def atomic_write(target: Path, write: Callable[[Path], object]) -> None:
     """
     tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
     try:
+        # Created here with 0666: the kernel applies the umask, which gives the mode to keep
+        # (reading the umask any other way means changing it, for the whole process).
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666))
+        mode = os.stat(tmp).st_mode & 0o777
         write(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, mode)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)

@@ -10,7 +10,7 @@ global batch and the training loop never special-cases it.
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +29,15 @@ more small operations, which cost more than they save on small batches (N below 
 
 INIT_LOGIT_SCALE = math.log(1 / 0.07)
 """CLIP's initial ``logit_scale`` (temperature 0.07), the default when none is passed."""
+
+INIT_LOGIT_BIAS = -10.0
+"""Initial point-wise ``logit_bias`` (as SigLIP), the default when none is passed."""
+
+MGLL_TERMS = ("sclip", "pointwise", "skl")
+"""The terms of :class:`MGLLLoss`: soft CLIP, point-wise BCE, smooth KL."""
+
+DEFAULT_WEIGHTS: Mapping[str, float] = {"sclip": 0.5, "pointwise": 1.0, "skl": 1.0}
+"""The paper's term weights (METHOD.md section 3)."""
 
 LabelKey = Hashable | Iterable[Hashable] | None
 
@@ -308,8 +317,9 @@ class MGLLLoss(nn.Module):
     """Multi-granular language learning loss (soft CLIP + point-wise BCE + smooth KL).
 
     Args:
-        weights: ``(a1, a2, a3)`` for soft CLIP, point-wise and smooth KL. A zero weight skips
-            that term's computation (for ablations); its entry in the output is then 0.
+        weights: weight of each term by name (``sclip``, ``pointwise``, ``skl``); names left
+            out keep :data:`DEFAULT_WEIGHTS`. A zero weight skips that term (for ablations):
+            it is neither computed nor in the output.
         gather: under ``torch.distributed`` with world size > 1, gather embeddings (with
             gradient) and labels from all ranks so the loss is the global-batch loss.
         local_loss: memory-saving variant for distributed runs (as open_clip's ``local_loss``):
@@ -320,23 +330,31 @@ class MGLLLoss(nn.Module):
             than samples. The gradient is that of this rank-mean.
 
     ``forward`` returns a dict: ``loss`` (weighted total, differentiable) and the unweighted
-    ``sclip``, ``pointwise`` (each summed over levels) and ``skl``.
+    terms of non-zero weight (:attr:`terms`): ``sclip``, ``pointwise`` (each summed over
+    levels) and ``skl``.
     """
 
     def __init__(
         self,
-        weights: tuple[float, float, float] = (0.5, 1.0, 1.0),
+        weights: Mapping[str, float] | None = None,
         gather: bool = True,
         local_loss: bool = False,
     ) -> None:
         super().__init__()
-        if len(weights) != 3:
-            raise ValueError("weights must be (soft_clip, pointwise, smooth_kl)")
-        if any(w < 0 for w in weights):
+        unknown = sorted(set(weights or {}) - set(MGLL_TERMS))
+        if unknown:
+            raise ValueError(f"unknown loss weight(s) {unknown}; the terms are {MGLL_TERMS}")
+        weights = {**DEFAULT_WEIGHTS, **(weights or {})}
+        if any(w < 0 for w in weights.values()):
             raise ValueError(f"loss weights must be >= 0, got {weights}")
-        self.weights = tuple(float(w) for w in weights)
+        self.weights = {name: float(weights[name]) for name in MGLL_TERMS}
         self.gather = gather
         self.local_loss = local_loss
+
+    @property
+    def terms(self) -> tuple[str, ...]:
+        """Names of the terms this loss computes and reports (those of non-zero weight)."""
+        return tuple(name for name in MGLL_TERMS if self.weights[name] > 0)
 
     def forward(
         self,
@@ -344,14 +362,14 @@ class MGLLLoss(nn.Module):
         text_embs: Sequence[torch.Tensor],
         labels: Sequence[torch.Tensor],
         logit_scale: torch.Tensor | float = INIT_LOGIT_SCALE,
-        logit_bias: torch.Tensor | float | None = -10.0,
+        logit_bias: torch.Tensor | float | None = INIT_LOGIT_BIAS,
     ) -> dict[str, torch.Tensor]:
         if len(text_embs) == 0:
             raise ValueError("MGLLLoss needs at least one granularity level of text embeddings")
         b = _prepare(image_emb, text_embs, labels, self.gather, self.local_loss)
         scale = _scale(logit_scale, b.image_rows)
         bias = _as_scalar(logit_bias, b.image_rows)
-        w_sclip, w_pw, w_skl = self.weights
+        w_sclip, w_pw, w_skl = (self.weights[name] for name in MGLL_TERMS)
         # A zero tied to every input keeps the graph (and DDP's gradient buckets) complete when
         # a term is switched off or a level has no labelled sample.
         zero = (b.image_rows.sum() + sum(t.sum() for t in b.texts_rows) + scale + bias) * 0.0
@@ -411,20 +429,23 @@ class MGLLLoss(nn.Module):
                     level_logits.append(logits)
                 skl = _SmoothKL.apply(*level_logits)
 
+        values = {"sclip": sclip, "pointwise": pointwise, "skl": skl}
         loss = w_sclip * sclip + w_pw * pointwise + w_skl * skl
-        return {"loss": loss, "sclip": sclip, "pointwise": pointwise, "skl": skl}
+        return {"loss": loss, **{name: values[name] for name in self.terms}}
 
 
 class CLIPLoss(nn.Module):
     """The CLIP baseline: symmetric InfoNCE with identity targets on one granularity level.
 
     Same calling style as :class:`MGLLLoss`; ``labels`` and ``logit_bias`` are accepted and
-    ignored, and ``level`` picks which of the given text levels is the caption.
+    ignored. ``text_embs`` is the caption level's (N, D) embeddings (or a list holding only
+    them): which level is the caption is the caller's choice (``loss.clip_level``).
     """
 
-    def __init__(self, level: int = 0, gather: bool = True, local_loss: bool = False) -> None:
+    terms = ("clip",)
+
+    def __init__(self, gather: bool = True, local_loss: bool = False) -> None:
         super().__init__()
-        self.level = level
         self.gather = gather
         self.local_loss = local_loss
 
@@ -438,11 +459,12 @@ class CLIPLoss(nn.Module):
     ) -> dict[str, torch.Tensor]:
         if isinstance(text_embs, torch.Tensor):
             text_embs = [text_embs]
-        if not -len(text_embs) <= self.level < len(text_embs):
+        if len(text_embs) != 1:
             raise ValueError(
-                f"CLIPLoss(level={self.level}) but only {len(text_embs)} text levels were given"
+                f"CLIPLoss takes the text embeddings of one level (the captions), got "
+                f"{len(text_embs)} levels"
             )
-        b = _prepare(image_emb, [text_embs[self.level]], None, self.gather, self.local_loss)
+        b = _prepare(image_emb, list(text_embs), None, self.gather, self.local_loss)
         scale = _scale(logit_scale, b.image_rows)
         logits = scale * b.image_rows @ b.texts_cols[0].T
         targets = torch.arange(logits.shape[0], device=logits.device) + b.offset

@@ -3,8 +3,9 @@ robust image decoding, transforms, a preprocessing cache, patient-level splits a
 ``mgll data`` (see docs/data.md; the trainer contract is in docs/architecture.md)."""
 
 from mgll.data.adapters import ADAPTERS, adapter_names, detect_adapter, get_adapter
-from mgll.data.build import build_datasets, load_records
+from mgll.data.build import PreparedData, build_datasets, load_records, prepare_data
 from mgll.data.cache import PreprocessCache, load_resized, resize_square
+from mgll.data.config import DataConfig, SplitConfig
 from mgll.data.dataset import MultiGranularDataset, collate_samples
 from mgll.data.images import ImageLoadError, detect_format, load_image
 from mgll.data.records import LevelInfo, Record, RecordSet
@@ -16,13 +17,16 @@ __all__ = [
     "ADAPTERS",
     "CLIP_MEAN",
     "CLIP_STD",
+    "DataConfig",
     "ImageLoadError",
     "LevelInfo",
     "MultiGranularDataset",
+    "PreparedData",
     "PreprocessCache",
     "Record",
     "RecordSet",
     "SpecError",
+    "SplitConfig",
     "adapter_names",
     "build_datasets",
     "build_transform",
@@ -34,6 +38,7 @@ __all__ = [
     "load_records",
     "load_resized",
     "patient_split",
+    "prepare_data",
     "read_split_file",
     "records_from_spec",
     "resize_square",

@@ -1,5 +1,9 @@
 """From the ``data:`` section of a run config to train/val/test datasets (the trainer's entry).
 
+:func:`prepare_data` reads and splits the records (so the levels are known before the model is
+built); :meth:`PreparedData.datasets` adds images and transforms; :func:`build_datasets` does
+both.
+
 See docs/architecture.md for the contract and docs/data.md for every key.
 """
 
@@ -8,29 +12,18 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mgll.data.adapters import detect_adapter, get_adapter
-from mgll.data.cache import PreprocessCache, check_resize_mode, default_cache_dir
+from mgll.data.cache import PreprocessCache, default_cache_dir
+from mgll.data.config import DataConfig, SplitConfig
 from mgll.data.dataset import MultiGranularDataset
-from mgll.data.records import RecordSet
+from mgll.data.records import LevelInfo, RecordSet
 from mgll.data.spec import find_spec, is_spec_path, records_from_spec, resolve_path
 from mgll.data.splits import SPLIT_NAMES, check_disjoint_patients, patient_split, read_split_file
 from mgll.data.transforms import augmentation_options, build_transform
-
-DATA_KEYS = {
-    "source",
-    "path",
-    "levels",
-    "split",
-    "cache_dir",
-    "num_workers",
-    "augmentation",
-    "resize",
-    "options",
-    "drop_missing",
-}
 
 
 def load_records(
@@ -86,7 +79,7 @@ def drop_missing_images(records: RecordSet) -> tuple[RecordSet, list[str]]:
 
 def split_records(
     records: RecordSet,
-    split_cfg: Mapping[str, Any] | None,
+    split: SplitConfig,
     seed: int,
     data_root: str | Path | None = None,
     folder: Path | None = None,
@@ -95,16 +88,9 @@ def split_records(
 
     A split file's relative image paths are relative to the dataset ``folder``.
     """
-    cfg = dict(split_cfg or {})
-    if "file" in cfg:
-        return read_split_file(resolve_path(cfg["file"], data_root), records.records, root=folder)
-    mode = cfg.get("mode", "patient")
-    if mode not in ("patient", "source"):
-        raise ValueError(
-            f"data.split.mode: {mode!r} is not 'patient' (fractions) or 'source' (the split the "
-            "source ships)"
-        )
-    if mode == "source":
+    if split.file is not None:
+        return read_split_file(resolve_path(split.file, data_root), records.records, root=folder)
+    if split.mode == "source":
         result: dict[str, list[int]] = {name: [] for name in SPLIT_NAMES}
         for i, r in enumerate(records.records):
             name = r.metadata.get("split")
@@ -116,54 +102,81 @@ def split_records(
             result[name].append(i)
         check_disjoint_patients(records.records, result, source="source split")
         return result
-    unknown = set(cfg) - {*SPLIT_NAMES, "seed", "mode", "link_identical"}
-    if unknown:
-        raise ValueError(
-            f"data.split: unknown key(s) {sorted(unknown)}; "
-            "use train/val/test/seed/link_identical, file, or mode"
-        )
-    fractions = {k: cfg[k] for k in SPLIT_NAMES if k in cfg}
     return patient_split(
         records.records,
-        fractions or None,
-        seed=int(cfg.get("seed", seed)),
-        link_identical=bool(cfg.get("link_identical", False)),
+        split.fractions(),
+        seed=seed if split.seed is None else split.seed,
+        link_identical=split.link_identical,
     )
 
 
-def build_datasets(
-    data_cfg: Mapping[str, Any],
-    data_root: str | Path | None,
-    *,
-    image_size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    seed: int,
-) -> dict[str, MultiGranularDataset]:
-    """Train/val/test :class:`MultiGranularDataset` from the ``data:`` config section.
+@dataclass
+class PreparedData:
+    """The records of a ``data:`` section, split, before any image is read.
 
-    The train split gets the augmenting transform, val/test the deterministic one. Records whose
-    image file does not exist are dropped with one warning (naming the first few); images that
-    exist but cannot be decoded are replaced at load time (``skipped``).
+    The trainer builds this first: the levels (G) size the model, whose image size and
+    normalisation then shape the :meth:`datasets`.
     """
-    cfg = dict(data_cfg)
-    unknown = set(cfg) - DATA_KEYS
-    if unknown:
-        warnings.warn(
-            f"data: ignoring unknown key(s) {sorted(unknown)}; known: {sorted(DATA_KEYS)}",
-            stacklevel=2,
-        )
-    records, folder = load_records(
-        cfg.get("source"), cfg.get("path"), data_root=data_root, options=cfg.get("options")
-    )
-    records = records.select_levels(cfg.get("levels"))
+
+    config: DataConfig
+    records: RecordSet
+    folder: Path
+    indices: dict[str, list[int]]  # record indices per split
+    seed: int
+    data_root: str | Path | None = None
+
+    @property
+    def levels(self) -> list[LevelInfo]:
+        """The granularity levels, coarse to fine."""
+        return list(self.records.levels)
+
+    def datasets(
+        self, *, image_size: int, mean: Sequence[float], std: Sequence[float]
+    ) -> dict[str, MultiGranularDataset]:
+        """Train/val/test datasets: the train split augments, val/test do not."""
+        cfg = self.config
+        if cfg.cache_dir is False:
+            cache_dir = None
+        elif cfg.cache_dir is None:
+            cache_dir = default_cache_dir(self.folder)
+        else:
+            # a cache root chosen in the config (the dataset folder only when it says so)
+            cache_dir = default_cache_dir(self.folder, resolve_path(cfg.cache_dir, self.data_root))
+        augmentation = augmentation_options(cfg.augmentation)
+        datasets = {}
+        for name in SPLIT_NAMES:
+            cache = PreprocessCache(cache_dir, image_size, cfg.resize) if cache_dir else None
+            datasets[name] = MultiGranularDataset(
+                self.records.subset(self.indices[name]),
+                image_size=image_size,
+                transform=build_transform(
+                    train=name == "train", mean=mean, std=std, augmentation=augmentation
+                ),
+                cache=cache,
+                resize_mode=cfg.resize,
+                seed=self.seed,
+            )
+        return datasets
+
+
+def prepare_data(
+    data_cfg: DataConfig | Mapping[str, Any], data_root: str | Path | None, seed: int
+) -> PreparedData:
+    """Load, filter and split the records of the ``data:`` section (no image is read).
+
+    Records whose image file does not exist are dropped with one warning (naming the first
+    few); images that exist but cannot be decoded are replaced at load time (``skipped``).
+    """
+    cfg = DataConfig.from_dict(data_cfg)
+    records, folder = load_records(cfg.source, cfg.path, data_root=data_root, options=cfg.options)
+    records = records.select_levels(cfg.levels)
     if records.excluded:
         summary = "; ".join(f"{reason}: {n}" for reason, n in records.excluded.most_common())
         warnings.warn(
             f"{records.source}: left out {sum(records.excluded.values())} row(s) ({summary})",
             stacklevel=2,
         )
-    if cfg.get("drop_missing", True):
+    if cfg.drop_missing:
         records, missing = drop_missing_images(records)
         if missing:
             warnings.warn(
@@ -173,29 +186,20 @@ def build_datasets(
             )
     if not records.records:
         raise ValueError(f"{records.source}: no usable samples; run `mgll data check` on it")
+    indices = split_records(records, cfg.split, seed, data_root, folder)
+    return PreparedData(cfg, records, folder, indices, seed, data_root)
 
-    resize = check_resize_mode(str(cfg.get("resize", "crop")))
-    cache_cfg = cfg.get("cache_dir")
-    if cache_cfg is False:
-        cache_dir = None
-    elif cache_cfg is None:
-        cache_dir = default_cache_dir(folder)
-    else:  # a cache root chosen in the config (the dataset folder only when it says so)
-        cache_dir = default_cache_dir(folder, resolve_path(cache_cfg, data_root))
-    augmentation = augmentation_options(cfg.get("augmentation"))
 
-    indices = split_records(records, cfg.get("split"), seed, data_root, folder)
-    datasets = {}
-    for name in SPLIT_NAMES:
-        cache = PreprocessCache(cache_dir, image_size, resize) if cache_dir is not None else None
-        datasets[name] = MultiGranularDataset(
-            records.subset(indices[name]),
-            image_size=image_size,
-            transform=build_transform(
-                train=name == "train", mean=mean, std=std, augmentation=augmentation
-            ),
-            cache=cache,
-            resize_mode=resize,
-            seed=seed,
-        )
-    return datasets
+def build_datasets(
+    data_cfg: DataConfig | Mapping[str, Any],
+    data_root: str | Path | None,
+    *,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    seed: int,
+) -> dict[str, MultiGranularDataset]:
+    """Train/val/test :class:`MultiGranularDataset` from the ``data:`` config section
+    (a :class:`DataConfig` or its plain mapping): :func:`prepare_data`, then its datasets."""
+    prepared = prepare_data(data_cfg, data_root, seed)
+    return prepared.datasets(image_size=image_size, mean=mean, std=std)

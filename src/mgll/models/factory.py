@@ -2,40 +2,37 @@
 
 Architectures are data: image towers are open_clip configs (built-in or shipped in
 ``mgll/model_configs``), text towers are picked by ``model.text.type`` from
-:data:`~mgll.models.text_towers.TEXT_TOWER_BUILDERS`.
+:data:`~mgll.models.text_towers.TEXT_TOWER_BUILDERS`. The keys and their defaults are
+:class:`~mgll.models.config.ModelConfig`.
 """
 
 from __future__ import annotations
 
 import copy
-import math
+import functools
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import open_clip
 from torch import nn
 
+from mgll.models.config import ModelConfig
 from mgll.models.image_tower import ImageTower, build_open_clip
 from mgll.models.model import MGLLModel
 from mgll.models.text_towers import TEXT_TOWER_BUILDERS, TowerContext
+from mgll.schema import ConfigError
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
 
-MODEL_KEYS = {
-    "image",
-    "text",
-    "embed_dim",
-    "text_per_level",
-    "num_levels",
-    "init_logit_scale",
-    "init_logit_bias",
-    "dedup_texts",
-    "grad_checkpointing",
-}
 
-
+@functools.cache
 def register_model_configs(folder: Path = MODEL_CONFIG_DIR) -> None:
-    """Make the shipped JSON configs known to open_clip (``open_clip.create_model(name)``)."""
+    """Make the shipped JSON configs known to open_clip (``open_clip.create_model(name)``).
+
+    open_clip keeps one process-wide registry of architectures; mgll adds its folder to it
+    once per process (later calls do nothing), so its names resolve like built-in ones.
+    """
     known = set(open_clip.list_models())
     if any(path.stem not in known for path in folder.glob("*.json")):
         open_clip.add_model_config(folder)
@@ -46,51 +43,37 @@ def shipped_architectures() -> list[str]:
     return sorted(path.stem for path in MODEL_CONFIG_DIR.glob("*.json"))
 
 
-def create_model(model_cfg: dict[str, Any], num_levels: int | None = None) -> MGLLModel:
+def create_model(
+    model_cfg: ModelConfig | Mapping[str, Any], num_levels: int | None = None
+) -> MGLLModel:
     """Build the model described by the ``model:`` section of a run config.
 
-    Keys: ``image`` ({arch, pretrained, quick_gelu}), ``text`` ({type: open_clip} or
-    {type: hf, name, pooling, max_length}), ``embed_dim`` (null = the image arch's),
-    ``text_per_level`` with ``num_levels`` (or the ``num_levels`` argument),
-    ``init_logit_scale``, ``init_logit_bias``, ``dedup_texts``, ``grad_checkpointing``.
+    ``model_cfg`` is a :class:`ModelConfig` or its plain mapping (see that class for the
+    keys). ``num_levels`` is the number of granularity levels G of the data, which sizes
+    per-level text towers (``text_per_level``); the trainer passes it from the records.
     """
-    unknown = set(model_cfg) - MODEL_KEYS
-    if unknown:
-        raise ValueError(
-            f"model: unknown key(s) {sorted(unknown)}; known keys: {sorted(MODEL_KEYS)}"
+    cfg = ModelConfig.from_dict(model_cfg)
+    levels = cfg.num_levels
+    if num_levels is not None:
+        if levels is not None and cfg.text_per_level and levels != num_levels:
+            raise ConfigError(
+                f"model.num_levels={levels} but the data has {num_levels} granularity levels; "
+                "drop model.num_levels (the data sets it)"
+            )
+        levels = num_levels
+    if cfg.text_per_level and not levels:
+        raise ConfigError(
+            "model.num_levels: required when model.text_per_level is true and no data gives "
+            "the number of granularity levels G (one text tower each)"
         )
-    for key in ("image", "text"):
-        if not isinstance(model_cfg.get(key), dict):
-            raise ValueError(f"model.{key}: missing or not a mapping")
-    text_cfg = dict(model_cfg["text"])
-    text_type = text_cfg.get("type", "open_clip")
-    text_cfg["type"] = text_type
-    if text_type not in TEXT_TOWER_BUILDERS:
-        raise ValueError(
-            f"model.text.type: {text_type!r} is not a text tower type; use one of "
-            f"{sorted(TEXT_TOWER_BUILDERS)}"
-        )
-
-    per_level = bool(model_cfg.get("text_per_level", False))
-    levels = num_levels if num_levels is not None else model_cfg.get("num_levels")
-    if per_level and not levels:
-        raise ValueError(
-            "model.num_levels: required when model.text_per_level is true (the number of "
-            "granularity levels G, one text tower each)"
-        )
-    tower_count = int(levels) if per_level else 1
+    tower_count = int(levels) if cfg.text_per_level else 1
 
     register_model_configs()
     build = build_open_clip(
-        dict(model_cfg["image"]),
-        model_cfg.get("embed_dim"),
-        load_text_weights=text_type == "open_clip",
+        cfg.image, cfg.embed_dim, load_text_weights=cfg.text.type == "open_clip"
     )
     image_tower = ImageTower(
-        build.clip.visual,
-        str(model_cfg["image"]["arch"]),
-        build.open_clip_cfg,
-        build.preprocess_cfg,
+        build.clip.visual, str(cfg.image.arch), build.open_clip_cfg, build.preprocess_cfg
     )
     # What is left of the open_clip model is its text tower; logit params live on MGLLModel.
     clip_text = build.clip
@@ -103,23 +86,13 @@ def create_model(model_cfg: dict[str, Any], num_levels: int | None = None) -> MG
         arch=image_tower.arch, embed_dim=image_tower.embed_dim, open_clip_text=clip_text
     )
     # The builder may take ownership of context.open_clip_text (the open_clip tower does).
-    first = TEXT_TOWER_BUILDERS[text_type](text_cfg, context)
+    first = TEXT_TOWER_BUILDERS[cfg.text.type](cfg.text, context)
     # Per-level towers start from the same (pretrained) weights and then train apart.
     text_towers = [first] + [copy.deepcopy(first) for _ in range(tower_count - 1)]
-
-    model = MGLLModel(
+    return MGLLModel(
         image_tower,
         text_towers,
-        init_logit_scale=_value(model_cfg, "init_logit_scale", math.log(1 / 0.07)),
-        init_logit_bias=_value(model_cfg, "init_logit_bias", -10.0),
-        dedup_texts=_value(model_cfg, "dedup_texts", True),
+        init_logit_scale=cfg.init_logit_scale,
+        init_logit_bias=cfg.init_logit_bias,
+        dedup_texts=cfg.dedup_texts,
     )
-    if model_cfg.get("grad_checkpointing", False):
-        model.set_grad_checkpointing(True)
-    return model
-
-
-def _value(model_cfg: dict[str, Any], key: str, default: Any) -> Any:
-    """``model_cfg[key]`` converted to the default's type, with YAML ``null`` = the default."""
-    value = model_cfg.get(key)
-    return default if value is None else type(default)(value)

@@ -228,13 +228,3 @@ def export_hf_clip_vision(
         return write_folder(output_dir, write)
     except ValueError as error:
         raise HFExportError(str(error)) from error
-
-
-def export_run_hf_clip_vision(checkpoint: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
-    """Export the image tower of a pretraining run (folder or checkpoint file) to ``output_dir``."""
-    from mgll.training.checkpoint import load_model, resolve_checkpoint
-
-    model, _ = load_model(checkpoint)
-    tower = model.image_tower
-    info = {"source": str(resolve_checkpoint(checkpoint)), "arch": tower.arch}
-    return export_hf_clip_vision(tower.visual, tower.preprocess_cfg, output_dir, info)

@@ -64,15 +64,11 @@ def write_folder(output_dir: str | os.PathLike, write: Callable[[Path], None]) -
 
 def _model_section(model: Any, run_config: Mapping[str, Any]) -> dict[str, Any]:
     """The ``model`` config that rebuilds ``model`` without fetching pretrained image weights."""
-    section = dict(run_config.get("model", run_config))
-    image = dict(section.get("image", {}))
-    image["pretrained"] = None  # the saved weights are the weights
-    image["quick_gelu"] = bool(model.image_tower.open_clip_cfg.get("quick_gelu", False))
-    section["image"] = image
-    if len(model.text_towers) > 1:
-        section["text_per_level"] = True
-        section["num_levels"] = len(model.text_towers)
-    return section
+    from mgll.models.config import ModelConfig
+    from mgll.schema import to_dict
+
+    section = ModelConfig.from_dict(run_config.get("model", run_config))
+    return to_dict(section.for_rebuild(model.build_facts()))
 
 
 def _flatten(row: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -204,8 +200,8 @@ def save_pretrained(
 
 def from_pretrained(directory: str | os.PathLike, device: str | torch.device = "cpu") -> Any:
     """The ``MGLLModel`` saved in ``directory`` by :func:`save_pretrained`, in eval mode."""
+    from mgll.models.config import ModelConfig
     from mgll.models.factory import create_model
-    from mgll.training.config import resolve_package_paths
 
     directory = Path(directory)
     config_file = directory / CONFIG_FILE
@@ -219,7 +215,7 @@ def from_pretrained(directory: str | os.PathLike, device: str | torch.device = "
             f"{config_file}: not an mgll model folder (format {config.get('format')!r}, expected "
             f"{FORMAT_NAME!r}); a CLIPVisionModel export loads with transformers instead"
         )
-    model = create_model(resolve_package_paths(config["model"]))
+    model = create_model(ModelConfig.from_dict(config["model"]).resolved())
     missing, unexpected = load_model(model, str(directory / WEIGHTS_FILE), strict=False)
     if missing or unexpected:
         raise ValueError(
@@ -228,19 +224,6 @@ def from_pretrained(directory: str | os.PathLike, device: str | torch.device = "
         )
     model.run_config = config["run_config"]
     return model.to(device).eval()
-
-
-def save_run_pretrained(checkpoint: str | os.PathLike, directory: str | os.PathLike) -> Path:
-    """Save a pretraining run (folder or checkpoint) with its last validation metrics."""
-    from mgll.training.checkpoint import load_model as load_run
-    from mgll.training.checkpoint import resolve_checkpoint
-    from mgll.training.run_log import METRICS_FILE, read_metrics
-
-    model, run_config = load_run(checkpoint)
-    run_dir = resolve_checkpoint(checkpoint).parent.parent
-    rows = read_metrics(run_dir) if (run_dir / METRICS_FILE).is_file() else []
-    val_rows = [row for row in rows if row.get("kind") == "val"]
-    return save_pretrained(model, directory, run_config, val_rows[-1] if val_rows else None)
 
 
 def push_to_hub(directory: str | os.PathLike, repo_id: str, private: bool = True) -> str:

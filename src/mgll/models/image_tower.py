@@ -18,11 +18,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from mgll.models.config import ImageConfig
 from mgll.models.weights import PretrainedWeightsError, download_failure, resolve_image_weights
 
 logger = logging.getLogger(__name__)
-
-IMAGE_KEYS = {"arch", "pretrained", "quick_gelu"}
 
 
 class ImageTower(nn.Module):
@@ -62,24 +61,19 @@ class OpenCLIPBuild:
 
 
 def build_open_clip(
-    image_cfg: dict[str, Any], embed_dim: int | None, load_text_weights: bool
+    image_cfg: ImageConfig, embed_dim: int | None, load_text_weights: bool
 ) -> OpenCLIPBuild:
     """Build the open_clip model named by ``model.image`` and load its weights.
 
     ``embed_dim`` (``model.embed_dim``) overrides the architecture's projection size; this is
     only possible without pretrained weights, whose projection has a fixed size.
     """
-    unknown = set(image_cfg) - IMAGE_KEYS
-    if unknown:
-        raise ValueError(
-            f"model.image: unknown key(s) {sorted(unknown)}; known keys: {sorted(IMAGE_KEYS)}"
-        )
-    if not image_cfg.get("arch"):
+    if not image_cfg.arch:
         raise ValueError(
             "model.image.arch: missing; give an open_clip architecture name (e.g. ViT-B-16, "
             "RN50), a shipped config (mgll-vit-tiny-64, mgll-vit-small-128) or 'hf-hub:org/repo'"
         )
-    arch = str(image_cfg["arch"])
+    arch = str(image_cfg.arch)
     try:
         base_cfg = open_clip.get_model_config(arch)
     except Exception as error:
@@ -93,12 +87,12 @@ def build_open_clip(
             "'hf-hub:org/repo' for an open_clip model on the Hugging Face Hub"
         )
 
-    source = image_cfg.get("pretrained")
+    source = image_cfg.pretrained
     tag, checkpoint = (None, None)
     if source:
         tag, checkpoint = resolve_image_weights(arch, str(source), "model.image.pretrained")
 
-    quick_gelu = image_cfg.get("quick_gelu")
+    quick_gelu = image_cfg.quick_gelu
     if quick_gelu is None:
         # Follow the weights: OpenAI's CLIP weights were trained with QuickGELU.
         tag_cfg = open_clip.get_pretrained_cfg(arch, tag) if tag else {}

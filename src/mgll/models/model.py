@@ -2,13 +2,38 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
+from mgll.losses import INIT_LOGIT_BIAS, INIT_LOGIT_SCALE
 from mgll.models.image_tower import ImageTower
+
+
+class ContrastiveModel(Protocol):
+    """What the trainer needs of a model (:class:`MGLLModel`, or a stand-in in tests).
+
+    ``model(images, texts)`` with ``texts`` = G lists of N strings returns ``image_emb``
+    (N, D), ``text_embs`` (G x (N, D)), ``logit_scale`` and ``logit_bias``.
+    """
+
+    logit_scale: nn.Parameter  # log of the contrastive scale
+    logit_bias: nn.Parameter  # the point-wise term's bias
+
+    @property
+    def image_size(self) -> int | tuple[int, int]: ...  # what the data transforms produce
+    @property
+    def image_mean(self) -> tuple[float, ...]: ...
+    @property
+    def image_std(self) -> tuple[float, ...]: ...
+    @property
+    def text_per_level(self) -> bool: ...  # one text tower per granularity level
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None: ...
+    def build_facts(self) -> dict[str, Any]: ...  # see MGLLModel.build_facts
+    def __call__(self, images: torch.Tensor, texts: Sequence[Sequence[str]]) -> dict: ...
 
 
 class MGLLModel(nn.Module):
@@ -23,8 +48,8 @@ class MGLLModel(nn.Module):
         self,
         image_tower: ImageTower,
         text_towers: Sequence[nn.Module],
-        init_logit_scale: float = math.log(1 / 0.07),
-        init_logit_bias: float = -10.0,
+        init_logit_scale: float = INIT_LOGIT_SCALE,
+        init_logit_bias: float = INIT_LOGIT_BIAS,
         dedup_texts: bool = True,
     ) -> None:
         super().__init__()
@@ -72,13 +97,24 @@ class MGLLModel(nn.Module):
         """Per-channel standard deviation the image transforms must normalise with."""
         return tuple(float(v) for v in self.image_tower.preprocess_cfg["std"])
 
+    def build_facts(self) -> dict[str, Any]:
+        """What rebuilding this model from its config (without fetching pretrained weights)
+        needs to know; stored in checkpoints and read by :meth:`ModelConfig.for_rebuild`.
+
+        open_clip picks QuickGELU from the pretrained tag, so a rebuild with ``pretrained:
+        null`` must pin the activation the weights were trained with.
+        """
+        return {
+            "image.quick_gelu": self.image_tower.open_clip_cfg.get("quick_gelu"),
+            "text.towers": len(self.text_towers),
+        }
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute activations in the backward pass of every tower (less memory, more time)."""
         self.image_tower.set_grad_checkpointing(enable)
         for tower in self.text_towers:
             tower.set_grad_checkpointing(enable)
 
-    # --- transfer (issue 10): whole-model folders, see mgll.models.hub
     def save_pretrained(
         self, directory: str, run_config: dict | None = None, metrics: dict | None = None
     ) -> object:
@@ -87,8 +123,6 @@ class MGLLModel(nn.Module):
         from mgll.models.hub import save_pretrained
 
         return save_pretrained(self, directory, run_config, metrics)
-
-    # --- end transfer
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) images -> (N, D) unnormalised embeddings."""

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import open_clip
 import torch
 from torch import nn
 
 from mgll.models.weights import PretrainedWeightsError, offline_hint
+
+if TYPE_CHECKING:
+    from mgll.models.config import TextConfig
 
 
 @dataclass
@@ -138,41 +141,21 @@ class HFTextTower(nn.Module):
             self.encoder.gradient_checkpointing_disable()
 
 
-# The context length is fixed by the architecture (its positional embedding), not settable.
-OPEN_CLIP_TEXT_KEYS = {"type"}
-HF_TEXT_KEYS = {"type", "name", "pooling", "max_length"}
-
-
-def _check_keys(text_cfg: dict, known: set[str]) -> None:
-    unknown = set(text_cfg) - known
-    if unknown:
-        raise ValueError(
-            f"model.text: unknown key(s) {sorted(unknown)} for type {text_cfg['type']!r}; "
-            f"known keys: {sorted(known)}"
-        )
-
-
-def build_open_clip_text(text_cfg: dict, context: TowerContext) -> nn.Module:
-    """``{type: open_clip}``: the architecture's own text tower and tokenizer."""
-    _check_keys(text_cfg, OPEN_CLIP_TEXT_KEYS)
+def build_open_clip_text(text_cfg: TextConfig, context: TowerContext) -> nn.Module:
+    """``{type: open_clip}``: the architecture's own text tower and tokenizer (its context
+    length is fixed by the architecture's positional embedding)."""
     tokenizer = open_clip.get_tokenizer(context.arch)
     return OpenCLIPTextTower(context.open_clip_text, tokenizer, context.embed_dim)
 
 
-def build_hf_text(text_cfg: dict, context: TowerContext) -> nn.Module:
+def build_hf_text(text_cfg: TextConfig, context: TowerContext) -> nn.Module:
     """``{type: hf, name, pooling, max_length}``: any Hugging Face encoder, local dir or hub id."""
-    _check_keys(text_cfg, HF_TEXT_KEYS)
     from transformers import AutoModel, AutoTokenizer
 
-    name = text_cfg.get("name")
-    if not name:
-        raise ValueError(
-            "model.text.name: missing; give a Hugging Face model id (e.g. "
-            "emilyalsentzer/Bio_ClinicalBERT) or the path of a local model folder"
-        )
+    name = str(text_cfg.name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(name))
-        encoder = AutoModel.from_pretrained(str(name))
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        encoder = AutoModel.from_pretrained(name)
     except OSError as error:
         raise PretrainedWeightsError(
             f"model.text.name: could not load the Hugging Face model {name!r} ({error}). "
@@ -184,13 +167,13 @@ def build_hf_text(text_cfg: dict, context: TowerContext) -> nn.Module:
         encoder,
         tokenizer,
         embed_dim=context.embed_dim,
-        pooling=str(text_cfg.get("pooling", "mean")),
-        max_length=int(text_cfg.get("max_length", 128)),
+        pooling=text_cfg.pooling,
+        max_length=text_cfg.max_length,
     )
 
 
 # type -> builder; adding a kind of text tower means adding a line here.
-TEXT_TOWER_BUILDERS: dict[str, Callable[[dict, TowerContext], nn.Module]] = {
+TEXT_TOWER_BUILDERS: dict[str, Callable[[TextConfig, TowerContext], nn.Module]] = {
     "open_clip": build_open_clip_text,
     "hf": build_hf_text,
 }

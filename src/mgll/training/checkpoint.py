@@ -70,7 +70,11 @@ def save_checkpoint(
     keep_last: int,
     extra_metadata: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write the checkpoint of ``step`` atomically, drop all but the newest ``keep_last``."""
+    """Write the checkpoint of ``step`` atomically, drop all but the newest ``keep_last``.
+
+    ``extra_metadata``: the model's build facts (``MGLLModel.build_facts``), which
+    :func:`load_model` needs to rebuild it.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     weights = weights_path(directory, step)
     state_file = state_path_for(weights)
@@ -126,7 +130,8 @@ def resolve_checkpoint(spec: str | Path, output_dir: Path | None = None) -> Path
 def _unreadable(path: Path, err: Exception) -> CheckpointError:
     return CheckpointError(
         f"{path} cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:200]}); it is "
-        "damaged or was not written by mgll pretrain: resume from an older checkpoint"
+        "damaged or was not written by mgll pretrain: use an older checkpoint of the run (its "
+        "step_*.safetensors)"
     )
 
 
@@ -171,22 +176,19 @@ def load_model(
     """Rebuild the ``MGLLModel`` of a pretraining checkpoint and load its weights.
 
     ``checkpoint`` is a ``step_*.safetensors`` file, a run folder or its ``checkpoints`` folder
-    (the newest checkpoint is used). Returns the model in eval mode and the run config. This is
-    the one way every consumer (export, evaluation, transfer) reads a pretrained run.
+    (the newest checkpoint is used). Returns the model in eval mode and the run config as
+    saved in the checkpoint (a plain dict). This is the one way every consumer (export,
+    evaluation, transfer) reads a pretrained run.
     """
-    from mgll.models import create_model
-    from mgll.training.config import resolve_package_paths
+    from mgll.models import ModelConfig, create_model
+    from mgll.training.config import migrate
 
     weights = resolve_checkpoint(checkpoint)
     meta = read_metadata(weights)
-    model_cfg = resolve_package_paths(meta["config"]["model"])
-    # The checkpoint holds every weight: skip fetching the image tower's pretrained ones, but
-    # keep the activation those weights implied (open_clip derives QuickGELU from the tag).
-    image_cfg = {**model_cfg["image"], "pretrained": None}
-    quick_gelu = meta["extra"].get("image.quick_gelu")
-    if quick_gelu is not None and image_cfg.get("quick_gelu") is None:
-        image_cfg["quick_gelu"] = quick_gelu
-    model_cfg["image"] = image_cfg
+    model_cfg = ModelConfig.from_dict(migrate(meta["config"])["model"]).resolved()
+    # The checkpoint holds every weight: nothing pretrained is fetched; the model's build
+    # facts (saved beside the weights) pin what those weights had implied.
+    model_cfg = model_cfg.for_rebuild(meta["extra"])
     model = create_model(model_cfg)
     load_weights(model, weights)
     return model.to(device).eval(), meta["config"]

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import os
+import signal
 import sys
 from pathlib import Path
 
 from mgll.models.weights import PretrainedWeightsError
+from mgll.process import offline_hubs
 from mgll.training.checkpoint import CheckpointError
 from mgll.training.config import (
     ConfigError,
@@ -15,7 +16,10 @@ from mgll.training.config import (
     parse_overrides,
     shipped_config_names,
 )
+from mgll.training.run_control import RunInterrupted, RunLockedError
 from mgll.training.step import NonFiniteLossError
+
+_SIGNALS = {s.name for s in signal.Signals}
 
 
 def _allow_intermixed(parser: argparse.ArgumentParser) -> None:
@@ -47,7 +51,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "pretrain",
         help="pretrain an image-text model with the MGLL (or CLIP) objective",
         description="Pretrain an image-text model. Every config key can be overridden with "
-        "dotted key=value pairs (values are YAML), e.g. train.lr=3e-4 loss.name=clip.",
+        "dotted key=value pairs (values are YAML), e.g. train.lr=3e-4 loss.name=clip. Config "
+        "sections: model, data, loss, train, eval, log, checkpoint; every key, its default and "
+        "meaning: docs/pretraining.md, section 'Configuration reference'. Ctrl-C (or SIGTERM) "
+        "stops after the current step with a checkpoint; continue with --resume latest.",
     )
     parser.add_argument("config", help=f"a shipped config ({names}) or a YAML file")
     parser.add_argument(
@@ -74,8 +81,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Resolve the config, train, and turn expected failures into one-line errors."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     overrides: list[tuple[str, object]] = []
     if args.max_steps is not None:
         overrides.append(("train.max_steps", args.max_steps))
@@ -88,8 +93,25 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, pairs)
         from mgll.training.trainer import train
 
-        train(cfg, Path(args.data_root), Path(args.output_dir), resume=args.resume)
-    except (ConfigError, CheckpointError, NonFiniteLossError, PretrainedWeightsError) as err:
+        with offline_hubs():
+            train(cfg, Path(args.data_root), Path(args.output_dir), resume=args.resume)
+    except RunInterrupted as err:
+        print(f"mgll pretrain: {err}", file=sys.stderr)
+        return 128 + signal.Signals[err.signal_name].value if err.signal_name in _SIGNALS else 1
+    except KeyboardInterrupt:
+        print(
+            "mgll pretrain: stopped at once (second Ctrl-C); the checkpoints written so far "
+            "are intact: continue with --resume latest",
+            file=sys.stderr,
+        )
+        return 130
+    except (
+        ConfigError,
+        CheckpointError,
+        NonFiniteLossError,
+        PretrainedWeightsError,
+        RunLockedError,
+    ) as err:
         print(f"mgll pretrain: error: {err}", file=sys.stderr)
         return 1
     finally:

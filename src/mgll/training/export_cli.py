@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from mgll.models.weights import PretrainedWeightsError
-from mgll.training.checkpoint import CheckpointError, load_model
+from mgll.process import offline_hubs
+from mgll.training.checkpoint import CheckpointError, load_model, resolve_checkpoint
 from mgll.training.config import ConfigError
 
 
@@ -22,6 +22,31 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
 
     model, _ = load_model(checkpoint)
     return export_image_encoder(model, output)
+
+
+def export_hf_clip_vision(checkpoint: str | Path, output_dir: str | Path) -> Path:
+    """Export the image tower of a pretraining run as a transformers ``CLIPVisionModel``."""
+    from mgll.models.hf_export import export_hf_clip_vision as export_tower
+
+    model, _ = load_model(checkpoint)
+    tower = model.image_tower
+    info = {"source": str(resolve_checkpoint(checkpoint)), "arch": tower.arch}
+    return export_tower(tower.visual, tower.preprocess_cfg, output_dir, info)
+
+
+def export_pretrained(checkpoint: str | Path, output_dir: str | Path) -> Path:
+    """Save a pretraining run as an ``mgll.from_pretrained`` folder with its last validation
+    metrics in the model card."""
+    from mgll.models.hub import save_pretrained
+    from mgll.training.config import migrate
+    from mgll.training.run_log import METRICS_FILE, read_metrics
+
+    model, run_config = load_model(checkpoint)
+    run_config = migrate(run_config)  # keys moved since the run was written
+    run_dir = resolve_checkpoint(checkpoint).parent.parent
+    rows = read_metrics(run_dir) if (run_dir / METRICS_FILE).is_file() else []
+    val_rows = [row for row in rows if row.get("kind") == "val"]
+    return save_pretrained(model, output_dir, run_config, val_rows[-1] if val_rows else None)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,7 +64,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--output",
         help="FILE.safetensors (sidecar FILE.json beside it) or a folder for open_clip",
     )
-    # --- transfer (issue 10): the Hugging Face CLIPVisionModel format; see mgll.models.hf_export
     parser.add_argument(
         "--format",
         choices=("open_clip", "hf-clip-vision", "mgll-pretrained"),
@@ -49,32 +73,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "mgll.from_pretrained, with a model card (both --output-dir)",
     )
     parser.add_argument("--output-dir", help="the folder written by the folder formats")
-    # --- end transfer
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Export, turning expected failures into one-line errors (exit code 1)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
-        # --- transfer (issue 10)
-        if args.format != "open_clip":
-            from mgll.models.hf_export import export_run_hf_clip_vision
-            from mgll.models.hub import save_run_pretrained
-
-            if not args.output_dir:
-                raise ValueError(f"--format {args.format} needs --output-dir")
-            writers = {
-                "hf-clip-vision": export_run_hf_clip_vision,
-                "mgll-pretrained": save_run_pretrained,
-            }
-            path = writers[args.format](args.checkpoint, args.output_dir)
-        elif not args.output or args.output_dir:
-            raise ValueError("--format open_clip needs --output (and no --output-dir)")
-        # --- end transfer
-        else:
-            path = export_checkpoint(args.checkpoint, args.output)
+        with offline_hubs():
+            if args.format != "open_clip":
+                if not args.output_dir:
+                    raise ValueError(f"--format {args.format} needs --output-dir")
+                writers = {
+                    "hf-clip-vision": export_hf_clip_vision,
+                    "mgll-pretrained": export_pretrained,
+                }
+                path = writers[args.format](args.checkpoint, args.output_dir)
+            elif not args.output or args.output_dir:
+                raise ValueError("--format open_clip needs --output (and no --output-dir)")
+            else:
+                path = export_checkpoint(args.checkpoint, args.output)
     except (CheckpointError, ConfigError, PretrainedWeightsError, ValueError) as err:
         print(f"mgll export: error: {err}", file=sys.stderr)
         return 1

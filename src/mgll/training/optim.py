@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
+
+from mgll.schema import from_mapping
+from mgll.training.config import TrainConfig
 
 # Parameters named like this are embeddings, not weight matrices: AdamW does not decay them.
 NO_DECAY_NAMES = (
@@ -42,14 +46,18 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
     ]
 
 
-def build_optimizer(model: nn.Module, train_cfg: dict[str, Any]) -> torch.optim.AdamW:
-    """AdamW from the ``train`` section (lr, betas, eps, weight_decay)."""
+def build_optimizer(
+    model: nn.Module, train_cfg: TrainConfig | Mapping[str, Any]
+) -> torch.optim.AdamW:
+    """AdamW from the ``train`` section (lr, betas, eps, weight_decay): a
+    :class:`~mgll.training.config.TrainConfig` or its plain mapping."""
+    cfg = from_mapping(TrainConfig, train_cfg, "train")
     device = next(model.parameters()).device
     return torch.optim.AdamW(
-        parameter_groups(model, train_cfg["weight_decay"]),
-        lr=train_cfg["lr"],
-        betas=tuple(train_cfg["betas"]),
-        eps=train_cfg["eps"],
+        parameter_groups(model, cfg.weight_decay),
+        lr=cfg.lr,
+        betas=(cfg.betas[0], cfg.betas[1]),
+        eps=cfg.eps,
         # One fused kernel per step: ~6x faster than the per-tensor loop on CPU (torch >= 2.4).
         fused=device.type == "cuda" or (device.type == "cpu" and _FUSED_ON_CPU),
     )

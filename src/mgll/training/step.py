@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import typing
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,10 +27,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from mgll.distributed import all_reduce_mean
-from mgll.losses import MAX_LOGIT_SCALE, CLIPLoss, MGLLLoss
-from mgll.training.config import ConfigError
+from mgll.losses import MAX_LOGIT_SCALE
+from mgll.training.config import PrecisionName
 
-LOSS_TERMS = {"mgll": ("sclip", "pointwise", "skl"), "clip": ("clip",)}
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -52,13 +52,13 @@ class NonFiniteLossError(RuntimeError):
 class Precision:
     """Autocast and loss scaling for one of ``fp32``, ``bf16``, ``fp16``."""
 
-    name: str
+    name: PrecisionName
     device: torch.device
     scaler: torch.amp.GradScaler = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.name not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"train.precision must be fp32, bf16 or fp16, got {self.name!r}")
+        if self.name not in typing.get_args(PrecisionName):
+            raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.name!r}")
         # Only fp16 underflows without scaling; a disabled scaler passes everything through.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.name == "fp16")
 
@@ -67,32 +67,6 @@ class Precision:
         if self.name == "fp32":
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=_AUTOCAST_DTYPES[self.name])
-
-
-def build_loss(loss_cfg: dict[str, Any], gather: bool = True) -> nn.Module:
-    """The loss of a run config's ``loss`` section (``mgll`` with weights, or ``clip``)."""
-    if loss_cfg["name"] == "clip":
-        return CLIPLoss(level=0, gather=gather, local_loss=loss_cfg["local_loss"])
-    w = loss_cfg["weights"]
-    return MGLLLoss(
-        weights=(w["sclip"], w["pointwise"], w["skl"]),
-        gather=gather,
-        local_loss=loss_cfg["local_loss"],
-    )
-
-
-def select_levels(batch: dict[str, Any], loss_cfg: dict[str, Any]) -> tuple[list, list]:
-    """Texts and labels the loss reads: all levels for MGLL, CLIP's one caption level."""
-    texts, labels = list(batch["texts"]), list(batch["labels"])
-    if loss_cfg["name"] == "clip":
-        level = loss_cfg["clip_level"]
-        if not -len(texts) <= level < len(texts):
-            raise ConfigError(
-                f"loss.clip_level={level} but the data has {len(texts)} granularity levels; "
-                f"use 0..{len(texts) - 1} or -1 (the finest)"
-            )
-        return [texts[level]], [labels[level]]
-    return texts, labels
 
 
 def _terms(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -135,12 +109,7 @@ def _rng_restore(snapshot: tuple[torch.Tensor, torch.Tensor | None], device: tor
 def _micro_batches(
     images: torch.Tensor, texts: list[list[str]], parts: int
 ) -> Iterator[tuple[torch.Tensor, list[list[str]]]]:
-    n = images.shape[0]
-    if n % parts:
-        raise ValueError(
-            f"the per-process batch ({n}) is not divisible by train.accum_steps ({parts})"
-        )
-    size = n // parts
+    size = images.shape[0] // parts  # divisible: TrainConfig.per_process_batch checked it
     for j in range(parts):
         sl = slice(j * size, (j + 1) * size)
         yield images[sl], [level[sl] for level in texts]

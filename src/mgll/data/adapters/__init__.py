@@ -1,34 +1,33 @@
 """Adapters: one module per real-world dataset format, all producing a RecordSet.
 
-Each adapter has ``detect(path) -> bool`` and ``load(path, **options) -> RecordSet``. Adding a
-format means adding a module and one entry in :data:`ADAPTERS`.
+Each adapter module has ``detect(path) -> bool`` and ``load(path, *, options) -> RecordSet``.
+Adding a format means adding a module, importing it here and one entry in :data:`ADAPTERS`.
 """
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mgll.data.adapters import chestxray14, covid_cxr, csdi_fundus, mgll_release, midrc
 from mgll.data.records import RecordSet
 
 
 @dataclass(frozen=True)
 class Adapter:
-    """A named format: the module and the functions that detect and load it."""
+    """A named format: the functions that detect and load it."""
 
     name: str
-    module: str
-    loader: str = "load"
-    detector: str = "detect"
+    loader: Callable[..., RecordSet]  # load(path, *, options...) -> RecordSet
+    detector: Callable[[Path], bool]  # detect(path) -> bool
     aliases: tuple[str, ...] = ()
 
     def options(self) -> list[str]:
         """The options this format's loader takes (its keyword-only parameters)."""
-        parameters = inspect.signature(self._fn(self.loader)).parameters.values()
+        parameters = inspect.signature(self.loader).parameters.values()
         return [p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY]
 
     def load(self, path: str | Path, **options: Any) -> RecordSet:
@@ -38,29 +37,26 @@ class Adapter:
             raise ValueError(
                 f"{self.name} adapter: unknown option(s) {unknown}; known: {self.options()}"
             )
-        return self._fn(self.loader)(Path(path), **options)
+        return self.loader(Path(path), **options)
 
     def detect(self, path: str | Path) -> bool:
         """Whether ``path`` looks like a dataset in this format."""
-        return bool(self._fn(self.detector)(Path(path)))
-
-    def _fn(self, name: str) -> Callable[..., Any]:
-        return getattr(importlib.import_module(self.module), name)
+        return bool(self.detector(Path(path)))
 
 
 # Detection tries these in order; specific formats come before the generic ones.
 ADAPTERS: tuple[Adapter, ...] = (
-    Adapter("covid-cxr", "mgll.data.adapters.covid_cxr", aliases=("ieee8023", "covid-chestxray")),
-    Adapter("csdi-fundus", "mgll.data.adapters.csdi_fundus", aliases=("csdi",)),
-    Adapter("chestxray14", "mgll.data.adapters.chestxray14", aliases=("nih-chestxray14", "nih")),
-    Adapter("mgll-release", "mgll.data.adapters.mgll_release", aliases=("mgll",)),
+    Adapter("covid-cxr", covid_cxr.load, covid_cxr.detect, aliases=("ieee8023", "covid-chestxray")),
+    Adapter("csdi-fundus", csdi_fundus.load, csdi_fundus.detect, aliases=("csdi",)),
     Adapter(
-        "mgll-downstream",
-        "mgll.data.adapters.mgll_release",
-        loader="load_downstream",
-        detector="detect_downstream",
+        "chestxray14",
+        chestxray14.load,
+        chestxray14.detect,
+        aliases=("nih-chestxray14", "nih"),
     ),
-    Adapter("midrc", "mgll.data.adapters.midrc", aliases=("midrc-xr",)),
+    Adapter("mgll-release", mgll_release.load, mgll_release.detect, aliases=("mgll",)),
+    Adapter("mgll-downstream", mgll_release.load_downstream, mgll_release.detect_downstream),
+    Adapter("midrc", midrc.load, midrc.detect, aliases=("midrc-xr",)),
 )
 
 

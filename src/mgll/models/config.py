@@ -1,0 +1,95 @@
+"""``ModelConfig``: the ``model:`` section of a run config, owned by ``mgll.models``."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from mgll.losses import INIT_LOGIT_BIAS, INIT_LOGIT_SCALE
+from mgll.schema import ConfigError, from_mapping, resolve_package_paths, to_dict
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """``model.image``: an open_clip architecture and where its weights come from."""
+
+    arch: str | None = None  # open_clip name, shipped JSON config, or hf-hub:org/repo
+    pretrained: str | None = None  # open_clip tag, hf-hub id, or a local file/folder
+    quick_gelu: bool | None = None  # null: follow the weights (OpenAI's use QuickGELU)
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """``model.text``: ``{type: open_clip}`` (the arch's own tower) or ``{type: hf, name, ...}``."""
+
+    type: str = "open_clip"
+    name: str | None = None  # hf: model id or local folder
+    pooling: str = "mean"  # hf: mean | cls
+    max_length: int = 128  # hf: tokens per text
+
+    def __post_init__(self) -> None:
+        from mgll.models.text_towers import POOLINGS, TEXT_TOWER_BUILDERS
+
+        if self.type not in TEXT_TOWER_BUILDERS:
+            raise ConfigError(
+                f"model.text.type: {self.type!r} is not a text tower type; use one of "
+                f"{sorted(TEXT_TOWER_BUILDERS)}"
+            )
+        if self.type == "hf" and not self.name:
+            raise ConfigError(
+                "model.text.name: missing; give a Hugging Face model id (e.g. "
+                "emilyalsentzer/Bio_ClinicalBERT) or the path of a local model folder"
+            )
+        if self.type == "open_clip" and self.name:
+            raise ConfigError(
+                f"model.text.name: {self.name!r} is for type hf; the open_clip text tower is "
+                "the architecture's own (drop name, or set model.text.type=hf)"
+            )
+        if self.pooling not in POOLINGS:
+            raise ConfigError(
+                f"model.text.pooling: {self.pooling!r} is not supported; use one of "
+                f"{sorted(POOLINGS)}"
+            )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The dual encoder: image tower, text tower(s), embedding size, logit scale and bias."""
+
+    image: ImageConfig
+    text: TextConfig = field(default_factory=TextConfig)
+    embed_dim: int | None = None  # null: the image architecture's
+    text_per_level: bool = False  # one text tower per granularity level
+    # G for per-level towers. The trainer takes G from the data; set it only to build a
+    # per-level model without data (a value that disagrees with the data is an error).
+    num_levels: int | None = None
+    init_logit_scale: float = INIT_LOGIT_SCALE
+    init_logit_bias: float = INIT_LOGIT_BIAS
+    dedup_texts: bool = True  # encode each distinct string of a batch once
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | ModelConfig) -> ModelConfig:
+        """The typed section from the plain ``model:`` mapping of a config file."""
+        return from_mapping(cls, data, "model")
+
+    def resolved(self) -> ModelConfig:
+        """This config with ``package:MODULE/path`` strings made paths inside installed
+        packages (what builds the model; the saved config keeps the portable form)."""
+        return ModelConfig.from_dict(resolve_package_paths(to_dict(self), "model"))
+
+    def for_rebuild(self, facts: Mapping[str, Any]) -> ModelConfig:
+        """This config for rebuilding a trained model from its checkpoint.
+
+        The checkpoint holds every weight, so nothing pretrained is fetched; ``facts`` (from
+        :meth:`MGLLModel.build_facts`) pin what the pretrained weights had implied, such as
+        the QuickGELU activation of OpenAI's weights, and the number of text towers.
+        """
+        quick_gelu = self.image.quick_gelu
+        if quick_gelu is None:
+            quick_gelu = facts.get("image.quick_gelu")
+        image = dataclasses.replace(self.image, pretrained=None, quick_gelu=quick_gelu)
+        towers = facts.get("text.towers")
+        levels = int(towers) if self.text_per_level and towers else self.num_levels
+        return dataclasses.replace(self, image=image, num_levels=levels)

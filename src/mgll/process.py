@@ -1,0 +1,66 @@
+"""Process-wide settings changed for one scope only, and put back when it ends.
+
+Environment variables and torch's global switches outlive the call that sets them; a library
+that changes them without restoring surprises whoever runs next in the same process (a test,
+a notebook, a second run). Every such change in mgll goes through these context managers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+
+
+@contextlib.contextmanager
+def environment_defaults(**values: str) -> Iterator[None]:
+    """Set the variables that are not set already; remove them again when the scope ends."""
+    added = [name for name in values if name not in os.environ]
+    for name in added:
+        os.environ[name] = values[name]
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+
+
+def offline_hubs() -> contextlib.AbstractContextManager[None]:
+    """Model hubs offline unless the user said otherwise (``HF_HUB_OFFLINE``): a hub call on a
+    machine without network otherwise retries for about 45 s before failing."""
+    return environment_defaults(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+
+
+@contextlib.contextmanager
+def torch_settings(deterministic: bool, cuda: bool) -> Iterator[None]:
+    """Deterministic kernels, or cuDNN autotuning and TF32 on CUDA, for the scope only.
+
+    Deterministic mode: ``torch.use_deterministic_algorithms`` (errors if an op has no
+    deterministic version), cuDNN without autotuning, and the cuBLAS workspace setting that
+    deterministic cuBLAS needs.
+    """
+    saved = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.deterministic,
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+    )
+    env = environment_defaults(CUBLAS_WORKSPACE_CONFIG=":4096:8") if deterministic else None
+    try:
+        with env or contextlib.nullcontext():
+            if deterministic:
+                torch.use_deterministic_algorithms(True)
+                torch.backends.cudnn.benchmark = False
+                torch.backends.cudnn.deterministic = True
+            elif cuda:
+                torch.backends.cudnn.benchmark = True
+                torch.backends.cuda.matmul.allow_tf32 = True
+                torch.backends.cudnn.allow_tf32 = True
+            yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[1:3]
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[3:]

@@ -1,0 +1,149 @@
+"""What keeps a run folder safe: one run at a time (a lock file) and a clean stop on a signal.
+
+- :class:`RunLock`: ``OUT/.mgll-run.lock`` names the host and process of the run writing the
+  folder; a second run into the same folder is refused naming them. A lock left by a process
+  that no longer exists (on this host) is taken over with a warning.
+- :class:`StopRequests`: SIGINT, SIGTERM (and SIGUSR1 when asked) set a flag instead of killing
+  the process; the loop finishes its step, checkpoints and stops with :class:`RunInterrupted`.
+  A second signal stops at once (the default action), which cannot damage the checkpoints
+  already written: every file is written to a temporary name and renamed.
+
+Both restore what they change (the lock file, the signal handlers) when their scope ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import warnings
+from pathlib import Path
+from types import FrameType, TracebackType
+
+LOCK_FILE = ".mgll-run.lock"
+
+
+class RunLockedError(RuntimeError):
+    """Another run is writing the output folder: the message names its host and process."""
+
+
+class RunInterrupted(RuntimeError):
+    """The run stopped on a signal after checkpointing; the message says how to continue."""
+
+    def __init__(self, signal_name: str, step: int, checkpoint: Path | None) -> None:
+        saved = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint"
+        super().__init__(
+            f"stopped by {signal_name} at step {step} ({saved}); continue the run with "
+            "--resume latest"
+        )
+        self.signal_name = signal_name
+        self.step = step
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+class RunLock:
+    """Hold ``OUT/.mgll-run.lock`` for the duration of a run (rank 0 only)."""
+
+    def __init__(self, output_dir: Path, enabled: bool = True) -> None:
+        self.path = Path(output_dir) / LOCK_FILE
+        self.enabled = enabled
+        self._held = False
+
+    def __enter__(self) -> RunLock:
+        if not self.enabled:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"host": socket.gethostname(), "pid": os.getpid()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileExistsError:
+                self._take_over_if_stale(me["host"])
+                continue
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(me, fh)
+            self._held = True
+            return self
+        raise RunLockedError(f"{self.path}: could not take the lock; try again")
+
+    def _take_over_if_stale(self, host: str) -> None:
+        try:
+            owner = json.loads(self.path.read_text(encoding="utf-8"))
+            other_host, other_pid = str(owner["host"]), int(owner["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            owner, other_host, other_pid = None, "?", -1
+        if owner is not None and (other_host != host or _alive(other_pid)):
+            raise RunLockedError(
+                f"{self.path.parent} is in use by another run (process {other_pid} on "
+                f"{other_host}); wait for it to end or choose another --output-dir (if that "
+                f"process is gone, delete {self.path})"
+            )
+        warnings.warn(
+            f"{self.path}: taking over the lock of process {other_pid} on {other_host}, which "
+            "no longer runs",
+            stacklevel=3,
+        )
+        self.path.unlink(missing_ok=True)
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._held:
+            self.path.unlink(missing_ok=True)
+            self._held = False
+
+
+class StopRequests:
+    """Turn stop signals into a flag the training loop reads between steps."""
+
+    def __init__(self, extra_signals: tuple[int, ...] = ()) -> None:
+        self.signals = (signal.SIGINT, signal.SIGTERM, *extra_signals)
+        self.received: str | None = None
+        self._saved: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        """Whether a stop signal arrived."""
+        return self.received is not None
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signal.Signals(signum).name
+        # A second signal of any kind stops at once: back to the handlers the process had.
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+        print(
+            f"\n{self.received}: finishing this step and writing a checkpoint "
+            f"(send it again to stop at once)",
+            flush=True,
+        )
+
+    def __enter__(self) -> StopRequests:
+        # Handlers can only be installed from the main thread (e.g. not in a notebook worker).
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                self._saved[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+        self._saved.clear()
