@@ -8,6 +8,7 @@ a notebook, a second run). Every such change in mgll goes through these context 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 
@@ -64,3 +65,39 @@ def torch_settings(deterministic: bool, cuda: bool) -> Iterator[None]:
         torch.use_deterministic_algorithms(saved[0])
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[1:3]
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[3:]
+
+
+class _DropRandomInitNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded for model")
+
+
+@contextlib.contextmanager
+def quiet_random_init() -> Iterator[None]:
+    """Hide open_clip's "No pretrained weights loaded ... initialized randomly" warning.
+
+    mgll builds towers without weights on purpose (random init, or weights that a checkpoint
+    loads next); open_clip logs that notice on the root logger every time. Filtered for the
+    scope only.
+    """
+    notice = _DropRandomInitNotice()
+    root = logging.getLogger()
+    root.addFilter(notice)
+    try:
+        yield
+    finally:
+        root.removeFilter(notice)
+
+
+@contextlib.contextmanager
+def no_loading_bars() -> Iterator[None]:
+    """Hide the Hugging Face "Loading weights" progress bar for the scope (restored after)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()

@@ -214,7 +214,9 @@ def load_eval_data(
     None takes :func:`default_split` (the run's split when ``encoder_config`` is a run
     pretrained on this folder; else ``mode: source`` when the source ships one).
     """
+    from mgll.data.config import SplitConfig
     from mgll.data.spec import is_spec_path
+    from mgll.schema import from_mapping
 
     source = data_format
     path: str | Path | None = data
@@ -234,7 +236,8 @@ def load_eval_data(
     ):
         chosen["settings"] = {"mode": "source"}
     seed = int(split_seed if split_seed is not None else chosen["seed"])
-    indices = split_records(records, chosen["settings"], seed, data_root, folder)
+    settings = from_mapping(SplitConfig, chosen["settings"], "data.split")
+    indices = split_records(records, settings, seed, data_root, folder)
     rows = {
         name: np.asarray([i for i in indices[name] if usable[i]], dtype=np.int64)
         for name in SPLIT_NAMES

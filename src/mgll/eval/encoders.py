@@ -179,12 +179,12 @@ def _square(size: Any) -> int:
 
 
 def _from_open_clip_build(spec: str, kind: str, arch: str, pretrained: str | None) -> Encoder:
-    from mgll.models import PretrainedWeightsError, register_model_configs
+    from mgll.models import ImageConfig, PretrainedWeightsError, register_model_configs
     from mgll.models.image_tower import build_open_clip
 
     register_model_configs()
     try:
-        build = build_open_clip({"arch": arch, "pretrained": pretrained}, None, False)
+        build = build_open_clip(ImageConfig(arch=arch, pretrained=pretrained), None, False)
     except (PretrainedWeightsError, ValueError, RuntimeError, OSError) as error:
         raise EncoderError(spec, str(error)) from error
     preprocess = build.preprocess_cfg

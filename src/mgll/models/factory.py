@@ -52,7 +52,7 @@ def create_model(
     keys). ``num_levels`` is the number of granularity levels G of the data, which sizes
     per-level text towers (``text_per_level``); the trainer passes it from the records.
     """
-    cfg = ModelConfig.from_dict(model_cfg)
+    cfg = ModelConfig.from_dict(model_cfg).resolved()  # package: paths made real paths
     levels = cfg.num_levels
     if num_levels is not None:
         if levels is not None and cfg.text_per_level and levels != num_levels:

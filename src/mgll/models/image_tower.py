@@ -7,6 +7,7 @@ the text-tower builder, which keeps or drops it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from torch import nn
 
 from mgll.models.config import ImageConfig
 from mgll.models.weights import PretrainedWeightsError, download_failure, resolve_image_weights
+from mgll.process import quiet_random_init
 
 logger = logging.getLogger(__name__)
 
@@ -109,13 +111,15 @@ def build_open_clip(
         overrides["embed_dim"] = int(embed_dim)
 
     try:
-        clip = open_clip.create_model(
-            arch,
-            pretrained=tag,
-            force_quick_gelu=quick_gelu,
-            pretrained_text=load_text_weights,
-            **overrides,
-        )
+        # Without a tag the random init is wanted (or a checkpoint file fills it in next).
+        with quiet_random_init() if not tag else contextlib.nullcontext():
+            clip = open_clip.create_model(
+                arch,
+                pretrained=tag,
+                force_quick_gelu=quick_gelu,
+                pretrained_text=load_text_weights,
+                **overrides,
+            )
     except RuntimeError as error:
         if tag:
             raise download_failure(arch, tag, "model.image.pretrained", error) from error

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from mgll.models.weights import PretrainedWeightsError, offline_hint
+from mgll.process import no_loading_bars
 
 if TYPE_CHECKING:
     from mgll.models.config import TextConfig
@@ -154,8 +155,9 @@ def build_hf_text(text_cfg: TextConfig, context: TowerContext) -> nn.Module:
 
     name = str(text_cfg.name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        encoder = AutoModel.from_pretrained(name)
+        with no_loading_bars():
+            tokenizer = AutoTokenizer.from_pretrained(name)
+            encoder = AutoModel.from_pretrained(name)
     except OSError as error:
         raise PretrainedWeightsError(
             f"model.text.name: could not load the Hugging Face model {name!r} ({error}). "
