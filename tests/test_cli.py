@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import mgll
-from mgll.cli import COMMAND_MODULES, main
+from mgll.cli import COMMAND_MODULES, main, parse_args
 
 
 def test_version_flag(capsys):
@@ -65,3 +65,27 @@ def test_version_does_not_import_torch():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip().endswith("False")
+
+
+def test_overrides_may_stand_anywhere_and_keep_their_order():
+    args = parse_args(
+        ["pretrain", "cpu-demo", "train.lr=1", "--output-dir", "o", "train.lr=2", "--seed", "3"]
+        + ["log.every_steps=5"]
+    )
+    assert args.config == "cpu-demo" and args.output_dir == "o" and args.seed == 3
+    assert args.overrides == ["train.lr=1", "train.lr=2", "log.every_steps=5"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["pretrain", "cpu-demo", "--output-dir", "o", "--no-such-flag"],
+        ["pretrain", "cpu-demo", "--output-dir", "o", "not-an-override"],
+        ["export", "run", "--output", "x", "a=1"],  # export takes no overrides
+    ],
+)
+def test_stray_arguments_are_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_args(argv)
+    assert exc.value.code == 2
+    assert "unrecognized arguments" in capsys.readouterr().err

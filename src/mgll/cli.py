@@ -53,15 +53,30 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
 
 
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse a command line; only the named command's module is imported."""
+    argv = list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMAND_MODULES else None)
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may stand before, between or after a command's options: argparse
+    # fills a positional list from one run only, so later runs arrive here, in order.
+    overrides = getattr(args, "overrides", None)
+    stray = [a for a in extra if overrides is None or a.startswith("-") or "=" not in a]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*overrides, *extra]
+    args.print_help = parser.print_help
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mgll`` console script; returns the process exit code."""
     warnings.formatwarning = _format_warning
-    argv = list(sys.argv[1:] if argv is None else argv)
-    command = next((a for a in argv if not a.startswith("-")), None)
-    parser = build_parser(command if command in COMMAND_MODULES else None)
-    args = parser.parse_args(argv)
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     if getattr(args, "func", None) is None:
-        parser.print_help()  # no command: the help, and a usage error like `mgll data` alone
+        args.print_help()  # no command: the help, and a usage error like `mgll data` alone
         return 2
     return int(args.func(args) or 0)
 

@@ -22,28 +22,6 @@ from mgll.training.step import NonFiniteLossError
 _SIGNALS = {s.name for s in signal.Signals}
 
 
-def _allow_intermixed(parser: argparse.ArgumentParser) -> None:
-    """Let ``key=value`` overrides come before, between or after the options.
-
-    Plain argparse stops filling a ``nargs="*"`` positional at the first option; sub-parsers are
-    always run through ``parse_known_args``, so route that through the intermixed variant
-    (which itself calls ``parse_known_args``, hence the re-entry guard).
-    """
-    plain = parser.parse_known_args
-    inside: list[bool] = []
-
-    def parse_known_args(args=None, namespace=None):  # type: ignore[no-untyped-def]
-        if inside:
-            return plain(args, namespace)
-        inside.append(True)
-        try:
-            return parser.parse_known_intermixed_args(args, namespace)
-        finally:
-            inside.pop()
-
-    parser.parse_known_args = parse_known_args  # type: ignore[method-assign]
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``pretrain`` sub-command."""
     names = ", ".join(shipped_config_names())
@@ -75,7 +53,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="continue from the newest checkpoint in --output-dir, or from a checkpoint file",
     )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    _allow_intermixed(parser)
     parser.set_defaults(func=run)
 
 
