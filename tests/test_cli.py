@@ -68,10 +68,8 @@ def test_version_does_not_import_torch():
 
 
 def test_overrides_may_stand_anywhere_and_keep_their_order():
-    args = parse_args(
-        ["pretrain", "cpu-demo", "train.lr=1", "--output-dir", "o", "train.lr=2", "--seed", "3"]
-        + ["log.every_steps=5"]
-    )
+    argv = ["pretrain", "cpu-demo", "train.lr=1", "--output-dir", "o", "train.lr=2"]
+    args = parse_args([*argv, "--seed", "3", "log.every_steps=5"])
     assert args.config == "cpu-demo" and args.output_dir == "o" and args.seed == 3
     assert args.overrides == ["train.lr=1", "train.lr=2", "log.every_steps=5"]
 
