@@ -31,12 +31,13 @@ def _batch(n: int = 16):
 def _grads(model, loss_cfg, batch, accum, precision="fp32"):
     model.zero_grad(set_to_none=True)
     objective = Objective.from_config(loss_cfg, len(batch["texts"]))
+    texts, labels = objective.inputs(batch["texts"], batch["labels"])
     terms = forward_backward(
         model,
         objective.loss,
         batch["images"],
-        objective.pick(batch["texts"]),
-        objective.pick(batch["labels"]),
+        texts,
+        labels,
         Precision(precision, torch.device("cpu")),
         accum_steps=accum,
         step=1,
@@ -243,3 +244,22 @@ def test_clip_level_mistakes_are_named_config_errors(tmp_path):
     cfg = fake_config({"loss.name": "clip", "loss.clip_level": 2, "train.max_steps": 1})
     with pytest.raises(ConfigError, match=r"loss\.clip_level=2 but the data has 2"):
         train(cfg, ".", tmp_path / "b", **FAKES)
+
+
+def test_clip_on_joined_captions_reads_every_level_text_of_a_sample(tmp_path):
+    from mgll.training.config import LossConfig
+
+    texts = [["normal", "abnormal"], ["clear lens", "dense haze"]]
+    labels = [torch.tensor([0, 1]), torch.tensor([3, 4])]
+    joined = Objective.from_config(LossConfig(name="clip", clip_level="joined"), 2)
+    captions, caption_labels = joined.inputs(texts, labels)
+    assert captions == [["normal clear lens", "abnormal dense haze"]]
+    assert torch.equal(caption_labels[0], labels[1])
+    one = Objective.from_config(LossConfig(name="clip", clip_level=0), 2)
+    assert one.inputs(texts, labels)[0] == [["normal", "abnormal"]]
+    mgll = Objective.from_config(LossConfig(), 2)
+    assert mgll.inputs(texts, labels)[0] == texts
+    # A whole run with it: training and validation embed the joined caption.
+    cfg = fake_config({"loss.name": "clip", "loss.clip_level": "joined", "train.max_steps": 3})
+    summary = train(cfg, ".", tmp_path, **FAKES)
+    assert math.isfinite(summary["train"]["clip"]) and math.isfinite(summary["val"]["clip"])

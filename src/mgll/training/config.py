@@ -77,7 +77,9 @@ class LossConfig:
 
     name: Literal["mgll", "clip"] = "mgll"
     weights: LossWeights = field(default_factory=LossWeights)
-    clip_level: int = -1  # which level's texts are CLIP's captions (loss.name: clip)
+    # CLIP's caption (loss.name: clip): a level's texts (index; -1 = the finest), or
+    # "joined": every level's text of the sample joined into one caption, coarse to fine
+    clip_level: int | Literal["joined"] = -1
     local_loss: bool = False  # distributed: local rows against the global batch
 
 

@@ -109,11 +109,17 @@ def validate(
         images = batch["images"].to(device, non_blocking=True)
         labels = [lab.to(device) for lab in batch["labels"]]
         all_levels = list(batch["texts"])
+        loss_texts, loss_labels = objective.inputs(all_levels, labels)
+        # The joined caption is not one of the levels: embed it in the same pass, after them.
+        extra = loss_texts if objective.joins_levels else []
         with precision.autocast():
-            out = model(images, all_levels)
+            out = model(images, [*all_levels, *extra])
         n = images.shape[0]
-        picked = {**out, "text_embs": objective.pick(out["text_embs"])}
-        terms = objective(picked, objective.pick(labels), gather=False)
+        if objective.joins_levels:
+            caption_embs = out["text_embs"][len(all_levels) :]
+        else:
+            caption_embs = objective.pick(out["text_embs"])
+        terms = objective({**out, "text_embs": caption_embs}, loss_labels, gather=False)
         for key, value in terms.items():
             sums[key] = sums.get(key, 0.0) + float(value) * n
         count += n

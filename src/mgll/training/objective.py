@@ -32,7 +32,12 @@ def _loss(cfg: LossConfig, gather: bool) -> nn.Module:
 
 @dataclass(frozen=True)
 class Objective:
-    """MGLL on every level, or CLIP on the caption level ``loss.clip_level``."""
+    """MGLL on every level, or CLIP on the caption level ``loss.clip_level``.
+
+    CLIP with ``clip_level: joined`` reads one caption per image made of all of its level
+    texts (what an open_clip user would train on); its labels are the finest level's, which
+    CLIP's identity targets never read.
+    """
 
     config: LossConfig
     levels: tuple[int, ...]  # the levels (of G) the loss reads, coarse to fine
@@ -42,7 +47,9 @@ class Objective:
     @classmethod
     def from_config(cls, cfg: LossConfig, num_levels: int) -> Objective:
         """The objective of ``cfg`` for data with ``num_levels`` granularity levels."""
-        if cfg.name == "clip":
+        if cfg.name == "clip" and cfg.clip_level == "joined":
+            levels = tuple(range(num_levels))
+        elif cfg.name == "clip":
             level = cfg.clip_level
             if not -num_levels <= level < num_levels:
                 raise ConfigError(
@@ -69,9 +76,24 @@ class Objective:
         """MGLL reads every level; CLIP one."""
         return self.config.name == "mgll"
 
+    @property
+    def joins_levels(self) -> bool:
+        """CLIP on one caption joined from every level's text (``clip_level: joined``)."""
+        return self.config.name == "clip" and self.config.clip_level == "joined"
+
     def pick(self, per_level: Sequence[T]) -> list[T]:
         """The entries of the levels the loss reads, from a sequence indexed by level."""
         return [per_level[g] for g in self.levels]
+
+    def inputs(
+        self, texts: Sequence[Sequence[str]], labels: Sequence[torch.Tensor]
+    ) -> tuple[list[list[str]], list[torch.Tensor]]:
+        """The texts the model embeds for the loss and the labels the loss reads, from a
+        batch's G levels of texts and labels (training and validation alike)."""
+        if self.joins_levels:
+            captions = [" ".join(parts) for parts in zip(*texts, strict=True)]
+            return [captions], [labels[-1]]
+        return [list(level) for level in self.pick(texts)], self.pick(labels)
 
     def __call__(
         self, out: dict[str, Any], labels: Sequence[torch.Tensor], gather: bool = True

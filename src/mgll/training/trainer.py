@@ -446,12 +446,13 @@ def loop(run: Run, state: TrainState, fresh: bool) -> tuple[dict[str, Any], dict
                 run.skipped.update(batch.get("skipped", []))
                 lr = lr_at(state.step, tcfg.lr, tcfg.min_lr, run.warmup_steps, run.total_steps)
                 set_lr(run.optimizer, lr)
+                texts, labels = run.objective.inputs(batch["texts"], labels)
                 terms = forward_backward(
                     run.wrapped,
                     run.objective.loss,
                     images,
-                    run.objective.pick(batch["texts"]),
-                    run.objective.pick(labels),
+                    texts,
+                    labels,
                     run.precision,
                     tcfg.accum_steps,
                     state.step + 1,
