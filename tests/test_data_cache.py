@@ -4,7 +4,6 @@ changes, and identical in output to decoding without it."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_model, save_model
+from safetensors import torch as safetensors_torch
 from torch import nn
 
 from mgll.io import atomic_write
@@ -84,7 +84,9 @@ def save_checkpoint(
     }
     atomic_write(
         weights,
-        lambda tmp: save_model(model, str(tmp), metadata=metadata, force_contiguous=True),
+        lambda tmp: safetensors_torch.save_model(
+            model, str(tmp), metadata=metadata, force_contiguous=True
+        ),
     )
     for old_step, old_weights in list_checkpoints(directory)[:-keep_last]:
         if old_step == step:
@@ -149,7 +151,7 @@ def read_metadata(weights: Path) -> dict[str, Any]:
 def load_weights(model: nn.Module, weights: Path) -> None:
     """Load a checkpoint's weights into ``model`` (strict: every key must match)."""
     try:
-        missing, unexpected = load_model(model, str(weights), strict=False)
+        missing, unexpected = safetensors_torch.load_model(model, str(weights), strict=False)
     except (SafetensorError, OSError) as err:
         raise _unreadable(weights, err) from err
     except RuntimeError as err:  # a tensor of another shape
@@ -163,7 +165,9 @@ def load_weights(model: nn.Module, weights: Path) -> None:
         )
 
 
-def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+def load_model(
+    checkpoint: str | Path, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict]:
     """Rebuild the ``MGLLModel`` of a pretraining checkpoint and load its weights.
 
     ``checkpoint`` is a ``step_*.safetensors`` file, a run folder or its ``checkpoints`` folder
