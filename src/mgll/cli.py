@@ -20,6 +20,9 @@ COMMAND_MODULES: dict[str, tuple[str, str]] = {
     "data": ("mgll.data.cli", "validate datasets and write patient-level splits"),
     "pretrain": ("mgll.training.cli", "pretrain an image-text model with MGLL (or CLIP)"),
     "export": ("mgll.training.export_cli", "export the image encoder of a checkpoint"),
+    "probe": ("mgll.eval.probe", "linear probe of a frozen image encoder"),
+    "zeroshot": ("mgll.eval.zeroshot", "zero-shot classification with class prompts"),
+    "compare": ("mgll.eval.compare", "paired comparison of evaluation outputs (bootstrap CI, p)"),
 }
 
 

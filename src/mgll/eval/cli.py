@@ -1,0 +1,169 @@
+"""Arguments shared by the evaluation sub-commands, and their error handling.
+
+Each command module (``probe``, ``finetune``, ``zeroshot``, ``retrieve``, ``compare``)
+registers its own parser with :func:`add_task_arguments` and runs through :func:`run_safely`,
+which turns expected failures into ``mgll <cmd>: error: ...`` and exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def add_task_arguments(parser: argparse.ArgumentParser) -> None:
+    """--data/--data-root/--format/--option/--level/--classes/--ordinal and the split."""
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="dataset folder or spec file (.yaml/.json), relative to --data-root first",
+    )
+    parser.add_argument("--data-root", help="folder that relative --data paths are under")
+    parser.add_argument(
+        "--format",
+        dest="data_format",
+        metavar="NAME",
+        help="the folder's format (default: detected)",
+    )
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="adapter option (repeatable), e.g. --option language=zh",
+    )
+    parser.add_argument("--level", required=True, help="granularity level that is the task")
+    parser.add_argument(
+        "--classes",
+        help="classes to keep, comma-separated; A+B=NAME merges A and B (default: all)",
+    )
+    parser.add_argument(
+        "--ordinal",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="classes are ordered grades: report quadratic-weighted kappa (default: when the "
+        "class names are increasing numbers)",
+    )
+    parser.add_argument(
+        "--split",
+        metavar="MODE",
+        help="'source' (the split the data ships), 'patient' (seeded patient-level split, "
+        "--split-fractions), or a split CSV from `mgll data split`; default: the pretraining "
+        "run's split when --encoder/--model is a run on this data, else the source's split "
+        "when it has one, else 'patient'",
+    )
+    parser.add_argument(
+        "--split-fractions",
+        default="0.8,0.1,0.1",
+        metavar="TRAIN,VAL,TEST",
+        help="fractions of a 'patient' split (default 0.8,0.1,0.1)",
+    )
+    parser.add_argument("--split-seed", type=int, help="seed of a 'patient' split (default 0)")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """--output-dir, seeds, bootstrap, batching, device, precision, caches, progress."""
+    parser.add_argument("--output-dir", required=True, help="folder for results.json and plots")
+    parser.add_argument("--seed", type=int, default=0, help="seed of draws and bootstrap")
+    parser.add_argument(
+        "--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples (1000)"
+    )
+    parser.add_argument("--batch-size", type=int, default=64, help="images per batch (64)")
+    parser.add_argument("--num-workers", type=int, default=2, help="data-loader workers (2)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
+    parser.add_argument(
+        "--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast (fp32)"
+    )
+    parser.add_argument(
+        "--cache-dir",
+        help="feature cache folder (default: <user cache>/features, $MGLL_CACHE_DIR/features)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def parse_options(pairs: list[str]) -> dict[str, Any]:
+    """KEY=VALUE adapter options (true/false become booleans)."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--option {pair!r}: expected KEY=VALUE")
+        options[key] = {"true": True, "false": False}.get(value.lower(), value)
+    return options
+
+
+def split_settings(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The ``data.split`` mapping the split arguments describe (None = the default)."""
+    if args.split is None:
+        return None
+    if args.split == "source":
+        return {"mode": "source"}
+    if args.split == "patient":
+        try:
+            train, val, test = (float(v) for v in args.split_fractions.split(","))
+        except ValueError:
+            raise ValueError(
+                f"--split-fractions: {args.split_fractions!r} is not TRAIN,VAL,TEST"
+            ) from None
+        return {"train": train, "val": val, "test": test, "seed": args.split_seed or 0}
+    if not Path(args.split).is_file():
+        raise ValueError(f"--split: {args.split!r} is not 'source', 'patient' or a split CSV")
+    return {"file": str(Path(args.split).absolute())}
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` -> cuda when available, else cpu."""
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_task(args: argparse.Namespace, encoder_config: dict[str, Any] | None = None):
+    """The :class:`~mgll.eval.data.EvalData` the task arguments describe."""
+    from mgll.eval.data import load_eval_data
+
+    return load_eval_data(
+        args.data,
+        args.level,
+        data_root=args.data_root,
+        data_format=args.data_format,
+        options=parse_options(args.option),
+        classes=args.classes,
+        ordinal=args.ordinal,
+        split=split_settings(args),
+        split_seed=args.split_seed,
+        encoder_config=encoder_config,
+    )
+
+
+def run_safely(command: str, body: Callable[[], int]) -> int:
+    """Run ``body``; expected failures become one line on stderr and exit code 1."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from mgll.data.images import ImageLoadError
+    from mgll.data.spec import SpecError
+    from mgll.eval.results import ResultsError
+    from mgll.models.weights import PretrainedWeightsError
+    from mgll.training.checkpoint import CheckpointError
+    from mgll.training.config import ConfigError
+
+    try:
+        return body()
+    except (
+        ValueError,
+        SpecError,
+        ResultsError,
+        ImageLoadError,
+        CheckpointError,
+        ConfigError,
+        PretrainedWeightsError,
+        FileNotFoundError,
+    ) as error:
+        print(f"mgll {command}: error: {error}", file=sys.stderr)
+        return 1

@@ -1,0 +1,332 @@
+"""One loader for every image encoder that downstream evaluation compares.
+
+``load_encoder(spec)`` accepts:
+
+- a pretraining run folder, its ``checkpoints`` folder or a ``step_*.safetensors`` file (through
+  :func:`mgll.training.checkpoint.load_model`);
+- an exported encoder: ``FILE.safetensors`` with its ``FILE.json`` sidecar, or an export folder
+  (through :func:`mgll.models.load_image_encoder`);
+- ``open_clip:ARCH:TAG`` (an open_clip pretrained tag, e.g. ``open_clip:ViT-B-16:openai``, or a
+  local checkpoint path as TAG) and ``hf-hub:org/repo`` (an open_clip model on the Hub);
+- ``random:ARCH[:SEED]``: the tower of ARCH (any open_clip or shipped mgll architecture) with a
+  seeded random initialisation, the floor every pretrained encoder must clear.
+
+Baselines and our models therefore go through the same tower class, preprocessing settings and
+feature extraction code.
+
+Which features: :meth:`Encoder.encode` returns the *pooled features before the final linear
+projection* into the image-text space (open_clip ViT: the pooled, layer-normed token before
+``proj``; towers without a separate projection, e.g. ModifiedResNet, return their output). A
+linear probe on them can express anything a probe on the projected embedding can (the
+projection is linear), the projection may shrink the dimension, and it was trained only to
+align with text; CLIP's own linear-probe protocol uses these features for the same reason.
+``encode(images, projected=True)`` returns the image-text embedding instead (what zero-shot and
+retrieval compare with text).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+ACCEPTED_FORMS = (
+    "a pretraining run folder or its checkpoints/step_*.safetensors file",
+    "an exported encoder (FILE.safetensors with its FILE.json sidecar, or an export folder, "
+    "written by `mgll export`)",
+    "open_clip:ARCH:TAG (an open_clip pretrained tag or a local checkpoint, e.g. "
+    "open_clip:ViT-B-16:openai)",
+    "hf-hub:ORG/REPO (an open_clip model on the Hugging Face Hub)",
+    "random:ARCH[:SEED] (a seeded random-init tower, e.g. random:mgll-vit-tiny-64:0)",
+)
+
+
+class EncoderError(ValueError):
+    """An encoder spec that cannot be loaded; the message names it and the accepted forms."""
+
+    def __init__(self, spec: str, reason: str) -> None:
+        forms = "; ".join(ACCEPTED_FORMS)
+        super().__init__(f"encoder {spec!r}: {reason.rstrip('. ')}. Accepted forms: {forms}")
+        self.spec = spec
+        self.reason = reason
+
+
+class Encoder(nn.Module):
+    """An image tower with what is needed to preprocess for it and to name it.
+
+    ``tower`` is open_clip's vision module (``model.visual``), ``(N, 3, H, W)`` normalised images
+    in. ``name`` is the spec it was loaded from, ``kind`` one of ``run``, ``export``,
+    ``open_clip``, ``random``. ``run_config`` is the pretraining run's config for run encoders
+    (None otherwise): evaluation takes its default split from it.
+    """
+
+    def __init__(
+        self,
+        tower: nn.Module,
+        *,
+        name: str,
+        kind: str,
+        arch: str,
+        image_size: int,
+        image_mean: tuple[float, ...],
+        image_std: tuple[float, ...],
+        embed_dim: int,
+        run_config: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.tower = tower
+        self.name = name
+        self.kind = kind
+        self.arch = arch
+        self.image_size = int(image_size)
+        self.image_mean = tuple(float(v) for v in image_mean)
+        self.image_std = tuple(float(v) for v in image_std)
+        self.embed_dim = int(embed_dim)  # size of the projected (image-text) embedding
+        self.run_config = run_config
+        self._feature_dim: int | None = None
+        self._digest: str | None = None
+
+    @property
+    def device(self) -> torch.device:
+        """Where the tower's weights are."""
+        return next(self.tower.parameters()).device
+
+    @property
+    def feature_dim(self) -> int:
+        """Size D of :meth:`encode`'s (pre-projection) features."""
+        if self._feature_dim is None:
+            probe = torch.zeros(1, 3, self.image_size, self.image_size, device=self.device)
+            was_training = self.tower.training
+            self.tower.eval()
+            with torch.no_grad():
+                self._feature_dim = int(self.encode(probe).shape[1])
+            self.tower.train(was_training)
+        return self._feature_dim
+
+    def encode(self, images: torch.Tensor, projected: bool = False) -> torch.Tensor:
+        """(N, 3, H, W) normalised images -> (N, D) features, not L2-normalised.
+
+        ``projected=False`` (the probe's features): pooled features before the image-text
+        projection; ``projected=True``: the tower's output embedding (``embed_dim``).
+        """
+        if projected:
+            return self.tower(images)
+        trunk = getattr(self.tower, "trunk", None)
+        if trunk is not None:  # open_clip's TimmModel: trunk (pooled) -> head (projection)
+            features = trunk(images)
+            if features.ndim == 2:
+                return features
+            return self.tower(images)
+        with _without_projection(self.tower):
+            return self.tower(images)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Same as :meth:`encode` (pre-projection features)."""
+        return self.encode(images)
+
+    def weights_digest(self) -> str:
+        """SHA-1 of the tower's architecture and weights: what a feature cache is keyed by."""
+        if self._digest is None:
+            digest = hashlib.sha1(f"{self.arch}|{self.image_size}".encode())
+            for key, tensor in sorted(self.tower.state_dict().items()):
+                digest.update(key.encode())
+                data = tensor.detach().to("cpu").contiguous()
+                digest.update(str(data.dtype).encode())
+                digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+            self._digest = digest.hexdigest()
+        return self._digest
+
+    def describe(self) -> dict[str, Any]:
+        """What results files record about the encoder."""
+        return {
+            "spec": self.name,
+            "kind": self.kind,
+            "arch": self.arch,
+            "image_size": self.image_size,
+            "feature_dim": self.feature_dim,
+            "embed_dim": self.embed_dim,
+            "weights_sha1": self.weights_digest(),
+        }
+
+
+@contextlib.contextmanager
+def _without_projection(tower: nn.Module) -> Iterator[None]:
+    """Run an open_clip VisionTransformer without its final ``proj`` (restored afterwards)."""
+    proj = getattr(tower, "proj", None)
+    if not isinstance(proj, torch.Tensor):
+        yield
+        return
+    tower.proj = None
+    try:
+        yield
+    finally:
+        tower.proj = proj
+
+
+def _square(size: Any) -> int:
+    if isinstance(size, int):
+        return size
+    height, width = (int(v) for v in size)
+    if height != width:
+        raise ValueError(f"non-square input size {size} is not supported by evaluation")
+    return height
+
+
+def _from_open_clip_build(spec: str, kind: str, arch: str, pretrained: str | None) -> Encoder:
+    from mgll.models import PretrainedWeightsError, register_model_configs
+    from mgll.models.image_tower import build_open_clip
+
+    register_model_configs()
+    try:
+        build = build_open_clip({"arch": arch, "pretrained": pretrained}, None, False)
+    except (PretrainedWeightsError, ValueError, RuntimeError, OSError) as error:
+        raise EncoderError(spec, str(error)) from error
+    preprocess = build.preprocess_cfg
+    return Encoder(
+        build.clip.visual.eval(),
+        name=spec,
+        kind=kind,
+        arch=arch,
+        image_size=_square(preprocess["size"]),
+        image_mean=tuple(preprocess["mean"]),
+        image_std=tuple(preprocess["std"]),
+        embed_dim=int(build.open_clip_cfg["embed_dim"]),
+    )
+
+
+def _random(spec: str, rest: str) -> Encoder:
+    arch, _, seed_text = rest.partition(":")
+    if not arch:
+        raise EncoderError(spec, "random: needs an architecture name")
+    try:
+        seed = int(seed_text) if seed_text else 0
+    except ValueError:
+        raise EncoderError(spec, f"the seed {seed_text!r} is not an integer") from None
+    # The tower's initialisation is drawn from its own seeded generator state, so the same spec
+    # gives the same weights whatever ran before, and the caller's RNG is left untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _from_open_clip_build(spec, "random", arch, None)
+
+
+def encoder_from_model(
+    model: nn.Module, name: str, run_config: dict[str, Any] | None = None
+) -> Encoder:
+    """The :class:`Encoder` of an ``MGLLModel``'s image tower (shares its weights)."""
+    tower = model.image_tower
+    return Encoder(
+        tower.visual,
+        name=name,
+        kind="run",
+        arch=tower.arch,
+        image_size=_square(model.image_size),
+        image_mean=model.image_mean,
+        image_std=model.image_std,
+        embed_dim=model.embed_dim,
+        run_config=run_config,
+    )
+
+
+def _from_run(spec: str, path: Path) -> Encoder:
+    from mgll.training.checkpoint import CheckpointError, load_model
+    from mgll.training.config import ConfigError
+
+    try:
+        model, run_config = load_model(path)
+    except (CheckpointError, ConfigError, ValueError, OSError) as error:
+        raise EncoderError(spec, str(error)) from error
+    return encoder_from_model(model, spec, run_config)
+
+
+def _from_export(spec: str, path: Path) -> Encoder:
+    from mgll.models import load_image_encoder
+
+    try:
+        exported = load_image_encoder(path)
+    except (FileNotFoundError, ValueError, KeyError, OSError) as error:
+        raise EncoderError(spec, str(error)) from error
+    return Encoder(
+        exported.visual,
+        name=spec,
+        kind="export",
+        arch=exported.arch,
+        image_size=_square(exported.image_size),
+        image_mean=exported.image_mean,
+        image_std=exported.image_std,
+        embed_dim=exported.embed_dim,
+    )
+
+
+def _is_run_checkpoint(path: Path) -> bool:
+    """Whether a safetensors file is an mgll pretraining checkpoint (from its header)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return (handle.metadata() or {}).get("format") == "mgll-pretrain"
+    except (SafetensorError, OSError):
+        return False
+
+
+def _from_path(spec: str, path: Path) -> Encoder:
+    from mgll.models.export import FOLDER_SIDECAR
+
+    if path.is_dir():
+        if (path / FOLDER_SIDECAR).is_file():
+            return _from_export(spec, path)
+        if (path / "checkpoints").is_dir() or any(path.glob("step_*.safetensors")):
+            return _from_run(spec, path)
+        raise EncoderError(
+            spec, "this folder holds neither checkpoints/ of a run nor an exported encoder"
+        )
+    if path.name.endswith(".state.pt"):
+        return _from_run(spec, path)
+    if path.suffix == ".safetensors":
+        if _is_run_checkpoint(path):
+            return _from_run(spec, path)
+        sidecar = path.with_suffix(".json")
+        if sidecar.is_file():
+            try:
+                fmt = json.loads(sidecar.read_text()).get("mgll", {}).get("format")
+            except (json.JSONDecodeError, AttributeError):
+                fmt = None
+            if fmt is not None:
+                return _from_export(spec, path)
+        raise EncoderError(
+            spec,
+            "this .safetensors file is neither an mgll pretraining checkpoint nor an exported "
+            f"encoder (no mgll sidecar {sidecar.name} beside it)",
+        )
+    raise EncoderError(spec, "this file is not a .safetensors checkpoint or export")
+
+
+def load_encoder(spec: str | Path, device: str | torch.device = "cpu") -> Encoder:
+    """Load the image encoder named by ``spec`` (see the module docstring) in eval mode.
+
+    Raises :class:`EncoderError` naming the spec and the accepted forms when it cannot be
+    loaded (a missing file, weights that cannot be downloaded offline, an unknown architecture).
+    """
+    text = str(spec)
+    if text.startswith("random:"):
+        encoder = _random(text, text[len("random:") :])
+    elif text.startswith("open_clip:"):
+        arch, _, tag = text[len("open_clip:") :].partition(":")
+        if not arch or not tag:
+            raise EncoderError(
+                text, "open_clip: needs ARCH:TAG (use random:ARCH for an untrained tower)"
+            )
+        encoder = _from_open_clip_build(text, "open_clip", arch, tag)
+    elif text.startswith("hf-hub:"):
+        encoder = _from_open_clip_build(text, "open_clip", text, None)
+    else:
+        path = Path(text).expanduser()
+        if not path.exists():
+            raise EncoderError(text, "no such file or folder, and not a recognised prefix")
+        encoder = _from_path(text, path)
+    return encoder.to(device).eval()
