@@ -23,6 +23,7 @@ COMMAND_MODULES: dict[str, tuple[str, str]] = {
     "probe": ("mgll.eval.probe", "linear probe of a frozen image encoder"),
     "zeroshot": ("mgll.eval.zeroshot", "zero-shot classification with class prompts"),
     "compare": ("mgll.eval.compare", "paired comparison of evaluation outputs (bootstrap CI, p)"),
+    "demo": ("mgll.demo.cli", "random init vs CLIP vs MGLL, pretrained and evaluated end to end"),
 }
 
 
