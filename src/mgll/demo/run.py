@@ -134,8 +134,10 @@ class Progress:
     ends) and evaluations (measured mean, or a tenth of a run).
     """
 
-    def __init__(self, runs: int, evaluations: int, first_guess_s: float, echo: Callable) -> None:
-        self.start = time.perf_counter()
+    def __init__(
+        self, runs: int, evaluations: int, first_guess_s: float, echo: Callable, start: float
+    ) -> None:
+        self.start = start
         self.runs_left, self.evals_left = runs, evaluations
         self.run_times: list[float] = []
         self.eval_times: list[float] = []
@@ -253,6 +255,7 @@ def run_demo(
         evaluations=len(ENCODERS),
         first_guess_s=20.0 if quick else 100.0,
         echo=echo,
+        start=started,
     )
     echo(
         f"mgll demo: {dataset}, {len(records.records)} images of "
@@ -261,11 +264,15 @@ def run_demo(
         + (" (--quick: a smoke run, not a measurement)" if quick else "")
     )
 
+    from mgll.training.trainer import SUMMARY_FILE as RUN_SUMMARY
+
     pretrain_s: dict[str, float] = {}
     for encoder in PRETRAINED:
         pretrain_s[encoder] = 0.0
         for k in range(demo.folds):
-            progress.say("pretrain", f"{encoder} fold {k + 1}/{demo.folds}")
+            finished = (demo.run_dir(encoder, k) / RUN_SUMMARY).is_file()
+            what = f"{encoder} fold {k + 1}/{demo.folds}"
+            progress.say("pretrain", what + (" (finished earlier)" if finished else ""))
             seconds = _pretrain(demo, encoder, k)
             pretrain_s[encoder] += seconds[0]
             progress.done("run", seconds[0] if seconds[1] else None)
