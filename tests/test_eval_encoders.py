@@ -112,3 +112,12 @@ def test_a_plain_safetensors_file_is_refused(tmp_path):
         load_encoder(path)
     with pytest.raises(EncoderError, match="neither checkpoints/ of a run"):
         load_encoder(tmp_path)
+
+
+def test_weights_digest_of_a_convolutional_tower_with_batchnorm_counters():
+    first, again = (
+        load_encoder("random:mgll-rn-tiny-64:0"),
+        load_encoder("random:mgll-rn-tiny-64:0"),
+    )
+    other = load_encoder("random:mgll-rn-tiny-64:1")
+    assert first.weights_digest() == again.weights_digest() != other.weights_digest()

@@ -136,7 +136,8 @@ class Encoder(nn.Module):
             digest = hashlib.sha1(f"{self.arch}|{self.image_size}".encode())
             for key, tensor in sorted(self.tower.state_dict().items()):
                 digest.update(key.encode())
-                data = tensor.detach().to("cpu").contiguous()
+                # flat: 0-d tensors (BatchNorm's batch counter) cannot be viewed as bytes
+                data = tensor.detach().to("cpu").contiguous().reshape(-1)
                 digest.update(str(data.dtype).encode())
                 digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
             self._digest = digest.hexdigest()

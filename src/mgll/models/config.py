@@ -28,6 +28,7 @@ class TextConfig:
     name: str | None = None  # hf: model id or local folder
     pooling: str = "mean"  # hf: mean | cls
     max_length: int = 128  # hf: tokens per text
+    freeze: bool = False  # hf: keep the encoder's weights, train only the projection
 
     def __post_init__(self) -> None:
         from mgll.models.text_towers import POOLINGS, TEXT_TOWER_BUILDERS
@@ -46,6 +47,10 @@ class TextConfig:
             raise ConfigError(
                 f"model.text.name: {self.name!r} is for type hf; the open_clip text tower is "
                 "the architecture's own (drop name, or set model.text.type=hf)"
+            )
+        if self.type == "open_clip" and self.freeze:
+            raise ConfigError(
+                "model.text.freeze: only a Hugging Face text tower (type hf) can be frozen"
             )
         if self.pooling not in POOLINGS:
             raise ConfigError(

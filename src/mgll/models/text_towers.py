@@ -89,6 +89,7 @@ class HFTextTower(nn.Module):
         embed_dim: int,
         pooling: str = "mean",
         max_length: int = 128,
+        freeze: bool = False,
     ) -> None:
         super().__init__()
         if pooling not in POOLINGS:
@@ -106,16 +107,44 @@ class HFTextTower(nn.Module):
         self.max_length = int(max_length)
         self.proj = nn.Linear(encoder.config.hidden_size, embed_dim, bias=False)
         nn.init.normal_(self.proj.weight, std=encoder.config.hidden_size**-0.5)
+        # Frozen: only the projection trains; the encoder stays in eval mode (no dropout), so a
+        # string's pooled features never change and are computed once, then looked up.
+        self.freeze = bool(freeze)
+        self._pooled: dict[str, torch.Tensor] = {}
+        if self.freeze:
+            encoder.requires_grad_(False)
+            encoder.eval()
+        # New encoder weights (a checkpoint being loaded) make the looked-up features stale.
+        self._register_load_state_dict_pre_hook(lambda *args, **kwargs: self._pooled.clear())
 
     @property
     def embed_dim(self) -> int:
         """Size of the projected embeddings."""
         return self.proj.out_features
 
+    def train(self, mode: bool = True) -> HFTextTower:
+        """Set training mode; a frozen encoder stays in eval mode."""
+        super().train(mode)
+        if self.freeze:
+            self.encoder.eval()
+        return self
+
     def forward(self, strings: Sequence[str]) -> torch.Tensor:
         """N strings -> (N, embed_dim): tokenise, encode, pool, project."""
+        if not self.freeze:
+            return self.proj(self._encode(list(strings)))
+        missing = [s for s in dict.fromkeys(strings) if s not in self._pooled]
+        if missing:
+            with torch.no_grad():
+                pooled = self._encode(missing)
+            self._pooled.update(zip(missing, pooled, strict=True))
+        device = self.proj.weight.device
+        return self.proj(torch.stack([self._pooled[s] for s in strings]).to(device))
+
+    def _encode(self, strings: list[str]) -> torch.Tensor:
+        """Pooled encoder features (N, hidden) of ``strings``."""
         batch = self.tokenizer(
-            list(strings),
+            strings,
             padding=True,
             truncation=True,
             max_length=self.max_length,
@@ -124,7 +153,7 @@ class HFTextTower(nn.Module):
         hidden = self.encoder(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
         ).last_hidden_state
-        return self.proj(POOLINGS[self.pooling](hidden, batch["attention_mask"]))
+        return POOLINGS[self.pooling](hidden, batch["attention_mask"])
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Hugging Face activation checkpointing of the encoder (non-reentrant)."""
@@ -150,7 +179,8 @@ def build_open_clip_text(text_cfg: TextConfig, context: TowerContext) -> nn.Modu
 
 
 def build_hf_text(text_cfg: TextConfig, context: TowerContext) -> nn.Module:
-    """``{type: hf, name, pooling, max_length}``: any Hugging Face encoder, local dir or hub id."""
+    """``{type: hf, name, pooling, max_length, freeze}``: any Hugging Face encoder, local dir or
+    hub id; ``freeze: true`` trains only the projection."""
     from transformers import AutoModel, AutoTokenizer
 
     name = str(text_cfg.name)
@@ -171,6 +201,7 @@ def build_hf_text(text_cfg: TextConfig, context: TowerContext) -> nn.Module:
         embed_dim=context.embed_dim,
         pooling=text_cfg.pooling,
         max_length=text_cfg.max_length,
+        freeze=text_cfg.freeze,
     )
 
 

@@ -1,0 +1,634 @@
+"""The demo's phases: folds, pretraining, evaluation, comparison (see :mod:`mgll.demo`)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ENCODERS = ("random", "clip", "mgll")
+PRETRAINED = ("clip", "mgll")
+COMPARISONS = (("mgll", "clip"), ("mgll", "random"))
+SETTINGS_FILE = "demo.json"
+SUMMARY_FILE = "summary.json"
+C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
+INNER_FOLDS = 3
+RESAMPLES = 1000
+QUICK_RESAMPLES = 200
+
+
+class DemoError(ValueError):
+    """The demo cannot run as asked (the message says what to change)."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One dataset's demo: its folder under the data root, pretraining config and main level."""
+
+    dataset: str
+    config: str
+    main_level: str
+    folds: int = 5
+
+
+RECIPES = {
+    "csdi-fundus": Recipe("csdi-fundus", "demo-csdi-fundus", "severity"),
+    "covid-cxr": Recipe("covid-cxr", "demo-covid-cxr", "organism"),
+}
+# --quick: the same recipe with fewer folds and epochs (a smoke run, not a measurement).
+QUICK_FOLDS = 2
+QUICK_OVERRIDES: tuple[tuple[str, Any], ...] = (("train.epochs", 1),)
+
+
+# ---- data ------------------------------------------------------------------------------------
+
+
+def classification_levels(records: Any) -> list[str]:
+    """Levels worth a classifier: at least 2 classes and fewer classes than half the labelled
+    images (a caption level, one text per image, is left to retrieval)."""
+    names = []
+    for g, level in enumerate(records.levels):
+        labelled = sum(1 for r in records.records if r.labels[g])
+        if 2 <= len(level.vocabulary) < labelled / 2:
+            names.append(level.name)
+    return names
+
+
+def load_demo_records(folder: Path) -> Any:
+    """The dataset's records with every patient id replaced by its patient *group*: patients
+    joined across byte-identical image files, so that no photo is on both sides of a split and
+    the bootstrap resamples the groups."""
+    from mgll.data.build import drop_missing_images, load_records
+    from mgll.data.splits import linked_patient_keys
+
+    records, _ = load_records(None, folder)
+    records, _missing = drop_missing_images(records)
+    if not records.records:
+        raise DemoError(f"{folder}: no image file of the dataset exists")
+    for record, group in zip(records.records, linked_patient_keys(records.records), strict=True):
+        record.patient_id = group
+    return records
+
+
+def patient_folds(records: Any, level: str, k: int, seed: int) -> np.ndarray:
+    """Fold (0..k-1) of every record: patient-group-level folds stratified on ``level``'s
+    first label (scikit-learn ``StratifiedGroupKFold``)."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    g = [lv.name for lv in records.levels].index(level)
+    strata = [r.labels[g][0] if r.labels[g] else "" for r in records.records]
+    groups = [r.patient_id for r in records.records]
+    if len(set(groups)) < k:
+        raise DemoError(f"{len(set(groups))} patients cannot fill {k} folds")
+    fold = np.full(len(strata), -1, dtype=np.int64)
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    for index, (_, held_out) in enumerate(splitter.split(np.zeros(len(strata)), strata, groups)):
+        fold[held_out] = index
+    return fold
+
+
+# ---- progress --------------------------------------------------------------------------------
+
+
+class Progress:
+    """Prints each step with the elapsed time and an estimate of the time left.
+
+    The estimate counts pretraining runs (measured mean, or ``first_guess_s`` before the first
+    ends) and evaluations (measured mean, or a tenth of a run).
+    """
+
+    def __init__(
+        self, runs: int, evaluations: int, first_guess_s: float, echo: Callable, start: float
+    ) -> None:
+        self.start = start
+        self.runs_left, self.evals_left = runs, evaluations
+        self.run_times: list[float] = []
+        self.eval_times: list[float] = []
+        self.first_guess_s = first_guess_s
+        self.echo = echo
+
+    def left_s(self) -> float:
+        run = float(np.mean(self.run_times)) if self.run_times else self.first_guess_s
+        evaluation = float(np.mean(self.eval_times)) if self.eval_times else run / 10
+        return self.runs_left * run + self.evals_left * evaluation
+
+    def say(self, phase: str, what: str) -> None:
+        elapsed = _duration(time.perf_counter() - self.start)
+        self.echo(f"[{phase}] {what} | elapsed {elapsed}, about {_duration(self.left_s())} left")
+
+    def done(self, kind: str, seconds: float | None) -> None:
+        if kind == "run":
+            self.runs_left -= 1
+            if seconds is not None:
+                self.run_times.append(seconds)
+        else:
+            self.evals_left -= 1
+            if seconds is not None:
+                self.eval_times.append(seconds)
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+# ---- the run ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Demo:
+    """Settings and paths of one demo run."""
+
+    recipe: Recipe
+    data_root: Path
+    out: Path
+    quick: bool
+    seed: int
+
+    @property
+    def folds(self) -> int:
+        return QUICK_FOLDS if self.quick else self.recipe.folds
+
+    @property
+    def resamples(self) -> int:
+        return QUICK_RESAMPLES if self.quick else RESAMPLES
+
+    @property
+    def folder(self) -> Path:
+        return self.data_root / self.recipe.dataset
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "dataset": self.recipe.dataset,
+            "config": self.recipe.config,
+            "quick": self.quick,
+            "seed": self.seed,
+            "folds": self.folds,
+            "data": str(self.folder.resolve()),
+        }
+
+    def config(self, loss: str, fold: int) -> dict[str, Any]:
+        """The pretraining config of one encoder and fold."""
+        from mgll.training.config import load_config
+
+        overrides: list[tuple[str, Any]] = [
+            ("data.split", {"file": str(self.split_file(fold).resolve())}),
+            ("train.seed", self.seed),
+            ("loss.name", loss),
+            # CLIP's one caption per image: all of its level texts joined, coarse to fine
+            *([("loss.clip_level", "joined")] if loss == "clip" else []),
+            ("eval.every_epochs", 0),
+            ("log.progress_bar", False),
+        ]
+        if self.quick:
+            overrides.extend(QUICK_OVERRIDES)
+        return load_config(self.recipe.config, overrides)
+
+    def split_file(self, fold: int) -> Path:
+        return self.out / "folds" / f"fold{fold}.csv"
+
+    def run_dir(self, encoder: str, fold: int) -> Path:
+        return self.out / encoder / f"fold{fold}"
+
+
+def run_demo(
+    data_root: str | Path,
+    output_dir: str | Path,
+    *,
+    dataset: str = "csdi-fundus",
+    quick: bool = False,
+    seed: int = 0,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run (or resume) the demo and return the summary written to ``OUT/summary.json``."""
+    from mgll.io import atomic_write
+
+    if dataset not in RECIPES:
+        raise DemoError(f"--dataset {dataset!r}: choose one of {', '.join(RECIPES)}")
+    demo = Demo(RECIPES[dataset], Path(data_root), Path(output_dir), quick, seed)
+    if not demo.folder.is_dir():
+        raise DemoError(f"{demo.folder} does not exist; --data-root must hold the {dataset} folder")
+    started = time.perf_counter()
+    _check_settings(demo)
+
+    records = load_demo_records(demo.folder)
+    fold = patient_folds(records, demo.recipe.main_level, demo.folds, seed)
+    _write_folds(demo, records, fold)
+    levels = classification_levels(records)
+    progress = Progress(
+        runs=len(PRETRAINED) * demo.folds,
+        evaluations=len(ENCODERS),
+        first_guess_s=20.0 if quick else 100.0,
+        echo=echo,
+        start=started,
+    )
+    echo(
+        f"mgll demo: {dataset}, {len(records.records)} images of "
+        f"{len({r.patient_id for r in records.records})} patient groups, {demo.folds}-fold "
+        f"patient cross-validation, levels probed: {', '.join(levels)}"
+        + (" (--quick: a smoke run, not a measurement)" if quick else "")
+    )
+
+    from mgll.training.trainer import SUMMARY_FILE as RUN_SUMMARY
+
+    pretrain_s: dict[str, float] = {}
+    for encoder in PRETRAINED:
+        pretrain_s[encoder] = 0.0
+        for k in range(demo.folds):
+            finished = (demo.run_dir(encoder, k) / RUN_SUMMARY).is_file()
+            what = f"{encoder} fold {k + 1}/{demo.folds}"
+            progress.say("pretrain", what + (" (finished earlier)" if finished else ""))
+            seconds = _pretrain(demo, encoder, k)
+            pretrain_s[encoder] += seconds[0]
+            progress.done("run", seconds[0] if seconds[1] else None)
+
+    table: list[dict[str, Any]] = []
+    for encoder in ENCODERS:
+        progress.say("evaluate", f"{encoder}: linear probe and zero-shot, pooled over folds")
+        t0 = time.perf_counter()
+        fresh = _evaluate(demo, encoder, records, fold, levels)
+        progress.done("eval", time.perf_counter() - t0 if fresh else None)
+        table.extend(_table_rows(demo, encoder, levels))
+
+    progress.say("compare", "paired patient bootstrap")
+    comparisons = _compare(demo, levels)
+    summary = {
+        "dataset": dataset,
+        "config": _without_split(demo.config("mgll", 0).to_dict()),
+        "settings": demo.settings(),
+        "protocol": {
+            "split": f"patient-level stratified {demo.folds}-fold cross-validation "
+            "(StratifiedGroupKFold on the main level, patients joined across identical "
+            "image files); each encoder pretrained once per fold on its training patients; "
+            "held-out predictions pooled",
+            "main_level": demo.recipe.main_level,
+            "n_images": len(records.records),
+            "n_patient_groups": len({r.patient_id for r in records.records}),
+            "probe": "standardised pre-projection features, scikit-learn LogisticRegression; C "
+            f"in {list(C_GRID)} by macro AUC over {INNER_FOLDS}-fold patient CV inside the "
+            "fold's training patients",
+            "bootstrap": f"{demo.resamples} patient-group resamples, paired for differences",
+        },
+        "table": table,
+        "comparisons": comparisons,
+        "pretrain_seconds": pretrain_s,
+        "seconds": time.perf_counter() - started,
+    }
+    text = json.dumps(summary, indent=2) + "\n"
+    atomic_write(demo.out / SUMMARY_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    echo(format_table(summary))
+    return summary
+
+
+def _without_split(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The run config with the per-fold split file replaced by where the folds are."""
+    return {**cfg, "data": {**cfg["data"], "split": "per fold: OUT/folds/fold<k>.csv"}}
+
+
+def _check_settings(demo: Demo) -> None:
+    from mgll.io import atomic_write
+
+    path = demo.out / SETTINGS_FILE
+    wanted = demo.settings()
+    if path.is_file():
+        held = json.loads(path.read_text(encoding="utf-8"))
+        if held != wanted:
+            changed = sorted(k for k in wanted if held.get(k) != wanted[k])
+            raise DemoError(
+                f"{demo.out} holds a demo run with other settings ({', '.join(changed)}: "
+                f"{[held.get(k) for k in changed]} there); use a new --output-dir or the same "
+                "options"
+            )
+        return
+    demo.out.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(wanted, indent=2) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def _write_folds(demo: Demo, records: Any, fold: np.ndarray) -> None:
+    from mgll.data.splits import write_split_file
+
+    for k in range(demo.folds):
+        split = {
+            "train": [int(i) for i in np.flatnonzero(fold != k)],
+            "test": [int(i) for i in np.flatnonzero(fold == k)],
+        }
+        path = demo.split_file(k)
+        if not path.is_file():
+            write_split_file(path, records.records, split, root=demo.folder)
+
+
+def _pretrain(demo: Demo, encoder: str, k: int) -> tuple[float, bool]:
+    """Pretrain (or resume, or skip when finished) one encoder on one fold; returns its
+    seconds and whether it ran now."""
+    from mgll.training import checkpoint as ckpt
+    from mgll.training.trainer import SUMMARY_FILE as RUN_SUMMARY
+    from mgll.training.trainer import train
+
+    run_dir = demo.run_dir(encoder, k)
+    summary_path = run_dir / RUN_SUMMARY
+    if summary_path.is_file():
+        return float(json.loads(summary_path.read_text(encoding="utf-8"))["seconds"]), False
+    resume = "latest" if ckpt.list_checkpoints(run_dir / ckpt.CHECKPOINT_SUBDIR) else None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = io.StringIO()
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(log):
+        train(demo.config(encoder, k), demo.data_root, run_dir, resume=resume)
+    (run_dir / "train.log").write_text(log.getvalue(), encoding="utf-8")
+    return time.perf_counter() - t0, True
+
+
+def _fold_models(demo: Demo, encoder: str) -> list[Any]:
+    """The encoder's model of every fold: the seeded initial model for ``random`` (the weights
+    every pretraining starts from, the same for all folds), else the fold's pretrained run."""
+    from mgll.models import create_model
+    from mgll.training.checkpoint import load_model
+    from mgll.training.trainer import seed_everything
+
+    if encoder == "random":
+        seed_everything(demo.seed)  # as the trainer does right before building the model
+        model = create_model(demo.config("mgll", 0).model)
+        return [model.eval()] * demo.folds
+    return [load_model(demo.run_dir(encoder, k))[0] for k in range(demo.folds)]
+
+
+def _eval_data(
+    demo: Demo, records: Any, level: str, train_rows: np.ndarray, test_rows: np.ndarray
+) -> Any:
+    from mgll.eval.data import EvalData, build_task
+
+    task, y, usable = build_task(records, level)
+    rows = {
+        "train": np.asarray([i for i in train_rows if usable[i]], dtype=np.int64),
+        "val": np.zeros(0, dtype=np.int64),
+        "test": np.asarray([i for i in test_rows if usable[i]], dtype=np.int64),
+    }
+    patients = {name: len({records.records[i].patient_id for i in r}) for name, r in rows.items()}
+    return EvalData(
+        records=records,
+        folder=demo.folder,
+        task=task,
+        y=y,
+        rows=rows,
+        split_info={
+            "from": f"{demo.folds}-fold patient cross-validation, held-out predictions pooled",
+            "settings": {"folds": demo.folds, "seed": demo.seed},
+            "seed": demo.seed,
+            "n_images": {name: len(r) for name, r in rows.items()},
+            "n_patients": patients,
+        },
+        source=str(demo.folder),
+        split_indices={"train": [], "val": [], "test": [int(i) for i in test_rows]},
+    )
+
+
+def _evaluate(
+    demo: Demo, encoder: str, records: Any, fold: np.ndarray, levels: Sequence[str]
+) -> bool:
+    """Probe and zero-shot outputs of one encoder for every level; False when all existed."""
+    from mgll.eval.encoders import encoder_from_model
+    from mgll.eval.features import extract_features
+    from mgll.eval.results import RESULTS_FILE, write_classification_outputs
+    from mgll.eval.zeroshot import class_prompts, text_embeddings, zero_shot_scores
+
+    base = demo.out / encoder
+    wanted = [base / f"{p}-{lv}" for lv in levels for p in ("probe", "zeroshot")]
+    if all((w / RESULTS_FILE).is_file() for w in wanted):
+        return False
+    models = _fold_models(demo, encoder)
+    n = len(records.records)
+    feats, embs = [], []  # once per fold model, so no feature cache
+    for k, model in enumerate(models):
+        if k > 0 and model is models[0]:
+            feats.append(feats[0])
+            embs.append(embs[0])
+            continue
+        enc = encoder_from_model(model, f"{encoder}/fold{k}")
+        feats.append(extract_features(enc, records, demo.folder, cache_dir=False, progress=False))
+        embs.append(
+            extract_features(
+                enc, records, demo.folder, projected=True, cache_dir=False, progress=False
+            )
+        )
+    everything = np.arange(n)
+    for level in levels:
+        data = _eval_data(demo, records, level, np.zeros(0, dtype=np.int64), everything)
+        test = data.rows["test"]
+        probe = np.zeros((n, len(data.task.classes)))
+        zeroshot = np.zeros_like(probe)
+        chosen, sources = [], set()
+        level_index = [lv.name for lv in records.levels].index(level)
+        for k, model in enumerate(models):
+            part = _eval_data(
+                demo, records, level, np.flatnonzero(fold != k), np.flatnonzero(fold == k)
+            )
+            tr, te = part.rows["train"], part.rows["test"]
+            scores, c = cv_probe(
+                feats[k].features,
+                part.y,
+                tr,
+                te,
+                part.task.type,
+                part.task.classes,
+                groups=part.patients(tr),
+                seed=demo.seed,
+            )
+            probe[te] = scores
+            chosen.append(c)
+            positive, negative, source = class_prompts(part)
+            sources.add(source)
+            pos = text_embeddings(model, positive, part.task.classes, level_index)
+            neg = (
+                text_embeddings(model, negative, part.task.classes, level_index)
+                if negative
+                else None
+            )
+            zeroshot[te] = zero_shot_scores(
+                embs[k].features[te], pos, neg, float(model.logit_scale.detach())
+            )
+        common = dict(
+            val_rows=None,
+            val_scores=None,
+            seed=demo.seed,
+            n_resamples=demo.resamples,
+            progress=False,
+            encoder={"spec": encoder, "kind": "demo", "folds": demo.folds},
+        )
+        write_classification_outputs(
+            base / f"probe-{level}",
+            data,
+            test,
+            probe[test],
+            protocol="linear_probe",
+            details={
+                "classifier": "scikit-learn LogisticRegression on standardised "
+                "pre-projection features",
+                "C_per_fold": chosen,
+                "criterion": f"macro AUC, {INNER_FOLDS}-fold patient CV in training",
+            },
+            **common,
+        )
+        write_classification_outputs(
+            base / f"zeroshot-{level}",
+            data,
+            test,
+            zeroshot[test],
+            protocol="zeroshot",
+            details={"prompt_source": sorted(sources)},
+            **common,
+        )
+    return True
+
+
+def cv_probe(
+    features: np.ndarray,
+    y: np.ndarray,
+    train_rows: np.ndarray,
+    test_rows: np.ndarray,
+    task_type: str,
+    classes: Sequence[str],
+    *,
+    groups: Sequence[str],
+    seed: int = 0,
+    c_grid: Sequence[float] = C_GRID,
+) -> tuple[np.ndarray, float]:
+    """Scores of ``test_rows`` from a logistic regression fitted on ``train_rows``, its C the
+    best mean macro AUC over an inner patient-grouped CV of the training rows."""
+    from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
+
+    from mgll.eval.probe import LinearClassifier
+    from mgll.metrics import classification_metrics
+
+    x = features[train_rows]
+    mean, std = x.mean(0, keepdims=True), x.std(0, keepdims=True) + 1e-6
+    x, x_test = (x - mean) / std, (features[test_rows] - mean) / std
+    y_train = y[train_rows].astype(int)
+    groups = np.asarray(groups)
+    if task_type == "multilabel":
+        splitter = GroupKFold(n_splits=INNER_FOLDS)
+        inner = list(splitter.split(x, None, groups))
+    else:
+        splitter = StratifiedGroupKFold(n_splits=INNER_FOLDS, shuffle=True, random_state=seed)
+        inner = list(splitter.split(x, y_train.argmax(1), groups))
+    best_c, best_auc = c_grid[0], -math.inf
+    for c in c_grid:
+        aucs = []
+        for fit_rows, val_rows in inner:
+            model = LinearClassifier(task_type, y_train.shape[1], seed)
+            model.fit(x[fit_rows], y_train[fit_rows], c)
+            yv = y_train[val_rows]
+            present = [j for j in range(yv.shape[1]) if 0 < yv[:, j].sum() < len(yv)]
+            if not present:
+                continue
+            m = classification_metrics(
+                yv,
+                model.predict_scores(x[val_rows]),
+                task_type,
+                classes=classes,
+                macro_classes=present,
+            )
+            aucs.append(m["auc_macro"])
+        auc = float(np.nanmean(aucs)) if aucs else -math.inf
+        if auc > best_auc:
+            best_c, best_auc = c, auc
+    model = LinearClassifier(task_type, y_train.shape[1], seed).fit(x, y_train, best_c)
+    return model.predict_scores(x_test), float(best_c)
+
+
+def _table_rows(demo: Demo, encoder: str, levels: Sequence[str]) -> list[dict[str, Any]]:
+    from mgll.eval.results import read_results
+
+    rows = []
+    for level in levels:
+        for protocol in ("probe", "zeroshot"):
+            m = read_results(demo.out / encoder / f"{protocol}-{level}")["metrics"]
+            rows.append(
+                {
+                    "encoder": encoder,
+                    "level": level,
+                    "protocol": "linear_probe" if protocol == "probe" else "zeroshot",
+                    "auc_macro": m.get("auc_macro"),
+                    "auc_macro_ci95": m.get("auc_macro_ci95"),
+                    "map": m.get("map"),
+                    "accuracy": m.get("accuracy"),
+                }
+            )
+    return rows
+
+
+def _compare(demo: Demo, levels: Sequence[str]) -> list[dict[str, Any]]:
+    from mgll.eval.compare import compare_folders
+
+    out = []
+    for level in levels:
+        for protocol in ("probe", "zeroshot"):
+            for a, b in COMPARISONS:
+                folders = [demo.out / e / f"{protocol}-{level}" for e in (a, b)]
+                result = compare_folders(
+                    folders,
+                    output_dir=demo.out / "compare" / f"{a}-vs-{b}-{protocol}-{level}",
+                    n_resamples=demo.resamples,
+                    seed=demo.seed,
+                    progress=False,
+                )
+                for metric in ("auc_macro", "map", "accuracy"):
+                    m = result["comparisons"][0]["metrics"].get(metric)
+                    if m is None:
+                        continue
+                    out.append(
+                        {
+                            "a": a,
+                            "b": b,
+                            "level": level,
+                            "protocol": "linear_probe" if protocol == "probe" else "zeroshot",
+                            "metric": metric,
+                            "diff": m["diff"],
+                            "ci95": m["ci95"],
+                            "p": m["p_value"],
+                        }
+                    )
+    return out
+
+
+def _fmt_ci(value: float | None, ci: Sequence[float] | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "undefined"
+    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{value:.3f}"
+
+
+def format_table(summary: Mapping[str, Any]) -> str:
+    """The side-by-side macro-AUC table and the comparisons, as printed at the end."""
+    rows: dict[tuple[str, str], dict[str, str]] = {}
+    for r in summary["table"]:
+        cell = _fmt_ci(r["auc_macro"], r["auc_macro_ci95"])
+        rows.setdefault((r["level"], r["protocol"]), {})[r["encoder"]] = cell
+    width = 24
+    lines = [
+        f"macro AUC (95% patient-bootstrap CI), {summary['protocol']['n_images']} held-out "
+        f"images, {summary['settings']['folds']}-fold patient CV",
+        f"{'level':<14}{'protocol':<14}" + "".join(f"{e:<{width}}" for e in ENCODERS),
+    ]
+    for (level, protocol), cells in rows.items():
+        lines.append(
+            f"{level:<14}{protocol:<14}" + "".join(f"{cells.get(e, ''):<{width}}" for e in ENCODERS)
+        )
+    lines.append("")
+    for c in summary["comparisons"]:
+        if c["metric"] != "auc_macro":
+            continue
+        diff = (
+            "undefined"
+            if c["diff"] is None
+            else (f"{c['diff']:+.3f} [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}], p={c['p']:.3g}")
+        )
+        lines.append(f"{c['a']} - {c['b']} ({c['level']}, {c['protocol']}): {diff}")
+    return "\n".join(lines)

@@ -1,0 +1,145 @@
+"""mgll demo: folds, joined captions, the probe's C selection, settings checks, and a --quick
+run on the real fundus photos (resumed when re-run)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_fixtures import require_shared
+from mgll.cli import main
+from mgll.data.records import Record, RecordSet, build_levels
+from mgll.demo.run import (
+    classification_levels,
+    cv_probe,
+    load_demo_records,
+    patient_folds,
+)
+
+
+def record_set(n: int = 40) -> RecordSet:
+    grades = ["low", "mid", "high", "low"]
+    records = [
+        Record(
+            image=Path(f"/nowhere/{i}.png"),
+            texts=[[f"grade {grades[i % 4]}"], [f"caption {i}"]],
+            labels=[[grades[i % 4]], [f"caption {i}"]],
+            patient_id=f"p{i // 2}",
+        )
+        for i in range(n)
+    ]
+    levels = build_levels(["grade", "caption"], records, multi_label=[False, False])
+    return RecordSet(levels=levels, records=records, source="synthetic")
+
+
+def test_caption_levels_are_not_classification_levels():
+    assert classification_levels(record_set()) == ["grade"]
+
+
+def test_folds_keep_patients_together_and_stratify():
+    records = record_set()
+    fold = patient_folds(records, "grade", 5, seed=0)
+    assert sorted(set(fold)) == [0, 1, 2, 3, 4]
+    owner = {}
+    for r, k in zip(records.records, fold, strict=True):
+        assert owner.setdefault(r.patient_id, k) == k
+    for k in range(5):
+        grades = {r.labels[0][0] for r, f in zip(records.records, fold, strict=True) if f == k}
+        assert grades == {"low", "mid", "high"}
+    assert np.array_equal(fold, patient_folds(records, "grade", 5, seed=0))
+
+
+def test_too_few_patients_for_the_folds_is_an_error():
+    with pytest.raises(ValueError, match="3 patients cannot fill 5 folds"):
+        patient_folds(record_set(6), "grade", 5, seed=0)
+
+
+def test_cv_probe_picks_c_on_training_patients_and_scores_held_out_rows():
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    n = 60
+    y_index = np.arange(n) % 3
+    y = np.eye(3, dtype=np.int8)[y_index]
+    features = rng.normal(size=(n, 5))
+    features[:, 0] += 3.0 * y_index  # one informative direction
+    train, test = np.arange(0, 45), np.arange(45, 60)
+    scores, c = cv_probe(
+        features, y, train, test, "multiclass", ["a", "b", "c"], groups=[str(i) for i in train]
+    )
+    assert c in (0.001, 0.01, 0.1, 1.0, 10.0)
+    # The same as scikit-learn on features standardised with the training rows' statistics.
+    mean, std = features[train].mean(0), features[train].std(0) + 1e-6
+    reference = LogisticRegression(C=c, max_iter=1000, random_state=0).fit(
+        (features[train] - mean) / std, y_index[train]
+    )
+    expected = reference.predict_proba((features[test] - mean) / std)
+    np.testing.assert_allclose(scores, expected, rtol=1e-6, atol=1e-8)
+    assert (scores.argmax(1) == y_index[test]).mean() >= 0.7
+
+
+def test_unknown_dataset_folder_is_a_one_line_error(tmp_path, capsys):
+    code = main(["demo", "--data-root", str(tmp_path), "--output-dir", str(tmp_path / "o")])
+    assert code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mgll demo: error: ") and "csdi-fundus does not exist" in err
+    assert "\n" not in err
+
+
+@pytest.mark.shared_data
+@pytest.mark.slow
+def test_quick_demo_on_the_fundus_photos_writes_and_resumes(tmp_path, capsys):
+    root = require_shared("csdi-fundus").parent
+    out = tmp_path / "demo"
+    args = ["demo", "--data-root", str(root), "--output-dir", str(out), "--quick"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "[pretrain] mgll fold 2/2" in printed and "left" in printed
+    assert "mgll - random (severity, linear_probe)" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dataset"] == "csdi-fundus"
+    assert summary["protocol"]["n_images"] == 187
+    cells = {(r["encoder"], r["level"], r["protocol"]) for r in summary["table"]}
+    assert cells == {
+        (e, "severity", p) for e in ("random", "clip", "mgll") for p in ("linear_probe", "zeroshot")
+    }
+    for row in summary["table"]:
+        low, high = row["auc_macro_ci95"]
+        assert low <= row["auc_macro"] <= high
+    pairs = {(c["a"], c["b"], c["metric"]) for c in summary["comparisons"]}
+    assert ("mgll", "clip", "auc_macro") in pairs and ("mgll", "random", "auc_macro") in pairs
+    probe = out / "mgll" / "probe-severity"
+    rows = (probe / "predictions.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 187  # every image scored once, pooled over the folds
+    # The held-out patients of a fold are not in its pretraining split.
+    fold0 = (out / "folds" / "fold0.csv").read_text().splitlines()[1:]
+    split_of = {line.split(",")[0]: line.split(",")[-1] for line in fold0}
+    assert set(split_of.values()) == {"train", "test"}
+    # Re-running resumes: nothing is pretrained again.
+    weights = sorted((out / "mgll" / "fold0" / "checkpoints").glob("*.safetensors"))
+    stamp = weights[-1].stat().st_mtime_ns
+    assert main(args) == 0
+    assert weights[-1].stat().st_mtime_ns == stamp
+    again = json.loads((out / "summary.json").read_text())
+    assert again["table"] == summary["table"]
+    # Other options on the same folder are refused.
+    assert main([*args[:-1], "--seed", "3"]) == 1
+    assert "other settings" in capsys.readouterr().err
+
+
+def test_demo_records_join_patients_of_identical_files(tmp_path):
+    folder = tmp_path / "csdi"
+    (folder / "images").mkdir(parents=True)
+    for name, value in (("AB1.png", 1), ("CD1.png", 1), ("EF1.png", 2)):  # AB1, CD1 identical
+        Image.fromarray(np.full((8, 8, 3), value, dtype=np.uint8)).save(folder / "images" / name)
+    (folder / "CSDI_annotations.csv").write_text(
+        "id,score,English_diagnosis,Chinese_diagnosis\n"
+        "AB1.png,1,a,a\nCD1.png,6,b,b\nEF1.png,8,c,c\n"
+    )
+    records = load_demo_records(folder)
+    ids = [r.patient_id for r in records.records]
+    assert ids[0] == ids[1] != ids[2]
