@@ -3,7 +3,10 @@ run on the real fundus photos (resumed when re-run)."""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +122,15 @@ def test_quick_demo_on_the_fundus_photos_writes_and_resumes(tmp_path, capsys):
     fold0 = (out / "folds" / "fold0.csv").read_text().splitlines()[1:]
     split_of = {line.split(",")[0]: line.split(",")[-1] for line in fold0}
     assert set(split_of.values()) == {"train", "test"}
+    # The report: one self-contained page whose embedded images all decode.
+    report = (out / "report.html").read_text(encoding="utf-8")
+    images = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", report)
+    assert len(images) == 3 + 3 * 3  # loss, ROC, embedding map; 3 retrieval thumbnails x 3
+    for payload in images:
+        with Image.open(io.BytesIO(base64.b64decode(payload))) as picture:
+            picture.load()
+    assert not re.search(r"(src|href)=['\"](?!data:)", report)
+    assert "mgll − random" in report and "Retrieval examples" in report
     # Re-running resumes: nothing is pretrained again.
     weights = sorted((out / "mgll" / "fold0" / "checkpoints").glob("*.safetensors"))
     stamp = weights[-1].stat().st_mtime_ns

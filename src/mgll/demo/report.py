@@ -167,7 +167,7 @@ def _loss_figure(encoders: Sequence[EncoderReport]) -> str | None:
     fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.0), squeeze=False)
     for ax, enc in zip(axes[0], curves, strict=True):
         steps, losses = zip(*enc.loss_curve, strict=True)
-        ax.plot(steps, losses)
+        ax.plot(steps, losses, marker="o" if len(steps) < 20 else None)
         ax.set_title(f"{enc.name}: training loss")
         ax.set_xlabel("step")
         ax.set_ylabel("loss")

@@ -18,6 +18,7 @@ ENCODERS = ("random", "clip", "mgll")
 PRETRAINED = ("clip", "mgll")
 COMPARISONS = (("mgll", "clip"), ("mgll", "random"))
 SETTINGS_FILE = "demo.json"
+REPORT_FILE = "report.html"
 SUMMARY_FILE = "summary.json"
 C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
 INNER_FOLDS = 3
@@ -285,7 +286,85 @@ def run_demo(
     text = json.dumps(summary, indent=2) + "\n"
     atomic_write(demo.out / SUMMARY_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     echo(format_table(summary))
+    report = write_demo_report(demo, records, summary)
+    echo(f"report: {report}")
     return summary
+
+
+def write_demo_report(demo: Demo, records: Any, summary: Mapping[str, Any]) -> Path:
+    """``OUT/report.html`` from the demo's outputs (see :mod:`mgll.demo.report`)."""
+    from PIL import Image
+
+    from mgll.demo.report import EncoderReport, ReportInputs, RetrievalExample, write_report
+    from mgll.eval.results import read_predictions
+    from mgll.training.run_log import read_metrics
+
+    level = demo.recipe.main_level
+    index = [lv.name for lv in records.levels].index(level)
+    names = [r.labels[index][0] if r.labels[index] else "(none)" for r in records.records]
+    encoders = []
+    for encoder in ENCODERS:
+        base = demo.out / encoder
+        curve: list[tuple[int, float]] = []
+        if encoder in PRETRAINED:
+            rows = read_metrics(demo.run_dir(encoder, 0))
+            curve = [(r["step"], r["loss"]) for r in rows if r.get("kind") == "train"]
+        predictions = read_predictions(base / f"probe-{level}")
+        data = np.load(base / REPORT_DATA_FILE)
+        examples = []
+        for q, i in enumerate(data["queries"]):
+            with Image.open(records.records[i].image) as picture:
+                thumb = np.asarray(picture.convert("RGB").resize((96, 96)))
+            hits = [int(j) for j in data["top_index"][q]]
+            examples.append(
+                RetrievalExample(
+                    image=thumb,
+                    truth=f"{names[i]}: {records.records[i].texts[-1][0]}",
+                    texts=[
+                        (f"{names[j]}: {records.records[j].texts[-1][0]}", float(score))
+                        for j, score in zip(hits, data["top_score"][q], strict=True)
+                    ],
+                    correct=[names[j] == names[i] for j in hits],
+                )
+            )
+        encoders.append(
+            EncoderReport(
+                name=encoder,
+                loss_curve=curve,
+                roc_labels=predictions["y"],
+                roc_scores=predictions["scores"],
+                classes=predictions["classes"],
+                embedding=data["features"],
+                embedding_labels=[names[i] for i in data["feature_rows"]],
+                retrieval=examples,
+            )
+        )
+    protocol = summary["protocol"]
+    inputs = ReportInputs(
+        title=f"mgll demo: random vs CLIP vs MGLL on {summary['dataset']}",
+        dataset=summary["dataset"],
+        table=summary["table"],
+        comparisons=summary["comparisons"],
+        encoders=encoders,
+        main_level=level,
+        notes=[
+            f"{protocol['n_images']} images of {protocol['n_patient_groups']} patient groups; "
+            f"{protocol['split']}.",
+            f"Probe: {protocol['probe']}. Confidence intervals: {protocol['bootstrap']}.",
+            "Loss curves are fold 1's runs; embedding maps show fold 1's held-out images in the "
+            "features of fold 1's model (which never saw them); retrieval ranks the expert "
+            "texts of the same fold's held-out images.",
+            "Small public data on one machine: these numbers show what the method does here, "
+            "not how it compares at the paper's scale.",
+        ],
+        extra={
+            "seed": demo.seed,
+            "quick": demo.quick,
+            "pretraining seconds": {k: round(v) for k, v in summary["pretrain_seconds"].items()},
+            "total seconds": round(summary["seconds"]),
+        },
+    )
+    return write_report(demo.out / REPORT_FILE, inputs)
 
 
 def _without_split(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -391,6 +470,70 @@ def _eval_data(
     )
 
 
+REPORT_DATA_FILE = "report_data.npz"
+RETRIEVAL_EXAMPLES = 3  # held-out images shown with their top texts in the report
+RETRIEVAL_TOP = 3
+
+
+def _retrieval_queries(records: Any, fold: np.ndarray, level: str) -> list[int]:
+    """A few held-out images, the same for every encoder: one per class of the main level
+    (the first record of each class in file order), up to :data:`RETRIEVAL_EXAMPLES`."""
+    index = [lv.name for lv in records.levels].index(level)
+    chosen: dict[str, int] = {}
+    for i, record in enumerate(records.records):
+        names = record.labels[index]
+        if names and names[0] not in chosen:
+            chosen[names[0]] = i
+    return sorted(chosen.values())[:RETRIEVAL_EXAMPLES]
+
+
+def _save_report_data(
+    demo: Demo,
+    base: Path,
+    records: Any,
+    fold: np.ndarray,
+    models: Sequence[Any],
+    feats: Sequence[Any],
+    embs: Sequence[Any],
+) -> None:
+    """What the report shows of one encoder: the features of fold 1's held-out images from
+    fold 1's model (one model, so one feature space) and, for a few held-out images, the
+    finest-level texts of their fold's held-out images ranked by cosine similarity."""
+    import torch
+
+    from mgll.io import atomic_write
+
+    first_fold = np.flatnonzero(fold == 0)
+    queries = _retrieval_queries(records, fold, demo.recipe.main_level)
+    top_index = np.zeros((len(queries), RETRIEVAL_TOP), dtype=np.int64)
+    top_score = np.zeros((len(queries), RETRIEVAL_TOP))
+    for q, i in enumerate(queries):
+        k = int(fold[i])
+        pool = np.flatnonzero(fold == k)
+        texts = [records.records[j].texts[-1][0] for j in pool]
+        with torch.no_grad():
+            text = models[k].encode_text(texts, level=len(records.levels) - 1).float()
+        text = torch.nn.functional.normalize(text, dim=-1).numpy()
+        image = embs[k].features[i] / max(float(np.linalg.norm(embs[k].features[i])), 1e-12)
+        similarity = text @ image
+        order = np.argsort(-similarity, kind="stable")[:RETRIEVAL_TOP]
+        top_index[q], top_score[q] = pool[order], similarity[order]
+    arrays = {
+        "features": feats[0].features[first_fold],
+        "feature_rows": first_fold,
+        "queries": np.asarray(queries, dtype=np.int64),
+        "top_index": top_index,
+        "top_score": top_score,
+    }
+
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as handle:
+            np.savez(handle, **arrays)
+
+    base.mkdir(parents=True, exist_ok=True)
+    atomic_write(base / REPORT_DATA_FILE, write)
+
+
 def _evaluate(
     demo: Demo, encoder: str, records: Any, fold: np.ndarray, levels: Sequence[str]
 ) -> bool:
@@ -401,8 +544,8 @@ def _evaluate(
     from mgll.eval.zeroshot import class_prompts, text_embeddings, zero_shot_scores
 
     base = demo.out / encoder
-    wanted = [base / f"{p}-{lv}" for lv in levels for p in ("probe", "zeroshot")]
-    if all((w / RESULTS_FILE).is_file() for w in wanted):
+    wanted = [base / f"{p}-{lv}" / RESULTS_FILE for lv in levels for p in ("probe", "zeroshot")]
+    if all(w.is_file() for w in [*wanted, base / REPORT_DATA_FILE]):
         return False
     models = _fold_models(demo, encoder)
     n = len(records.records)
@@ -419,6 +562,7 @@ def _evaluate(
                 enc, records, demo.folder, projected=True, cache_dir=False, progress=False
             )
         )
+    _save_report_data(demo, base, records, fold, models, feats, embs)
     everything = np.arange(n)
     for level in levels:
         data = _eval_data(demo, records, level, np.zeros(0, dtype=np.int64), everything)
