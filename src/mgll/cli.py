@@ -29,6 +29,7 @@ COMMAND_MODULES: dict[str, tuple[str, str]] = {
     "segment": ("mgll.segmentation.cli", "train and evaluate a segmentation decoder on an encoder"),
     "explain": ("mgll.explain", "Grad-CAM heatmaps: where in an image the model sees a text"),
     "demo": ("mgll.demo.cli", "random init vs CLIP vs MGLL, pretrained and evaluated end to end"),
+    "ablate": ("mgll.demo.ablate", "the paper's ablation: loss terms, levels, missing labels"),
 }
 
 

@@ -176,8 +176,8 @@ class Demo:
             "data": str(self.folder.resolve()),
         }
 
-    def config(self, loss: str, fold: int) -> dict[str, Any]:
-        """The pretraining config of one encoder and fold."""
+    def config(self, loss: str, fold: int, extra: Sequence[tuple[str, Any]] = ()) -> dict[str, Any]:
+        """The pretraining config of one encoder and fold (``extra``: more overrides)."""
         from mgll.training.config import load_config
 
         overrides: list[tuple[str, Any]] = [
@@ -191,7 +191,7 @@ class Demo:
         ]
         if self.quick:
             overrides.extend(QUICK_OVERRIDES)
-        return load_config(self.recipe.config, overrides)
+        return load_config(self.recipe.config, [*overrides, *extra])
 
     def split_file(self, fold: int) -> Path:
         return self.out / "folds" / f"fold{fold}.csv"
@@ -218,11 +218,11 @@ def run_demo(
     if not demo.folder.is_dir():
         raise DemoError(f"{demo.folder} does not exist; --data-root must hold the {dataset} folder")
     started = time.perf_counter()
-    _check_settings(demo)
+    check_settings(demo)
 
     records = load_demo_records(demo.folder)
     fold = patient_folds(records, demo.recipe.main_level, demo.folds, seed)
-    _write_folds(demo, records, fold)
+    write_folds(demo, records, fold)
     levels = classification_levels(records)
     progress = Progress(
         runs=len(PRETRAINED) * demo.folds,
@@ -247,7 +247,9 @@ def run_demo(
             finished = (demo.run_dir(encoder, k) / RUN_SUMMARY).is_file()
             what = f"{encoder} fold {k + 1}/{demo.folds}"
             progress.say("pretrain", what + (" (finished earlier)" if finished else ""))
-            seconds = _pretrain(demo, encoder, k)
+            seconds = pretrain_run(
+                demo.config(encoder, k), demo.data_root, demo.run_dir(encoder, k)
+            )
             pretrain_s[encoder] += seconds[0]
             progress.done("run", seconds[0] if seconds[1] else None)
 
@@ -372,7 +374,8 @@ def _without_split(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return {**cfg, "data": {**cfg["data"], "split": "per fold: OUT/folds/fold<k>.csv"}}
 
 
-def _check_settings(demo: Demo) -> None:
+def check_settings(demo: Demo) -> None:
+    """Record the run's settings in its folder; a folder holding other settings is refused."""
     from mgll.io import atomic_write
 
     path = demo.out / SETTINGS_FILE
@@ -392,7 +395,8 @@ def _check_settings(demo: Demo) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def _write_folds(demo: Demo, records: Any, fold: np.ndarray) -> None:
+def write_folds(demo: Demo, records: Any, fold: np.ndarray) -> None:
+    """``OUT/folds/fold<k>.csv``: fold k's held-out patients as test, the rest as train."""
     from mgll.data.splits import write_split_file
 
     for k in range(demo.folds):
@@ -405,14 +409,15 @@ def _write_folds(demo: Demo, records: Any, fold: np.ndarray) -> None:
             write_split_file(path, records.records, split, root=demo.folder)
 
 
-def _pretrain(demo: Demo, encoder: str, k: int) -> tuple[float, bool]:
-    """Pretrain (or resume, or skip when finished) one encoder on one fold; returns its
-    seconds and whether it ran now."""
+def pretrain_run(
+    cfg: Any, data_root: Path, run_dir: Path, data_builder: Callable | None = None
+) -> tuple[float, bool]:
+    """Pretrain (or resume, or skip when finished) one run into ``run_dir``; returns its
+    seconds and whether it ran now. The trainer's output goes to ``run_dir/train.log``."""
     from mgll.training import checkpoint as ckpt
     from mgll.training.trainer import SUMMARY_FILE as RUN_SUMMARY
     from mgll.training.trainer import train
 
-    run_dir = demo.run_dir(encoder, k)
     summary_path = run_dir / RUN_SUMMARY
     if summary_path.is_file():
         return float(json.loads(summary_path.read_text(encoding="utf-8"))["seconds"]), False
@@ -421,7 +426,7 @@ def _pretrain(demo: Demo, encoder: str, k: int) -> tuple[float, bool]:
     log = io.StringIO()
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(log):
-        train(demo.config(encoder, k), demo.data_root, run_dir, resume=resume)
+        train(cfg, data_root, run_dir, resume=resume, data_builder=data_builder)
     (run_dir / "train.log").write_text(log.getvalue(), encoding="utf-8")
     return time.perf_counter() - t0, True
 

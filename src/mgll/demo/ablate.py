@@ -1,0 +1,295 @@
+"""``mgll ablate``: the paper's ablation on the demo's data, several seeds, one table.
+
+Variants (each pretrained with the demo's recipe, tower, data order and step budget):
+
+- the loss terms: CLIP (one joined caption per image), point-wise only, soft CLIP only, soft
+  CLIP + point-wise, all three (MGLL);
+- the number of granularity levels: MGLL on the first 1, ..., G - 1 levels (G is ``mgll``);
+- missing labels: MGLL with 30% of the finest level's training labels dropped at random.
+
+For every seed the patients are split anew (patient-level stratified K-fold on the main
+level); each variant is pretrained once per fold on that fold's training patients and
+evaluated by the demo's linear probe, held-out predictions pooled. The table gives the mean and
+standard deviation over seeds of the pooled macro AUC of the main level. Re-running the same
+command resumes: finished pretraining runs and evaluations are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mgll.demo.run import (
+    RECIPES,
+    Demo,
+    DemoError,
+    Progress,
+    check_settings,
+    cv_probe,
+    load_demo_records,
+    patient_folds,
+    pretrain_run,
+    write_folds,
+)
+
+ABLATION_FOLDS = 2  # per seed; seeds give the spread, folds make every image a test image once
+DROP_FRACTION = 0.3
+RESULTS_FILE = "ablation.json"
+TABLE_FILE = "ablation.md"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the ablation: the loss name, config overrides and a label-drop fraction."""
+
+    name: str
+    loss: str
+    overrides: tuple[tuple[str, Any], ...] = ()
+    drop_fraction: float = 0.0
+
+
+def variants(num_levels: int) -> list[Variant]:
+    """The ablation's rows for data with ``num_levels`` granularity levels."""
+    off = 0.0
+    rows = [
+        Variant("CLIP (joined caption)", "clip"),
+        Variant(
+            "point-wise only", "mgll", (("loss.weights.sclip", off), ("loss.weights.skl", off))
+        ),
+        Variant(
+            "soft CLIP only", "mgll", (("loss.weights.pointwise", off), ("loss.weights.skl", off))
+        ),
+        Variant("soft CLIP + point-wise", "mgll", (("loss.weights.skl", off),)),
+        Variant(f"MGLL, all three terms ({num_levels} levels)", "mgll"),
+    ]
+    rows.extend(
+        Variant(
+            f"MGLL, {g} level{'s' if g > 1 else ''}", "mgll", (("data.levels", list(range(g))),)
+        )
+        for g in range(1, num_levels)
+    )
+    rows.append(
+        Variant(
+            f"MGLL, {DROP_FRACTION:.0%} of finest-level labels dropped",
+            "mgll",
+            drop_fraction=DROP_FRACTION,
+        )
+    )
+    return rows
+
+
+def label_dropping_builder(fraction: float, seed: int) -> Callable:
+    """A trainer ``data_builder``: the usual prepared data with ``fraction`` of the training
+    records' finest-level labels removed (seeded), so the loss treats them as missing."""
+    from mgll.data import prepare_data
+
+    def build(data_cfg: Any, data_root: Any, run_seed: int) -> Any:
+        prepared = prepare_data(data_cfg, data_root, run_seed)
+        finest = len(prepared.levels) - 1
+        train = np.asarray(prepared.indices["train"])
+        rng = np.random.default_rng(seed)
+        chosen = rng.choice(train, size=round(fraction * len(train)), replace=False)
+        for i in chosen:
+            prepared.records.records[int(i)].labels[finest] = []
+        return prepared
+
+    return build
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+
+
+def _pooled_auc(demo: Demo, variant: Variant, records: Any, fold: np.ndarray, level: str) -> float:
+    """Macro AUC of ``level`` from the variant's fold models, held-out predictions pooled."""
+    from mgll.eval.data import build_task
+    from mgll.eval.encoders import encoder_from_model
+    from mgll.eval.features import extract_features
+    from mgll.metrics import classification_metrics
+    from mgll.training.checkpoint import load_model
+
+    task, y, usable = build_task(records, level)
+    scores = np.zeros(y.shape, dtype=np.float64)
+    for k in range(demo.folds):
+        model, _ = load_model(demo.run_dir(_slug(variant.name), k))
+        encoder = encoder_from_model(model, f"{variant.name}/fold{k}")
+        feats = extract_features(encoder, records, demo.folder, cache_dir=False, progress=False)
+        train = np.flatnonzero((fold != k) & usable)
+        test = np.flatnonzero((fold == k) & usable)
+        groups = [records.records[i].patient_id for i in train]
+        scores[test], _ = cv_probe(
+            feats.features, y, train, test, task.type, task.classes, groups=groups, seed=demo.seed
+        )
+    rows = np.flatnonzero(usable)
+    metrics = classification_metrics(y[rows], scores[rows], task.type, classes=task.classes)
+    return float(metrics["auc_macro"])
+
+
+def run_ablation(
+    data_root: str | Path,
+    output_dir: str | Path,
+    *,
+    dataset: str = "csdi-fundus",
+    seeds: int = 3,
+    quick: bool = False,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run (or resume) the ablation; writes ``OUT/ablation.json`` and ``OUT/ablation.md``."""
+    from mgll.io import atomic_write
+
+    if dataset not in RECIPES:
+        raise DemoError(f"--dataset {dataset!r}: choose one of {', '.join(RECIPES)}")
+    if seeds < 1:
+        raise DemoError(f"--seeds {seeds}: give at least 1 (3 or more for a spread)")
+    recipe = RECIPES[dataset]
+    out = Path(output_dir)
+    folder = Path(data_root) / recipe.dataset
+    if not folder.is_dir():
+        raise DemoError(f"{folder} does not exist; --data-root must hold the {dataset} folder")
+    started = time.perf_counter()
+    records = load_demo_records(folder)
+    rows = variants(len(records.levels))
+    demos = [
+        _ablation_demo(recipe, Path(data_root), out / f"seed{seed}", quick, seed)
+        for seed in range(seeds)
+    ]
+    progress = Progress(
+        runs=len(rows) * sum(d.folds for d in demos),
+        evaluations=len(rows) * len(demos),
+        first_guess_s=20.0 if quick else 30.0,
+        echo=echo,
+        start=started,
+    )
+    echo(
+        f"mgll ablate: {dataset}, {len(rows)} variants x {seeds} seed(s) x {demos[0].folds} "
+        f"folds, main level {recipe.main_level}" + (" (--quick: a smoke run)" if quick else "")
+    )
+    auc: dict[str, list[float]] = {v.name: [] for v in rows}
+    for demo in demos:
+        check_settings(demo)  # a re-run with other options on this folder is refused
+        fold = patient_folds(records, recipe.main_level, demo.folds, demo.seed)
+        write_folds(demo, records, fold)
+        for variant in rows:
+            slug = _slug(variant.name)
+            builder = (
+                label_dropping_builder(variant.drop_fraction, demo.seed)
+                if variant.drop_fraction
+                else None
+            )
+            for k in range(demo.folds):
+                progress.say("pretrain", f"seed {demo.seed}, {variant.name}, fold {k + 1}")
+                cfg = demo.config(variant.loss, k, variant.overrides)
+                seconds, fresh = pretrain_run(cfg, demo.data_root, demo.run_dir(slug, k), builder)
+                progress.done("run", seconds if fresh else None)
+            result = demo.out / slug / "probe.json"
+            t0 = time.perf_counter()
+            if result.is_file():
+                value, fresh = json.loads(result.read_text(encoding="utf-8"))["auc_macro"], False
+            else:
+                progress.say("evaluate", f"seed {demo.seed}, {variant.name}")
+                value, fresh = _pooled_auc(demo, variant, records, fold, recipe.main_level), True
+                text = json.dumps({"auc_macro": value}) + "\n"
+                atomic_write(result, lambda tmp, t=text: tmp.write_text(t, encoding="utf-8"))
+            progress.done("eval", time.perf_counter() - t0 if fresh else None)
+            auc[variant.name].append(value)
+    summary = {
+        "dataset": dataset,
+        "main_level": recipe.main_level,
+        "metric": "macro AUC of the linear probe, held-out predictions pooled over the folds",
+        "seeds": seeds,
+        "folds": demos[0].folds,
+        "quick": quick,
+        "rows": [
+            {
+                "variant": v.name,
+                "auc_macro": auc[v.name],
+                "mean": float(np.mean(auc[v.name])),
+                "std": float(np.std(auc[v.name], ddof=1)) if seeds > 1 else None,
+            }
+            for v in rows
+        ],
+        "seconds": time.perf_counter() - started,
+    }
+    table = format_ablation(summary)
+    atomic_write(
+        out / RESULTS_FILE,
+        lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8"),
+    )
+    atomic_write(out / TABLE_FILE, lambda tmp: tmp.write_text(table + "\n", encoding="utf-8"))
+    echo(table)
+    return summary
+
+
+def _ablation_demo(recipe: Any, data_root: Path, out: Path, quick: bool, seed: int) -> Demo:
+    """The demo's settings for one seed of the ablation (its own folds and run folders)."""
+    from dataclasses import replace
+
+    return Demo(replace(recipe, folds=ABLATION_FOLDS), data_root, out, quick, seed)
+
+
+def format_ablation(summary: dict[str, Any]) -> str:
+    """The ablation as a Markdown table (mean ± standard deviation over seeds)."""
+    lines = [
+        f"{summary['dataset']}, {summary['main_level']}: {summary['metric']}; "
+        f"{summary['seeds']} seed(s) (patient splits) x {summary['folds']} folds",
+        "",
+        "| variant | macro AUC, mean ± sd | per seed |",
+        "|---|---|---|",
+    ]
+    for row in summary["rows"]:
+        spread = f" ± {row['std']:.3f}" if row["std"] is not None else ""
+        per_seed = ", ".join(f"{v:.3f}" for v in row["auc_macro"])
+        lines.append(f"| {row['variant']} | {row['mean']:.3f}{spread} | {per_seed} |")
+    return "\n".join(lines)
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``ablate`` sub-command."""
+    parser = subparsers.add_parser(
+        "ablate",
+        help="the paper's ablation (loss terms, levels, missing labels) over several seeds",
+        description="Pretrain every ablation variant with the demo's recipe per seed and fold, "
+        "probe each on held-out patients and print the mean and standard deviation over seeds. "
+        "Re-running with the same --output-dir resumes.",
+    )
+    parser.add_argument("--data-root", required=True, help="folder holding the dataset folder")
+    parser.add_argument("--output-dir", required=True, help="folder for every output")
+    parser.add_argument(
+        "--dataset", default="csdi-fundus", choices=sorted(RECIPES), help="default: csdi-fundus"
+    )
+    parser.add_argument("--seeds", type=int, default=3, help="patient splits (default 3)")
+    parser.add_argument("--quick", action="store_true", help="1 epoch per run: a smoke run")
+    parser.set_defaults(func=run)
+
+
+def run(args: Any) -> int:
+    """``mgll ablate``; expected failures become one-line errors."""
+    import sys
+
+    from mgll.process import offline_hubs
+    from mgll.schema import ConfigError
+    from mgll.training.checkpoint import CheckpointError
+
+    try:
+        with offline_hubs():
+            run_ablation(
+                args.data_root,
+                args.output_dir,
+                dataset=args.dataset,
+                seeds=args.seeds,
+                quick=args.quick,
+                echo=lambda line: print(line, flush=True),
+            )
+    except (DemoError, ConfigError, CheckpointError) as err:
+        print(f"mgll ablate: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+__all__: Sequence[str] = ("Variant", "format_ablation", "run_ablation", "variants")
