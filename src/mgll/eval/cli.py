@@ -14,6 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+# Loader workers pay off only when cores are left over for them (measured: on 2 cores, 2
+# workers make extraction 0.79x the bare forward, none 0.95x; benchmarks/eval.py).
+DEFAULT_WORKERS = 0 if (os.cpu_count() or 1) <= 2 else 2
+
 
 def add_task_arguments(parser: argparse.ArgumentParser) -> None:
     """--data/--data-root/--source/--options/--level/--classes/--ordinal and the split."""
@@ -70,7 +74,13 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples (1000)"
     )
     parser.add_argument("--batch-size", type=int, default=64, help="images per batch (64)")
-    parser.add_argument("--num-workers", type=int, default=2, help="data-loader workers (2)")
+    parser.add_argument(
+        "--num-workers",
+        type=int,
+        default=DEFAULT_WORKERS,
+        help=f"data-loader workers (default here: {DEFAULT_WORKERS}; 0 on 2 cores, where "
+        "workers would compete with the forward pass)",
+    )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
     parser.add_argument(
         "--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast (fp32)"
