@@ -19,6 +19,7 @@ nearest neighbour onto the same square geometry and cached beside them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import warnings
 from collections.abc import Sequence
@@ -327,10 +328,9 @@ class MaskCache:
                 return None
             entry = self.cache_dir / key[:2] / f"{key}.npy"
             if entry.is_file():
-                try:
+                # A damaged entry is rebuilt below (and overwritten).
+                with contextlib.suppress(OSError, ValueError, EOFError):
                     return np.load(entry, allow_pickle=False)
-                except (OSError, ValueError, EOFError):
-                    pass  # rebuilt below
         try:
             with Image.open(sample.image) as pil:
                 image_size = pil.size
