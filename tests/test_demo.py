@@ -155,3 +155,29 @@ def test_demo_records_join_patients_of_identical_files(tmp_path):
     records = load_demo_records(folder)
     ids = [r.patient_id for r in records.records]
     assert ids[0] == ids[1] != ids[2]
+
+
+@pytest.mark.shared_data
+def test_the_random_encoder_is_the_exact_initialisation_of_the_pretraining_runs(tmp_path):
+    import torch
+
+    from mgll.demo.run import RECIPES, Demo, _fold_models, write_folds
+    from mgll.models import create_model
+    from mgll.training.trainer import train
+
+    root = require_shared("csdi-fundus").parent
+    demo = Demo(RECIPES["csdi-fundus"], root, tmp_path / "demo", quick=True, seed=3)
+    records = load_demo_records(demo.folder)
+    write_folds(demo, records, patient_folds(records, "severity", demo.folds, demo.seed))
+    initial = {}
+
+    def capturing_factory(cfg, num_levels):
+        model = create_model(cfg, num_levels)
+        initial.update({k: v.clone() for k, v in model.state_dict().items()})
+        return model
+
+    cfg = demo.config("mgll", 0, [("train.max_steps", 1), ("data.cache_dir", str(tmp_path))])
+    train(cfg, root, tmp_path / "run", model_factory=capturing_factory)
+    random_model = _fold_models(demo, "random")[0]
+    for key, value in random_model.state_dict().items():
+        assert torch.equal(value, initial[key]), key
