@@ -248,14 +248,14 @@ def run(args: Any) -> int:
 
     from mgll.data.images import ImageLoadError
     from mgll.models.weights import PretrainedWeightsError
+    from mgll.process import offline_hubs
     from mgll.training.checkpoint import CheckpointError
     from mgll.training.config import ConfigError
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
-        model = load_explain_model(args.model, args.device)
-        entries = explain_images(model, args.images, args.text, args.output_dir, args.method)
+        with offline_hubs():
+            model = load_explain_model(args.model, args.device)
+            entries = explain_images(model, args.images, args.text, args.output_dir, args.method)
     except (
         CheckpointError,
         ConfigError,

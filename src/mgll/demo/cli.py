@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 
@@ -35,23 +34,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo; expected failures become one-line errors."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from mgll.demo.run import DemoError, run_demo
     from mgll.eval.compare import CompareError
     from mgll.eval.data import TaskError
+    from mgll.process import offline_hubs
     from mgll.training.checkpoint import CheckpointError
     from mgll.training.config import ConfigError
 
     try:
-        run_demo(
-            args.data_root,
-            args.output_dir,
-            dataset=args.dataset,
-            quick=args.quick,
-            seed=args.seed,
-            echo=lambda line: print(line, flush=True),
-        )
+        with offline_hubs():
+            run_demo(
+                args.data_root,
+                args.output_dir,
+                dataset=args.dataset,
+                quick=args.quick,
+                seed=args.seed,
+                echo=lambda line: print(line, flush=True),
+            )
     except (DemoError, ConfigError, CheckpointError, TaskError, CompareError) as err:
         print(f"mgll demo: error: {err}", file=sys.stderr)
         return 1

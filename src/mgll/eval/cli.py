@@ -154,17 +154,17 @@ def load_task(args: argparse.Namespace, encoder_config: dict[str, Any] | None = 
 
 def run_safely(command: str, body: Callable[[], int]) -> int:
     """Run ``body``; expected failures become one line on stderr and exit code 1."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from mgll.data.images import ImageLoadError
     from mgll.data.spec import SpecError
     from mgll.eval.results import ResultsError
     from mgll.models.weights import PretrainedWeightsError
+    from mgll.process import offline_hubs
     from mgll.training.checkpoint import CheckpointError
     from mgll.training.config import ConfigError
 
     try:
-        return body()
+        with offline_hubs():
+            return body()
     except (
         ValueError,
         SpecError,

@@ -11,7 +11,6 @@ encoders go through the same code. OUT receives ``results.json``, ``training_cur
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import warnings
@@ -252,13 +251,12 @@ def _format(results: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     """Run ``mgll segment``; expected failures are one-line errors (exit code 1)."""
     from mgll.eval.encoders import EncoderError
+    from mgll.process import offline_hubs
     from mgll.segmentation.data import SegDataError
     from mgll.segmentation.decoders import DecoderError
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
-        with warnings.catch_warnings():
+        with offline_hubs(), warnings.catch_warnings():
             warnings.simplefilter("default")
             results = segment(args)
     except (EncoderError, SegDataError, DecoderError, ValueError, FileNotFoundError) as err:
