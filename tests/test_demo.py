@@ -107,14 +107,19 @@ def test_quick_demo_on_the_fundus_photos_writes_and_resumes(tmp_path, capsys):
     assert summary["dataset"] == "csdi-fundus"
     assert summary["protocol"]["n_images"] == 187
     cells = {(r["encoder"], r["level"], r["protocol"]) for r in summary["table"]}
-    assert cells == {
-        (e, "severity", p) for e in ("random", "clip", "mgll") for p in ("linear_probe", "zeroshot")
+    encoders = ("random", "clip", "mgll")
+    assert cells == {(e, "severity", p) for e in encoders for p in ("linear_probe", "zeroshot")} | {
+        (e, "description", "retrieval") for e in encoders
     }
     for row in summary["table"]:
-        low, high = row["auc_macro_ci95"]
-        assert low <= row["auc_macro"] <= high
+        metric = "auc_macro" if row["protocol"] != "retrieval" else "i2t_R@5"
+        low, high = row[f"{metric}_ci95"]
+        assert low <= row[metric] <= high
     pairs = {(c["a"], c["b"], c["metric"]) for c in summary["comparisons"]}
-    assert ("mgll", "clip", "auc_macro") in pairs and ("mgll", "random", "auc_macro") in pairs
+    for a, b in (("mgll", "clip"), ("mgll", "random")):
+        assert {(a, b, "auc_macro"), (a, b, "i2t_R@5"), (a, b, "i2t_P@5")} <= pairs
+    assert "mgll - clip (description, retrieval i2t_P@5)" in printed
+    _check_pooled_retrieval(out, root / "csdi-fundus")
     probe = out / "mgll" / "probe-severity"
     rows = (probe / "predictions.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 187  # every image scored once, pooled over the folds
@@ -131,6 +136,7 @@ def test_quick_demo_on_the_fundus_photos_writes_and_resumes(tmp_path, capsys):
             picture.load()
     assert not re.search(r"(src|href)=['\"](?!data:)", report)
     assert "mgll − random" in report and "Retrieval examples" in report
+    assert "Retrieval on held-out patients" in report and "i2t_P@5" in report
     # Re-running resumes: nothing is pretrained again.
     weights = sorted((out / "mgll" / "fold0" / "checkpoints").glob("*.safetensors"))
     stamp = weights[-1].stat().st_mtime_ns
@@ -141,6 +147,50 @@ def test_quick_demo_on_the_fundus_photos_writes_and_resumes(tmp_path, capsys):
     # Other options on the same folder are refused.
     assert main([*args[:-1], "--seed", "3"]) == 1
     assert "other settings" in capsys.readouterr().err
+
+
+def _check_pooled_retrieval(out: Path, folder: Path) -> None:
+    """Each held-out image was ranked by its own fold's model against the distinct
+    descriptions of that fold's held-out images: recompute fold 2's ranks from its checkpoint."""
+    import csv
+
+    import torch
+
+    from mgll.eval.encoders import encoder_from_model
+    from mgll.eval.features import extract_features
+    from mgll.training.checkpoint import load_model
+
+    with (out / "mgll" / "retrieval-description" / "retrieval.csv").open() as handle:
+        rows = {r["image"]: r for r in csv.DictReader(handle)}
+    assert len(rows) == 187
+    with (out / "folds" / "fold1.csv").open() as handle:
+        held_out = [r["image"] for r in csv.DictReader(handle) if r["split"] == "test"]
+    records = load_demo_records(folder)
+    index = {r.image.relative_to(folder).as_posix(): i for i, r in enumerate(records.records)}
+    model = load_model(out / "mgll" / "fold1")[0].eval()
+    features = extract_features(
+        encoder_from_model(model, "fold1"),
+        records,
+        folder,
+        projected=True,
+        cache_dir=False,
+        progress=False,
+    ).features
+    texts = [records.records[index[image]].texts[1][0] for image in held_out]
+    gallery = list(dict.fromkeys(texts))
+    with torch.no_grad():
+        text = torch.nn.functional.normalize(model.encode_text(gallery, level=1).float(), dim=-1)
+    image = torch.nn.functional.normalize(
+        torch.from_numpy(features[[index[i] for i in held_out]]).float(), dim=-1
+    )
+    similarity = (image @ text.T).numpy()
+    for q, name in enumerate(held_out):
+        own = similarity[q, gallery.index(texts[q])]
+        assert int(rows[name]["gallery_size"]) == len(gallery)
+        # rank of the own text: 1 + the texts more similar (up to float noise between batches)
+        rank = int(rows[name]["rank_of_own_text"])
+        above = similarity[q] - own
+        assert 1 + int((above > 1e-5).sum()) <= rank <= int((above > -1e-5).sum())
 
 
 def test_demo_records_join_patients_of_identical_files(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +14,8 @@ from data_fixtures import require_shared
 from eval_fixtures import pretrained_run  # noqa: F401 (a fixture)
 from mgll.cli import main
 from mgll.eval.results import read_predictions, read_results
-from mgll.eval.retrieve import retrieval_metrics
 from mgll.eval.zeroshot import zero_shot_scores
+from mgll.metrics import retrieval_hits
 
 
 def test_zero_shot_scores_are_softmax_over_scaled_cosines():
@@ -37,7 +38,7 @@ def test_retrieval_metrics_by_hand():
     own = np.array([0, 0, 1])
     image_labels = np.array([[1, 0], [1, 0], [0, 1]])
     text_labels = np.array([[1, 0], [0, 1]])
-    hits = retrieval_metrics(similarity, own, image_labels, text_labels, ks=(1, 2))
+    hits = retrieval_hits(similarity, own, image_labels, text_labels, ks=(1, 2))
     np.testing.assert_array_equal(hits["i2t_R@1"], [1, 0, 1])
     np.testing.assert_array_equal(hits["i2t_rank"], [1, 2, 1])
     # text 0 ranks images 0 (0.9), 2 (0.3), 1 (0.2); text 1 ranks 1 (0.8), 2 (0.7), 0.
@@ -45,6 +46,145 @@ def test_retrieval_metrics_by_hand():
     np.testing.assert_array_equal(hits["t2i_R@2"], [1, 1])
     np.testing.assert_array_equal(hits["t2i_P@2"], [0.5, 0.5])
     np.testing.assert_array_equal(hits["i2t_P@2"], [0.5, 0.5, 0.5])
+
+
+class _TextTable(torch.nn.Module):
+    """A stand-in model whose text embedding is a fixed vector per string (and per tower)."""
+
+    def __init__(self, vectors: dict[str, list[float]], towers: int = 1):
+        super().__init__()
+        self.vectors = vectors
+        self.text_per_level = towers > 1
+        self.text_towers = [None] * towers
+        self.levels_asked: list[int] = []
+
+    def encode_text(self, strings, level=0):
+        self.levels_asked.append(level)
+        return torch.tensor([self.vectors[s] for s in strings])
+
+
+def _grade_data(n: int = 12):
+    """EvalData of a 'grade' task whose finest level is one description per image."""
+    from mgll.data.records import Record, RecordSet, build_levels
+    from mgll.eval.data import EvalData, build_task
+
+    grades = ["low", "high", "low"]
+    records = [
+        Record(
+            image=Path(f"/nowhere/{i}.png"),
+            texts=[[f"grade {grades[i % 3]}"], [f"report {i % (n // 2)}"]],
+            labels=[[grades[i % 3]], [f"report {i % (n // 2)}"]],
+            patient_id=f"p{i // 2}",
+        )
+        for i in range(n)
+    ]
+    levels = build_levels(["grade", "report"], records, multi_label=[False, False])
+    record_set = RecordSet(levels=levels, records=records, source="synthetic")
+    task, y, _ = build_task(record_set, "grade")
+    everything = np.arange(n)
+    return EvalData(
+        records=record_set,
+        folder=Path("/nowhere"),
+        task=task,
+        y=y,
+        rows={"train": everything[:0], "val": everything[:0], "test": everything},
+        split_info={},
+        source="synthetic",
+        split_indices={"train": [], "val": [], "test": everything.tolist()},
+    )
+
+
+def test_score_retrieval_ranks_the_gallery_and_judges_p_at_k_by_the_task_labels():
+    from mgll.eval.retrieve import retrieval_texts, score_retrieval
+
+    data = _grade_data()
+    rows, texts = retrieval_texts(data, data.rows["test"], "report")
+    assert texts[0] == "report 0" and texts[6] == "report 0"  # images 0 and 6 share a text
+    angle = {f"report {j}": [np.cos(j), np.sin(j)] for j in range(6)}
+    model = _TextTable(angle, towers=2)
+    images = np.array([angle[t] for t in texts]) * 3.0  # own text exactly; scale ignored
+    scores = score_retrieval(model, images, texts, data.y[rows], text_level=1)
+    assert model.levels_asked == [1]  # the report level's own tower
+    assert scores.gallery == [f"report {j}" for j in range(6)]
+    hits = scores.hits(ks=(1, 2))
+    np.testing.assert_array_equal(hits["i2t_R@1"], np.ones(12))
+    np.testing.assert_array_equal(hits["i2t_gallery"], np.full(12, 6.0))
+    # Text j's labels: the grades of images j and j + 6, i.e. grades[j % 3] and grades[j % 3]
+    # (6 is a multiple of 3), so 4 of the 6 texts are "low" and 2 "high".
+    low = data.task.classes.index("low")
+    is_low = data.y[rows][:, low] == 1
+    np.testing.assert_allclose(hits["i2t_chance_P"], np.where(is_low, 4 / 6, 2 / 6))
+    np.testing.assert_array_equal(hits["i2t_P@1"], np.ones(12))
+    # The second-nearest text (angle one step away) is of the same grade only for some.
+    neighbour = [scores.gallery[j] for j in np.argsort(-scores.similarity, axis=1)[:, 1]]
+    grade_of = {f"report {j}": ["low", "high", "low"][j % 3] for j in range(6)}
+    same = [grade_of[t] == grade_of[own] for t, own in zip(neighbour, texts, strict=True)]
+    np.testing.assert_allclose(hits["i2t_P@2"], (1 + np.array(same)) / 2)
+    # One tower: every level is embedded by it.
+    single = _TextTable(angle)
+    score_retrieval(single, images, texts, data.y[rows], text_level=1)
+    assert single.levels_asked == [0]
+
+
+def test_retrieval_outputs_are_compared_by_image(tmp_path, capsys):
+    from mgll.eval.retrieve import (
+        read_retrieval_hits,
+        retrieval_texts,
+        score_retrieval,
+        write_retrieval_outputs,
+    )
+
+    data = _grade_data(40)
+    rows, texts = retrieval_texts(data, data.rows["test"], "report")
+    rng = np.random.default_rng(0)
+    vectors = {t: list(rng.normal(size=8)) for t in dict.fromkeys(texts)}
+    model = _TextTable(vectors)
+    own = np.array([vectors[t] for t in texts])
+    folders = []
+    for name, noise in (("sharp", 0.3), ("blurred", 3.0)):
+        images = own + noise * np.random.default_rng(1).normal(size=own.shape)
+        scores = score_retrieval(model, images, texts, data.y[rows], text_level=1)
+        out = tmp_path / name
+        results = write_retrieval_outputs(
+            out,
+            data,
+            rows,
+            texts,
+            scores.hits(),
+            text_level="report",
+            encoder={"spec": name},
+            n_texts=len(scores.gallery),
+            n_resamples=200,
+        )
+        folders.append(out)
+        assert results["task"] == {
+            "data": "synthetic",
+            "level": "report",
+            "label_level": "grade",
+            "classes": data.task.classes,
+        }
+        assert results["chance"]["i2t_R@5"] == pytest.approx(5 / 20)
+        read = read_retrieval_hits(out)
+        assert read["texts"] == texts
+        assert results["metrics"]["i2t_R@1"] == pytest.approx(read["hits"]["i2t_R@1"].mean())
+        lo, hi = results["metrics"]["i2t_R@1_ci95"]
+        assert lo <= results["metrics"]["i2t_R@1"] <= hi
+    sharp = read_results(folders[0])["metrics"]
+    assert sharp["i2t_R@1"] > 0.9
+    argv = ["compare", *map(str, folders), "--bootstrap", "200", "--no-progress"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    row = next(line for line in printed.splitlines() if line.startswith("| i2t_R@1 |"))
+    diff = float(row.split("|")[4])
+    blurred = read_results(folders[1])["metrics"]["i2t_R@1"]
+    assert diff == pytest.approx(sharp["i2t_R@1"] - blurred, abs=1e-4) and diff > 0.3
+    # A retrieval output is not compared with a classification output.
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    (probe / "results.json").write_text('{"protocol": "linear_probe", "task": {}}')
+    (probe / "predictions.csv").write_text("image,patient,label:low,score:low\n")
+    assert main(["compare", str(folders[0]), str(probe), "--no-progress"]) == 1
+    assert "retrieval output and the other a classification" in capsys.readouterr().err
 
 
 @pytest.mark.shared_data
@@ -167,3 +307,15 @@ def test_zeroshot_and_retrieval_of_a_pretrained_run_then_compare_with_a_probe(
     lo, hi = results["metrics"]["i2t_R@5_ci95"]
     assert lo <= results["metrics"]["i2t_R@5"] <= hi
     assert (rt / "recall.png").stat().st_size > 0
+    # The notes as the gallery, label-aware P@K judged by the organism.
+    by_organism = tmp_path / "rt-organism"
+    argv = ["retrieve", "--model", str(pretrained_run), "--level", "organism"]
+    argv += ["--text-level", "notes", "--output-dir", str(by_organism), *common]
+    assert main(argv) == 0
+    organism = read_results(by_organism)
+    assert organism["task"]["level"] == "notes" and organism["task"]["label_level"] == "organism"
+    with (by_organism / "retrieval.csv").open() as handle:
+        texts = [r["text"] for r in csv.DictReader(handle)]
+    assert len(texts) == organism["n_test"] and len(set(texts)) == organism["n_texts"]
+    assert 0 < organism["chance"]["i2t_P@1"] < 1
+    assert "| i2t_P@5 |" in capsys.readouterr().out

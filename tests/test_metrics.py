@@ -179,3 +179,42 @@ def test_kernels_handle_ties_like_scikit_learn():
             cohen_kappa_score(truth, predicted, weights="quadratic")
         )
     assert np.isnan(roc_auc(np.zeros(5, int), np.arange(5.0)))
+
+
+def test_mean_with_ci_resamples_patients_not_images():
+    from mgll.metrics import mean_with_ci
+
+    values = np.array([1.0, 0.0, 1.0, 1.0, 0.0, 0.0])
+    value, ci = mean_with_ci(values, ["a", "a", "b", "c", "d", "e"], n_resamples=400, seed=0)
+    assert value == pytest.approx(0.5)
+    assert 0.0 <= ci[0] < 0.5 < ci[1] <= 1.0
+    # One patient's images repeated ten times: the interval keeps its width (patients drawn).
+    many = np.repeat(values, 10)
+    patients = np.repeat(["a", "a", "b", "c", "d", "e"], 10)
+    _, repeated = mean_with_ci(many, patients, n_resamples=400, seed=0)
+    assert repeated == pytest.approx(ci)
+
+
+def test_paired_mean_bootstrap_by_hand():
+    from mgll.metrics import paired_mean_bootstrap
+
+    rng = np.random.default_rng(4)
+    n = 200
+    a = (rng.random(n) < 0.7).astype(float)
+    b = np.where(rng.random(n) < 0.5, a, 0.0)  # b loses some of a's hits, never gains
+    patients = np.arange(n) // 2
+    got = paired_mean_bootstrap(a, b, patients, n_resamples=500, seed=0)
+    assert got["a"] == pytest.approx(a.mean()) and got["b"] == pytest.approx(b.mean())
+    assert got["diff"] == pytest.approx(a.mean() - b.mean())
+    assert got["ci95"][0] > 0 and got["p_value"] < 0.01
+    # The resamples draw patients: the first draw of rows reproduces the same numbers.
+    from mgll.metrics import bootstrap_indices, patient_groups
+
+    draws = [
+        (a - b)[rows].mean() for rows in bootstrap_indices(patient_groups(list(patients)), 500, 0)
+    ]
+    assert got["ci95"] == pytest.approx(list(np.percentile(draws, [2.5, 97.5])))
+    same = paired_mean_bootstrap(a, a, patients, n_resamples=100, seed=0)
+    assert same["diff"] == 0.0 and same["p_value"] == 1.0
+    with pytest.raises(ValueError, match="one per query"):
+        paired_mean_bootstrap(a, b[:-1], patients)

@@ -317,26 +317,80 @@ def paired_bootstrap(
         )
         for name in point_a:
             diffs[name].append(a[name] - b[name])
-    result = {}
-    for name in point_a:
-        a, b = point_a[name], point_b[name]
-        values = np.asarray(diffs[name], dtype=float)
-        finite = values[np.isfinite(values)]
-        defined = np.isfinite(a) and np.isfinite(b) and finite.size > 0
-        p_value = None
-        if defined:
-            below = (1 + np.sum(finite <= 0)) / (finite.size + 1)
-            above = (1 + np.sum(finite >= 0)) / (finite.size + 1)
-            p_value = float(min(1.0, 2 * min(below, above)))
-        result[name] = {
-            "a": float(a) if np.isfinite(a) else None,
-            "b": float(b) if np.isfinite(b) else None,
-            "diff": float(a - b) if defined else None,
-            "ci95": _percentile_ci(values) if defined else None,
-            "p_value": p_value,
-            "n_undefined": int(np.sum(~np.isfinite(values))),
-        }
-    return result
+    return {
+        name: _paired_entry(point_a[name], point_b[name], np.asarray(diffs[name], dtype=float))
+        for name in point_a
+    }
+
+
+def _paired_entry(a: float, b: float, diffs: np.ndarray) -> dict[str, Any]:
+    """One metric's paired comparison from its point values and resampled differences A - B:
+    the CI is their 2.5-97.5 percentiles, the p-value the two-sided bootstrap p of "no
+    difference" (2 x the smaller share on either side of 0, +1 corrected, capped at 1)."""
+    finite = diffs[np.isfinite(diffs)]
+    defined = bool(np.isfinite(a) and np.isfinite(b) and finite.size > 0)
+    p_value = None
+    if defined:
+        below = (1 + np.sum(finite <= 0)) / (finite.size + 1)
+        above = (1 + np.sum(finite >= 0)) / (finite.size + 1)
+        p_value = float(min(1.0, 2 * min(below, above)))
+    return {
+        "a": float(a) if np.isfinite(a) else None,
+        "b": float(b) if np.isfinite(b) else None,
+        "diff": float(a - b) if defined else None,
+        "ci95": _percentile_ci(diffs) if defined else None,
+        "p_value": p_value,
+        "n_undefined": int(np.sum(~np.isfinite(diffs))),
+    }
+
+
+def mean_with_ci(
+    values: np.ndarray,
+    patients: Sequence[Any],
+    *,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+) -> tuple[float, list[float] | None]:
+    """Mean of per-query values (e.g. retrieval hits) and its patient-bootstrap 95% CI."""
+    values = np.asarray(values, dtype=float)
+    if values.size == 0:
+        return float("nan"), None
+    draws = np.array(
+        [
+            values[rows].mean()
+            for rows in bootstrap_indices(patient_groups(patients), n_resamples, seed)
+        ]
+    )
+    return float(values.mean()), _percentile_ci(draws)
+
+
+def paired_mean_bootstrap(
+    values_a: np.ndarray,
+    values_b: np.ndarray,
+    patients: Sequence[Any],
+    *,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Difference of the means of two per-query value arrays on the same queries (e.g. the
+    retrieval hits of two encoders), with a paired patient bootstrap; the entry has the keys of
+    :func:`paired_bootstrap`'s."""
+    a, b = np.asarray(values_a, dtype=float), np.asarray(values_b, dtype=float)
+    if a.shape != b.shape or a.shape != (len(patients),):
+        raise ValueError(
+            f"paired values must be one per query: got {a.shape}, {b.shape} for "
+            f"{len(patients)} patients"
+        )
+    if a.size == 0:
+        return _paired_entry(float("nan"), float("nan"), np.zeros(0))
+    delta = a - b
+    draws = np.array(
+        [
+            delta[rows].mean()
+            for rows in bootstrap_indices(patient_groups(patients), n_resamples, seed)
+        ]
+    )
+    return _paired_entry(float(a.mean()), float(b.mean()), draws)
 
 
 def summarize(
@@ -364,6 +418,42 @@ def summarize(
                 "without both classes); its CI comes from the other resamples"
             )
     return metrics, per_class, notes
+
+
+def retrieval_hits(
+    similarity: np.ndarray,
+    own_text: np.ndarray,
+    image_labels: np.ndarray,
+    text_labels: np.ndarray,
+    ks: Sequence[int] = (1, 5, 10),
+) -> dict[str, np.ndarray]:
+    """Per-query hit arrays (float, one entry per query) of every retrieval metric, the one
+    ranking kernel of validation during pretraining and of ``mgll retrieve``.
+
+    ``similarity`` (I, T) images x texts; ``own_text`` (I,) the gallery index of each image's
+    text; ``image_labels`` (I, C) and ``text_labels`` (T, C) 0/1 label matrices. Keys:
+    ``i2t_R@K`` (own text in the top K), ``t2i_R@K`` (one of the text's images in the top K),
+    ``i2t_P@K``/``t2i_P@K`` (share of the top K whose labels overlap the query's; a K beyond
+    the gallery counts the whole gallery) and ``i2t_rank`` (1-based rank of the own text).
+    Ties keep gallery order.
+    """
+    n_images, n_texts = similarity.shape
+    out: dict[str, np.ndarray] = {}
+    i2t = np.argsort(-similarity, axis=1, kind="stable")
+    rank_of_own = np.argmax(i2t == own_text[:, None], axis=1)  # 0-based
+    t2i = np.argsort(-similarity.T, axis=1, kind="stable")
+    owner = np.zeros((n_texts, n_images), dtype=bool)
+    owner[own_text, np.arange(n_images)] = True
+    first_own_image = np.array([np.argmax(owner[t, t2i[t]]) for t in range(n_texts)])
+    overlap = (image_labels @ text_labels.T) > 0  # (I, T)
+    for k in ks:
+        out[f"i2t_R@{k}"] = (rank_of_own < k).astype(float)
+        out[f"t2i_R@{k}"] = (first_own_image < k).astype(float)
+        kk_t, kk_i = min(k, n_texts), min(k, n_images)
+        out[f"i2t_P@{k}"] = np.take_along_axis(overlap, i2t[:, :kk_t], axis=1).mean(1)
+        out[f"t2i_P@{k}"] = np.take_along_axis(overlap.T, t2i[:, :kk_i], axis=1).mean(1)
+    out["i2t_rank"] = rank_of_own.astype(float) + 1
+    return out
 
 
 def _progress(iterable: Iterator[np.ndarray], total: int, enabled: bool) -> Iterator[np.ndarray]:

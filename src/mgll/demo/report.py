@@ -2,8 +2,9 @@
 
 The demo gathers what it measured into :class:`ReportInputs` (plain arrays and dicts, no
 file layout assumed) and :func:`write_report` turns it into ``report.html``: the comparison
-table with confidence intervals, training loss curves, ROC curves, a 2-D map of held-out image
-embeddings coloured by label, and retrieval examples (thumbnail and top texts with scores).
+and retrieval tables with confidence intervals, training loss curves, ROC curves, a 2-D map
+of held-out image embeddings coloured by label, and retrieval examples (thumbnail and top
+texts with scores).
 Nothing in the page refers to another file or the network, so it can be mailed or archived.
 """
 
@@ -109,6 +110,8 @@ def _results_table(inputs: ReportInputs) -> str:
     head = "".join(f"<th>{html.escape(m)} (95% CI)</th>" for m in inputs.metrics)
     rows = []
     for row in inputs.table:
+        if row.get("protocol") == "retrieval":
+            continue
         cells = "".join(f"<td>{html.escape(_format_value(row, m))}</td>" for m in inputs.metrics)
         rows.append(
             f"<tr><td>{html.escape(str(row.get('encoder', '')))}</td>"
@@ -118,6 +121,33 @@ def _results_table(inputs: ReportInputs) -> str:
     return (
         "<table><tr><th>encoder</th><th>level</th><th>protocol</th>"
         f"{head}</tr>{''.join(rows)}</table>"
+    )
+
+
+def _retrieval_table(inputs: ReportInputs) -> str:
+    """Retrieval rows (``protocol: retrieval``) as metrics x encoders, with a random ranking's
+    value beside them."""
+    shown = [r for r in inputs.table if r.get("protocol") == "retrieval"]
+    if not shown:
+        return ""
+    metrics = [k for k in shown[0] if k.startswith(("i2t_R@", "i2t_P@")) and "ci95" not in k]
+    head = "".join(f"<th>{html.escape(str(r.get('encoder', '')))}</th>" for r in shown)
+    rows = []
+    for metric in metrics:
+        chance = shown[0].get("chance", {}).get(metric)
+        cells = "".join(f"<td>{html.escape(_format_value(r, metric))}</td>" for r in shown)
+        rows.append(
+            f"<tr><td>{html.escape(metric)}</td>"
+            f"<td>{'' if chance is None else f'{chance:.3f}'}</td>{cells}</tr>"
+        )
+    first = shown[0]
+    return (
+        "<h2>Retrieval on held-out patients</h2><p>Image &rarr; text: each held-out image ranks "
+        f"the {html.escape(str(first.get('level', '')))} texts of its fold's held-out images. "
+        "R@K: its own text is among the top K; P@K: the share of the top K written for images "
+        f"of the same {html.escape(str(first.get('label_level', '')))} (95% patient-bootstrap "
+        "CIs; chance: a random ranking).</p>"
+        f"<table><tr><th>metric</th><th>chance</th>{head}</tr>{''.join(rows)}</table>"
     )
 
 
@@ -272,6 +302,7 @@ def render_report(inputs: ReportInputs) -> str:
     parts.extend(f"<p class='note'>{html.escape(note)}</p>" for note in inputs.notes)
     parts.append("<h2>Results on held-out patients</h2>")
     parts.append(_results_table(inputs))
+    parts.append(_retrieval_table(inputs))
     parts.append(_comparison_table(inputs.comparisons))
     figures = (
         ("Training loss", _loss_figure(inputs.encoders)),

@@ -255,14 +255,16 @@ def run_demo(
 
     table: list[dict[str, Any]] = []
     for encoder in ENCODERS:
-        progress.say("evaluate", f"{encoder}: linear probe and zero-shot, pooled over folds")
+        progress.say(
+            "evaluate", f"{encoder}: linear probe, zero-shot and retrieval, pooled over folds"
+        )
         t0 = time.perf_counter()
         fresh = _evaluate(demo, encoder, records, fold, levels)
         progress.done("eval", time.perf_counter() - t0 if fresh else None)
-        table.extend(_table_rows(demo, encoder, levels))
+        table.extend(_table_rows(demo, encoder, levels, records.levels[-1].name))
 
     progress.say("compare", "paired patient bootstrap")
-    comparisons = _compare(demo, levels)
+    comparisons = _compare(demo, levels, records.levels[-1].name)
     summary = {
         "dataset": dataset,
         "config": _without_split(demo.config("mgll", 0).to_dict()),
@@ -278,6 +280,12 @@ def run_demo(
             "probe": "standardised pre-projection features, scikit-learn LogisticRegression; C "
             f"in {list(C_GRID)} by macro AUC over {INNER_FOLDS}-fold patient CV inside the "
             "fold's training patients",
+            "retrieval": f"image -> text within each fold's held-out images: the distinct "
+            f"{records.levels[-1].name} texts of those images are the gallery, ranked by "
+            "cosine similarity with the fold's model; R@K (own text in the top K) and label-aware "
+            f"P@K (top K texts of images with the same {demo.recipe.main_level}) for K in "
+            f"{list(RETRIEVAL_KS)}, pooled over folds; headline comparisons "
+            f"{', '.join(RETRIEVAL_HEADLINE)} (chosen before measuring)",
             "bootstrap": f"{demo.resamples} patient-group resamples, paired for differences",
         },
         "table": table,
@@ -354,8 +362,9 @@ def write_demo_report(demo: Demo, records: Any, summary: Mapping[str, Any]) -> P
             f"{protocol['split']}.",
             f"Probe: {protocol['probe']}. Confidence intervals: {protocol['bootstrap']}.",
             "Loss curves are fold 1's runs; embedding maps show fold 1's held-out images in the "
-            "features of fold 1's model (which never saw them); retrieval ranks the expert "
-            "texts of the same fold's held-out images.",
+            "features of fold 1's model (which never saw them); retrieval examples rank the "
+            f"distinct {records.levels[-1].name} texts of the same fold's held-out images.",
+            f"Retrieval: {protocol['retrieval']}.",
             "Small public data on one machine: these numbers show what the method does here, "
             "not how it compares at the paper's scale.",
         ],
@@ -478,53 +487,49 @@ def _eval_data(
 REPORT_DATA_FILE = "report_data.npz"
 RETRIEVAL_EXAMPLES = 3  # held-out images shown with their top texts in the report
 RETRIEVAL_TOP = 3
+RETRIEVAL_KS = (1, 5, 10)
+# Chosen before the first retrieval measurement: the comparisons printed and shown first.
+RETRIEVAL_HEADLINE = ("i2t_R@5", "i2t_P@5")
 
 
-def _retrieval_queries(records: Any, fold: np.ndarray, level: str) -> list[int]:
+def _retrieval_queries(records: Any, candidates: np.ndarray, level: str) -> list[int]:
     """A few held-out images, the same for every encoder: one per class of the main level
-    (the first record of each class in file order), up to :data:`RETRIEVAL_EXAMPLES`."""
+    (the first of the retrieval queries ``candidates`` of each class in file order), up to
+    :data:`RETRIEVAL_EXAMPLES`."""
     index = [lv.name for lv in records.levels].index(level)
     chosen: dict[str, int] = {}
-    for i, record in enumerate(records.records):
-        names = record.labels[index]
+    for i in sorted(int(c) for c in candidates):
+        names = records.records[i].labels[index]
         if names and names[0] not in chosen:
             chosen[names[0]] = i
     return sorted(chosen.values())[:RETRIEVAL_EXAMPLES]
 
 
 def _save_report_data(
-    demo: Demo,
     base: Path,
-    records: Any,
     fold: np.ndarray,
-    models: Sequence[Any],
-    feats: Sequence[Any],
-    embs: Sequence[Any],
+    queries: Sequence[int],
+    fold_scores: Sequence[tuple[np.ndarray, Any]],
+    features: np.ndarray,
 ) -> None:
     """What the report shows of one encoder: the features of fold 1's held-out images from
     fold 1's model (one model, so one feature space) and, for a few held-out images, the
-    finest-level texts of their fold's held-out images ranked by cosine similarity."""
-    import torch
-
+    gallery texts their fold's retrieval ranked highest (each text shown through the first
+    image carrying it, for its label)."""
     from mgll.io import atomic_write
 
     first_fold = np.flatnonzero(fold == 0)
-    queries = _retrieval_queries(records, fold, demo.recipe.main_level)
     top_index = np.zeros((len(queries), RETRIEVAL_TOP), dtype=np.int64)
     top_score = np.zeros((len(queries), RETRIEVAL_TOP))
     for q, i in enumerate(queries):
-        k = int(fold[i])
-        pool = np.flatnonzero(fold == k)
-        texts = [records.records[j].texts[-1][0] for j in pool]
-        with torch.no_grad():
-            text = models[k].encode_text(texts, level=len(records.levels) - 1).float()
-        text = torch.nn.functional.normalize(text, dim=-1).numpy()
-        image = embs[k].features[i] / max(float(np.linalg.norm(embs[k].features[i])), 1e-12)
-        similarity = text @ image
+        rows, scores = fold_scores[int(fold[i])]
+        similarity = scores.similarity[int(np.flatnonzero(rows == i)[0])]
+        carrier = {int(t): int(rows[j]) for j, t in reversed(list(enumerate(scores.own_text)))}
         order = np.argsort(-similarity, kind="stable")[:RETRIEVAL_TOP]
-        top_index[q], top_score[q] = pool[order], similarity[order]
+        top_index[q] = [carrier[int(t)] for t in order]
+        top_score[q] = similarity[order]
     arrays = {
-        "features": feats[0].features[first_fold],
+        "features": features[first_fold],
         "feature_rows": first_fold,
         "queries": np.asarray(queries, dtype=np.int64),
         "top_index": top_index,
@@ -539,6 +544,54 @@ def _save_report_data(
     atomic_write(base / REPORT_DATA_FILE, write)
 
 
+def _retrieval(
+    demo: Demo,
+    encoder: str,
+    records: Any,
+    fold: np.ndarray,
+    models: Sequence[Any],
+    embs: Sequence[Any],
+) -> list[tuple[np.ndarray, Any]]:
+    """Image -> text retrieval of every fold's held-out images among the distinct finest-level
+    texts of the same held-out images (the fold's model, which never saw them), pooled over
+    folds into ``OUT/<encoder>/retrieval-<finest level>``; returns each fold's (rows, scores)."""
+    from mgll.eval.retrieve import retrieval_texts, score_retrieval, write_retrieval_outputs
+
+    text_level = len(records.levels) - 1
+    text_name = records.levels[text_level].name
+    everything = np.arange(len(records.records))
+    per_fold, pooled = [], {}
+    for k, model in enumerate(models):
+        part = _eval_data(
+            demo, records, demo.recipe.main_level, everything[fold != k], everything[fold == k]
+        )
+        rows, texts = retrieval_texts(part, part.rows["test"], text_name)
+        scores = score_retrieval(model, embs[k].features[rows], texts, part.y[rows], text_level)
+        per_fold.append((rows, scores))
+        pooled[k] = (rows, texts, scores.hits(RETRIEVAL_KS), len(scores.gallery))
+    data = _eval_data(demo, records, demo.recipe.main_level, everything[:0], everything)
+    hits = {key: np.concatenate([p[2][key] for p in pooled.values()]) for key in pooled[0][2]}
+    write_retrieval_outputs(
+        demo.out / encoder / f"retrieval-{text_name}",
+        data,
+        np.concatenate([p[0] for p in pooled.values()]),
+        [t for p in pooled.values() for t in p[1]],
+        hits,
+        text_level=text_name,
+        encoder={"spec": encoder, "kind": "demo", "folds": demo.folds},
+        n_texts=sum(p[3] for p in pooled.values()),
+        n_resamples=demo.resamples,
+        seed=demo.seed,
+        details={
+            "gallery": f"per fold, the distinct {text_name} texts of the fold's held-out "
+            "images; each fold's queries ranked by that fold's model; pooled over folds",
+            "labels": f"label-aware P@K judged by the {demo.recipe.main_level} labels",
+            "gallery_sizes": [p[3] for p in pooled.values()],
+        },
+    )
+    return per_fold
+
+
 def _evaluate(
     demo: Demo, encoder: str, records: Any, fold: np.ndarray, levels: Sequence[str]
 ) -> bool:
@@ -550,6 +603,7 @@ def _evaluate(
 
     base = demo.out / encoder
     wanted = [base / f"{p}-{lv}" / RESULTS_FILE for lv in levels for p in ("probe", "zeroshot")]
+    wanted += [base / f"retrieval-{records.levels[-1].name}" / RESULTS_FILE]
     if all(w.is_file() for w in [*wanted, base / REPORT_DATA_FILE]):
         return False
     models = _fold_models(demo, encoder)
@@ -567,7 +621,10 @@ def _evaluate(
                 enc, records, demo.folder, projected=True, cache_dir=False, progress=False
             )
         )
-    _save_report_data(demo, base, records, fold, models, feats, embs)
+    fold_scores = _retrieval(demo, encoder, records, fold, models, embs)
+    candidates = np.concatenate([rows for rows, _ in fold_scores])
+    queries = _retrieval_queries(records, candidates, demo.recipe.main_level)
+    _save_report_data(base, fold, queries, fold_scores, feats[0].features)
     everything = np.arange(n)
     for level in levels:
         data = _eval_data(demo, records, level, np.zeros(0, dtype=np.int64), everything)
@@ -693,7 +750,9 @@ def cv_probe(
     return model.predict_scores(x_test), float(best_c)
 
 
-def _table_rows(demo: Demo, encoder: str, levels: Sequence[str]) -> list[dict[str, Any]]:
+def _table_rows(
+    demo: Demo, encoder: str, levels: Sequence[str], text_level: str
+) -> list[dict[str, Any]]:
     from mgll.eval.results import read_results
 
     rows = []
@@ -711,40 +770,59 @@ def _table_rows(demo: Demo, encoder: str, levels: Sequence[str]) -> list[dict[st
                     "accuracy": m.get("accuracy"),
                 }
             )
+    results = read_results(demo.out / encoder / f"retrieval-{text_level}")
+    row: dict[str, Any] = {
+        "encoder": encoder,
+        "level": text_level,
+        "label_level": results["task"]["label_level"],
+        "protocol": "retrieval",
+        "n_queries": results["n_test"],
+    }
+    for key, value in results["metrics"].items():
+        if key.startswith(("i2t_R@", "i2t_P@")):
+            row[key] = value
+    row["chance"] = results["chance"]
+    rows.append(row)
     return rows
 
 
-def _compare(demo: Demo, levels: Sequence[str]) -> list[dict[str, Any]]:
+def _compare(demo: Demo, levels: Sequence[str], text_level: str) -> list[dict[str, Any]]:
     from mgll.eval.compare import compare_folders
 
     out = []
-    for level in levels:
-        for protocol in ("probe", "zeroshot"):
-            for a, b in COMPARISONS:
-                folders = [demo.out / e / f"{protocol}-{level}" for e in (a, b)]
-                result = compare_folders(
-                    folders,
-                    output_dir=demo.out / "compare" / f"{a}-vs-{b}-{protocol}-{level}",
-                    n_resamples=demo.resamples,
-                    seed=demo.seed,
-                    progress=False,
+    tasks = [(level, p, f"{p}-{level}") for level in levels for p in ("probe", "zeroshot")]
+    tasks.append((text_level, "retrieval", f"retrieval-{text_level}"))
+    for level, protocol, name in tasks:
+        for a, b in COMPARISONS:
+            result = compare_folders(
+                [demo.out / a / name, demo.out / b / name],
+                output_dir=demo.out / "compare" / f"{a}-vs-{b}-{name}",
+                n_resamples=demo.resamples,
+                seed=demo.seed,
+                progress=False,
+            )
+            stats = result["comparisons"][0]["metrics"]
+            metrics = (
+                [m for m in stats if m.startswith(("i2t_R@", "i2t_P@"))]
+                if protocol == "retrieval"
+                else ["auc_macro", "map", "accuracy"]
+            )
+            for metric in metrics:
+                m = stats.get(metric)
+                if m is None:
+                    continue
+                out.append(
+                    {
+                        "a": a,
+                        "b": b,
+                        "level": level,
+                        "protocol": {"probe": "linear_probe"}.get(protocol, protocol),
+                        "metric": metric,
+                        "diff": m["diff"],
+                        "ci95": m["ci95"],
+                        "p": m["p_value"],
+                    }
                 )
-                for metric in ("auc_macro", "map", "accuracy"):
-                    m = result["comparisons"][0]["metrics"].get(metric)
-                    if m is None:
-                        continue
-                    out.append(
-                        {
-                            "a": a,
-                            "b": b,
-                            "level": level,
-                            "protocol": "linear_probe" if protocol == "probe" else "zeroshot",
-                            "metric": metric,
-                            "diff": m["diff"],
-                            "ci95": m["ci95"],
-                            "p": m["p_value"],
-                        }
-                    )
     return out
 
 
@@ -755,9 +833,14 @@ def _fmt_ci(value: float | None, ci: Sequence[float] | None) -> str:
 
 
 def format_table(summary: Mapping[str, Any]) -> str:
-    """The side-by-side macro-AUC table and the comparisons, as printed at the end."""
+    """The side-by-side macro-AUC and retrieval tables and the headline comparisons, as
+    printed at the end."""
     rows: dict[tuple[str, str], dict[str, str]] = {}
+    retrieval: dict[str, Mapping[str, Any]] = {}
     for r in summary["table"]:
+        if r["protocol"] == "retrieval":
+            retrieval[r["encoder"]] = r
+            continue
         cell = _fmt_ci(r["auc_macro"], r["auc_macro_ci95"])
         rows.setdefault((r["level"], r["protocol"]), {})[r["encoder"]] = cell
     width = 24
@@ -770,14 +853,34 @@ def format_table(summary: Mapping[str, Any]) -> str:
         lines.append(
             f"{level:<14}{protocol:<14}" + "".join(f"{cells.get(e, ''):<{width}}" for e in ENCODERS)
         )
+    if retrieval:
+        first = next(iter(retrieval.values()))
+        lines += [
+            "",
+            f"retrieval: each held-out image ranks the {first['level']} texts of its fold's "
+            f"held-out images; R@K = own text in the top K, P@K = top K texts of the same "
+            f"{first['label_level']} ({first['n_queries']} queries)",
+            f"{'metric':<14}{'chance':<14}" + "".join(f"{e:<{width}}" for e in ENCODERS),
+        ]
+        metrics = [k for k in first if k.startswith(("i2t_R@", "i2t_P@")) and "ci95" not in k]
+        for metric in metrics:
+            chance = first["chance"].get(metric)
+            lines.append(
+                f"{metric:<14}{'' if chance is None else f'{chance:.3f}':<14}"
+                + "".join(
+                    f"{_fmt_ci(r.get(metric), r.get(f'{metric}_ci95')):<{width}}"
+                    for r in (retrieval.get(e, {}) for e in ENCODERS)
+                )
+            )
     lines.append("")
     for c in summary["comparisons"]:
-        if c["metric"] != "auc_macro":
+        if c["metric"] not in ("auc_macro", *RETRIEVAL_HEADLINE):
             continue
         diff = (
             "undefined"
             if c["diff"] is None
             else (f"{c['diff']:+.3f} [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}], p={c['p']:.3g}")
         )
-        lines.append(f"{c['a']} - {c['b']} ({c['level']}, {c['protocol']}): {diff}")
+        what = c["protocol"] if c["metric"] == "auc_macro" else f"retrieval {c['metric']}"
+        lines.append(f"{c['a']} - {c['b']} ({c['level']}, {what}): {diff}")
     return "\n".join(lines)

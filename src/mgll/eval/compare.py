@@ -6,6 +6,11 @@ folder after the first reports ``first - other`` for every metric with a paired 
 bootstrap 95% CI and a two-sided p-value (:func:`mgll.metrics.paired_bootstrap`): each resample
 draws test patients once and scores both prediction sets on them, so the comparison accounts
 for both the test-set sampling and the correlation between the two encoders' errors.
+
+Outputs of ``mgll retrieve`` are compared the same way from their ``retrieval.csv`` (one row
+per image query): the image -> text R@K and label-aware P@K of both folders on the same
+images and texts, paired by patient (:func:`mgll.metrics.paired_mean_bootstrap`). Retrieval
+and classification outputs are not compared with each other.
 """
 
 from __future__ import annotations
@@ -34,19 +39,27 @@ class CompareError(ValueError):
 
 def _load(folder: Path) -> dict[str, Any]:
     from mgll.eval.results import read_predictions, read_results
+    from mgll.eval.retrieve import read_retrieval_hits
 
     results = read_results(folder)
-    pred = read_predictions(folder)
-    if len(set(pred["images"])) != len(pred["images"]):
-        raise CompareError(f"{folder}/predictions.csv lists an image twice")
-    return {"folder": folder, "results": results, **pred}
+    retrieval = results.get("protocol") == "retrieval"
+    rows = read_retrieval_hits(folder) if retrieval else read_predictions(folder)
+    if len(set(rows["images"])) != len(rows["images"]):
+        name = "retrieval.csv" if retrieval else "predictions.csv"
+        raise CompareError(f"{folder}/{name} lists an image twice")
+    return {"folder": folder, "results": results, "retrieval": retrieval, **rows}
 
 
 def _aligned(reference: dict[str, Any], other: dict[str, Any]) -> np.ndarray:
     """Row order of ``other`` matching ``reference``'s images (CompareError when they differ)."""
     a, b = reference["folder"], other["folder"]
+    if reference["retrieval"] != other["retrieval"]:
+        raise CompareError(
+            f"{a} and {b}: one is a retrieval output and the other a classification output; "
+            "compare outputs of the same protocol kind"
+        )
     ta, tb = reference["results"]["task"], other["results"]["task"]
-    for key in ("level", "type", "classes"):
+    for key in ("level", "label_level", "type", "classes"):
         if ta.get(key) != tb.get(key):
             raise CompareError(
                 f"{a} and {b} evaluate different tasks ({key}: {ta.get(key)!r} vs "
@@ -62,9 +75,35 @@ def _aligned(reference: dict[str, Any], other: dict[str, Any]) -> np.ndarray:
             "the same data and split (split.csv in each folder)"
         )
     order = np.array([position[img] for img in reference["images"]], dtype=np.int64)
-    if not np.array_equal(reference["y"], other["y"][order]):
+    if reference["retrieval"]:
+        if reference["texts"] != [other["texts"][i] for i in order]:
+            raise CompareError(f"{a} and {b} disagree on the texts of the same test images")
+    elif not np.array_equal(reference["y"], other["y"][order]):
         raise CompareError(f"{a} and {b} disagree on the labels of the same test images")
     return order
+
+
+def _retrieval_stats(
+    reference: dict[str, Any],
+    other: dict[str, Any],
+    order: np.ndarray,
+    patients: list[str],
+    n_resamples: int,
+    seed: int,
+) -> dict[str, dict[str, Any]]:
+    from mgll.metrics import paired_mean_bootstrap
+
+    return {
+        name: paired_mean_bootstrap(
+            values,
+            other["hits"][name][order],
+            patients,
+            n_resamples=n_resamples,
+            seed=seed,
+        )
+        for name, values in reference["hits"].items()
+        if name in other["hits"]
+    }
 
 
 def compare_folders(
@@ -93,6 +132,10 @@ def compare_folders(
     comparisons = []
     for other in loaded[1:]:
         order = _aligned(reference, other)
+        if reference["retrieval"]:
+            stats = _retrieval_stats(reference, other, order, patients, n_resamples, seed)
+            comparisons.append(_pair(reference, other, stats))
+            continue
         thresholds = [
             [r["results"]["thresholds"][c] for c in task["classes"]] for r in (reference, other)
         ]
@@ -110,17 +153,7 @@ def compare_folders(
             seed=seed,
             progress=progress,
         )
-        comparisons.append(
-            {
-                "a": str(reference["folder"]),
-                "b": str(other["folder"]),
-                "encoder_a": reference["results"].get("encoder", {}).get("spec"),
-                "encoder_b": other["results"].get("encoder", {}).get("spec"),
-                "protocol_a": reference["results"].get("protocol"),
-                "protocol_b": other["results"].get("protocol"),
-                "metrics": stats,
-            }
-        )
+        comparisons.append(_pair(reference, other, stats))
     result = {
         "task": task,
         "n_test": len(reference["images"]),
@@ -135,6 +168,20 @@ def compare_folders(
         text = format_comparison(result) + "\n"
         atomic_write(out / "comparison.md", lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return result
+
+
+def _pair(
+    reference: dict[str, Any], other: dict[str, Any], stats: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    return {
+        "a": str(reference["folder"]),
+        "b": str(other["folder"]),
+        "encoder_a": reference["results"].get("encoder", {}).get("spec"),
+        "encoder_b": other["results"].get("encoder", {}).get("spec"),
+        "protocol_a": reference["results"].get("protocol"),
+        "protocol_b": other["results"].get("protocol"),
+        "metrics": stats,
+    }
 
 
 def _fmt(value: float | None) -> str:
@@ -154,9 +201,9 @@ def format_comparison(result: dict[str, Any]) -> str:
             "| metric | A | B | A - B | 95% CI | p |",
             "|---|---|---|---|---|---|",
         ]
-        for name in HEADLINE:
-            if name not in pair["metrics"]:
-                continue
+        names = [n for n in HEADLINE if n in pair["metrics"]]
+        names += [n for n in pair["metrics"] if n.startswith(("i2t_R@", "i2t_P@"))]
+        for name in names:
             m = pair["metrics"][name]
             ci = "" if m["ci95"] is None else f"[{m['ci95'][0]:+.4f}, {m['ci95'][1]:+.4f}]"
             diff = "undefined" if m["diff"] is None else f"{m['diff']:+.4f}"

@@ -1,20 +1,23 @@
 """``mgll retrieve``: image-text retrieval on the test split.
 
-Queries and gallery are the test images and the distinct texts they carry at the chosen level
-(``Record.texts[level]``; identical strings are one gallery entry, as many images share a class
-prompt). Similarity is the cosine of the normalised projected image embedding and the text
-embedding.
+Queries and gallery are the test images and the distinct texts they carry at the text level
+(``Record.texts[level]``, ``--text-level``, default the task's ``--level``; identical strings
+are one gallery entry, as many images share a class prompt). Similarity is the cosine of the
+normalised projected image embedding and the text embedding.
 
 - image -> text R@K: the share of image queries whose own text is among the K most similar;
 - text -> image R@K: the share of text queries with at least one of their images in the top K;
-- label-aware P@K (both directions): the share of the top K whose labels at the level overlap
-  the query's (a text's labels are the union of the labels of the images carrying it), so a
-  different wording of the right finding counts as right; a K beyond the gallery size counts
-  the whole gallery.
+- label-aware P@K (both directions): the share of the top K whose labels at the task's level
+  overlap the query's (a text's labels are the union of the labels of the images carrying it),
+  so a different wording of the right finding counts as right; a K beyond the gallery size
+  counts the whole gallery. With free-text reports as the texts and a class level as the task
+  (``--text-level notes --level organism``), P@K asks whether the retrieved report was written
+  for an image of the same class.
 
 95% CIs: image queries are resampled by patient (all images of a patient together), text
-queries one text at a time. ``OUT/retrieval.csv`` has one row per image query (rank of its own
-text, hits); ``OUT/recall.png`` plots R@K.
+queries one text at a time; ``chance`` in results.json is the R@K of a random ranking.
+``OUT/retrieval.csv`` has one row per image query (rank of its own text, gallery size, hits),
+which ``mgll compare`` pairs by image; ``OUT/recall.png`` plots R@K.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import argparse
 import csv
 import io
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,45 +34,197 @@ import numpy as np
 import torch
 
 DEFAULT_KS = (1, 5, 10)
+CHANCE_KEYS = ("i2t_rank", "i2t_gallery", "i2t_chance_P")  # per-query, not metrics
+RETRIEVAL_FILE = "retrieval.csv"
 
 
-def _ci(values: np.ndarray, groups: list[np.ndarray], n_resamples: int, seed: int) -> list[float]:
-    from mgll.metrics import bootstrap_indices
+@dataclass
+class RetrievalScores:
+    """Image queries against the gallery of their distinct texts, as one similarity matrix."""
 
-    means = [float(values[rows].mean()) for rows in bootstrap_indices(groups, n_resamples, seed)]
-    low, high = np.percentile(means, [2.5, 97.5])
-    return [float(low), float(high)]
+    similarity: np.ndarray  # (I, T) cosine of image and text embeddings
+    gallery: list[str]  # the T distinct texts, in order of first appearance
+    own_text: np.ndarray  # (I,) gallery index of each image's own text
+    image_labels: np.ndarray  # (I, C) 0/1 labels the label-aware P@K is judged by
+    text_labels: np.ndarray  # (T, C) union of the labels of the images carrying each text
+
+    def hits(self, ks: Sequence[int] = DEFAULT_KS) -> dict[str, np.ndarray]:
+        """Per-query hits of every metric (:func:`mgll.metrics.retrieval_hits`), plus, per
+        image query, what a random ranking gives: ``i2t_gallery`` the gallery size it was
+        ranked against (chance R@K = K / size) and ``i2t_chance_P`` the share of the gallery
+        whose labels overlap its own (the expected label-aware P@K of a random ranking)."""
+        from mgll.metrics import retrieval_hits
+
+        out = retrieval_hits(
+            self.similarity, self.own_text, self.image_labels, self.text_labels, ks
+        )
+        out["i2t_gallery"] = np.full(len(self.own_text), float(len(self.gallery)))
+        out["i2t_chance_P"] = ((self.image_labels @ self.text_labels.T) > 0).mean(axis=1)
+        return out
 
 
-def retrieval_metrics(
-    similarity: np.ndarray,
-    own_text: np.ndarray,
-    image_labels: np.ndarray,
-    text_labels: np.ndarray,
-    ks: Sequence[int] = DEFAULT_KS,
-) -> dict[str, np.ndarray]:
-    """Per-query hit arrays (float, one entry per query) of every retrieval metric.
+def score_retrieval(
+    model: Any,
+    image_emb: np.ndarray,
+    texts: Sequence[str],
+    labels: np.ndarray,
+    text_level: int,
+    batch_size: int = 64,
+) -> RetrievalScores:
+    """Rank the distinct ``texts`` for every image: ``image_emb`` (I, D) projected image
+    embeddings, ``texts`` each image's own text, embedded with ``model``'s text tower of level
+    ``text_level`` (its only tower when it has one), ``labels`` (I, C) the images' labels."""
+    gallery = list(dict.fromkeys(texts))
+    index = {t: j for j, t in enumerate(gallery)}
+    own_text = np.array([index[t] for t in texts], dtype=np.int64)
+    image_labels = np.asarray(labels).astype(int)
+    text_labels = np.zeros((len(gallery), image_labels.shape[1]), dtype=int)
+    for i, j in enumerate(own_text):
+        text_labels[j] |= image_labels[i]
+    tower_level = text_level if model.text_per_level and text_level < len(model.text_towers) else 0
+    with torch.no_grad():
+        text = torch.cat(
+            [
+                model.encode_text(gallery[s : s + batch_size], level=tower_level).float().cpu()
+                for s in range(0, len(gallery), batch_size)
+            ]
+        )
+    text = torch.nn.functional.normalize(text, dim=-1)
+    image = torch.nn.functional.normalize(torch.from_numpy(np.asarray(image_emb)).float(), dim=-1)
+    return RetrievalScores(
+        similarity=(image @ text.T).numpy(),
+        gallery=gallery,
+        own_text=own_text,
+        image_labels=image_labels,
+        text_labels=text_labels,
+    )
 
-    ``similarity`` (I, T) images x texts; ``own_text`` (I,) the gallery index of each image's
-    text; ``image_labels`` (I, C) and ``text_labels`` (T, C) 0/1 label matrices.
-    """
-    n_images, n_texts = similarity.shape
-    out: dict[str, np.ndarray] = {}
-    i2t = np.argsort(-similarity, axis=1, kind="stable")
-    rank_of_own = np.argmax(i2t == own_text[:, None], axis=1)  # 0-based
-    t2i = np.argsort(-similarity.T, axis=1, kind="stable")
-    owner = np.zeros((n_texts, n_images), dtype=bool)
-    owner[own_text, np.arange(n_images)] = True
-    first_own_image = np.array([np.argmax(owner[t, t2i[t]]) for t in range(n_texts)])
-    overlap = (image_labels @ text_labels.T) > 0  # (I, T)
-    for k in ks:
-        out[f"i2t_R@{k}"] = (rank_of_own < k).astype(float)
-        out[f"t2i_R@{k}"] = (first_own_image < k).astype(float)
-        kk_t, kk_i = min(k, n_texts), min(k, n_images)
-        out[f"i2t_P@{k}"] = np.take_along_axis(overlap, i2t[:, :kk_t], axis=1).mean(1)
-        out[f"t2i_P@{k}"] = np.take_along_axis(overlap.T, t2i[:, :kk_i], axis=1).mean(1)
-    out["i2t_rank"] = rank_of_own.astype(float) + 1
-    return out
+
+def retrieval_texts(data: Any, rows: np.ndarray, text_level: str) -> tuple[np.ndarray, list[str]]:
+    """The rows that carry a text at ``text_level`` and those texts (a row without one is
+    neither a query nor in the gallery)."""
+    level = [lv.name for lv in data.records.levels].index(text_level)
+    kept = [int(i) for i in rows if data.records.records[int(i)].texts[level]]
+    texts = [data.records.records[i].texts[level][0] for i in kept]
+    return np.asarray(kept, dtype=np.int64), texts
+
+
+def write_retrieval_outputs(
+    output_dir: str | Path,
+    data: Any,
+    rows: np.ndarray,
+    texts: Sequence[str],
+    hits: dict[str, np.ndarray],
+    *,
+    text_level: str,
+    encoder: dict[str, Any],
+    n_texts: int,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    notes: Sequence[str] = (),
+    details: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """``results.json`` (each metric with its 95% CI), ``retrieval.csv`` (one row per image
+    query), ``recall.png`` and ``split.csv`` of retrieval hits over the image queries ``rows``
+    (their texts ``texts``); ``n_texts`` is the number of gallery texts in all. Returns the
+    results. Image-query CIs resample patients; text-query CIs resample texts."""
+    from mgll.eval.results import write_json
+    from mgll.io import atomic_write
+    from mgll.metrics import mean_with_ci
+
+    patients = data.patients(rows)
+    n_text_queries = len(next(v for k, v in hits.items() if k.startswith("t2i")))
+    metrics: dict[str, Any] = {}
+    for key, values in hits.items():
+        if key in CHANCE_KEYS:
+            continue
+        groups = patients if key.startswith("i2t") else list(range(n_text_queries))
+        value, ci = mean_with_ci(values, groups, n_resamples=n_resamples, seed=seed)
+        metrics[key], metrics[f"{key}_ci95"] = value, ci
+    metrics["i2t_median_rank"] = float(np.median(hits["i2t_rank"]))
+    chance = {}
+    for key in hits:
+        if key.startswith("i2t_R@"):
+            k = int(key.split("@")[1])
+            chance[key] = float(np.mean(np.minimum(k, hits["i2t_gallery"]) / hits["i2t_gallery"]))
+        elif key.startswith("i2t_P@") and "i2t_chance_P" in hits:
+            chance[key] = float(np.mean(hits["i2t_chance_P"]))
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    columns = [k for k in hits if k.startswith("i2t") and k not in CHANCE_KEYS]
+    writer.writerow(["image", "patient", "text", "rank_of_own_text", "gallery_size", *columns])
+    images, patient_ids = data.image_ids(rows), data.patient_ids(rows)
+    for i in range(len(rows)):
+        writer.writerow(
+            [
+                images[i],
+                patient_ids[i],
+                texts[i],
+                int(hits["i2t_rank"][i]),
+                int(hits["i2t_gallery"][i]),
+                *(f"{hits[c][i]:.6g}" for c in columns),
+            ]
+        )
+    atomic_write(out / RETRIEVAL_FILE, lambda tmp: tmp.write_text(buffer.getvalue()))
+    data.write_split(out / "split.csv")
+    _plot_recall(out / "recall.png", hits["i2t_rank"], hits["i2t_gallery"])
+    results = {
+        "version": 1,
+        "task": {
+            "data": data.source,
+            "level": text_level,
+            "label_level": data.task.level,
+            "classes": data.task.classes,
+        },
+        "encoder": encoder,
+        "protocol": "retrieval",
+        "n_test": len(rows),
+        "n_patients_test": len(set(patients)),
+        "n_texts": n_texts,
+        "metrics": metrics,
+        "chance": chance,
+        "details": dict(details or {}),
+        "bootstrap": {
+            "unit": "patient (image queries), text (text queries)",
+            "resamples": n_resamples,
+            "seed": seed,
+        },
+        "split": {**data.split_info, "file": "split.csv"},
+        "seed": seed,
+        "notes": list(notes),
+    }
+    write_json(out / "results.json", results)
+    return results
+
+
+def read_retrieval_hits(folder: str | Path) -> dict[str, Any]:
+    """A retrieval folder's per-image-query rows: images, patients, texts and the hit
+    columns (``i2t_R@K``, ``i2t_P@K``) as float arrays."""
+    from mgll.eval.results import ResultsError
+
+    path = Path(folder) / RETRIEVAL_FILE
+    if not path.is_file():
+        raise ResultsError(f"{path}: missing; is {folder} an output folder of mgll retrieve?")
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if header is None or header[:3] != ["image", "patient", "text"]:
+            raise ResultsError(f"{path}: the header must start with image,patient,text")
+        rows = list(reader)
+    columns = [h for h in header if h.startswith(("i2t_R@", "i2t_P@"))]
+    try:
+        hits = {c: np.array([float(r[header.index(c)]) for r in rows]) for c in columns}
+    except (ValueError, IndexError):
+        raise ResultsError(f"{path}: a row has a missing or non-numeric hit value") from None
+    return {
+        "images": [r[0] for r in rows],
+        "patients": [r[1] for r in rows],
+        "texts": [r[2] for r in rows],
+        "hits": hits,
+    }
 
 
 def retrieval(
@@ -77,6 +233,7 @@ def retrieval(
     output_dir: str | Path,
     *,
     name: str,
+    text_level: str | None = None,
     run_config: dict[str, Any] | None = None,
     ks: Sequence[int] = DEFAULT_KS,
     seed: int = 0,
@@ -87,13 +244,11 @@ def retrieval(
     precision: str = "fp32",
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Retrieval on ``data``'s test split with ``model`` (an ``MGLLModel``); writes
-    ``results.json``, ``retrieval.csv``, ``recall.png`` and ``split.csv``; returns results."""
+    """Retrieval on ``data``'s test split with ``model`` (an ``MGLLModel``): the texts of
+    ``text_level`` (default: the task's level), label-aware P@K judged by the task's labels;
+    writes ``results.json``, ``retrieval.csv``, ``recall.png`` and ``split.csv``."""
     from mgll.eval.encoders import encoder_from_model
     from mgll.eval.features import extract_features
-    from mgll.eval.results import write_json
-    from mgll.io import atomic_write
-    from mgll.metrics import patient_groups
 
     model = model.eval()
     encoder = encoder_from_model(model, name, run_config)
@@ -108,91 +263,35 @@ def retrieval(
         precision=precision,
         progress=progress,
     )
+    text_level = text_level or data.task.level
+    names = [lv.name for lv in data.records.levels]
+    if text_level not in names:
+        raise ValueError(f"text level {text_level!r} is not a level of the data ({names})")
     rows = data.rows["test"]
-    rows = rows[~features.unreadable[rows]]
-    level = [lv.name for lv in data.records.levels].index(data.task.level)
-    texts = [data.records.records[int(i)].texts[level][0] for i in rows]
-    gallery = list(dict.fromkeys(texts))
-    index = {t: j for j, t in enumerate(gallery)}
-    own_text = np.array([index[t] for t in texts])
-    image_labels = data.y[rows].astype(int)
-    text_labels = np.zeros((len(gallery), image_labels.shape[1]), dtype=int)
-    for i, j in enumerate(own_text):
-        text_labels[j] |= image_labels[i]
-
-    tower_level = level if model.text_per_level and level < len(model.text_towers) else 0
-    with torch.no_grad():
-        text_emb = torch.cat(
-            [
-                model.encode_text(gallery[s : s + batch_size], level=tower_level).float().cpu()
-                for s in range(0, len(gallery), batch_size)
-            ]
-        )
-    text_emb = torch.nn.functional.normalize(text_emb, dim=-1)
-    image_emb = torch.nn.functional.normalize(
-        torch.from_numpy(features.features[rows]).float(), dim=-1
+    unreadable = int(features.unreadable[rows].sum())
+    rows, texts = retrieval_texts(data, rows[~features.unreadable[rows]], text_level)
+    if len(rows) == 0:
+        raise ValueError(f"no test image carries a text at level {text_level!r}")
+    scores = score_retrieval(
+        model, features.features[rows], texts, data.y[rows], names.index(text_level), batch_size
     )
-    similarity = (image_emb @ text_emb.T).numpy()
-    hits = retrieval_metrics(similarity, own_text, image_labels, text_labels, ks)
-
-    image_groups = patient_groups(data.patients(rows))
-    text_groups = [np.array([j]) for j in range(len(gallery))]
-    metrics: dict[str, Any] = {}
-    for key, values in hits.items():
-        if key == "i2t_rank":
-            continue
-        groups = image_groups if key.startswith("i2t") else text_groups
-        metrics[key] = float(values.mean())
-        metrics[f"{key}_ci95"] = _ci(values, groups, n_resamples, seed)
-    metrics["i2t_median_rank"] = float(np.median(hits["i2t_rank"]))
-
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    columns = [k for k in hits if k.startswith("i2t") and k != "i2t_rank"]
-    writer.writerow(["image", "patient", "text", "rank_of_own_text", *columns])
-    images, patients = data.image_ids(rows), data.patient_ids(rows)
-    for i in range(len(rows)):
-        writer.writerow(
-            [
-                images[i],
-                patients[i],
-                texts[i],
-                int(hits["i2t_rank"][i]),
-                *(f"{hits[c][i]:.6g}" for c in columns),
-            ]
-        )
-    atomic_write(out / "retrieval.csv", lambda tmp: tmp.write_text(buffer.getvalue()))
-    data.write_split(out / "split.csv")
-    _plot_recall(out / "recall.png", hits, len(gallery), len(rows))
-    results = {
-        "version": 1,
-        "task": {"data": data.source, "level": data.task.level, "classes": data.task.classes},
-        "encoder": encoder.describe(),
-        "protocol": "retrieval",
-        "n_test": len(rows),
-        "n_patients_test": len(image_groups),
-        "n_texts": len(gallery),
-        "metrics": metrics,
-        "bootstrap": {
-            "unit": "patient (image queries), text (text queries)",
-            "resamples": n_resamples,
-            "seed": seed,
-        },
-        "split": {**data.split_info, "file": "split.csv"},
-        "seed": seed,
-        "notes": (
-            [f"{int(features.unreadable.sum())} unreadable image(s) left out"]
-            if features.unreadable.any()
-            else []
-        ),
-    }
-    write_json(out / "results.json", results)
-    return results
+    return write_retrieval_outputs(
+        output_dir,
+        data,
+        rows,
+        texts,
+        scores.hits(ks),
+        text_level=text_level,
+        encoder=encoder.describe(),
+        n_texts=len(scores.gallery),
+        n_resamples=n_resamples,
+        seed=seed,
+        notes=[f"{unreadable} unreadable image(s) left out"] if unreadable else [],
+    )
 
 
-def _plot_recall(path: Path, hits: dict[str, np.ndarray], n_texts: int, n_images: int) -> None:
+def _plot_recall(path: Path, ranks: np.ndarray, gallery: np.ndarray) -> None:
+    """Image -> text R@K against K, and chance (K / gallery size, per query's gallery)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -200,11 +299,11 @@ def _plot_recall(path: Path, hits: dict[str, np.ndarray], n_texts: int, n_images
 
     from mgll.io import atomic_write
 
-    ranks = hits["i2t_rank"]
-    ks = np.arange(1, n_texts + 1)
+    ks = np.arange(1, int(gallery.max()) + 1)
     fig, ax = plt.subplots(figsize=(5, 4))
-    ax.plot(ks, [(ranks <= k).mean() for k in ks], label=f"image -> text ({n_images} queries)")
-    ax.plot(ks, ks / n_texts, color="grey", linestyle=":", label="chance")
+    ax.plot(ks, [(ranks <= k).mean() for k in ks], label=f"image -> text ({len(ranks)} queries)")
+    chance = [float(np.mean(np.minimum(k, gallery) / gallery)) for k in ks]
+    ax.plot(ks, chance, color="grey", linestyle=":", label="chance")
     ax.set(xlabel="K", ylabel="recall@K", title="retrieval (test)", xscale="log")
     ax.legend(fontsize="small")
     fig.tight_layout()
@@ -213,14 +312,16 @@ def _plot_recall(path: Path, hits: dict[str, np.ndarray], n_texts: int, n_images
 
 
 def format_retrieval(results: dict[str, Any]) -> str:
-    """Markdown table of the retrieval metrics."""
-    lines = ["| metric | value | 95% CI |", "|---|---|---|"]
+    """Markdown table of the retrieval metrics (and a random ranking's R@K)."""
+    chance = results.get("chance", {})
+    lines = ["| metric | value | 95% CI | chance |", "|---|---|---|---|"]
     for key, value in results["metrics"].items():
         if key.endswith("_ci95"):
             continue
         ci = results["metrics"].get(f"{key}_ci95")
         interval = "" if ci is None else f"[{ci[0]:.4f}, {ci[1]:.4f}]"
-        lines.append(f"| {key} | {value:.4f} | {interval} |")
+        at_chance = f"{chance[key]:.4f}" if key in chance else ""
+        lines.append(f"| {key} | {value:.4f} | {interval} | {at_chance} |")
     return "\n".join(lines)
 
 
@@ -238,6 +339,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_arguments(parser)
     add_task_arguments(parser)
     add_run_arguments(parser)
+    parser.add_argument(
+        "--text-level",
+        metavar="LEVEL",
+        help="level whose texts are the gallery (default: --level); label-aware P@K is judged "
+        "by the labels of --level, e.g. --text-level notes --level organism",
+    )
     parser.add_argument(
         "--k", default="1,5,10", metavar="K[,K...]", help="cut-offs K (default 1,5,10)"
     )
@@ -265,6 +372,7 @@ def run(args: argparse.Namespace) -> int:
             data,
             args.output_dir,
             name=str(args.model),
+            text_level=args.text_level,
             run_config=config,
             ks=ks,
             **run_options(args),

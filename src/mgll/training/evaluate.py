@@ -45,8 +45,11 @@ def retrieval_metrics(
 
     ``image_emb``/``text_emb`` are (N, D) (one text embedding per sample), ``texts`` the N
     strings and ``labels`` the level's (N,) ids or (N, C) multi-hot. Samples with an empty
-    text are neither queries nor gallery; ``P@k`` uses only samples that carry a label.
+    text are neither queries nor gallery; ``P@k`` uses only samples that carry a label. The
+    ranking is :func:`mgll.metrics.retrieval_hits`, as in ``mgll retrieve``.
     """
+    from mgll.metrics import retrieval_hits
+
     keep = [i for i, t in enumerate(texts) if t]
     if not keep:
         return {"queries": 0, "texts": 0}
@@ -62,24 +65,24 @@ def retrieval_metrics(
         own.append(distinct[texts[i]])
     gallery = F.normalize(text_emb[torch.tensor(first_of)].float(), dim=-1)
     own_t = torch.tensor(own)
-    scores = images @ gallery.T  # (queries, distinct texts)
-    k_max = min(max([*recall_at, *precision_at]), gallery.shape[0])
-    top = scores.topk(k_max, dim=1).indices
-    out: dict[str, float] = {"queries": len(keep), "texts": gallery.shape[0]}
-    for k in recall_at:
-        hit = (top[:, : min(k, k_max)] == own_t[:, None]).any(dim=1)
-        out[f"R@{k}"] = hit.float().mean().item()
-
     hot = _as_multi_hot(labels)[idx]
     present = label_presence(labels)[idx]
     text_hot = torch.zeros(gallery.shape[0], hot.shape[1])
     text_hot.index_add_(0, own_t[present], hot[present])
+    hits = retrieval_hits(
+        (images @ gallery.T).numpy(),
+        own_t.numpy(),
+        hot.numpy(),
+        (text_hot > 0).numpy(),
+        sorted({*recall_at, *precision_at}),
+    )
+    out: dict[str, float] = {"queries": len(keep), "texts": gallery.shape[0]}
+    for k in recall_at:
+        out[f"R@{k}"] = float(hits[f"i2t_R@{k}"].mean())
     if bool(present.any()):
-        correct = (hot[present] @ text_hot.T) > 0  # (labelled queries, distinct texts)
-        top_present = top[present]
+        labelled = present.numpy()
         for k in precision_at:
-            kk = min(k, k_max)
-            out[f"P@{k}"] = correct.gather(1, top_present[:, :kk]).float().mean().item()
+            out[f"P@{k}"] = float(hits[f"i2t_P@{k}"][labelled].mean())
     return out
 
 
