@@ -61,6 +61,18 @@ def _inputs() -> ReportInputs:
         }
         for i, e in enumerate(encoders)
     ]
+    table += [
+        {
+            "encoder": e.name,
+            "level": "description",
+            "label_level": "severity",
+            "protocol": "retrieval",
+            "i2t_R@5": 0.1 + 0.2 * i,
+            "i2t_R@5_ci95": [0.05 + 0.2 * i, 0.15 + 0.2 * i],
+            "chance": {"i2t_R@5": 0.134},
+        }
+        for i, e in enumerate(encoders)
+    ]
     comparisons = [
         {
             "a": "mgll",
@@ -97,6 +109,10 @@ def test_report_is_self_contained_and_every_image_decodes(tmp_path):
             assert picture.width > 0 and picture.height > 0
     assert not re.search(r"(src|href)=['\"](?!data:)", text)  # nothing refers to another file
     assert "0.700 [0.600, 0.800]" in text  # mgll's AUC with its CI
+    # Retrieval rows get their own table (metric x encoder, beside chance), not n/a AUC cells.
+    retrieval = text[text.index("Retrieval on held-out patients") :]
+    assert "<td>i2t_R@5</td><td>0.134</td>" in retrieval and "0.500 [0.450, 0.550]" in retrieval
+    assert text.count("<td>n/a</td>") == 0
     assert "mgll better" in text  # the comparison's CI is above 0
     assert "&lt;severe&gt;" in text  # texts are escaped, not markup
     assert "not for clinical use" in text
