@@ -119,6 +119,9 @@ def test_quick_demo_on_the_fundus_photos_writes_and_resumes(tmp_path, capsys):
     for a, b in (("mgll", "clip"), ("mgll", "random")):
         assert {(a, b, "auc_macro"), (a, b, "i2t_R@5"), (a, b, "i2t_P@5")} <= pairs
     assert "mgll - clip (description, retrieval i2t_P@5)" in printed
+    retrieval = next(r for r in summary["table"] if r["protocol"] == "retrieval")
+    assert set(retrieval["image_blind"]) == set(retrieval["chance"]) >= {"i2t_R@5", "i2t_P@5"}
+    assert 0 < retrieval["top1_hub"] <= 1
     _check_pooled_retrieval(out, root / "csdi-fundus")
     probe = out / "mgll" / "probe-severity"
     rows = (probe / "predictions.csv").read_text().strip().splitlines()
@@ -142,6 +145,9 @@ def test_quick_demo_on_the_fundus_photos_writes_and_resumes(tmp_path, capsys):
     stamp = weights[-1].stat().st_mtime_ns
     assert main(args) == 0
     assert weights[-1].stat().st_mtime_ns == stamp
+    resumed = capsys.readouterr().out
+    assert "[pretrain] clip fold 1/2 (finished earlier) | elapsed" in resumed
+    assert "about 0s left" in resumed.splitlines()[1]  # nothing left to pretrain or evaluate
     again = json.loads((out / "summary.json").read_text())
     assert again["table"] == summary["table"]
     # Other options on the same folder are refused.

@@ -70,6 +70,8 @@ def _inputs() -> ReportInputs:
             "i2t_R@5": 0.1 + 0.2 * i,
             "i2t_R@5_ci95": [0.05 + 0.2 * i, 0.15 + 0.2 * i],
             "chance": {"i2t_R@5": 0.134},
+            "image_blind": {"i2t_R@5": 0.25},
+            "top1_hub": 0.125 * (i + 1),
         }
         for i, e in enumerate(encoders)
     ]
@@ -111,7 +113,9 @@ def test_report_is_self_contained_and_every_image_decodes(tmp_path):
     assert "0.700 [0.600, 0.800]" in text  # mgll's AUC with its CI
     # Retrieval rows get their own table (metric x encoder, beside chance), not n/a AUC cells.
     retrieval = text[text.index("Retrieval on held-out patients") :]
-    assert "<td>i2t_R@5</td><td>0.134</td>" in retrieval and "0.500 [0.450, 0.550]" in retrieval
+    assert "<td>i2t_R@5</td><td>0.134</td><td>0.250</td>" in retrieval
+    assert "0.500 [0.450, 0.550]" in retrieval
+    assert "<td>top-1 hub</td><td></td><td></td><td>12%</td><td>25%</td><td>38%</td>" in retrieval
     assert text.count("<td>n/a</td>") == 0
     assert "mgll better" in text  # the comparison's CI is above 0
     assert "&lt;severe&gt;" in text  # texts are escaped, not markup

@@ -108,12 +108,14 @@ def test_score_retrieval_ranks_the_gallery_and_judges_p_at_k_by_the_task_labels(
     assert scores.gallery == [f"report {j}" for j in range(6)]
     hits = scores.hits(ks=(1, 2))
     np.testing.assert_array_equal(hits["i2t_R@1"], np.ones(12))
-    np.testing.assert_array_equal(hits["i2t_gallery"], np.full(12, 6.0))
+    references = scores.references(ks=(1, 2))
+    np.testing.assert_array_equal(references["gallery"], np.full(12, 6.0))
     # Text j's labels: the grades of images j and j + 6, i.e. grades[j % 3] and grades[j % 3]
     # (6 is a multiple of 3), so 4 of the 6 texts are "low" and 2 "high".
     low = data.task.classes.index("low")
     is_low = data.y[rows][:, low] == 1
-    np.testing.assert_allclose(hits["i2t_chance_P"], np.where(is_low, 4 / 6, 2 / 6))
+    np.testing.assert_allclose(references["chance_P"], np.where(is_low, 4 / 6, 2 / 6))
+    np.testing.assert_allclose(references["top1_hub"], np.full(12, 2 / 12))  # each text: 2
     np.testing.assert_array_equal(hits["i2t_P@1"], np.ones(12))
     # The second-nearest text (angle one step away) is of the same grade only for some.
     neighbour = [scores.gallery[j] for j in np.argsort(-scores.similarity, axis=1)[:, 1]]
@@ -124,6 +126,32 @@ def test_score_retrieval_ranks_the_gallery_and_judges_p_at_k_by_the_task_labels(
     single = _TextTable(angle)
     score_retrieval(single, images, texts, data.y[rows], text_level=1)
     assert single.levels_asked == [0]
+
+
+def test_image_blind_references_by_hand():
+    from mgll.eval.retrieve import RetrievalScores
+
+    # 10 images: text A carried by 5 (class x), B by 3 (y), C by 1 (x), D by 1 (y).
+    own = np.array([0, 0, 0, 0, 0, 1, 1, 1, 2, 3])
+    x, y = [1, 0], [0, 1]
+    image_labels = np.array([x] * 5 + [y] * 3 + [x, y])
+    text_labels = np.array([x, y, x, y])
+    # An encoder that ignores the image: the same similarities for every image, A first.
+    similarity = np.tile([0.9, 0.5, 0.2, 0.1], (10, 1))
+    scores = RetrievalScores(similarity, ["A", "B", "C", "D"], own, image_labels, text_labels)
+    ref = scores.references(ks=(1, 2))
+    # Best constant ranking for R@K: A, B, C, D (by how many images carry each).
+    np.testing.assert_array_equal(ref["blind_R@1"], (own == 0).astype(float))
+    np.testing.assert_array_equal(ref["blind_R@2"], (own <= 1).astype(float))
+    # For P@K: A and C (6 class-x images overlap each) before B and D (4).
+    is_x = image_labels[:, 0] == 1
+    np.testing.assert_array_equal(ref["blind_P@1"], is_x.astype(float))
+    np.testing.assert_array_equal(ref["blind_P@2"], is_x.astype(float))
+    np.testing.assert_allclose(ref["chance_P"], np.full(10, 0.5))
+    np.testing.assert_array_equal(ref["top1_hub"], np.ones(10))  # A is first for everyone
+    # Such an encoder matches the image-blind R@1 exactly, and beats "chance" (1/4) by far.
+    hits = scores.hits(ks=(1,))
+    assert hits["i2t_R@1"].mean() == ref["blind_R@1"].mean() == 0.5
 
 
 def test_retrieval_outputs_are_compared_by_image(tmp_path, capsys):
@@ -151,6 +179,7 @@ def test_retrieval_outputs_are_compared_by_image(tmp_path, capsys):
             rows,
             texts,
             scores.hits(),
+            scores.references(),
             text_level="report",
             encoder={"spec": name},
             n_texts=len(scores.gallery),
@@ -164,6 +193,8 @@ def test_retrieval_outputs_are_compared_by_image(tmp_path, capsys):
             "classes": data.task.classes,
         }
         assert results["chance"]["i2t_R@5"] == pytest.approx(5 / 20)
+        # Every text is carried by 2 images: the best constant ranking gets 2 x 5 of 40 in.
+        assert results["image_blind"]["i2t_R@5"] == pytest.approx(10 / 40)
         read = read_retrieval_hits(out)
         assert read["texts"] == texts
         assert results["metrics"]["i2t_R@1"] == pytest.approx(read["hits"]["i2t_R@1"].mean())

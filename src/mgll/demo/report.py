@@ -125,8 +125,8 @@ def _results_table(inputs: ReportInputs) -> str:
 
 
 def _retrieval_table(inputs: ReportInputs) -> str:
-    """Retrieval rows (``protocol: retrieval``) as metrics x encoders, with a random ranking's
-    value beside them."""
+    """Retrieval rows (``protocol: retrieval``) as metrics x encoders, beside what a random and
+    the best image-blind ranking score, and each encoder's top-1 hub share."""
     shown = [r for r in inputs.table if r.get("protocol") == "retrieval"]
     if not shown:
         return ""
@@ -134,20 +134,27 @@ def _retrieval_table(inputs: ReportInputs) -> str:
     head = "".join(f"<th>{html.escape(str(r.get('encoder', '')))}</th>" for r in shown)
     rows = []
     for metric in metrics:
-        chance = shown[0].get("chance", {}).get(metric)
-        cells = "".join(f"<td>{html.escape(_format_value(r, metric))}</td>" for r in shown)
-        rows.append(
-            f"<tr><td>{html.escape(metric)}</td>"
-            f"<td>{'' if chance is None else f'{chance:.3f}'}</td>{cells}</tr>"
+        refs = "".join(
+            f"<td>{'' if v is None else f'{v:.3f}'}</td>"
+            for v in (shown[0].get(name, {}).get(metric) for name in ("chance", "image_blind"))
         )
+        cells = "".join(f"<td>{html.escape(_format_value(r, metric))}</td>" for r in shown)
+        rows.append(f"<tr><td>{html.escape(metric)}</td>{refs}{cells}</tr>")
+    if all(r.get("top1_hub") is not None for r in shown):
+        hubs = "".join(f"<td>{r['top1_hub']:.0%}</td>" for r in shown)
+        rows.append(f"<tr><td>top-1 hub</td><td></td><td></td>{hubs}</tr>")
     first = shown[0]
     return (
         "<h2>Retrieval on held-out patients</h2><p>Image &rarr; text: each held-out image ranks "
         f"the {html.escape(str(first.get('level', '')))} texts of its fold's held-out images. "
         "R@K: its own text is among the top K; P@K: the share of the top K written for images "
         f"of the same {html.escape(str(first.get('label_level', '')))} (95% patient-bootstrap "
-        "CIs; chance: a random ranking).</p>"
-        f"<table><tr><th>metric</th><th>chance</th>{head}</tr>{''.join(rows)}</table>"
+        "CIs). Chance: a random ranking; image-blind: the best ranking that is the same for "
+        "every image (the texts most images carry first), which an encoder must beat to show "
+        "that it reads the image; top-1 hub: the share of images whose first text is the one "
+        "most often ranked first (100%: the ranking ignores the image).</p>"
+        "<table><tr><th>metric</th><th>chance</th><th>image-blind</th>"
+        f"{head}</tr>{''.join(rows)}</table>"
     )
 
 

@@ -224,9 +224,16 @@ def run_demo(
     fold = patient_folds(records, demo.recipe.main_level, demo.folds, seed)
     write_folds(demo, records, fold)
     levels = classification_levels(records)
+    from mgll.training.trainer import SUMMARY_FILE as RUN_SUMMARY
+
+    finished = {
+        (encoder, k): (demo.run_dir(encoder, k) / RUN_SUMMARY).is_file()
+        for encoder in PRETRAINED
+        for k in range(demo.folds)
+    }
     progress = Progress(
-        runs=len(PRETRAINED) * demo.folds,
-        evaluations=len(ENCODERS),
+        runs=sum(not done for done in finished.values()),  # a resumed demo redoes none
+        evaluations=sum(not _evaluated(demo, e, records, levels) for e in ENCODERS),
         first_guess_s=20.0 if quick else 100.0,
         echo=echo,
         start=started,
@@ -238,20 +245,18 @@ def run_demo(
         + (" (--quick: a smoke run, not a measurement)" if quick else "")
     )
 
-    from mgll.training.trainer import SUMMARY_FILE as RUN_SUMMARY
-
     pretrain_s: dict[str, float] = {}
     for encoder in PRETRAINED:
         pretrain_s[encoder] = 0.0
         for k in range(demo.folds):
-            finished = (demo.run_dir(encoder, k) / RUN_SUMMARY).is_file()
             what = f"{encoder} fold {k + 1}/{demo.folds}"
-            progress.say("pretrain", what + (" (finished earlier)" if finished else ""))
+            progress.say("pretrain", what + (" (finished earlier)" if finished[encoder, k] else ""))
             seconds = pretrain_run(
                 demo.config(encoder, k), demo.data_root, demo.run_dir(encoder, k)
             )
             pretrain_s[encoder] += seconds[0]
-            progress.done("run", seconds[0] if seconds[1] else None)
+            if not finished[encoder, k]:
+                progress.done("run", seconds[0] if seconds[1] else None)
 
     table: list[dict[str, Any]] = []
     for encoder in ENCODERS:
@@ -259,8 +264,8 @@ def run_demo(
             "evaluate", f"{encoder}: linear probe, zero-shot and retrieval, pooled over folds"
         )
         t0 = time.perf_counter()
-        fresh = _evaluate(demo, encoder, records, fold, levels)
-        progress.done("eval", time.perf_counter() - t0 if fresh else None)
+        if _evaluate(demo, encoder, records, fold, levels):
+            progress.done("eval", time.perf_counter() - t0)
         table.extend(_table_rows(demo, encoder, levels, records.levels[-1].name))
 
     progress.say("compare", "paired patient bootstrap")
@@ -285,7 +290,8 @@ def run_demo(
             "cosine similarity with the fold's model; R@K (own text in the top K) and label-aware "
             f"P@K (top K texts of images with the same {demo.recipe.main_level}) for K in "
             f"{list(RETRIEVAL_KS)}, pooled over folds; headline comparisons "
-            f"{', '.join(RETRIEVAL_HEADLINE)} (chosen before measuring)",
+            f"{', '.join(RETRIEVAL_HEADLINE)} (chosen before measuring); read against a random "
+            "ranking and the best image-blind ranking (the texts most images carry first)",
             "bootstrap": f"{demo.resamples} patient-group resamples, paired for differences",
         },
         "table": table,
@@ -568,28 +574,50 @@ def _retrieval(
         rows, texts = retrieval_texts(part, part.rows["test"], text_name)
         scores = score_retrieval(model, embs[k].features[rows], texts, part.y[rows], text_level)
         per_fold.append((rows, scores))
-        pooled[k] = (rows, texts, scores.hits(RETRIEVAL_KS), len(scores.gallery))
+        pooled[k] = (
+            rows,
+            texts,
+            scores.hits(RETRIEVAL_KS),
+            scores.references(RETRIEVAL_KS),
+            len(scores.gallery),
+        )
     data = _eval_data(demo, records, demo.recipe.main_level, everything[:0], everything)
-    hits = {key: np.concatenate([p[2][key] for p in pooled.values()]) for key in pooled[0][2]}
+
+    def joined(part: int) -> dict[str, np.ndarray]:
+        return {
+            key: np.concatenate([p[part][key] for p in pooled.values()]) for key in pooled[0][part]
+        }
+
     write_retrieval_outputs(
         demo.out / encoder / f"retrieval-{text_name}",
         data,
         np.concatenate([p[0] for p in pooled.values()]),
         [t for p in pooled.values() for t in p[1]],
-        hits,
+        joined(2),
+        joined(3),
         text_level=text_name,
         encoder={"spec": encoder, "kind": "demo", "folds": demo.folds},
-        n_texts=sum(p[3] for p in pooled.values()),
+        n_texts=sum(p[4] for p in pooled.values()),
         n_resamples=demo.resamples,
         seed=demo.seed,
         details={
             "gallery": f"per fold, the distinct {text_name} texts of the fold's held-out "
             "images; each fold's queries ranked by that fold's model; pooled over folds",
             "labels": f"label-aware P@K judged by the {demo.recipe.main_level} labels",
-            "gallery_sizes": [p[3] for p in pooled.values()],
+            "gallery_sizes": [p[4] for p in pooled.values()],
         },
     )
     return per_fold
+
+
+def _evaluated(demo: Demo, encoder: str, records: Any, levels: Sequence[str]) -> bool:
+    """Whether every output of ``encoder``'s evaluation exists (a resumed demo skips it)."""
+    from mgll.eval.results import RESULTS_FILE
+
+    base = demo.out / encoder
+    wanted = [base / f"{p}-{lv}" / RESULTS_FILE for lv in levels for p in ("probe", "zeroshot")]
+    wanted += [base / f"retrieval-{records.levels[-1].name}" / RESULTS_FILE]
+    return all(w.is_file() for w in [*wanted, base / REPORT_DATA_FILE])
 
 
 def _evaluate(
@@ -598,13 +626,11 @@ def _evaluate(
     """Probe and zero-shot outputs of one encoder for every level; False when all existed."""
     from mgll.eval.encoders import encoder_from_model
     from mgll.eval.features import extract_features
-    from mgll.eval.results import RESULTS_FILE, write_classification_outputs
+    from mgll.eval.results import write_classification_outputs
     from mgll.eval.zeroshot import class_prompts, text_embeddings, zero_shot_scores
 
     base = demo.out / encoder
-    wanted = [base / f"{p}-{lv}" / RESULTS_FILE for lv in levels for p in ("probe", "zeroshot")]
-    wanted += [base / f"retrieval-{records.levels[-1].name}" / RESULTS_FILE]
-    if all(w.is_file() for w in [*wanted, base / REPORT_DATA_FILE]):
+    if _evaluated(demo, encoder, records, levels):
         return False
     models = _fold_models(demo, encoder)
     n = len(records.records)
@@ -782,6 +808,8 @@ def _table_rows(
         if key.startswith(("i2t_R@", "i2t_P@")):
             row[key] = value
     row["chance"] = results["chance"]
+    row["image_blind"] = results.get("image_blind", {})  # absent in older retrieval outputs
+    row["top1_hub"] = results.get("top1_hub")
     rows.append(row)
     return rows
 
@@ -859,19 +887,28 @@ def format_table(summary: Mapping[str, Any]) -> str:
             "",
             f"retrieval: each held-out image ranks the {first['level']} texts of its fold's "
             f"held-out images; R@K = own text in the top K, P@K = top K texts of the same "
-            f"{first['label_level']} ({first['n_queries']} queries)",
-            f"{'metric':<14}{'chance':<14}" + "".join(f"{e:<{width}}" for e in ENCODERS),
+            f"{first['label_level']} ({first['n_queries']} queries); chance = a random "
+            "ranking, blind = the best ranking that ignores the image",
+            f"{'metric':<12}{'chance':<8}{'blind':<8}" + "".join(f"{e:<{width}}" for e in ENCODERS),
         ]
         metrics = [k for k in first if k.startswith(("i2t_R@", "i2t_P@")) and "ci95" not in k]
         for metric in metrics:
-            chance = first["chance"].get(metric)
+            refs = [first.get(name, {}).get(metric) for name in ("chance", "image_blind")]
             lines.append(
-                f"{metric:<14}{'' if chance is None else f'{chance:.3f}':<14}"
+                f"{metric:<12}"
+                + "".join(f"{'' if v is None else f'{v:.3f}':<8}" for v in refs)
                 + "".join(
                     f"{_fmt_ci(r.get(metric), r.get(f'{metric}_ci95')):<{width}}"
                     for r in (retrieval.get(e, {}) for e in ENCODERS)
                 )
             )
+        hub = [retrieval.get(e, {}).get("top1_hub") for e in ENCODERS]
+        hubs = ["" if h is None else f"{h:.0%}" for h in hub]
+        lines.append(f"{'top-1 hub':<28}" + "".join(f"{h:<{width}}" for h in hubs))
+        lines.append(
+            "(top-1 hub: share of images whose first text is the one most often ranked first; "
+            "100% = the ranking ignores the image)"
+        )
     lines.append("")
     for c in summary["comparisons"]:
         if c["metric"] not in ("auc_macro", *RETRIEVAL_HEADLINE):

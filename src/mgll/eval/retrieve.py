@@ -15,7 +15,13 @@ normalised projected image embedding and the text embedding.
   for an image of the same class.
 
 95% CIs: image queries are resampled by patient (all images of a patient together), text
-queries one text at a time; ``chance`` in results.json is the R@K of a random ranking.
+queries one text at a time. Beside the metrics, results.json has what rankings that ignore the
+image score: ``chance`` (a random ranking) and ``image_blind`` (the best ranking that is the
+same for every image: the texts most images carry, or share a label with, first), and
+``top1_hub`` (the share of queries that rank the most often top-ranked text first). When many
+images share a text (a class prompt, a note written for several images of a patient) the
+image-blind ranking beats chance by far; an encoder has shown that it reads the image only
+where it beats the image-blind ranking.
 ``OUT/retrieval.csv`` has one row per image query (rank of its own text, gallery size, hits),
 which ``mgll compare`` pairs by image; ``OUT/recall.png`` plots R@K.
 """
@@ -34,7 +40,6 @@ import numpy as np
 import torch
 
 DEFAULT_KS = (1, 5, 10)
-CHANCE_KEYS = ("i2t_rank", "i2t_gallery", "i2t_chance_P")  # per-query, not metrics
 RETRIEVAL_FILE = "retrieval.csv"
 
 
@@ -49,17 +54,42 @@ class RetrievalScores:
     text_labels: np.ndarray  # (T, C) union of the labels of the images carrying each text
 
     def hits(self, ks: Sequence[int] = DEFAULT_KS) -> dict[str, np.ndarray]:
-        """Per-query hits of every metric (:func:`mgll.metrics.retrieval_hits`), plus, per
-        image query, what a random ranking gives: ``i2t_gallery`` the gallery size it was
-        ranked against (chance R@K = K / size) and ``i2t_chance_P`` the share of the gallery
-        whose labels overlap its own (the expected label-aware P@K of a random ranking)."""
+        """Per-query hits of every metric and ``i2t_rank``
+        (:func:`mgll.metrics.retrieval_hits`)."""
         from mgll.metrics import retrieval_hits
 
-        out = retrieval_hits(
+        return retrieval_hits(
             self.similarity, self.own_text, self.image_labels, self.text_labels, ks
         )
-        out["i2t_gallery"] = np.full(len(self.own_text), float(len(self.gallery)))
-        out["i2t_chance_P"] = ((self.image_labels @ self.text_labels.T) > 0).mean(axis=1)
+
+    def references(self, ks: Sequence[int] = DEFAULT_KS) -> dict[str, np.ndarray]:
+        """What rankings that ignore the image score, per image query, to read the hits against:
+
+        - ``gallery``: the gallery size (a random ranking's R@K is K / size);
+        - ``chance_P``: the share of the gallery whose labels overlap the query's (a random
+          ranking's expected P@K);
+        - ``blind_R@K`` / ``blind_P@K``: the hits of the best ranking that is the same for
+          every image: texts ordered by how many queries carry them (for R@K) or share a label
+          with them (for P@K). When many images share a text, this beats chance by far, and an
+          encoder that ranks the common texts first for every image scores as well;
+        - ``top1_hub``: the share of the gallery's queries that rank the most often top-ranked
+          text first (1.0: the same text is ranked first for every image).
+        """
+        n_images, n_texts = self.similarity.shape
+        overlap = (self.image_labels @ self.text_labels.T) > 0  # (I, T)
+        out = {
+            "gallery": np.full(n_images, float(n_texts)),
+            "chance_P": overlap.mean(axis=1),
+        }
+        by_own = np.argsort(-np.bincount(self.own_text, minlength=n_texts), kind="stable")
+        position = np.empty(n_texts, dtype=np.int64)
+        position[by_own] = np.arange(n_texts)
+        by_overlap = np.argsort(-overlap.sum(axis=0), kind="stable")
+        for k in ks:
+            out[f"blind_R@{k}"] = (position[self.own_text] < k).astype(float)
+            out[f"blind_P@{k}"] = overlap[:, by_overlap[: min(k, n_texts)]].mean(axis=1)
+        top1 = np.bincount(self.similarity.argmax(axis=1), minlength=n_texts)
+        out["top1_hub"] = np.full(n_images, top1.max() / max(n_images, 1))
         return out
 
 
@@ -115,6 +145,7 @@ def write_retrieval_outputs(
     rows: np.ndarray,
     texts: Sequence[str],
     hits: dict[str, np.ndarray],
+    references: dict[str, np.ndarray],
     *,
     text_level: str,
     encoder: dict[str, Any],
@@ -124,10 +155,12 @@ def write_retrieval_outputs(
     notes: Sequence[str] = (),
     details: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """``results.json`` (each metric with its 95% CI), ``retrieval.csv`` (one row per image
-    query), ``recall.png`` and ``split.csv`` of retrieval hits over the image queries ``rows``
-    (their texts ``texts``); ``n_texts`` is the number of gallery texts in all. Returns the
-    results. Image-query CIs resample patients; text-query CIs resample texts."""
+    """``results.json`` (each metric with its 95% CI, beside a random and the best image-blind
+    ranking), ``retrieval.csv`` (one row per image query), ``recall.png`` and ``split.csv`` of
+    retrieval over the image queries ``rows`` (their texts ``texts``); ``hits`` and
+    ``references`` as :meth:`RetrievalScores.hits` / :meth:`RetrievalScores.references` give
+    them (or their concatenation over galleries); ``n_texts`` is the number of gallery texts in
+    all. Returns the results. Image-query CIs resample patients; text-query CIs resample texts."""
     from mgll.eval.results import write_json
     from mgll.io import atomic_write
     from mgll.metrics import mean_with_ci
@@ -136,25 +169,29 @@ def write_retrieval_outputs(
     n_text_queries = len(next(v for k, v in hits.items() if k.startswith("t2i")))
     metrics: dict[str, Any] = {}
     for key, values in hits.items():
-        if key in CHANCE_KEYS:
+        if key == "i2t_rank":
             continue
         groups = patients if key.startswith("i2t") else list(range(n_text_queries))
         value, ci = mean_with_ci(values, groups, n_resamples=n_resamples, seed=seed)
         metrics[key], metrics[f"{key}_ci95"] = value, ci
     metrics["i2t_median_rank"] = float(np.median(hits["i2t_rank"]))
-    chance = {}
+    gallery = references["gallery"]
+    chance, blind = {}, {}
     for key in hits:
         if key.startswith("i2t_R@"):
             k = int(key.split("@")[1])
-            chance[key] = float(np.mean(np.minimum(k, hits["i2t_gallery"]) / hits["i2t_gallery"]))
-        elif key.startswith("i2t_P@") and "i2t_chance_P" in hits:
-            chance[key] = float(np.mean(hits["i2t_chance_P"]))
+            chance[key] = float(np.mean(np.minimum(k, gallery) / gallery))
+        elif key.startswith("i2t_P@"):
+            chance[key] = float(np.mean(references["chance_P"]))
+        else:
+            continue
+        blind[key] = float(np.mean(references[key.replace("i2t_", "blind_")]))
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    columns = [k for k in hits if k.startswith("i2t") and k not in CHANCE_KEYS]
+    columns = [k for k in hits if k.startswith("i2t") and k != "i2t_rank"]
     writer.writerow(["image", "patient", "text", "rank_of_own_text", "gallery_size", *columns])
     images, patient_ids = data.image_ids(rows), data.patient_ids(rows)
     for i in range(len(rows)):
@@ -164,13 +201,13 @@ def write_retrieval_outputs(
                 patient_ids[i],
                 texts[i],
                 int(hits["i2t_rank"][i]),
-                int(hits["i2t_gallery"][i]),
+                int(gallery[i]),
                 *(f"{hits[c][i]:.6g}" for c in columns),
             ]
         )
     atomic_write(out / RETRIEVAL_FILE, lambda tmp: tmp.write_text(buffer.getvalue()))
     data.write_split(out / "split.csv")
-    _plot_recall(out / "recall.png", hits["i2t_rank"], hits["i2t_gallery"])
+    _plot_recall(out / "recall.png", hits["i2t_rank"], gallery)
     results = {
         "version": 1,
         "task": {
@@ -186,6 +223,8 @@ def write_retrieval_outputs(
         "n_texts": n_texts,
         "metrics": metrics,
         "chance": chance,
+        "image_blind": blind,
+        "top1_hub": float(np.mean(references["top1_hub"])),
         "details": dict(details or {}),
         "bootstrap": {
             "unit": "patient (image queries), text (text queries)",
@@ -281,6 +320,7 @@ def retrieval(
         rows,
         texts,
         scores.hits(ks),
+        scores.references(ks),
         text_level=text_level,
         encoder=encoder.describe(),
         n_texts=len(scores.gallery),
@@ -312,16 +352,23 @@ def _plot_recall(path: Path, ranks: np.ndarray, gallery: np.ndarray) -> None:
 
 
 def format_retrieval(results: dict[str, Any]) -> str:
-    """Markdown table of the retrieval metrics (and a random ranking's R@K)."""
+    """Markdown table of the retrieval metrics, beside a random and the best image-blind
+    ranking, and how often one text is ranked first."""
     chance = results.get("chance", {})
-    lines = ["| metric | value | 95% CI | chance |", "|---|---|---|---|"]
+    blind = results.get("image_blind", {})
+    lines = ["| metric | value | 95% CI | chance | image-blind |", "|---|---|---|---|---|"]
     for key, value in results["metrics"].items():
         if key.endswith("_ci95"):
             continue
         ci = results["metrics"].get(f"{key}_ci95")
         interval = "" if ci is None else f"[{ci[0]:.4f}, {ci[1]:.4f}]"
-        at_chance = f"{chance[key]:.4f}" if key in chance else ""
-        lines.append(f"| {key} | {value:.4f} | {interval} | {at_chance} |")
+        refs = [f"{r[key]:.4f}" if key in r else "" for r in (chance, blind)]
+        lines.append(f"| {key} | {value:.4f} | {interval} | {refs[0]} | {refs[1]} |")
+    if "top1_hub" in results:
+        lines.append(
+            f"\nThe most often top-ranked text is first for {results['top1_hub']:.1%} of the "
+            "image queries (100%: the ranking ignores the image)."
+        )
     return "\n".join(lines)
 
 
