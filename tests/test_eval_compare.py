@@ -99,3 +99,9 @@ def test_compare_refuses_different_test_sets_and_tasks(tmp_path, capsys):
     assert "different tasks (level" in capsys.readouterr().err
     assert main(["compare", str(a), str(tmp_path / "none"), "--no-progress"]) == 1
     assert "results.json: missing" in capsys.readouterr().err
+    # A predictions file without label columns is named, not a numpy reshape error.
+    broken = _fake_output(tmp_path / "broken")
+    (broken / "predictions.csv").write_text("image,patient\nimg0.png,p0\n")
+    assert main(["compare", str(a), str(broken), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "broken/predictions.csv: no label:<class> columns" in err and "\n" not in err

@@ -73,6 +73,8 @@ def read_predictions(folder: str | Path) -> dict[str, Any]:
         if header is None or header[:2] != ["image", "patient"]:
             raise ResultsError(f"{path}: the header must start with image,patient")
         classes = [h[len("label:") :] for h in header if h.startswith("label:")]
+        if not classes:
+            raise ResultsError(f"{path}: no label:<class> columns; is it a predictions file?")
         if [h for h in header if h.startswith("score:")] != [f"score:{c}" for c in classes]:
             raise ResultsError(f"{path}: label:/score: columns do not match")
         rows = list(reader)
