@@ -199,6 +199,44 @@ def _check_pooled_retrieval(out: Path, folder: Path) -> None:
         assert 1 + int((above > 1e-5).sum()) <= rank <= int((above > -1e-5).sum())
 
 
+def test_report_examples_from_a_gallery_smaller_than_the_top_shown(tmp_path):
+    from mgll.demo.run import REPORT_DATA_FILE, RETRIEVAL_TOP, _save_report_data
+    from mgll.eval.retrieve import RetrievalScores
+
+    # Fold 0 holds images 0-2 carrying two distinct texts; the report shows the top 3.
+    scores = RetrievalScores(
+        similarity=np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3]]),
+        gallery=["a", "b"],
+        own_text=np.array([0, 1, 0]),
+        image_labels=np.eye(2, dtype=int)[[0, 1, 0]],
+        text_labels=np.eye(2, dtype=int),
+    )
+    fold = np.zeros(3, dtype=np.int64)
+    _save_report_data(tmp_path, fold, [1], [(np.arange(3), scores)], np.zeros((3, 4)))
+    data = np.load(tmp_path / REPORT_DATA_FILE)
+    assert RETRIEVAL_TOP == 3
+    np.testing.assert_array_equal(data["top_index"], [[1, 0, -1]])  # "b" via image 1, "a" via 0
+    np.testing.assert_allclose(data["top_score"][0, :2], [0.8, 0.2])
+    assert np.isnan(data["top_score"][0, 2])
+
+
+def test_outputs_of_an_older_evaluation_are_redone(tmp_path):
+    from mgll.demo.run import RECIPES, REPORT_DATA_FILE, Demo, _evaluated
+
+    demo = Demo(RECIPES["csdi-fundus"], tmp_path, tmp_path / "out", quick=True, seed=0)
+    base = demo.out / "mgll"
+    for name in ("probe-grade", "zeroshot-grade", "retrieval-caption"):
+        (base / name).mkdir(parents=True)
+        (base / name / "results.json").write_text("{}")
+    (base / REPORT_DATA_FILE).write_bytes(b"")
+    records = record_set()
+    assert not _evaluated(demo, "mgll", records, ["grade"])  # retrieval without image_blind
+    (base / "retrieval-caption" / "results.json").write_text('{"image_blind": {}}')
+    assert _evaluated(demo, "mgll", records, ["grade"])
+    (base / "zeroshot-grade" / "results.json").unlink()
+    assert not _evaluated(demo, "mgll", records, ["grade"])
+
+
 def test_demo_records_join_patients_of_identical_files(tmp_path):
     folder = tmp_path / "csdi"
     (folder / "images").mkdir(parents=True)

@@ -152,6 +152,15 @@ def test_image_blind_references_by_hand():
     # Such an encoder matches the image-blind R@1 exactly, and beats "chance" (1/4) by far.
     hits = scores.hits(ks=(1,))
     assert hits["i2t_R@1"].mean() == ref["blind_R@1"].mean() == 0.5
+    # An image without a label (all its findings left out of the task): its P@K, chance and
+    # image-blind P@K are not applicable (NaN), its R@K still counts.
+    unlabelled = image_labels.copy()
+    unlabelled[9] = 0
+    partial = RetrievalScores(similarity, ["A", "B", "C", "D"], own, unlabelled, text_labels)
+    hits, ref = partial.hits(ks=(1,)), partial.references(ks=(1,))
+    assert np.isnan(hits["i2t_P@1"][9]) and not np.isnan(hits["i2t_P@1"][:9]).any()
+    assert np.isnan(ref["chance_P"][9]) and np.isnan(ref["blind_P@1"][9])
+    assert hits["i2t_R@1"][9] == 0.0
 
 
 def test_retrieval_outputs_are_compared_by_image(tmp_path, capsys):

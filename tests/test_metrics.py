@@ -218,3 +218,62 @@ def test_paired_mean_bootstrap_by_hand():
     assert same["diff"] == 0.0 and same["p_value"] == 1.0
     with pytest.raises(ValueError, match="one per query"):
         paired_mean_bootstrap(a, b[:-1], patients)
+
+
+def _stable_sort_reference(similarity, own_text, image_labels, text_labels, ks):
+    """Retrieval hits from fully sorted rows (stable: ties in gallery order), for comparison."""
+    n_images, n_texts = similarity.shape
+    i2t = np.argsort(-similarity, axis=1, kind="stable")
+    rank = np.argmax(i2t == own_text[:, None], axis=1)
+    t2i = np.argsort(-similarity.T, axis=1, kind="stable")
+    owner = np.zeros((n_texts, n_images), dtype=bool)
+    owner[own_text, np.arange(n_images)] = True
+    first = np.array([np.argmax(owner[t, t2i[t]]) for t in range(n_texts)])
+    overlap = (image_labels @ text_labels.T) > 0
+    out = {"i2t_rank": rank + 1.0}
+    for k in ks:
+        out[f"i2t_R@{k}"] = (rank < k).astype(float)
+        out[f"t2i_R@{k}"] = (first < k).astype(float)
+        out[f"i2t_P@{k}"] = np.take_along_axis(overlap, i2t[:, :k], axis=1).mean(1)
+        out[f"t2i_P@{k}"] = np.take_along_axis(overlap.T, t2i[:, :k], axis=1).mean(1)
+    return out
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_retrieval_hits_equal_fully_sorted_rankings(ties):
+    from mgll.metrics import retrieval_hits
+
+    rng = np.random.default_rng(5)
+    for _ in range(60):
+        n_texts = int(rng.integers(1, 12))
+        n_images = n_texts + int(rng.integers(0, 14))
+        # every gallery text is some image's own text, as galleries are built
+        own = rng.permutation(np.arange(n_images) % n_texts)
+        shape = (n_images, n_texts)
+        similarity = rng.integers(0, 3, shape) / 2.0 if ties else rng.normal(size=shape)
+        image_labels = (rng.random((n_images, 3)) < 0.4).astype(int)
+        text_labels = np.zeros((n_texts, 3), dtype=int)
+        for i, t in enumerate(own):
+            text_labels[t] |= image_labels[i]
+        ks = (1, 3, 30)  # 30: beyond every gallery, the whole gallery counts
+        got = retrieval_hits(similarity, own, image_labels, text_labels, ks)
+        expected = _stable_sort_reference(similarity, own, image_labels, text_labels, ks)
+        assert set(got) == set(expected)
+        for key, values in expected.items():
+            np.testing.assert_allclose(got[key], values, err_msg=key)
+        one_way = retrieval_hits(
+            similarity, own, image_labels, text_labels, ks, text_to_image=False
+        )
+        assert not any(key.startswith("t2i") for key in one_way)
+        np.testing.assert_array_equal(one_way["i2t_P@3"], got["i2t_P@3"])
+
+
+def test_means_leave_out_queries_where_a_value_is_not_applicable():
+    from mgll.metrics import mean_with_ci, paired_mean_bootstrap
+
+    values = np.array([1.0, np.nan, 0.0, 1.0])
+    value, ci = mean_with_ci(values, ["a", "b", "c", "d"], n_resamples=50)
+    assert value == pytest.approx(2 / 3) and 0 <= ci[0] <= ci[1] <= 1
+    assert mean_with_ci(np.array([np.nan]), ["a"]) == (None, None)
+    paired = paired_mean_bootstrap(values, np.array([0.0, 1.0, np.nan, 0.0]), list("abcd"))
+    assert paired["a"] == 1.0 and paired["b"] == 0.0  # only queries a and d count

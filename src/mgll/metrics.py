@@ -350,11 +350,17 @@ def mean_with_ci(
     *,
     n_resamples: int = DEFAULT_RESAMPLES,
     seed: int = 0,
-) -> tuple[float, list[float] | None]:
-    """Mean of per-query values (e.g. retrieval hits) and its patient-bootstrap 95% CI."""
+) -> tuple[float | None, list[float] | None]:
+    """Mean of per-query values (e.g. retrieval hits) and its patient-bootstrap 95% CI; NaN
+    values (not applicable to that query) are left out, (None, None) when none is left."""
     values = np.asarray(values, dtype=float)
+    if len(patients) != values.size:
+        raise ValueError(f"{values.size} values for {len(patients)} patients: give one per query")
+    defined = np.isfinite(values)
+    values = values[defined]
+    patients = [p for p, keep in zip(patients, defined, strict=True) if keep]
     if values.size == 0:
-        return float("nan"), None
+        return None, None
     draws = np.array(
         [
             values[rows].mean()
@@ -374,13 +380,17 @@ def paired_mean_bootstrap(
 ) -> dict[str, Any]:
     """Difference of the means of two per-query value arrays on the same queries (e.g. the
     retrieval hits of two encoders), with a paired patient bootstrap; the entry has the keys of
-    :func:`paired_bootstrap`'s."""
+    :func:`paired_bootstrap`'s. Queries where either value is NaN (not applicable) are left
+    out of both."""
     a, b = np.asarray(values_a, dtype=float), np.asarray(values_b, dtype=float)
     if a.shape != b.shape or a.shape != (len(patients),):
         raise ValueError(
             f"paired values must be one per query: got {a.shape}, {b.shape} for "
             f"{len(patients)} patients"
         )
+    defined = np.isfinite(a) & np.isfinite(b)
+    a, b = a[defined], b[defined]
+    patients = [p for p, keep in zip(patients, defined, strict=True) if keep]
     if a.size == 0:
         return _paired_entry(float("nan"), float("nan"), np.zeros(0))
     delta = a - b
@@ -420,12 +430,32 @@ def summarize(
     return metrics, per_class, notes
 
 
+def _top_k_mask(scores: np.ndarray, k: int) -> np.ndarray:
+    """(Q, G) bool: each row's k best entries, ties at the cut taken in column order (the
+    order a stable sort of the row would give), without sorting the rows."""
+    k = min(k, scores.shape[1])
+    if k == 0:
+        return np.zeros(scores.shape, dtype=bool)
+    kth = -np.partition(-scores, k - 1, axis=1)[:, k - 1 : k]  # the k-th largest per row
+    above = scores > kth
+    ties = scores == kth
+    mask = above | ties
+    need = k - above.sum(axis=1)
+    crowded = np.flatnonzero(ties.sum(axis=1) > need)  # more ties at the cut than places
+    if crowded.size:
+        first = np.cumsum(ties[crowded], axis=1) <= need[crowded, None]
+        mask[crowded] = above[crowded] | (ties[crowded] & first)
+    return mask
+
+
 def retrieval_hits(
     similarity: np.ndarray,
     own_text: np.ndarray,
     image_labels: np.ndarray,
     text_labels: np.ndarray,
     ks: Sequence[int] = (1, 5, 10),
+    *,
+    text_to_image: bool = True,
 ) -> dict[str, np.ndarray]:
     """Per-query hit arrays (float, one entry per query) of every retrieval metric, the one
     ranking kernel of validation during pretraining and of ``mgll retrieve``.
@@ -434,24 +464,34 @@ def retrieval_hits(
     text; ``image_labels`` (I, C) and ``text_labels`` (T, C) 0/1 label matrices. Keys:
     ``i2t_R@K`` (own text in the top K), ``t2i_R@K`` (one of the text's images in the top K),
     ``i2t_P@K``/``t2i_P@K`` (share of the top K whose labels overlap the query's; a K beyond
-    the gallery counts the whole gallery) and ``i2t_rank`` (1-based rank of the own text).
-    Ties keep gallery order.
+    the gallery counts the whole gallery) and ``i2t_rank`` (1-based rank of the own text);
+    ``text_to_image=False`` leaves the ``t2i`` keys out. Ties rank in gallery order, as a
+    stable sort would (which favours the earlier entry; exact ties are rare with float
+    embeddings). No row is sorted: O(I x T) per K in time and memory.
     """
+    similarity = np.asarray(similarity)
+    own_text = np.asarray(own_text, dtype=np.int64)
     n_images, n_texts = similarity.shape
+    rows = np.arange(n_images)
+    own = similarity[rows, own_text][:, None]
+    earlier = np.arange(n_texts)[None, :] < own_text[:, None]
+    rank_of_own = (similarity > own).sum(axis=1) + ((similarity == own) & earlier).sum(axis=1)
+    # 0/1 labels: float32 products are exact counts, and BLAS makes them cheap
+    overlap = (
+        np.asarray(image_labels, dtype=np.float32) @ np.asarray(text_labels, dtype=np.float32).T
+    ) > 0  # (I, T)
     out: dict[str, np.ndarray] = {}
-    i2t = np.argsort(-similarity, axis=1, kind="stable")
-    rank_of_own = np.argmax(i2t == own_text[:, None], axis=1)  # 0-based
-    t2i = np.argsort(-similarity.T, axis=1, kind="stable")
-    owner = np.zeros((n_texts, n_images), dtype=bool)
-    owner[own_text, np.arange(n_images)] = True
-    first_own_image = np.array([np.argmax(owner[t, t2i[t]]) for t in range(n_texts)])
-    overlap = (image_labels @ text_labels.T) > 0  # (I, T)
+    if text_to_image:
+        owner = np.zeros((n_texts, n_images), dtype=bool)
+        owner[own_text, rows] = True
     for k in ks:
         out[f"i2t_R@{k}"] = (rank_of_own < k).astype(float)
-        out[f"t2i_R@{k}"] = (first_own_image < k).astype(float)
-        kk_t, kk_i = min(k, n_texts), min(k, n_images)
-        out[f"i2t_P@{k}"] = np.take_along_axis(overlap, i2t[:, :kk_t], axis=1).mean(1)
-        out[f"t2i_P@{k}"] = np.take_along_axis(overlap.T, t2i[:, :kk_i], axis=1).mean(1)
+        top = _top_k_mask(similarity, k)
+        out[f"i2t_P@{k}"] = (top & overlap).sum(axis=1) / max(min(k, n_texts), 1)
+        if text_to_image:
+            top_t = _top_k_mask(similarity.T, k)
+            out[f"t2i_R@{k}"] = (top_t & owner).any(axis=1).astype(float)
+            out[f"t2i_P@{k}"] = (top_t & overlap.T).sum(axis=1) / max(min(k, n_images), 1)
     out["i2t_rank"] = rank_of_own.astype(float) + 1
     return out
 

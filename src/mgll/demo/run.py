@@ -331,16 +331,20 @@ def write_demo_report(demo: Demo, records: Any, summary: Mapping[str, Any]) -> P
         for q, i in enumerate(data["queries"]):
             with Image.open(records.records[i].image) as picture:
                 thumb = np.asarray(picture.convert("RGB").resize((96, 96)))
-            hits = [int(j) for j in data["top_index"][q]]
+            shown = [
+                (int(j), float(score))
+                for j, score in zip(data["top_index"][q], data["top_score"][q], strict=True)
+                if j >= 0  # a gallery smaller than RETRIEVAL_TOP leaves places empty
+            ]
             examples.append(
                 RetrievalExample(
                     image=thumb,
                     truth=f"{names[i]}: {records.records[i].texts[-1][0]}",
                     texts=[
-                        (f"{names[j]}: {records.records[j].texts[-1][0]}", float(score))
-                        for j, score in zip(hits, data["top_score"][q], strict=True)
+                        (f"{names[j]}: {records.records[j].texts[-1][0]}", score)
+                        for j, score in shown
                     ],
-                    correct=[names[j] == names[i] for j in hits],
+                    correct=[names[j] == names[i] for j, _ in shown],
                 )
             )
         encoders.append(
@@ -525,15 +529,15 @@ def _save_report_data(
     from mgll.io import atomic_write
 
     first_fold = np.flatnonzero(fold == 0)
-    top_index = np.zeros((len(queries), RETRIEVAL_TOP), dtype=np.int64)
-    top_score = np.zeros((len(queries), RETRIEVAL_TOP))
+    top_index = np.full((len(queries), RETRIEVAL_TOP), -1, dtype=np.int64)  # -1: no text
+    top_score = np.full((len(queries), RETRIEVAL_TOP), np.nan)
     for q, i in enumerate(queries):
         rows, scores = fold_scores[int(fold[i])]
         similarity = scores.similarity[int(np.flatnonzero(rows == i)[0])]
         carrier = {int(t): int(rows[j]) for j, t in reversed(list(enumerate(scores.own_text)))}
-        order = np.argsort(-similarity, kind="stable")[:RETRIEVAL_TOP]
-        top_index[q] = [carrier[int(t)] for t in order]
-        top_score[q] = similarity[order]
+        order = np.argsort(-similarity, kind="stable")[:RETRIEVAL_TOP]  # fewer in a tiny gallery
+        top_index[q, : len(order)] = [carrier[int(t)] for t in order]
+        top_score[q, : len(order)] = similarity[order]
     arrays = {
         "features": features[first_fold],
         "feature_rows": first_fold,
@@ -560,7 +564,8 @@ def _retrieval(
 ) -> list[tuple[np.ndarray, Any]]:
     """Image -> text retrieval of every fold's held-out images among the distinct finest-level
     texts of the same held-out images (the fold's model, which never saw them), pooled over
-    folds into ``OUT/<encoder>/retrieval-<finest level>``; returns each fold's (rows, scores)."""
+    folds into ``OUT/<encoder>/retrieval-<finest level>``; returns each fold's (rows, scores)
+    (a fold whose held-out images carry no such text has no queries and is left out)."""
     from mgll.eval.retrieve import retrieval_texts, score_retrieval, write_retrieval_outputs
 
     text_level = len(records.levels) - 1
@@ -572,6 +577,8 @@ def _retrieval(
             demo, records, demo.recipe.main_level, everything[fold != k], everything[fold == k]
         )
         rows, texts = retrieval_texts(part, part.rows["test"], text_name)
+        if len(rows) == 0:
+            continue
         scores = score_retrieval(model, embs[k].features[rows], texts, part.y[rows], text_level)
         per_fold.append((rows, scores))
         pooled[k] = (
@@ -581,12 +588,16 @@ def _retrieval(
             scores.references(RETRIEVAL_KS),
             len(scores.gallery),
         )
+    if not pooled:
+        raise DemoError(
+            f"no image carries a {text_name} text (with a {demo.recipe.main_level} label): "
+            "the demo's retrieval needs the finest level's texts"
+        )
     data = _eval_data(demo, records, demo.recipe.main_level, everything[:0], everything)
+    first = next(iter(pooled.values()))
 
     def joined(part: int) -> dict[str, np.ndarray]:
-        return {
-            key: np.concatenate([p[part][key] for p in pooled.values()]) for key in pooled[0][part]
-        }
+        return {key: np.concatenate([p[part][key] for p in pooled.values()]) for key in first[part]}
 
     write_retrieval_outputs(
         demo.out / encoder / f"retrieval-{text_name}",
@@ -612,12 +623,17 @@ def _retrieval(
 
 def _evaluated(demo: Demo, encoder: str, records: Any, levels: Sequence[str]) -> bool:
     """Whether every output of ``encoder``'s evaluation exists (a resumed demo skips it)."""
-    from mgll.eval.results import RESULTS_FILE
+    from mgll.eval.results import RESULTS_FILE, ResultsError, read_results
 
     base = demo.out / encoder
     wanted = [base / f"{p}-{lv}" / RESULTS_FILE for lv in levels for p in ("probe", "zeroshot")]
-    wanted += [base / f"retrieval-{records.levels[-1].name}" / RESULTS_FILE]
-    return all(w.is_file() for w in [*wanted, base / REPORT_DATA_FILE])
+    retrieval = base / f"retrieval-{records.levels[-1].name}"
+    if not all(w.is_file() for w in [*wanted, base / REPORT_DATA_FILE]):
+        return False
+    try:  # retrieval outputs written before the image-blind references are redone
+        return "image_blind" in read_results(retrieval)
+    except ResultsError:
+        return False
 
 
 def _evaluate(
@@ -808,8 +824,8 @@ def _table_rows(
         if key.startswith(("i2t_R@", "i2t_P@")):
             row[key] = value
     row["chance"] = results["chance"]
-    row["image_blind"] = results.get("image_blind", {})  # absent in older retrieval outputs
-    row["top1_hub"] = results.get("top1_hub")
+    row["image_blind"] = results["image_blind"]
+    row["top1_hub"] = results["top1_hub"]
     rows.append(row)
     return rows
 

@@ -219,7 +219,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "compare",
         help="paired comparison of evaluation outputs on the same test set",
         description="Difference of every metric between output folders of probe/finetune/"
-        "zeroshot on the same test images, with a paired patient-bootstrap 95% CI and p-value.",
+        "zeroshot (or of retrieve) on the same test images, with a paired patient-bootstrap "
+        "95% CI and p-value.",
     )
     parser.add_argument("folders", nargs="+", metavar="OUT", help="output folders; A first")
     parser.add_argument("--output-dir", help="also write comparison.json and comparison.md here")

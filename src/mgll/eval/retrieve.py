@@ -55,12 +55,22 @@ class RetrievalScores:
 
     def hits(self, ks: Sequence[int] = DEFAULT_KS) -> dict[str, np.ndarray]:
         """Per-query hits of every metric and ``i2t_rank``
-        (:func:`mgll.metrics.retrieval_hits`)."""
+        (:func:`mgll.metrics.retrieval_hits`). P@K is NaN (not applicable) for a query without
+        a label at the task's level (e.g. a multi-label row whose findings were all left out
+        by ``--classes``); the means and CIs leave those queries out, as validation does."""
         from mgll.metrics import retrieval_hits
 
-        return retrieval_hits(
+        out = retrieval_hits(
             self.similarity, self.own_text, self.image_labels, self.text_labels, ks
         )
+        unlabelled = {
+            "i2t": self.image_labels.sum(axis=1) == 0,
+            "t2i": self.text_labels.sum(axis=1) == 0,
+        }
+        for key, values in out.items():
+            if "_P@" in key:
+                values[unlabelled[key[:3]]] = np.nan
+        return out
 
     def references(self, ks: Sequence[int] = DEFAULT_KS) -> dict[str, np.ndarray]:
         """What rankings that ignore the image score, per image query, to read the hits against:
@@ -77,9 +87,10 @@ class RetrievalScores:
         """
         n_images, n_texts = self.similarity.shape
         overlap = (self.image_labels @ self.text_labels.T) > 0  # (I, T)
+        unlabelled = self.image_labels.sum(axis=1) == 0
         out = {
             "gallery": np.full(n_images, float(n_texts)),
-            "chance_P": overlap.mean(axis=1),
+            "chance_P": np.where(unlabelled, np.nan, overlap.mean(axis=1)),
         }
         by_own = np.argsort(-np.bincount(self.own_text, minlength=n_texts), kind="stable")
         position = np.empty(n_texts, dtype=np.int64)
@@ -87,7 +98,8 @@ class RetrievalScores:
         by_overlap = np.argsort(-overlap.sum(axis=0), kind="stable")
         for k in ks:
             out[f"blind_R@{k}"] = (position[self.own_text] < k).astype(float)
-            out[f"blind_P@{k}"] = overlap[:, by_overlap[: min(k, n_texts)]].mean(axis=1)
+            blind = overlap[:, by_overlap[: min(k, n_texts)]].mean(axis=1)
+            out[f"blind_P@{k}"] = np.where(unlabelled, np.nan, blind)
         top1 = np.bincount(self.similarity.argmax(axis=1), minlength=n_texts)
         out["top1_hub"] = np.full(n_images, top1.max() / max(n_images, 1))
         return out
@@ -104,6 +116,8 @@ def score_retrieval(
     """Rank the distinct ``texts`` for every image: ``image_emb`` (I, D) projected image
     embeddings, ``texts`` each image's own text, embedded with ``model``'s text tower of level
     ``text_level`` (its only tower when it has one), ``labels`` (I, C) the images' labels."""
+    if not texts:
+        raise ValueError("no image query carries a text: nothing to retrieve")
     gallery = list(dict.fromkeys(texts))
     index = {t: j for j, t in enumerate(gallery)}
     own_text = np.array([index[t] for t in texts], dtype=np.int64)
@@ -137,6 +151,12 @@ def retrieval_texts(data: Any, rows: np.ndarray, text_level: str) -> tuple[np.nd
     kept = [int(i) for i in rows if data.records.records[int(i)].texts[level]]
     texts = [data.records.records[i].texts[level][0] for i in kept]
     return np.asarray(kept, dtype=np.int64), texts
+
+
+def _mean_defined(values: np.ndarray) -> float | None:
+    """Mean over the queries where ``values`` is defined (None when it is nowhere)."""
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else None
 
 
 def write_retrieval_outputs(
@@ -182,10 +202,10 @@ def write_retrieval_outputs(
             k = int(key.split("@")[1])
             chance[key] = float(np.mean(np.minimum(k, gallery) / gallery))
         elif key.startswith("i2t_P@"):
-            chance[key] = float(np.mean(references["chance_P"]))
+            chance[key] = _mean_defined(references["chance_P"])
         else:
             continue
-        blind[key] = float(np.mean(references[key.replace("i2t_", "blind_")]))
+        blind[key] = _mean_defined(references[key.replace("i2t_", "blind_")])
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -205,7 +225,9 @@ def write_retrieval_outputs(
                 *(f"{hits[c][i]:.6g}" for c in columns),
             ]
         )
-    atomic_write(out / RETRIEVAL_FILE, lambda tmp: tmp.write_text(buffer.getvalue()))
+    atomic_write(
+        out / RETRIEVAL_FILE, lambda tmp: tmp.write_text(buffer.getvalue(), encoding="utf-8")
+    )
     data.write_split(out / "split.csv")
     _plot_recall(out / "recall.png", hits["i2t_rank"], gallery)
     results = {
@@ -362,8 +384,9 @@ def format_retrieval(results: dict[str, Any]) -> str:
             continue
         ci = results["metrics"].get(f"{key}_ci95")
         interval = "" if ci is None else f"[{ci[0]:.4f}, {ci[1]:.4f}]"
-        refs = [f"{r[key]:.4f}" if key in r else "" for r in (chance, blind)]
-        lines.append(f"| {key} | {value:.4f} | {interval} | {refs[0]} | {refs[1]} |")
+        refs = [f"{r[key]:.4f}" if r.get(key) is not None else "" for r in (chance, blind)]
+        shown = "undefined" if value is None else f"{value:.4f}"
+        lines.append(f"| {key} | {shown} | {interval} | {refs[0]} | {refs[1]} |")
     if "top1_hub" in results:
         lines.append(
             f"\nThe most often top-ranked text is first for {results['top1_hub']:.1%} of the "

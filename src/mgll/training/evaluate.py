@@ -75,6 +75,7 @@ def retrieval_metrics(
         hot.numpy(),
         (text_hot > 0).numpy(),
         sorted({*recall_at, *precision_at}),
+        text_to_image=False,
     )
     out: dict[str, float] = {"queries": len(keep), "texts": gallery.shape[0]}
     for k in recall_at:
