@@ -6,10 +6,15 @@
    memory. The goal is a ratio >= 0.9 (the data path is not the bottleneck).
 2. Reading cached features and fitting the linear probe (:func:`mgll.eval.probe.select_and_fit`,
    the default 7-value C grid, and one C) on N synthetic feature vectors (default 10,000).
+3. Ranking a retrieval gallery (:func:`mgll.metrics.retrieval_hits`, K = 1, 5, 10) of N images x
+   N distinct texts: image -> text only (what validation during pretraining asks) and both
+   directions (``mgll retrieve``), against fully sorting every row (``np.argsort``, stable)
+   for the image -> text ranks alone.
 
 Prints a Markdown table; nothing is asserted. Example:
 
     python benchmarks/eval.py --arch mgll-vit-tiny-64 --workers 2 --n-features 10000
+    python benchmarks/eval.py --parts ranking --gallery 4000
 """
 
 from __future__ import annotations
@@ -96,6 +101,29 @@ def probe_fit(n: int, dim: int, classes: int) -> list[str]:
     return rows
 
 
+def ranking(n: int) -> list[str]:
+    """Rows: ranking an n x n gallery one and both ways, and a stable full sort of the rows."""
+    from mgll.metrics import retrieval_hits
+
+    rng = np.random.default_rng(0)
+    similarity = rng.normal(size=(n, n)).astype(np.float32)
+    own = np.arange(n)
+    labels = np.eye(5, dtype=int)[rng.integers(0, 5, n)]
+    start = time.perf_counter()
+    np.argsort(-similarity, axis=1, kind="stable")
+    sort_s = time.perf_counter() - start
+    rows = []
+    for both, label in ((False, "image -> text"), (True, "both directions")):
+        start = time.perf_counter()
+        retrieval_hits(similarity, own, labels, labels, (1, 5, 10), text_to_image=both)
+        seconds = time.perf_counter() - start
+        rows.append(
+            f"| rank {n} images x {n} texts, R@K and P@K for K = 1, 5, 10, {label} | "
+            f"{seconds:.2f} s | stable sort of the rows alone: {sort_s:.2f} s | |"
+        )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="mgll-vit-tiny-64")
@@ -105,13 +133,23 @@ def main() -> None:
     parser.add_argument("--n-features", type=int, default=10_000)
     parser.add_argument("--dim", type=int, default=768)
     parser.add_argument("--classes", type=int, default=5)
+    parser.add_argument("--gallery", type=int, default=4000, help="images = texts ranked")
+    parser.add_argument(
+        "--parts", default="extraction,probe,ranking", help="comma-separated parts to run"
+    )
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     torch.manual_seed(0)
     print("| what | time / speed | reference | |")
     print("|---|---|---|---|")
-    for row in extraction(args.arch, args.data_root, args.workers, args.batch_size):
-        print(row)
-    for row in probe_fit(args.n_features, args.dim, args.classes):
+    rows = []
+    if "extraction" in parts:
+        rows += extraction(args.arch, args.data_root, args.workers, args.batch_size)
+    if "probe" in parts:
+        rows += probe_fit(args.n_features, args.dim, args.classes)
+    if "ranking" in parts:
+        rows += ranking(args.gallery)
+    for row in rows:
         print(row)
 
 
