@@ -125,7 +125,9 @@ def score_retrieval(
     text_labels = np.zeros((len(gallery), image_labels.shape[1]), dtype=int)
     for i, j in enumerate(own_text):
         text_labels[j] |= image_labels[i]
-    tower_level = text_level if model.text_per_level and text_level < len(model.text_towers) else 0
+    from mgll.eval.zeroshot import text_tower_level
+
+    tower_level = text_tower_level(model, text_level)
     with torch.no_grad():
         text = torch.cat(
             [
@@ -186,12 +188,11 @@ def write_retrieval_outputs(
     from mgll.metrics import mean_with_ci
 
     patients = data.patients(rows)
-    n_text_queries = len(next(v for k, v in hits.items() if k.startswith("t2i")))
     metrics: dict[str, Any] = {}
     for key, values in hits.items():
         if key == "i2t_rank":
             continue
-        groups = patients if key.startswith("i2t") else list(range(n_text_queries))
+        groups = patients if key.startswith("i2t") else list(range(len(values)))  # texts
         value, ci = mean_with_ci(values, groups, n_resamples=n_resamples, seed=seed)
         metrics[key], metrics[f"{key}_ci95"] = value, ci
     metrics["i2t_median_rank"] = float(np.median(hits["i2t_rank"]))
@@ -308,19 +309,16 @@ def retrieval(
     """Retrieval on ``data``'s test split with ``model`` (an ``MGLLModel``): the texts of
     ``text_level`` (default: the task's level), label-aware P@K judged by the task's labels;
     writes ``results.json``, ``retrieval.csv``, ``recall.png`` and ``split.csv``."""
-    from mgll.eval.encoders import encoder_from_model
-    from mgll.eval.features import extract_features
+    from mgll.eval.zeroshot import projected_features
 
-    model = model.eval()
-    encoder = encoder_from_model(model, name, run_config)
-    features = extract_features(
-        encoder,
-        data.records,
-        data.folder,
-        projected=True,
+    encoder, features = projected_features(
+        model,
+        data,
+        name=name,
+        run_config=run_config,
+        cache_dir=cache_dir,
         batch_size=batch_size,
         num_workers=num_workers,
-        cache_dir=cache_dir,
         precision=precision,
         progress=progress,
     )

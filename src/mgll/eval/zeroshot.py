@@ -85,11 +85,17 @@ def class_prompts(
     return positive, negative, source
 
 
+def text_tower_level(model: Any, level: int) -> int:
+    """The text tower that embeds texts of granularity ``level``: its own when the model has
+    one per level, else the only one (CLIP-style models, levels beyond the trained ones)."""
+    return level if model.text_per_level and level < len(model.text_towers) else 0
+
+
 def text_embeddings(
     model: Any, prompts: Mapping[str, Sequence[str]], classes: Sequence[str], level: int
 ) -> torch.Tensor:
     """(C, D) normalised class embeddings: mean of each class's normalised prompt embeddings."""
-    tower_level = level if model.text_per_level and level < len(model.text_towers) else 0
+    tower_level = text_tower_level(model, level)
     rows = []
     with torch.no_grad():
         for c in classes:
@@ -115,6 +121,38 @@ def zero_shot_scores(
     return torch.stack([pos, neg], dim=-1).softmax(dim=-1)[..., 0].numpy()
 
 
+def projected_features(
+    model: Any,
+    data: Any,
+    *,
+    name: str,
+    run_config: dict[str, Any] | None = None,
+    cache_dir: str | Path | bool | None = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    precision: str = "fp32",
+    progress: bool = True,
+) -> tuple[Any, Any]:
+    """``model`` (an ``MGLLModel``, put in eval mode) as an encoder and its projected image
+    embeddings of every record of ``data``: what zero-shot and retrieval compare texts with."""
+    from mgll.eval.encoders import encoder_from_model
+    from mgll.eval.features import extract_features
+
+    encoder = encoder_from_model(model.eval(), name, run_config)
+    features = extract_features(
+        encoder,
+        data.records,
+        data.folder,
+        projected=True,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        cache_dir=cache_dir,
+        precision=precision,
+        progress=progress,
+    )
+    return encoder, features
+
+
 def zero_shot(
     model: Any,
     data: Any,
@@ -134,20 +172,16 @@ def zero_shot(
 ) -> dict[str, Any]:
     """Zero-shot classification of ``data``'s test split by ``model`` (an ``MGLLModel``);
     writes the output folder (same layout as the probe) and returns results.json's dict."""
-    from mgll.eval.encoders import encoder_from_model
-    from mgll.eval.features import extract_features
     from mgll.eval.results import write_classification_outputs
 
-    model = model.eval()
-    encoder = encoder_from_model(model, name, run_config)
-    features = extract_features(
-        encoder,
-        data.records,
-        data.folder,
-        projected=True,
+    encoder, features = projected_features(
+        model,
+        data,
+        name=name,
+        run_config=run_config,
+        cache_dir=cache_dir,
         batch_size=batch_size,
         num_workers=num_workers,
-        cache_dir=cache_dir,
         precision=precision,
         progress=progress,
     )
