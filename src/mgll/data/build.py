@@ -24,6 +24,7 @@ from mgll.data.records import LevelInfo, RecordSet
 from mgll.data.spec import find_spec, is_spec_path, records_from_spec, resolve_path
 from mgll.data.splits import SPLIT_NAMES, check_disjoint_patients, patient_split, read_split_file
 from mgll.data.transforms import augmentation_options, build_transform
+from mgll.errors import DataError
 
 
 def load_records(
@@ -44,7 +45,7 @@ def load_records(
     if source is not None and is_spec_path(source):
         spec_path = find_spec(source, data_root)
         if options:
-            raise ValueError(
+            raise DataError(
                 f"data.options: a spec file ({spec_path}) takes no adapter options; "
                 "put them in the spec"
             )
@@ -56,13 +57,13 @@ def load_records(
             )
         return records_from_spec(spec_path), spec_path.parent
     if folder is None:
-        raise ValueError("data.path: is required with a format name (the dataset folder)")
+        raise DataError("data.path: is required with a format name (the dataset folder)")
     if source is None:
         adapter = detect_adapter(folder)
     else:
         adapter = get_adapter(str(source))
         if not folder.exists():
-            raise ValueError(f"data.path: dataset folder {folder} does not exist")
+            raise DataError(f"data.path: dataset folder {folder} does not exist")
     return adapter.load(folder, **options), folder if folder.is_dir() else folder.parent
 
 
@@ -95,7 +96,7 @@ def split_records(
         for i, r in enumerate(records.records):
             name = r.metadata.get("split")
             if name not in result:
-                raise ValueError(
+                raise DataError(
                     f"data.split.mode: 'source' needs every record to carry a split; "
                     f"{r.image} has {name!r} (use fractions instead)"
                 )
@@ -185,7 +186,7 @@ def prepare_data(
                 stacklevel=2,
             )
     if not records.records:
-        raise ValueError(f"{records.source}: no usable samples; run `mgll data check` on it")
+        raise DataError(f"{records.source}: no usable samples; run `mgll data check` on it")
     indices = split_records(records, cfg.split, seed, data_root, folder)
     return PreparedData(cfg, records, folder, indices, seed, data_root)
 

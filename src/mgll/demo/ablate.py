@@ -269,26 +269,18 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: Any) -> int:
-    """``mgll ablate``; expected failures become one-line errors."""
-    import sys
-
+    """``mgll ablate`` (user errors reach ``mgll.cli.main`` as one line)."""
     from mgll.process import offline_hubs
-    from mgll.schema import ConfigError
-    from mgll.training.checkpoint import CheckpointError
 
-    try:
-        with offline_hubs():
-            run_ablation(
-                args.data_root,
-                args.output_dir,
-                dataset=args.dataset,
-                seeds=args.seeds,
-                quick=args.quick,
-                echo=lambda line: print(line, flush=True),
-            )
-    except (DemoError, ConfigError, CheckpointError) as err:
-        print(f"mgll ablate: error: {err}", file=sys.stderr)
-        return 1
+    with offline_hubs():
+        run_ablation(
+            args.data_root,
+            args.output_dir,
+            dataset=args.dataset,
+            seeds=args.seeds,
+            quick=args.quick,
+            echo=lambda line: print(line, flush=True),
+        )
     return 0
 
 

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from mgll.errors import UserError
+
 ENCODERS = ("random", "clip", "mgll")
 PRETRAINED = ("clip", "mgll")
 COMPARISONS = (("mgll", "clip"), ("mgll", "random"))
@@ -26,7 +28,7 @@ RESAMPLES = 1000
 QUICK_RESAMPLES = 200
 
 
-class DemoError(ValueError):
+class DemoError(UserError, ValueError):
     """The demo cannot run as asked (the message says what to change)."""
 
 
@@ -214,6 +216,8 @@ def run_demo(
 
     if dataset not in RECIPES:
         raise DemoError(f"--dataset {dataset!r}: choose one of {', '.join(RECIPES)}")
+    if seed < 0:
+        raise DemoError(f"--seed {seed}: give a seed >= 0 (it seeds the folds and the models)")
     demo = Demo(RECIPES[dataset], Path(data_root), Path(output_dir), quick, seed)
     if not demo.folder.is_dir():
         raise DemoError(f"{demo.folder} does not exist; --data-root must hold the {dataset} folder")
@@ -454,8 +458,8 @@ def _fold_models(demo: Demo, encoder: str) -> list[Any]:
     """The encoder's model of every fold: the seeded initial model for ``random`` (the weights
     every pretraining starts from, the same for all folds), else the fold's pretrained run."""
     from mgll.models import create_model
+    from mgll.process import seed_everything
     from mgll.training.checkpoint import load_model
-    from mgll.training.trainer import seed_everything
 
     if encoder == "random":
         seed_everything(demo.seed)  # as the trainer does right before building the model

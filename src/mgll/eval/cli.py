@@ -1,18 +1,19 @@
 """Arguments shared by the evaluation sub-commands, and their error handling.
 
 Each command module (``probe``, ``finetune``, ``zeroshot``, ``retrieve``, ``compare``)
-registers its own parser with :func:`add_task_arguments` and runs through :func:`run_safely`,
-which turns expected failures into ``mgll <cmd>: error: ...`` and exit code 1.
+registers its own parser with :func:`add_task_arguments` and runs through :func:`run_safely`
+(model hubs offline); ``mgll.cli.main`` turns user errors into ``mgll <cmd>: error: ...``.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from mgll.eval.data import TaskError
 
 # Loader workers pay off only when cores are left over for them (measured: on 2 cores, 2
 # workers make extraction 0.79x the bare forward, none 0.95x; benchmarks/eval.py).
@@ -115,12 +116,12 @@ def split_settings(args: argparse.Namespace) -> dict[str, Any] | None:
         try:
             train, val, test = (float(v) for v in args.split_fractions.split(","))
         except ValueError:
-            raise ValueError(
+            raise TaskError(
                 f"--split-fractions: {args.split_fractions!r} is not TRAIN,VAL,TEST"
             ) from None
         return {"train": train, "val": val, "test": test, "seed": args.split_seed or 0}
     if not Path(args.split).is_file():
-        raise ValueError(f"--split: {args.split!r} is not 'source', 'patient' or a split CSV")
+        raise TaskError(f"--split: {args.split!r} is not 'source', 'patient' or a split CSV")
     return {"file": str(Path(args.split).absolute())}
 
 
@@ -153,27 +154,10 @@ def load_task(args: argparse.Namespace, encoder_config: dict[str, Any] | None = 
 
 
 def run_safely(command: str, body: Callable[[], int]) -> int:
-    """Run ``body``; expected failures become one line on stderr and exit code 1."""
-    from mgll.data.images import ImageLoadError
-    from mgll.data.spec import SpecError
-    from mgll.eval.results import ResultsError
-    from mgll.models.weights import PretrainedWeightsError
+    """Run ``body`` with the model hubs offline. Its user errors (``mgll.errors.UserError``)
+    reach ``mgll.cli.main``, which prints them on one line; any other exception is a bug and
+    keeps its traceback (a ``ValueError`` from a library is not turned into a one-liner)."""
     from mgll.process import offline_hubs
-    from mgll.training.checkpoint import CheckpointError
-    from mgll.training.config import ConfigError
 
-    try:
-        with offline_hubs():
-            return body()
-    except (
-        ValueError,
-        SpecError,
-        ResultsError,
-        ImageLoadError,
-        CheckpointError,
-        ConfigError,
-        PretrainedWeightsError,
-        FileNotFoundError,
-    ) as error:
-        print(f"mgll {command}: error: {error}", file=sys.stderr)
-        return 1
+    with offline_hubs():
+        return body()

@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mgll.errors import UserError
+
 ACCEPTED_FORMS = (
     "a pretraining run folder or its checkpoints/step_*.safetensors file",
     "an exported encoder (FILE.safetensors with its FILE.json sidecar, or an export folder, "
@@ -47,7 +49,7 @@ ACCEPTED_FORMS = (
 )
 
 
-class EncoderError(ValueError):
+class EncoderError(UserError, ValueError):
     """An encoder spec that cannot be loaded; the message names it and the accepted forms."""
 
     def __init__(self, spec: str, reason: str) -> None:
