@@ -24,7 +24,6 @@ of one class) is ``NaN`` here and is never averaged in silently (see
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 from scipy.stats import rankdata
@@ -46,6 +45,7 @@ def check_task(y: np.ndarray, scores: np.ndarray, task_type: str) -> None:
 
 
 def both_classes_present(column: np.ndarray) -> bool:
+    """Whether a 0/1 column holds both a positive and a negative (else AUC/AP are undefined)."""
     return 0 < int(column.sum()) < len(column)
 
 

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+
 def _top_k_mask(scores: np.ndarray, k: int) -> np.ndarray:
     """(Q, G) bool: each row's k best entries, ties at the cut taken in column order (the
     order a stable sort of the row would give), without sorting the rows."""
