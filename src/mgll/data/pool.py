@@ -52,7 +52,17 @@ from mgll.data.splits import (
 )
 
 _TOP_KEYS = {"name", "levels", "sources", "derive", "split", "sampling", "missing_text"}
-_SOURCE_KEYS = {"name", "source", "path", "options", "levels", "rename", "prompt", "weight", "split"}
+_SOURCE_KEYS = {
+    "name",
+    "source",
+    "path",
+    "options",
+    "levels",
+    "rename",
+    "prompt",
+    "weight",
+    "split",
+}
 _DERIVE_KEYS = {"from", "map", "prompt"}
 _SPLIT_KEYS = {"mode", "train", "val", "test", "seed"}
 _OTHER = "*"  # in a derive map: every label not listed
@@ -130,8 +140,10 @@ class _PoolReader:
         if unknown:
             raise self.fail(unknown[0], f"unknown key; known keys: {sorted(_TOP_KEYS)}")
         levels = self.spec.get("levels")
-        if not isinstance(levels, list) or not levels or not all(
-            isinstance(v, str) and v for v in levels
+        if (
+            not isinstance(levels, list)
+            or not levels
+            or not all(isinstance(v, str) and v for v in levels)
         ):
             raise self.fail("levels", "must list the pool's level names, coarse to fine")
         if len(set(levels)) != len(levels):
@@ -221,7 +233,9 @@ class _PoolReader:
             raise self.fail(key, "must be a mapping {source, path, levels}")
         unknown = sorted(set(cfg) - _SOURCE_KEYS)
         if unknown:
-            raise self.fail(f"{key}.{unknown[0]}", f"unknown key; known keys: {sorted(_SOURCE_KEYS)}")
+            raise self.fail(
+                f"{key}.{unknown[0]}", f"unknown key; known keys: {sorted(_SOURCE_KEYS)}"
+            )
         source = cfg.get("source")
         path = cfg.get("path")
         if not source and not path:
@@ -240,8 +254,8 @@ class _PoolReader:
         levels = self.mapping(f"{key}.levels", cfg.get("levels"))
         if not levels:
             raise self.fail(
-                f"{key}.levels", "must map the source's level names onto pool levels, "
-                "e.g. {severity: disease}",
+                f"{key}.levels",
+                "must map the source's level names onto pool levels, e.g. {severity: disease}",
             )
         for source_level, pool_level in levels.items():
             self.pool_level(f"{key}.levels.{source_level}", str(pool_level))
@@ -283,7 +297,9 @@ class _PoolReader:
         try:
             text.format(label="x")
         except (KeyError, ValueError, IndexError) as exc:
-            raise self.fail(key, f"{text!r} is not a valid template ({exc}); use {{label}}") from exc
+            raise self.fail(
+                key, f"{text!r} is not a valid template ({exc}); use {{label}}"
+            ) from exc
         return text
 
     def parse_derive(self) -> list[_Derived]:
@@ -294,14 +310,20 @@ class _PoolReader:
             cfg = self.mapping(key, cfg)
             unknown = sorted(set(cfg) - _DERIVE_KEYS)
             if unknown:
-                raise self.fail(f"{key}.{unknown[0]}", f"unknown key; known: {sorted(_DERIVE_KEYS)}")
+                raise self.fail(
+                    f"{key}.{unknown[0]}", f"unknown key; known: {sorted(_DERIVE_KEYS)}"
+                )
             origin = self.pool_level(f"{key}.from", str(cfg.get("from", "")))
             if origin == level:
                 raise self.fail(f"{key}.from", "a level cannot be derived from itself")
-            mapping = {str(a): str(b) for a, b in self.mapping(f"{key}.map", cfg.get("map")).items()}
+            mapping = {
+                str(a): str(b) for a, b in self.mapping(f"{key}.map", cfg.get("map")).items()
+            }
             if not mapping:
-                raise self.fail(f"{key}.map", "must map labels of the origin level, e.g. "
-                                "{normal: normal, '*': abnormal}")
+                raise self.fail(
+                    f"{key}.map",
+                    "must map labels of the origin level, e.g. {normal: normal, '*': abnormal}",
+                )
             prompt = self.template(f"{key}.prompt", cfg.get("prompt", "{label}"))
             rules.append(_Derived(level, origin, mapping, prompt))
         return rules
