@@ -319,10 +319,9 @@ def test_each_source_reads_through_its_own_cache_shared_with_single_source_runs(
 
 
 def test_pretraining_on_a_pool_writes_split_csv_and_counts_sources(tmp_path):
-    from test_training_fakes import fake_config, fake_model_factory
-
     from mgll.data import collate_samples
     from mgll.training.trainer import train
+    from test_training_fakes import fake_config, fake_model_factory
 
     path = _pool(tmp_path)
     cfg = fake_config(
@@ -380,3 +379,19 @@ def test_shipped_fundus_pool_keeps_palm_validation400_out_of_pretraining(tmp_pat
     training = [r for r in records.records if r.image.parent.name == "PALM-Training400"]
     assert len(training) == 400 and {r.metadata["split"] for r in training} == {"train", "val"}
     assert [lv.name for lv in records.levels] == ["abnormality", "disease", "explanation"]
+
+
+def test_evaluation_reads_a_pool_with_its_split(tmp_path):
+    from mgll.eval.data import load_eval_data
+
+    path = _pool(tmp_path)
+    data = load_eval_data(str(path), "disease")
+    records = load_pool(path)
+    labelled = {
+        name: sorted(
+            i for i, r in enumerate(records.records) if r.metadata["split"] == name and r.labels[1]
+        )
+        for name in ("train", "val", "test")
+    }
+    assert {name: data.rows[name].tolist() for name in labelled} == labelled
+    assert data.split_info["settings"] == {"mode": "source"}

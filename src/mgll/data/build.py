@@ -44,8 +44,9 @@ def load_records(
     """Records of a dataset and its folder.
 
     ``source`` is a format name, the path of a spec or pool file (``package:`` paths allowed),
-    or None to detect the format of the folder ``path``. Relative paths are looked up under ``data_root`` first, then as given. A
-    spec's own paths are relative to the spec file (``path`` is not used with a spec).
+    or None to detect the format of the folder ``path``. Relative paths are looked up under
+    ``data_root`` first, then as given. A spec's own paths are relative to the spec file
+    (``path`` is not used with a spec); a pool's are relative to it, then to ``data_root``.
     """
     options = dict(options or {})
     folder = resolve_path(path, data_root) if path is not None else None

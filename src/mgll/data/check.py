@@ -200,7 +200,9 @@ def spelling_conflicts(records: RecordSet) -> list[str]:
 
 def _sources_of(records: RecordSet, g: int, name: str) -> str:
     counts = Counter(
-        str(r.metadata.get("source", records.source)) for r in records.records if name in r.labels[g]
+        str(r.metadata.get("source", records.source))
+        for r in records.records
+        if name in r.labels[g]
     )
     return ", ".join(f"{source} {n}" for source, n in sorted(counts.items()))
 
@@ -224,7 +226,9 @@ def _check_pool(records: RecordSet, report: CheckReport) -> None:
                 "folder": str(source.folder),
                 "records": len(members),
                 "weight": source.weight,
-                "missing_levels": [lv.name for lv in records.levels if lv.name not in source.levels],
+                "missing_levels": [
+                    lv.name for lv in records.levels if lv.name not in source.levels
+                ],
                 "levels": levels,
                 "splits": {name: splits.get(name, 0) for name in SPLIT_NAMES},
             }
@@ -348,9 +352,7 @@ def _format_pool(report: CheckReport, lines: list[str], section: Any, limit: int
             shown = ", ".join(f"{name[:40]} {n}" for name, n in counts[:8])
             more = f", ... {len(counts) - 8} more classes" if len(counts) > 8 else ""
             lines.append(f"  {level['name']}: {level['missing']} missing; {shown}{more}")
-    section(
-        "labels spelled two ways (error; rename one in the pool file)", report.label_conflicts
-    )
+    section("labels spelled two ways (error; rename one in the pool file)", report.label_conflicts)
     section(
         "identical images across sources (linked: one patient, one split)",
         [" = ".join(group) for group in report.identical_across_sources],

@@ -51,7 +51,7 @@ from mgll.data.splits import (
     split_fractions,
 )
 
-_TOP_KEYS = {"name", "levels", "sources", "derive", "split", "sampling", "missing_text"}
+_TOP_KEYS = {"levels", "sources", "derive", "split", "sampling", "missing_text"}
 _SOURCE_KEYS = {
     "name",
     "source",
@@ -123,6 +123,8 @@ def load_pool(path: str | Path, data_root: str | Path | None = None) -> RecordSe
 
 
 class _PoolReader:
+    """Reads one pool file: parse and validate every key first, then load the sources."""
+
     def __init__(self, spec: dict[str, Any], path: Path, data_root: str | Path | None) -> None:
         self.spec = spec
         self.path = path
@@ -136,6 +138,7 @@ class _PoolReader:
     # ---- parsing ----------------------------------------------------------------------------
 
     def read(self) -> RecordSet:
+        """The pool's records (the steps of the module docstring, in order)."""
         unknown = sorted(set(self.spec) - _TOP_KEYS)
         if unknown:
             raise self.fail(unknown[0], f"unknown key; known keys: {sorted(_TOP_KEYS)}")
