@@ -318,22 +318,30 @@ def test_each_source_reads_through_its_own_cache_shared_with_single_source_runs(
     assert (single.cache.hits, single.cache.misses) == (len(single), 0)
 
 
-def test_pretraining_on_a_pool_writes_split_csv_and_counts_sources(tmp_path):
+def _train_fakes(tmp_path, data, monkeypatch):
+    """A one-step run of the test model on ``data`` (a data section); the sampler's weights."""
     from mgll.data import collate_samples
-    from mgll.training.trainer import train
+    from mgll.training import trainer
     from test_training_fakes import fake_config, fake_model_factory
 
-    path = _pool(tmp_path)
+    seen = []
+
+    class Spy(GlobalBatchSampler):
+        def __init__(self, *args, **kwargs):
+            seen.append(kwargs.get("weights"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "GlobalBatchSampler", Spy)
     cfg = fake_config(
         {
-            "data": {"source": str(path), "cache_dir": False},
+            "data": {**data, "cache_dir": False},
             "train.batch_size": 2,
             "train.epochs": 1,
             "train.max_steps": 1,
         }
     )
     out = tmp_path / "run"
-    summary = train(
+    summary = trainer.train(
         cfg,
         tmp_path,
         out,
@@ -341,8 +349,17 @@ def test_pretraining_on_a_pool_writes_split_csv_and_counts_sources(tmp_path):
         data_builder=prepare_data,
         collate_fn=collate_samples,
     )
-    records = load_pool(path)
     rows = list(csv.DictReader((out / "split.csv").open(encoding="utf-8")))
+    assert json.loads((out / "summary.json").read_text())["sources"] == summary["sources"]
+    return summary, rows, seen[0]
+
+
+def test_pretraining_on_a_pool_writes_split_csv_counts_sources_and_weights_draws(
+    tmp_path, monkeypatch
+):
+    path = _pool(tmp_path)
+    summary, rows, weights = _train_fakes(tmp_path, {"source": str(path)}, monkeypatch)
+    records = load_pool(path)
     assert rows[0].keys() == {"image", "source", "patient_id", "split"}
     assert [(r["source"], r["patient_id"], r["split"]) for r in rows] == [
         (x.metadata["source"], x.patient_id or "", x.metadata["split"]) for x in records.records
@@ -352,7 +369,26 @@ def test_pretraining_on_a_pool_writes_split_csv_and_counts_sources(tmp_path):
         s: {split: expected[(s, split)] for split in ("train", "val", "test")}
         for s in ("grades", "myopia")
     }
-    assert json.loads((out / "summary.json").read_text())["sources"] == summary["sources"]
+    # myopia weighs 3: its training photos share 3 * n_myopia / (n_grades + 3 * n_myopia)
+    n = {s: expected[(s, "train")] for s in ("grades", "myopia")}
+    train = [x for x in records.records if x.metadata["split"] == "train"]
+    share = sum(w for x, w in zip(train, weights, strict=True) if x.metadata["source"] == "myopia")
+    assert share == pytest.approx(3 * n["myopia"] / (n["grades"] + 3 * n["myopia"]))
+
+
+def test_a_single_dataset_run_writes_split_csv_too(tmp_path, monkeypatch):
+    _sources(tmp_path)
+    data = {"source": str(tmp_path / "myopia" / "spec.yaml"), "split": {"mode": "source"}}
+    summary, rows, weights = _train_fakes(tmp_path, data, monkeypatch)
+    assert weights is None  # plain shuffled epochs
+    assert [(r["image"], r["source"], r["split"]) for r in rows] == [
+        ("images/m1.png", "myopia", "train"),
+        ("images/m2.png", "myopia", "train"),
+        ("images/m3.png", "myopia", "val"),
+        ("images/m4.png", "myopia", "test"),
+        ("images/m5.png", "myopia", "test"),
+    ]
+    assert summary["sources"] == {"myopia": {"train": 2, "val": 1, "test": 2}}
 
 
 @pytest.mark.shared_data
