@@ -431,3 +431,11 @@ def test_evaluation_reads_a_pool_with_its_split(tmp_path):
     }
     assert {name: data.rows[name].tolist() for name in labelled} == labelled
     assert data.split_info["settings"] == {"mode": "source"}
+
+
+def test_a_bad_pool_is_one_line_on_stderr_and_exit_2(tmp_path, capsys):
+    path = _pool(tmp_path, POOL.replace("levels: {diagnosis: disease}", "levels: {}"))
+    assert main(["data", "check", str(path), "--no-decode"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mgll data check: error: ") and "\n" not in err
+    assert f"{path}: sources[1].levels: must map the source's level names" in err
