@@ -115,6 +115,7 @@ class Run:
     max_steps: int
     skipped: set[str] = field(default_factory=set)
     sources: dict[str, dict[str, int]] = field(default_factory=dict)  # images per source, split
+    write_split: Callable[[Path], None] | None = None  # writes split.csv (the data's, if known)
     stop: StopRequests | None = None  # signals asking for a clean stop
     last_checkpoint: Path | None = None  # written (or resumed from) by this run
     validated_at_end: bool = False
@@ -171,6 +172,8 @@ def train(
         )
         run.stop = stop
         state = TrainState()
+        if info.is_main and resume_from is None and run.write_split is not None:
+            run.write_split(output_dir / SPLIT_FILE)
         if resume_from is not None:
             state = restore(run, resume_from)
             if state.step >= run.max_steps or state.epoch >= cfg.train.epochs:
@@ -179,6 +182,8 @@ def train(
             if info.is_main:
                 truncate_after(output_dir, state.step)  # rows after the checkpoint are redone
                 save_config(cfg, output_dir / CONFIG_FILE)
+                if run.write_split is not None:
+                    run.write_split(output_dir / SPLIT_FILE)
                 print(
                     f"resumed from {resume_from} at step {state.step} (epoch {state.epoch}, "
                     f"step {state.epoch_step})"
@@ -262,8 +267,7 @@ def build(
     # A custom data builder may know nothing of sources, weights or split files.
     weights = data.sampling_weights("train") if hasattr(data, "sampling_weights") else None
     sources = data.source_counts() if hasattr(data, "source_counts") else {}
-    if info.is_main and hasattr(data, "write_split"):
-        data.write_split(output_dir / SPLIT_FILE)
+    write_split = getattr(data, "write_split", None)
     try:
         sampler = GlobalBatchSampler(
             len(train_set), tcfg.batch_size, info.rank, info.world_size, seed=seed, weights=weights
@@ -320,6 +324,7 @@ def build(
         total_steps=total_steps,
         max_steps=min(total_steps, tcfg.max_steps or total_steps),
         sources=sources,
+        write_split=write_split,
     )
 
 
