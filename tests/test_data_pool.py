@@ -259,6 +259,10 @@ def test_check_reports_sources_and_fails_on_labels_spelled_two_ways(tmp_path, ca
     assert grades["records"] == 6 and myopia["missing_levels"] == ["explanation"]
     assert myopia["levels"][1]["counts"] == {"pathologic": 3, "normal": 2}
     assert myopia["splits"] == {"train": 2, "val": 1, "test": 2}
+    # the level myopia never labels is not listed photo by photo; grades' empty report is
+    assert report["empty_unlabelled_texts"] == [
+        {"image": str(tmp_path / "grades/images/g4.png"), "level": "explanation"}
+    ]
     assert report["identical_across_sources"] == [
         [
             f"{tmp_path / 'grades/images/g6.png'} (grades)",

@@ -154,8 +154,13 @@ def check_records(
             if digest is not None:
                 by_digest[digest].append(path)
     report.identical_files = sorted(sorted(group) for group in by_digest.values() if len(group) > 1)
+    # A pool level a source never labels is missing by design (the pool part reports it).
+    labels_of = {s.name: set(s.levels) for s in records.pool.sources} if records.pool else {}
     for r in records.records:
+        labelled = labels_of.get(r.metadata.get("source"))
         for level, candidates, labels in zip(records.levels, r.texts, r.labels, strict=True):
+            if labelled is not None and level.name not in labelled:
+                continue
             if not any(t.strip() for t in candidates):
                 target = report.empty_texts if labels else report.empty_unlabelled_texts
                 target.append((str(r.image), level.name))
