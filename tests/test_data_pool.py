@@ -284,7 +284,7 @@ def test_data_split_of_a_pool_writes_its_split_with_sources(tmp_path, capsys):
     records = load_pool(path)
     assert [(r["image"], r["source"], r["split"]) for r in rows] == [
         (
-            rec.image.relative_to(tmp_path).as_posix(),
+            str(rec.image),  # absolute: each source's evaluation reads it too
             rec.metadata["source"],
             rec.metadata["split"],
         )
@@ -378,6 +378,24 @@ def test_pretraining_on_a_pool_writes_split_csv_counts_sources_and_weights_draws
     train = [x for x in records.records if x.metadata["split"] == "train"]
     share = sum(w for x, w in zip(train, weights, strict=True) if x.metadata["source"] == "myopia")
     assert share == pytest.approx(3 * n["myopia"] / (n["grades"] + 3 * n["myopia"]))
+
+
+def test_a_pool_runs_split_csv_splits_the_evaluation_of_each_source(tmp_path, monkeypatch):
+    from mgll.eval.data import load_eval_data
+
+    path = _pool(tmp_path)
+    _train_fakes(tmp_path, {"source": str(path)}, monkeypatch)
+    pooled = load_pool(path)
+    data = load_eval_data(
+        str(tmp_path / "grades" / "spec.yaml"),
+        "grade",
+        split={"file": str(tmp_path / "run" / "split.csv")},
+    )
+    grades = [r for r in pooled.records if r.metadata["source"] == "grades"]
+    assert {name: data.rows[name].tolist() for name in ("train", "val", "test")} == {
+        name: [i for i, r in enumerate(grades) if r.metadata["split"] == name]
+        for name in ("train", "val", "test")
+    }
 
 
 def test_a_single_dataset_run_writes_split_csv_too(tmp_path, monkeypatch):

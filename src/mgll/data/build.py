@@ -224,12 +224,13 @@ class PreparedData:
 
     def write_split(self, path: str | Path) -> None:
         """Write the split file of this data (image, source, patient_id, split): what a run
-        trained, validated and tested on; ``data.split.file`` reads it back."""
+        trained, validated and tested on; ``data.split.file`` reads it back. A pool's images
+        are named by absolute path, so evaluating one of its sources can read it too."""
         write_split_file(
             path,
             self.records.records,
             self.indices,
-            root=self.folder,
+            root=self.folder if self.records.pool is None else None,
             sources=[self.source_name(i) for i in range(len(self.records.records))],
         )
 

@@ -210,10 +210,12 @@ def run_split(args: argparse.Namespace) -> int:
                 seed=args.split_seed,
                 link_identical=args.link_identical,
             )
-        sources = None
-        if records.pool is not None:
+        sources = root = None
+        if records.pool is not None:  # absolute paths: each source's evaluation can read it
             sources = [str(r.metadata["source"]) for r in records.records]
-        write_split_file(args.output, records.records, split, root=folder, sources=sources)
+        else:
+            root = folder
+        write_split_file(args.output, records.records, split, root=root, sources=sources)
     except (ValueError, OSError, ImportError) as exc:
         return _fail(args, exc)
     for name in SPLIT_NAMES:
