@@ -461,3 +461,31 @@ def test_a_bad_pool_is_one_line_on_stderr_and_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("mgll data check: error: ") and "\n" not in err
     assert f"{path}: sources[1].levels: must map the source's level names" in err
+
+
+def test_a_level_derived_from_a_multi_label_level_is_multi_label(tmp_path):
+    spec = """
+table: t.csv
+image: {column: path, root: images}
+levels:
+  - {name: findings, label: findings, separator: "|"}
+"""
+    _source(
+        tmp_path / "multi",
+        "t.csv",
+        spec,
+        "path,findings",
+        [("a.png", 1, "cataract|myopia"), ("b.png", 2, "normal"), ("c.png", 3, "")],
+    )
+    (tmp_path / "pool.yaml").write_text(
+        """
+levels: [part, disease]
+sources: [{source: multi/spec.yaml, levels: {findings: disease}}]
+derive: {part: {from: disease, map: {cataract: lens, myopia: retina, normal: none}}}
+""",
+        encoding="utf-8",
+    )
+    records = load_pool(tmp_path / "pool.yaml")
+    assert [lv.multi_label for lv in records.levels] == [True, True]
+    assert [r.labels[0] for r in records.records] == [["lens", "retina"], ["none"], []]
+    assert records.records[0].texts[0] == ["lens, retina"]  # the default prompt: {label}

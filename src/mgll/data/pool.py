@@ -160,7 +160,7 @@ class _PoolReader:
         twice = sorted(n for n, k in names.items() if k > 1)
         if twice:
             raise self.fail(
-                "sources", f"two sources are named {twice[0]!r}; give each a distinct name:"
+                "sources", f"two sources are named {twice[0]!r}; give each its own name"
             )
         derived = self.parse_derive()
         split = self.parse_split("split", self.spec.get("split") or {})
@@ -199,6 +199,8 @@ class _PoolReader:
         for src in parsed:
             for source_level, pool_level in src.levels.items():
                 multi[pool_level] |= self.source_multi[(src.name, source_level)]
+        for rule in derived:  # several origin labels may map to several derived ones
+            multi[rule.level] |= multi[rule.origin]
         result.levels = build_levels(
             self.levels, result.records, multi_label=[multi[lv] for lv in self.levels]
         )
