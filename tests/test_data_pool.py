@@ -181,6 +181,12 @@ def test_patient_mode_ignores_shipped_splits_and_prepare_data_uses_the_pools_spl
     for i, r in enumerate(prepared.records.records):
         expected[r.metadata["split"]].append(i)
     assert prepared.indices == expected
+    seeded = prepare_data({"source": str(path), "split": {"seed": 5}}, None, seed=0)
+    assert seeded.indices == expected  # a seed alone keeps the pool's split
+    whole = prepare_data(
+        {"source": str(path), "split": {"train": 0.5, "val": 0, "test": 0.5}}, None, 0
+    )
+    assert whole.indices["val"] == [] and whole.indices != expected  # fractions: whole pool
 
 
 @pytest.mark.parametrize(

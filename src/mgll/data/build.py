@@ -111,9 +111,9 @@ def split_records(
     """Record indices per split from the ``data.split`` section (fractions, file or source).
 
     A split file's relative image paths are relative to the dataset ``folder``. A pool's own
-    split (its file's ``split``) is used unless the section asks for something else.
+    split (its file's ``split``) is used unless the section gives fractions or a file.
     """
-    if records.pool is not None and split == SplitConfig():
+    if records.pool is not None and split.file is None and split.fractions() is None:
         split = SplitConfig(mode="source")
     if split.file is not None:
         return read_split_file(resolve_path(split.file, data_root), records.records, root=folder)
