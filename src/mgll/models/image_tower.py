@@ -128,6 +128,12 @@ def build_open_clip(
         # Follow the weights: OpenAI's CLIP weights were trained with QuickGELU.
         tag_cfg = open_clip.get_pretrained_cfg(arch, tag) if tag else {}
         quick_gelu = bool(tag_cfg.get("quick_gelu", base_cfg.get("quick_gelu", False)))
+    if authors is not None and quick_gelu:
+        raise PretrainedWeightsError(
+            f"model.image.pretrained: {authors.path} holds the authors' {AUTHORS_ARCH} image "
+            "tower, trained with GELU, not QuickGELU; set model.image.quick_gelu to null or "
+            f"false and model.image.arch to {AUTHORS_ARCH}"
+        )
 
     overrides: dict[str, Any] = {}
     if embed_dim is not None and int(embed_dim) != int(base_cfg["embed_dim"]):
