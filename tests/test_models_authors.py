@@ -172,15 +172,30 @@ def test_authors_weights_refused_for_another_architecture_or_quickgelu(authors):
         build_open_clip(image, None, False)
 
 
-def test_export_to_mgll_pretrained_is_refused_with_the_formats_that_work(authors, tmp_path, capsys):
+def test_whole_model_uses_are_refused_with_what_works(authors, tmp_path, capsys):
     out = tmp_path / "pretrained"
     code = main(
         ["export", str(authors["file"]), "--format", "mgll-pretrained", "--output-dir", str(out)]
     )
     assert code == 1
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "--format open_clip" in err
+    assert len(err.splitlines()) == 1 and "--format open_clip or hf-clip-vision" in err
     assert not out.exists()
+    code = main(
+        [
+            "zeroshot",
+            "--model",
+            str(authors["file"]),
+            "--data",
+            "palm",
+            "--level",
+            "myopia",
+            "--output-dir",
+            str(tmp_path / "zs"),
+        ]
+    )
+    assert code == 1
+    assert "not an mgll pretraining checkpoint" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,6 +283,16 @@ def test_text_keys_follow_the_open_clip_model_they_load_into(tmp_path):
     tokens = open_clip.get_tokenizer("mgll-vit-test-32")(["a fundus photograph"])
     with torch.no_grad():
         assert torch.allclose(plain.encode_text(tokens), theirs.encode_text(tokens), atol=1e-5)
+
+    # model.image.pretrained with an open_clip text tower takes both towers from the file.
+    model = create_model({"image": {"arch": "mgll-vit-test-32", "pretrained": str(path)}})
+    assert model.image_mean == pytest.approx(IMAGENET_MEAN)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(model.encode_image(images), theirs.encode_image(images), atol=1e-5)
+        assert torch.allclose(
+            model.encode_text(["a fundus photograph"]), theirs.encode_text(tokens), atol=1e-5
+        )
 
 
 def test_input_normalisation_survives_a_rebuild_from_a_checkpoint():

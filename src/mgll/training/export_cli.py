@@ -71,12 +71,6 @@ def export_pretrained(checkpoint: str | Path, output_dir: str | Path) -> Path:
     from mgll.training.config import migrate
     from mgll.training.run_log import METRICS_FILE, read_metrics
 
-    if authors_checkpoint(checkpoint) is not None:
-        raise ValueError(
-            f"{checkpoint}: one of the authors' checkpoints holds no mgll model config, so "
-            "--format mgll-pretrained cannot rebuild it; export its image encoder with --format "
-            "open_clip (--output) or hf-clip-vision"
-        )
     model, run_config = load_model(checkpoint)
     run_config = migrate(run_config)  # keys moved since the run was written
     run_dir = resolve_checkpoint(checkpoint).parent.parent
