@@ -255,11 +255,14 @@ def test_a_pytorch_file_in_another_layout_is_named(tmp_path, capsys):
     assert "not in the authors' MGLL layout" in capsys.readouterr().err
 
 
-def test_a_truncated_checkpoint_is_reported_as_damaged(tmp_path):
+@pytest.mark.parametrize("legacy", [False, True])
+def test_a_truncated_checkpoint_is_reported_as_damaged(tmp_path, legacy):
     whole = tmp_path / "whole.pth"
-    torch.save(authors_layout({"clip.visual.proj": torch.zeros(64, 64)}), whole)
+    content = authors_layout({"clip.visual.proj": torch.zeros(64, 64)})
+    torch.save(content, whole, _use_new_zipfile_serialization=not legacy)
     cut = tmp_path / "checkpoint-19.pth"
     cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    assert is_torch_pickle(cut)
     with pytest.raises(EncoderError, match=r"cannot be read as a PyTorch checkpoint.*again"):
         load_encoder(str(cut))
 

@@ -47,9 +47,7 @@ IMAGE_SIZE = 224
 # Their pretraining transforms (main_pretrain.py): what the tower's features expect.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# Their downstream fine-tuning (main_finetune.py) normalised with 0.5 / 0.5 instead.
-FINETUNE_MEAN = (0.5, 0.5, 0.5)
-FINETUNE_STD = (0.5, 0.5, 0.5)
+# (Their downstream fine-tuning, main_finetune.py, used 0.5 / 0.5: see docs/models.md.)
 
 VISUAL_PREFIX = "clip.visual."
 DDP_PREFIX = "module."
@@ -84,8 +82,9 @@ def is_torch_pickle(path: str | Path) -> bool:
     return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5  # pickle protocol 2-5
 
 
-def _refusal_reason(error: Exception) -> str:
-    """The line of torch's weights-only error that says what the file asked for."""
+def _refusal_reason(error: Exception) -> str | None:
+    """What the file asked for, from torch's weights-only error; None when the error is not a
+    refusal (a cut pickle stream raises the same exception type)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     for line in lines:
         match = re.search(r"GLOBAL (\S+)", line)
@@ -94,7 +93,7 @@ def _refusal_reason(error: Exception) -> str:
     for line in lines:
         if "Unsupported" in line:
             return line.rstrip(".")
-    return lines[-1] if lines else type(error).__name__
+    return None
 
 
 def safe_load(path: str | Path) -> Any:
@@ -111,18 +110,25 @@ def safe_load(path: str | Path) -> Any:
             warnings.filterwarnings("ignore", message=".*pickle protocol.*")
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
+        reason = _refusal_reason(error)
+        if reason is None:
+            raise _damaged(path, error) from error
         raise AuthorsCheckpointError(
-            f"{path}: refused: reading it would need {_refusal_reason(error)}, and mgll reads "
+            f"{path}: refused: reading it would need {reason}, and mgll reads "
             "PyTorch files with torch.load(weights_only=True) allowing only tensors, plain "
             "containers and argparse.Namespace, so nothing stored in a file can run; convert "
             "the weights to safetensors where you trust the file, or use another copy"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as error:
-        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
-        raise AuthorsCheckpointError(
-            f"{path}: cannot be read as a PyTorch checkpoint ({type(error).__name__}: {first}); "
-            "the file is truncated or damaged: download it again"
-        ) from error
+        raise _damaged(path, error) from error
+
+
+def _damaged(path: Path, error: Exception) -> AuthorsCheckpointError:
+    first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+    return AuthorsCheckpointError(
+        f"{path}: cannot be read as a PyTorch checkpoint ({type(error).__name__}: {first}); "
+        "the file is truncated or damaged: download it again"
+    )
 
 
 @dataclass
