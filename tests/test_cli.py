@@ -140,6 +140,7 @@ def test_every_error_class_of_the_package_is_a_user_error():
     from mgll.eval.encoders import EncoderError
     from mgll.eval.results import ResultsError
     from mgll.explain import ExplainError
+    from mgll.models.authors import AuthorsCheckpointError
     from mgll.models.hf_export import HFExportError
     from mgll.models.weights import PretrainedWeightsError
     from mgll.schema import ConfigError
@@ -153,7 +154,7 @@ def test_every_error_class_of_the_package_is_a_user_error():
         ImageLoadError, SpecError, TableError, DemoError, DataError, ModelFileError, CompareError,
         TaskError, EncoderError, ResultsError, ExplainError, HFExportError,
         PretrainedWeightsError, ConfigError, SegDataError, DecoderError, CheckpointError,
-        RunInterrupted, RunLockedError, NonFiniteLossError,
+        RunInterrupted, RunLockedError, NonFiniteLossError, AuthorsCheckpointError,
     ]  # fmt: skip
     assert [c.__name__ for c in classes if not issubclass(c, UserError)] == []
     assert RunInterrupted("SIGTERM", 3, None).exit_code == 128 + 15
