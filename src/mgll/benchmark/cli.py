@@ -228,8 +228,10 @@ def run_benchmark(
     fractions = parse_fractions(label_fractions)
     tasks = resolve_tasks(tasks_text)
     out = Path(output_dir)
-    for spec in encoders.values():  # an unknown encoder fails now, not after hours
-        eval_calls.load_encoder(encoder_for_seed(spec, first_seed))
+    kinds = {  # an unknown encoder fails now, not after hours
+        name: eval_calls.load_encoder(encoder_for_seed(spec, first_seed)).kind
+        for name, spec in encoders.items()
+    }
     missing, ready, data = [], [], {}
     for task in tasks:
         reason = missing_reason(task, data_root)
@@ -247,11 +249,6 @@ def run_benchmark(
         ready, encoders, protocols, fractions, seeds=seeds, draws=draws, first_seed=first_seed
     )
     progress_line = Progress(plan, echo)
-    zero_shot_ok = {
-        name: eval_calls.zero_shot_capable(encoder_for_seed(spec, first_seed))
-        for name, spec in encoders.items()
-        if "zeroshot" in protocols
-    }
     predictions: dict[str, dict[str, Any]] = {}
     for unit in plan:
         folder = out / unit["folder"]
@@ -260,7 +257,7 @@ def run_benchmark(
         seconds = None
         reason = None
         if finished is None:
-            if unit["protocol"] == "zeroshot" and not zero_shot_ok[unit["encoder"]]:
+            if unit["protocol"] == "zeroshot" and kinds[unit["encoder"]] != "run":
                 reason = "zero-shot needs an image-text model (a pretraining run folder)"
             elif eval_calls.train_classes(task_data, unit["label_fraction"], unit["seed"]) < 2:
                 reason = "the label-fraction draw holds a single class"

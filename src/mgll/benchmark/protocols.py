@@ -182,15 +182,6 @@ def run_protocol(
     raise ValueError(f"--protocol: unknown protocol {protocol!r}; use {', '.join(PROTOCOLS)}")
 
 
-def zero_shot_capable(encoder_spec: str) -> bool:
-    """Whether the encoder has a text tower (a pretraining run), which zero-shot needs."""
-    from mgll.eval.encoders import load_encoder as load
-
-    if encoder_spec.startswith(("random:", "open_clip:", "hf-hub:")):
-        return False
-    return getattr(load(encoder_spec), "kind", None) == "run"
-
-
 def _has_checkpoint(folder: Path) -> bool:
     from mgll.training import checkpoint as ckpt
 

@@ -119,8 +119,9 @@ def _fraction_plot(rows: Sequence[Mapping[str, Any]], title: str) -> str:
         shift = 1 + 0.06 * (k - (len(encoders) - 1) / 2)  # side by side on the log axis
         x = [r["label_fraction"] * shift for r in mine]
         y = [r["value"] for r in mine]
-        low = [r["value"] - r["ci95"][0] if r["ci95"] else 0 for r in mine]
-        high = [r["ci95"][1] - r["value"] if r["ci95"] else 0 for r in mine]
+        # a mean over seeds can sit just outside its percentile interval: no negative bar
+        low = [max(0.0, r["value"] - r["ci95"][0]) if r["ci95"] else 0 for r in mine]
+        high = [max(0.0, r["ci95"][1] - r["value"]) if r["ci95"] else 0 for r in mine]
         line = ax.errorbar(x, y, yerr=[low, high], marker="o", capsize=3, label=encoder)
         for xi, r in zip(x, mine, strict=True):
             seeds = [v for v in r["per_seed"] if v is not None]
