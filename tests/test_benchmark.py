@@ -342,3 +342,11 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert 'data-images="1"' in dom.stdout and 'data-broken="0"' in dom.stdout
     assert "mgll better" in dom.stdout
+
+
+def test_the_palm_pretraining_recipe_trains_on_the_official_split_only():
+    from mgll.training.config import load_config
+
+    cfg = load_config("bench-palm")
+    assert (cfg.data.source, cfg.data.path, cfg.data.split.mode) == ("palm", "palm", "source")
+    assert cfg.model.image.arch == "mgll-rn-tiny-64"
