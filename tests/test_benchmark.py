@@ -61,6 +61,16 @@ def test_registry_holds_the_papers_ten_rows_with_their_numbers():
     assert PAPER_TASKS["rfmid"].type == "multilabel" and PAPER_TASKS["covidx"].metric == "accuracy"
 
 
+def test_missing_data_and_the_segmentation_row_say_why(tmp_path):
+    from mgll.benchmark.tasks import missing_reason
+
+    assert "no data at" in missing_reason(PAPER_TASKS["adam"], tmp_path)
+    (tmp_path / "covid-cxr-seg").mkdir()
+    assert "mgll segment" in missing_reason(PAPER_TASKS["covid-xray-seg"], tmp_path)
+    (tmp_path / "palm").mkdir()
+    assert missing_reason(PAPER_TASKS["palm"], tmp_path) is None
+
+
 def test_task_file_paths_are_relative_to_it_and_bad_files_are_named(tmp_path):
     task = load_task_file(_task_file(tmp_path, split={"mode": "source"}))
     assert task.data_path("/elsewhere") == tmp_path / "grades"
