@@ -15,6 +15,7 @@ from mgll.metrics.bootstrap import (
     paired_bootstrap,
     paired_mean_bootstrap,
     patient_groups,
+    seed_pooled_bootstrap,
     summarize,
     undefined_reason,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "quadratic_kappa",
     "retrieval_hits",
     "roc_auc",
+    "seed_pooled_bootstrap",
     "summarize",
     "undefined_reason",
     "youden_thresholds",
