@@ -13,8 +13,8 @@ train transform and 2 loader workers (``--shard-workers``), repeats interleaved,
 - file dataset, warm cache: ``GlobalBatchSampler`` + ``SeededSamples`` over the cached arrays;
 - shards: ``mgll data shard`` output (npy and png members) through ``ShardSplit.batches``;
 
-and the peak memory (VmHWM) of a loader worker over one epoch with the corpus listed 1x and 4x
-(the same images, so only the corpus length changes).
+and the peak memory (VmHWM) of a loader worker over one epoch with the corpus listed 2x and 8x
+(the same images, so only the corpus length changes; both past the shuffle buffer).
 
 Prints Markdown tables; nothing is asserted. Example:
 
@@ -41,6 +41,7 @@ from mgll.data import (
     CLIP_STD,
     MultiGranularDataset,
     build_datasets,
+    build_transform,
     collate_samples,
     prepare_data,
 )
@@ -106,6 +107,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="shards part: interleaved repeats")
     parser.add_argument("--shard-workers", type=int, default=2, help="shards part: loader workers")
     parser.add_argument("--shard-size", type=int, default=64, help="shards part: samples/shard")
+    parser.add_argument("--buffer", type=int, default=256, help="shards part: shuffle buffer")
     args = parser.parse_args()
     if not (args.data_root / "covid-cxr").is_dir():
         raise SystemExit(f"{args.data_root / 'covid-cxr'} not found; pass --data-root")
@@ -148,6 +150,9 @@ def cache_part(args: argparse.Namespace) -> None:
     print("|---|---|---|---|---|---|")
     for workers, kind, setting, n, seconds in rows:
         print(f"| {workers} | {kind} | {setting} | {n} | {seconds:.2f} | {n / seconds:.0f} |")
+
+
+SCALES = (2, 8)  # corpus lengths (times the 520 images) for the worker-memory comparison
 
 
 def worker_memory_mib() -> float:
@@ -203,6 +208,9 @@ def shards_part(args: argparse.Namespace) -> None:
         prepared = prepare_data(cfg, args.data_root, seed=0)
     norm = {"image_size": args.image_size, "mean": CLIP_MEAN, "std": CLIP_STD}
     files = prepared.datasets(**norm)["train"]
+    plain = build_transform(train=False, mean=CLIP_MEAN, std=CLIP_STD)
+    files_eval = MultiGranularDataset(files.record_set, image_size=args.image_size,
+                                      transform=plain, cache=files.cache)  # fmt: skip
     written = {}
     for fmt in ("npy", "png"):
         start = time.perf_counter()
@@ -211,12 +219,13 @@ def shards_part(args: argparse.Namespace) -> None:
         seconds = time.perf_counter() - start
         size = sum(p.stat().st_size for p in (work / fmt).glob("*.tar"))
         written[fmt] = (seconds, size)
-    streams = {
-        fmt: prepare_data({"source": "shards", "path": str(work / fmt)}, None, 0).datasets(**norm)[
-            "train"
-        ]
-        for fmt in ("npy", "png")
-    }
+    streams = {}
+    for fmt in ("npy", "png"):
+        shard_cfg = {"source": "shards", "path": str(work / fmt), "shuffle_buffer": args.buffer}
+        streams[fmt] = prepare_data(shard_cfg, None, 0).datasets(**norm)["train"]
+    eval_stream = ShardSplit(streams["npy"].shards, streams["npy"].levels,
+                             image_size=args.image_size, transform=plain,
+                             shuffle_buffer=args.buffer)  # fmt: skip
 
     def file_loader(dataset, epoch: int) -> DataLoader:  # type: ignore[no-untyped-def]
         sampler = GlobalBatchSampler(len(dataset), batch, seed=0)
@@ -231,9 +240,11 @@ def shards_part(args: argparse.Namespace) -> None:
 
     timed_pass(file_loader(files, 0))  # warms the cache
     settings = {
-        "file dataset, warm cache": lambda e: file_loader(files, e),
-        "shards (npy members)": lambda e: shard_loader(streams["npy"], e),
-        "shards (png members)": lambda e: shard_loader(streams["png"], e),
+        "train transform: file dataset, warm cache": lambda e: file_loader(files, e),
+        "train transform: shards (npy members)": lambda e: shard_loader(streams["npy"], e),
+        "train transform: shards (png members)": lambda e: shard_loader(streams["png"], e),
+        "eval transform: file dataset, warm cache": lambda e: file_loader(files_eval, e),
+        "eval transform: shards (npy members)": lambda e: shard_loader(eval_stream, e),
     }
     rates: dict[str, list[float]] = {name: [] for name in settings}
     memory: dict[str, float] = {}
@@ -243,28 +254,24 @@ def shards_part(args: argparse.Namespace) -> None:
             rates[name].append(samples / seconds)
             memory[name] = max(memory.get(name, 0.0), peak)
 
-    # Worker memory with the corpus listed 1x and 4x (same images: only the length grows).
+    # Worker memory with the corpus listed 2x and 8x (same images: only the length grows),
+    # eval transform (faster; memory is the point).
     grown = {}
-    for scale in (1, 4):
+    for scale in SCALES:
         many = files.record_set.subset(list(range(len(files))) * scale)
-        bigger = MultiGranularDataset(many, image_size=args.image_size, transform=files.transform,
+        bigger = MultiGranularDataset(many, image_size=args.image_size, transform=plain,
                                       cache=files.cache)  # fmt: skip
         grown[("file dataset, warm cache", scale)] = timed_pass(file_loader(bigger, 1))[2]
-        split = streams["npy"]
-        longer = ShardSplit(
-            split.shards * scale,
-            split.levels,
-            image_size=args.image_size,
-            transform=split.transform,
-            shuffle_buffer=split.shuffle_buffer,
-        )
+        longer = ShardSplit(eval_stream.shards * scale, eval_stream.levels,
+                            image_size=args.image_size, transform=plain,
+                            shuffle_buffer=args.buffer)  # fmt: skip
         grown[("shards (npy members)", scale)] = timed_pass(shard_loader(longer, 1))[2]
     if args.cache_dir is None:
         shutil.rmtree(work, ignore_errors=True)
 
     print(f"covid-cxr train transform, {args.image_size} px, batch {batch}, {workers} loader "
           f"workers, {args.repeats} interleaved repeats (median), shards of {args.shard_size}, "
-          f"shuffle buffer {streams['npy'].shuffle_buffer}, {os.cpu_count()} CPUs, "
+          f"shuffle buffer {args.buffer}, {os.cpu_count()} CPUs, "
           f"load average at start {load:.1f}, at end {os.getloadavg()[0]:.1f}")  # fmt: skip
     for fmt, (seconds, size) in written.items():
         print(f"mgll data shard ({fmt}): {len(files)} images in {seconds:.1f} s, "
@@ -276,10 +283,10 @@ def shards_part(args: argparse.Namespace) -> None:
         shown = ", ".join(f"{v:.0f}" for v in values)
         print(f"| {name} | {statistics.median(values):.0f} | {shown} | {memory[name]:.0f} |")
     print()
-    print("| setting | worker peak MiB, corpus 1x | corpus 4x |")
+    print(f"| setting | worker peak MiB, corpus {SCALES[0]}x | corpus {SCALES[1]}x |")
     print("|---|---|---|")
     for name in ("file dataset, warm cache", "shards (npy members)"):
-        print(f"| {name} | {grown[(name, 1)]:.0f} | {grown[(name, 4)]:.0f} |")
+        print(f"| {name} | {grown[(name, SCALES[0])]:.0f} | {grown[(name, SCALES[1])]:.0f} |")
 
 
 if __name__ == "__main__":

@@ -269,3 +269,14 @@ def test_brace_patterns_and_pipes_select_shards(tmp_path):
     assert [it["index"] for it in from_pipe] == [it["index"] for it in from_files]
     with pytest.raises(ShardError, match=r"train-000004\.tar is not listed .* \(1 such"):
         shard_data(f"{folder}/train-{{000002..000004}}.tar")  # 16 train samples: 4 shards
+
+
+def test_validation_reads_every_sample_once_even_with_idle_workers(tmp_path):
+    spec = corpus(tmp_path / "data", n=20)
+    shard(spec, tmp_path / "shards", shard_size=8)  # val: 4 samples in one shard
+    val = splits(shard_data(tmp_path / "shards"))["val"]
+    batches = val.batches(3, workers=2, shuffle=False, drop_last=False)
+    read = [b["indices"].tolist() for b in DataLoader(batches, batch_size=None, num_workers=2)]
+    assert read == [[0, 1, 2], [3]] and len(batches) == 2
+    with pytest.raises(ShardError, match=r"data\.levels: shards keep the levels"):
+        shard_data(tmp_path / "shards", levels=[0])

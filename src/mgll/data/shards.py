@@ -614,7 +614,7 @@ class ShardBatches(IterableDataset):
         self.epoch = 0
         self.start_step = 0
         streams = world_size * workers
-        if len(split.shards) < streams:
+        if drop_last and len(split.shards) < streams:  # validation: idle workers are fine
             raise ShardError(
                 f"{len(split.shards)} shard(s) cannot feed {world_size} process(es) x "
                 f"{workers} loader worker(s): every worker reads whole shards; write smaller "
@@ -623,7 +623,7 @@ class ShardBatches(IterableDataset):
         # The fewest batches any stream fills in any epoch: it may get the smallest shards.
         sizes = sorted(s.samples for s in split.shards)
         fewest = min(len(range(j, len(sizes), streams)) for j in range(streams))
-        self.per_worker = sum(sizes[:fewest]) // self.batch_size
+        self.per_worker = sum(sizes[:fewest]) // self.batch_size if drop_last else 0
         if drop_last and self.per_worker == 0:
             raise ShardError(
                 f"a loader worker reads {fewest} shard(s) of as few as {sum(sizes[:fewest])} "
@@ -641,7 +641,12 @@ class ShardBatches(IterableDataset):
         self.epoch, self.start_step = int(epoch), int(start_step)
 
     def __len__(self) -> int:
-        return self.steps_per_epoch - self.start_step
+        if self.drop_last:
+            return self.steps_per_epoch - self.start_step
+        streams = self.world_size * self.workers  # every batch, the last of each stream partial
+        shards = self.split.shards
+        shares = (sum(s.samples for s in shards[j::streams]) for j in range(streams))
+        return sum(-(-n // self.batch_size) for n in shares)
 
     def stream_shards(self, stream: int) -> list[ShardFile]:
         """The shards stream ``rank * K + worker`` reads this epoch, in reading order."""
@@ -761,6 +766,11 @@ def prepare_shards(cfg: DataConfig, data_root: str | Path | None, seed: int) -> 
     is an error now, not mid-epoch) and that a brace pattern names shards it lists."""
     if cfg.path is None:
         raise ShardError("data.path: give the folder (or manifest, or shard pattern) of the shards")
+    if cfg.levels is not None:
+        raise ShardError(
+            "data.levels: shards keep the levels they were written with; write shards from a "
+            "spec or pool holding only the levels you want, and set data.levels to null"
+        )
     location = locate_shards(cfg.path, data_root)
     manifest = read_manifest(location)
     listed = manifest["shards"]
