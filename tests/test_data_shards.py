@@ -113,7 +113,10 @@ def test_manifest_counts_sources_checksums_and_settings(tmp_path):
     train = prepared.records.subset(prepared.indices["train"])
     expected = [dict(c) for c in train.label_counts()]  # "" counts the missing
     assert manifest["splits"]["train"]["label_counts"] == expected
-    assert manifest["sources"] == {prepared.records.source: {"train": 8, "val": 2, "test": 0}}
+    assert manifest["sources"] == prepared.source_counts() == {"data": {"train": 8, "val": 2,
+                                                                       "test": 0}}  # fmt: skip
+    split_csv = (tmp_path / "shards" / "split.csv").read_text().splitlines()
+    assert split_csv[0] == "image,source,patient_id,split" and len(split_csv) == 11
     import hashlib
 
     for name, entry in manifest["shards"].items():

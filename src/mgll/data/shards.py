@@ -63,6 +63,7 @@ from mgll.schema import to_dict
 from mgll.seeding import sample_seed, seeded
 
 MANIFEST = "manifest.json"
+SPLIT_FILE = "split.csv"  # image, source, patient_id, split of every record (data split's CSV)
 FORMAT = "mgll-shards"
 VERSION = 1
 IMAGE_FORMATS = ("npy", "png")
@@ -143,6 +144,12 @@ def write_shards(
     if image_format not in IMAGE_FORMATS:
         raise ShardError(f"--image-format: use one of {IMAGE_FORMATS}, got {image_format!r}")
     output_dir = Path(output_dir)
+    if prepared.sampling_weights("train") is not None:
+        raise ShardError(
+            "the pool weights its sources (weight/temperature), which a shard stream cannot "
+            "apply: each sample is read once per epoch; remove the weights from the pool file "
+            "to shard it"
+        )
     records, folder = prepared.records, Path(prepared.folder)
     levels: list[LevelInfo] = list(records.levels)
     label_ids = encode_labels(records.records, levels)
@@ -167,7 +174,7 @@ def write_shards(
             "index": position[i],
             "image": _relative(r.image, folder),
             "patient": r.patient_id,
-            "source": r.metadata.get("source", records.source),
+            "source": prepared.source_name(i),
             "texts": [list(c) for c in r.texts],
             "labels": [label_ids[g][i] for g in range(len(levels))],
         }
@@ -250,7 +257,8 @@ def write_shards(
     for name in stale:  # cannot happen for one fingerprint; kept out of the manifest if it does
         del done[name]
     manifest["splits"] = _split_summary(records, prepared.indices, done, folder)
-    manifest["sources"] = _source_counts(records, prepared.indices, done, folder)
+    manifest["sources"] = _source_counts(prepared, done, folder)
+    prepared.write_split(output_dir / SPLIT_FILE)  # what `pretrain` copies into its run folder
     manifest["complete"] = True
     save_manifest()
     if kept:
@@ -316,14 +324,16 @@ def _split_summary(
     return summary
 
 
-def _source_counts(
-    records: Any, indices: Mapping[str, Sequence[int]], done: Mapping[str, Any], folder: Path
-) -> dict[str, dict[str, int]]:
-    """Samples per source (a pool's records name theirs) and split."""
+def _source_counts(prepared: Any, done: Mapping[str, Any], folder: Path) -> dict[str, Any]:
+    """Samples per source (a pool's sources, else the dataset) and split, as written."""
+    records = prepared.records
+    skipped = {p for entry in done.values() for p in entry["skipped"]}
     counts: dict[str, dict[str, int]] = {}
     for split in SPLIT_NAMES:
-        for r in _written(records, indices[split], done, folder).records:
-            name = r.metadata.get("source", records.source)
+        for i in prepared.indices[split]:
+            if _relative(records.records[i].image, folder) in skipped:
+                continue
+            name = prepared.source_name(i)
             counts.setdefault(name, dict.fromkeys(SPLIT_NAMES, 0))[split] += 1
     return counts
 
@@ -722,6 +732,17 @@ class ShardData:
             LevelInfo(lv["name"], list(lv["vocabulary"]), bool(lv["multi_label"]))
             for lv in self.manifest["levels"]
         ]
+
+    def source_counts(self) -> dict[str, dict[str, int]]:
+        """Samples per source and split, as the shards hold them (the run summary's)."""
+        return {name: dict(c) for name, c in self.manifest.get("sources", {}).items()}
+
+    def write_split(self, path: str | Path) -> None:
+        """Copy the shards' ``split.csv`` (written by ``mgll data shard``) to ``path``."""
+        source = self.location.shard(SPLIT_FILE)
+        with _open(source, self.location.local) as handle:
+            data = handle.read()
+        atomic_write(Path(path), lambda tmp: tmp.write_bytes(data))
 
     def shards(self, split: str) -> list[ShardFile]:
         """The shards of ``split`` (those a brace pattern selected, if one did)."""
