@@ -283,3 +283,25 @@ def test_validation_reads_every_sample_once_even_with_idle_workers(tmp_path):
     assert read == [[0, 1, 2], [3]] and len(batches) == 2
     with pytest.raises(ShardError, match=r"data\.levels: shards keep the levels"):
         shard_data(tmp_path / "shards", levels=[0])
+
+
+def test_a_pool_is_sharded_with_its_split_and_sources_and_weights_are_refused(tmp_path):
+    from test_data_pool import POOL, _pool
+
+    path = _pool(tmp_path / "w", POOL.replace("weight: 3", "weight: 1"))
+    prepared = prepare_data({"source": str(path)}, None, seed=0)  # the pool's own split
+    manifest = write_shards(prepared, tmp_path / "shards", image_size=SIZE, log=lambda _: None)
+    assert manifest["sources"] == prepared.source_counts() and len(manifest["sources"]) == 2
+    for name in ("train", "val", "test"):
+        assert manifest["splits"][name]["samples"] == len(prepared.indices[name])
+    streams = splits(shard_data(tmp_path / "shards"))
+    test_items = sorted(it["index"] for it in streams["test"])
+    assert test_items == list(range(len(prepared.indices["test"])))
+    rows = (tmp_path / "shards" / "split.csv").read_text().splitlines()[1:]
+    assert sorted(r.split(",")[-1] for r in rows) == sorted(
+        name for name in ("train", "val", "test") for _ in prepared.indices[name]
+    )
+    weighted = prepare_data({"source": str(_pool(tmp_path / "x"))}, None, seed=0)
+    with pytest.raises(ShardError, match="weights its sources"):
+        write_shards(weighted, tmp_path / "other", image_size=SIZE, log=lambda _: None)
+    assert not (tmp_path / "other").exists()
