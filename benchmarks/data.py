@@ -155,12 +155,14 @@ def cache_part(args: argparse.Namespace) -> None:
 SCALES = (2, 8)  # corpus lengths (times the 520 images) for the worker-memory comparison
 
 
-def worker_memory_mib() -> float:
-    """Peak resident memory (VmHWM) of this process in MiB (Linux /proc)."""
+def worker_memory_mib() -> tuple[float, float]:
+    """(peak VmHWM, current VmRSS) of this process in MiB (Linux /proc)."""
+    found = dict.fromkeys(("VmHWM:", "VmRSS:"), float("nan"))
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+        key = line.split(maxsplit=1)[0] if line else ""
+        if key in found:
+            found[key] = int(line.split()[1]) / 1024
+    return found["VmHWM:"], found["VmRSS:"]
 
 
 def collate_with_memory(samples):  # type: ignore[no-untyped-def]
@@ -182,14 +184,15 @@ class WithMemory(IterableDataset):
             yield batch
 
 
-def timed_pass(loader: DataLoader) -> tuple[int, float, float]:
-    """(samples, seconds, peak worker memory in MiB) of one pass, worker start-up included."""
+def timed_pass(loader: DataLoader) -> tuple[int, float, float, float]:
+    """(samples, seconds, peak worker memory, worker memory at the last batch; MiB) of one
+    pass, worker start-up included."""
     start = time.perf_counter()
-    samples, memory = 0, 0.0
+    samples, peak, last = 0, 0.0, 0.0
     for batch in loader:
         samples += len(batch["indices"])
-        memory = max(memory, batch["memory"])
-    return samples, time.perf_counter() - start, memory
+        peak, last = max(peak, batch["memory"][0]), batch["memory"][1]
+    return samples, time.perf_counter() - start, peak, last
 
 
 def shards_part(args: argparse.Namespace) -> None:
@@ -250,7 +253,7 @@ def shards_part(args: argparse.Namespace) -> None:
     memory: dict[str, float] = {}
     for repeat in range(args.repeats):  # interleaved: load changes hit every setting alike
         for name, make in settings.items():
-            samples, seconds, peak = timed_pass(make(repeat + 1))
+            samples, seconds, peak, _ = timed_pass(make(repeat + 1))
             rates[name].append(samples / seconds)
             memory[name] = max(memory.get(name, 0.0), peak)
 
@@ -261,11 +264,11 @@ def shards_part(args: argparse.Namespace) -> None:
         many = files.record_set.subset(list(range(len(files))) * scale)
         bigger = MultiGranularDataset(many, image_size=args.image_size, transform=plain,
                                       cache=files.cache)  # fmt: skip
-        grown[("file dataset, warm cache", scale)] = timed_pass(file_loader(bigger, 1))[2]
+        grown[("file dataset, warm cache", scale)] = timed_pass(file_loader(bigger, 1))[2:]
         longer = ShardSplit(eval_stream.shards * scale, eval_stream.levels,
                             image_size=args.image_size, transform=plain,
                             shuffle_buffer=args.buffer)  # fmt: skip
-        grown[("shards (npy members)", scale)] = timed_pass(shard_loader(longer, 1))[2]
+        grown[("shards (npy members)", scale)] = timed_pass(shard_loader(longer, 1))[2:]
     if args.cache_dir is None:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -283,10 +286,12 @@ def shards_part(args: argparse.Namespace) -> None:
         shown = ", ".join(f"{v:.0f}" for v in values)
         print(f"| {name} | {statistics.median(values):.0f} | {shown} | {memory[name]:.0f} |")
     print()
-    print(f"| setting | worker peak MiB, corpus {SCALES[0]}x | corpus {SCALES[1]}x |")
-    print("|---|---|---|")
+    a, b = SCALES
+    print(f"| setting | worker MiB at the end, {a}x | {b}x | worker peak MiB, {a}x | {b}x |")
+    print("|---|---|---|---|---|")
     for name in ("file dataset, warm cache", "shards (npy members)"):
-        print(f"| {name} | {grown[(name, SCALES[0])]:.0f} | {grown[(name, SCALES[1])]:.0f} |")
+        (pa, la), (pb, lb) = grown[(name, a)], grown[(name, b)]
+        print(f"| {name} | {la:.0f} | {lb:.0f} | {pa:.0f} | {pb:.0f} |")
 
 
 if __name__ == "__main__":
