@@ -270,6 +270,8 @@ def test_brace_patterns_and_pipes_select_shards(tmp_path):
     from_pipe = list(splits(piped)["train"])
     from_files = list(splits(shard_data(folder))["train"])
     assert [it["index"] for it in from_pipe] == [it["index"] for it in from_files]
+    with pytest.raises(ShardError, match=r"names no manifest"):
+        shard_data(f"pipe:cat {folder}/")
     with pytest.raises(ShardError, match=r"train-000004\.tar is not listed .* \(1 such"):
         shard_data(f"{folder}/train-{{000002..000004}}.tar")  # 16 train samples: 4 shards
 

@@ -374,7 +374,12 @@ def locate_shards(path: str | Path, data_root: str | Path | None = None) -> Shar
         text = _BRACED.sub(MANIFEST, text, count=1)
     if _is_url(text):
         if not text.rstrip(" -").endswith(".json"):
-            text = text.rstrip("/") + "/" + MANIFEST
+            if text.startswith("pipe:"):
+                raise ShardError(
+                    f"data.path: {text!r} names no manifest; give the command that prints "
+                    f"the shards' {MANIFEST} (or a brace pattern of shards)"
+                )
+            text = text.rstrip("/") + "/" + MANIFEST  # a folder URL
         return ShardLocation(text, selected, local=False)
     resolved = resolve_path(text, data_root)
     if resolved.is_dir():
