@@ -22,11 +22,6 @@ from mgll.distributed import gather_no_grad, gather_sizes, gather_with_grad, is_
 MAX_LOGIT_SCALE = 100.0
 """Cap on ``s = exp(logit_scale)``, as in CLIP."""
 
-CLASS_SUM_MIN_PAIRS = 1 << 18
-"""From this many (image, text) pairs in a level, class-id positives are summed through
-per-class embedding sums instead of an (N, N) mask: fewer passes over N x N memory, but a few
-more small operations, which cost more than they save on small batches (N below ~512)."""
-
 INIT_LOGIT_SCALE = math.log(1 / 0.07)
 """CLIP's initial ``logit_scale`` (temperature 0.07), the default when none is passed."""
 
@@ -125,7 +120,7 @@ def encode_labels(
 
 
 # --------------------------------------------------------------------------------------------
-# Loss pieces
+# Loss pieces: one kernel for both losses, whole or in row tiles
 # --------------------------------------------------------------------------------------------
 
 
@@ -136,104 +131,291 @@ def _augment(t: torch.Tensor, scale: torch.Tensor | float, last: torch.Tensor | 
 
 
 @dataclass
-class _PositiveSums:
-    """Per image row: sum of the logits of its positive texts, and their count; same per
-    text for the text -> image direction."""
+class _Distinct:
+    """Columns that repeat (same vector, same labels: a coarse level's few prompts), each
+    multiplied once: ``first`` (U,) one column per group, ``inverse`` (C,) each column's group,
+    ``counts`` (U,)."""
 
-    rows: torch.Tensor
-    n_rows: torch.Tensor
-    cols: torch.Tensor
-    n_cols: torch.Tensor
-
-
-def _class_sums(vectors: torch.Tensor, class_ids: torch.Tensor, k: int) -> torch.Tensor:
-    """(k, D) sums of ``vectors`` grouped by class id (differentiable)."""
-    return vectors.new_zeros(k, vectors.shape[1]).index_add(0, class_ids, vectors)
+    first: torch.Tensor
+    inverse: torch.Tensor
+    counts: torch.Tensor
 
 
-def _positive_sums(
-    logits: torch.Tensor,
-    lab_rows: torch.Tensor,
-    lab_cols: torch.Tensor,
-    image_aug: torch.Tensor,
-    text_aug: torch.Tensor,
-    t2i: torch.Tensor | None = None,
-    t2i_text: torch.Tensor | None = None,
-    t2i_image: torch.Tensor | None = None,
-) -> _PositiveSums:
-    """Sums of logits over each row's positives (both directions), without an (N, N) mask
-    when possible.
+def _distinct_columns(vectors: torch.Tensor, labels: torch.Tensor) -> _Distinct | None:
+    """Groups of exactly equal (vector, labels) rows, or None when too few repeat to pay.
 
-    ``logits = image_aug @ text_aug.T``. In the square (global) case the text -> image logits
-    are its transpose; otherwise ``t2i = t2i_text @ t2i_image.T`` (local texts, global images).
-    Class ids: sum_{j: c_j = c_i} <a_i, t_j> = <a_i, sum of the texts of class c_i>, an O(N D)
-    computation from per-class sums (used from ``CLASS_SUM_MIN_PAIRS`` pairs up). Multi-hot
-    overlap is not linear in the label vectors, so it goes through the (rows, cols) positive
-    mask, as do small batches.
+    Rows are grouped by a random projection of both and the groups then checked for exact
+    equality, so a projection collision can only turn the saving off, never merge two rows.
+    Equal columns have equal logits and, their labels being equal, equal gradients: one
+    product per group is exact.
     """
-    if lab_rows.dim() == 1 and logits.numel() >= CLASS_SUM_MIN_PAIRS:
-        classes, inverse = torch.unique(torch.cat([lab_rows, lab_cols]), return_inverse=True)
-        rid, cid = inverse[: lab_rows.shape[0]], inverse[lab_rows.shape[0] :]
-        k = classes.shape[0]
-        count_cols = torch.bincount(cid, minlength=k).to(logits.dtype)
-        rows = (image_aug * _class_sums(text_aug, cid, k).index_select(0, rid)).sum(dim=1)
-        if t2i is None:  # texts (columns) against the images of their class (the rows)
-            count_rows = torch.bincount(rid, minlength=k).to(logits.dtype)
-            cols = (text_aug * _class_sums(image_aug, rid, k).index_select(0, cid)).sum(dim=1)
-            return _PositiveSums(rows, count_cols[rid], cols, count_rows[cid])
-        cols = (t2i_text * _class_sums(t2i_image, cid, k).index_select(0, rid)).sum(dim=1)
-        return _PositiveSums(rows, count_cols[rid], cols, count_cols[rid])
-    pos = positive_mask(lab_rows, lab_cols).to(logits.dtype)
-    pos_logits = pos * logits
-    n_rows = pos.sum(dim=1)
-    if t2i is None:  # the mask is symmetric: column sums are the text -> image sums
-        return _PositiveSums(pos_logits.sum(dim=1), n_rows, pos_logits.sum(dim=0), n_rows)
-    return _PositiveSums(pos_logits.sum(dim=1), n_rows, (pos * t2i).sum(dim=1), n_rows)
+    g = torch.Generator().manual_seed(0)
+    key = vectors.detach().double() @ torch.randn(
+        vectors.shape[1], 1, generator=g, dtype=torch.float64
+    ).to(vectors.device)
+    lab = labels.double().reshape(labels.shape[0], -1)
+    key = key + lab @ torch.randn(lab.shape[1], 1, generator=g, dtype=torch.float64).to(lab.device)
+    _, inverse, counts = torch.unique(key.squeeze(1), return_inverse=True, return_counts=True)
+    if counts.shape[0] > 0.75 * vectors.shape[0]:
+        return None
+    rows = torch.arange(inverse.shape[0], device=inverse.device)
+    first = torch.full_like(counts, inverse.shape[0]).scatter_reduce(0, inverse, rows, "amin")
+    same = torch.equal(vectors[first[inverse]], vectors) and torch.equal(
+        labels[first[inverse]], labels
+    )
+    return _Distinct(first, inverse, counts) if same else None
 
 
-def _select(t: torch.Tensor, keep: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    """Rows (or columns) where ``keep`` is True; index_select's backward is a cheap index_add."""
-    return t.index_select(dim, keep.nonzero().squeeze(1))
+@dataclass
+class _Pair:
+    """One logit matrix of the loss, ``Z = R C^T`` (scale and bias folded into R and C), and
+    the terms it enters.
+
+    ``rows``/``cols`` index the kernel's input tensors. A sample missing a label takes no part:
+    its row and column are masked out of every term (``present_*``).
+    """
+
+    rows: int
+    cols: int
+    labels_rows: torch.Tensor
+    labels_cols: torch.Tensor
+    present_rows: torch.Tensor  # (R,) bool
+    present_cols: torch.Tensor  # (C,) bool
+    row_ce: float  # weight in the sclip term of the row-wise soft cross-entropy (mean over rows)
+    col_ce: float  # same for the column-wise one, read from the same matrix (square pairs)
+    pointwise: bool
+    smooth_kl: bool
+    distinct: _Distinct | None = None
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.present_rows.all()) and bool(self.present_cols.all())
 
 
-class _SmoothKL(torch.autograd.Function):
-    """mean_i sum_g KL(P^g_i || M_i), P^g_i = softmax(z^g_i), M_i = mean_g P^g_i, from logits.
+@dataclass
+class _Plan:
+    """What :class:`_TiledLoss` computes: the pairs, the rows per tile (None: one tile) and the
+    rows/columns present at every level (the smooth-KL term's samples)."""
 
-    Autograd through log-softmax, logaddexp and exp would make about three times as many
-    passes over the (n, m) matrices as needed, so the gradient is written out:
-    d/dz^g = P^g * (a^g - <P^g, a^g>) / n with a^g = log P^g - log M (the terms from
-    differentiating M cancel because the P^g sum to G M; a constant shift of a^g cancels too).
+    pairs: list[_Pair]
+    chunk_size: int | None
+    common_rows: torch.Tensor | None = None
+    common_cols: torch.Tensor | None = None
+
+
+def _tiles(n: int, chunk_size: int | None) -> list[tuple[int, int]]:
+    step = n if not chunk_size or chunk_size >= n else chunk_size
+    return [(r, min(r + step, n)) for r in range(0, max(n, 1), step)]
+
+
+def _row_groups(plan: _Plan) -> dict[int, list[int]]:
+    """The pairs sharing each row matrix (every level's image rows): one matmul each."""
+    groups: dict[int, list[int]] = {}
+    for k, pair in enumerate(plan.pairs):
+        groups.setdefault(pair.rows, []).append(k)
+    return groups
+
+
+def _level_logits(
+    plan: _Plan, tensors: Sequence[torch.Tensor], r0: int, r1: int
+) -> list[torch.Tensor]:
+    """Every pair's (level's) logits for rows ``r0:r1``: one matmul per row matrix against the
+    concatenated distinct columns of all the pairs that share it."""
+    logits: list[torch.Tensor] = [torch.empty(0)] * len(plan.pairs)
+    for rows, members in _row_groups(plan).items():
+        cols = [_pair_columns(plan.pairs[k], tensors) for k in members]
+        z = tensors[rows][r0:r1] @ (cols[0] if len(cols) == 1 else torch.cat(cols)).T
+        for k, piece in zip(members, z.split([c.shape[0] for c in cols], dim=1), strict=True):
+            d = plan.pairs[k].distinct
+            logits[k] = piece if d is None else piece.index_select(1, d.inverse)
+    return logits
+
+
+def _pair_columns(pair: _Pair, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    cols = tensors[pair.cols]
+    return cols if pair.distinct is None else cols.index_select(0, pair.distinct.first)
+
+
+def _masked(z: torch.Tensor, pair: _Pair, r0: int, r1: int) -> torch.Tensor:
+    """Logits with the entries of missing rows or columns at -inf (out of every softmax)."""
+    if pair.complete:
+        return z
+    keep = pair.present_rows[r0:r1, None] & pair.present_cols[None, :]
+    return z.masked_fill(~keep, -math.inf)
+
+
+def _smooth_kl_term(
+    plan: _Plan, logits: list[torch.Tensor], r0: int, r1: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """Per level, on rows ``r0:r1`` and the columns present at every level: the row softmax
+    P^g, a^g = log P^g - log(G M) and the row sums kl^g = <P^g, a^g>; and the rows' mask.
+
+    sum_g KL(P^g_i || M_i) = sum_g kl^g_i + G log G, M_i the mean of the P^g_i; log(G M) is a
+    ``logaddexp`` of log-probabilities, never the log of a probability that underflowed.
+    """
+    cols = plan.common_cols
+    every_col = bool(cols.all())
+    keep = None if every_col else cols.nonzero().squeeze(1)
+    levels = [
+        z if keep is None else z.index_select(1, keep)
+        for z, p in zip(logits, plan.pairs, strict=True)
+        if p.smooth_kl
+    ]
+    log_probs = [F.log_softmax(z, dim=1) for z in levels]
+    log_sum = log_probs[0]
+    for lp in log_probs[1:]:
+        log_sum = torch.logaddexp(log_sum, lp)
+    probs = [lp.exp() for lp in log_probs]
+    adv = [lp - log_sum for lp in log_probs]
+    kls = [(p * a).sum(dim=1) for p, a in zip(probs, adv, strict=True)]
+    return probs, adv, kls, plan.common_rows[r0:r1]
+
+
+class _TiledLoss(torch.autograd.Function):
+    """The terms (sclip, pointwise, skl) of a plan, computed in row tiles.
+
+    Forward keeps per row and per column only log-sum-exps and positive counts; backward
+    writes the gradient of each logit matrix tile by tile from them,
+
+    - soft CE over rows: (softmax_row(Z) - Y / |Y_i|) / n (and the same over columns);
+    - point-wise: (sigmoid(Z) - Y) / n;
+    - smooth KL: P^g (a^g - kl^g) / n_common (the terms from differentiating M cancel),
+
+    and passes it through the tile's matmul. Untiled, the logits are kept from forward; tiled,
+    they are recomputed, so memory grows as (rows per tile) x N instead of G N^2.
     """
 
     @staticmethod
-    def forward(ctx, *logits: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        log_probs = [F.log_softmax(z, dim=1) for z in logits]
-        # log_sum = log(G M) = logsumexp_g log P^g; the log G it leaves out is added to each
-        # row's KL below (the rows of P sum to 1) and cancels in the gradient.
-        log_sum = log_probs[0]
-        for lp in log_probs[1:]:
-            log_sum = torch.logaddexp(log_sum, lp)  # fused and stable: never log of a P
-        probs, advantages, row_kls = [], [], []
-        for lp in log_probs:
-            a = lp - log_sum
-            p = lp.exp()
-            row_kls.append((p * a).sum(dim=1, keepdim=True))
-            probs.append(p)
-            advantages.append(a)
-        n = logits[0].shape[0]
-        ctx.save_for_backward(*probs, *advantages, *row_kls)
-        ctx.levels, ctx.n = len(logits), n
-        return sum(kl.sum() for kl in row_kls) / n + len(logits) * math.log(len(logits))
+    def forward(ctx, plan: _Plan, *tensors: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        like = tensors[0]
+        n_rows = tensors[plan.pairs[0].rows].shape[0]
+        pairs = plan.pairs
+        stats = []
+        for pair in pairs:
+            c = pair.present_cols.shape[0]
+            stats.append(
+                {
+                    "lse_rows": like.new_zeros(pair.present_rows.shape[0]),
+                    "pos_rows": like.new_ones(pair.present_rows.shape[0]),
+                    "col_lse": like.new_full((c,), -math.inf) if pair.col_ce else None,
+                    "col_pos_sum": like.new_zeros(c) if pair.col_ce else None,
+                    "pos_cols": like.new_zeros(c) if pair.col_ce else None,
+                }
+            )
+        terms = like.new_zeros(3)
+        kl_rows = like.new_zeros(())
+        smooth_kl = any(p.smooth_kl for p in pairs) and plan.common_rows is not None
+        kept = []
+        for r0, r1 in _tiles(n_rows, plan.chunk_size):
+            logits = _level_logits(plan, tensors, r0, r1)
+            for pair, z, st in zip(pairs, logits, stats, strict=True):
+                pos = positive_mask(pair.labels_rows[r0:r1], pair.labels_cols).to(z.dtype)
+                zm = _masked(z, pair, r0, r1)
+                present = pair.present_rows[r0:r1]
+                pos_sum = (pos * z).sum(dim=1)
+                n_pos = pos.sum(dim=1)
+                lse = torch.logsumexp(zm, dim=1)
+                st["lse_rows"][r0:r1] = torch.where(present, lse, 0.0)
+                st["pos_rows"][r0:r1] = torch.where(present, n_pos, 1.0)
+                if pair.row_ce:
+                    row = torch.where(present, lse - pos_sum / st["pos_rows"][r0:r1], 0.0)
+                    terms[0] += pair.row_ce * row.sum() / _count(pair.present_rows)
+                if pair.col_ce:
+                    st["col_lse"] = torch.logaddexp(st["col_lse"], torch.logsumexp(zm, dim=0))
+                    st["col_pos_sum"] += (pos * z).sum(dim=0)
+                    st["pos_cols"] += pos.sum(dim=0)
+                if pair.pointwise:
+                    bce = F.softplus(zm).sum() - pos_sum.sum()
+                    terms[1] += bce / _count(pair.present_rows)
+            if smooth_kl:
+                _, _, kls, rows = _smooth_kl_term(plan, logits, r0, r1)
+                kl_rows = kl_rows + torch.where(rows, sum(kls), 0.0).sum()
+            if plan.chunk_size is None:
+                kept = logits
+        for pair, st in zip(pairs, stats, strict=True):
+            if pair.col_ce:
+                cols = pair.present_cols
+                st["pos_cols"] = torch.where(cols, st["pos_cols"], 1.0)
+                col = torch.where(cols, st["col_lse"] - st["col_pos_sum"] / st["pos_cols"], 0.0)
+                st["col_lse"] = torch.where(cols, st["col_lse"], 0.0)
+                terms[0] += pair.col_ce * col.sum() / _count(cols)
+        if smooth_kl:
+            levels = sum(p.smooth_kl for p in pairs)
+            terms[2] = kl_rows / _count(plan.common_rows) + levels * math.log(levels)
+        ctx.plan, ctx.stats = plan, stats
+        ctx.save_for_backward(*tensors, *kept)
+        ctx.n_inputs = len(tensors)
+        return terms
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        saved, g = ctx.saved_tensors, ctx.levels
-        probs, advantages, row_kls = saved[:g], saved[g : 2 * g], saved[2 * g :]
-        scale = grad / ctx.n
-        return tuple(
-            (a - kl).mul_(p).mul_(scale)
-            for p, a, kl in zip(probs, advantages, row_kls, strict=True)
-        )
+        saved = ctx.saved_tensors
+        tensors, kept = saved[: ctx.n_inputs], list(saved[ctx.n_inputs :])
+        plan, stats, pairs = ctx.plan, ctx.stats, ctx.plan.pairs
+        grads = [torch.zeros_like(t) for t in tensors]
+        n_rows = tensors[pairs[0].rows].shape[0]
+        smooth_kl = any(p.smooth_kl for p in pairs) and plan.common_rows is not None
+        for r0, r1 in _tiles(n_rows, plan.chunk_size):
+            logits = kept or _level_logits(plan, tensors, r0, r1)
+            d_logits = []
+            for pair, z, st in zip(pairs, logits, stats, strict=True):
+                zm = _masked(z, pair, r0, r1)
+                pos = positive_mask(pair.labels_rows[r0:r1], pair.labels_cols).to(z.dtype)
+                n = _count(pair.present_rows)
+                dz = torch.zeros_like(z)
+                if pair.row_ce:
+                    c = grad[0] * pair.row_ce / n
+                    dz += c * (
+                        torch.exp(zm - st["lse_rows"][r0:r1, None])
+                        - pos / st["pos_rows"][r0:r1, None]
+                    )
+                if pair.col_ce:
+                    c = grad[0] * pair.col_ce / _count(pair.present_cols)
+                    dz += c * (
+                        torch.exp(zm - st["col_lse"][None, :]) - pos / st["pos_cols"][None, :]
+                    )
+                if pair.pointwise:
+                    dz += (grad[1] / n) * (torch.sigmoid(zm) - pos)
+                d_logits.append(dz)
+            if smooth_kl:
+                probs, adv, kls, rows = _smooth_kl_term(plan, logits, r0, r1)
+                c = grad[2] / _count(plan.common_rows)
+                keep = plan.common_cols.nonzero().squeeze(1)
+                levels = [k for k, p in enumerate(pairs) if p.smooth_kl]
+                for k, p, a, kl in zip(levels, probs, adv, kls, strict=True):
+                    g = torch.where(rows[:, None], p * (a - kl[:, None]), 0.0) * c
+                    if keep.shape[0] == d_logits[k].shape[1]:
+                        d_logits[k] += g
+                    else:
+                        d_logits[k].index_add_(1, keep, g)
+            for rows_index, members in _row_groups(plan).items():
+                pieces = []
+                for k in members:
+                    d = pairs[k].distinct
+                    dz = d_logits[k]
+                    if d is not None:  # the copies of a column share one product
+                        dz = dz.new_zeros(dz.shape[0], d.first.shape[0]).index_add_(
+                            1, d.inverse, dz
+                        )
+                    pieces.append(dz)
+                dz = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+                cols = [_pair_columns(pairs[k], tensors) for k in members]
+                cat = cols[0] if len(cols) == 1 else torch.cat(cols)
+                grads[rows_index][r0:r1] += dz @ cat
+                d_cols = (dz.T @ tensors[rows_index][r0:r1]).split([c.shape[0] for c in cols])
+                for k, dc in zip(members, d_cols, strict=True):
+                    d = pairs[k].distinct
+                    if d is None:
+                        grads[pairs[k].cols] += dc
+                    else:
+                        grads[pairs[k].cols] += (dc / d.counts[:, None].to(dc.dtype)).index_select(
+                            0, d.inverse
+                        )
+        return (None, *grads)
+
+
+def _count(mask: torch.Tensor) -> torch.Tensor:
+    return mask.sum().clamp(min=1)
 
 
 def _as_scalar(value: torch.Tensor | float | None, like: torch.Tensor) -> torch.Tensor:
@@ -328,6 +510,10 @@ class MGLLLoss(nn.Module):
             ranks' losses (what DDP optimises) equals the global loss when every rank holds the
             same number of labelled samples per level; otherwise it weights ranks equally rather
             than samples. The gradient is that of this rank-mean.
+        chunk_size: compute the loss and its gradient in tiles of this many image rows,
+            recomputing each tile's logits in backward: memory grows as ``chunk_size x N``
+            instead of ``G x N^2``, for a second matmul per tile. ``None``: one tile, logits
+            kept for backward (fastest while they fit). Values and gradients are the same.
 
     ``forward`` returns a dict: ``loss`` (weighted total, differentiable) and the unweighted
     terms of non-zero weight (:attr:`terms`): ``sclip``, ``pointwise`` (each summed over
@@ -339,6 +525,7 @@ class MGLLLoss(nn.Module):
         weights: Mapping[str, float] | None = None,
         gather: bool = True,
         local_loss: bool = False,
+        chunk_size: int | None = None,
     ) -> None:
         super().__init__()
         unknown = sorted(set(weights or {}) - set(MGLL_TERMS))
@@ -350,6 +537,7 @@ class MGLLLoss(nn.Module):
         self.weights = {name: float(weights[name]) for name in MGLL_TERMS}
         self.gather = gather
         self.local_loss = local_loss
+        self.chunk_size = _check_chunk_size(chunk_size)
 
     @property
     def terms(self) -> tuple[str, ...]:
@@ -369,69 +557,74 @@ class MGLLLoss(nn.Module):
         b = _prepare(image_emb, text_embs, labels, self.gather, self.local_loss)
         scale = _scale(logit_scale, b.image_rows)
         bias = _as_scalar(logit_bias, b.image_rows)
-        w_sclip, w_pw, w_skl = (self.weights[name] for name in MGLL_TERMS)
-        # A zero tied to every input keeps the graph (and DDP's gradient buckets) complete when
-        # a term is switched off or a level has no labelled sample.
-        zero = (b.image_rows.sum() + sum(t.sum() for t in b.texts_rows) + scale + bias) * 0.0
-        sclip, pointwise, skl = zero, zero, zero
-
-        levels = len(text_embs)
-        present_rows, present_cols, kept = [], [], []  # kept: each level's logits
-        for g in range(levels):
-            p_rows, p_cols = label_presence(b.labels_rows[g]), label_presence(b.labels_cols[g])
-            present_rows.append(p_rows)
-            present_cols.append(p_cols)
-            all_present = bool(p_rows.all()) and bool(p_cols.all())
-            # A missing sample leaves this level's rows and columns: select before the matmul.
-            image = b.image_rows if all_present else _select(b.image_rows, p_rows)
-            text = b.texts_cols[g] if all_present else _select(b.texts_cols[g], p_cols)
-            if image.shape[0] == 0:
-                kept.append(None)
-                continue
-            # Augmented vectors [s*v, b] . [t, 1] put the bias into the one matmul: the
-            # point-wise term needs S + b, and softmaxes are unchanged by a constant shift.
-            image_aug, text_aug = _augment(image, scale, bias), _augment(text, 1.0, 1.0)
-            logits = image_aug @ text_aug.T  # S + b: (rows, cols), image -> text
-            lab_rows, lab_cols = b.labels_rows[g][p_rows], b.labels_cols[g][p_cols]
-            if b.square:
-                t2i = None
-                sums = _positive_sums(logits, lab_rows, lab_cols, image_aug, text_aug)
-            else:  # local texts against the global images
-                t2i_text = _augment(_select(b.texts_rows[g], p_rows), scale, bias)
-                t2i_image = _augment(_select(b.image_cols, p_cols), 1.0, 1.0)
-                t2i = t2i_text @ t2i_image.T
-                sums = _positive_sums(
-                    logits, lab_rows, lab_cols, image_aug, text_aug, t2i, t2i_text, t2i_image
-                )
-            lse_rows = torch.logsumexp(logits, dim=1)
-            if w_sclip > 0:
-                # CE(row, y/|y|) = lse - <y, row>/|y|; the bias cancels between the two.
-                row_term = (lse_rows - sums.rows / sums.n_rows).mean()
-                col_lse = torch.logsumexp(logits, dim=0) if b.square else torch.logsumexp(t2i, 1)
-                col_term = (col_lse - sums.cols / sums.n_cols).mean()
-                sclip = sclip + 0.5 * (row_term + col_term)
-            if w_pw > 0:
-                # sum_ij BCE(x_ij + b, y_ij) = sum softplus(x + b) - sum_ij y_ij (x_ij + b)
-                bce = F.softplus(logits).sum() - sums.rows.sum()
-                pointwise = pointwise + bce / logits.shape[0]
-            kept.append(logits)
-
-        if w_skl > 0 and levels > 1:
-            common_rows = torch.stack(present_rows).all(dim=0)
-            common_cols = torch.stack(present_cols).all(dim=0)
+        # Augmented vectors [s*v, b] . [t, 1] put the bias into the one matmul: the point-wise
+        # term needs S + b, and softmaxes are unchanged by a constant shift.
+        tensors = [_augment(b.image_rows, scale, bias)]
+        if not b.square:  # local loss: the global images, against each level's local texts
+            tensors.append(_augment(b.image_cols, 1.0, 1.0))
+        pairs: list[_Pair] = []
+        for g in range(len(text_embs)):
+            pairs += self._level_pairs(b, g, scale, bias, tensors)
+        plan = _Plan(pairs, self.chunk_size)
+        if self.weights["skl"] > 0 and len(text_embs) > 1:
+            # only the samples present at every level take part in the smooth KL
+            common_rows = torch.stack([p.present_rows for p in pairs if p.smooth_kl]).all(dim=0)
             if bool(common_rows.any()):
-                level_logits = []
-                for g, logits in enumerate(kept):  # every level has samples here
-                    rows_g, cols_g = common_rows[present_rows[g]], common_cols[present_cols[g]]
-                    if not (bool(rows_g.all()) and bool(cols_g.all())):
-                        # only the samples present at every level take part
-                        logits = _select(_select(logits, rows_g), cols_g, dim=1)
-                    level_logits.append(logits)
-                skl = _SmoothKL.apply(*level_logits)
-
-        values = {"sclip": sclip, "pointwise": pointwise, "skl": skl}
-        loss = w_sclip * sclip + w_pw * pointwise + w_skl * skl
+                plan.common_rows = common_rows
+                plan.common_cols = torch.stack([p.present_cols for p in pairs if p.smooth_kl]).all(
+                    dim=0
+                )
+        values = dict(zip(MGLL_TERMS, _TiledLoss.apply(plan, *tensors), strict=True))
+        loss = sum(self.weights[name] * values[name] for name in self.terms)
         return {"loss": loss, **{name: values[name] for name in self.terms}}
+
+    def _level_pairs(
+        self,
+        b: _Batch,
+        g: int,
+        scale: torch.Tensor,
+        bias: torch.Tensor,
+        tensors: list[torch.Tensor],
+    ) -> list[_Pair]:
+        """The logit matrices of level g: image rows against the level's texts, and (local
+        loss) the level's local texts against the global images."""
+        sclip = self.weights["sclip"] > 0
+        lab_rows, lab_cols = b.labels_rows[g], b.labels_cols[g]
+        p_rows, p_cols = label_presence(lab_rows), label_presence(lab_cols)
+        texts = _augment(b.texts_cols[g], 1.0, 1.0)
+        tensors.append(texts)
+        pairs = [
+            _Pair(
+                0,
+                len(tensors) - 1,
+                lab_rows,
+                lab_cols,
+                p_rows,
+                p_cols,
+                row_ce=0.5 if sclip else 0.0,
+                col_ce=0.5 if sclip and b.square else 0.0,
+                pointwise=self.weights["pointwise"] > 0,
+                smooth_kl=self.weights["skl"] > 0 and len(b.texts_rows) > 1,
+                distinct=_distinct_columns(texts, lab_cols),
+            )
+        ]
+        if sclip and not b.square:  # the level's local texts against the global images
+            tensors.append(_augment(b.texts_rows[g], scale, bias))
+            pairs.append(
+                _Pair(
+                    len(tensors) - 1,
+                    1,
+                    lab_rows,
+                    lab_cols,
+                    p_rows,
+                    p_cols,
+                    row_ce=0.5,
+                    col_ce=0.0,
+                    pointwise=False,
+                    smooth_kl=False,
+                )
+            )
+        return pairs
 
 
 class CLIPLoss(nn.Module):
@@ -440,14 +633,18 @@ class CLIPLoss(nn.Module):
     Same calling style as :class:`MGLLLoss`; ``labels`` and ``logit_bias`` are accepted and
     ignored. ``text_embs`` is the caption level's (N, D) embeddings (or a list holding only
     them): which level is the caption is the caller's choice (``loss.clip_level``).
+    ``chunk_size``: as :class:`MGLLLoss`'s (the InfoNCE is the soft CE with identity targets).
     """
 
     terms = ("clip",)
 
-    def __init__(self, gather: bool = True, local_loss: bool = False) -> None:
+    def __init__(
+        self, gather: bool = True, local_loss: bool = False, chunk_size: int | None = None
+    ) -> None:
         super().__init__()
         self.gather = gather
         self.local_loss = local_loss
+        self.chunk_size = _check_chunk_size(chunk_size)
 
     def forward(
         self,
@@ -466,8 +663,31 @@ class CLIPLoss(nn.Module):
             )
         b = _prepare(image_emb, list(text_embs), None, self.gather, self.local_loss)
         scale = _scale(logit_scale, b.image_rows)
-        logits = scale * b.image_rows @ b.texts_cols[0].T
-        targets = torch.arange(logits.shape[0], device=logits.device) + b.offset
-        t2i = logits.T if b.square else scale * b.texts_rows[0] @ b.image_cols.T
-        clip = 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(t2i, targets))
+        n, m = b.image_rows.shape[0], b.image_cols.shape[0]
+        if self.chunk_size is None or self.chunk_size >= n:
+            logits = scale * b.image_rows @ b.texts_cols[0].T
+            targets = torch.arange(n, device=logits.device) + b.offset
+            t2i = logits.T if b.square else scale * b.texts_rows[0] @ b.image_cols.T
+            clip = 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(t2i, targets))
+            return {"loss": clip, "clip": clip}
+        # Tiled: the soft cross-entropy of _TiledLoss with each sample its own class.
+        ids_rows = torch.arange(n, device=b.image_rows.device) + b.offset
+        ids_cols = torch.arange(m, device=b.image_rows.device)
+        every_row = torch.ones(n, dtype=torch.bool, device=ids_rows.device)
+        every_col = torch.ones(m, dtype=torch.bool, device=ids_rows.device)
+        tensors = [scale * b.image_rows, b.texts_cols[0]]
+        pair = (ids_rows, ids_cols, every_row, every_col)
+        pairs = [_Pair(0, 1, *pair, 0.5, 0.5 if b.square else 0.0, False, False)]
+        if not b.square:  # local texts against the global images
+            tensors += [scale * b.texts_rows[0], b.image_cols]
+            pairs.append(_Pair(2, 3, *pair, 0.5, 0.0, False, False))
+        clip = _TiledLoss.apply(_Plan(pairs, self.chunk_size), *tensors)[0]
         return {"loss": clip, "clip": clip}
+
+
+def _check_chunk_size(chunk_size: int | None) -> int | None:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) < 1):
+        raise ValueError(
+            f"chunk_size must be a positive number of rows or None, got {chunk_size!r}"
+        )
+    return None if chunk_size is None else int(chunk_size)
