@@ -244,31 +244,73 @@ def _masked(z: torch.Tensor, pair: _Pair, r0: int, r1: int) -> torch.Tensor:
     return z.masked_fill(~keep, -math.inf)
 
 
+@dataclass
+class _Positives:
+    """A pair's positives: ``tile(r0, r1)`` is the (rows, cols) bool mask Y; for class ids
+    the counts per row and per column come from counting ids, O(N), not from the mask."""
+
+    pair: _Pair
+    keys_rows: torch.Tensor
+    keys_cols: torch.Tensor
+    n_rows: torch.Tensor | None  # (R,) positives of each row (1 for a missing row)
+    n_cols: torch.Tensor | None  # (C,)
+
+    @classmethod
+    def of(cls, pair: _Pair, dtype: torch.dtype) -> _Positives:
+        rows, cols = pair.labels_rows, pair.labels_cols
+        if rows.dim() == 2:
+            return cls(pair, (rows != 0).to(dtype), (cols != 0).to(dtype), None, None)
+        # A missing sample gets an id of its own, unlike any row's or column's: no positives.
+        r, c = rows.shape[0], cols.shape[0]
+        ar = torch.arange(r, device=rows.device)
+        keys_rows = torch.where(rows >= 0, rows, -1 - ar)
+        keys_cols = torch.where(cols >= 0, cols, -1 - r - torch.arange(c, device=cols.device))
+        ids, inverse = torch.unique(torch.cat([keys_rows, keys_cols]), return_inverse=True)
+        count_rows = torch.bincount(inverse[:r], minlength=ids.shape[0]).to(dtype)
+        count_cols = torch.bincount(inverse[r:], minlength=ids.shape[0]).to(dtype)
+        n_rows = torch.where(pair.present_rows, count_cols[inverse[:r]], 1.0)
+        n_cols = torch.where(pair.present_cols, count_rows[inverse[r:]], 1.0)
+        return cls(pair, keys_rows, keys_cols, n_rows, n_cols)
+
+    def tile(self, r0: int, r1: int) -> torch.Tensor:
+        if self.n_rows is None:  # multi-hot: label sets overlap
+            return (self.keys_rows[r0:r1] @ self.keys_cols.T) > 0
+        return self.keys_rows[r0:r1, None] == self.keys_cols[None, :]
+
+
 def _smooth_kl_term(
-    plan: _Plan, logits: list[torch.Tensor], r0: int, r1: int
-) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-    """Per level, on rows ``r0:r1`` and the columns present at every level: the row softmax
-    P^g, a^g = log P^g - log(G M) and the row sums kl^g = <P^g, a^g>; and the rows' mask.
+    plan: _Plan, log_probs: list[torch.Tensor], r0: int, r1: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """Per level, on rows ``r0:r1`` and the columns present at every level, from the row
+    log-softmaxes log P^g: a^g = log P^g - log(G M) and kl^g = <P^g, a^g> per row; and the
+    rows' mask (present at every level).
 
     sum_g KL(P^g_i || M_i) = sum_g kl^g_i + G log G, M_i the mean of the P^g_i; log(G M) is a
     ``logaddexp`` of log-probabilities, never the log of a probability that underflowed.
     """
-    cols = plan.common_cols
-    every_col = bool(cols.all())
-    keep = None if every_col else cols.nonzero().squeeze(1)
-    levels = [
-        z if keep is None else z.index_select(1, keep)
-        for z, p in zip(logits, plan.pairs, strict=True)
-        if p.smooth_kl
-    ]
-    log_probs = [F.log_softmax(z, dim=1) for z in levels]
     log_sum = log_probs[0]
     for lp in log_probs[1:]:
         log_sum = torch.logaddexp(log_sum, lp)
-    probs = [lp.exp() for lp in log_probs]
     adv = [lp - log_sum for lp in log_probs]
-    kls = [(p * a).sum(dim=1) for p, a in zip(probs, adv, strict=True)]
-    return probs, adv, kls, plan.common_rows[r0:r1]
+    kls = [(lp.exp() * a).sum(dim=1) for lp, a in zip(log_probs, adv, strict=True)]
+    return adv, kls, plan.common_rows[r0:r1]
+
+
+def _kl_log_probs(
+    plan: _Plan, logits: list[torch.Tensor], lse: list[torch.Tensor], r0: int, r1: int
+) -> list[torch.Tensor]:
+    """The smooth-KL levels' row log-softmaxes over the columns present at every level (from
+    the rows' log-sum-exps when every column is)."""
+    keep = None if bool(plan.common_cols.all()) else plan.common_cols.nonzero().squeeze(1)
+    out = []
+    for pair, z, lse_rows in zip(plan.pairs, logits, lse, strict=True):
+        if not pair.smooth_kl:
+            continue
+        if keep is None and pair.complete:
+            out.append(z - lse_rows[:, None])
+        else:
+            out.append(F.log_softmax(z if keep is None else z.index_select(1, keep), dim=1))
+    return out
 
 
 class _TiledLoss(torch.autograd.Function):
@@ -281,137 +323,177 @@ class _TiledLoss(torch.autograd.Function):
     - point-wise: (sigmoid(Z) - Y) / n;
     - smooth KL: P^g (a^g - kl^g) / n_common (the terms from differentiating M cancel),
 
-    and passes it through the tile's matmul. Untiled, the logits are kept from forward; tiled,
-    they are recomputed, so memory grows as (rows per tile) x N instead of G N^2.
+    and passes it through the tile's matmul. Untiled, the logits and row softmaxes are kept
+    from forward; tiled, they are recomputed, so memory grows as (rows per tile) x N instead
+    of G N^2.
     """
 
     @staticmethod
     def forward(ctx, plan: _Plan, *tensors: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         like = tensors[0]
-        n_rows = tensors[plan.pairs[0].rows].shape[0]
         pairs = plan.pairs
-        stats = []
-        for pair in pairs:
-            c = pair.present_cols.shape[0]
-            stats.append(
-                {
-                    "lse_rows": like.new_zeros(pair.present_rows.shape[0]),
-                    "pos_rows": like.new_ones(pair.present_rows.shape[0]),
-                    "col_lse": like.new_full((c,), -math.inf) if pair.col_ce else None,
-                    "col_pos_sum": like.new_zeros(c) if pair.col_ce else None,
-                    "pos_cols": like.new_zeros(c) if pair.col_ce else None,
-                }
-            )
+        positives = [_Positives.of(p, like.dtype) for p in pairs]
+        stats = [_ColumnStats.empty(p, like) for p in pairs]
+        lse_rows = [like.new_zeros(p.present_rows.shape[0]) for p in pairs]
+        n_pos_rows = [like.new_ones(p.present_rows.shape[0]) for p in pairs]
         terms = like.new_zeros(3)
-        kl_rows = like.new_zeros(())
-        smooth_kl = any(p.smooth_kl for p in pairs) and plan.common_rows is not None
-        kept = []
-        for r0, r1 in _tiles(n_rows, plan.chunk_size):
+        smooth_kl = plan.common_rows is not None
+        kept: list[torch.Tensor] = []
+        for r0, r1 in _tiles(tensors[pairs[0].rows].shape[0], plan.chunk_size):
             logits = _level_logits(plan, tensors, r0, r1)
-            for pair, z, st in zip(pairs, logits, stats, strict=True):
-                pos = positive_mask(pair.labels_rows[r0:r1], pair.labels_cols).to(z.dtype)
+            for k, (pair, z, pos) in enumerate(zip(pairs, logits, positives, strict=True)):
+                y = pos.tile(r0, r1)
                 zm = _masked(z, pair, r0, r1)
                 present = pair.present_rows[r0:r1]
-                pos_sum = (pos * z).sum(dim=1)
-                n_pos = pos.sum(dim=1)
-                lse = torch.logsumexp(zm, dim=1)
-                st["lse_rows"][r0:r1] = torch.where(present, lse, 0.0)
-                st["pos_rows"][r0:r1] = torch.where(present, n_pos, 1.0)
+                pos_z = torch.where(y, z, 0.0)
+                pos_sum = pos_z.sum(dim=1)
+                n_pos = pos.n_rows[r0:r1] if pos.n_rows is not None else y.sum(dim=1).to(z.dtype)
+                n_pos = torch.where(present, n_pos, 1.0)
+                lse = torch.where(present, torch.logsumexp(zm, dim=1), 0.0)
+                lse_rows[k][r0:r1], n_pos_rows[k][r0:r1] = lse, n_pos
                 if pair.row_ce:
-                    row = torch.where(present, lse - pos_sum / st["pos_rows"][r0:r1], 0.0)
+                    row = torch.where(present, lse - pos_sum / n_pos, 0.0)
                     terms[0] += pair.row_ce * row.sum() / _count(pair.present_rows)
                 if pair.col_ce:
-                    st["col_lse"] = torch.logaddexp(st["col_lse"], torch.logsumexp(zm, dim=0))
-                    st["col_pos_sum"] += (pos * z).sum(dim=0)
-                    st["pos_cols"] += pos.sum(dim=0)
+                    stats[k].add(zm, pos_z, y, pos)
                 if pair.pointwise:
                     bce = F.softplus(zm).sum() - pos_sum.sum()
                     terms[1] += bce / _count(pair.present_rows)
+                if plan.chunk_size is None:
+                    kept += [z, y]
             if smooth_kl:
-                _, _, kls, rows = _smooth_kl_term(plan, logits, r0, r1)
-                kl_rows = kl_rows + torch.where(rows, sum(kls), 0.0).sum()
-            if plan.chunk_size is None:
-                kept = logits
+                log_probs = _kl_log_probs(plan, logits, [s[r0:r1] for s in lse_rows], r0, r1)
+                _, kls, rows = _smooth_kl_term(plan, log_probs, r0, r1)
+                terms[2] += torch.where(rows, sum(kls), 0.0).sum()
         for pair, st in zip(pairs, stats, strict=True):
             if pair.col_ce:
-                cols = pair.present_cols
-                st["pos_cols"] = torch.where(cols, st["pos_cols"], 1.0)
-                col = torch.where(cols, st["col_lse"] - st["col_pos_sum"] / st["pos_cols"], 0.0)
-                st["col_lse"] = torch.where(cols, st["col_lse"], 0.0)
-                terms[0] += pair.col_ce * col.sum() / _count(cols)
+                terms[0] += pair.col_ce * st.finish(pair) / _count(pair.present_cols)
         if smooth_kl:
             levels = sum(p.smooth_kl for p in pairs)
-            terms[2] = kl_rows / _count(plan.common_rows) + levels * math.log(levels)
-        ctx.plan, ctx.stats = plan, stats
-        ctx.save_for_backward(*tensors, *kept)
+            terms[2] = terms[2] / _count(plan.common_rows) + levels * math.log(levels)
+        ctx.plan, ctx.stats, ctx.positives = plan, stats, positives
         ctx.n_inputs = len(tensors)
+        ctx.save_for_backward(*tensors, *lse_rows, *n_pos_rows, *kept)
         return terms
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        saved = ctx.saved_tensors
-        tensors, kept = saved[: ctx.n_inputs], list(saved[ctx.n_inputs :])
-        plan, stats, pairs = ctx.plan, ctx.stats, ctx.plan.pairs
+        plan, stats, positives, pairs = ctx.plan, ctx.stats, ctx.positives, ctx.plan.pairs
+        saved = list(ctx.saved_tensors)
+        m, g = ctx.n_inputs, len(pairs)
+        tensors, lse_rows, n_pos_rows = saved[:m], saved[m : m + g], saved[m + g : m + 2 * g]
+        kept = saved[m + 2 * g :]
         grads = [torch.zeros_like(t) for t in tensors]
-        n_rows = tensors[pairs[0].rows].shape[0]
-        smooth_kl = any(p.smooth_kl for p in pairs) and plan.common_rows is not None
-        for r0, r1 in _tiles(n_rows, plan.chunk_size):
-            logits = kept or _level_logits(plan, tensors, r0, r1)
+        for r0, r1 in _tiles(tensors[pairs[0].rows].shape[0], plan.chunk_size):
+            if kept:
+                logits, masks = kept[0::2], kept[1::2]
+            else:
+                logits = _level_logits(plan, tensors, r0, r1)
+                masks = [pos.tile(r0, r1) for pos in positives]
+            lse = [s[r0:r1] for s in lse_rows]
             d_logits = []
-            for pair, z, st in zip(pairs, logits, stats, strict=True):
+            for pair, z, y, lse_k, n_pos, st in zip(
+                pairs, logits, masks, lse, n_pos_rows, stats, strict=True
+            ):
                 zm = _masked(z, pair, r0, r1)
-                pos = positive_mask(pair.labels_rows[r0:r1], pair.labels_cols).to(z.dtype)
                 n = _count(pair.present_rows)
-                dz = torch.zeros_like(z)
+                # -Y times the sum of each term's coefficient of Y
+                coef = zm.new_zeros(())
+                dz = None
                 if pair.row_ce:
                     c = grad[0] * pair.row_ce / n
-                    dz += c * (
-                        torch.exp(zm - st["lse_rows"][r0:r1, None])
-                        - pos / st["pos_rows"][r0:r1, None]
-                    )
+                    dz = torch.exp(zm - lse_k[:, None]).mul_(c)
+                    coef = coef + c / n_pos[r0:r1, None]
                 if pair.col_ce:
                     c = grad[0] * pair.col_ce / _count(pair.present_cols)
-                    dz += c * (
-                        torch.exp(zm - st["col_lse"][None, :]) - pos / st["pos_cols"][None, :]
-                    )
+                    col = torch.exp(zm - st.lse[None, :]).mul_(c)
+                    dz = col if dz is None else dz.add_(col)
+                    coef = coef + c / st.n_pos[None, :]
                 if pair.pointwise:
-                    dz += (grad[1] / n) * (torch.sigmoid(zm) - pos)
+                    c = grad[1] / n
+                    pw = torch.sigmoid(zm).mul_(c)
+                    dz = pw if dz is None else dz.add_(pw)
+                    coef = coef + c
+                if dz is None:
+                    dz = torch.zeros_like(z)
+                else:
+                    dz.sub_(torch.where(y, coef, 0.0))
                 d_logits.append(dz)
-            if smooth_kl:
-                probs, adv, kls, rows = _smooth_kl_term(plan, logits, r0, r1)
+            if plan.common_rows is not None:
+                log_probs = _kl_log_probs(plan, logits, lse, r0, r1)
+                adv, kls, rows = _smooth_kl_term(plan, log_probs, r0, r1)
                 c = grad[2] / _count(plan.common_rows)
                 keep = plan.common_cols.nonzero().squeeze(1)
                 levels = [k for k, p in enumerate(pairs) if p.smooth_kl]
-                for k, p, a, kl in zip(levels, probs, adv, kls, strict=True):
-                    g = torch.where(rows[:, None], p * (a - kl[:, None]), 0.0) * c
+                for k, lp, a, kl in zip(levels, log_probs, adv, kls, strict=True):
+                    d = torch.where(rows[:, None], lp.exp() * (a - kl[:, None]), 0.0).mul_(c)
                     if keep.shape[0] == d_logits[k].shape[1]:
-                        d_logits[k] += g
+                        d_logits[k].add_(d)
                     else:
-                        d_logits[k].index_add_(1, keep, g)
-            for rows_index, members in _row_groups(plan).items():
-                pieces = []
-                for k in members:
-                    d = pairs[k].distinct
-                    dz = d_logits[k]
-                    if d is not None:  # the copies of a column share one product
-                        dz = dz.new_zeros(dz.shape[0], d.first.shape[0]).index_add_(
-                            1, d.inverse, dz
-                        )
-                    pieces.append(dz)
-                dz = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
-                cols = [_pair_columns(pairs[k], tensors) for k in members]
-                cat = cols[0] if len(cols) == 1 else torch.cat(cols)
-                grads[rows_index][r0:r1] += dz @ cat
-                d_cols = (dz.T @ tensors[rows_index][r0:r1]).split([c.shape[0] for c in cols])
-                for k, dc in zip(members, d_cols, strict=True):
-                    d = pairs[k].distinct
-                    if d is None:
-                        grads[pairs[k].cols] += dc
-                    else:
-                        grads[pairs[k].cols] += (dc / d.counts[:, None].to(dc.dtype)).index_select(
-                            0, d.inverse
-                        )
+                        d_logits[k].index_add_(1, keep, d)
+            _matmul_backward(plan, tensors, d_logits, grads, r0, r1)
         return (None, *grads)
+
+
+@dataclass
+class _ColumnStats:
+    """Running per-column log-sum-exp and positive sums over row tiles (square pairs)."""
+
+    lse: torch.Tensor
+    pos_sum: torch.Tensor
+    n_pos: torch.Tensor
+
+    @classmethod
+    def empty(cls, pair: _Pair, like: torch.Tensor) -> _ColumnStats:
+        c = pair.present_cols.shape[0] if pair.col_ce else 0
+        return cls(like.new_full((c,), -math.inf), like.new_zeros(c), like.new_zeros(c))
+
+    def add(self, zm: torch.Tensor, pos_z: torch.Tensor, y: torch.Tensor, pos: _Positives):
+        self.lse = torch.logaddexp(self.lse, torch.logsumexp(zm, dim=0))
+        self.pos_sum += pos_z.sum(dim=0)
+        if pos.n_cols is None:
+            self.n_pos += y.sum(dim=0)
+        else:
+            self.n_pos = pos.n_cols
+
+    def finish(self, pair: _Pair) -> torch.Tensor:
+        """Sum over present columns of the column soft CE; missing columns' entries made
+        harmless for backward (lse 0, one positive)."""
+        cols = pair.present_cols
+        self.n_pos = torch.where(cols, self.n_pos, 1.0)
+        col = torch.where(cols, self.lse - self.pos_sum / self.n_pos, 0.0)
+        self.lse = torch.where(cols, self.lse, 0.0)
+        return col.sum()
+
+
+def _matmul_backward(
+    plan: _Plan,
+    tensors: Sequence[torch.Tensor],
+    d_logits: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    r0: int,
+    r1: int,
+) -> None:
+    """Pass a tile's logit gradients through its matmuls into ``grads`` (in place); a
+    repeated column's copies share their group's gradient equally (their columns of dZ are
+    equal)."""
+    pairs = plan.pairs
+    for rows, members in _row_groups(plan).items():
+        pieces = []
+        for k in members:
+            d, dz = pairs[k].distinct, d_logits[k]
+            if d is not None:
+                dz = dz.new_zeros(dz.shape[0], d.first.shape[0]).index_add_(1, d.inverse, dz)
+            pieces.append(dz)
+        dz = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+        cols = [_pair_columns(pairs[k], tensors) for k in members]
+        grads[rows][r0:r1] += dz @ (cols[0] if len(cols) == 1 else torch.cat(cols))
+        d_cols = (dz.T @ tensors[rows][r0:r1]).split([c.shape[0] for c in cols])
+        for k, dc in zip(members, d_cols, strict=True):
+            d = pairs[k].distinct
+            if d is not None:
+                dc = (dc / d.counts[:, None].to(dc.dtype)).index_select(0, d.inverse)
+            grads[pairs[k].cols] += dc
 
 
 def _count(mask: torch.Tensor) -> torch.Tensor:
