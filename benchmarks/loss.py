@@ -136,12 +136,17 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 1024, 4096])
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (1: less noise on a busy machine)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiles", action="store_true", help="only the tiled-loss table")
     parser.add_argument("--tile-sizes", type=int, nargs="+", default=[2048, 8192])
     parser.add_argument("--chunk-size", type=int, default=512)
     parser.add_argument("--memory-child", nargs=3, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.memory_child:
         _memory_child(*args.memory_child, args.dim)
         return
@@ -254,7 +259,9 @@ def _tiles_table(args: argparse.Namespace) -> None:
         base = None
         for chunk in (0, args.chunk_size):
             cmd = [sys.executable, __file__, "--memory-child", str(n), "2", str(chunk)]
-            cmd += ["--dim", str(args.dim)]
+            cmd += ["--dim", str(args.dim)] + (
+                ["--threads", str(args.threads)] if args.threads else []
+            )
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             result = json.loads(out.strip().splitlines()[-1])
             peak, seconds = result["peak"], result["seconds"]

@@ -125,7 +125,12 @@ def make_step(
     labels = [batch["labels"][g].to(device) for g in _levels(variant, num_levels)]
     dedup = "no dedup" not in variant
     forward = torch.compile(model) if args.compile else model
-    parts: dict[str, Any] = {"model": model, "optimizer_step": optimizer_step}
+    parts: dict[str, Any] = {
+        "image": model.image_tower,
+        "text": [_text_encoder(tower) for tower in model.text_towers],
+        "tokenizers": list(model.text_towers),
+        "optimizer_step": optimizer_step,
+    }
 
     if variant.startswith("clip"):
         clip_loss = ClipLoss()
@@ -145,7 +150,7 @@ def make_step(
 
         return step, parts
 
-    loss_fn = MGLLLoss(chunk_size=args.chunk_size) if args.chunk_size else MGLLLoss()
+    loss_fn = MGLLLoss(chunk_size=args.chunk_size)
     parts["loss"] = loss_fn
 
     def step() -> None:
@@ -185,8 +190,23 @@ def _open_clip_step(
         precision.scaler.scale(loss).backward()
         parts["optimizer_step"](optimizer, precision, params, cfg.train.grad_clip)
 
-    parts: dict[str, Any] = {"model": None, "loss": clip_loss, "optimizer_step": optimizer_step}
+    parts: dict[str, Any] = {
+        "image": clip.visual,
+        "text": [_text_encoder(clip)],
+        "tokenizers": [],  # tokenised once, outside the step, as open_clip's loader does
+        "loss": clip_loss,
+        "optimizer_step": optimizer_step,
+    }
     return step, parts
+
+
+def _text_encoder(tower: Any) -> torch.nn.Module:
+    """The module that runs on the tokens: a Hugging Face encoder, or open_clip's text
+    transformer (flat on CLIP, under ``.text`` on CustomTextCLIP)."""
+    if hasattr(tower, "encoder"):
+        return tower.encoder
+    clip = getattr(tower, "clip", tower)
+    return getattr(clip, "text", None) or clip.transformer
 
 
 def _sync(device: str) -> None:
@@ -227,9 +247,9 @@ class PhaseTimer:
         def pre(_module: Any, inputs: Any, kwargs: Any) -> None:
             _sync(self.device)
             start.append(time.perf_counter())
-            if count_tokens:
+            if count_tokens:  # token ids (N, L), or open_clip's embedded tokens (N, L, width)
                 ids = kwargs.get("input_ids", inputs[0] if inputs else None)
-                self.tokens[self.active] += ids.numel()
+                self.tokens[self.active] += ids.shape[0] * ids.shape[1]
 
         def post(_module: Any, _inputs: Any, _kwargs: Any, _out: Any) -> None:
             _sync(self.device)
@@ -239,17 +259,14 @@ class PhaseTimer:
         module.register_forward_hook(post, with_kwargs=True)
 
     def attach(self, parts: dict[str, Any]) -> None:
-        """Hook into the model's towers, the loss and the optimizer update of one variant."""
-        model = parts["model"]
-        if model is not None:
-            self._hook_module(model.image_tower, "image tower")
-            for tower in model.text_towers:
-                encoder = getattr(tower, "encoder", None) or tower.clip
-                self._hook_module(encoder, "text encoder", count_tokens=True)
-                if not isinstance(tower.tokenizer, _TimedTokenizer):
-                    tower.tokenizer = _TimedTokenizer(
-                        tower.tokenizer, self._timed("tokenise", tower.tokenizer.__call__)
-                    )
+        """Hook into the towers, the loss and the optimizer update of one variant."""
+        self._hook_module(parts["image"], "image tower")
+        for encoder in parts["text"]:
+            self._hook_module(encoder, "text encoder", count_tokens=True)
+        for owner in parts["tokenizers"]:
+            if not isinstance(owner.tokenizer, _TimedTokenizer):
+                call = self._timed("tokenise", owner.tokenizer.__call__)
+                owner.tokenizer = _TimedTokenizer(owner.tokenizer, call)
         self._hook_module(parts["loss"], "loss forward")
         parts["optimizer_step"] = self._timed("optimizer", parts["optimizer_step"])
 
@@ -339,6 +356,8 @@ def _forward_args(args: argparse.Namespace) -> list[str]:
         "--device",
         args.device,
     ]
+    if args.threads:
+        out += ["--threads", str(args.threads)]
     if args.chunk_size:
         out += ["--chunk-size", str(args.chunk_size)]
     return out + list(args.overrides)
@@ -391,6 +410,9 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (1: less noise on a busy machine)"
+    )
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--variants", nargs="+", default=None, choices=VARIANTS)
     parser.add_argument("--chunk-size", type=int, default=None, help="MGLLLoss(chunk_size)")
@@ -400,6 +422,8 @@ def main() -> None:
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = parser.parse_intermixed_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.variants is None:
         args.variants = list(VARIANTS if args.device.startswith("cuda") else CPU_VARIANTS)
     if args.memory_child:
