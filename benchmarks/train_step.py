@@ -319,7 +319,8 @@ def measure_profile(args: argparse.Namespace) -> PhaseTimer:
     made = {v: make_step(v, model, batch, cfg, args) for v in args.variants}
     timer = PhaseTimer(args.device, args.variants)
     for v in args.variants:
-        made[v][0]()  # warm-up, before the hooks
+        made[v][0]()  # warm-up, before any hook: the variants share the towers
+    for v in args.variants:
         timer.attach(made[v][1])
     for _ in range(args.rounds):
         for v in args.variants:

@@ -339,6 +339,7 @@ class _TiledLoss(torch.autograd.Function):
         terms = like.new_zeros(3)
         smooth_kl = plan.common_rows is not None
         kept: list[torch.Tensor] = []
+        ctx.smooth_kl = None
         for r0, r1 in _tiles(tensors[pairs[0].rows].shape[0], plan.chunk_size):
             logits = _level_logits(plan, tensors, r0, r1)
             for k, (pair, z, pos) in enumerate(zip(pairs, logits, positives, strict=True)):
@@ -363,8 +364,10 @@ class _TiledLoss(torch.autograd.Function):
                     kept += [z, y]
             if smooth_kl:
                 log_probs = _kl_log_probs(plan, logits, [s[r0:r1] for s in lse_rows], r0, r1)
-                _, kls, rows = _smooth_kl_term(plan, log_probs, r0, r1)
+                adv, kls, rows = _smooth_kl_term(plan, log_probs, r0, r1)
                 terms[2] += torch.where(rows, sum(kls), 0.0).sum()
+                if plan.chunk_size is None:  # one tile: backward reads them, not recomputes
+                    ctx.smooth_kl = (log_probs, adv, kls, rows)
         for pair, st in zip(pairs, stats, strict=True):
             if pair.col_ce:
                 terms[0] += pair.col_ce * st.finish(pair) / _count(pair.present_cols)
@@ -420,8 +423,11 @@ class _TiledLoss(torch.autograd.Function):
                     dz.sub_(torch.where(y, coef, 0.0))
                 d_logits.append(dz)
             if plan.common_rows is not None:
-                log_probs = _kl_log_probs(plan, logits, lse, r0, r1)
-                adv, kls, rows = _smooth_kl_term(plan, log_probs, r0, r1)
+                if ctx.smooth_kl is not None:
+                    log_probs, adv, kls, rows = ctx.smooth_kl
+                else:
+                    log_probs = _kl_log_probs(plan, logits, lse, r0, r1)
+                    adv, kls, rows = _smooth_kl_term(plan, log_probs, r0, r1)
                 c = grad[2] / _count(plan.common_rows)
                 keep = plan.common_cols.nonzero().squeeze(1)
                 levels = [k for k, p in enumerate(pairs) if p.smooth_kl]
