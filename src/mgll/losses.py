@@ -339,7 +339,7 @@ class _TiledLoss(torch.autograd.Function):
         terms = like.new_zeros(3)
         smooth_kl = plan.common_rows is not None
         kept: list[torch.Tensor] = []
-        ctx.smooth_kl = None
+        kept_kl: list[torch.Tensor] = []
         for r0, r1 in _tiles(tensors[pairs[0].rows].shape[0], plan.chunk_size):
             logits = _level_logits(plan, tensors, r0, r1)
             for k, (pair, z, pos) in enumerate(zip(pairs, logits, positives, strict=True)):
@@ -367,7 +367,7 @@ class _TiledLoss(torch.autograd.Function):
                 adv, kls, rows = _smooth_kl_term(plan, log_probs, r0, r1)
                 terms[2] += torch.where(rows, sum(kls), 0.0).sum()
                 if plan.chunk_size is None:  # one tile: backward reads them, not recomputes
-                    ctx.smooth_kl = (log_probs, adv, kls, rows)
+                    kept_kl = [*log_probs, *adv, *kls, rows]
         for pair, st in zip(pairs, stats, strict=True):
             if pair.col_ce:
                 terms[0] += pair.col_ce * st.finish(pair) / _count(pair.present_cols)
@@ -376,7 +376,8 @@ class _TiledLoss(torch.autograd.Function):
             terms[2] = terms[2] / _count(plan.common_rows) + levels * math.log(levels)
         ctx.plan, ctx.stats, ctx.positives = plan, stats, positives
         ctx.n_inputs = len(tensors)
-        ctx.save_for_backward(*tensors, *lse_rows, *n_pos_rows, *kept)
+        ctx.n_kept = len(kept)
+        ctx.save_for_backward(*tensors, *lse_rows, *n_pos_rows, *kept, *kept_kl)
         return terms
 
     @staticmethod
@@ -385,7 +386,8 @@ class _TiledLoss(torch.autograd.Function):
         saved = list(ctx.saved_tensors)
         m, g = ctx.n_inputs, len(pairs)
         tensors, lse_rows, n_pos_rows = saved[:m], saved[m : m + g], saved[m + g : m + 2 * g]
-        kept = saved[m + 2 * g :]
+        kept = saved[m + 2 * g : m + 2 * g + ctx.n_kept]
+        kept_kl = saved[m + 2 * g + ctx.n_kept :]
         grads = [torch.zeros_like(t) for t in tensors]
         for r0, r1 in _tiles(tensors[pairs[0].rows].shape[0], plan.chunk_size):
             if kept:
@@ -423,8 +425,10 @@ class _TiledLoss(torch.autograd.Function):
                     dz.sub_(torch.where(y, coef, 0.0))
                 d_logits.append(dz)
             if plan.common_rows is not None:
-                if ctx.smooth_kl is not None:
-                    log_probs, adv, kls, rows = ctx.smooth_kl
+                if kept_kl:
+                    levels = (len(kept_kl) - 1) // 3
+                    log_probs, adv = kept_kl[:levels], kept_kl[levels : 2 * levels]
+                    kls, rows = kept_kl[2 * levels : 3 * levels], kept_kl[-1]
                 else:
                     log_probs = _kl_log_probs(plan, logits, lse, r0, r1)
                     adv, kls, rows = _smooth_kl_term(plan, log_probs, r0, r1)
