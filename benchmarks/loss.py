@@ -161,7 +161,7 @@ def main() -> None:
     )
     print(
         f"device: {device} ({where}), torch {torch.__version__}, D = {args.dim}, "
-        f"best of {args.repeats} alternating runs\n"
+        f"medians of {args.repeats} alternating runs\n"
     )
 
     cuda = device.type == "cuda"
