@@ -18,13 +18,19 @@ backward, i.e. the loss's activation memory; it is reported in units of one N x 
 to show that memory is O(G N^2) with no N x N x C intermediate. On CUDA the peak allocated
 memory is printed as well.
 
+``--against FILE`` adds the MGLL rows of another ``losses.py`` (e.g. main's, from
+``git show main:src/mgll/losses.py > /tmp/main_losses.py``) to the same alternating rounds,
+labelled "MGLL (FILE's stem)", so two implementations are compared under the same load.
+
 Usage: python benchmarks/loss.py [--sizes 256 1024 4096] [--dim 512] [--repeats 3] [--device cpu]
+                                 [--against /tmp/main_losses.py]
        python benchmarks/loss.py --tiles [--tile-sizes 2048 8192] [--chunk-size 512]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import random
@@ -33,6 +39,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import torch
 
@@ -106,6 +113,17 @@ def _time_cases(cases, batches, repeats: int, device: torch.device):
     return out
 
 
+def _load_losses(path: str):
+    """The module of another implementation's ``losses.py`` (it imports ``mgll`` as usual)."""
+    spec = importlib.util.spec_from_file_location(f"against_{Path(path).stem}", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"--against {path}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
 def _loop_targets(keys: list[str]) -> torch.Tensor:
     """The authors' way: compare label strings pairwise in Python, then build a tensor."""
     rows = []
@@ -140,6 +158,9 @@ def main() -> None:
         "--threads", type=int, default=None, help="torch threads (1: less noise on a busy machine)"
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--against", help="another losses.py whose MGLL rows join the same rounds (e.g. main's)"
+    )
     parser.add_argument("--tiles", action="store_true", help="only the tiled-loss table")
     parser.add_argument("--tile-sizes", type=int, nargs="+", default=[2048, 8192])
     parser.add_argument("--chunk-size", type=int, default=512)
@@ -161,8 +182,10 @@ def main() -> None:
     )
     print(
         f"device: {device} ({where}), torch {torch.__version__}, D = {args.dim}, "
-        f"medians of {args.repeats} alternating runs\n"
+        f"medians of {args.repeats} alternating runs, load average {os.getloadavg()[0]:.1f}\n"
     )
+    other = _load_losses(args.against) if args.against else None
+    other_name = f"MGLL ({Path(args.against).stem})" if args.against else ""
 
     cuda = device.type == "cuda"
     header = (
@@ -182,16 +205,20 @@ def main() -> None:
         cases = {"CLIP": (CLIPLoss(), 1, "distinct")}
         cases |= {f"MGLL{g}": (MGLLLoss(), g, "distinct") for g in (1, 2, 3)}
         cases["MGLL3 shared"] = (MGLLLoss(), 3, "shared")
+        if other is not None:
+            cases |= {f"{other_name}{g}": (other.MGLLLoss(), g, "distinct") for g in (2, 3)}
+            cases[f"{other_name}3 shared"] = (other.MGLLLoss(), 3, "shared")
         best = _time_cases(cases, batches, args.repeats, device)
         for name, (seconds, ratio, saved, peak) in best.items():
             g, texts = cases[name][1], cases[name][2]
+            label = other_name if name.startswith(other_name or "-") else name[:4]
             target = (
                 ""
                 if name == "CLIP"
                 else f"{1.2 * g:.1f} ({'ok' if ratio <= 1.2 * g else 'MISSED'})"
             )
             row = (
-                f"| {n} | {name[:4]} | {g} | {texts} | {seconds * 1e3:.1f} | {ratio:.2f} | "
+                f"| {n} | {label} | {g} | {texts} | {seconds * 1e3:.1f} | {ratio:.2f} | "
                 f"{target} | {saved / 2**20:.1f} | {saved / 2**20 / nn_mib:.1f} |"
             )
             print(row + (f" {peak / 2**20:.0f} |" if cuda else ""), flush=True)

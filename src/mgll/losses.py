@@ -246,14 +246,18 @@ def _masked(z: torch.Tensor, pair: _Pair, r0: int, r1: int) -> torch.Tensor:
 
 @dataclass
 class _Positives:
-    """A pair's positives: ``tile(r0, r1)`` is the (rows, cols) bool mask Y; for class ids
-    the counts per row and per column come from counting ids, O(N), not from the mask."""
+    """A pair's positives. Multi-hot: ``tile(r0, r1)`` is the (rows, cols) bool mask Y. Class
+    ids (``by_class``): ``keys_*`` are compact ids, the counts per row and column come from
+    counting them, and every sum over positives goes through per-class sums of vectors,
+    ``sum_{j: k_j = k_i} <r_i, c_j> = <r_i, sum of the c of class k_i>``, O(N D): no N x N mask
+    is ever built."""
 
     pair: _Pair
     keys_rows: torch.Tensor
     keys_cols: torch.Tensor
     n_rows: torch.Tensor | None  # (R,) positives of each row (1 for a missing row)
     n_cols: torch.Tensor | None  # (C,)
+    n_ids: int = 0
 
     @classmethod
     def of(cls, pair: _Pair, dtype: torch.dtype) -> _Positives:
@@ -270,20 +274,28 @@ class _Positives:
         count_cols = torch.bincount(inverse[r:], minlength=ids.shape[0]).to(dtype)
         n_rows = torch.where(pair.present_rows, count_cols[inverse[:r]], 1.0)
         n_cols = torch.where(pair.present_cols, count_rows[inverse[r:]], 1.0)
-        return cls(pair, keys_rows, keys_cols, n_rows, n_cols)
+        return cls(pair, inverse[:r], inverse[r:], n_rows, n_cols, ids.shape[0])
+
+    @property
+    def by_class(self) -> bool:
+        return self.n_rows is not None
 
     def tile(self, r0: int, r1: int) -> torch.Tensor:
         if self.n_rows is None:  # multi-hot: label sets overlap
             return (self.keys_rows[r0:r1] @ self.keys_cols.T) > 0
         return self.keys_rows[r0:r1, None] == self.keys_cols[None, :]
 
+    def class_sums(self, vectors: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """(ids, D) sums of ``vectors`` (rows or columns, with their ``keys``) per class id."""
+        return vectors.new_zeros(self.n_ids, vectors.shape[1]).index_add_(0, keys, vectors)
+
 
 def _smooth_kl_term(
     plan: _Plan, log_probs: list[torch.Tensor], r0: int, r1: int
-) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
     """Per level, on rows ``r0:r1`` and the columns present at every level, from the row
-    log-softmaxes log P^g: a^g = log P^g - log(G M) and kl^g = <P^g, a^g> per row; and the
-    rows' mask (present at every level).
+    log-softmaxes log P^g: P^g, a^g = log P^g - log(G M) and kl^g = <P^g, a^g> per row; and
+    the rows' mask (present at every level).
 
     sum_g KL(P^g_i || M_i) = sum_g kl^g_i + G log G, M_i the mean of the P^g_i; log(G M) is a
     ``logaddexp`` of log-probabilities, never the log of a probability that underflowed.
@@ -292,8 +304,9 @@ def _smooth_kl_term(
     for lp in log_probs[1:]:
         log_sum = torch.logaddexp(log_sum, lp)
     adv = [lp - log_sum for lp in log_probs]
-    kls = [(lp.exp() * a).sum(dim=1) for lp, a in zip(log_probs, adv, strict=True)]
-    return adv, kls, plan.common_rows[r0:r1]
+    probs = [lp.exp() for lp in log_probs]
+    kls = [(p * a).sum(dim=1) for p, a in zip(probs, adv, strict=True)]
+    return probs, adv, kls, plan.common_rows[r0:r1]
 
 
 def _kl_log_probs(
@@ -333,41 +346,52 @@ class _TiledLoss(torch.autograd.Function):
         like = tensors[0]
         pairs = plan.pairs
         positives = [_Positives.of(p, like.dtype) for p in pairs]
+        col_sums = _column_class_sums(pairs, positives, tensors)
         stats = [_ColumnStats.empty(p, like) for p in pairs]
         lse_rows = [like.new_zeros(p.present_rows.shape[0]) for p in pairs]
         n_pos_rows = [like.new_ones(p.present_rows.shape[0]) for p in pairs]
         terms = like.new_zeros(3)
         smooth_kl = plan.common_rows is not None
-        kept: list[torch.Tensor] = []
+        kept: list[torch.Tensor] = []  # untiled: each pair's masked logits, then its mask Y
         kept_kl: list[torch.Tensor] = []
         for r0, r1 in _tiles(tensors[pairs[0].rows].shape[0], plan.chunk_size):
             logits = _level_logits(plan, tensors, r0, r1)
             for k, (pair, z, pos) in enumerate(zip(pairs, logits, positives, strict=True)):
-                y = pos.tile(r0, r1)
                 zm = _masked(z, pair, r0, r1)
                 present = pair.present_rows[r0:r1]
-                pos_z = torch.where(y, z, 0.0)
-                pos_sum = pos_z.sum(dim=1)
-                n_pos = pos.n_rows[r0:r1] if pos.n_rows is not None else y.sum(dim=1).to(z.dtype)
-                n_pos = torch.where(present, n_pos, 1.0)
+                rows = tensors[pair.rows][r0:r1]
+                y = None
+                if pos.by_class:
+                    keys = pos.keys_rows[r0:r1]
+                    pos_sum = (rows * col_sums[k].index_select(0, keys)).sum(dim=1)
+                    n_pos = pos.n_rows[r0:r1]
+                else:
+                    y = pos.tile(r0, r1)
+                    pos_z = torch.where(y, z, 0.0)
+                    pos_sum = pos_z.sum(dim=1)
+                    n_pos = torch.where(present, y.sum(dim=1).to(z.dtype), 1.0)
                 lse = torch.where(present, torch.logsumexp(zm, dim=1), 0.0)
                 lse_rows[k][r0:r1], n_pos_rows[k][r0:r1] = lse, n_pos
                 if pair.row_ce:
                     row = torch.where(present, lse - pos_sum / n_pos, 0.0)
                     terms[0] += pair.row_ce * row.sum() / _count(pair.present_rows)
-                if pair.col_ce:
-                    stats[k].add(zm, pos_z, y, pos)
+                if pair.col_ce and y is None:
+                    sums = pos.class_sums(rows, keys).index_select(0, pos.keys_cols)
+                    stats[k].add(zm, (tensors[pair.cols] * sums).sum(dim=1), None)
+                    stats[k].n_pos = pos.n_cols
+                elif pair.col_ce:
+                    stats[k].add(zm, pos_z.sum(dim=0), y.sum(dim=0))
                 if pair.pointwise:
                     bce = F.softplus(zm).sum() - pos_sum.sum()
                     terms[1] += bce / _count(pair.present_rows)
                 if plan.chunk_size is None:
-                    kept += [z, y]
+                    kept += [zm] if y is None else [zm, y]
             if smooth_kl:
                 log_probs = _kl_log_probs(plan, logits, [s[r0:r1] for s in lse_rows], r0, r1)
-                adv, kls, rows = _smooth_kl_term(plan, log_probs, r0, r1)
+                probs, adv, kls, rows = _smooth_kl_term(plan, log_probs, r0, r1)
                 terms[2] += torch.where(rows, sum(kls), 0.0).sum()
                 if plan.chunk_size is None:  # one tile: backward reads them, not recomputes
-                    kept_kl = [*log_probs, *adv, *kls, rows]
+                    kept_kl = [*probs, *adv, *kls, rows]
         for pair, st in zip(pairs, stats, strict=True):
             if pair.col_ce:
                 terms[0] += pair.col_ce * st.finish(pair) / _count(pair.present_cols)
@@ -388,61 +412,105 @@ class _TiledLoss(torch.autograd.Function):
         tensors, lse_rows, n_pos_rows = saved[:m], saved[m : m + g], saved[m + g : m + 2 * g]
         kept = saved[m + 2 * g : m + 2 * g + ctx.n_kept]
         kept_kl = saved[m + 2 * g + ctx.n_kept :]
+        col_sums = _column_class_sums(pairs, positives, tensors)
         grads = [torch.zeros_like(t) for t in tensors]
         for r0, r1 in _tiles(tensors[pairs[0].rows].shape[0], plan.chunk_size):
-            if kept:
-                logits, masks = kept[0::2], kept[1::2]
-            else:
-                logits = _level_logits(plan, tensors, r0, r1)
-                masks = [pos.tile(r0, r1) for pos in positives]
+            logits = [] if kept else _level_logits(plan, tensors, r0, r1)
+            from_forward = iter(kept)
             lse = [s[r0:r1] for s in lse_rows]
             d_logits = []
-            for pair, z, y, lse_k, n_pos, st in zip(
-                pairs, logits, masks, lse, n_pos_rows, stats, strict=True
+            for k, (pair, pos, lse_k, n_pos, st) in enumerate(
+                zip(pairs, positives, lse, n_pos_rows, stats, strict=True)
             ):
-                zm = _masked(z, pair, r0, r1)
+                if kept:  # the masked logits, then the mask Y of a multi-hot pair
+                    zm = next(from_forward)
+                    y = None if pos.by_class else next(from_forward)
+                else:
+                    zm = _masked(logits[k], pair, r0, r1)
+                    y = None if pos.by_class else pos.tile(r0, r1)
                 n = _count(pair.present_rows)
-                # -Y times the sum of each term's coefficient of Y
-                coef = zm.new_zeros(())
+                # dZ = (each term's softmax/sigmoid part) - Y (row_coef_i + col_coef_j)
+                row_coef = zm.new_zeros(r1 - r0)
+                col_coef = None
                 dz = None
                 if pair.row_ce:
                     c = grad[0] * pair.row_ce / n
                     dz = torch.exp(zm - lse_k[:, None]).mul_(c)
-                    coef = coef + c / n_pos[r0:r1, None]
+                    row_coef += c / n_pos[r0:r1]
                 if pair.col_ce:
                     c = grad[0] * pair.col_ce / _count(pair.present_cols)
                     col = torch.exp(zm - st.lse[None, :]).mul_(c)
                     dz = col if dz is None else dz.add_(col)
-                    coef = coef + c / st.n_pos[None, :]
+                    col_coef = c / st.n_pos
                 if pair.pointwise:
                     c = grad[1] / n
                     pw = torch.sigmoid(zm).mul_(c)
                     dz = pw if dz is None else dz.add_(pw)
-                    coef = coef + c
+                    row_coef += c
                 if dz is None:
-                    dz = torch.zeros_like(z)
+                    dz = torch.zeros_like(zm)
+                elif y is None:
+                    _class_backward(pos, tensors, grads, col_sums[k], row_coef, col_coef, r0, r1)
                 else:
+                    coef = row_coef[:, None] if col_coef is None else row_coef[:, None] + col_coef
                     dz.sub_(torch.where(y, coef, 0.0))
                 d_logits.append(dz)
             if plan.common_rows is not None:
                 if kept_kl:
                     levels = (len(kept_kl) - 1) // 3
-                    log_probs, adv = kept_kl[:levels], kept_kl[levels : 2 * levels]
+                    probs, adv = kept_kl[:levels], kept_kl[levels : 2 * levels]
                     kls, rows = kept_kl[2 * levels : 3 * levels], kept_kl[-1]
                 else:
                     log_probs = _kl_log_probs(plan, logits, lse, r0, r1)
-                    adv, kls, rows = _smooth_kl_term(plan, log_probs, r0, r1)
-                c = grad[2] / _count(plan.common_rows)
+                    probs, adv, kls, rows = _smooth_kl_term(plan, log_probs, r0, r1)
+                # rows missing at a level are finite here (unmasked logits): weight 0 is exact
+                w = torch.where(rows, grad[2] / _count(plan.common_rows), 0.0)[:, None]
                 keep = plan.common_cols.nonzero().squeeze(1)
                 levels = [k for k, p in enumerate(pairs) if p.smooth_kl]
-                for k, lp, a, kl in zip(levels, log_probs, adv, kls, strict=True):
-                    d = torch.where(rows[:, None], lp.exp() * (a - kl[:, None]), 0.0).mul_(c)
+                for k, p, a, kl in zip(levels, probs, adv, kls, strict=True):
+                    d = (a - kl[:, None]).mul_(w).mul_(p)
                     if keep.shape[0] == d_logits[k].shape[1]:
                         d_logits[k].add_(d)
                     else:
                         d_logits[k].index_add_(1, keep, d)
             _matmul_backward(plan, tensors, d_logits, grads, r0, r1)
         return (None, *grads)
+
+
+def _column_class_sums(
+    pairs: Sequence[_Pair], positives: Sequence[_Positives], tensors: Sequence[torch.Tensor]
+) -> list[torch.Tensor | None]:
+    """Per class-id pair, its columns' vectors summed per class (shared by every row tile)."""
+    return [
+        pos.class_sums(tensors[pair.cols], pos.keys_cols) if pos.by_class else None
+        for pair, pos in zip(pairs, positives, strict=True)
+    ]
+
+
+def _class_backward(
+    pos: _Positives,
+    tensors: Sequence[torch.Tensor],
+    grads: list[torch.Tensor],
+    col_sums: torch.Tensor,
+    row_coef: torch.Tensor,
+    col_coef: torch.Tensor | None,
+    r0: int,
+    r1: int,
+) -> None:
+    """A class-id pair's ``-Y (row_coef_i + col_coef_j)`` part of dZ, passed straight into the
+    gradients of its row and column vectors through per-class sums: what subtracting it from
+    dZ before the matmul would give, without the N x N mask."""
+    pair = pos.pair
+    rows = tensors[pair.rows][r0:r1]
+    keys_rows, keys_cols = pos.keys_rows[r0:r1], pos.keys_cols
+    d_rows = row_coef[:, None] * col_sums.index_select(0, keys_rows)
+    d_cols = pos.class_sums(row_coef[:, None] * rows, keys_rows).index_select(0, keys_cols)
+    if col_coef is not None:
+        cols = tensors[pair.cols]
+        d_rows += pos.class_sums(col_coef[:, None] * cols, keys_cols).index_select(0, keys_rows)
+        d_cols += col_coef[:, None] * pos.class_sums(rows, keys_rows).index_select(0, keys_cols)
+    grads[pair.rows][r0:r1] -= d_rows
+    grads[pair.cols] -= d_cols
 
 
 @dataclass
@@ -458,13 +526,13 @@ class _ColumnStats:
         c = pair.present_cols.shape[0] if pair.col_ce else 0
         return cls(like.new_full((c,), -math.inf), like.new_zeros(c), like.new_zeros(c))
 
-    def add(self, zm: torch.Tensor, pos_z: torch.Tensor, y: torch.Tensor, pos: _Positives):
+    def add(self, zm: torch.Tensor, pos_sum: torch.Tensor, n_pos: torch.Tensor | None) -> None:
+        """One row tile: its masked logits, and per column the sum of its positive logits and
+        their count (None: counted from class ids once, not per tile)."""
         self.lse = torch.logaddexp(self.lse, torch.logsumexp(zm, dim=0))
-        self.pos_sum += pos_z.sum(dim=0)
-        if pos.n_cols is None:
-            self.n_pos += y.sum(dim=0)
-        else:
-            self.n_pos = pos.n_cols
+        self.pos_sum += pos_sum
+        if n_pos is not None:
+            self.n_pos += n_pos
 
     def finish(self, pair: _Pair) -> torch.Tensor:
         """Sum over present columns of the column soft CE; missing columns' entries made
@@ -487,23 +555,16 @@ def _matmul_backward(
     """Pass a tile's logit gradients through its matmuls into ``grads`` (in place); a
     repeated column's copies share their group's gradient equally (their columns of dZ are
     equal)."""
-    pairs = plan.pairs
-    for rows, members in _row_groups(plan).items():
-        pieces = []
-        for k in members:
-            d, dz = pairs[k].distinct, d_logits[k]
-            if d is not None:
-                dz = dz.new_zeros(dz.shape[0], d.first.shape[0]).index_add_(1, d.inverse, dz)
-            pieces.append(dz)
-        dz = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
-        cols = [_pair_columns(pairs[k], tensors) for k in members]
-        grads[rows][r0:r1] += dz @ (cols[0] if len(cols) == 1 else torch.cat(cols))
-        d_cols = (dz.T @ tensors[rows][r0:r1]).split([c.shape[0] for c in cols])
-        for k, dc in zip(members, d_cols, strict=True):
-            d = pairs[k].distinct
-            if d is not None:
-                dc = (dc / d.counts[:, None].to(dc.dtype)).index_select(0, d.inverse)
-            grads[pairs[k].cols] += dc
+    for pair, dz in zip(plan.pairs, d_logits, strict=True):
+        d, rows = pair.distinct, tensors[pair.rows][r0:r1]
+        if d is not None:
+            dz = dz.new_zeros(dz.shape[0], d.first.shape[0]).index_add_(1, d.inverse, dz)
+        grads[pair.rows][r0:r1].addmm_(dz, _pair_columns(pair, tensors))
+        if d is None:
+            grads[pair.cols].addmm_(dz.T, rows)
+        else:
+            dc = (dz.T @ rows).div_(d.counts[:, None].to(dz.dtype))
+            grads[pair.cols] += dc.index_select(0, d.inverse)
 
 
 def _count(mask: torch.Tensor) -> torch.Tensor:
