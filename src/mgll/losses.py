@@ -149,6 +149,8 @@ def _distinct_columns(vectors: torch.Tensor, labels: torch.Tensor) -> _Distinct 
     Equal columns have equal logits and, their labels being equal, equal gradients: one
     product per group is exact.
     """
+    if vectors.shape[0] == 0:
+        return None
     g = torch.Generator().manual_seed(0)
     key = vectors.detach().double() @ torch.randn(
         vectors.shape[1], 1, generator=g, dtype=torch.float64
@@ -172,7 +174,10 @@ class _Pair:
     the terms it enters.
 
     ``rows``/``cols`` index the kernel's input tensors. A sample missing a label takes no part:
-    its row and column are masked out of every term (``present_*``).
+    :class:`MGLLLoss` selects the present rows and columns before the matmul, and
+    ``row_index``/``col_index`` say which samples (of the plan's rows and columns) the pair's
+    rows and columns are (None: all of them, in order). ``present_*`` masks what is left
+    (-inf in every softmax).
     """
 
     rows: int
@@ -186,10 +191,19 @@ class _Pair:
     pointwise: bool
     smooth_kl: bool
     distinct: _Distinct | None = None
+    row_index: torch.Tensor | None = None
+    col_index: torch.Tensor | None = None
 
     @property
     def complete(self) -> bool:
         return bool(self.present_rows.all()) and bool(self.present_cols.all())
+
+    def span(self, r0: int, r1: int) -> tuple[int, int]:
+        """The pair's own rows that are the plan's rows ``r0:r1`` (a contiguous range)."""
+        if self.row_index is None:
+            return r0, r1
+        bounds = torch.searchsorted(self.row_index, torch.tensor([r0, r1]).to(self.row_index))
+        return int(bounds[0]), int(bounds[1])
 
 
 @dataclass
@@ -199,8 +213,12 @@ class _Plan:
 
     pairs: list[_Pair]
     chunk_size: int | None
+    n_rows: int
     common_rows: torch.Tensor | None = None
     common_cols: torch.Tensor | None = None
+
+    def spans(self, r0: int, r1: int) -> list[tuple[int, int]]:
+        return [pair.span(r0, r1) for pair in self.pairs]
 
 
 def _tiles(n: int, chunk_size: int | None) -> list[tuple[int, int]]:
@@ -217,14 +235,15 @@ def _row_groups(plan: _Plan) -> dict[int, list[int]]:
 
 
 def _level_logits(
-    plan: _Plan, tensors: Sequence[torch.Tensor], r0: int, r1: int
+    plan: _Plan, tensors: Sequence[torch.Tensor], spans: Sequence[tuple[int, int]]
 ) -> list[torch.Tensor]:
-    """Every pair's (level's) logits for rows ``r0:r1``: one matmul per row matrix against the
-    concatenated distinct columns of all the pairs that share it."""
+    """Every pair's (level's) logits for its rows of a tile (``spans``): one matmul per row
+    matrix against the concatenated distinct columns of all the pairs that share it."""
     logits: list[torch.Tensor] = [torch.empty(0)] * len(plan.pairs)
     for rows, members in _row_groups(plan).items():
         cols = [_pair_columns(plan.pairs[k], tensors) for k in members]
-        z = tensors[rows][r0:r1] @ (cols[0] if len(cols) == 1 else torch.cat(cols)).T
+        p0, p1 = spans[members[0]]
+        z = tensors[rows][p0:p1] @ (cols[0] if len(cols) == 1 else torch.cat(cols)).T
         for k, piece in zip(members, z.split([c.shape[0] for c in cols], dim=1), strict=True):
             d = plan.pairs[k].distinct
             logits[k] = piece if d is None else piece.index_select(1, d.inverse)
@@ -291,11 +310,10 @@ class _Positives:
 
 
 def _smooth_kl_term(
-    plan: _Plan, log_probs: list[torch.Tensor], r0: int, r1: int
-) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-    """Per level, on rows ``r0:r1`` and the columns present at every level, from the row
-    log-softmaxes log P^g: P^g, a^g = log P^g - log(G M) and kl^g = <P^g, a^g> per row; and
-    the rows' mask (present at every level).
+    log_probs: list[torch.Tensor],
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Per level, on the rows and columns present at every level, from the row log-softmaxes
+    log P^g: P^g, a^g = log P^g - log(G M) and kl^g = <P^g, a^g> per row.
 
     sum_g KL(P^g_i || M_i) = sum_g kl^g_i + G log G, M_i the mean of the P^g_i; log(G M) is a
     ``logaddexp`` of log-probabilities, never the log of a probability that underflowed.
@@ -306,23 +324,44 @@ def _smooth_kl_term(
     adv = [lp - log_sum for lp in log_probs]
     probs = [lp.exp() for lp in log_probs]
     kls = [(p * a).sum(dim=1) for p, a in zip(probs, adv, strict=True)]
-    return probs, adv, kls, plan.common_rows[r0:r1]
+    return probs, adv, kls
+
+
+def _kl_index(
+    plan: _Plan, pair: _Pair, span: tuple[int, int], r0: int, r1: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Which of a pair's tile rows and of its columns are samples present at every level (the
+    smooth KL's), in the same order at every level; None where all of them are."""
+    p0, p1 = span
+    common_rows, common_cols = plan.common_rows, plan.common_cols
+    rows = common_rows[r0:r1] if pair.row_index is None else common_rows[pair.row_index[p0:p1]]
+    cols = common_cols if pair.col_index is None else common_cols[pair.col_index]
+    return (
+        None if bool(rows.all()) else rows.nonzero().squeeze(1),
+        None if bool(cols.all()) else cols.nonzero().squeeze(1),
+    )
 
 
 def _kl_log_probs(
-    plan: _Plan, logits: list[torch.Tensor], lse: list[torch.Tensor], r0: int, r1: int
+    plan: _Plan,
+    logits: list[torch.Tensor],
+    lse: list[torch.Tensor],
+    spans: Sequence[tuple[int, int]],
+    r0: int,
+    r1: int,
 ) -> list[torch.Tensor]:
-    """The smooth-KL levels' row log-softmaxes over the columns present at every level (from
-    the rows' log-sum-exps when every column is)."""
-    keep = None if bool(plan.common_cols.all()) else plan.common_cols.nonzero().squeeze(1)
+    """The smooth-KL levels' row log-softmaxes over the rows and columns present at every
+    level (from the rows' log-sum-exps when the level has no other)."""
     out = []
-    for pair, z, lse_rows in zip(plan.pairs, logits, lse, strict=True):
+    for pair, z, lse_rows, span in zip(plan.pairs, logits, lse, spans, strict=True):
         if not pair.smooth_kl:
             continue
-        if keep is None and pair.complete:
+        rows, cols = _kl_index(plan, pair, span, r0, r1)
+        if rows is None and cols is None and pair.complete:
             out.append(z - lse_rows[:, None])
-        else:
-            out.append(F.log_softmax(z if keep is None else z.index_select(1, keep), dim=1))
+            continue
+        z = z if rows is None else z.index_select(0, rows)
+        out.append(F.log_softmax(z if cols is None else z.index_select(1, cols), dim=1))
     return out
 
 
@@ -354,24 +393,26 @@ class _TiledLoss(torch.autograd.Function):
         smooth_kl = plan.common_rows is not None
         kept: list[torch.Tensor] = []  # untiled: each pair's masked logits, then its mask Y
         kept_kl: list[torch.Tensor] = []
-        for r0, r1 in _tiles(tensors[pairs[0].rows].shape[0], plan.chunk_size):
-            logits = _level_logits(plan, tensors, r0, r1)
+        for r0, r1 in _tiles(plan.n_rows, plan.chunk_size):
+            spans = plan.spans(r0, r1)
+            logits = _level_logits(plan, tensors, spans)
             for k, (pair, z, pos) in enumerate(zip(pairs, logits, positives, strict=True)):
-                zm = _masked(z, pair, r0, r1)
-                present = pair.present_rows[r0:r1]
-                rows = tensors[pair.rows][r0:r1]
+                p0, p1 = spans[k]
+                zm = _masked(z, pair, p0, p1)
+                present = pair.present_rows[p0:p1]
+                rows = tensors[pair.rows][p0:p1]
                 y = None
                 if pos.by_class:
-                    keys = pos.keys_rows[r0:r1]
+                    keys = pos.keys_rows[p0:p1]
                     pos_sum = (rows * col_sums[k].index_select(0, keys)).sum(dim=1)
-                    n_pos = pos.n_rows[r0:r1]
+                    n_pos = pos.n_rows[p0:p1]
                 else:
-                    y = pos.tile(r0, r1)
+                    y = pos.tile(p0, p1)
                     pos_z = torch.where(y, z, 0.0)
                     pos_sum = pos_z.sum(dim=1)
                     n_pos = torch.where(present, y.sum(dim=1).to(z.dtype), 1.0)
                 lse = torch.where(present, torch.logsumexp(zm, dim=1), 0.0)
-                lse_rows[k][r0:r1], n_pos_rows[k][r0:r1] = lse, n_pos
+                lse_rows[k][p0:p1], n_pos_rows[k][p0:p1] = lse, n_pos
                 if pair.row_ce:
                     row = torch.where(present, lse - pos_sum / n_pos, 0.0)
                     terms[0] += pair.row_ce * row.sum() / _count(pair.present_rows)
@@ -387,11 +428,12 @@ class _TiledLoss(torch.autograd.Function):
                 if plan.chunk_size is None:
                     kept += [zm] if y is None else [zm, y]
             if smooth_kl:
-                log_probs = _kl_log_probs(plan, logits, [s[r0:r1] for s in lse_rows], r0, r1)
-                probs, adv, kls, rows = _smooth_kl_term(plan, log_probs, r0, r1)
-                terms[2] += torch.where(rows, sum(kls), 0.0).sum()
+                lse = [s[p0:p1] for s, (p0, p1) in zip(lse_rows, spans, strict=True)]
+                log_probs = _kl_log_probs(plan, logits, lse, spans, r0, r1)
+                probs, adv, kls = _smooth_kl_term(log_probs)
+                terms[2] += sum(kls).sum()
                 if plan.chunk_size is None:  # one tile: backward reads them, not recomputes
-                    kept_kl = [*probs, *adv, *kls, rows]
+                    kept_kl = [*probs, *adv, *kls]
         for pair, st in zip(pairs, stats, strict=True):
             if pair.col_ce:
                 terms[0] += pair.col_ce * st.finish(pair) / _count(pair.present_cols)
@@ -414,29 +456,31 @@ class _TiledLoss(torch.autograd.Function):
         kept_kl = saved[m + 2 * g + ctx.n_kept :]
         col_sums = _column_class_sums(pairs, positives, tensors)
         grads = [torch.zeros_like(t) for t in tensors]
-        for r0, r1 in _tiles(tensors[pairs[0].rows].shape[0], plan.chunk_size):
-            logits = [] if kept else _level_logits(plan, tensors, r0, r1)
+        for r0, r1 in _tiles(plan.n_rows, plan.chunk_size):
+            spans = plan.spans(r0, r1)
+            logits = [] if kept else _level_logits(plan, tensors, spans)
             from_forward = iter(kept)
-            lse = [s[r0:r1] for s in lse_rows]
+            lse = [s[p0:p1] for s, (p0, p1) in zip(lse_rows, spans, strict=True)]
             d_logits = []
             for k, (pair, pos, lse_k, n_pos, st) in enumerate(
                 zip(pairs, positives, lse, n_pos_rows, stats, strict=True)
             ):
+                p0, p1 = spans[k]
                 if kept:  # the masked logits, then the mask Y of a multi-hot pair
                     zm = next(from_forward)
                     y = None if pos.by_class else next(from_forward)
                 else:
-                    zm = _masked(logits[k], pair, r0, r1)
-                    y = None if pos.by_class else pos.tile(r0, r1)
+                    zm = _masked(logits[k], pair, p0, p1)
+                    y = None if pos.by_class else pos.tile(p0, p1)
                 n = _count(pair.present_rows)
                 # dZ = (each term's softmax/sigmoid part) - Y (row_coef_i + col_coef_j)
-                row_coef = zm.new_zeros(r1 - r0)
+                row_coef = zm.new_zeros(p1 - p0)
                 col_coef = None
                 dz = None
                 if pair.row_ce:
                     c = grad[0] * pair.row_ce / n
                     dz = torch.exp(zm - lse_k[:, None]).mul_(c)
-                    row_coef += c / n_pos[r0:r1]
+                    row_coef += c / n_pos[p0:p1]
                 if pair.col_ce:
                     c = grad[0] * pair.col_ce / _count(pair.present_cols)
                     col = torch.exp(zm - st.lse[None, :]).mul_(c)
@@ -450,30 +494,32 @@ class _TiledLoss(torch.autograd.Function):
                 if dz is None:
                     dz = torch.zeros_like(zm)
                 elif y is None:
-                    _class_backward(pos, tensors, grads, col_sums[k], row_coef, col_coef, r0, r1)
+                    _class_backward(pos, tensors, grads, col_sums[k], row_coef, col_coef, p0, p1)
                 else:
                     coef = row_coef[:, None] if col_coef is None else row_coef[:, None] + col_coef
                     dz.sub_(torch.where(y, coef, 0.0))
                 d_logits.append(dz)
             if plan.common_rows is not None:
                 if kept_kl:
-                    levels = (len(kept_kl) - 1) // 3
+                    levels = len(kept_kl) // 3
                     probs, adv = kept_kl[:levels], kept_kl[levels : 2 * levels]
-                    kls, rows = kept_kl[2 * levels : 3 * levels], kept_kl[-1]
+                    kls = kept_kl[2 * levels :]
                 else:
-                    log_probs = _kl_log_probs(plan, logits, lse, r0, r1)
-                    probs, adv, kls, rows = _smooth_kl_term(plan, log_probs, r0, r1)
-                # rows missing at a level are finite here (unmasked logits): weight 0 is exact
-                w = torch.where(rows, grad[2] / _count(plan.common_rows), 0.0)[:, None]
-                keep = plan.common_cols.nonzero().squeeze(1)
+                    probs, adv, kls = _smooth_kl_term(
+                        _kl_log_probs(plan, logits, lse, spans, r0, r1)
+                    )
+                c = grad[2] / _count(plan.common_rows)
                 levels = [k for k, p in enumerate(pairs) if p.smooth_kl]
                 for k, p, a, kl in zip(levels, probs, adv, kls, strict=True):
-                    d = (a - kl[:, None]).mul_(w).mul_(p)
-                    if keep.shape[0] == d_logits[k].shape[1]:
+                    d = (a - kl[:, None]).mul_(p).mul_(c)
+                    rows, cols = _kl_index(plan, pairs[k], spans[k], r0, r1)
+                    if cols is not None:
+                        d = d.new_zeros(d.shape[0], d_logits[k].shape[1]).index_add_(1, cols, d)
+                    if rows is None:
                         d_logits[k].add_(d)
                     else:
-                        d_logits[k].index_add_(1, keep, d)
-            _matmul_backward(plan, tensors, d_logits, grads, r0, r1)
+                        d_logits[k].index_add_(0, rows, d)
+            _matmul_backward(plan, tensors, d_logits, grads, spans)
         return (None, *grads)
 
 
@@ -549,13 +595,12 @@ def _matmul_backward(
     tensors: Sequence[torch.Tensor],
     d_logits: list[torch.Tensor],
     grads: list[torch.Tensor],
-    r0: int,
-    r1: int,
+    spans: Sequence[tuple[int, int]],
 ) -> None:
     """Pass a tile's logit gradients through its matmuls into ``grads`` (in place); a
     repeated column's copies share their group's gradient equally (their columns of dZ are
     equal)."""
-    for pair, dz in zip(plan.pairs, d_logits, strict=True):
+    for pair, dz, (r0, r1) in zip(plan.pairs, d_logits, spans, strict=True):
         d, rows = pair.distinct, tensors[pair.rows][r0:r1]
         if d is not None:
             dz = dz.new_zeros(dz.shape[0], d.first.shape[0]).index_add_(1, d.inverse, dz)
@@ -715,18 +760,18 @@ class MGLLLoss(nn.Module):
         tensors = [_augment(b.image_rows, scale, bias)]
         if not b.square:  # local loss: the global images, against each level's local texts
             tensors.append(_augment(b.image_cols, 1.0, 1.0))
+        present_rows = [label_presence(lab) for lab in b.labels_rows]
+        present_cols = [label_presence(lab) for lab in b.labels_cols]
         pairs: list[_Pair] = []
         for g in range(len(text_embs)):
-            pairs += self._level_pairs(b, g, scale, bias, tensors)
-        plan = _Plan(pairs, self.chunk_size)
+            pairs += self._level_pairs(b, g, scale, bias, tensors, present_rows, present_cols)
+        plan = _Plan(pairs, self.chunk_size, b.image_rows.shape[0])
         if self.weights["skl"] > 0 and len(text_embs) > 1:
             # only the samples present at every level take part in the smooth KL
-            common_rows = torch.stack([p.present_rows for p in pairs if p.smooth_kl]).all(dim=0)
+            common_rows = torch.stack(present_rows).all(dim=0)
             if bool(common_rows.any()):
                 plan.common_rows = common_rows
-                plan.common_cols = torch.stack([p.present_cols for p in pairs if p.smooth_kl]).all(
-                    dim=0
-                )
+                plan.common_cols = torch.stack(present_cols).all(dim=0)
         values = dict(zip(MGLL_TERMS, _TiledLoss.apply(plan, *tensors), strict=True))
         loss = sum(self.weights[name] * values[name] for name in self.terms)
         return {"loss": loss, **{name: values[name] for name in self.terms}}
@@ -738,43 +783,57 @@ class MGLLLoss(nn.Module):
         scale: torch.Tensor,
         bias: torch.Tensor,
         tensors: list[torch.Tensor],
+        present_rows: Sequence[torch.Tensor],
+        present_cols: Sequence[torch.Tensor],
     ) -> list[_Pair]:
         """The logit matrices of level g: image rows against the level's texts, and (local
-        loss) the level's local texts against the global images."""
+        loss) the level's local texts against the global images. A sample missing the level's
+        label leaves its rows and columns before the matmul (an O(N D) selection, where
+        masking the N x N logits would cost several passes over them)."""
         sclip = self.weights["sclip"] > 0
-        lab_rows, lab_cols = b.labels_rows[g], b.labels_cols[g]
-        p_rows, p_cols = label_presence(lab_rows), label_presence(lab_cols)
-        texts = _augment(b.texts_cols[g], 1.0, 1.0)
+        row_index, col_index = _index_of(present_rows[g]), _index_of(present_cols[g])
+        lab_rows, lab_cols = _pick(b.labels_rows[g], row_index), _pick(b.labels_cols[g], col_index)
+        every_row = torch.ones(lab_rows.shape[0], dtype=torch.bool, device=lab_rows.device)
+        every_col = torch.ones(lab_cols.shape[0], dtype=torch.bool, device=lab_cols.device)
+        if row_index is None:
+            image = 0
+        else:  # this level's image rows, as a kernel input of their own
+            tensors.append(tensors[0].index_select(0, row_index))
+            image = len(tensors) - 1
+        texts = _augment(_pick(b.texts_cols[g], col_index), 1.0, 1.0)
         tensors.append(texts)
+        labels = (lab_rows, lab_cols, every_row, every_col)
         pairs = [
             _Pair(
-                0,
+                image,
                 len(tensors) - 1,
-                lab_rows,
-                lab_cols,
-                p_rows,
-                p_cols,
+                *labels,
                 row_ce=0.5 if sclip else 0.0,
                 col_ce=0.5 if sclip and b.square else 0.0,
                 pointwise=self.weights["pointwise"] > 0,
                 smooth_kl=self.weights["skl"] > 0 and len(b.texts_rows) > 1,
                 distinct=_distinct_columns(texts, lab_cols),
+                row_index=row_index,
+                col_index=col_index,
             )
         ]
         if sclip and not b.square:  # the level's local texts against the global images
-            tensors.append(_augment(b.texts_rows[g], scale, bias))
+            tensors.append(_augment(_pick(b.texts_rows[g], row_index), scale, bias))
+            texts_rows, images = len(tensors) - 1, 1
+            if col_index is not None:  # the global images present at this level
+                tensors.append(tensors[1].index_select(0, col_index))
+                images = len(tensors) - 1
             pairs.append(
                 _Pair(
-                    len(tensors) - 1,
-                    1,
-                    lab_rows,
-                    lab_cols,
-                    p_rows,
-                    p_cols,
+                    texts_rows,
+                    images,
+                    *labels,
                     row_ce=0.5,
                     col_ce=0.0,
                     pointwise=False,
                     smooth_kl=False,
+                    row_index=row_index,
+                    col_index=col_index,
                 )
             )
         return pairs
@@ -834,8 +893,17 @@ class CLIPLoss(nn.Module):
         if not b.square:  # local texts against the global images
             tensors += [scale * b.texts_rows[0], b.image_cols]
             pairs.append(_Pair(2, 3, *pair, 0.5, 0.0, False, False))
-        clip = _TiledLoss.apply(_Plan(pairs, self.chunk_size), *tensors)[0]
+        clip = _TiledLoss.apply(_Plan(pairs, self.chunk_size, n), *tensors)[0]
         return {"loss": clip, "clip": clip}
+
+
+def _index_of(present: torch.Tensor) -> torch.Tensor | None:
+    """Positions of the present samples, or None when every sample is present."""
+    return None if bool(present.all()) else present.nonzero().squeeze(1)
+
+
+def _pick(t: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    return t if index is None else t.index_select(0, index)
 
 
 def _check_chunk_size(chunk_size: int | None) -> int | None:
