@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mgll.losses import CLIPLoss, MGLLLoss, _distinct_columns
+import mgll.losses as losses
+from mgll.losses import CLIPLoss, MGLLLoss, _distinct_columns, label_presence
 from mgll.schema import ConfigError
 from mgll.training.config import LossConfig
 from mgll.training.objective import Objective
@@ -95,6 +96,32 @@ def _saved_bytes(loss_fn, image, texts, labels) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss_fn(image, texts, labels)
     return saved
+
+
+def test_missing_samples_leave_the_matmul_and_class_ids_build_no_mask(monkeypatch):
+    """What makes the kernel fast: each level's logits are (present rows, present columns),
+    not a masked N x N, and a class-id level never builds its positive mask (positive sums go
+    through per-class sums); the multi-hot level builds its mask once, kept for backward."""
+    shapes, masks = [], []
+    real_logits, real_tile = losses._level_logits, losses._Positives.tile
+
+    def spy_logits(plan, tensors, spans):
+        out = real_logits(plan, tensors, spans)
+        shapes.extend(tuple(z.shape) for z in out)
+        return out
+
+    def spy_tile(self, r0, r1):
+        masks.append("class ids" if self.by_class else "multi-hot")
+        return real_tile(self, r0, r1)
+
+    monkeypatch.setattr(losses, "_level_logits", spy_logits)
+    monkeypatch.setattr(losses._Positives, "tile", spy_tile)
+    image, texts, labels = _case(12, 3)
+    present = [int(label_presence(lab).sum()) for lab in labels]
+    assert min(present[:2]) < 12  # the case has missing samples at two levels
+    _value_and_grads(MGLLLoss(), image, texts, labels)
+    assert shapes == [(p, p) for p in present]
+    assert masks == ["multi-hot"]
 
 
 def test_tiles_keep_no_n_by_n_matrix_for_backward():
