@@ -375,9 +375,10 @@ class _TiledLoss(torch.autograd.Function):
     - point-wise: (sigmoid(Z) - Y) / n;
     - smooth KL: P^g (a^g - kl^g) / n_common (the terms from differentiating M cancel),
 
-    and passes it through the tile's matmul. Untiled, the logits and row softmaxes are kept
-    from forward; tiled, they are recomputed, so memory grows as (rows per tile) x N instead
-    of G N^2.
+    and passes it through the tile's matmul; a class-id pair's ``-Y`` part goes straight to
+    the input gradients through per-class sums (:func:`_class_backward`). Untiled, the logits,
+    multi-hot masks and smooth-KL probabilities are kept from forward; tiled, they are
+    recomputed, so memory grows as (rows per tile) x N instead of G N^2.
     """
 
     @staticmethod
