@@ -159,7 +159,7 @@ def test_probe_of_a_pretrained_run_uses_its_split_on_the_xray_levels(
     tmp_path,
     pretrained_run,  # noqa: F811 (the imported fixture)
 ):
-    from mgll.eval.data import load_eval_data
+    from mgll.eval.task import load_eval_data
     from mgll.eval.encoders import load_encoder
     from mgll.eval.probe import linear_probe
 

@@ -66,7 +66,7 @@ class _TextTable(torch.nn.Module):
 def _grade_data(n: int = 12):
     """EvalData of a 'grade' task whose finest level is one description per image."""
     from mgll.data.records import Record, RecordSet, build_levels
-    from mgll.eval.data import EvalData, build_task
+    from mgll.eval.task import EvalData, build_task
 
     grades = ["low", "high", "low"]
     records = [
@@ -275,7 +275,7 @@ def test_zeroshot_and_retrieval_of_a_pretrained_run_then_compare_with_a_probe(
     assert results["metrics"]["auc_macro"] == pytest.approx(auc)
 
     # The Python API on one loaded model: a probe of its image tower, then compare via the CLI.
-    from mgll.eval.data import load_eval_data
+    from mgll.eval.task import load_eval_data
     from mgll.eval.encoders import encoder_from_model
     from mgll.eval.probe import linear_probe
     from mgll.eval.retrieve import retrieval

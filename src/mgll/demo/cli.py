@@ -8,7 +8,7 @@ import sys
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``demo`` sub-command."""
-    from mgll.demo.run import RECIPES
+    from mgll.demo.settings import RECIPES
 
     parser = subparsers.add_parser(
         "demo",
@@ -34,9 +34,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo; expected failures become one-line errors."""
-    from mgll.demo.run import DemoError, run_demo
+    from mgll.demo.run import run_demo
+    from mgll.demo.settings import DemoError
     from mgll.eval.compare import CompareError
-    from mgll.eval.data import TaskError
+    from mgll.eval.task import TaskError
     from mgll.process import offline_hubs
     from mgll.training.checkpoint import CheckpointError
     from mgll.training.config import ConfigError

@@ -331,3 +331,19 @@ def load_encoder(spec: str | Path, device: str | torch.device = "cpu") -> Encode
             raise EncoderError(text, "no such file or folder, and not a recognised prefix")
         encoder = _from_path(text, path)
     return encoder.to(device).eval()
+
+
+def text_tower_level(model: Any, level: int) -> int:
+    """The text tower of a run model that embeds texts of granularity ``level``: its own when
+    the model has one per level, else the only one (CLIP-style models, levels beyond the
+    trained ones). Zero-shot and retrieval embed their texts through it."""
+    return level if model.text_per_level and level < len(model.text_towers) else 0
+
+
+def load_run_model(spec: str | Path, device: str = "auto") -> tuple[Any, dict[str, Any]]:
+    """The ``MGLLModel`` (image and text towers) and run config of a pretraining run folder or
+    checkpoint (``--model``) on ``device`` (``auto``: cuda when available)."""
+    from mgll.eval.options import resolve_device
+    from mgll.training.checkpoint import load_model
+
+    return load_model(spec, resolve_device(device))
