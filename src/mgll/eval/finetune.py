@@ -321,7 +321,13 @@ def fine_tune(
                 "history": history,
             }
             ckpt.save_checkpoint(
-                checkpoints, (epoch + 1) * steps_per_epoch, model, state, config, keep_last=1
+                checkpoints,
+                (epoch + 1) * steps_per_epoch,
+                model,
+                state,
+                config,
+                keep_last=1,
+                kind="finetune",
             )
         barrier()
     if not info.is_main:
