@@ -29,14 +29,17 @@ def classification_levels(records: Any) -> list[str]:
     return names
 
 
-def load_demo_records(folder: Path) -> Any:
-    """The dataset's records with every patient id replaced by its patient *group*: patients
-    joined across byte-identical image files, so that no photo is on both sides of a split and
-    the bootstrap resamples the groups."""
+def load_demo_records(folder: Path, source: str | None = None) -> Any:
+    """The dataset's records (``source``: its format or spec; None detects the format of
+    ``folder``) with every patient id replaced by its patient *group*: patients joined across
+    byte-identical image files, so that no photo is on both sides of a split and the bootstrap
+    resamples the groups."""
     from mgll.data.build import drop_missing_images, load_records
+    from mgll.data.spec import is_spec_path
     from mgll.data.splits import linked_patient_keys
 
-    records, _ = load_records(None, folder)
+    spec = source is not None and is_spec_path(source)
+    records, _ = load_records(source, None if spec else folder)
     records, _missing = drop_missing_images(records)
     if not records.records:
         raise DemoError(f"{folder}: no image file of the dataset exists")

@@ -15,23 +15,19 @@ from pathlib import Path
 from typing import Any
 
 from mgll.demo.evaluation import RETRIEVAL_HEADLINE, RETRIEVAL_KS, evaluate_encoder, evaluated
-from mgll.demo.folds import (
-    classification_levels,
-    load_demo_records,
-    patient_folds,
-    pretrain_folds,
-    write_folds,
-)
+from mgll.demo.folds import classification_levels, patient_folds, pretrain_folds, write_folds
 from mgll.demo.progress import Progress
 from mgll.demo.settings import (
     C_GRID,
+    DEFAULT_SEEDS,
     ENCODERS,
     PRETRAINED,
-    RECIPES,
     SUMMARY_FILE,
     Demo,
     DemoError,
+    Recipe,
     check_settings,
+    recipe_for,
 )
 from mgll.demo.summary import compare_encoders, format_table, table_rows, without_split
 
@@ -40,26 +36,104 @@ def run_demo(
     data_root: str | Path,
     output_dir: str | Path,
     *,
-    dataset: str = "csdi-fundus",
+    dataset: str | None = None,
+    level: str | None = None,
     quick: bool = False,
     seed: int = 0,
+    seeds: int | None = None,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Run (or resume) the demo and return the summary written to ``OUT/summary.json``."""
+    """Run (or resume) the demo and return the summary written to ``OUT/summary.json``.
+
+    ``dataset``: a shipped recipe, a dataset folder, a format name or a spec file (``--data``),
+    ``level`` its main level. ``seeds`` (default 3, 1 with ``quick``) seeds from ``seed`` on:
+    one seed writes the single-seed layout into ``OUT``; several write one such folder per
+    seed (``OUT/seed<s>``) and the summary over seeds (:mod:`mgll.demo.seeds`).
+    """
+    recipe = recipe_for(dataset, level, Path(data_root))
+    n_seeds = seeds if seeds is not None else (1 if quick else DEFAULT_SEEDS)
+    if seed < 0 or n_seeds < 1:
+        raise DemoError(f"--seed {seed} --seeds {n_seeds}: the seed must be >= 0, seeds >= 1")
+    out = Path(output_dir)
+    if n_seeds == 1:
+        return run_seed(Demo(recipe, Path(data_root), out, quick, seed), echo)
+    return run_seeds(recipe, Path(data_root), out, quick, list(range(seed, seed + n_seeds)), echo)
+
+
+def run_seeds(
+    recipe: Recipe,
+    data_root: Path,
+    out: Path,
+    quick: bool,
+    seeds: list[int],
+    echo: Callable[[str], None],
+) -> dict[str, Any]:
+    """One single-seed demo per seed in ``OUT/seed<s>``, then ``OUT/summary.json`` over seeds."""
+    from mgll.demo.seeds import across_seeds, format_seeds
+    from mgll.io import atomic_write
+
+    started = time.perf_counter()
+    demos = [Demo(recipe, data_root, out / f"seed{s}", quick, s) for s in seeds]
+    settings = {**demos[0].settings(), "seed": None, "seeds": seeds}
+    check_settings(demos[0], out, settings)
+    runs = []
+    for demo in demos:
+        echo(f"== seed {demo.seed} ({len(runs) + 1} of {len(seeds)}) -> {demo.out}")
+        runs.append(run_seed(demo, echo))
+    first = runs[0]
+    levels = sorted({r["level"] for r in first["table"] if r["protocol"] != "retrieval"})
+    text_level = next(r["level"] for r in first["table"] if r["protocol"] == "retrieval")
+    echo("[seeds] bootstrap over seeds and patients")
+    table, comparisons = across_seeds(
+        [d.out for d in demos], levels, text_level, n_resamples=demos[0].resamples
+    )
+    summary = {
+        "dataset": first["dataset"],
+        "settings": settings,
+        "protocol": {
+            **first["protocol"],
+            "seeds": "each seed a complete demo (its own folds, initialisation and data order) "
+            "in OUT/seed<s>; values are means over seeds; intervals a bootstrap over seeds and, "
+            "within each drawn seed, its patient groups (mgll.demo.seeds)",
+        },
+        "per_seed": [
+            {
+                "seed": d.seed,
+                "folder": d.out.name,
+                "table": r["table"],
+                "comparisons": r["comparisons"],
+            }
+            for d, r in zip(demos, runs, strict=True)
+        ],
+        "table": table,
+        "comparisons": comparisons,
+        "seconds": time.perf_counter() - started,
+    }
+    text = json.dumps(summary, indent=2) + "\n"
+    atomic_write(out / SUMMARY_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    echo(format_seeds(summary))
+    return summary
+
+
+def run_seed(demo: Demo, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """The single-seed demo: folds, pretraining, evaluation and summary in ``demo.out``."""
     from mgll.demo.report import write_demo_report
     from mgll.eval.probe import INNER_FOLDS
     from mgll.io import atomic_write
     from mgll.training.trainer import SUMMARY_FILE as RUN_SUMMARY
 
-    if dataset not in RECIPES:
-        raise DemoError(f"--dataset {dataset!r}: choose one of {', '.join(RECIPES)}")
-    demo = Demo(RECIPES[dataset], Path(data_root), Path(output_dir), quick, seed)
     if not demo.folder.is_dir():
-        raise DemoError(f"{demo.folder} does not exist; --data-root must hold the {dataset} folder")
+        raise DemoError(
+            f"{demo.folder} does not exist; --data-root must hold the {demo.recipe.dataset} folder"
+        )
+    seed, quick, dataset = demo.seed, demo.quick, demo.recipe.dataset
     started = time.perf_counter()
     check_settings(demo)
 
-    records = load_demo_records(demo.folder)
+    records = demo.recipe.load_records(demo.data_root)
+    names = [lv.name for lv in records.levels]
+    if demo.recipe.main_level not in names:
+        raise DemoError(f"--level {demo.recipe.main_level!r}: the data's levels are {names}")
     fold = patient_folds(records, demo.recipe.main_level, demo.folds, seed)
     write_folds(demo, records, fold)
     levels = classification_levels(records)

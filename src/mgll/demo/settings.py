@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+from mgll.data.spec import is_spec_path
 
 ENCODERS = ("random", "clip", "mgll")
 PRETRAINED = ("clip", "mgll")
@@ -34,18 +36,71 @@ class DemoError(ValueError):
 
 @dataclass(frozen=True)
 class Recipe:
-    """One dataset's demo: its folder under the data root, pretraining config and main level."""
+    """One dataset's demo: its folder under the data root, pretraining config and main level;
+    ``source`` is its ``data.source`` when the config's is not it (a user's format or spec)."""
 
     dataset: str
     config: str
     main_level: str
     folds: int = 5
+    source: str | None = None
+
+    def overrides(self) -> list[tuple[str, Any]]:
+        """The config overrides that point the recipe's config at this dataset."""
+        if self.shipped:
+            return []
+        path = None if self.source and is_spec_path(self.source) else self.dataset
+        return [("data.source", self.source), ("data.path", path), ("data.levels", None)]
+
+    @property
+    def shipped(self) -> bool:
+        """Whether this is one of :data:`RECIPES` (any main level)."""
+        return self.source is None and self.dataset in RECIPES
+
+    def load_records(self, data_root: Path) -> Any:
+        """The dataset's records, read as pretraining reads them (see :mod:`mgll.demo.folds`)."""
+        from mgll.demo.folds import load_demo_records
+
+        return load_demo_records(data_root / self.dataset, self.source)
 
 
 RECIPES = {
     "csdi-fundus": Recipe("csdi-fundus", "demo-csdi-fundus", "severity"),
     "covid-cxr": Recipe("covid-cxr", "demo-covid-cxr", "organism"),
 }
+# Any other dataset (`mgll demo --data X --level L`) gets the fundus recipe's small CPU tower.
+DEFAULT_CONFIG = "demo-csdi-fundus"
+DEFAULT_SEEDS = 3  # 3 x the single seed's 5 min 12 s measured on 2 cores (docs/demo.md)
+
+
+def recipe_for(data: str | None, level: str | None, data_root: Path) -> Recipe:
+    """The recipe of ``--data``/``--level``: a shipped recipe by name (``--level`` may change
+    its main level), else a dataset folder (format detected), a format name (the folder of
+    that name under the data root) or a spec file, with the default config."""
+    from mgll.data.adapters import adapter_names
+
+    name = data or "csdi-fundus"
+    if name in RECIPES:
+        recipe = RECIPES[name]
+        return recipe if level is None else replace(recipe, main_level=level)
+    if level is None:
+        raise DemoError(f"--data {name}: give --level, the level to probe and fold on")
+    if is_spec_path(name):
+        spec = Path(name) if Path(name).is_absolute() else (data_root / name)
+        spec = spec if spec.is_file() else Path(name)
+        if not spec.is_file():
+            raise DemoError(f"--data {name}: no such spec file (under --data-root or as given)")
+        return Recipe(str(spec.parent.resolve()), DEFAULT_CONFIG, level, source=str(spec.resolve()))
+    folder = Path(name) if Path(name).is_absolute() else data_root / name
+    if not folder.is_dir() and Path(name).is_dir():
+        folder = Path(name)
+    if not folder.is_dir():
+        raise DemoError(
+            f"--data {name}: neither a shipped recipe ({', '.join(RECIPES)}), a dataset folder "
+            "under --data-root nor a spec file (.yaml/.json)"
+        )
+    source = name if name in adapter_names() else None
+    return Recipe(str(folder.resolve()), DEFAULT_CONFIG, level, source=source)
 
 
 @dataclass
@@ -71,7 +126,8 @@ class Demo:
         return self.data_root / self.recipe.dataset
 
     def settings(self) -> dict[str, Any]:
-        return {
+        """What ``OUT/demo.json`` records (a re-run must match it)."""
+        out = {
             "dataset": self.recipe.dataset,
             "config": self.recipe.config,
             "quick": self.quick,
@@ -79,6 +135,9 @@ class Demo:
             "folds": self.folds,
             "data": str(self.folder.resolve()),
         }
+        if self.recipe != RECIPES.get(self.recipe.dataset):
+            out.update(source=self.recipe.source, main_level=self.recipe.main_level)
+        return out
 
     def config(self, loss: str, fold: int, extra: Sequence[tuple[str, Any]] = ()) -> Any:
         """The pretraining config of one encoder and fold (``extra``: more overrides): the
@@ -86,6 +145,7 @@ class Demo:
         from mgll.training.config import load_config
 
         overrides: list[tuple[str, Any]] = [
+            *self.recipe.overrides(),
             ("data.split", {"file": str(self.split_file(fold).resolve())}),
             ("train.seed", self.seed),
             ("loss.name", loss),
@@ -105,22 +165,26 @@ class Demo:
         return self.out / encoder / f"fold{fold}"
 
 
-def check_settings(demo: Demo) -> None:
-    """Record the run's settings in its folder; a folder holding other settings is refused."""
+def check_settings(
+    demo: Demo, out: Path | None = None, wanted: dict[str, Any] | None = None
+) -> None:
+    """Record the run's settings (``wanted``, default ``demo.settings()``) in its folder
+    (``out``, default ``demo.out``); a folder holding other settings is refused."""
     from mgll.io import atomic_write
 
-    path = demo.out / SETTINGS_FILE
-    wanted = demo.settings()
+    out = out or demo.out
+    path = out / SETTINGS_FILE
+    wanted = wanted or demo.settings()
     if path.is_file():
         held = json.loads(path.read_text(encoding="utf-8"))
         if held != wanted:
             changed = sorted(k for k in wanted if held.get(k) != wanted[k])
             raise DemoError(
-                f"{demo.out} holds a demo run with other settings ({', '.join(changed)}: "
+                f"{out} holds a demo run with other settings ({', '.join(changed)}: "
                 f"{[held.get(k) for k in changed]} there); use a new --output-dir or the same "
                 "options"
             )
         return
-    demo.out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(wanted, indent=2) + "\n"
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
