@@ -9,6 +9,10 @@ Multi-class levels use one multinomial model; multi-label levels one binary mode
 
 ``--label-fraction 0.01,0.1,1.0`` repeats the probe on seeded patient-level draws of the
 training split (validation and test unchanged): label efficiency.
+
+:func:`fit_probe` is the core every caller shares; without a validation split (the demo's
+cross-validation folds) its ``selection="cv"`` chooses C by an inner patient-grouped CV of the
+training rows instead.
 """
 
 from __future__ import annotations
