@@ -54,6 +54,14 @@ def run_demo(
     n_seeds = seeds if seeds is not None else (1 if quick else DEFAULT_SEEDS)
     if seed < 0 or n_seeds < 1:
         raise DemoError(f"--seed {seed} --seeds {n_seeds}: the seed must be >= 0, seeds >= 1")
+    folder = Path(data_root) / recipe.dataset
+    if not folder.is_dir():
+        raise DemoError(
+            f"{folder} does not exist; --data-root must hold the {recipe.dataset} folder"
+        )
+    names = [lv.name for lv in recipe.load_records(Path(data_root)).levels]
+    if recipe.main_level not in names:  # before anything is written
+        raise DemoError(f"--level {recipe.main_level!r}: the data's levels are {names}")
     out = Path(output_dir)
     if n_seeds == 1:
         return run_seed(Demo(recipe, Path(data_root), out, quick, seed), echo)
@@ -122,18 +130,11 @@ def run_seed(demo: Demo, echo: Callable[[str], None] = print) -> dict[str, Any]:
     from mgll.io import atomic_write
     from mgll.training.trainer import SUMMARY_FILE as RUN_SUMMARY
 
-    if not demo.folder.is_dir():
-        raise DemoError(
-            f"{demo.folder} does not exist; --data-root must hold the {demo.recipe.dataset} folder"
-        )
     seed, quick, dataset = demo.seed, demo.quick, demo.recipe.dataset
     started = time.perf_counter()
     check_settings(demo)
 
     records = demo.recipe.load_records(demo.data_root)
-    names = [lv.name for lv in records.levels]
-    if demo.recipe.main_level not in names:
-        raise DemoError(f"--level {demo.recipe.main_level!r}: the data's levels are {names}")
     fold = patient_folds(records, demo.recipe.main_level, demo.folds, seed)
     write_folds(demo, records, fold)
     levels = classification_levels(records)
