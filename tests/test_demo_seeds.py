@@ -61,8 +61,8 @@ levels:
 """
 
 
-def _my_dataset(folder: Path, n: int = 24) -> Path:
-    """A spec dataset mgll never saw: 24 distinct noise images of 12 patients, a 3-class grade
+def _my_dataset(folder: Path, n: int = 40) -> Path:
+    """A spec dataset mgll never saw: 40 distinct noise images of 20 patients, a 3-class grade
     (brightness) and one free-text note per image."""
     rng = np.random.default_rng(0)
     (folder / "images").mkdir(parents=True)
@@ -95,7 +95,7 @@ def test_a_two_seed_quick_demo_on_a_dataset_mgll_never_saw(tmp_path, capsys):
     assert [s["folder"] for s in summary["per_seed"]] == ["seed0", "seed1"]
     for seed in (0, 1):
         own = json.loads((out / f"seed{seed}" / "summary.json").read_text())
-        assert own["settings"]["seed"] == seed and own["protocol"]["n_images"] == 24
+        assert own["settings"]["seed"] == seed and own["protocol"]["n_images"] == 40
         assert own["settings"]["main_level"] == "grade"
         # each seed's folds differ: the seeds are separate demos, not copies
     folds = [(out / f"seed{s}" / "folds" / "fold0.csv").read_text() for s in (0, 1)]
