@@ -135,8 +135,9 @@ class Demo:
             "folds": self.folds,
             "data": str(self.folder.resolve()),
         }
-        if self.recipe != RECIPES.get(self.recipe.dataset):
-            out.update(source=self.recipe.source, main_level=self.recipe.main_level)
+        recipe = self.recipe
+        if not recipe.shipped or recipe.main_level != RECIPES[recipe.dataset].main_level:
+            out.update(source=recipe.source, main_level=recipe.main_level)
         return out
 
     def config(self, loss: str, fold: int, extra: Sequence[tuple[str, Any]] = ()) -> Any:
