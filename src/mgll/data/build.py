@@ -17,13 +17,21 @@ from pathlib import Path
 from typing import Any
 
 from mgll.data.adapters import detect_adapter, get_adapter
-from mgll.data.cache import PreprocessCache, default_cache_dir
+from mgll.data.cache import PreprocessCache, SourceCaches, default_cache_dir
 from mgll.data.config import DataConfig, SplitConfig
 from mgll.data.dataset import MultiGranularDataset
+from mgll.data.pool import is_pool_file, load_pool, sampling_weights
 from mgll.data.records import LevelInfo, RecordSet
 from mgll.data.spec import find_spec, is_spec_path, records_from_spec, resolve_path
-from mgll.data.splits import SPLIT_NAMES, check_disjoint_patients, patient_split, read_split_file
+from mgll.data.splits import (
+    SPLIT_NAMES,
+    check_disjoint_patients,
+    patient_split,
+    read_split_file,
+    write_split_file,
+)
 from mgll.data.transforms import augmentation_options, build_transform
+from mgll.schema import PACKAGE_PREFIX, resolve_package_paths
 
 
 def load_records(
@@ -35,14 +43,30 @@ def load_records(
 ) -> tuple[RecordSet, Path]:
     """Records of a dataset and its folder.
 
-    ``source`` is a format name, the path of a spec file, or None to detect the format of the
-    folder ``path``. Relative paths are looked up under ``data_root`` first, then as given. A
-    spec's own paths are relative to the spec file (``path`` is not used with a spec).
+    ``source`` is a format name, the path of a spec or pool file (``package:`` paths allowed),
+    or None to detect the format of the folder ``path``. Relative paths are looked up under
+    ``data_root`` first, then as given. A spec's own paths are relative to the spec file
+    (``path`` is not used with a spec); a pool's are relative to it, then to ``data_root``.
     """
     options = dict(options or {})
     folder = resolve_path(path, data_root) if path is not None else None
+    if isinstance(source, str) and source.startswith(PACKAGE_PREFIX):
+        source = resolve_package_paths(source, "data.source")  # a pool or spec shipped by a package
     if source is not None and is_spec_path(source):
         spec_path = find_spec(source, data_root)
+        if is_pool_file(spec_path):
+            if options:
+                raise ValueError(
+                    f"data.options: a pool ({spec_path}) takes no adapter options; give them "
+                    "per source (sources[i].options)"
+                )
+            if folder is not None:
+                warnings.warn(
+                    f"data.path ({folder}) is not used with a pool: the paths in {spec_path} are "
+                    "relative to it, then to the data root; set data.path to null",
+                    stacklevel=2,
+                )
+            return load_pool(spec_path, data_root), spec_path.parent
         if options:
             raise ValueError(
                 f"data.options: a spec file ({spec_path}) takes no adapter options; "
@@ -86,8 +110,11 @@ def split_records(
 ) -> dict[str, list[int]]:
     """Record indices per split from the ``data.split`` section (fractions, file or source).
 
-    A split file's relative image paths are relative to the dataset ``folder``.
+    A split file's relative image paths are relative to the dataset ``folder``. A pool's own
+    split (its file's ``split``) is used unless the section gives fractions or a file.
     """
+    if records.pool is not None and split.file is None and split.fractions() is None:
+        split = SplitConfig(mode="source")
     if split.file is not None:
         return read_split_file(resolve_path(split.file, data_root), records.records, root=folder)
     if split.mode == "source":
@@ -135,28 +162,77 @@ class PreparedData:
     ) -> dict[str, MultiGranularDataset]:
         """Train/val/test datasets: the train split augments, val/test do not."""
         cfg = self.config
-        if cfg.cache_dir is False:
-            cache_dir = None
-        elif cfg.cache_dir is None:
-            cache_dir = default_cache_dir(self.folder)
-        else:
-            # a cache root chosen in the config (the dataset folder only when it says so)
-            cache_dir = default_cache_dir(self.folder, resolve_path(cfg.cache_dir, self.data_root))
         augmentation = augmentation_options(cfg.augmentation)
         datasets = {}
         for name in SPLIT_NAMES:
-            cache = PreprocessCache(cache_dir, image_size, cfg.resize) if cache_dir else None
             datasets[name] = MultiGranularDataset(
                 self.records.subset(self.indices[name]),
                 image_size=image_size,
                 transform=build_transform(
                     train=name == "train", mean=mean, std=std, augmentation=augmentation
                 ),
-                cache=cache,
+                cache=self.cache(image_size),
                 resize_mode=cfg.resize,
                 seed=self.seed,
             )
         return datasets
+
+    def cache(self, image_size: int) -> PreprocessCache | SourceCaches | None:
+        """The preprocessing cache of ``data.cache_dir``; a pool reads each source through the
+        cache of its own folder (shared with single-source runs of that dataset)."""
+        cfg = self.config
+        if cfg.cache_dir is False:
+            return None
+        root = None if cfg.cache_dir is None else resolve_path(cfg.cache_dir, self.data_root)
+        pool = self.records.pool
+        if pool is None:
+            # a cache root chosen in the config (the dataset folder only when it says so)
+            folder = default_cache_dir(self.folder, root)
+            return PreprocessCache(folder, image_size, cfg.resize) if folder else None
+        caches = {}
+        for source in pool.sources:
+            folder = default_cache_dir(source.folder, root)
+            if folder is None:
+                return None  # the user cache cannot be written: no source is cached
+            caches[source.name] = PreprocessCache(folder, image_size, cfg.resize)
+        source_of = {str(r.image): r.metadata["source"] for r in self.records.records}
+        return SourceCaches(caches, source_of)
+
+    def sampling_weights(self, split: str = "train") -> list[float] | None:
+        """Per sample of ``split``, its draw probability (a pool's source weights and sampling
+        temperature), or None for uniform draws."""
+        return sampling_weights(self.records.subset(self.indices[split]))
+
+    def source_counts(self) -> dict[str, dict[str, int]]:
+        """Images per source and split (a single dataset is one source, named by its format
+        or folder)."""
+        counts: dict[str, dict[str, int]] = {}
+        for name in SPLIT_NAMES:
+            for i in self.indices[name]:
+                source = self.source_name(i)
+                counts.setdefault(source, dict.fromkeys(SPLIT_NAMES, 0))[name] += 1
+        return counts
+
+    def source_name(self, index: int) -> str:
+        """The source of record ``index``: its pool source, else the dataset's format name
+        (or its folder name when the format was detected or a spec describes it)."""
+        record = self.records.records[index]
+        if "source" in record.metadata:
+            return str(record.metadata["source"])
+        given = self.config.source
+        return given if given and not is_spec_path(given) else self.folder.name
+
+    def write_split(self, path: str | Path) -> None:
+        """Write the split file of this data (image, source, patient_id, split): what a run
+        trained, validated and tested on; ``data.split.file`` reads it back. A pool's images
+        are named by absolute path, so evaluating one of its sources can read it too."""
+        write_split_file(
+            path,
+            self.records.records,
+            self.indices,
+            root=self.folder if self.records.pool is None else None,
+            sources=[self.source_name(i) for i in range(len(self.records.records))],
+        )
 
 
 def prepare_data(

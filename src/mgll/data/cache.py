@@ -153,6 +153,34 @@ class PreprocessCache:
             )
 
 
+class SourceCaches:
+    """The preprocessing caches of a pool's sources, as one cache: each image is read through
+    the cache of the dataset folder it came from, so a pool and a single-source run of that
+    dataset share entries (same folder, same keys)."""
+
+    def __init__(self, caches: dict[str, PreprocessCache], source_of: dict[str, str]) -> None:
+        sizes = {(c.image_size, c.resize_mode) for c in caches.values()}
+        if len(sizes) != 1:
+            raise ValueError(f"the caches of a pool differ in image size or resize mode: {sizes}")
+        self.caches = caches  # source name -> its cache
+        self.source_of = source_of  # image path -> source name
+        self.image_size, self.resize_mode = sizes.pop()
+
+    @property
+    def hits(self) -> int:
+        """Lookups answered from a cache, over all sources."""
+        return sum(c.hits for c in self.caches.values())
+
+    @property
+    def misses(self) -> int:
+        """Lookups decoded and stored, over all sources."""
+        return sum(c.misses for c in self.caches.values())
+
+    def load(self, path: str | Path) -> np.ndarray:
+        """The resized image of ``path`` from its source's cache."""
+        return self.caches[self.source_of[str(path)]].load(path)
+
+
 def settings_name(image_size: int, resize_mode: str) -> str:
     """Name of the folder holding the entries of one image size, resize mode and cache version."""
     return f"{int(image_size)}px-{resize_mode}-v{CACHE_VERSION}"

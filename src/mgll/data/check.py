@@ -45,6 +45,10 @@ class CheckReport:
     source_splits: dict[str, dict[str, int]] = field(default_factory=dict)
     source_split_overlap: list[str] = field(default_factory=list)
     decoded: bool = True
+    sources: list[dict[str, Any]] = field(default_factory=list)  # a pool's, one entry each
+    label_conflicts: list[str] = field(default_factory=list)
+    identical_across_sources: list[list[str]] = field(default_factory=list)
+    moved: list[str] = field(default_factory=list)
 
     @property
     def errors(self) -> int:
@@ -56,6 +60,7 @@ class CheckReport:
             + len(self.empty_texts)
             + len(self.split_overlap)
             + len(self.source_split_overlap)
+            + len(self.label_conflicts)
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -83,6 +88,10 @@ class CheckReport:
             "split_overlap": self.split_overlap,
             "source_splits": self.source_splits,
             "source_split_overlap": self.source_split_overlap,
+            "sources": self.sources,
+            "label_conflicts": self.label_conflicts,
+            "identical_across_sources": self.identical_across_sources,
+            "moved": self.moved,
             "errors": self.errors,
         }
 
@@ -145,8 +154,13 @@ def check_records(
             if digest is not None:
                 by_digest[digest].append(path)
     report.identical_files = sorted(sorted(group) for group in by_digest.values() if len(group) > 1)
+    # A pool level a source never labels is missing by design (the pool part reports it).
+    labels_of = {s.name: set(s.levels) for s in records.pool.sources} if records.pool else {}
     for r in records.records:
+        labelled = labels_of.get(r.metadata.get("source"))
         for level, candidates, labels in zip(records.levels, r.texts, r.labels, strict=True):
+            if labelled is not None and level.name not in labelled:
+                continue
             if not any(t.strip() for t in candidates):
                 target = report.empty_texts if labels else report.empty_unlabelled_texts
                 target.append((str(r.image), level.name))
@@ -160,11 +174,78 @@ def check_records(
         report.source_splits, report.source_split_overlap = _split_summary(
             records.records, by_source
         )
+    if records.pool is not None:
+        _check_pool(records, report)
     split_of = {str(records.records[i].image): name for name, idx in indices.items() for i in idx}
     for group in report.identical_files:
         if len({split_of.get(p) for p in group}) > 1:
             report.identical_across_splits.append([f"{p} ({split_of.get(p)})" for p in group])
     return report
+
+
+def spelling_conflicts(records: RecordSet) -> list[str]:
+    """Labels of one level spelled two ways (letter case, spaces): "disease: 'Normal' (csdi 9)
+    vs 'normal' (palm 161)". Pools join sources that rarely agree on spelling; two spellings
+    would be two classes, each the other's negative."""
+    found = []
+    for g, level in enumerate(records.levels):
+        spellings: dict[str, Counter[str]] = defaultdict(Counter)
+        for r in records.records:
+            for name in r.labels[g]:
+                spellings[" ".join(name.casefold().split())][name] += 1
+        for variants in spellings.values():
+            if len(variants) < 2:
+                continue
+            shown = " vs ".join(
+                f"{name!r} ({_sources_of(records, g, name)})" for name in sorted(variants)
+            )
+            found.append(f"{level.name}: {shown}")
+    return found
+
+
+def _sources_of(records: RecordSet, g: int, name: str) -> str:
+    counts = Counter(
+        str(r.metadata.get("source", records.source))
+        for r in records.records
+        if name in r.labels[g]
+    )
+    return ", ".join(f"{source} {n}" for source, n in sorted(counts.items()))
+
+
+def _check_pool(records: RecordSet, report: CheckReport) -> None:
+    """A pool's part of the report: per-source counts per level and class, the levels each
+    source lacks, spelling conflicts, identical images across sources, linked moves."""
+    pool = records.pool
+    assert pool is not None
+    for source in pool.sources:
+        members = [i for i, r in enumerate(records.records) if r.metadata["source"] == source.name]
+        part = records.subset(members)
+        levels = []
+        for level, counts in zip(records.levels, part.label_counts(), strict=True):
+            missing = counts.pop("", 0)
+            levels.append({"name": level.name, "missing": missing, "counts": dict(counts)})
+        splits = Counter(part.records[k].metadata.get("split", "") for k in range(len(members)))
+        report.sources.append(
+            {
+                "name": source.name,
+                "folder": str(source.folder),
+                "records": len(members),
+                "weight": source.weight,
+                "missing_levels": [
+                    lv.name for lv in records.levels if lv.name not in source.levels
+                ],
+                "levels": levels,
+                "splits": {name: splits.get(name, 0) for name in SPLIT_NAMES},
+            }
+        )
+    report.label_conflicts = spelling_conflicts(records)
+    source_of = {str(r.image): r.metadata["source"] for r in records.records}
+    report.identical_across_sources = [
+        [f"{p} ({source_of[p]})" for p in group]
+        for group in pool.identical
+        if len({source_of[p] for p in group}) > 1
+    ]
+    report.moved = list(pool.moved)
 
 
 def _split_summary(
@@ -244,12 +325,15 @@ def format_report(report: CheckReport, *, limit: int = 50) -> str:
         lines.append(f"  {name:5s}  {counts['images']:6d} images  {counts['patients']:6d} patients")
     section("patients in several splits (error)", report.split_overlap)
     if report.source_splits:
-        lines.append("split shipped by the source:")
+        shipped_by = "the pool (its file's split)" if report.sources else "the source"
+        lines.append(f"split shipped by {shipped_by}:")
         for name, counts in report.source_splits.items():
             lines.append(
                 f"  {name:5s}  {counts['images']:6d} images  {counts['patients']:6d} patients"
             )
         section("patients in several source splits (error)", report.source_split_overlap)
+    if report.sources:
+        _format_pool(report, lines, section, limit)
     section(
         "identical image files in different splits (warning; try --link-identical)",
         [" = ".join(group) for group in report.identical_across_splits],
@@ -257,3 +341,25 @@ def format_report(report: CheckReport, *, limit: int = 50) -> str:
     verdict = "OK" if report.errors == 0 else f"{report.errors} error(s)"
     lines.append(f"result: {verdict}")
     return "\n".join(lines)
+
+
+def _format_pool(report: CheckReport, lines: list[str], section: Any, limit: int) -> None:
+    """The pool part of :func:`format_report`."""
+    for source in report.sources:
+        splits = ", ".join(f"{n} {name}" for name, n in source["splits"].items())
+        lacks = ", ".join(source["missing_levels"]) or "none"
+        lines.append(
+            f"source {source['name']!r}: {source['records']} samples ({splits}), weight "
+            f"{source['weight']:g}, lacks level(s): {lacks}"
+        )
+        for level in source["levels"]:
+            counts = sorted(level["counts"].items(), key=lambda kv: (-kv[1], kv[0]))
+            shown = ", ".join(f"{name[:40]} {n}" for name, n in counts[:8])
+            more = f", ... {len(counts) - 8} more classes" if len(counts) > 8 else ""
+            lines.append(f"  {level['name']}: {level['missing']} missing; {shown}{more}")
+    section("labels spelled two ways (error; rename one in the pool file)", report.label_conflicts)
+    section(
+        "identical images across sources (linked: one patient, one split)",
+        [" = ".join(group) for group in report.identical_across_sources],
+    )
+    section("images moved to the split of an identical test/val image", report.moved)

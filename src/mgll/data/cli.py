@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from mgll.data.adapters import adapter_names
-from mgll.data.build import load_records
+from mgll.data.build import load_records, split_records
 from mgll.data.check import check_records, format_report
+from mgll.data.config import SplitConfig
 from mgll.data.records import RecordSet
 from mgll.data.spec import is_spec_path
 from mgll.data.splits import SPLIT_NAMES, patient_key, patient_split, write_split_file
 from mgll.io import atomic_write
+from mgll.schema import PACKAGE_PREFIX, resolve_package_paths
 
 
 class _Renamed(argparse.Action):
@@ -50,7 +52,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = data.add_subparsers(dest="data_command", metavar="ACTION")
 
     def common(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("path", help="a dataset spec file (.yaml/.json) or a dataset folder")
+        parser.add_argument(
+            "path",
+            help="a dataset spec or pool file (.yaml/.json; package:mgll/pools/... for a "
+            "shipped pool) or a dataset folder",
+        )
+        parser.add_argument(
+            "--data-root",
+            metavar="DIR",
+            help="where a pool's source folders are looked up when not found next to the pool "
+            "file (as `pretrain --data-root`)",
+        )
         parser.add_argument(
             "--source",
             metavar="NAME",
@@ -68,7 +80,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         parser.add_argument("--option", dest="options", action=_Renamed)
         for name, default in zip(SPLIT_NAMES, (0.8, 0.1, 0.1), strict=True):
             parser.add_argument(
-                f"--{name}", type=float, default=default, help=f"data.split.{name} fraction"
+                f"--{name}",
+                type=float,
+                help=f"data.split.{name} fraction (default {default}; a pool's own split when "
+                "no fraction is given)",
             )
         parser.add_argument(
             "--split-seed",
@@ -124,6 +139,8 @@ def _options(pairs: list[str]) -> dict[str, Any]:
 
 def _load(args: argparse.Namespace) -> tuple[RecordSet, Path]:
     path = Path(args.path)
+    if args.path.startswith(PACKAGE_PREFIX):
+        path = Path(resolve_package_paths(args.path, "path"))
     if not path.exists():
         raise ValueError(f"{path.absolute()}: no such file or folder")
     if is_spec_path(path) and path.is_file():
@@ -131,7 +148,7 @@ def _load(args: argparse.Namespace) -> tuple[RecordSet, Path]:
             raise ValueError(
                 f"--source: {path} is a spec file; --source names the format of a dataset folder"
             )
-        return load_records(path, None, options=_options(args.options))
+        return load_records(path, None, data_root=args.data_root, options=_options(args.options))
     return load_records(args.source, path, options=_options(args.options))
 
 
@@ -142,7 +159,11 @@ def _fail(args: argparse.Namespace, message: object) -> int:
 
 
 def _fractions(args: argparse.Namespace) -> dict[str, float]:
-    return {name: getattr(args, name) for name in SPLIT_NAMES}
+    """The fractions given on the command line, the defaults (0.8/0.1/0.1) for the others."""
+    return {
+        name: default if getattr(args, name) is None else getattr(args, name)
+        for name, default in zip(SPLIT_NAMES, (0.8, 0.1, 0.1), strict=True)
+    }
 
 
 def run_check(args: argparse.Namespace) -> int:
@@ -179,13 +200,22 @@ def run_split(args: argparse.Namespace) -> int:
             raise ValueError(
                 f"{records.source}: no usable samples to split; `mgll data check` says why"
             )
-        split = patient_split(
-            records.records,
-            _fractions(args),
-            seed=args.split_seed,
-            link_identical=args.link_identical,
-        )
-        write_split_file(args.output, records.records, split, root=folder)
+        given = any(getattr(args, name) is not None for name in SPLIT_NAMES)
+        if records.pool is not None and not given:
+            split = split_records(records, SplitConfig(mode="source"), args.split_seed)
+        else:
+            split = patient_split(
+                records.records,
+                _fractions(args),
+                seed=args.split_seed,
+                link_identical=args.link_identical,
+            )
+        sources = root = None
+        if records.pool is not None:  # absolute paths: each source's evaluation can read it
+            sources = [str(r.metadata["source"]) for r in records.records]
+        else:
+            root = folder
+        write_split_file(args.output, records.records, split, root=root, sources=sources)
     except (ValueError, OSError, ImportError) as exc:
         return _fail(args, exc)
     for name in SPLIT_NAMES:

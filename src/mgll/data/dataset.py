@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mgll.data.cache import PreprocessCache, check_resize_mode, load_resized
+from mgll.data.cache import PreprocessCache, SourceCaches, check_resize_mode, load_resized
 from mgll.data.images import ImageLoadError
 from mgll.data.records import LevelInfo, RecordSet
 from mgll.data.transforms import build_transform
@@ -34,7 +34,7 @@ class MultiGranularDataset(Dataset):
         *,
         image_size: int = 224,
         transform: Callable[[np.ndarray], torch.Tensor] | None = None,
-        cache: PreprocessCache | None = None,
+        cache: PreprocessCache | SourceCaches | None = None,
         resize_mode: str = "crop",
         seed: int = 0,
         max_replacements: int = 50,

@@ -57,6 +57,39 @@ class Record:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class PoolSource:
+    """One source of a pool (docs/data.md, "Pools"): its name (the namespace of its patient ids
+    and the ``source`` of its records), its dataset folder (whose preprocessing cache its images
+    use, as in a single-source run), its sampling weight and the pool levels it labels."""
+
+    name: str
+    folder: Path
+    weight: float = 1.0
+    levels: tuple[str, ...] = ()
+    records: int = 0
+
+
+@dataclass(frozen=True)
+class PoolInfo:
+    """What a pool adds to its records: the pool file, the sources in order, the sampling
+    temperature, groups of byte-identical images (linked into one patient) and the images a
+    link moved to a more held-out split than their source gave them."""
+
+    file: str
+    sources: tuple[PoolSource, ...]
+    temperature: float = 1.0
+    identical: tuple[tuple[str, ...], ...] = ()
+    moved: tuple[str, ...] = ()
+
+    def source(self, name: str) -> PoolSource:
+        """The source called ``name`` (KeyError if none)."""
+        for s in self.sources:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
 @dataclass
 class RecordSet:
     """Records of one dataset plus the levels they refer to and the counted exclusions.
@@ -65,7 +98,9 @@ class RecordSet:
     out for it; ``excluded_examples`` keeps a few identifiers per reason so reports can name them.
     ``source`` says where the records came from (file or folder) for messages.
     ``missing_cells`` counts table cells read as missing because of how they were spelled
-    (``{(column, "NaN"): n}``; see :data:`mgll.data.tables.MISSING_SPELLINGS`).
+    (``{(column, "NaN"): n}``; see :data:`mgll.data.tables.MISSING_SPELLINGS`). ``pool`` is
+    set for a pool of several sources; each record then names its source in
+    ``metadata["source"]``.
     """
 
     levels: list[LevelInfo]
@@ -74,6 +109,7 @@ class RecordSet:
     excluded: Counter[str] = field(default_factory=Counter)
     excluded_examples: dict[str, list[str]] = field(default_factory=dict)
     missing_cells: Counter[tuple[str, str]] = field(default_factory=Counter)
+    pool: PoolInfo | None = None  # set when the records come from several sources (a pool)
 
     def exclude(self, reason: str, example: str) -> None:
         """Count one left-out source row under ``reason`` (keeping up to 5 examples)."""
@@ -110,6 +146,7 @@ class RecordSet:
             excluded=Counter(self.excluded),
             excluded_examples=dict(self.excluded_examples),
             missing_cells=Counter(self.missing_cells),
+            pool=self.pool,
         )
 
     def subset(self, indices: Sequence[int]) -> RecordSet:
@@ -121,6 +158,7 @@ class RecordSet:
             excluded=Counter(self.excluded),
             excluded_examples=dict(self.excluded_examples),
             missing_cells=Counter(self.missing_cells),
+            pool=self.pool,
         )
 
     def label_counts(self) -> list[Counter[str]]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -60,8 +61,35 @@ def file_digest(path: str | Path) -> str | None:
     return digest.hexdigest()
 
 
-def linked_patient_keys(records: Sequence[Record]) -> list[str]:
-    """Per record, a group key joining patients that share a byte-identical image file."""
+def identical_file_groups(paths: Sequence[str | Path]) -> list[list[int]]:
+    """Indices of ``paths`` grouped by identical bytes (groups of two or more, in path order).
+
+    Only files sharing their size with another are hashed, so a pool of mostly distinct photos
+    costs one ``stat`` per file; the same path listed twice counts as identical. Unreadable
+    files are left out.
+    """
+    by_size: dict[int, list[int]] = {}
+    for i, path in enumerate(paths):
+        try:
+            by_size.setdefault(os.stat(path).st_size, []).append(i)
+        except OSError:
+            continue
+    by_digest: dict[str, list[int]] = {}
+    for members in by_size.values():
+        if len(members) < 2:
+            continue
+        for i in members:
+            digest = file_digest(paths[i])
+            if digest is not None:
+                by_digest.setdefault(digest, []).append(i)
+    return sorted(sorted(g) for g in by_digest.values() if len(g) > 1)
+
+
+def linked_patient_keys(
+    records: Sequence[Record], groups: Sequence[Sequence[int]] | None = None
+) -> list[str]:
+    """Per record, a group key joining patients that share a byte-identical image file
+    (``groups``: :func:`identical_file_groups` of the records' images, when known)."""
     parent: dict[str, str] = {}
 
     def find(key: str) -> str:
@@ -70,17 +98,14 @@ def linked_patient_keys(records: Sequence[Record]) -> list[str]:
             key = parent[key]
         return key
 
-    first_owner: dict[str, str] = {}
     keys = [patient_key(r) for r in records]
-    for key, record in zip(keys, records, strict=True):
-        digest = file_digest(record.image)
-        if digest is None:
-            find(key)
-            continue
-        other = first_owner.setdefault(digest, key)
-        a, b = find(key), find(other)
-        if a != b:
-            parent[max(a, b)] = min(a, b)  # the smaller key represents, independent of order
+    if groups is None:
+        groups = identical_file_groups([r.image for r in records])
+    for group in groups:
+        for i in group[1:]:
+            a, b = find(keys[group[0]]), find(keys[i])
+            if a != b:
+                parent[max(a, b)] = min(a, b)  # the smaller key represents, independent of order
     return [find(k) for k in keys]
 
 
@@ -131,9 +156,11 @@ def write_split_file(
     records: Sequence[Record],
     split: Mapping[str, Sequence[int]],
     root: str | Path | None = None,
+    sources: Sequence[str] | None = None,
 ) -> None:
-    """Write a CSV with columns image, patient_id, split (one row per record); images are
-    written relative to ``root`` (the dataset folder) when given."""
+    """Write a CSV with columns image, patient_id, split (one row per record), and source
+    after image when ``sources`` (one name per record) is given; images are written relative
+    to ``root`` (the dataset folder) when given."""
     base = Path(root) if root is not None else None
     which = {i: name for name, idx in split.items() for i in idx}
     path = Path(path)
@@ -142,9 +169,13 @@ def write_split_file(
     def write(tmp: Path) -> None:
         with tmp.open("w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["image", "patient_id", "split"])
+            source_column = ["source"] if sources is not None else []
+            writer.writerow(["image", *source_column, "patient_id", "split"])
             for i, r in enumerate(records):
-                writer.writerow([_image_key(r, base), r.patient_id or "", which.get(i, "")])
+                source = [sources[i]] if sources is not None else []
+                writer.writerow(
+                    [_image_key(r, base), *source, r.patient_id or "", which.get(i, "")]
+                )
 
     atomic_write(path, write)  # an interrupted write never leaves half a split behind
 

@@ -9,7 +9,9 @@
 - ``open_clip:ARCH:TAG`` (an open_clip pretrained tag, e.g. ``open_clip:ViT-B-16:openai``, or a
   local checkpoint path as TAG) and ``hf-hub:org/repo`` (an open_clip model on the Hub);
 - ``random:ARCH[:SEED]``: the tower of ARCH (any open_clip or shipped mgll architecture) with a
-  seeded random initialisation, the floor every pretrained encoder must clear.
+  seeded random initialisation, the floor every pretrained encoder must clear;
+- one of the authors' released checkpoints (``checkpoint-19.pth``; recognised from its content,
+  read safely: :mod:`mgll.models.authors`): their ViT-L-14 at 224 px, ImageNet mean/std.
 
 Baselines and our models therefore go through the same tower class, preprocessing settings and
 feature extraction code.
@@ -44,6 +46,7 @@ ACCEPTED_FORMS = (
     "open_clip:ViT-B-16:openai)",
     "hf-hub:ORG/REPO (an open_clip model on the Hugging Face Hub)",
     "random:ARCH[:SEED] (a seeded random-init tower, e.g. random:mgll-vit-tiny-64:0)",
+    "one of the authors' released MGLL checkpoints (checkpoint-*.pth, read without unpickling)",
 )
 
 
@@ -62,8 +65,8 @@ class Encoder(nn.Module):
 
     ``tower`` is open_clip's vision module (``model.visual``), ``(N, 3, H, W)`` normalised images
     in. ``name`` is the spec it was loaded from, ``kind`` one of ``run``, ``export``,
-    ``open_clip``, ``random``. ``run_config`` is the pretraining run's config for run encoders
-    (None otherwise): evaluation takes its default split from it.
+    ``open_clip``, ``random``, ``authors``. ``run_config`` is the pretraining run's config for
+    run encoders (None otherwise): evaluation takes its default split from it.
     """
 
     def __init__(
@@ -264,6 +267,26 @@ def _from_export(spec: str, path: Path) -> Encoder:
     )
 
 
+def _from_authors(spec: str, path: Path) -> Encoder:
+    from mgll.models.authors import AuthorsCheckpointError, load_authors_checkpoint
+
+    try:
+        checkpoint = load_authors_checkpoint(path, "for an open_clip one use open_clip:ARCH:FILE")
+        tower = checkpoint.image_tower()
+    except AuthorsCheckpointError as error:
+        raise EncoderError(spec, str(error)) from error
+    return Encoder(
+        tower.visual,
+        name=spec,
+        kind="authors",
+        arch=tower.arch,
+        image_size=_square(tower.image_size),
+        image_mean=tower.image_mean,
+        image_std=tower.image_std,
+        embed_dim=tower.embed_dim,
+    )
+
+
 def _checkpoint_kind(path: Path) -> str | None:
     """``pretrain`` or ``finetune`` for an mgll checkpoint (from its header), else None."""
     from safetensors import SafetensorError, safe_open
@@ -331,6 +354,10 @@ def _from_path(spec: str, path: Path) -> Encoder:
         )
     if path.name.endswith(".state.pt"):
         return _from_run(spec, path)
+    from mgll.models.authors import is_torch_pickle
+
+    if is_torch_pickle(path):
+        return _from_authors(spec, path)
     if path.suffix == ".safetensors":
         kind = _checkpoint_kind(path)
         if kind == "finetune":

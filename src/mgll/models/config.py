@@ -18,6 +18,20 @@ class ImageConfig:
     arch: str | None = None  # open_clip name, shipped JSON config, or hf-hub:org/repo
     pretrained: str | None = None  # open_clip tag, hf-hub id, or a local file/folder
     quick_gelu: bool | None = None  # null: follow the weights (OpenAI's use QuickGELU)
+    # Input normalisation; null: the weights' own (ImageNet for the authors' MGLL checkpoints,
+    # the architecture's open_clip setting otherwise).
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None and (len(value) != 3 or (name == "std" and min(value) <= 0)):
+                raise ConfigError(
+                    f"model.image.{name}: {value!r} must be three per-channel numbers (RGB)"
+                    + (", all > 0" if name == "std" else "")
+                    + ", or null for the weights' own"
+                )
 
 
 @dataclass(frozen=True)
@@ -89,12 +103,17 @@ class ModelConfig:
 
         The checkpoint holds every weight, so nothing pretrained is fetched; ``facts`` (from
         :meth:`MGLLModel.build_facts`) pin what the pretrained weights had implied, such as
-        the QuickGELU activation of OpenAI's weights, and the number of text towers.
+        the QuickGELU activation of OpenAI's weights, the input mean/std of the authors'
+        checkpoints, and the number of text towers.
         """
         quick_gelu = self.image.quick_gelu
         if quick_gelu is None:
             quick_gelu = facts.get("image.quick_gelu")
-        image = dataclasses.replace(self.image, pretrained=None, quick_gelu=quick_gelu)
+        mean = self.image.mean if self.image.mean is not None else facts.get("image.mean")
+        std = self.image.std if self.image.std is not None else facts.get("image.std")
+        image = dataclasses.replace(
+            self.image, pretrained=None, quick_gelu=quick_gelu, mean=mean, std=std
+        )
         towers = facts.get("text.towers")
         levels = int(towers) if self.text_per_level and towers else self.num_levels
         return dataclasses.replace(self, image=image, num_levels=levels)

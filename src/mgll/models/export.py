@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mgll.io import atomic_write
+from mgll.models.image_tower import ImageTower
 from mgll.models.model import MGLLModel
 from mgll.models.text_towers import OpenCLIPTextTower
 
@@ -53,18 +55,31 @@ def export_image_encoder(model: MGLLModel, path: str | os.PathLike) -> Path:
     any other path is a folder receiving ``open_clip_model.safetensors`` and
     ``open_clip_config.json``. Returns the weights file.
     """
+    text_state: dict[str, torch.Tensor] = {}
+    text_towers = list(model.text_towers)
+    if len(text_towers) == 1 and isinstance(text_towers[0], OpenCLIPTextTower):
+        text_state.update(text_towers[0].clip.state_dict())
+        text_state["logit_scale"] = model.logit_scale
+    return export_image_tower(model.image_tower, path, text_state)
+
+
+def export_image_tower(
+    tower: ImageTower,
+    path: str | os.PathLike,
+    text_state: Mapping[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write an :class:`ImageTower` as :func:`export_image_encoder` does (same layouts).
+
+    ``text_state``: open_clip text-tower tensors and ``logit_scale`` written beside the image
+    tower, making the file a complete open_clip checkpoint (none: an image-only export).
+    """
     path = Path(path)
     weights_file, sidecar_file = _layout(path)
     weights_file.parent.mkdir(parents=True, exist_ok=True)
 
-    tower = model.image_tower
     state = {f"visual.{k}": v for k, v in tower.visual.state_dict().items()}
-    contents = "image"
-    text_towers = list(model.text_towers)
-    if len(text_towers) == 1 and isinstance(text_towers[0], OpenCLIPTextTower):
-        state.update(text_towers[0].clip.state_dict())
-        state["logit_scale"] = model.logit_scale
-        contents = "image+open_clip_text"
+    state.update(text_state or {})
+    contents = "image+open_clip_text" if text_state else "image"
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
     preprocess = {
@@ -77,10 +92,10 @@ def export_image_encoder(model: MGLLModel, path: str | os.PathLike) -> Path:
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
             "arch": tower.arch,
-            "embed_dim": model.embed_dim,
-            "image_size": model.image_size,
-            "image_mean": list(model.image_mean),
-            "image_std": list(model.image_std),
+            "embed_dim": tower.embed_dim,
+            "image_size": tower.image_size,
+            "image_mean": list(tower.image_mean),
+            "image_std": list(tower.image_std),
             "contents": contents,
             "weights": weights_file.name,
         },

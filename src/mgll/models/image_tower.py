@@ -19,6 +19,15 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from mgll.models.authors import (
+    AUTHORS_ARCH,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    AuthorsCheckpoint,
+    AuthorsCheckpointError,
+    is_torch_pickle,
+    read_authors_checkpoint,
+)
 from mgll.models.config import ImageConfig
 from mgll.models.weights import PretrainedWeightsError, download_failure, resolve_image_weights
 from mgll.process import quiet_random_init
@@ -43,6 +52,25 @@ class ImageTower(nn.Module):
     def embed_dim(self) -> int:
         """Size D of the embeddings the tower outputs."""
         return int(self.open_clip_cfg["embed_dim"])
+
+    @property
+    def image_size(self) -> int | tuple[int, int]:
+        """Input side length in pixels (a (height, width) pair for non-square towers)."""
+        size = self.preprocess_cfg["size"]
+        if isinstance(size, int):
+            return size
+        height, width = size
+        return int(height) if height == width else (int(height), int(width))
+
+    @property
+    def image_mean(self) -> tuple[float, ...]:
+        """Per-channel mean the image transforms must normalise with."""
+        return tuple(float(v) for v in self.preprocess_cfg["mean"])
+
+    @property
+    def image_std(self) -> tuple[float, ...]:
+        """Per-channel standard deviation the image transforms must normalise with."""
+        return tuple(float(v) for v in self.preprocess_cfg["std"])
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) normalised images -> (N, D) unnormalised embeddings."""
@@ -93,12 +121,19 @@ def build_open_clip(
     tag, checkpoint = (None, None)
     if source:
         tag, checkpoint = resolve_image_weights(arch, str(source), "model.image.pretrained")
+    authors = _read_authors(checkpoint) if checkpoint is not None else None
 
     quick_gelu = image_cfg.quick_gelu
     if quick_gelu is None:
         # Follow the weights: OpenAI's CLIP weights were trained with QuickGELU.
         tag_cfg = open_clip.get_pretrained_cfg(arch, tag) if tag else {}
         quick_gelu = bool(tag_cfg.get("quick_gelu", base_cfg.get("quick_gelu", False)))
+    if authors is not None and quick_gelu:
+        raise PretrainedWeightsError(
+            f"model.image.pretrained: {authors.path} holds the authors' {AUTHORS_ARCH} image "
+            "tower, trained with GELU, not QuickGELU; set model.image.quick_gelu to null or "
+            f"false and model.image.arch to {AUTHORS_ARCH}"
+        )
 
     overrides: dict[str, Any] = {}
     if embed_dim is not None and int(embed_dim) != int(base_cfg["embed_dim"]):
@@ -110,6 +145,14 @@ def build_open_clip(
             )
         overrides["embed_dim"] = int(embed_dim)
 
+    normalisation = {}
+    for key in ("mean", "std"):
+        value = getattr(image_cfg, key)
+        if value is None and authors is not None:  # their pretraining used ImageNet's
+            value = IMAGENET_MEAN if key == "mean" else IMAGENET_STD
+        if value is not None:
+            normalisation[key] = tuple(float(v) for v in value)
+
     try:
         # Without a tag the random init is wanted (or a checkpoint file fills it in next).
         with quiet_random_init() if not tag else contextlib.nullcontext():
@@ -117,6 +160,7 @@ def build_open_clip(
                 arch,
                 pretrained=tag,
                 force_quick_gelu=quick_gelu,
+                force_preprocess_cfg=normalisation or None,
                 pretrained_text=load_text_weights,
                 **overrides,
             )
@@ -124,7 +168,9 @@ def build_open_clip(
         if tag:
             raise download_failure(arch, tag, "model.image.pretrained", error) from error
         raise
-    if checkpoint is not None:
+    if authors is not None:
+        _load_authors_checkpoint(clip, authors, arch, load_text_weights)
+    elif checkpoint is not None:
         _load_checkpoint_file(clip, checkpoint, load_text_weights)
 
     open_clip_cfg = copy.deepcopy(base_cfg)
@@ -132,6 +178,47 @@ def build_open_clip(
     open_clip_cfg["quick_gelu"] = quick_gelu
     preprocess_cfg = dict(open_clip.get_model_preprocess_cfg(clip))
     return OpenCLIPBuild(clip=clip, open_clip_cfg=open_clip_cfg, preprocess_cfg=preprocess_cfg)
+
+
+def _read_authors(checkpoint: Path) -> AuthorsCheckpoint | None:
+    """The authors' checkpoint in a PyTorch file (None for other files; refusals raise)."""
+    if not is_torch_pickle(checkpoint):
+        return None
+    try:
+        return read_authors_checkpoint(checkpoint)
+    except AuthorsCheckpointError as error:
+        raise PretrainedWeightsError(f"model.image.pretrained: {error}") from error
+
+
+def _load_authors_checkpoint(
+    clip: nn.Module, authors: AuthorsCheckpoint, arch: str, load_text_weights: bool
+) -> None:
+    """Load the authors' ``clip.*`` weights: the image tower whole, their open_clip text tower
+    when the model uses one and the checkpoint has it."""
+    state = authors.clip_state(clip)
+    if not load_text_weights:
+        state = {k: v for k, v in state.items() if k.startswith("visual.")}
+    try:
+        result = clip.load_state_dict(state, strict=False)
+    except RuntimeError as error:
+        raise PretrainedWeightsError(
+            f"model.image.pretrained: {authors.path} holds the authors' {AUTHORS_ARCH} image "
+            f"tower, which does not fit model.image.arch {arch!r}; set model.image.arch: "
+            f"{AUTHORS_ARCH}"
+        ) from error
+    missing_visual = [k for k in result.missing_keys if k.startswith("visual.")]
+    if missing_visual:
+        raise PretrainedWeightsError(
+            f"model.image.pretrained: {authors.path} lacks {len(missing_visual)} image-tower "
+            f"weights of {arch!r} (e.g. {missing_visual[0]!r}); set model.image.arch: "
+            f"{AUTHORS_ARCH}"
+        )
+    if load_text_weights and any(not k.startswith("visual.") for k in result.missing_keys):
+        logger.warning(
+            "%s holds no open_clip text tower (its parts: %s): the text tower stays as built",
+            authors.path,
+            ", ".join(authors.parts),
+        )
 
 
 def _load_checkpoint_file(clip: nn.Module, checkpoint: Path, load_text_weights: bool) -> None:

@@ -23,15 +23,20 @@ class ContrastiveModel(Protocol):
     logit_bias: nn.Parameter  # the point-wise term's bias
 
     @property
-    def image_size(self) -> int | tuple[int, int]: ...  # what the data transforms produce
-    @property
-    def image_mean(self) -> tuple[float, ...]: ...
-    @property
-    def image_std(self) -> tuple[float, ...]: ...
-    @property
-    def text_per_level(self) -> bool: ...  # one text tower per granularity level
+    def image_size(self) -> int | tuple[int, int]:
+        """Input side length in pixels (a (height, width) pair for non-square towers)."""
+        return self.image_tower.image_size
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None: ...
+    @property
+    def image_mean(self) -> tuple[float, float, float]:
+        """Per-channel mean the image transforms must normalise with."""
+        return self.image_tower.image_mean
+
+    @property
+    def image_std(self) -> tuple[float, float, float]:
+        """Per-channel standard deviation the image transforms must normalise with."""
+        return self.image_tower.image_std
+
     def build_facts(self) -> dict[str, Any]: ...  # see MGLLModel.build_facts
     def __call__(self, images: torch.Tensor, texts: Sequence[Sequence[str]]) -> dict: ...
 
@@ -101,11 +106,13 @@ class MGLLModel(nn.Module):
         """What rebuilding this model from its config (without fetching pretrained weights)
         needs to know; stored in checkpoints and read by :meth:`ModelConfig.for_rebuild`.
 
-        open_clip picks QuickGELU from the pretrained tag, so a rebuild with ``pretrained:
-        null`` must pin the activation the weights were trained with.
+        open_clip picks QuickGELU from the pretrained tag, and the input mean/std follow the
+        weights, so a rebuild with ``pretrained: null`` must pin both.
         """
         return {
             "image.quick_gelu": self.image_tower.open_clip_cfg.get("quick_gelu"),
+            "image.mean": list(self.image_mean),
+            "image.std": list(self.image_std),
             "text.towers": len(self.text_towers),
         }
 

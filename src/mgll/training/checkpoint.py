@@ -144,6 +144,14 @@ def read_metadata(weights: Path) -> dict[str, Any]:
         with safe_open(str(weights), framework="pt") as fh:
             meta = fh.metadata() or {}
     except (SafetensorError, OSError) as err:
+        from mgll.models.authors import is_torch_pickle
+
+        if is_torch_pickle(weights):  # e.g. one of the authors' checkpoint-*.pth files
+            raise CheckpointError(
+                f"{weights} is a PyTorch file, not an mgll pretraining checkpoint: the authors' "
+                "released checkpoints are image encoders here (--encoder of probe, finetune and "
+                "segment; mgll export --format open_clip or hf-clip-vision), not whole models"
+            ) from err
         raise _unreadable(weights, err) from err
     if meta.get("format") != "mgll-pretrain" or "config" not in meta:
         raise CheckpointError(

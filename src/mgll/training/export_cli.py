@@ -1,4 +1,9 @@
-"""``mgll export``: write the image encoder of a pretraining checkpoint for downstream use."""
+"""``mgll export``: write the image encoder of a pretraining checkpoint for downstream use.
+
+The checkpoint is an mgll run (its folder or a ``step_*.safetensors`` file) or one of the
+authors' released checkpoints (``checkpoint-19.pth``, recognised from its content and read
+without unpickling: :mod:`mgll.models.authors`), whose image tower is exported alone.
+"""
 
 from __future__ import annotations
 
@@ -6,31 +11,56 @@ import argparse
 import sys
 from pathlib import Path
 
+from mgll.models.authors import (
+    AuthorsCheckpoint,
+    is_torch_pickle,
+    load_authors_checkpoint,
+)
 from mgll.models.weights import PretrainedWeightsError
 from mgll.process import offline_hubs
 from mgll.training.checkpoint import CheckpointError, load_model, resolve_checkpoint
 from mgll.training.config import ConfigError
 
 
+def authors_checkpoint(checkpoint: str | Path) -> AuthorsCheckpoint | None:
+    """One of the authors' checkpoints; None for anything else (an mgll run). A PyTorch file
+    in another layout, or one refused as unsafe, is an error."""
+    path = Path(checkpoint)
+    if path.name.endswith(".state.pt") or not is_torch_pickle(path):
+        return None
+    return load_authors_checkpoint(
+        path, "mgll export reads mgll runs (a run folder or step_*.safetensors) and those"
+    )
+
+
 def export_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
     """Rebuild the model of a pretraining checkpoint, load its weights, export its image tower.
 
     ``checkpoint`` is a ``step_*.safetensors`` file, a run folder or its ``checkpoints`` folder
-    (the newest checkpoint is used). Returns the written weights file.
+    (the newest checkpoint is used), or one of the authors' checkpoints. Returns the written
+    weights file.
     """
     from mgll.models import export_image_encoder
+    from mgll.models.export import export_image_tower
 
+    authors = authors_checkpoint(checkpoint)
+    if authors is not None:
+        return export_image_tower(authors.image_tower(), output)
     model, _ = load_model(checkpoint)
     return export_image_encoder(model, output)
 
 
 def export_hf_clip_vision(checkpoint: str | Path, output_dir: str | Path) -> Path:
-    """Export the image tower of a pretraining run as a transformers ``CLIPVisionModel``."""
+    """Export the image tower of a pretraining run (or of one of the authors' checkpoints) as
+    a transformers ``CLIPVisionModel``."""
     from mgll.models.hf_export import export_hf_clip_vision as export_tower
 
-    model, _ = load_model(checkpoint)
-    tower = model.image_tower
-    info = {"source": str(resolve_checkpoint(checkpoint)), "arch": tower.arch}
+    authors = authors_checkpoint(checkpoint)
+    if authors is not None:
+        tower, source = authors.image_tower(), authors.path
+    else:
+        tower, source = load_model(checkpoint)[0].image_tower, resolve_checkpoint(checkpoint)
+    info = {"source": str(source), "arch": tower.arch}
     return export_tower(tower.visual, tower.preprocess_cfg, output_dir, info)
 
 
@@ -58,7 +88,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(open_clip key layout) with a JSON sidecar, or as an open_clip local-dir folder.",
     )
     parser.add_argument(
-        "checkpoint", help="a checkpoints/step_*.safetensors file, or a run folder (newest)"
+        "checkpoint",
+        help="a checkpoints/step_*.safetensors file, a run folder (newest), or one of the "
+        "authors' released checkpoints (checkpoint-*.pth)",
     )
     parser.add_argument(
         "--output",

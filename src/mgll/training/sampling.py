@@ -16,7 +16,7 @@ Two properties make runs reproducible across resumption and across rank counts:
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -39,7 +39,9 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int, int]]]):
     """Yields this rank's share of each global batch as ``(index, epoch, sample_seed)`` keys.
 
     Incomplete last global batches are dropped, so every step has the full contrastive batch
-    and every rank the same number of steps.
+    and every rank the same number of steps. With ``weights`` (one per sample) an epoch is
+    ``num_samples`` draws with replacement in those proportions, from the same (seed, epoch)
+    generator, so weighted runs resume and scale across ranks alike.
     """
 
     def __init__(
@@ -50,7 +52,10 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int, int]]]):
         world_size: int = 1,
         seed: int = 0,
         shuffle: bool = True,
+        weights: Sequence[float] | None = None,
     ) -> None:
+        if weights is not None and len(weights) != num_samples:
+            raise ValueError(f"{len(weights)} sampling weights for {num_samples} samples")
         if global_batch % world_size:
             raise ValueError(
                 f"train.batch_size ({global_batch}) must be divisible by the number of "
@@ -67,6 +72,7 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int, int]]]):
         self.rank = rank
         self.seed = seed
         self.shuffle = shuffle
+        self.weights = torch.tensor(weights, dtype=torch.float64) if weights is not None else None
         self.epoch = 0
         self.start_step = 0
 
@@ -84,8 +90,13 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int, int]]]):
         return self.steps_per_epoch - self.start_step
 
     def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
-        if self.shuffle:
-            gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        if self.weights is not None:
+            # Weighted epochs (a pool's source weights): num_samples draws with replacement.
+            order = torch.multinomial(
+                self.weights, self.num_samples, replacement=True, generator=gen
+            ).tolist()
+        elif self.shuffle:
             order = torch.randperm(self.num_samples, generator=gen).tolist()
         else:
             order = list(range(self.num_samples))

@@ -54,6 +54,7 @@ from mgll.training.sampling import GlobalBatchSampler, SeededSamples, sample_see
 from mgll.training.step import Precision, forward_backward, optimizer_step
 
 SUMMARY_FILE = "summary.json"
+SPLIT_FILE = "split.csv"  # image, source, patient_id, split of every record the run read
 CONFIG_FILE = "config.yaml"
 # Keys that may differ between a run and its resumption without changing what it computes.
 _RESUME_FREE_KEYS = ("train.max_steps", "train.device", "log.", "checkpoint.", "data.num_workers")
@@ -113,6 +114,8 @@ class Run:
     total_steps: int
     max_steps: int
     skipped: set[str] = field(default_factory=set)
+    sources: dict[str, dict[str, int]] = field(default_factory=dict)  # images per source, split
+    write_split: Callable[[Path], None] | None = None  # writes split.csv (the data's, if known)
     stop: StopRequests | None = None  # signals asking for a clean stop
     last_checkpoint: Path | None = None  # written (or resumed from) by this run
     validated_at_end: bool = False
@@ -169,6 +172,8 @@ def train(
         )
         run.stop = stop
         state = TrainState()
+        if info.is_main and resume_from is None and run.write_split is not None:
+            run.write_split(output_dir / SPLIT_FILE)
         if resume_from is not None:
             state = restore(run, resume_from)
             if state.step >= run.max_steps or state.epoch >= cfg.train.epochs:
@@ -177,6 +182,8 @@ def train(
             if info.is_main:
                 truncate_after(output_dir, state.step)  # rows after the checkpoint are redone
                 save_config(cfg, output_dir / CONFIG_FILE)
+                if run.write_split is not None:
+                    run.write_split(output_dir / SPLIT_FILE)
                 print(
                     f"resumed from {resume_from} at step {state.step} (epoch {state.epoch}, "
                     f"step {state.epoch_step})"
@@ -257,9 +264,13 @@ def build(
         raise ConfigError(f"data section (data root {data_root}): {err}") from err
     train_set, val_set = datasets["train"], datasets.get("val")
     tcfg.per_process_batch(info.world_size)
+    # A custom data builder may know nothing of sources, weights or split files.
+    weights = data.sampling_weights("train") if hasattr(data, "sampling_weights") else None
+    sources = data.source_counts() if hasattr(data, "source_counts") else {}
+    write_split = getattr(data, "write_split", None)
     try:
         sampler = GlobalBatchSampler(
-            len(train_set), tcfg.batch_size, info.rank, info.world_size, seed=seed
+            len(train_set), tcfg.batch_size, info.rank, info.world_size, seed=seed, weights=weights
         )
     except ValueError as err:
         raise ConfigError(str(err)) from err
@@ -312,6 +323,8 @@ def build(
         warmup_steps=round(tcfg.warmup_epochs * steps_per_epoch),
         total_steps=total_steps,
         max_steps=min(total_steps, tcfg.max_steps or total_steps),
+        sources=sources,
+        write_split=write_split,
     )
 
 
@@ -594,6 +607,7 @@ def summarize(
             "train": len(run.train_set),  # type: ignore[arg-type]
             "val": len(run.val_set) if run.val_set is not None else 0,  # type: ignore[arg-type]
         },
+        "sources": run.sources,
         "skipped_images": len(skipped_all),
         "skipped_image_paths": skipped_all,
         "checkpoint": str(run.last_checkpoint) if run.last_checkpoint else None,
@@ -643,5 +657,8 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         f"skipped (unreadable) images: {summary['skipped_images']}"
     )
     lines.extend(f"  {p}" for p in summary["skipped_image_paths"][:10])
+    for name, counts in summary.get("sources", {}).items():
+        shown = ", ".join(f"{n} {split}" for split, n in counts.items())
+        lines.append(f"source {name}: {shown}")
     lines.append(f"checkpoint: {summary['checkpoint']}")
     return "\n".join(lines)

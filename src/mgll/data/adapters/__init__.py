@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mgll.data.adapters import chestxray14, covid_cxr, csdi_fundus, mgll_release, midrc
+from mgll.data.adapters import chestxray14, covid_cxr, csdi_fundus, mgll_release, midrc, palm
 from mgll.data.records import RecordSet
 
 
@@ -48,6 +48,7 @@ class Adapter:
 ADAPTERS: tuple[Adapter, ...] = (
     Adapter("covid-cxr", covid_cxr.load, covid_cxr.detect, aliases=("ieee8023", "covid-chestxray")),
     Adapter("csdi-fundus", csdi_fundus.load, csdi_fundus.detect, aliases=("csdi",)),
+    Adapter("palm", palm.load, palm.detect, aliases=("ichallenge-pm",)),
     Adapter(
         "chestxray14",
         chestxray14.load,
