@@ -255,8 +255,10 @@ def test_the_image_blind_reference_ignores_the_similarities():
     text_labels = np.eye(2, dtype=int)[[0, 1, 0]]
     rng = np.random.default_rng(0)
     references = []
-    for _ in range(3):  # each image ranks the texts its own (random) way
-        similarity = rng.normal(size=(7, 3))
+    # each image ranks the texts its own (random) way; then every image ranks B, then C, first
+    similarities = [rng.normal(size=(7, 3)) for _ in range(3)]
+    similarities += [np.tile([0.0, 10.0, 5.0], (7, 1)), np.tile([0.0, 10.0, 0.0], (7, 1))]
+    for similarity in similarities:
         scores = RetrievalScores(similarity, ["A", "B", "C"], own, labels, text_labels)
         references.append(scores.references(ks=(1, 2)))
     for ref in references:
