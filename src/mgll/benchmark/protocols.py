@@ -196,7 +196,7 @@ def read_unit(folder: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
 
 def resolve_device(name: str) -> str:
     """``auto`` -> cuda when available, else cpu (as the evaluation commands read --device)."""
-    from mgll.eval.cli import resolve_device as resolve
+    from mgll.eval.options import resolve_device as resolve
 
     return resolve(name)
 
