@@ -97,7 +97,7 @@ PROBE = ["probe", "--encoder", "random:x", "--data", "d", "--level", "l", "--out
 def test_a_user_error_from_any_command_is_one_line_and_its_exit_code(monkeypatch, capsys):
     import mgll.eval.encoders
     from mgll.errors import UsageError
-    from mgll.eval.data import TaskError
+    from mgll.eval.task import TaskError
 
     def refuse(*args, **kwargs):
         raise TaskError("data.csv row 3: class 'x' unknown")
@@ -136,9 +136,9 @@ def test_every_error_class_of_the_package_is_a_user_error():
     from mgll.demo.run import DemoError
     from mgll.errors import DataError, ModelFileError, UserError
     from mgll.eval.compare import CompareError
-    from mgll.eval.data import TaskError
     from mgll.eval.encoders import EncoderError
     from mgll.eval.results import ResultsError
+    from mgll.eval.task import TaskError
     from mgll.explain import ExplainError
     from mgll.models.authors import AuthorsCheckpointError
     from mgll.models.hf_export import HFExportError
@@ -164,4 +164,7 @@ def test_demo_with_a_negative_seed_is_a_one_line_error(tmp_path, capsys):
     argv = ["demo", "--data-root", str(tmp_path), "--output-dir", str(tmp_path / "o")]
     assert main([*argv, "--seed", "-1"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("mgll demo: error: --seed -1: give a seed >= 0") and err.count("\n") == 1
+    assert (
+        err.startswith("mgll demo: error: --seed -1 --seeds 3: the seed must be >= 0")
+        and err.count("\n") == 1
+    )
