@@ -87,3 +87,84 @@ def test_stray_arguments_are_usage_errors(argv, capsys):
         parse_args(argv)
     assert exc.value.code == 2
     assert "unrecognized arguments" in capsys.readouterr().err
+
+
+# ---- user errors: caught once in main, one line; bugs keep their traceback --------------------
+
+PROBE = ["probe", "--encoder", "random:x", "--data", "d", "--level", "l", "--output-dir", "o"]
+
+
+def test_a_user_error_from_any_command_is_one_line_and_its_exit_code(monkeypatch, capsys):
+    import mgll.eval.encoders
+    from mgll.errors import UsageError
+    from mgll.eval.task import TaskError
+
+    def refuse(*args, **kwargs):
+        raise TaskError("data.csv row 3: class 'x' unknown")
+
+    monkeypatch.setattr(mgll.eval.encoders, "load_encoder", refuse)
+    assert main(PROBE) == 1
+    assert capsys.readouterr().err == "mgll probe: error: data.csv row 3: class 'x' unknown\n"
+
+    def usage(*args, **kwargs):
+        raise UsageError("--output-dir is required here")
+
+    monkeypatch.setattr(mgll.eval.encoders, "load_encoder", usage)
+    assert main(PROBE) == 2  # as argparse's usage errors
+    assert capsys.readouterr().err == "mgll probe: error: --output-dir is required here\n"
+
+
+def test_a_bug_in_a_command_keeps_its_traceback(monkeypatch):
+    """Evaluation no longer turns every ValueError into a one-liner: a ValueError that is not a
+    user error (a bug here) reaches the caller, so its traceback is printed."""
+    import mgll.eval.encoders
+
+    def bug(*args, **kwargs):
+        raise ValueError("operands could not be broadcast together")
+
+    monkeypatch.setattr(mgll.eval.encoders, "load_encoder", bug)
+    with pytest.raises(ValueError, match="broadcast"):
+        main(PROBE)
+
+
+def test_every_error_class_of_the_package_is_a_user_error():
+    """The classes that name a user's file, row or option derive from UserError, so main
+    catches them; none needs a handler of its own."""
+    from mgll.data.images import ImageLoadError
+    from mgll.data.spec import SpecError
+    from mgll.data.tables import TableError
+    from mgll.demo.run import DemoError
+    from mgll.errors import DataError, ModelFileError, UserError
+    from mgll.eval.compare import CompareError
+    from mgll.eval.encoders import EncoderError
+    from mgll.eval.results import ResultsError
+    from mgll.eval.task import TaskError
+    from mgll.explain import ExplainError
+    from mgll.models.authors import AuthorsCheckpointError
+    from mgll.models.hf_export import HFExportError
+    from mgll.models.weights import PretrainedWeightsError
+    from mgll.schema import ConfigError
+    from mgll.segmentation.data import SegDataError
+    from mgll.segmentation.decoders import DecoderError
+    from mgll.training.checkpoint import CheckpointError
+    from mgll.training.run_control import RunInterrupted, RunLockedError
+    from mgll.training.step import NonFiniteLossError
+
+    classes = [
+        ImageLoadError, SpecError, TableError, DemoError, DataError, ModelFileError, CompareError,
+        TaskError, EncoderError, ResultsError, ExplainError, HFExportError,
+        PretrainedWeightsError, ConfigError, SegDataError, DecoderError, CheckpointError,
+        RunInterrupted, RunLockedError, NonFiniteLossError, AuthorsCheckpointError,
+    ]  # fmt: skip
+    assert [c.__name__ for c in classes if not issubclass(c, UserError)] == []
+    assert RunInterrupted("SIGTERM", 3, None).exit_code == 128 + 15
+
+
+def test_demo_with_a_negative_seed_is_a_one_line_error(tmp_path, capsys):
+    argv = ["demo", "--data-root", str(tmp_path), "--output-dir", str(tmp_path / "o")]
+    assert main([*argv, "--seed", "-1"]) == 1
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("mgll demo: error: --seed -1 --seeds 3: the seed must be >= 0")
+        and err.count("\n") == 1
+    )

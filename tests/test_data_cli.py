@@ -75,30 +75,30 @@ def test_an_image_path_that_cannot_be_opened_is_an_error(tmp_path):
     assert report.errors == 1
 
 
-def test_check_unreadable_inputs_exit_two(tmp_path, capsys):
-    assert main(["data", "check", str(tmp_path / "absent")]) == 2
+def test_unreadable_inputs_are_one_line_errors_exit_one(tmp_path, capsys):
+    assert main(["data", "check", str(tmp_path / "absent")]) == 1
     err = capsys.readouterr().err
     assert err == f"mgll data check: error: {tmp_path / 'absent'}: no such file or folder\n"
     spec = spec_dataset(tmp_path)
     spec.write_text(SPEC.replace("label: finding", "label: findng"), encoding="utf-8")
-    assert main(["data", "check", str(spec)]) == 2
+    assert main(["data", "check", str(spec)]) == 1
     err = capsys.readouterr().err
     assert "levels[0].label" in err and "'findng'" in err and "labels.csv" in err
-    assert main(["data", "check", str(tmp_path), "--source", "csdi"]) == 2  # wrong format named
+    assert main(["data", "check", str(tmp_path), "--source", "csdi"]) == 1  # wrong format named
     assert "CSDI_annotations.csv" in capsys.readouterr().err
     spec.write_text(SPEC, encoding="utf-8")
-    assert main(["data", "check", str(spec), "--train", "0.9"]) == 2  # 0.9 + 0.1 + 0.1 != 1
+    assert main(["data", "check", str(spec), "--train", "0.9"]) == 1  # 0.9 + 0.1 + 0.1 != 1
     assert "sum to 1" in capsys.readouterr().err
     assert main(["data"]) == 2  # no action: the help, not a traceback
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     capsys.readouterr()
     # An output that cannot be written is a one-line error, not a traceback.
-    assert main(["data", "split", str(spec), "--output", str(blocker / "split.csv")]) == 2
+    assert main(["data", "split", str(spec), "--output", str(blocker / "split.csv")]) == 1
     assert capsys.readouterr().err.startswith("mgll data split: error: ")
-    assert main(["data", "check", str(spec), "--output", str(blocker / "r.json")]) == 2
+    assert main(["data", "check", str(spec), "--output", str(blocker / "r.json")]) == 1
     assert "mgll data check: error: --output: cannot write" in capsys.readouterr().err
-    assert main(["data", "split", str(spec)]) == 2
+    assert main(["data", "split", str(spec)]) == 2  # a usage error, as argparse's
     assert "--output FILE is required" in capsys.readouterr().err
 
 
@@ -145,13 +145,13 @@ def test_source_and_options_mirror_the_config_keys(tmp_path, capsys):
     assert "1  轻度混浊" in capsys.readouterr().out
     assert main(args) == 0
     assert "1  mild haze" in capsys.readouterr().out
-    assert main(["data", "check", str(csdi), "--options", "colour=red"]) == 2
+    assert main(["data", "check", str(csdi), "--options", "colour=red"]) == 1
     assert "colour" in capsys.readouterr().err
-    assert main(["data", "check", str(csdi), "--options", "language"]) == 2
+    assert main(["data", "check", str(csdi), "--options", "language"]) == 1
     assert "--options 'language': expected KEY=VALUE" in capsys.readouterr().err
     (tmp_path / "spec").mkdir()
     spec = spec_dataset(tmp_path / "spec", n=2)
-    assert main(["data", "check", str(spec), "--source", "csdi-fundus"]) == 2
+    assert main(["data", "check", str(spec), "--source", "csdi-fundus"]) == 1
     assert "--source names the format of a dataset folder" in capsys.readouterr().err
 
 
@@ -267,7 +267,7 @@ def test_an_empty_dataset_is_an_error_everywhere(tmp_path, capsys):
     assert main(["data", "check", str(spec)]) == 1
     out = capsys.readouterr().out
     assert "samples: 0 (error: no usable samples" in out and "result: 1 error(s)" in out
-    assert main(["data", "split", str(spec), "--output", str(tmp_path / "s.csv")]) == 2
+    assert main(["data", "split", str(spec), "--output", str(tmp_path / "s.csv")]) == 1
     assert "no usable samples to split" in capsys.readouterr().err
     assert not (tmp_path / "s.csv").exists()
     kwargs = {"image_size": 8, "mean": (0,) * 3, "std": (1,) * 3, "seed": 0}

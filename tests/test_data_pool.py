@@ -16,9 +16,9 @@ import pytest
 from data_fixtures import require_shared, write_png
 from mgll.cli import main
 from mgll.data import PreprocessCache, prepare_data
-from mgll.data.build import load_records
+from mgll.data.build import load_pool, load_records
 from mgll.data.cache import default_cache_dir
-from mgll.data.pool import PoolError, load_pool, sampling_weights
+from mgll.data.pool import PoolError, sampling_weights
 from mgll.training.sampling import GlobalBatchSampler
 
 GRADES_SPEC = """
@@ -387,7 +387,7 @@ def test_pretraining_on_a_pool_writes_split_csv_counts_sources_and_weights_draws
 
 
 def test_a_pool_runs_split_csv_splits_the_evaluation_of_each_source(tmp_path, monkeypatch):
-    from mgll.eval.data import load_eval_data
+    from mgll.eval.task import load_eval_data
 
     path = _pool(tmp_path)
     _train_fakes(tmp_path, {"source": str(path)}, monkeypatch)
@@ -446,7 +446,7 @@ def test_shipped_fundus_pool_keeps_palm_validation400_out_of_pretraining(tmp_pat
 
 
 def test_evaluation_reads_a_pool_with_its_split(tmp_path):
-    from mgll.eval.data import load_eval_data
+    from mgll.eval.task import load_eval_data
 
     path = _pool(tmp_path)
     data = load_eval_data(str(path), "disease")
@@ -461,9 +461,9 @@ def test_evaluation_reads_a_pool_with_its_split(tmp_path):
     assert data.split_info["settings"] == {"mode": "source"}
 
 
-def test_a_bad_pool_is_one_line_on_stderr_and_exit_2(tmp_path, capsys):
+def test_a_bad_pool_is_one_line_on_stderr_and_exit_1(tmp_path, capsys):
     path = _pool(tmp_path, POOL.replace("levels: {diagnosis: disease}", "levels: {}"))
-    assert main(["data", "check", str(path), "--no-decode"]) == 2
+    assert main(["data", "check", str(path), "--no-decode"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("mgll data check: error: ") and "\n" not in err
     assert f"{path}: sources[1].levels: must map the source's level names" in err

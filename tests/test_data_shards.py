@@ -177,7 +177,7 @@ def test_a_folder_of_another_corpus_is_refused_untouched(tmp_path, capsys):
     assert _files(tmp_path / "shards") == before
     argv = ["data", "shard", str(other), "--output-dir", str(tmp_path / "shards"),
             "--image-size", str(SIZE), "--shard-size", "4"]  # fmt: skip
-    assert main(argv) == 2
+    assert main(argv) == 1  # a user error, as every command's
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("mgll data shard: error: --output-dir"), err
     assert _files(tmp_path / "shards") == before

@@ -16,7 +16,8 @@ from PIL import Image
 from data_fixtures import require_shared
 from mgll.cli import main
 from mgll.data.records import Record, RecordSet, build_levels
-from mgll.demo.folds import classification_levels, load_demo_records, patient_folds
+from mgll.demo.folds import classification_levels, patient_folds
+from mgll.demo.settings import load_demo_records
 
 GOLDEN = Path(__file__).parent / "golden"
 

@@ -15,9 +15,9 @@ def test_each_fold_pretrains_on_its_training_patients_with_the_seed_of_the_run(
 ):
     import mgll.training.trainer
     from mgll.data.build import prepare_data
-    from mgll.demo.folds import load_demo_records, patient_folds, pretrain_folds, write_folds
+    from mgll.demo.folds import patient_folds, pretrain_folds, write_folds
     from mgll.demo.progress import Progress
-    from mgll.demo.settings import PRETRAINED, RECIPES, Demo
+    from mgll.demo.settings import PRETRAINED, RECIPES, Demo, load_demo_records
 
     root = require_shared("csdi-fundus").parent
     demo = Demo(RECIPES["csdi-fundus"], root, tmp_path / "demo", quick=True, seed=3)

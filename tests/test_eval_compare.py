@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from mgll.cli import main
 from mgll.eval.results import read_predictions, write_predictions
@@ -60,7 +61,12 @@ def test_compare_finds_the_noisier_encoder_worse(tmp_path, capsys):
     assert "| auc_macro |" in printed and "enc-noise-3.0" in printed
     result = json.loads((out / "comparison.json").read_text())
     auc = result["comparisons"][0]["metrics"]["auc_macro"]
-    assert auc["diff"] == pytest.approx(auc["a"] - auc["b"]) and auc["diff"] > 0
+    # The AUCs of the predictions written above, by scikit-learn (b's rows in any order).
+    truth_a, truth_b = read_predictions(a)["y"][:, 1], pred["y"][:, 1]
+    auc_a = roc_auc_score(truth_a, read_predictions(a)["scores"][:, 1])
+    auc_b = roc_auc_score(truth_b, pred["scores"][:, 1])
+    assert (auc["a"], auc["b"]) == pytest.approx((auc_a, auc_b))
+    assert auc["diff"] == pytest.approx(auc_a - auc_b) and auc["diff"] > 0
     assert auc["ci95"][0] > 0 and auc["p_value"] < 0.05
     assert result["n_patients_test"] == 40
     assert (out / "comparison.md").read_text().startswith("A = enc-noise-0.0 [linear_probe]")

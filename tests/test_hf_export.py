@@ -102,7 +102,7 @@ def test_export_command_writes_a_run_tower_and_refuses_a_missing_output_dir(tmp_
     model = create_model(config["model"]).eval()
     save_checkpoint(tmp_path / "run" / "checkpoints", 1, model, {"step": 1}, config, keep_last=1)
     argv = ["export", str(tmp_path / "run"), "--format", "hf-clip-vision"]
-    assert main(argv) == 1
+    assert main(argv) == 2  # a usage error, as argparse's
     assert (
         "mgll export: error: --format hf-clip-vision needs --output-dir" in capsys.readouterr().err
     )

@@ -99,7 +99,14 @@ def test_a_class_absent_from_the_test_set_is_reported_not_averaged():
     assert any(n.startswith("auc:c: undefined") for n in notes)
     expected = np.mean([roc_auc_score(y[:, k], scores[:, k]) for k in (0, 1)])
     assert metrics["auc_macro"] == pytest.approx(expected)
-    assert metrics["auc_macro_ci95"][0] <= expected <= metrics["auc_macro_ci95"][1]
+    # The interval: scikit-learn's macro AUC over the two present classes on the same draws.
+    from mgll.metrics import bootstrap_indices, patient_groups
+
+    draws = [
+        np.mean([roc_auc_score(y[rows, k], scores[rows, k]) for k in (0, 1)])
+        for rows in bootstrap_indices(patient_groups(list(range(len(y)))), 50, 0)
+    ]
+    assert metrics["auc_macro_ci95"] == pytest.approx(list(np.percentile(draws, [2.5, 97.5])))
 
 
 def test_patient_bootstrap_ci_matches_the_binomial_and_ignores_duplicated_images():
@@ -161,6 +168,43 @@ def test_paired_comparison_detects_added_noise_and_not_a_copy():
     assert same["diff"] == 0.0 and same["ci95"] == [0.0, 0.0] and same["p_value"] == 1.0
 
 
+def _two_sided_p(draws: np.ndarray) -> float:
+    """The bootstrap p of "no difference", computed here from the resampled differences: twice
+    the smaller +1-corrected share on either side of 0, capped at 1."""
+    n = draws.size
+    below = (1 + np.count_nonzero(draws <= 0)) / (n + 1)
+    above = (1 + np.count_nonzero(draws >= 0)) / (n + 1)
+    return min(1.0, 2 * min(below, above))
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_paired_p_value_is_two_sided_against_scikit_learn_resamples(sign):
+    """A modest difference in either direction: the p-value equals the two-sided p of the
+    AUC differences recomputed with scikit-learn on the same patient resamples."""
+    from mgll.metrics import bootstrap_indices, patient_groups
+
+    rng = np.random.default_rng(3)
+    n = 80
+    truth = rng.integers(0, 2, n)
+    logit = 1.0 * (2 * truth - 1) + rng.normal(size=n)
+    other = logit + 0.4 * rng.normal(size=n)
+    good, bad = np.stack([-logit, logit], 1), np.stack([-other, other], 1)
+    a, b = (good, bad) if sign > 0 else (bad, good)
+    y = np.eye(2, dtype=int)[truth]
+    patients = np.arange(n) // 2
+    got = paired_bootstrap(y, a, b, patients, "binary", classes=["0", "1"], n_resamples=200)
+    draws = np.array(
+        [
+            roc_auc_score(truth[rows], a[rows, 1]) - roc_auc_score(truth[rows], b[rows, 1])
+            for rows in bootstrap_indices(patient_groups(list(patients)), 200, 0)
+        ]
+    )
+    expected = _two_sided_p(draws)
+    assert 0.01 < expected < 0.5  # one- and two-sided p differ here
+    assert got["auc_macro"]["p_value"] == pytest.approx(expected)
+    assert np.sign(got["auc_macro"]["diff"]) == sign
+
+
 def test_kernels_handle_ties_like_scikit_learn():
     from mgll.metrics import average_precision, quadratic_kappa, roc_auc
 
@@ -187,7 +231,14 @@ def test_mean_with_ci_resamples_patients_not_images():
     values = np.array([1.0, 0.0, 1.0, 1.0, 0.0, 0.0])
     value, ci = mean_with_ci(values, ["a", "a", "b", "c", "d", "e"], n_resamples=400, seed=0)
     assert value == pytest.approx(0.5)
-    assert 0.0 <= ci[0] < 0.5 < ci[1] <= 1.0
+    # Independent: draw the five patients with numpy and average their images' values.
+    rng = np.random.default_rng(0)
+    per_patient = [[1.0, 0.0], [1.0], [1.0], [0.0], [0.0]]
+    draws = []
+    for _ in range(400):
+        drawn = [v for g in rng.integers(0, 5, size=5) for v in per_patient[g]]
+        draws.append(np.mean(drawn))
+    assert ci == pytest.approx(list(np.percentile(draws, [2.5, 97.5])))
     # One patient's images repeated ten times: the interval keeps its width (patients drawn).
     many = np.repeat(values, 10)
     patients = np.repeat(["a", "a", "b", "c", "d", "e"], 10)

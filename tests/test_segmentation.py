@@ -149,8 +149,64 @@ def test_monai_dice_and_iou_match_hand_counts_and_skip_empty_ground_truth():
     assert out["x"]["value"] == pytest.approx(0.7) and out["x"]["n_images"] == 3
     assert out["y"]["value"] == pytest.approx(0.2) and out["y"]["n_images"] == 1
     assert out["mean"]["value"] == pytest.approx(0.45)
-    low, high = out["x"]["ci95"]
-    assert 0.5 <= low <= 0.7 <= high <= 0.9
+
+
+def test_dice_ci_resamples_patients_not_images():
+    """Each patient's images repeated ten times keep every interval as it was (patients are
+    drawn, their images come along); drawing images would narrow them. The intervals equal a
+    bootstrap computed here over patient means of the image values."""
+    scores = np.array([[0.2, np.nan], [0.9, 0.4], [0.5, 0.8], [0.7, np.nan], [0.1, 0.3]])
+    patients = ["a", "b", "c", "d", "e"]
+    once = summarize_scores(scores, patients, ["x", "y"], 300, 0)
+    many = summarize_scores(
+        np.repeat(scores, 10, axis=0), np.repeat(patients, 10), ["x", "y"], 300, 0
+    )
+    for name in ("x", "y", "mean"):
+        assert many[name]["ci95"] == pytest.approx(once[name]["ci95"]), name
+    # Independent: draw patients with numpy, average the x values of the drawn images.
+    rng = np.random.default_rng(0)
+    draws = [scores[rng.integers(0, 5, size=5), 0].mean() for _ in range(300)]
+    assert once["x"]["ci95"] == pytest.approx(list(np.percentile(draws, [2.5, 97.5])))
+
+
+class EpochStub(torch.nn.Module):
+    """A segmentation model whose predictions are perfect after epoch ``good`` only (an
+    epoch counter in its state, advanced by each ``train()``), wrong after the others."""
+
+    def __init__(self, good: int):
+        super().__init__()
+        self.good = good
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.register_buffer("epoch", torch.zeros((), dtype=torch.long))
+
+    def param_groups(self, lr, encoder_lr):
+        return [{"params": [self.w], "lr": lr}]
+
+    def train(self, mode: bool = True):
+        if mode:
+            self.epoch += 1
+        return super().train(mode)
+
+    def forward(self, images):
+        truth = images[:, :1] * 20 - 10  # the image's first channel is its mask
+        return (truth if int(self.epoch) == self.good else -truth) + 0 * self.w
+
+
+def test_the_weights_scored_are_those_of_the_best_validation_epoch():
+    from torch.utils.data import TensorDataset
+
+    from mgll.segmentation.train import SegConfig, fit, predict
+
+    masks = torch.zeros(4, 1, 8, 8)
+    masks[:, :, 2:6, 2:6] = 1
+    data = TensorDataset(masks.repeat(1, 3, 1, 1), masks)
+    model = EpochStub(good=2)
+    history, best = fit(model, data, data, SegConfig(epochs=4, batch_size=2), log=lambda _: None)
+    assert best == 2 and [round(r["val_dice"], 3) for r in history] == [0.0, 1.0, 0.0, 0.0]
+    assert int(model.epoch) == 2  # the state of epoch 2 is back in the model
+    logits, truth = predict(model, data, 2, "cpu")
+    dice, _ = per_image_scores(logits, truth)
+    assert dice == pytest.approx(np.ones((4, 1)))
 
 
 @pytest.mark.parametrize("kind", ["vit", "resnet"])
@@ -236,7 +292,9 @@ def test_segment_command_writes_results_predictions_and_curve(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     assert results["data"]["split"] == {"train": 4, "val": 2, "test": 2}
     assert results["encoder"]["spec"] == "random:mgll-vit-test-32"
-    assert len(results["history"]) == 2 and 1 <= results["best_epoch"] <= 2
+    assert len(results["history"]) == 2
+    dices = [row["val_dice"] for row in results["history"]]
+    assert results["best_epoch"] == max(range(1, 3), key=lambda e: (dices[e - 1], e))
     dice = results["metrics"]["dice"]["foreground"]
     per_image = [row["dice"][0] for row in results["per_image"]]
     assert dice["value"] == pytest.approx(np.mean(per_image)) and dice["n_images"] == 2

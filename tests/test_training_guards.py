@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from mgll.training import checkpoint as ckpt
 from mgll.training.step import Precision, optimizer_step
 from mgll.training.trainer import train
-from test_training_fakes import FAKES, fake_config, fake_model_factory
+from test_training_fakes import FAKES, FakeModel, fake_config, fake_model_factory
 
 
 def _config(**extra):
@@ -72,3 +72,87 @@ def test_fp16_unscales_gradients_before_clipping():
     norm = optimizer_step(optimizer, precision, [w], grad_clip=1.0)
     assert norm.item() == pytest.approx(5.0)
     torch.testing.assert_close(w.detach(), torch.tensor([-0.6, -0.8]))
+
+
+# ---- guards of issue 15: weights, resume warnings, signal handlers ---------------------------
+
+
+def test_the_configs_loss_weights_reach_the_trained_loss(tmp_path):
+    """The loss logged at step 1 equals the loop reference of test_losses with the config's
+    weights, on the batch and embeddings the step saw (spied): a zero weight leaves its term
+    out, a weight of 2 doubles it."""
+    from mgll.data import collate_samples
+    from mgll.training.run_log import read_metrics
+    from test_losses import _reference
+
+    seen: dict[str, object] = {}
+
+    def spy_collate(samples):
+        batch = collate_samples(samples)
+        seen.setdefault("labels", [lab.clone() for lab in batch["labels"]])
+        return batch
+
+    class Spy(FakeModel):
+        def forward(self, images, texts):
+            out = super().forward(images, texts)
+            if "out" not in seen:
+                seen["out"] = {
+                    "image": out["image_emb"].detach().clone(),
+                    "texts": [t.detach().clone() for t in out["text_embs"]],
+                    "scale": float(out["logit_scale"].detach()),
+                    "bias": float(out["logit_bias"].detach()),
+                }
+            return out
+
+    weights = {"loss.weights.sclip": 1.0, "loss.weights.pointwise": 0.0, "loss.weights.skl": 2.0}
+    cfg = fake_config({"train.max_steps": 1, "eval.every_epochs": 0, **weights})
+    fakes = dict(FAKES, collate_fn=spy_collate, model_factory=lambda c, g: Spy(8, 2.0, -2.0))
+    train(cfg, ".", tmp_path, **fakes)
+    row = next(r for r in read_metrics(tmp_path) if r["kind"] == "train")
+    out = seen["out"]
+    ref = _reference(
+        out["image"], out["texts"], seen["labels"], out["scale"], out["bias"], (1.0, 0.0, 2.0)
+    )
+    assert {"loss", "sclip", "skl"} <= set(row) and "pointwise" not in row
+    assert row["sclip"] == pytest.approx(ref["sclip"], rel=1e-5)
+    assert row["skl"] == pytest.approx(ref["skl"], rel=1e-4, abs=1e-6)
+    assert row["loss"] == pytest.approx(ref["sclip"] + 2.0 * ref["skl"], rel=1e-5)
+
+
+def test_a_resume_with_a_changed_config_warns_naming_the_keys(tmp_path, capsys):
+    train(_config(**{"train.max_steps": 2}), ".", tmp_path, **FAKES)
+    capsys.readouterr()
+    # max_steps (like log/checkpoint keys) may change freely: no warning for it alone.
+    train(_config(**{"train.max_steps": 3}), ".", tmp_path, resume="latest", **FAKES)
+    assert "differs" not in capsys.readouterr().err
+    changed = _config(**{"train.max_steps": 4, "train.lr": 1e-3, "loss.weights.skl": 0.5})
+    train(changed, ".", tmp_path, resume="latest", **FAKES)
+    err = capsys.readouterr().err
+    assert "with a config that differs in: loss.weights.skl, train.lr\n" in err, err
+
+
+def test_signal_handlers_are_restored_after_a_run_and_after_a_failed_one(tmp_path):
+    import signal
+
+    def mine(signum, frame):  # a handler the caller had installed
+        pass
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        signal.signal(signal.SIGTERM, mine)
+        train(_config(**{"train.max_steps": 1}), ".", tmp_path / "a", **FAKES)
+        assert signal.getsignal(signal.SIGTERM) is mine
+        assert signal.getsignal(signal.SIGINT) is before[signal.SIGINT]
+        broken = fake_model_factory(nan_after_calls=0)
+        with pytest.raises(Exception, match="non-finite loss"):
+            train(
+                _config(**{"train.max_steps": 1}),
+                ".",
+                tmp_path / "b",
+                **dict(FAKES, model_factory=broken),
+            )
+        assert signal.getsignal(signal.SIGTERM) is mine
+        assert signal.getsignal(signal.SIGINT) is before[signal.SIGINT]
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)

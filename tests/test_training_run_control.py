@@ -4,6 +4,7 @@ asked for but absent, one run per folder, and a clean stop on Ctrl-C that resume
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -138,6 +139,50 @@ def test_a_second_run_into_the_same_folder_is_refused_naming_the_first(tmp_path)
     )
     assert "taking over the lock of process" in stale.stderr, stale.stderr
     assert stale.returncode == 0, stale.stderr
+
+
+MID_EPOCH_RUN = """
+import sys, time
+from mgll.training.trainer import train
+from test_training_fakes import FAKES, FakeModel, fake_config
+
+class Slow(FakeModel):
+    def forward(self, images, texts):
+        time.sleep(0.05)
+        return super().forward(images, texts)
+
+settings = {"data.options.train_size": 800, "train.epochs": 1, "eval.every_epochs": 0,
+            "checkpoint.every_steps": 1000, "checkpoint.every_minutes": None}
+train(fake_config(settings), ".", sys.argv[1], **dict(FAKES, model_factory=lambda c, g: Slow()))
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_mid_epoch_checkpoints_the_step_reached(tmp_path):
+    """50 steps per epoch, no checkpoint due: the only checkpoint is the one the stop writes,
+    at the step the stop message names, inside the epoch."""
+    out = tmp_path / "run"
+    run = subprocess.Popen(
+        [sys.executable, "-c", MID_EPOCH_RUN, str(out)],
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = out / "metrics.jsonl"
+    _wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 3, run)
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=600)
+    found = re.search(r"stopped by SIGINT at step (\d+)", err)
+    assert found, err
+    step = int(found.group(1))
+    assert 3 <= step < 50
+    saved = ckpt.list_checkpoints(out / "checkpoints")
+    assert [s for s, _ in saved] == [step]
+    state = ckpt.load_state(saved[0][1])
+    assert state["step"] == step
+    assert (state["epoch"], state["epoch_step"]) == (0, step)
+    assert max(r["step"] for r in read_metrics(out)) == step
 
 
 def _tiny_dataset(folder: Path) -> Path:

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from mgll.data import collate_samples
-from mgll.training.evaluate import retrieval_metrics
 from mgll.training.objective import Objective
 from mgll.training.optim import lr_at, parameter_groups
 from mgll.training.step import (
@@ -19,6 +18,7 @@ from mgll.training.step import (
     optimizer_step,
 )
 from mgll.training.trainer import train
+from mgll.training.validation import retrieval_metrics
 from test_training_fakes import FAKES, FakeModel, fake_config, fake_datasets, fake_model_factory
 
 

@@ -16,7 +16,7 @@ __all__ = ["__version__", "from_pretrained"]
 
 def __getattr__(name: str) -> object:
     if name == "from_pretrained":
-        from mgll.models.hub import from_pretrained
+        from mgll.models.factory import from_pretrained
 
         return from_pretrained
     raise AttributeError(f"module 'mgll' has no attribute {name!r}")

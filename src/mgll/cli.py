@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Sequence
 
 from mgll import __version__
+from mgll.errors import UserError
 
 # name -> (module that registers it, one-line help). Adding a command means adding a line here.
 COMMAND_MODULES: dict[str, tuple[str, str]] = {
@@ -75,13 +76,22 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``mgll`` console script; returns the process exit code."""
+    """Entry point of the ``mgll`` console script; returns the process exit code.
+
+    A :class:`~mgll.errors.UserError` from any command is one line on stderr and its exit code
+    (1; 2 for usage errors, as argparse's); any other exception is a bug and keeps its traceback.
+    """
     warnings.formatwarning = _format_warning
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if getattr(args, "func", None) is None:
         args.print_help()  # no command: the help, and a usage error like `mgll data` alone
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as err:
+        name = getattr(args, "command_name", None) or f"mgll {args.command}"
+        print(f"{name}: {err.label}{err}", file=sys.stderr)
+        return err.exit_code
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mgll.errors import UserError
 from mgll.io import atomic_write
 from mgll.segmentation.data import save_npy
 
@@ -39,7 +40,7 @@ OVERLAY_SIZE = 256
 CAM_METHODS = {"gradcam": "GradCAM", "hirescam": "HiResCAM", "gradcam++": "GradCAMPlusPlus"}
 
 
-class ExplainError(ValueError):
+class ExplainError(UserError, ValueError):
     """A tower or input the explanation cannot handle; the message says why."""
 
 
@@ -134,7 +135,8 @@ def gradcam_maps(
 
 def load_explain_model(spec: str | os.PathLike, device: str = "cpu") -> Any:
     """An ``MGLLModel`` from a save_pretrained folder, a run folder or a checkpoint file."""
-    from mgll.models.hub import CONFIG_FILE, from_pretrained
+    from mgll.models.factory import from_pretrained
+    from mgll.models.hub import CONFIG_FILE
     from mgll.training.checkpoint import load_model
 
     path = Path(spec)
@@ -243,29 +245,12 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: Any) -> int:
-    """Run ``mgll explain``; expected failures are one-line errors (exit code 1)."""
-    import sys
-
-    from mgll.data.images import ImageLoadError
-    from mgll.models.weights import PretrainedWeightsError
+    """Run ``mgll explain`` (user errors reach ``mgll.cli.main`` as one line)."""
     from mgll.process import offline_hubs
-    from mgll.training.checkpoint import CheckpointError
-    from mgll.training.config import ConfigError
 
-    try:
-        with offline_hubs():
-            model = load_explain_model(args.model, args.device)
-            entries = explain_images(model, args.images, args.text, args.output_dir, args.method)
-    except (
-        CheckpointError,
-        ConfigError,
-        PretrainedWeightsError,
-        ImageLoadError,
-        FileNotFoundError,
-        ValueError,
-    ) as err:
-        print(f"mgll explain: error: {err}", file=sys.stderr)
-        return 1
+    with offline_hubs():
+        model = load_explain_model(args.model, args.device)
+        entries = explain_images(model, args.images, args.text, args.output_dir, args.method)
     for entry in entries:
         print(f"{entry['overlay']}: similarity {entry['similarity']:.3f}")
     print(f"wrote {len(entries)} heatmap(s) to {args.output_dir}")

@@ -3,6 +3,8 @@
 Environment variables and torch's global switches outlive the call that sets them; a library
 that changes them without restoring surprises whoever runs next in the same process (a test,
 a notebook, a second run). Every such change in mgll goes through these context managers.
+Beside them, :func:`seed_everything`: the random state every run starts from (MONAI's
+``set_determinism`` idea: one call, in one place).
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
 
@@ -32,6 +36,13 @@ def offline_hubs() -> contextlib.AbstractContextManager[None]:
     """Model hubs offline unless the user said otherwise (``HF_HUB_OFFLINE``): a hub call on a
     machine without network otherwise retries for about 45 s before failing."""
     return environment_defaults(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices): what a run's random draws start from."""
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
 
 
 @contextlib.contextmanager

@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from mgll.errors import UserError
+
 T = TypeVar("T")
 
 # Keys that moved to another section: configs written before keep loading (see
@@ -26,7 +28,7 @@ T = TypeVar("T")
 MOVED_KEYS: dict[str, str] = {"model.grad_checkpointing": "train.grad_checkpointing"}
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A run config is malformed: the message names the file or key and what to do."""
 
 

@@ -23,6 +23,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from mgll.benchmark.tasks import BenchmarkError
+
 SETTINGS_FILE = "benchmark-settings.json"
 DEFAULT_SEEDS = 3
 DEFAULT_DRAWS = 10
@@ -39,14 +41,14 @@ def parse_encoders(values: Sequence[str]) -> dict[str, str]:
             name = Path(value.split(":")[0] if ":" in value else value).name or value
             name = name.replace("{seed}", "").strip("-_") or name
         if not name or not spec:
-            raise ValueError(f"--encoder: {value!r} is not [NAME=]SPEC")
+            raise BenchmarkError(f"--encoder: {value!r} is not [NAME=]SPEC")
         if name in encoders:
-            raise ValueError(
+            raise BenchmarkError(
                 f"--encoder: two encoders are called {name!r}; name them (--encoder NAME=SPEC)"
             )
         encoders[name] = spec
     if not encoders:
-        raise ValueError("--encoder: give at least one encoder")
+        raise BenchmarkError("--encoder: give at least one encoder")
     return encoders
 
 
@@ -62,11 +64,11 @@ def parse_protocols(text: str) -> list[str]:
     protocols = [p.strip() for p in text.split(",") if p.strip()]
     for p in protocols:
         if p not in CLASSIFICATION_PROTOCOLS:
-            raise ValueError(
+            raise BenchmarkError(
                 f"--protocol: unknown protocol {p!r}; use {', '.join(CLASSIFICATION_PROTOCOLS)}"
             )
     if not protocols:
-        raise ValueError("--protocol: give at least one protocol, e.g. probe,finetune")
+        raise BenchmarkError("--protocol: give at least one protocol, e.g. probe,finetune")
     return protocols
 
 
@@ -75,10 +77,10 @@ def parse_fractions(text: str) -> list[float]:
     try:
         fractions = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise ValueError(f"--label-fraction: {text!r} is not F[,F...]") from None
+        raise BenchmarkError(f"--label-fraction: {text!r} is not F[,F...]") from None
     bad = [f for f in fractions if not 0 < f <= 1]
     if bad or not fractions:
-        raise ValueError(f"--label-fraction: {bad or text} not in (0, 1]")
+        raise BenchmarkError(f"--label-fraction: {bad or text} not in (0, 1]")
     return fractions
 
 
@@ -177,7 +179,7 @@ def check_settings(out: Path, settings: dict[str, Any]) -> None:
         before = json.loads(path.read_text(encoding="utf-8"))
         for name, spec in settings["encoders"].items():
             if before.get("encoders", {}).get(name, spec) != spec:
-                raise ValueError(
+                raise BenchmarkError(
                     f"--output-dir {out}: encoder {name!r} was {before['encoders'][name]!r} "
                     f"there, now {spec!r}; use another --output-dir or the same encoder"
                 )
@@ -222,7 +224,7 @@ def run_benchmark(
     from mgll.benchmark.tasks import missing_reason, resolve_tasks
 
     if seeds < 1 or draws < 1:
-        raise ValueError("--seeds and --draws must be at least 1")
+        raise BenchmarkError("--seeds and --draws must be at least 1")
     encoders = parse_encoders(encoder_args)
     protocols = parse_protocols(protocols_text)
     fractions = parse_fractions(label_fractions)
@@ -250,7 +252,7 @@ def run_benchmark(
         try:
             data[task.name] = eval_calls.load_task_data(task, data_root)
         except ValueError as error:
-            raise ValueError(f"task {task.name}: {error}") from None
+            raise BenchmarkError(f"task {task.name}: {error}") from None
         ready.append(task)
     check_settings(out, {"encoders": encoders, "tasks": [t.name for t in tasks]})
     plan = plan_units(

@@ -16,7 +16,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from mgll.benchmark.tasks import BenchmarkTask
+from mgll.benchmark.tasks import BenchmarkError, BenchmarkTask
 
 PROTOCOLS = ("probe", "finetune", "paper-finetune", "zeroshot")
 # The authors' downstream recipe, verbatim (issue 18 section 3; blr 1e-3 x batch 32 / 256).
@@ -62,7 +62,7 @@ def resolve_level(task: BenchmarkTask, data_root: str | Path | None) -> str:
     names = [level.name for level in records.levels]
     index = int(task.level)
     if not 0 <= index < len(names):
-        raise ValueError(
+        raise BenchmarkError(
             f"task {task.name}: level {index} is out of range; {records.source} has levels {names}"
         )
     return names[index]
@@ -85,7 +85,7 @@ def load_task_data(task: BenchmarkTask, data_root: str | Path | None) -> Any:
         split=task.split,
     )
     if task.type not in (None, data.task.type) and task.type != "segmentation":
-        raise ValueError(
+        raise BenchmarkError(
             f"task {task.name}: the data's level {data.task.level!r} is {data.task.type}, the "
             f"task says {task.type}; check the level"
         )
@@ -176,7 +176,7 @@ def run_protocol(
         return zero_shot(
             model.eval(), data, output_dir, options, name=encoder_spec, run_config=run_config
         )
-    raise ValueError(f"--protocol: unknown protocol {protocol!r}; use {', '.join(PROTOCOLS)}")
+    raise BenchmarkError(f"--protocol: unknown protocol {protocol!r}; use {', '.join(PROTOCOLS)}")
 
 
 def _has_checkpoint(folder: Path) -> bool:
@@ -202,8 +202,8 @@ def resolve_device(name: str) -> str:
 
 
 def run_safely(command: str, body: Any) -> int:
-    """``body()`` with the evaluation commands' error handling: an expected failure is one line
-    ``mgll <command>: error: ...`` on stderr and exit code 1."""
+    """``body()`` as the evaluation commands run (model hubs offline); a user error reaches
+    ``mgll.cli.main``, which prints ``mgll <command>: error: ...`` and exits 1."""
     from mgll.eval.cli import run_safely as run
 
     return run(command, body)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from mgll.benchmark.tasks import BenchmarkTask
+from mgll.benchmark.tasks import BenchmarkError, BenchmarkTask
 
 INTERVAL = (
     "95% two-stage bootstrap: each resample draws one seed (label-fraction draw) and then test "
@@ -31,7 +31,7 @@ def _aligned(reference: Mapping[str, Any], other: Mapping[str, Any], where: str)
     position = {image: i for i, image in enumerate(other["images"])}
     missing = [image for image in reference["images"] if image not in position]
     if missing or len(position) != len(reference["images"]):
-        raise ValueError(
+        raise BenchmarkError(
             f"{where}: the seeds' test images differ (e.g. {missing[:2]}); rerun into a fresh "
             "--output-dir"
         )

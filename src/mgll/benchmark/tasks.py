@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mgll.errors import UserError
 from mgll.schema import ConfigError, from_mapping
 
 METRICS = ("auc_macro", "accuracy", "dice")
@@ -45,7 +46,12 @@ RULES = {
 AUTHORS_CSVS = "the MGLL authors' downstream CSVs (<name>_Train.csv, _Val.csv, _Test.csv)"
 
 
-class TaskFileError(ValueError):
+class BenchmarkError(UserError, ValueError):
+    """A ``mgll benchmark`` option, task or folder that cannot be used (the message names it
+    and what to do)."""
+
+
+class TaskFileError(BenchmarkError):
     """A task name or task file cannot be used (the message names it and what to do)."""
 
 

@@ -3,7 +3,7 @@ robust image decoding, transforms, a preprocessing cache, patient-level splits a
 ``mgll data`` (see docs/data.md; the trainer contract is in docs/architecture.md)."""
 
 from mgll.data.adapters import ADAPTERS, adapter_names, detect_adapter, get_adapter
-from mgll.data.build import PreparedData, build_datasets, load_records, prepare_data
+from mgll.data.build import PreparedData, build_datasets, load_pool, load_records, prepare_data
 from mgll.data.cache import PreprocessCache, load_resized, resize_square
 from mgll.data.config import DataConfig, SplitConfig
 from mgll.data.dataset import MultiGranularDataset, collate_samples
@@ -35,6 +35,7 @@ __all__ = [
     "detect_format",
     "get_adapter",
     "load_image",
+    "load_pool",
     "load_records",
     "load_resized",
     "patient_split",

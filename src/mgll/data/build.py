@@ -20,7 +20,7 @@ from mgll.data.adapters import detect_adapter, get_adapter
 from mgll.data.cache import PreprocessCache, SourceCaches, default_cache_dir
 from mgll.data.config import DataConfig, SplitConfig
 from mgll.data.dataset import MultiGranularDataset
-from mgll.data.pool import is_pool_file, load_pool, sampling_weights
+from mgll.data.pool import is_pool_file, read_pool, sampling_weights
 from mgll.data.records import LevelInfo, RecordSet
 from mgll.data.spec import find_spec, is_spec_path, records_from_spec, resolve_path
 from mgll.data.splits import (
@@ -31,7 +31,14 @@ from mgll.data.splits import (
     write_split_file,
 )
 from mgll.data.transforms import augmentation_options, build_transform
+from mgll.errors import DataError
 from mgll.schema import PACKAGE_PREFIX, resolve_package_paths
+
+
+def load_pool(path: str | Path, data_root: str | Path | None = None) -> RecordSet:
+    """The records of the pool file ``path``, each source read by :func:`load_records`
+    (see :mod:`mgll.data.pool`)."""
+    return read_pool(path, data_root, load_records)
 
 
 def load_records(
@@ -56,7 +63,7 @@ def load_records(
         spec_path = find_spec(source, data_root)
         if is_pool_file(spec_path):
             if options:
-                raise ValueError(
+                raise DataError(
                     f"data.options: a pool ({spec_path}) takes no adapter options; give them "
                     "per source (sources[i].options)"
                 )
@@ -68,7 +75,7 @@ def load_records(
                 )
             return load_pool(spec_path, data_root), spec_path.parent
         if options:
-            raise ValueError(
+            raise DataError(
                 f"data.options: a spec file ({spec_path}) takes no adapter options; "
                 "put them in the spec"
             )
@@ -80,13 +87,13 @@ def load_records(
             )
         return records_from_spec(spec_path), spec_path.parent
     if folder is None:
-        raise ValueError("data.path: is required with a format name (the dataset folder)")
+        raise DataError("data.path: is required with a format name (the dataset folder)")
     if source is None:
         adapter = detect_adapter(folder)
     else:
         adapter = get_adapter(str(source))
         if not folder.exists():
-            raise ValueError(f"data.path: dataset folder {folder} does not exist")
+            raise DataError(f"data.path: dataset folder {folder} does not exist")
     return adapter.load(folder, **options), folder if folder.is_dir() else folder.parent
 
 
@@ -122,7 +129,7 @@ def split_records(
         for i, r in enumerate(records.records):
             name = r.metadata.get("split")
             if name not in result:
-                raise ValueError(
+                raise DataError(
                     f"data.split.mode: 'source' needs every record to carry a split; "
                     f"{r.image} has {name!r} (use fractions instead)"
                 )
@@ -268,7 +275,7 @@ def prepare_data(
                 stacklevel=2,
             )
     if not records.records:
-        raise ValueError(f"{records.source}: no usable samples; run `mgll data check` on it")
+        raise DataError(f"{records.source}: no usable samples; run `mgll data check` on it")
     indices = split_records(records, cfg.split, seed, data_root, folder)
     return PreparedData(cfg, records, folder, indices, seed, data_root)
 

@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from mgll.data.images import ImageLoadError, load_image
+from mgll.errors import DataError
 from mgll.io import atomic_write
 
 # Bump when the stored pixels would change for the same key (decoder or resize changes).
@@ -42,7 +43,7 @@ RESIZE_MODES = ("crop", "pad", "stretch")
 def check_resize_mode(mode: str) -> str:
     """``mode`` when it is one of :data:`RESIZE_MODES` (ValueError naming data.resize if not)."""
     if mode not in RESIZE_MODES:
-        raise ValueError(f"data.resize: unknown mode {mode!r}; use one of {RESIZE_MODES}")
+        raise DataError(f"data.resize: unknown mode {mode!r}; use one of {RESIZE_MODES}")
     return mode
 
 
@@ -161,7 +162,7 @@ class SourceCaches:
     def __init__(self, caches: dict[str, PreprocessCache], source_of: dict[str, str]) -> None:
         sizes = {(c.image_size, c.resize_mode) for c in caches.values()}
         if len(sizes) != 1:
-            raise ValueError(f"the caches of a pool differ in image size or resize mode: {sizes}")
+            raise DataError(f"the caches of a pool differ in image size or resize mode: {sizes}")
         self.caches = caches  # source name -> its cache
         self.source_of = source_of  # image path -> source name
         self.image_size, self.resize_mode = sizes.pop()

@@ -16,6 +16,7 @@ from mgll.data.config import SplitConfig
 from mgll.data.records import RecordSet
 from mgll.data.spec import is_spec_path
 from mgll.data.splits import SPLIT_NAMES, patient_key, patient_split, write_split_file
+from mgll.errors import DataError, UsageError
 from mgll.io import atomic_write
 from mgll.schema import PACKAGE_PREFIX, resolve_package_paths
 
@@ -116,7 +117,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     check.add_argument("--json", dest="output", action=_Renamed)
     check.add_argument("--limit", type=int, default=50, help="entries shown per list (default 50)")
     check.add_argument("--workers", type=int, default=8, help="threads decoding images")
-    check.set_defaults(func=run_check)
+    check.set_defaults(func=run_check, command_name="mgll data check")
 
     split = sub.add_parser("split", help="write a patient-level train/val/test split (CSV)")
     common(split)
@@ -124,7 +125,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--output", metavar="FILE", help="CSV to write (image, patient_id, split); required"
     )
     split.add_argument("--out", dest="output", action=_Renamed)
-    split.set_defaults(func=run_split)
+    split.set_defaults(func=run_split, command_name="mgll data split")
 
     shard = sub.add_parser(
         "shard", help="write WebDataset shards (preprocessed images, texts, labels) + manifest"
@@ -146,7 +147,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="npy: raw pixels, fastest to read (default); png: lossless, about half the bytes",
     )
     shard.add_argument("--workers", type=int, default=4, help="threads decoding images")
-    shard.set_defaults(func=run_shard)
+    shard.set_defaults(func=run_shard, command_name="mgll data shard")
 
 
 def _options(pairs: list[str]) -> dict[str, Any]:
@@ -154,7 +155,7 @@ def _options(pairs: list[str]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ValueError(f"--options {pair!r}: expected KEY=VALUE")
+            raise DataError(f"--options {pair!r}: expected KEY=VALUE")
         lowered = value.lower()
         options[key] = {"true": True, "false": False}.get(lowered, value)
     return options
@@ -165,20 +166,26 @@ def _load(args: argparse.Namespace) -> tuple[RecordSet, Path]:
     if args.path.startswith(PACKAGE_PREFIX):
         path = Path(resolve_package_paths(args.path, "path"))
     if not path.exists():
-        raise ValueError(f"{path.absolute()}: no such file or folder")
+        raise DataError(f"{path.absolute()}: no such file or folder")
     if is_spec_path(path) and path.is_file():
         if args.source:
-            raise ValueError(
+            raise DataError(
                 f"--source: {path} is a spec file; --source names the format of a dataset folder"
             )
-        return load_records(path, None, data_root=args.data_root, options=_options(args.options))
-    return load_records(args.source, path, options=_options(args.options))
+        source, folder, root = path, None, args.data_root
+    else:
+        source, folder, root = args.source, path, None
+    try:
+        return load_records(source, folder, data_root=root, options=_options(args.options))
+    except (OSError, ImportError) as exc:  # a file the adapter cannot open, a missing reader
+        raise DataError(f"{path}: {exc}") from exc
 
 
-def _fail(args: argparse.Namespace, message: object) -> int:
-    """Print ``mgll data <action>: error: message`` to stderr; the exit code 2."""
-    print(f"mgll data {args.data_command}: error: {message}", file=sys.stderr)
-    return 2
+def _write_output(path: str, text: str) -> None:
+    try:
+        atomic_write(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    except OSError as exc:
+        raise DataError(f"--output: cannot write {path} ({exc.strerror or exc})") from exc
 
 
 def _fractions(args: argparse.Namespace) -> dict[str, float]:
@@ -190,57 +197,48 @@ def _fractions(args: argparse.Namespace) -> dict[str, float]:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    """Print the check report; exit 1 when it has errors, 2 when the dataset cannot be read."""
-    try:
-        records, _ = _load(args)
-        report = check_records(
-            records,
-            decode=not args.no_decode,
-            split=_fractions(args),
-            link_identical=args.link_identical,
-            seed=args.split_seed,
-            workers=args.workers,
-        )
-    except (ValueError, OSError, ImportError) as exc:
-        return _fail(args, exc)
+    """Print the check report; exit 1 when it has errors (or the dataset cannot be read)."""
+    records, _ = _load(args)
+    report = check_records(
+        records,
+        decode=not args.no_decode,
+        split=_fractions(args),
+        link_identical=args.link_identical,
+        seed=args.split_seed,
+        workers=args.workers,
+    )
     print(format_report(report, limit=args.limit))
     if args.output:
-        text = json.dumps(report.to_dict(), indent=2, ensure_ascii=False)
-        try:
-            atomic_write(Path(args.output), lambda tmp: tmp.write_text(text, encoding="utf-8"))
-        except OSError as exc:
-            return _fail(args, f"--output: cannot write {args.output} ({exc.strerror or exc})")
+        _write_output(args.output, json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
     return 1 if report.errors else 0
 
 
 def run_split(args: argparse.Namespace) -> int:
     """Write the split CSV and print images/patients per split."""
     if not args.output:
-        return _fail(args, "--output FILE is required (the split CSV to write)")
+        raise UsageError("--output FILE is required (the split CSV to write)")
+    records, folder = _load(args)
+    if not records.records:
+        raise DataError(f"{records.source}: no usable samples to split; `mgll data check` says why")
+    given = any(getattr(args, name) is not None for name in SPLIT_NAMES)
+    if records.pool is not None and not given:
+        split = split_records(records, SplitConfig(mode="source"), args.split_seed)
+    else:
+        split = patient_split(
+            records.records,
+            _fractions(args),
+            seed=args.split_seed,
+            link_identical=args.link_identical,
+        )
+    sources = root = None
+    if records.pool is not None:  # absolute paths: each source's evaluation can read it
+        sources = [str(r.metadata["source"]) for r in records.records]
+    else:
+        root = folder
     try:
-        records, folder = _load(args)
-        if not records.records:
-            raise ValueError(
-                f"{records.source}: no usable samples to split; `mgll data check` says why"
-            )
-        given = any(getattr(args, name) is not None for name in SPLIT_NAMES)
-        if records.pool is not None and not given:
-            split = split_records(records, SplitConfig(mode="source"), args.split_seed)
-        else:
-            split = patient_split(
-                records.records,
-                _fractions(args),
-                seed=args.split_seed,
-                link_identical=args.link_identical,
-            )
-        sources = root = None
-        if records.pool is not None:  # absolute paths: each source's evaluation can read it
-            sources = [str(r.metadata["source"]) for r in records.records]
-        else:
-            root = folder
         write_split_file(args.output, records.records, split, root=root, sources=sources)
-    except (ValueError, OSError, ImportError) as exc:
-        return _fail(args, exc)
+    except OSError as exc:
+        raise DataError(f"--output: cannot write {args.output} ({exc.strerror or exc})") from exc
     for name in SPLIT_NAMES:
         patients = {patient_key(records.records[i]) for i in split[name]}
         print(f"{name:5s}  {len(split[name]):6d} images  {len(patients):6d} patients")
@@ -251,32 +249,30 @@ def run_split(args: argparse.Namespace) -> int:
 def run_shard(args: argparse.Namespace) -> int:
     """Write the shards of the dataset, split as ``pretrain`` would split it; print the counts."""
     if not args.output_dir:
-        return _fail(args, "--output-dir DIR is required (the folder the shards go to)")
+        raise UsageError("--output-dir DIR is required (the folder the shards go to)")
     from mgll.data.build import prepare_data
     from mgll.data.config import DataConfig
     from mgll.data.shards import write_shards
 
     spec = is_spec_path(args.path)
     if spec and args.source:
-        return _fail(
-            args, f"--source: {args.path} is a spec file; --source names a folder's format"
-        )
+        raise DataError(f"--source: {args.path} is a spec file; --source names a folder's format")
     split: dict[str, Any] = {"seed": args.split_seed, "link_identical": args.link_identical}
     if args.split_file:
         split["file"] = args.split_file
     elif any(getattr(args, name) is not None for name in SPLIT_NAMES):
         split.update(_fractions(args))  # else the defaults, or a pool's own split
+    cfg = DataConfig.from_dict(
+        {
+            "source": args.path if spec else args.source,
+            "path": None if spec else args.path,
+            "options": _options(args.options),
+            "split": split,
+            "resize": args.resize,
+        }
+    )
+    prepared = prepare_data(cfg, args.data_root, args.split_seed)
     try:
-        cfg = DataConfig.from_dict(
-            {
-                "source": args.path if spec else args.source,
-                "path": None if spec else args.path,
-                "options": _options(args.options),
-                "split": split,
-                "resize": args.resize,
-            }
-        )
-        prepared = prepare_data(cfg, args.data_root, args.split_seed)
         manifest = write_shards(
             prepared,
             args.output_dir,
@@ -286,8 +282,8 @@ def run_shard(args: argparse.Namespace) -> int:
             image_format=args.image_format,
             workers=args.workers,
         )
-    except (ValueError, OSError, ImportError) as exc:
-        return _fail(args, exc)
+    except OSError as exc:  # the output folder cannot be written
+        raise DataError(f"--output-dir {args.output_dir}: {exc}") from exc
     for name in SPLIT_NAMES:
         part = manifest["splits"][name]
         print(

@@ -15,6 +15,7 @@ from mgll.data.cache import PreprocessCache, SourceCaches, check_resize_mode, lo
 from mgll.data.images import ImageLoadError
 from mgll.data.records import LevelInfo, Record, RecordSet
 from mgll.data.transforms import build_transform
+from mgll.errors import DataError
 
 
 class MultiGranularDataset(Dataset):
@@ -46,7 +47,7 @@ class MultiGranularDataset(Dataset):
         self.transform = transform if transform is not None else build_transform(train=False)
         self.cache = cache
         if cache is not None and cache.image_size != self.image_size:
-            raise ValueError(
+            raise DataError(
                 f"cache image size {cache.image_size} differs from dataset image size "
                 f"{image_size}; create the PreprocessCache with image_size={image_size}"
             )
@@ -139,11 +140,11 @@ def encode_labels(records: Sequence[Record], levels: Sequence[LevelInfo]) -> lis
             try:
                 ids = [level.class_id(n) for n in names]
             except ValueError as exc:
-                raise ValueError(f"{r.image}: {exc}") from None
+                raise DataError(f"{r.image}: {exc}") from None
             if level.multi_label:
                 column.append(sorted(set(ids)))
             elif len(set(ids)) > 1:
-                raise ValueError(
+                raise DataError(
                     f"{r.image}: level {level.name!r} is single-label but this record has "
                     f"{names}; mark the level multi_label or give one label"
                 )

@@ -14,11 +14,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from mgll.errors import DataError, UserError
+
 # A truncated file must raise, not decode into a half-grey image that trains silently.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
-class ImageLoadError(Exception):
+class ImageLoadError(UserError):
     """An image could not be read; the message names the file and the reason."""
 
 
@@ -108,14 +110,14 @@ def _decode_numpy(data: bytes, kind: str) -> np.ndarray:
     try:
         archive = np.load(buffer, allow_pickle=False)
     except zipfile.BadZipFile as exc:
-        raise ValueError(f"not a valid .npz archive ({exc})") from exc
+        raise DataError(f"not a valid .npz archive ({exc})") from exc
     with archive:
         keys = list(archive.keys())
         if "image" in keys:
             return archive["image"]
         if len(keys) == 1:
             return archive[keys[0]]
-        raise ValueError(
+        raise DataError(
             f".npz has no array named 'image' (arrays: {keys}); store the image as 'image'"
         )
 

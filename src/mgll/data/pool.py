@@ -35,7 +35,7 @@ See docs/data.md, "Pools".
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,17 +115,32 @@ class _SplitRule:
     seed: int = 0
 
 
-def load_pool(path: str | Path, data_root: str | Path | None = None) -> RecordSet:
-    """The records of the pool file ``path`` (see the module docstring); every error names
-    the pool file and key (and the source's own file or row where the source reports it)."""
+# How a source is read: ``mgll.data.build.load_records`` (source, path, options) -> (records,
+# folder). Passed in, since build reads pools through this module.
+SourceReader = Callable[..., tuple[RecordSet, Path]]
+
+
+def read_pool(
+    path: str | Path, data_root: str | Path | None, read_source: SourceReader
+) -> RecordSet:
+    """The records of the pool file ``path`` (see the module docstring), each source read by
+    ``read_source``; every error names the pool file and key (and the source's own file or
+    row where the source reports it). ``mgll.data.load_pool`` reads with ``load_records``."""
     path = Path(path).absolute()
-    return _PoolReader(load_spec_file(path), path, data_root).read()
+    return _PoolReader(load_spec_file(path), path, data_root, read_source).read()
 
 
 class _PoolReader:
     """Reads one pool file: parse and validate every key first, then load the sources."""
 
-    def __init__(self, spec: dict[str, Any], path: Path, data_root: str | Path | None) -> None:
+    def __init__(
+        self,
+        spec: dict[str, Any],
+        path: Path,
+        data_root: str | Path | None,
+        read_source: SourceReader,
+    ) -> None:
+        self.read_source = read_source
         self.spec = spec
         self.path = path
         self.base = path.parent
@@ -368,19 +383,17 @@ class _PoolReader:
         raise self.fail(f"{src.key}", f"{value} not found (tried {shown}){hint}")
 
     def load_source(self, src: _Source) -> tuple[RecordSet, Path]:
-        from mgll.data.build import load_records  # build imports this module
-
         try:
             if src.source is not None and is_spec_path(src.source):
                 spec = self.locate(src, Path(src.source))
                 if is_pool_file(spec):
                     raise self.fail(f"{src.key}.source", f"{spec} is a pool; list its sources here")
-                records, folder = load_records(str(spec), None, options=src.options)
+                records, folder = self.read_source(str(spec), None, options=src.options)
             else:
                 folder = self.locate(src, src.path) if src.path is not None else None
                 if folder is None:
                     raise self.fail(f"{src.key}.path", "is required with a format name")
-                records, folder = load_records(src.source, folder, options=src.options)
+                records, folder = self.read_source(src.source, folder, options=src.options)
         except PoolError:
             raise
         except ValueError as exc:

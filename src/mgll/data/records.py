@@ -15,6 +15,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from mgll.errors import DataError
+
 
 @dataclass(frozen=True)
 class LevelInfo:
@@ -31,7 +33,7 @@ class LevelInfo:
             return self._index[name]
         except KeyError:
             shown = self.vocabulary[:10] + (["..."] if len(self.vocabulary) > 10 else [])
-            raise ValueError(
+            raise DataError(
                 f"label {name!r} is not in the vocabulary of level {self.name!r} "
                 f"({len(self.vocabulary)} classes: {shown}); add it to the vocabulary"
             ) from None
@@ -125,7 +127,7 @@ class RecordSet:
         indices = [int(i) for i in indices]
         for i in indices:
             if not -len(self.levels) <= i < len(self.levels):
-                raise ValueError(
+                raise DataError(
                     f"data.levels: index {i} is out of range; {self.source} has "
                     f"{len(self.levels)} levels: {[lv.name for lv in self.levels]}"
                 )

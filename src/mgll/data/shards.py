@@ -58,6 +58,7 @@ from mgll.data.records import LevelInfo
 from mgll.data.spec import resolve_path
 from mgll.data.splits import SPLIT_NAMES
 from mgll.data.transforms import augmentation_options, build_transform
+from mgll.errors import DataError
 from mgll.io import atomic_write
 from mgll.schema import to_dict
 from mgll.seeding import sample_seed, seeded
@@ -70,7 +71,7 @@ IMAGE_FORMATS = ("npy", "png")
 _BRACED = re.compile(r"[^/\s]*\{[^}]*\}[^/\s]*")  # the path component holding a brace pattern
 
 
-class ShardError(ValueError):
+class ShardError(DataError):
     """Shards that cannot be written or read as asked; the message names the file and the fix."""
 
 

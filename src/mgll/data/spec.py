@@ -30,6 +30,7 @@ import yaml
 
 from mgll.data.records import LevelInfo, Record, RecordSet, vocabulary_from
 from mgll.data.tables import TableError, read_table
+from mgll.errors import DataError
 
 SPEC_SUFFIXES = (".yaml", ".yml", ".json")
 _TOP_KEYS = {
@@ -58,7 +59,7 @@ _LEVEL_KEYS = {
 }
 
 
-class SpecError(ValueError):
+class SpecError(DataError):
     """A dataset spec is invalid; the message names the spec key, file and row."""
 
 
@@ -91,7 +92,7 @@ def records_from_spec(
     """
     if isinstance(spec, (str, Path)):
         if base_dir is not None:
-            raise ValueError(
+            raise DataError(
                 f"{spec}: base_dir applies to a spec mapping; a spec file's paths are relative "
                 "to the file"
             )

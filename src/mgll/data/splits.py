@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from mgll.data.records import Record
+from mgll.errors import DataError
 from mgll.io import atomic_write
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -33,7 +34,7 @@ def split_fractions(cfg: Mapping[str, float] | None) -> dict[str, float]:
         for name, default in zip(SPLIT_NAMES, (0.8, 0.1, 0.1), strict=True)
     }
     if any(v < 0 for v in fractions.values()) or abs(sum(fractions.values()) - 1.0) > 1e-6:
-        raise ValueError(
+        raise DataError(
             f"data.split: fractions {fractions} must be non-negative and sum to 1; "
             "e.g. {train: 0.8, val: 0.1, test: 0.1}"
         )
@@ -193,12 +194,12 @@ def read_split_file(
     try:
         handle = path.open(newline="", encoding="utf-8")
     except OSError as exc:
-        raise ValueError(f"data.split.file: cannot read {path} ({exc.strerror or exc})") from exc
+        raise DataError(f"data.split.file: cannot read {path} ({exc.strerror or exc})") from exc
     with handle:
         reader = csv.DictReader(handle)
         missing = {"image", "split"} - set(reader.fieldnames or [])
         if missing:
-            raise ValueError(
+            raise DataError(
                 f"{path}: split file lacks column(s) {sorted(missing)}; "
                 "write it with `mgll data split`"
             )
@@ -206,7 +207,7 @@ def read_split_file(
         for row_number, row in enumerate(reader, start=1):
             name = row["split"].strip()
             if name not in SPLIT_NAMES and name != "":
-                raise ValueError(
+                raise DataError(
                     f"{path} row {row_number}: split {name!r} is not one of {SPLIT_NAMES}"
                 )
             assignment[row["image"]] = name
@@ -220,7 +221,7 @@ def read_split_file(
         elif name:
             result[name].append(i)
     if unlisted:
-        raise ValueError(
+        raise DataError(
             f"{path}: {len(unlisted)} image(s) of the dataset are not in the split file "
             f"(first: {unlisted[:3]}); regenerate it with `mgll data split`"
         )
@@ -238,4 +239,4 @@ def check_disjoint_patients(
             key = patient_key(records[i])
             other = seen.setdefault(key, name)
             if other != name:
-                raise ValueError(f"{source}: {key} is in both {other!r} and {name!r}")
+                raise DataError(f"{source}: {key} is in both {other!r} and {name!r}")

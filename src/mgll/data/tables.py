@@ -15,13 +15,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mgll.errors import DataError
+
 TABLE_FORMATS = ("csv", "tsv", "jsonl", "parquet")
 # Cell texts (compared after strip() and lower()) that mean "no value", as pandas, R, Excel and
 # SQL exports write them.
 MISSING_SPELLINGS = ("nan", "n/a", "na", "#n/a", "<na>", "null")
 
 
-class TableError(ValueError):
+class TableError(DataError):
     """A table could not be read; the message names the file and what to do."""
 
 

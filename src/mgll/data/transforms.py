@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torchvision import transforms as T
 
+from mgll.errors import DataError
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -37,10 +39,10 @@ def augmentation_options(cfg: Mapping[str, Any] | bool | None) -> dict[str, floa
     if cfg in (None, True):
         return options
     if not isinstance(cfg, Mapping):
-        raise ValueError(f"data.augmentation: expected a mapping, true or false, got {cfg!r}")
+        raise DataError(f"data.augmentation: expected a mapping, true or false, got {cfg!r}")
     unknown = set(cfg) - set(options)
     if unknown:
-        raise ValueError(
+        raise DataError(
             f"data.augmentation: unknown option(s) {sorted(unknown)}; known: {sorted(options)}"
         )
     for key, value in cfg.items():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -53,28 +52,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the demo; expected failures become one-line errors."""
+    """Run the demo (user errors reach ``mgll.cli.main`` as one line)."""
     from mgll.demo.run import run_demo
-    from mgll.demo.settings import DemoError
-    from mgll.eval.compare import CompareError
-    from mgll.eval.task import TaskError
     from mgll.process import offline_hubs
-    from mgll.training.checkpoint import CheckpointError
-    from mgll.training.config import ConfigError
 
-    try:
-        with offline_hubs():
-            run_demo(
-                args.data_root,
-                args.output_dir,
-                dataset=args.data,
-                level=args.level,
-                quick=args.quick,
-                seed=args.seed,
-                seeds=args.seeds,
-                echo=lambda line: print(line, flush=True),
-            )
-    except (DemoError, ConfigError, CheckpointError, TaskError, CompareError) as err:
-        print(f"mgll demo: error: {err}", file=sys.stderr)
-        return 1
+    with offline_hubs():
+        run_demo(
+            args.data_root,
+            args.output_dir,
+            dataset=args.data,
+            level=args.level,
+            quick=args.quick,
+            seed=args.seed,
+            seeds=args.seeds,
+            echo=lambda line: print(line, flush=True),
+        )
     return 0

@@ -29,25 +29,6 @@ def classification_levels(records: Any) -> list[str]:
     return names
 
 
-def load_demo_records(folder: Path, source: str | None = None) -> Any:
-    """The dataset's records (``source``: its format or spec; None detects the format of
-    ``folder``) with every patient id replaced by its patient *group*: patients joined across
-    byte-identical image files, so that no photo is on both sides of a split and the bootstrap
-    resamples the groups."""
-    from mgll.data.build import drop_missing_images, load_records
-    from mgll.data.spec import is_spec_path
-    from mgll.data.splits import linked_patient_keys
-
-    spec = source is not None and is_spec_path(source)
-    records, _ = load_records(source, None if spec else folder)
-    records, _missing = drop_missing_images(records)
-    if not records.records:
-        raise DemoError(f"{folder}: no image file of the dataset exists")
-    for record, group in zip(records.records, linked_patient_keys(records.records), strict=True):
-        record.patient_id = group
-    return records
-
-
 def patient_folds(records: Any, level: str, k: int, seed: int) -> np.ndarray:
     """Fold (0..k-1) of every record: patient-group-level folds stratified on ``level``'s
     first label (scikit-learn ``StratifiedGroupKFold``)."""
@@ -105,8 +86,8 @@ def fold_models(demo: Demo, encoder: str) -> list[Any]:
     """The encoder's model of every fold: the seeded initial model for ``random`` (the weights
     every pretraining starts from, the same for all folds), else the fold's pretrained run."""
     from mgll.models import create_model
+    from mgll.process import seed_everything
     from mgll.training.checkpoint import load_model
-    from mgll.training.trainer import seed_everything
 
     if encoder == "random":
         seed_everything(demo.seed)  # as the trainer does right before building the model

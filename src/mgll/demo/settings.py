@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mgll.data.spec import is_spec_path
+from mgll.errors import UserError
 
 ENCODERS = ("random", "clip", "mgll")
 PRETRAINED = ("clip", "mgll")
@@ -30,8 +31,27 @@ QUICK_FOLDS = 2
 QUICK_OVERRIDES: tuple[tuple[str, Any], ...] = (("train.epochs", 1),)
 
 
-class DemoError(ValueError):
+class DemoError(UserError, ValueError):
     """The demo cannot run as asked (the message says what to change)."""
+
+
+def load_demo_records(folder: Path, source: str | None = None) -> Any:
+    """The dataset's records (``source``: its format or spec; None detects the format of
+    ``folder``) with every patient id replaced by its patient *group*: patients joined across
+    byte-identical image files, so that no photo is on both sides of a split and the bootstrap
+    resamples the groups."""
+    from mgll.data.build import drop_missing_images, load_records
+    from mgll.data.spec import is_spec_path
+    from mgll.data.splits import linked_patient_keys
+
+    spec = source is not None and is_spec_path(source)
+    records, _ = load_records(source, None if spec else folder)
+    records, _missing = drop_missing_images(records)
+    if not records.records:
+        raise DemoError(f"{folder}: no image file of the dataset exists")
+    for record, group in zip(records.records, linked_patient_keys(records.records), strict=True):
+        record.patient_id = group
+    return records
 
 
 @dataclass(frozen=True)
@@ -59,8 +79,6 @@ class Recipe:
 
     def load_records(self, data_root: Path) -> Any:
         """The dataset's records, read as pretraining reads them (see :mod:`mgll.demo.folds`)."""
-        from mgll.demo.folds import load_demo_records
-
         return load_demo_records(data_root / self.dataset, self.source)
 
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from mgll.eval.options import DEFAULT_OPTIONS, EvalOptions
+from mgll.eval.task import TaskError
 
 
 def add_task_arguments(parser: argparse.ArgumentParser) -> None:
@@ -135,12 +135,12 @@ def split_settings(args: argparse.Namespace) -> dict[str, Any] | None:
         try:
             train, val, test = (float(v) for v in args.split_fractions.split(","))
         except ValueError:
-            raise ValueError(
+            raise TaskError(
                 f"--split-fractions: {args.split_fractions!r} is not TRAIN,VAL,TEST"
             ) from None
         return {"train": train, "val": val, "test": test, "seed": args.split_seed or 0}
     if not Path(args.split).is_file():
-        raise ValueError(f"--split: {args.split!r} is not 'source', 'patient' or a split CSV")
+        raise TaskError(f"--split: {args.split!r} is not 'source', 'patient' or a split CSV")
     return {"file": str(Path(args.split).absolute())}
 
 
@@ -164,27 +164,10 @@ def load_task(args: argparse.Namespace, encoder_config: dict[str, Any] | None = 
 
 
 def run_safely(command: str, body: Callable[[], int]) -> int:
-    """Run ``body``; expected failures become one line on stderr and exit code 1."""
-    from mgll.data.images import ImageLoadError
-    from mgll.data.spec import SpecError
-    from mgll.eval.results import ResultsError
-    from mgll.models.weights import PretrainedWeightsError
+    """Run ``body`` with the model hubs offline. Its user errors (``mgll.errors.UserError``)
+    reach ``mgll.cli.main``, which prints them on one line; any other exception is a bug and
+    keeps its traceback (a ``ValueError`` from a library is not turned into a one-liner)."""
     from mgll.process import offline_hubs
-    from mgll.training.checkpoint import CheckpointError
-    from mgll.training.config import ConfigError
 
-    try:
-        with offline_hubs():
-            return body()
-    except (
-        ValueError,
-        SpecError,
-        ResultsError,
-        ImageLoadError,
-        CheckpointError,
-        ConfigError,
-        PretrainedWeightsError,
-        FileNotFoundError,
-    ) as error:
-        print(f"mgll {command}: error: {error}", file=sys.stderr)
-        return 1
+    with offline_hubs():
+        return body()

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from mgll.errors import UserError
+
 HEADLINE = (
     "auc_macro",
     "map",
@@ -33,7 +35,7 @@ HEADLINE = (
 )
 
 
-class CompareError(ValueError):
+class CompareError(UserError, ValueError):
     """The folders cannot be compared (different tasks or test sets)."""
 
 

@@ -38,6 +38,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mgll.errors import UserError
+
 ACCEPTED_FORMS = (
     "a pretraining run folder or its checkpoints/step_*.safetensors file",
     "an exported encoder (FILE.safetensors with its FILE.json sidecar, or an export folder, "
@@ -50,7 +52,7 @@ ACCEPTED_FORMS = (
 )
 
 
-class EncoderError(ValueError):
+class EncoderError(UserError, ValueError):
     """An encoder spec that cannot be loaded; the message names it and the accepted forms."""
 
     def __init__(self, spec: str, reason: str) -> None:
@@ -269,10 +271,11 @@ def _from_export(spec: str, path: Path) -> Encoder:
 
 def _from_authors(spec: str, path: Path) -> Encoder:
     from mgll.models.authors import AuthorsCheckpointError, load_authors_checkpoint
+    from mgll.models.image_tower import authors_image_tower
 
     try:
         checkpoint = load_authors_checkpoint(path, "for an open_clip one use open_clip:ARCH:FILE")
-        tower = checkpoint.image_tower()
+        tower = authors_image_tower(checkpoint)
     except AuthorsCheckpointError as error:
         raise EncoderError(spec, str(error)) from error
     return Encoder(

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from mgll.eval.options import DEFAULT_OPTIONS, EvalOptions
+from mgll.eval.task import TaskError
 
 DEFAULTS: dict[str, Any] = {
     "epochs": 50,
@@ -195,10 +196,10 @@ def fine_tune(
     from mgll.eval.results import write_classification_outputs
     from mgll.io import atomic_write
     from mgll.metrics import classification_metrics
+    from mgll.process import seed_everything
     from mgll.training import checkpoint as ckpt
     from mgll.training.optim import lr_at
     from mgll.training.step import Precision, optimizer_step
-    from mgll.training.trainer import seed_everything
 
     seed, precision, num_workers = options.seed, options.precision, options.num_workers
     progress, scoring_batch = options.progress, options.batch_size
@@ -208,7 +209,7 @@ def fine_tune(
     out = Path(output_dir)
     task = data.task
     if len(data.rows["val"]) == 0:
-        raise ValueError("the validation split is empty: fine-tuning picks its epoch on it")
+        raise TaskError("the validation split is empty: fine-tuning picks its epoch on it")
     seed_everything(seed)
     model = FineTuneModel(encoder, len(task.classes)).to(dev)
     datasets = _datasets(encoder, data, augmentation, seed)

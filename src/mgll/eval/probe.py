@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from mgll.eval.options import DEFAULT_OPTIONS, EvalOptions, resolve_device
+from mgll.eval.task import TaskError
 
 DEFAULT_C_GRID = tuple(float(c) for c in np.logspace(-4, 2, 7))
 INNER_FOLDS = 3  # the cross-validated selection's inner folds
@@ -266,7 +267,7 @@ def linear_probe(
         notes.append(f"{int(bad.sum())} unreadable image(s) left out")
     rows = {name: r[~bad[r]] for name, r in data.rows.items()}
     if len(rows["val"]) == 0:
-        raise ValueError(
+        raise TaskError(
             "the validation split is empty: the probe chooses its regularisation on it; "
             "use a split with a validation part (--split patient --split-fractions 0.7,0.1,0.2)"
         )
@@ -278,7 +279,7 @@ def linear_probe(
         train_rows = train_rows[~bad[train_rows]]
         y_train = data.y[train_rows].astype(int)
         if data.task.type != "multilabel" and len(np.unique(y_train.argmax(1))) < 2:
-            raise ValueError(
+            raise TaskError(
                 f"--label-fraction {fraction}: the drawn training images ({len(train_rows)}) "
                 "hold a single class; use a larger fraction"
             )
@@ -392,7 +393,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             fractions = [float(f) for f in args.label_fraction.split(",") if f.strip()]
         except ValueError:
-            raise ValueError(f"--label-fraction: {args.label_fraction!r} is not numbers") from None
+            raise TaskError(f"--label-fraction: {args.label_fraction!r} is not numbers") from None
         options = eval_options(args)
         encoder = load_encoder(args.encoder, resolve_device(options.device))
         data = load_task(args, encoder.run_config)

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from mgll.errors import UserError
 from mgll.eval.task import EvalData
 from mgll.io import atomic_write
 from mgll.metrics import DEFAULT_RESAMPLES, bootstrap_metrics, summarize, youden_thresholds
@@ -26,7 +27,7 @@ RESULTS_FILE = "results.json"
 PREDICTIONS_FILE = "predictions.csv"
 
 
-class ResultsError(ValueError):
+class ResultsError(UserError, ValueError):
     """An output folder that cannot be read back (the message names the file)."""
 
 

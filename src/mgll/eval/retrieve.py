@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from mgll.eval.options import DEFAULT_OPTIONS, EvalOptions
+from mgll.eval.task import TaskError
 
 DEFAULT_KS = (1, 5, 10)
 RETRIEVAL_FILE = "retrieval.csv"
@@ -119,7 +120,7 @@ def score_retrieval(
     embeddings, ``texts`` each image's own text, embedded with ``model``'s text tower of level
     ``text_level`` (its only tower when it has one), ``labels`` (I, C) the images' labels."""
     if not texts:
-        raise ValueError("no image query carries a text: nothing to retrieve")
+        raise TaskError("no image query carries a text: nothing to retrieve")
     gallery = list(dict.fromkeys(texts))
     index = {t: j for j, t in enumerate(gallery)}
     own_text = np.array([index[t] for t in texts], dtype=np.int64)
@@ -311,12 +312,12 @@ def retrieval(
     text_level = text_level or data.task.level
     names = [lv.name for lv in data.records.levels]
     if text_level not in names:
-        raise ValueError(f"text level {text_level!r} is not a level of the data ({names})")
+        raise TaskError(f"text level {text_level!r} is not a level of the data ({names})")
     rows = data.rows["test"]
     unreadable = int(features.unreadable[rows].sum())
     rows, texts = retrieval_texts(data, rows[~features.unreadable[rows]], text_level)
     if len(rows) == 0:
-        raise ValueError(f"no test image carries a text at level {text_level!r}")
+        raise TaskError(f"no test image carries a text at level {text_level!r}")
     scores = score_retrieval(
         model,
         features.features[rows],
@@ -420,9 +421,9 @@ def run(args: argparse.Namespace) -> int:
         try:
             ks = [int(k) for k in args.k.split(",") if k.strip()]
         except ValueError:
-            raise ValueError(f"--k: {args.k!r} is not a list of integers") from None
+            raise TaskError(f"--k: {args.k!r} is not a list of integers") from None
         if not ks or min(ks) < 1:
-            raise ValueError(f"--k: {args.k!r}: cut-offs must be positive integers")
+            raise TaskError(f"--k: {args.k!r}: cut-offs must be positive integers")
         options = eval_options(args)
         model, config = load_run_model(args.model, options.device)
         data = load_task(args, config)

@@ -20,9 +20,10 @@ import numpy as np
 from mgll.data.build import drop_missing_images, load_records, split_records
 from mgll.data.records import RecordSet
 from mgll.data.splits import SPLIT_NAMES, patient_key, write_split_file
+from mgll.errors import UserError
 
 
-class TaskError(ValueError):
+class TaskError(UserError, ValueError):
     """The requested task cannot be built from the data (the message says what to change)."""
 
 

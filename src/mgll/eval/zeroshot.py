@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from mgll.eval.options import DEFAULT_OPTIONS, EvalOptions
+from mgll.eval.task import TaskError
 
 DEFAULT_TEMPLATES = (
     "{}.",
@@ -68,7 +69,7 @@ def class_prompts(
     if prompts is not None:
         missing = [c for c in classes if c not in prompts]
         if missing:
-            raise ValueError(f"--prompts: no prompts for class(es) {missing}")
+            raise TaskError(f"--prompts: no prompts for class(es) {missing}")
         positive = {c: list(prompts[c]) for c in classes}
         source = "user prompts"
     elif templates:
@@ -214,9 +215,9 @@ def load_prompts_file(path: str | Path) -> dict[str, list[str]]:
     try:
         raw = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"--prompts {path}: cannot read it as JSON ({error})") from None
+        raise TaskError(f"--prompts {path}: cannot read it as JSON ({error})") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"--prompts {path}: expected an object {{class: [prompts]}}")
+        raise TaskError(f"--prompts {path}: expected an object {{class: [prompts]}}")
     return {str(k): [v] if isinstance(v, str) else [str(p) for p in v] for k, v in raw.items()}
 
 

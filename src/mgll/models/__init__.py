@@ -7,7 +7,12 @@ and to plain open_clip.
 
 from mgll.models.config import ImageConfig, ModelConfig, TextConfig
 from mgll.models.export import ImageEncoder, export_image_encoder, load_image_encoder
-from mgll.models.factory import create_model, register_model_configs, shipped_architectures
+from mgll.models.factory import (
+    create_model,
+    from_pretrained,
+    register_model_configs,
+    shipped_architectures,
+)
 from mgll.models.image_tower import ImageTower
 from mgll.models.model import ContrastiveModel, MGLLModel
 from mgll.models.text_towers import TEXT_TOWER_BUILDERS, HFTextTower, OpenCLIPTextTower
@@ -27,6 +32,7 @@ __all__ = [
     "TextConfig",
     "create_model",
     "export_image_encoder",
+    "from_pretrained",
     "load_image_encoder",
     "register_model_configs",
     "shipped_architectures",

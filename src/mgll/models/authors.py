@@ -23,7 +23,6 @@ the model); features are therefore taken at 224 px with ImageNet mean/std (see d
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import pickle
 import re
@@ -31,16 +30,13 @@ import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import open_clip
 import torch
-from open_clip.model import _build_vision_tower
 from open_clip.transform import PreprocessCfg
 from torch import nn
 
-if TYPE_CHECKING:  # image_tower reads checkpoints through this module
-    from mgll.models.image_tower import ImageTower
+from mgll.errors import UserError
 
 AUTHORS_ARCH = "ViT-L-14"
 IMAGE_SIZE = 224
@@ -60,7 +56,7 @@ _CLIP_TEXT_MODULES = ("token_embedding", "positional_embedding", "transformer", 
                       "text_projection", "attn_mask")  # fmt: skip
 
 
-class AuthorsCheckpointError(ValueError):
+class AuthorsCheckpointError(UserError, ValueError):
     """A PyTorch checkpoint that was refused or cannot be read; the message names the file."""
 
 
@@ -166,29 +162,6 @@ class AuthorsCheckpoint:
                 key = rest
             flat[key] = value
         return flat
-
-    def image_tower(self) -> ImageTower:
-        """The ``ViT-L-14`` (GELU) image tower with these weights, ImageNet mean/std at 224."""
-        from mgll.models.image_tower import ImageTower
-
-        open_clip_cfg = copy.deepcopy(open_clip.get_model_config(AUTHORS_ARCH))
-        open_clip_cfg["quick_gelu"] = False
-        # Built without memory and given the file's (memory-mapped) tensors: a random init of
-        # 300 M parameters would take seconds only to be overwritten.
-        with torch.device("meta"):
-            visual = _build_vision_tower(
-                open_clip_cfg["embed_dim"], open_clip_cfg["vision_cfg"], quick_gelu=False
-            )
-        state = {k: v.float() for k, v in self.visual_state().items()}
-        try:
-            visual.load_state_dict(state, strict=True, assign=True)
-        except RuntimeError as error:
-            reason = " ".join(str(error).split())[:300]
-            raise AuthorsCheckpointError(
-                f"{self.path}: its clip.visual.* tensors are not those of open_clip's "
-                f"{AUTHORS_ARCH} image tower ({reason})"
-            ) from error
-        return ImageTower(visual.eval(), AUTHORS_ARCH, open_clip_cfg, preprocess_cfg())
 
 
 def preprocess_cfg() -> dict[str, Any]:

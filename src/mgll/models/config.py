@@ -10,6 +10,11 @@ from typing import Any
 from mgll.losses import INIT_LOGIT_BIAS, INIT_LOGIT_SCALE
 from mgll.schema import ConfigError, from_mapping, resolve_package_paths, to_dict
 
+# The kinds of text tower and hf poolings a config may name; ``models/text_towers.py`` holds a
+# builder (``TEXT_TOWER_BUILDERS``) and a pooling function (``POOLINGS``) for each (tested).
+TEXT_TOWER_TYPES = ("open_clip", "hf")
+POOLING_NAMES = ("mean", "cls")
+
 
 @dataclass(frozen=True)
 class ImageConfig:
@@ -45,12 +50,10 @@ class TextConfig:
     freeze: bool = False  # hf: keep the encoder's weights, train only the projection
 
     def __post_init__(self) -> None:
-        from mgll.models.text_towers import POOLINGS, TEXT_TOWER_BUILDERS
-
-        if self.type not in TEXT_TOWER_BUILDERS:
+        if self.type not in TEXT_TOWER_TYPES:
             raise ConfigError(
                 f"model.text.type: {self.type!r} is not a text tower type; use one of "
-                f"{sorted(TEXT_TOWER_BUILDERS)}"
+                f"{sorted(TEXT_TOWER_TYPES)}"
             )
         if self.type == "hf" and not self.name:
             raise ConfigError(
@@ -66,10 +69,10 @@ class TextConfig:
             raise ConfigError(
                 "model.text.freeze: only a Hugging Face text tower (type hf) can be frozen"
             )
-        if self.pooling not in POOLINGS:
+        if self.pooling not in POOLING_NAMES:
             raise ConfigError(
                 f"model.text.pooling: {self.pooling!r} is not supported; use one of "
-                f"{sorted(POOLINGS)}"
+                f"{sorted(POOLING_NAMES)}"
             )
 
 

@@ -26,6 +26,7 @@ from open_clip.model import _build_vision_tower
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mgll.errors import ModelFileError
 from mgll.io import atomic_write
 from mgll.models.image_tower import ImageTower
 from mgll.models.model import MGLLModel
@@ -42,7 +43,7 @@ def _layout(path: Path) -> tuple[Path, Path]:
     if path.suffix == ".safetensors":
         return path, path.with_suffix(".json")
     if path.suffix == ".json":
-        raise ValueError(
+        raise ModelFileError(
             f"{path}: give the .safetensors file or the export folder, not the JSON sidecar"
         )
     return path / FOLDER_WEIGHTS, path / FOLDER_SIDECAR
@@ -137,7 +138,7 @@ def load_image_encoder(path: str | os.PathLike, device: str | torch.device = "cp
             )
     sidecar = json.loads(sidecar_file.read_text())
     if sidecar.get("mgll", {}).get("format") != FORMAT_NAME:
-        raise ValueError(
+        raise ModelFileError(
             f"{sidecar_file}: not an mgll image-encoder sidecar (no mgll.format == "
             f"{FORMAT_NAME!r}); export the model with export_image_encoder"
         )
@@ -154,7 +155,7 @@ def load_image_encoder(path: str | os.PathLike, device: str | torch.device = "cp
     try:
         visual.load_state_dict(visual_state, strict=True)
     except RuntimeError as error:
-        raise ValueError(
+        raise ModelFileError(
             f"{weights_file}: its visual.* tensors do not match the architecture in "
             f"{sidecar_file} ({error})"
         ) from error

@@ -10,14 +10,20 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import open_clip
+import torch
+from safetensors.torch import load_model
 from torch import nn
 
+from mgll.errors import ModelFileError
 from mgll.models.config import ModelConfig
+from mgll.models.hub import CONFIG_FILE, FORMAT_NAME, WEIGHTS_FILE
 from mgll.models.image_tower import ImageTower, build_open_clip
 from mgll.models.model import MGLLModel
 from mgll.models.text_towers import TEXT_TOWER_BUILDERS, TowerContext
@@ -96,3 +102,29 @@ def create_model(
         init_logit_bias=cfg.init_logit_bias,
         dedup_texts=cfg.dedup_texts,
     )
+
+
+def from_pretrained(directory: str | os.PathLike, device: str | torch.device = "cpu") -> Any:
+    """The ``MGLLModel`` saved in ``directory`` by :func:`mgll.models.hub.save_pretrained`, in
+    eval mode (``mgll.from_pretrained``)."""
+    directory = Path(directory)
+    config_file = directory / CONFIG_FILE
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"{config_file}: missing; from_pretrained reads a folder written by save_pretrained"
+        )
+    config = json.loads(config_file.read_text())
+    if config.get("format") != FORMAT_NAME:
+        raise ModelFileError(
+            f"{config_file}: not an mgll model folder (format {config.get('format')!r}, expected "
+            f"{FORMAT_NAME!r}); a CLIPVisionModel export loads with transformers instead"
+        )
+    model = create_model(ModelConfig.from_dict(config["model"]).resolved())
+    missing, unexpected = load_model(model, str(directory / WEIGHTS_FILE), strict=False)
+    if missing or unexpected:
+        raise ModelFileError(
+            f"{directory / WEIGHTS_FILE} does not fit the model in {config_file}: missing "
+            f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
+        )
+    model.run_config = config["run_config"]
+    return model.to(device).eval()

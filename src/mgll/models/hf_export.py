@@ -45,12 +45,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from mgll.errors import UserError
 from mgll.models.hub import write_folder
 
 PROCESSOR_FILE = "preprocessor_config.json"
 
 
-class HFExportError(ValueError):
+class HFExportError(UserError, ValueError):
     """The tower cannot be written as a transformers CLIP vision model; says why."""
 
 

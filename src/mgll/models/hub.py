@@ -1,4 +1,4 @@
-"""Whole-model folders: ``save_pretrained`` / ``from_pretrained`` with a model card.
+"""Whole-model folders written by ``save_pretrained``, with a model card.
 
 A folder written by :func:`save_pretrained` holds
 
@@ -9,9 +9,12 @@ A folder written by :func:`save_pretrained` holds
 - ``README.md``: a Hugging Face model card (training data, config, metrics of the run, intended
   use and the "not for clinical use" note).
 
-:func:`from_pretrained` reads it back. The text tower of an ``hf`` type is rebuilt from its
-named Hugging Face model (tokenizer and architecture) and then receives the saved weights, so
-that model must be available (installed, cached or on the Hub) where the folder is loaded.
+:func:`mgll.models.factory.from_pretrained` (``mgll.from_pretrained``) reads it back: a
+folder in, a model out, beside ``create_model``, so this module never imports the factory
+(the model's ``save_pretrained`` calls this module). The text tower of an ``hf`` type is
+rebuilt from its named Hugging Face model (tokenizer and architecture) and then receives the
+saved weights, so that model must be available (installed, cached or on the Hub) where the
+folder is loaded.
 ``mgll export RUN --format mgll-pretrained --output-dir DIR`` writes a run's folder.
 """
 
@@ -24,8 +27,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import save_model
+
+from mgll.errors import ModelFileError
+from mgll.models.config import ModelConfig
+from mgll.schema import to_dict
 
 FORMAT_NAME = "mgll-pretrained"
 FORMAT_VERSION = 1
@@ -43,11 +49,11 @@ def write_folder(output_dir: str | os.PathLike, write: Callable[[Path], None]) -
     """Create ``output_dir`` through ``write(temporary folder)``, then rename it into place.
 
     A failure leaves no half-written folder. An existing non-empty ``output_dir`` is refused
-    (ValueError) rather than mixed with the new files.
+    (ModelFileError) rather than mixed with the new files.
     """
     output_dir = Path(output_dir)
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
-        raise ValueError(f"--output-dir: {output_dir} exists and is not an empty folder")
+        raise ModelFileError(f"--output-dir: {output_dir} exists and is not an empty folder")
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = output_dir.with_name(f".{output_dir.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -64,9 +70,6 @@ def write_folder(output_dir: str | os.PathLike, write: Callable[[Path], None]) -
 
 def _model_section(model: Any, run_config: Mapping[str, Any]) -> dict[str, Any]:
     """The ``model`` config that rebuilds ``model`` without fetching pretrained image weights."""
-    from mgll.models.config import ModelConfig
-    from mgll.schema import to_dict
-
     section = ModelConfig.from_dict(run_config.get("model", run_config))
     return to_dict(section.for_rebuild(model.build_facts()))
 
@@ -196,34 +199,6 @@ def save_pretrained(
         (folder / CARD_FILE).write_text(card)
 
     return write_folder(directory, write)
-
-
-def from_pretrained(directory: str | os.PathLike, device: str | torch.device = "cpu") -> Any:
-    """The ``MGLLModel`` saved in ``directory`` by :func:`save_pretrained`, in eval mode."""
-    from mgll.models.config import ModelConfig
-    from mgll.models.factory import create_model
-
-    directory = Path(directory)
-    config_file = directory / CONFIG_FILE
-    if not config_file.is_file():
-        raise FileNotFoundError(
-            f"{config_file}: missing; from_pretrained reads a folder written by save_pretrained"
-        )
-    config = json.loads(config_file.read_text())
-    if config.get("format") != FORMAT_NAME:
-        raise ValueError(
-            f"{config_file}: not an mgll model folder (format {config.get('format')!r}, expected "
-            f"{FORMAT_NAME!r}); a CLIPVisionModel export loads with transformers instead"
-        )
-    model = create_model(ModelConfig.from_dict(config["model"]).resolved())
-    missing, unexpected = load_model(model, str(directory / WEIGHTS_FILE), strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"{directory / WEIGHTS_FILE} does not fit the model in {config_file}: missing "
-            f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
-        )
-    model.run_config = config["run_config"]
-    return model.to(device).eval()
 
 
 def push_to_hub(directory: str | os.PathLike, repo_id: str, private: bool = True) -> str:

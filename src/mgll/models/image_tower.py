@@ -16,6 +16,7 @@ from typing import Any
 
 import open_clip
 import torch
+from open_clip.model import _build_vision_tower
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
@@ -26,6 +27,7 @@ from mgll.models.authors import (
     AuthorsCheckpoint,
     AuthorsCheckpointError,
     is_torch_pickle,
+    preprocess_cfg,
     read_authors_checkpoint,
 )
 from mgll.models.config import ImageConfig
@@ -263,3 +265,26 @@ def _is_mgll_run_checkpoint(checkpoint: Path) -> bool:
             f"model.image.pretrained: {checkpoint} is not a readable safetensors file ({error})"
         ) from error
     return any(key.startswith("image_tower.") for key in keys)
+
+
+def authors_image_tower(checkpoint: AuthorsCheckpoint) -> ImageTower:
+    """The authors' ``ViT-L-14`` (GELU) image tower with ``checkpoint``'s weights, ImageNet
+    mean/std at 224."""
+    open_clip_cfg = copy.deepcopy(open_clip.get_model_config(AUTHORS_ARCH))
+    open_clip_cfg["quick_gelu"] = False
+    # Built without memory and given the file's (memory-mapped) tensors: a random init of
+    # 300 M parameters would take seconds only to be overwritten.
+    with torch.device("meta"):
+        visual = _build_vision_tower(
+            open_clip_cfg["embed_dim"], open_clip_cfg["vision_cfg"], quick_gelu=False
+        )
+    state = {k: v.float() for k, v in checkpoint.visual_state().items()}
+    try:
+        visual.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as error:
+        reason = " ".join(str(error).split())[:300]
+        raise AuthorsCheckpointError(
+            f"{checkpoint.path}: its clip.visual.* tensors are not those of open_clip's "
+            f"{AUTHORS_ARCH} image tower ({reason})"
+        ) from error
+    return ImageTower(visual.eval(), AUTHORS_ARCH, open_clip_cfg, preprocess_cfg())

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from mgll.losses import INIT_LOGIT_BIAS, INIT_LOGIT_SCALE
+from mgll.models.hub import save_pretrained
 from mgll.models.image_tower import ImageTower
 
 
@@ -127,8 +128,6 @@ class MGLLModel(nn.Module):
     ) -> object:
         """Write config.json, model.safetensors and a model card; ``mgll.from_pretrained``
         reads it back (see :func:`mgll.models.hub.save_pretrained`)."""
-        from mgll.models.hub import save_pretrained
-
         return save_pretrained(self, directory, run_config, metrics)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:

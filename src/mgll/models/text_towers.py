@@ -10,17 +10,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import open_clip
 import torch
 from torch import nn
 
+from mgll.models.config import TextConfig
 from mgll.models.weights import PretrainedWeightsError, offline_hint
 from mgll.process import no_loading_bars
-
-if TYPE_CHECKING:
-    from mgll.models.config import TextConfig
 
 
 @dataclass
@@ -254,7 +252,8 @@ def build_hf_text(text_cfg: TextConfig, context: TowerContext) -> nn.Module:
     )
 
 
-# type -> builder; adding a kind of text tower means adding a line here.
+# type -> builder; adding a kind of text tower means adding a line here and its name to
+# ``models/config.py``'s TEXT_TOWER_TYPES.
 TEXT_TOWER_BUILDERS: dict[str, Callable[[TextConfig, TowerContext], nn.Module]] = {
     "open_clip": build_open_clip_text,
     "hf": build_hf_text,

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import open_clip
 
+from mgll.errors import UserError
+
 HF_HUB_PREFIX = "hf-hub:"
 
 # open_clip's own preference when a folder holds several checkpoints, safetensors first.
@@ -27,7 +29,7 @@ CHECKPOINT_NAMES = (
 CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
-class PretrainedWeightsError(RuntimeError):
+class PretrainedWeightsError(UserError, RuntimeError):
     """Pretrained weights named in a config could not be found, downloaded or loaded."""
 
 

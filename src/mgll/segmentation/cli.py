@@ -11,13 +11,12 @@ encoders go through the same code. OUT receives ``results.json``, ``training_cur
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
-from mgll.segmentation.data import SOURCES
+from mgll.segmentation.data import SOURCES, SegDataError
 
 DEFAULTS_HELP = "(default: %(default)s)"
 
@@ -82,7 +81,7 @@ def _fractions(text: str) -> dict[str, float]:
     except ValueError:
         values = []
     if len(values) != 3 or min(values) < 0 or sum(values) <= 0:
-        raise ValueError(f"--split: {text!r} is not three fractions train,val,test")
+        raise SegDataError(f"--split: {text!r} is not three fractions train,val,test")
     return dict(zip(("train", "val", "test"), values, strict=True))
 
 
@@ -125,7 +124,7 @@ def segment(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
     )
     output_dir = Path(args.output_dir)
     if output_dir.exists() and any(output_dir.iterdir()):
-        raise ValueError(f"--output-dir: {output_dir} exists and is not empty")
+        raise SegDataError(f"--output-dir: {output_dir} exists and is not empty")
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
     source = load_seg_source(args.data, _data_path(args.data, Path(args.data_root)), classes)
     encoder = load_encoder(args.encoder, config.device)
@@ -157,7 +156,7 @@ def segment(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
             f"{unreadable_images[:5]}"
         )
     if not samples:
-        raise ValueError(f"no usable image/mask pair in {source.folder}")
+        raise SegDataError(f"no usable image/mask pair in {source.folder}")
 
     split = seg_split(samples, config.split, config.seed)
     mean, std = encoder.image_mean, encoder.image_std
@@ -170,7 +169,7 @@ def segment(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
 
     train_set, val_set, test_set = dataset("train", True), dataset("val"), dataset("test")
     if not len(train_set) or not len(test_set):
-        raise ValueError(
+        raise SegDataError(
             f"--split {args.split}: {len(train_set)} train and {len(test_set)} test images; "
             "both need at least one patient"
         )
@@ -249,19 +248,12 @@ def _format(results: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``mgll segment``; expected failures are one-line errors (exit code 1)."""
-    from mgll.eval.encoders import EncoderError
+    """Run ``mgll segment`` (user errors reach ``mgll.cli.main`` as one line)."""
     from mgll.process import offline_hubs
-    from mgll.segmentation.data import SegDataError
-    from mgll.segmentation.decoders import DecoderError
 
-    try:
-        with offline_hubs(), warnings.catch_warnings():
-            warnings.simplefilter("default")
-            results = segment(args)
-    except (EncoderError, SegDataError, DecoderError, ValueError, FileNotFoundError) as err:
-        print(f"mgll segment: error: {err}", file=sys.stderr)
-        return 1
+    with offline_hubs(), warnings.catch_warnings():
+        warnings.simplefilter("default")
+        results = segment(args)
     print(_format(results))
     print(f"wrote {Path(args.output_dir) / 'results.json'}")
     return 0

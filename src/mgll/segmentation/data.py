@@ -37,6 +37,7 @@ from mgll.data.cache import PreprocessCache, check_resize_mode
 from mgll.data.images import ImageLoadError
 from mgll.data.records import Record
 from mgll.data.splits import SPLIT_NAMES, patient_split, write_split_file
+from mgll.errors import UserError
 from mgll.io import atomic_write
 
 MASK_CACHE_VERSION = 1
@@ -63,7 +64,7 @@ COVID_SEG_CLASSES: dict[str, tuple[str, ...]] = {
 DEFAULT_COVID_SEG_CLASSES = ("lungs", "ground_glass_opacity", "consolidation")
 
 
-class SegDataError(ValueError):
+class SegDataError(UserError, ValueError):
     """A segmentation source cannot be read; the message names the file/row and the fix."""
 
 

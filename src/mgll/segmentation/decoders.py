@@ -22,10 +22,12 @@ import math
 import torch
 from torch import nn
 
+from mgll.errors import UserError
+
 NORM = "instance"
 
 
-class DecoderError(ValueError):
+class DecoderError(UserError, ValueError):
     """The tower cannot be given a decoder; the message says why."""
 
 

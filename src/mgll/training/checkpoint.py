@@ -29,13 +29,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors import torch as safetensors_torch
 from torch import nn
 
+from mgll.errors import UserError
 from mgll.io import atomic_write
 
 CHECKPOINT_SUBDIR = "checkpoints"
 _NAME_RE = re.compile(r"^step_(\d+)\.safetensors$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, incomplete or does not fit: the message names the file."""
 
 

@@ -3,23 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from pathlib import Path
 
-from mgll.models.weights import PretrainedWeightsError
 from mgll.process import offline_hubs
-from mgll.training.checkpoint import CheckpointError
-from mgll.training.config import (
-    ConfigError,
-    load_config,
-    parse_overrides,
-    shipped_config_names,
-)
-from mgll.training.run_control import RunInterrupted, RunLockedError
-from mgll.training.step import NonFiniteLossError
-
-_SIGNALS = {s.name for s in signal.Signals}
+from mgll.training.config import load_config, parse_overrides, shipped_config_names
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -57,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Resolve the config, train, and turn expected failures into one-line errors."""
+    """Resolve the config and train (user errors reach ``mgll.cli.main`` as one line)."""
     overrides: list[tuple[str, object]] = []
     if args.max_steps is not None:
         overrides.append(("train.max_steps", args.max_steps))
@@ -72,25 +60,13 @@ def run(args: argparse.Namespace) -> int:
 
         with offline_hubs():
             train(cfg, Path(args.data_root), Path(args.output_dir), resume=args.resume)
-    except RunInterrupted as err:
-        print(f"mgll pretrain: {err}", file=sys.stderr)
-        return 128 + signal.Signals[err.signal_name].value if err.signal_name in _SIGNALS else 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # the second Ctrl-C: no checkpoint at this step
         print(
             "mgll pretrain: stopped at once (second Ctrl-C); the checkpoints written so far "
             "are intact: continue with --resume latest",
             file=sys.stderr,
         )
         return 130
-    except (
-        ConfigError,
-        CheckpointError,
-        NonFiniteLossError,
-        PretrainedWeightsError,
-        RunLockedError,
-    ) as err:
-        print(f"mgll pretrain: error: {err}", file=sys.stderr)
-        return 1
     finally:
         _leave_process_group()
     return 0

@@ -8,18 +8,17 @@ without unpickling: :mod:`mgll.models.authors`), whose image tower is exported a
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
+from mgll.errors import UsageError
 from mgll.models.authors import (
     AuthorsCheckpoint,
     is_torch_pickle,
     load_authors_checkpoint,
 )
-from mgll.models.weights import PretrainedWeightsError
+from mgll.models.image_tower import authors_image_tower
 from mgll.process import offline_hubs
-from mgll.training.checkpoint import CheckpointError, load_model, resolve_checkpoint
-from mgll.training.config import ConfigError
+from mgll.training.checkpoint import load_model, resolve_checkpoint
 
 
 def authors_checkpoint(checkpoint: str | Path) -> AuthorsCheckpoint | None:
@@ -45,7 +44,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
 
     authors = authors_checkpoint(checkpoint)
     if authors is not None:
-        return export_image_tower(authors.image_tower(), output)
+        return export_image_tower(authors_image_tower(authors), output)
     model, _ = load_model(checkpoint)
     return export_image_encoder(model, output)
 
@@ -57,7 +56,7 @@ def export_hf_clip_vision(checkpoint: str | Path, output_dir: str | Path) -> Pat
 
     authors = authors_checkpoint(checkpoint)
     if authors is not None:
-        tower, source = authors.image_tower(), authors.path
+        tower, source = authors_image_tower(authors), authors.path
     else:
         tower, source = load_model(checkpoint)[0].image_tower, resolve_checkpoint(checkpoint)
     info = {"source": str(source), "arch": tower.arch}
@@ -109,23 +108,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Export, turning expected failures into one-line errors (exit code 1)."""
-    try:
-        with offline_hubs():
-            if args.format != "open_clip":
-                if not args.output_dir:
-                    raise ValueError(f"--format {args.format} needs --output-dir")
-                writers = {
-                    "hf-clip-vision": export_hf_clip_vision,
-                    "mgll-pretrained": export_pretrained,
-                }
-                path = writers[args.format](args.checkpoint, args.output_dir)
-            elif not args.output or args.output_dir:
-                raise ValueError("--format open_clip needs --output (and no --output-dir)")
-            else:
-                path = export_checkpoint(args.checkpoint, args.output)
-    except (CheckpointError, ConfigError, PretrainedWeightsError, ValueError) as err:
-        print(f"mgll export: error: {err}", file=sys.stderr)
-        return 1
+    """Export the checkpoint in the asked format (user errors reach ``mgll.cli.main``)."""
+    if args.format != "open_clip" and not args.output_dir:
+        raise UsageError(f"--format {args.format} needs --output-dir")
+    if args.format == "open_clip" and (not args.output or args.output_dir):
+        raise UsageError("--format open_clip needs --output (and no --output-dir)")
+    with offline_hubs():
+        if args.format == "open_clip":
+            path = export_checkpoint(args.checkpoint, args.output)
+        else:
+            writers = {
+                "hf-clip-vision": export_hf_clip_vision,
+                "mgll-pretrained": export_pretrained,
+            }
+            path = writers[args.format](args.checkpoint, args.output_dir)
     print(f"wrote {path}")
     return 0

@@ -22,14 +22,16 @@ import warnings
 from pathlib import Path
 from types import FrameType, TracebackType
 
+from mgll.errors import UserError
+
 LOCK_FILE = ".mgll-run.lock"
 
 
-class RunLockedError(RuntimeError):
+class RunLockedError(UserError, RuntimeError):
     """Another run is writing the output folder: the message names its host and process."""
 
 
-class RunInterrupted(RuntimeError):
+class RunInterrupted(UserError, RuntimeError):
     """The run stopped on a signal after checkpointing; the message says how to continue."""
 
     def __init__(self, signal_name: str, step: int, checkpoint: Path | None) -> None:
@@ -40,6 +42,14 @@ class RunInterrupted(RuntimeError):
         )
         self.signal_name = signal_name
         self.step = step
+
+    label = ""  # a requested stop, not an error
+
+    @property
+    def exit_code(self) -> int:  # type: ignore[override]
+        """128 + the signal's number, as a shell reports a process ended by that signal."""
+        names = {s.name: s.value for s in signal.Signals}
+        return 128 + names[self.signal_name] if self.signal_name in names else 1
 
 
 def _alive(pid: int) -> bool:

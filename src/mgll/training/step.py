@@ -27,13 +27,14 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from mgll.distributed import all_reduce_mean
+from mgll.errors import UserError
 from mgll.losses import MAX_LOGIT_SCALE
 from mgll.training.config import PrecisionName
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """The loss became NaN or infinite; the message names the step and the term(s)."""
 
     def __init__(self, step: int, terms: dict[str, float]) -> None:

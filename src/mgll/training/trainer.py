@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import random
 import signal
 import sys
 import time
@@ -28,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -36,22 +34,24 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm import tqdm
 
+from mgll.data import collate_samples, prepare_data
 from mgll.data.config import DataConfig
 from mgll.distributed import DistributedInfo, barrier, init_distributed, is_distributed
 from mgll.io import atomic_write
+from mgll.models import create_model
 from mgll.models.config import ModelConfig
 from mgll.models.model import ContrastiveModel
-from mgll.process import torch_settings
+from mgll.process import seed_everything, torch_settings
 from mgll.schema import ConfigError
 from mgll.training import checkpoint as ckpt
 from mgll.training.config import RunConfig, save_config
-from mgll.training.evaluate import validate
 from mgll.training.objective import Objective
 from mgll.training.optim import build_optimizer, lr_at, set_lr
 from mgll.training.run_control import RunInterrupted, RunLock, StopRequests
 from mgll.training.run_log import MetricsLog, flatten, truncate_after
 from mgll.training.sampling import GlobalBatchSampler, SeededSamples, sample_seed
 from mgll.training.step import Precision, forward_backward, optimizer_step
+from mgll.training.validation import validate
 
 SUMMARY_FILE = "summary.json"
 SPLIT_FILE = "split.csv"  # image, source, patient_id, split of every record the run read
@@ -73,13 +73,6 @@ class DataSource(Protocol):
 
 ModelFactory = Callable[[ModelConfig, int], ContrastiveModel]  # (model config, G)
 DataBuilder = Callable[[DataConfig, Any, int], DataSource]  # (data config, data root, seed)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed % (1 << 32))
-    torch.manual_seed(seed)
 
 
 @dataclass
@@ -235,13 +228,9 @@ def build(
     collate_fn: Callable | None = None,
 ) -> Run:
     """Records (G), objective, model, datasets, loaders, optimizer: a ready :class:`Run`."""
-    if model_factory is None or data_builder is None or collate_fn is None:
-        from mgll.data import collate_samples, prepare_data
-        from mgll.models import create_model
-
-        model_factory = model_factory or create_model
-        data_builder = data_builder or prepare_data
-        collate_fn = collate_fn or collate_samples
+    model_factory = model_factory or create_model
+    data_builder = data_builder or prepare_data
+    collate_fn = collate_fn or collate_samples
     seed, tcfg = cfg.train.seed, cfg.train
     try:
         data = data_builder(cfg.data, data_root, seed)
@@ -263,7 +252,6 @@ def build(
     except ValueError as err:
         raise ConfigError(f"data section (data root {data_root}): {err}") from err
     train_set, val_set = datasets["train"], datasets.get("val")
-    tcfg.per_process_batch(info.world_size)
     # A custom data builder may know nothing of sources, weights or split files.
     weights = data.sampling_weights("train") if hasattr(data, "sampling_weights") else None
     sources = data.source_counts() if hasattr(data, "source_counts") else {}
@@ -499,118 +487,199 @@ def save(run: Run, state: TrainState) -> None:
 
 
 def loop(run: Run, state: TrainState, fresh: bool) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Train from ``state`` to ``run.max_steps``; returns the last train and val rows."""
-    cfg, tcfg, device = run.cfg, run.cfg.train, run.device
-    if run.main and fresh:
-        truncate_after(
-            run.output_dir, 0
-        )  # a fresh run (e.g. after a failed start) starts a new log
-    log = MetricsLog(run.output_dir, cfg.log.tensorboard) if run.main else None
-    bar = tqdm(
-        total=run.max_steps,
-        initial=state.step,
-        disable=not (run.main and cfg.log.progress_bar),
-        dynamic_ncols=True,
-        desc="pretrain",
-    )
+    """Train from ``state`` to ``run.max_steps``; returns the last train and val rows.
+
+    Per step: :func:`train_step`, :meth:`Progress.log_step`, :func:`_checkpoint_if_due`; at an
+    epoch's end :func:`_end_epoch`. :func:`_checkpoint` is the one place that saves (and stops
+    on a signal), :func:`_validate_and_log` the one that validates.
+    """
+    cfg, tcfg = run.cfg, run.cfg.train
+    progress = Progress.open(run, state, fresh)
     params = [p for group in run.optimizer.param_groups for p in group["params"]]
-    steps_per_epoch = run.sampler.steps_per_epoch
-    last_train: dict[str, Any] = {}
-    last_val: dict[str, Any] = {}
-    last_saved_step = -1
-    stop = False
-    minutes = cfg.checkpoint.every_minutes
-    saved_at = time.monotonic()
-    window_time, window_samples = time.perf_counter(), 0
     run.wrapped.train()
     try:
         while state.epoch < tcfg.epochs and state.step < run.max_steps:
             run.sampler.set_epoch(state.epoch, state.epoch_step)
+            stop = False
             for batch in run.train_loader:
-                images = batch["images"].to(device, non_blocking=True)
-                labels = [lab.to(device, non_blocking=True) for lab in batch["labels"]]
-                run.skipped.update(batch.get("skipped", []))
-                lr = lr_at(state.step, tcfg.lr, tcfg.min_lr, run.warmup_steps, run.total_steps)
-                set_lr(run.optimizer, lr)
-                texts, labels = run.objective.inputs(batch["texts"], labels)
-                terms = forward_backward(
-                    run.wrapped,
-                    run.objective.loss,
-                    images,
-                    texts,
-                    labels,
-                    run.precision,
-                    tcfg.accum_steps,
-                    state.step + 1,
-                )
-                grad_norm = optimizer_step(
-                    run.optimizer,
-                    run.precision,
-                    params,
-                    tcfg.grad_clip,
-                    logit_scale=run.model.logit_scale,
-                )
-                state.step += 1
-                state.epoch_step += 1
-                window_samples += tcfg.batch_size
-                values = {k: float(v) for k, v in terms.items()}
-                if run.main:
-                    now = time.perf_counter()
-                    rate = window_samples / max(now - window_time, 1e-9)
-                    bar.update(1)
-                    bar.set_postfix(
-                        {k: f"{v:.4f}" for k, v in values.items()}
-                        | {"lr": f"{lr:.2e}", "samples/s": f"{rate:.1f}"}
-                    )
-                    if state.step % cfg.log.every_steps == 0 or state.step == run.max_steps:
-                        last_train = {
-                            "kind": "train",
-                            "step": state.step,
-                            "epoch": state.epoch,
-                            **values,
-                            "lr": lr,
-                            "grad_norm": float(grad_norm),
-                            "logit_scale": float(run.model.logit_scale.detach()),
-                            "samples_per_s": rate,
-                        }
-                        log.write(last_train)  # type: ignore[union-attr]
-                        window_time, window_samples = now, 0
-                # The last step of an epoch is saved after validation, below.
-                due = state.step % cfg.checkpoint.every_steps == 0
-                overdue = minutes is not None and time.monotonic() - saved_at >= 60 * minutes
-                stop, overdue = _agree(run, overdue)
-                if (due or overdue or stop) and state.epoch_step < steps_per_epoch:
-                    save(run, state)
-                    last_saved_step, saved_at = state.step, time.monotonic()
-                    if stop:
-                        raise RunInterrupted(_signal_name(run), state.step, run.last_checkpoint)
+                values, lr, grad_norm = train_step(run, state, batch, params)
+                progress.log_step(run, state, values, lr, grad_norm)
+                stop = _checkpoint_if_due(run, state, progress)
                 if stop or state.step >= run.max_steps:
-                    break  # at an epoch's end a stop is saved below, after its validation
-            if state.epoch_step >= steps_per_epoch:  # the epoch is complete
-                every = cfg.eval.every_epochs
-                if run.val_loader is not None and every > 0 and (state.epoch + 1) % every == 0:
-                    last_val = _validate(run, state)
-                    log.write(last_val)  # type: ignore[union-attr]
-                    bar.write(_format_val(last_val))
-                barrier()
-                state.epoch, state.epoch_step = state.epoch + 1, 0
-                save(run, state)
-                last_saved_step, saved_at = state.step, time.monotonic()
-                if stop and state.step < run.max_steps:
-                    raise RunInterrupted(_signal_name(run), state.step, run.last_checkpoint)
+                    break  # at an epoch's end a stop is saved by _end_epoch, after validation
+            if state.epoch_step >= run.sampler.steps_per_epoch:
+                _end_epoch(run, state, progress, stop)
         if state.epoch == 0 and run.val_loader is not None and cfg.eval.every_epochs > 0:
             # --max-steps ended the run inside its first epoch: validate once, at the end.
-            last_val = _validate(run, state)
-            log.write(last_val)  # type: ignore[union-attr]
-            bar.write(_format_val(last_val))
+            _validate_and_log(run, state, progress)
             run.validated_at_end = True
-        if last_saved_step != state.step:
-            save(run, state)
+        if progress.saved_step != state.step:
+            _checkpoint(run, state, progress)
     finally:
-        bar.close()
-        if log is not None:
-            log.close()
-    return last_train, last_val
+        progress.close()
+    return progress.last_train, progress.last_val
+
+
+@dataclass
+class Progress:
+    """What the loop reports and when it last saved: metrics.jsonl, the progress bar, the
+    samples/s window, the last train and val rows, the step and time of the last checkpoint."""
+
+    log: MetricsLog | None
+    bar: Any
+    saved_step: int = -1
+    saved_at: float = field(default_factory=time.monotonic)
+    window_time: float = field(default_factory=time.perf_counter)
+    window_samples: int = 0
+    last_train: dict[str, Any] = field(default_factory=dict)
+    last_val: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, run: Run, state: TrainState, fresh: bool) -> Progress:
+        """Rank 0's log (a fresh run, e.g. after a failed start, starts a new one) and bar."""
+        cfg = run.cfg
+        if run.main and fresh:
+            truncate_after(run.output_dir, 0)
+        log = MetricsLog(run.output_dir, cfg.log.tensorboard) if run.main else None
+        bar = tqdm(
+            total=run.max_steps,
+            initial=state.step,
+            disable=not (run.main and cfg.log.progress_bar),
+            dynamic_ncols=True,
+            desc="pretrain",
+        )
+        return cls(log, bar)
+
+    def log_step(
+        self,
+        run: Run,
+        state: TrainState,
+        values: dict[str, float],
+        lr: float,
+        grad_norm: torch.Tensor,
+    ) -> None:
+        """The bar after every step; a metrics row every ``log.every_steps`` and at the end."""
+        self.window_samples += run.cfg.train.batch_size
+        if not run.main:
+            return
+        now = time.perf_counter()
+        rate = self.window_samples / max(now - self.window_time, 1e-9)
+        self.bar.update(1)
+        self.bar.set_postfix(
+            {k: f"{v:.4f}" for k, v in values.items()}
+            | {"lr": f"{lr:.2e}", "samples/s": f"{rate:.1f}"}
+        )
+        if state.step % run.cfg.log.every_steps == 0 or state.step == run.max_steps:
+            self.last_train = {
+                "kind": "train",
+                "step": state.step,
+                "epoch": state.epoch,
+                **values,
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                "logit_scale": float(run.model.logit_scale.detach()),
+                "samples_per_s": rate,
+            }
+            self.log.write(self.last_train)  # type: ignore[union-attr]
+            self.window_time, self.window_samples = now, 0
+
+    def log_val(self, row: dict[str, Any]) -> None:
+        """A validation row: metrics.jsonl and its block under the bar."""
+        self.last_val = row
+        self.log.write(row)  # type: ignore[union-attr]
+        self.bar.write(_format_val(row))
+
+    def checkpoint_overdue(self, minutes: float | None) -> bool:
+        """Whether ``checkpoint.every_minutes`` have passed since the last checkpoint."""
+        return minutes is not None and time.monotonic() - self.saved_at >= 60 * minutes
+
+    def saved(self, step: int) -> None:
+        """Note a checkpoint at ``step``, now."""
+        self.saved_step, self.saved_at = step, time.monotonic()
+
+    def close(self) -> None:
+        """Close the bar and the log."""
+        self.bar.close()
+        if self.log is not None:
+            self.log.close()
+
+
+def train_step(
+    run: Run, state: TrainState, batch: Mapping[str, Any], params: Sequence[torch.Tensor]
+) -> tuple[dict[str, float], float, torch.Tensor]:
+    """One optimizer step on ``batch`` at the scheduled lr; advances ``state``.
+
+    Returns the loss terms, the lr and the gradient norm before clipping.
+    """
+    tcfg, device = run.cfg.train, run.device
+    images = batch["images"].to(device, non_blocking=True)
+    labels = [lab.to(device, non_blocking=True) for lab in batch["labels"]]
+    run.skipped.update(batch.get("skipped", []))
+    lr = lr_at(state.step, tcfg.lr, tcfg.min_lr, run.warmup_steps, run.total_steps)
+    set_lr(run.optimizer, lr)
+    texts, labels = run.objective.inputs(batch["texts"], labels)
+    terms = forward_backward(
+        run.wrapped,
+        run.objective.loss,
+        images,
+        texts,
+        labels,
+        run.precision,
+        tcfg.accum_steps,
+        state.step + 1,
+    )
+    grad_norm = optimizer_step(
+        run.optimizer, run.precision, params, tcfg.grad_clip, logit_scale=run.model.logit_scale
+    )
+    state.step += 1
+    state.epoch_step += 1
+    return {k: float(v) for k, v in terms.items()}, lr, grad_norm
+
+
+def _checkpoint_if_due(run: Run, state: TrainState, progress: Progress) -> bool:
+    """Inside an epoch, checkpoint when ``checkpoint.every_steps``/``every_minutes`` say so or a
+    stop was asked for (then stop); returns whether a stop was asked for. The last step of an
+    epoch is saved by :func:`_end_epoch`, after validation."""
+    due = state.step % run.cfg.checkpoint.every_steps == 0
+    stop, overdue = _agree(run, progress.checkpoint_overdue(run.cfg.checkpoint.every_minutes))
+    if (due or overdue or stop) and state.epoch_step < run.sampler.steps_per_epoch:
+        _checkpoint(run, state, progress, stop)
+    return stop
+
+
+def _end_epoch(run: Run, state: TrainState, progress: Progress, stop: bool) -> None:
+    """Validate when due, move to the next epoch, checkpoint (then stop if asked to)."""
+    every = run.cfg.eval.every_epochs
+    if run.val_loader is not None and every > 0 and (state.epoch + 1) % every == 0:
+        _validate_and_log(run, state, progress)
+    barrier()
+    state.epoch, state.epoch_step = state.epoch + 1, 0
+    _checkpoint(run, state, progress, stop and state.step < run.max_steps)
+
+
+def _checkpoint(run: Run, state: TrainState, progress: Progress, stop: bool = False) -> None:
+    """The one place that saves: checkpoint at ``state``; with ``stop``, then end the run with
+    :class:`RunInterrupted` (the checkpoint is at the step the stop reached)."""
+    save(run, state)
+    progress.saved(state.step)
+    if stop:
+        raise RunInterrupted(_signal_name(run), state.step, run.last_checkpoint)
+
+
+def _validate_and_log(run: Run, state: TrainState, progress: Progress) -> None:
+    """The one place that validates: metrics on the validation set, logged at ``state``."""
+    metrics = validate(
+        run.model,  # type: ignore[arg-type]
+        run.objective,
+        run.val_loader,  # type: ignore[arg-type]
+        run.level_names,
+        run.precision,
+        run.device,
+        run.cfg.eval.recall_at,
+        run.cfg.eval.precision_at,
+    )
+    row = {"kind": "val", "split": "val", "step": state.step, "epoch": state.epoch} | metrics
+    progress.log_val(row)
 
 
 def _signal_name(run: Run) -> str:
@@ -627,20 +696,6 @@ def _agree(run: Run, overdue: bool) -> tuple[bool, bool]:
     flags = torch.tensor([float(stop), float(overdue)], device=run.device)
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     return bool(flags[0]), bool(flags[1])
-
-
-def _validate(run: Run, state: TrainState) -> dict[str, Any]:
-    metrics = validate(
-        run.model,  # type: ignore[arg-type]
-        run.objective,
-        run.val_loader,  # type: ignore[arg-type]
-        run.level_names,
-        run.precision,
-        run.device,
-        run.cfg.eval.recall_at,
-        run.cfg.eval.precision_at,
-    )
-    return {"kind": "val", "split": "val", "step": state.step, "epoch": state.epoch} | metrics
 
 
 # ---- 4. summarize -----------------------------------------------------------------------------

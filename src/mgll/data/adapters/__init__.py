@@ -14,6 +14,7 @@ from typing import Any
 
 from mgll.data.adapters import chestxray14, covid_cxr, csdi_fundus, mgll_release, midrc, palm
 from mgll.data.records import RecordSet
+from mgll.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class Adapter:
         """Records of the dataset at ``path`` in this format (options checked by name)."""
         unknown = sorted(set(options) - set(self.options()))
         if unknown:
-            raise ValueError(
+            raise DataError(
                 f"{self.name} adapter: unknown option(s) {unknown}; known: {self.options()}"
             )
         return self.loader(Path(path), **options)
@@ -71,7 +72,7 @@ def get_adapter(name: str) -> Adapter:
     for adapter in ADAPTERS:
         if name == adapter.name or name in adapter.aliases:
             return adapter
-    raise ValueError(
+    raise DataError(
         f"unknown dataset format {name!r}; known formats: {adapter_names()} (or give a spec file)"
     )
 
@@ -80,11 +81,11 @@ def detect_adapter(path: str | Path) -> Adapter:
     """The first adapter recognising the folder ``path`` (ValueError listing the formats)."""
     path = Path(path)
     if not path.exists():
-        raise ValueError(f"{path}: no such dataset folder")
+        raise DataError(f"{path}: no such dataset folder")
     for adapter in ADAPTERS:
         if adapter.detect(path):
             return adapter
-    raise ValueError(
+    raise DataError(
         f"{path}: not a dataset folder in a known format ({adapter_names()}); name the format "
         "with --format / data.source, or describe the table in a dataset spec (docs/data.md)"
     )

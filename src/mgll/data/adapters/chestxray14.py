@@ -21,6 +21,7 @@ from pathlib import Path
 
 from mgll.data.records import LevelInfo, Record, RecordSet
 from mgll.data.tables import read_table
+from mgll.errors import DataError
 
 FINDINGS = (
     "Atelectasis",
@@ -70,12 +71,12 @@ def load(path: str | Path, *, images: str | None = None) -> RecordSet:
     image_dir = images
     table = _table(path)
     if table is None:
-        raise ValueError(f"{path}: no {TABLE_NAMES[0]} found; pass the table or its folder")
+        raise DataError(f"{path}: no {TABLE_NAMES[0]} found; pass the table or its folder")
     root = Path(image_dir) if image_dir else (path if path.is_dir() else path.parent)
     frame = read_table(table, "csv")
     for needed in ("Image Index", "Finding Labels", "Patient ID"):
         if needed not in frame.columns:
-            raise ValueError(f"{table}: column {needed!r} not found; is this Data_Entry_2017.csv?")
+            raise DataError(f"{table}: column {needed!r} not found; is this Data_Entry_2017.csv?")
     # One walk of the folder instead of one stat per image (the set has 112,120 images).
     located: dict[str, Path] = {}
     for folder, _, files in os.walk(root):

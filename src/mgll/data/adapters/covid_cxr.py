@@ -26,6 +26,7 @@ from pathlib import Path
 
 from mgll.data.records import Record, RecordSet, build_levels
 from mgll.data.tables import read_table
+from mgll.errors import DataError
 
 LEVEL_NAMES = ("category", "type", "organism", "notes")
 
@@ -131,7 +132,7 @@ def load(path: str | Path, *, notes: bool = True) -> RecordSet:
     frame = read_table(meta_path)
     for column in ("filename", "finding", "patientid"):
         if column not in frame.columns:
-            raise ValueError(
+            raise DataError(
                 f"{meta_path}: column {column!r} not found; is this an ieee8023 metadata.csv?"
             )
     rows: dict[str, tuple[int, dict[str, str]]] = {}
@@ -145,7 +146,7 @@ def load(path: str | Path, *, notes: bool = True) -> RecordSet:
             with annotations.open(encoding="utf-8") as handle:
                 names = [image["file_name"] for image in json.load(handle)["images"]]
         except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(
+            raise DataError(
                 f"{annotations}: not a COCO file with images[].file_name ({exc}); fix or remove "
                 "it (the images/ folder is then the image list)"
             ) from exc

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from mgll.data.records import Record, RecordSet, build_levels
 from mgll.data.tables import read_table
+from mgll.errors import DataError
 
 ANNOTATIONS = "CSDI_annotations.csv"
 # (name, lower bound inclusive, upper bound exclusive; the last bin includes 10)
@@ -49,7 +50,7 @@ def severity_bin(score: float) -> str:
     for name, low, high in SEVERITY_BINS:
         if low <= score < high or (name == "Severe" and score == high):
             return name
-    raise ValueError(f"cataract score {score} is outside 0-10")
+    raise DataError(f"cataract score {score} is outside 0-10")
 
 
 def patient_of(filename: str) -> str:
@@ -65,12 +66,12 @@ def load(path: str | Path, *, language: str = "en") -> RecordSet:
     path = Path(path)
     column = {"en": "English_diagnosis", "zh": "Chinese_diagnosis"}.get(language)
     if column is None:
-        raise ValueError(f"csdi-fundus adapter: language must be 'en' or 'zh', got {language!r}")
+        raise DataError(f"csdi-fundus adapter: language must be 'en' or 'zh', got {language!r}")
     table = path / ANNOTATIONS
     frame = read_table(table)
     for needed in ("id", "score", column):
         if needed not in frame.columns:
-            raise ValueError(
+            raise DataError(
                 f"{table}: column {needed!r} not found; is this the CSDI annotation file?"
             )
     result = RecordSet(levels=[], records=[], source=str(path))

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from mgll.data.records import Record, RecordSet, build_levels
 from mgll.data.tables import read_table
+from mgll.errors import DataError
 
 
 def _lists(path: Path, prefix: str | None) -> dict[str, Path]:
@@ -74,7 +75,7 @@ def load(
     image_root = Path(image_root) if image_root else None
     lists = _lists(path, prefix)
     if "train" not in lists:
-        raise ValueError(
+        raise DataError(
             f"{path}: no {prefix or '<list>'}_train.txt found; is this an MGLL release folder?"
         )
     result = RecordSet(levels=[], records=[], source=str(path))
@@ -87,16 +88,16 @@ def load(
                 with json_file.open(encoding="utf-8") as handle:
                     items = json.load(handle)
             except OSError as exc:
-                raise ValueError(
+                raise DataError(
                     f"{list_file} line {line_number}: cannot read {json_file} "
                     f"({exc.strerror or exc})"
                 ) from exc
             except json.JSONDecodeError as exc:
-                raise ValueError(
+                raise DataError(
                     f"{json_file}: not valid JSON ({exc}); listed at {list_file} line {line_number}"
                 ) from exc
             if not isinstance(items, list):
-                raise ValueError(
+                raise DataError(
                     f"{json_file}: expected a list of records with ImageID, Disease, Description"
                 )
             for k, item in enumerate(items):
@@ -153,7 +154,7 @@ def load_downstream(
     if name is None:
         trains = sorted(path.glob("*_Train.csv"))
         if not trains:
-            raise ValueError(
+            raise DataError(
                 f"{path}: no <name>_Train.csv found; is this an MGLL downstream folder?"
             )
         name = trains[0].name[: -len("_Train.csv")]
@@ -164,19 +165,19 @@ def load_downstream(
             frames[split] = (file, read_table(file))
     if "train" not in frames:
         found = sorted(p.name for p in path.glob("*_Train.csv"))
-        raise ValueError(
+        raise DataError(
             f"mgll-downstream adapter: {path / f'{name}_Train.csv'} not found; set the option "
             f"name to one of {[f[: -len('_Train.csv')] for f in found]}"
         )
     first_file, first = frames["train"]
     if first.shape[1] < 2:
-        raise ValueError(
+        raise DataError(
             f"{first_file}: needs an image path column followed by at least one label column"
         )
     label_cols = list(first.columns[1:])
     for file, frame in frames.values():
         if list(frame.columns[1:]) != label_cols:
-            raise ValueError(
+            raise DataError(
                 f"{file}: label columns {list(frame.columns[1:])} differ from "
                 f"{first_file}'s {label_cols}"
             )

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from mgll.data.records import Record, RecordSet, build_levels
 from mgll.data.tables import read_table
+from mgll.errors import DataError
 
 LEVEL_NAMES = ("modality", "study", "series")
 # normalised column name candidates (lower case, letters and digits only)
@@ -78,7 +79,7 @@ def _rows_from_table(table: Path) -> list[dict[str, str]]:
             found[role] = match
     for role in ("modality", "study", "series", "image"):
         if role not in found:
-            raise ValueError(
+            raise DataError(
                 f"{table}: no {role} column (looked for {COLUMNS[role]}, ignoring case, spaces "
                 f"and underscores; columns are {list(frame.columns)}); rename it or write a "
                 "dataset spec (docs/data.md)"

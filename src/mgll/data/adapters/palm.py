@@ -33,6 +33,7 @@ import pandas as pd
 from mgll.data.records import Record, RecordSet, build_levels
 from mgll.data.splits import file_digest
 from mgll.data.tables import TableError, read_table
+from mgll.errors import DataError
 
 TRAINING = "Training400"
 VALIDATION = "Validation400"
@@ -83,7 +84,7 @@ def _label_table(path: Path, labels: str | None) -> tuple[Path, pd.DataFrame]:
             try:
                 frame = pd.read_excel(file, dtype=str).fillna("")
             except ImportError:
-                raise ValueError(
+                raise DataError(
                     f"{file}: reading .xlsx needs openpyxl; pip install openpyxl, or save the "
                     "sheet as labels.csv next to it"
                 ) from None
@@ -98,11 +99,11 @@ def _label_table(path: Path, labels: str | None) -> tuple[Path, pd.DataFrame]:
         if {"imgName", "Label"} <= set(frame.columns):
             return file, frame
         if labels is not None:
-            raise ValueError(
+            raise DataError(
                 f"{file}: columns imgName and Label not found (has {list(frame.columns)}); "
                 "is this the PALM validation label file?"
             )
-    raise ValueError(
+    raise DataError(
         f"{path}: no PALM validation label table (a .csv or .xlsx with columns imgName, Label) "
         "found; give its path with the option labels"
     )
@@ -116,10 +117,10 @@ def load(
     table, default found by its columns)."""
     path = Path(path)
     if not 0.0 <= float(val_fraction) < 1.0:
-        raise ValueError(f"palm adapter: val_fraction must be in [0, 1), got {val_fraction}")
+        raise DataError(f"palm adapter: val_fraction must be in [0, 1), got {val_fraction}")
     training = _image_folder(path, TRAINING)
     if training is None:
-        raise ValueError(f"{path}: no PALM-{TRAINING} image folder found; is this PALM?")
+        raise DataError(f"{path}: no PALM-{TRAINING} image folder found; is this PALM?")
     result = RecordSet(levels=[], records=[], source=str(path))
     for image in _images(training):
         letter = image.name[:1].upper()
