@@ -30,6 +30,7 @@ COMMAND_MODULES: dict[str, tuple[str, str]] = {
     "explain": ("mgll.explain", "Grad-CAM heatmaps: where in an image the model sees a text"),
     "demo": ("mgll.demo.cli", "random init vs CLIP vs MGLL, pretrained and evaluated end to end"),
     "ablate": ("mgll.demo.ablate", "the paper's ablation: loss terms, levels, missing labels"),
+    "benchmark": ("mgll.benchmark.cli", "encoders over the paper's tasks: one table, seeds pooled"),
 }
 
 

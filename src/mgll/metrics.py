@@ -504,3 +504,65 @@ def _progress(iterable: Iterator[np.ndarray], total: int, enabled: bool) -> Iter
     return iter(
         tqdm(iterable, total=total, desc="bootstrap", unit="resample", leave=False, disable=None)
     )
+
+
+def seed_pooled_bootstrap(
+    y: np.ndarray,
+    scores: Sequence[np.ndarray],
+    patients: Sequence[Any],
+    task_type: str,
+    metric: str,
+    *,
+    classes: Sequence[str],
+    baseline: Sequence[np.ndarray] | None = None,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """One metric over several seeds' predictions on the same test images, with an interval
+    that holds both the patient sampling and the seed-to-seed spread.
+
+    ``scores`` holds one (N, C) matrix per seed (rows aligned with ``y`` and ``patients``).
+    The value is the mean over seeds of each seed's metric. Each resample draws patients with
+    replacement *and* one seed uniformly, and scores that seed's predictions on those patients
+    (a two-stage bootstrap: seeds, then patients within the seed), so the 2.5-97.5 percentiles
+    widen with the spread between seeds; with one seed it is :func:`bootstrap_metrics`'s CI.
+    With ``baseline`` (one matrix per seed, paired with ``scores`` by seed) the entry is the
+    paired difference A - B in :func:`paired_bootstrap`'s keys (``a``, ``b``, ``diff``,
+    ``ci95``, ``p_value``), the same seed and patients drawn for both.
+    """
+    y = np.asarray(y).astype(int)
+    runs = [np.asarray(s, dtype=float) for s in scores]
+    others = None if baseline is None else [np.asarray(s, dtype=float) for s in baseline]
+    if not runs or (others is not None and len(others) != len(runs)):
+        raise ValueError("seed_pooled_bootstrap: give one score matrix per seed for A (and B)")
+    for s in runs + (others or []):
+        check_task(y, s, task_type)
+    present = [c for c in range(y.shape[1]) if _both_present(y[:, c])]
+
+    def value(rows: np.ndarray | slice, s: np.ndarray) -> float:
+        return classification_metrics(
+            y[rows], s[rows], task_type, classes=classes, macro_classes=present
+        )[metric]
+
+    everyone = slice(None)
+    per_seed = [value(everyone, s) for s in runs]
+    rng = np.random.default_rng(seed + 1)  # the seed draw, apart from the patients' stream
+    draws = []
+    for rows in bootstrap_indices(patient_groups(patients), n_resamples, seed):
+        k = int(rng.integers(len(runs)))
+        a = value(rows, runs[k])
+        draws.append(a if others is None else a - value(rows, others[k]))
+    draws_array = np.asarray(draws, dtype=float)
+    mean_a = float(np.mean(per_seed))
+    if others is None:
+        defined = bool(np.all(np.isfinite(per_seed)))
+        return {
+            "value": mean_a if defined else None,
+            "ci95": _percentile_ci(draws_array) if defined else None,
+            "per_seed": [float(v) if np.isfinite(v) else None for v in per_seed],
+            "n_undefined": int(np.sum(~np.isfinite(draws_array))),
+        }
+    per_seed_b = [value(everyone, s) for s in others]
+    entry = _paired_entry(mean_a, float(np.mean(per_seed_b)), draws_array)
+    entry["per_seed_diff"] = [float(a - b) for a, b in zip(per_seed, per_seed_b, strict=True)]
+    return entry

@@ -1,0 +1,279 @@
+"""From finished units to ``benchmark.json``, ``table.md`` and ``table.csv``.
+
+A unit is one (task, encoder, protocol, label fraction, seed) run; a row pools the seeds of one
+(task, encoder, protocol, fraction) with :func:`mgll.metrics.seed_pooled_bootstrap`: the value
+is the mean over seeds and the 95% interval resamples seeds and, within the drawn seed, test
+patients, so it includes the seed-to-seed spread. Comparisons pair the first encoder with each
+other one on the same test images and the same seeds (same label-fraction draws).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mgll.benchmark.tasks import BenchmarkTask
+
+INTERVAL = (
+    "95% two-stage bootstrap: each resample draws one seed (label-fraction draw) and then test "
+    "patients with replacement, so the interval holds the seed-to-seed spread and the test "
+    "sampling"
+)
+
+
+def _aligned(reference: Mapping[str, Any], other: Mapping[str, Any], where: str) -> np.ndarray:
+    """Rows of ``other``'s predictions in ``reference``'s image order."""
+    position = {image: i for i, image in enumerate(other["images"])}
+    missing = [image for image in reference["images"] if image not in position]
+    if missing or len(position) != len(reference["images"]):
+        raise ValueError(
+            f"{where}: the seeds' test images differ (e.g. {missing[:2]}); rerun into a fresh "
+            "--output-dir"
+        )
+    return np.asarray([position[image] for image in reference["images"]], dtype=np.int64)
+
+
+def _group_key(unit: Mapping[str, Any]) -> tuple[str, str, str, float]:
+    return unit["task"], unit["encoder"], unit["protocol"], float(unit["label_fraction"])
+
+
+def build_rows(
+    units: Sequence[Mapping[str, Any]],
+    predictions: Mapping[str, Mapping[str, Any]],
+    tasks: Mapping[str, BenchmarkTask],
+    *,
+    n_resamples: int,
+    seed: int = 0,
+) -> tuple[list[dict[str, Any]], dict[tuple, dict[str, Any]]]:
+    """One row per (task, encoder, protocol, fraction) with a finished seed; also the aligned
+    score matrices per group (by seed) for :func:`build_comparisons`."""
+    from mgll.metrics import seed_pooled_bootstrap
+
+    groups: dict[tuple, list[Mapping[str, Any]]] = {}
+    for unit in units:
+        groups.setdefault(_group_key(unit), []).append(unit)
+    rows, aligned = [], {}
+    for key, members in groups.items():
+        task_name, encoder, protocol, fraction = key
+        task = tasks[task_name]
+        done = [u for u in members if u["status"] == "done"]
+        skipped = [{"seed": u["seed"], "reason": u["reason"]} for u in members if u not in done]
+        row: dict[str, Any] = {
+            "task": task_name,
+            "encoder": encoder,
+            "protocol": protocol,
+            "label_fraction": fraction,
+            "metric": task.metric,
+            "value": None,
+            "ci95": None,
+            "n_test": None,
+            "seeds": [u["seed"] for u in done],
+            "per_seed": [],
+            "paper": task.paper_value(protocol),
+            "paper_other": {
+                m: task.paper_value(protocol, m)
+                for m in ("CLIP", "best other")
+                if task.paper_value(protocol, m) is not None
+            },
+            "results": [u["folder"] for u in done],
+            "skipped": skipped,
+        }
+        if done:
+            first = predictions[done[0]["folder"]]
+            by_seed = {}
+            for unit in done:
+                pred = predictions[unit["folder"]]
+                order = _aligned(first, pred, unit["folder"])
+                by_seed[unit["seed"]] = pred["scores"][order]
+            patients = [
+                p or f"image:{image}"
+                for p, image in zip(first["patients"], first["images"], strict=True)
+            ]
+            stats = seed_pooled_bootstrap(
+                first["y"],
+                list(by_seed.values()),
+                patients,
+                first["task_type"],
+                task.metric,
+                classes=first["classes"],
+                n_resamples=n_resamples,
+                seed=seed,
+            )
+            row.update(
+                value=stats["value"],
+                ci95=stats["ci95"],
+                n_test=len(first["images"]),
+                per_seed=stats["per_seed"],
+            )
+            aligned[key] = {
+                "y": first["y"],
+                "images": first["images"],
+                "patients": patients,
+                "classes": first["classes"],
+                "task_type": first["task_type"],
+                "by_seed": by_seed,
+            }
+        rows.append(row)
+    return rows, aligned
+
+
+def build_comparisons(
+    rows: Sequence[Mapping[str, Any]],
+    aligned: Mapping[tuple, Mapping[str, Any]],
+    encoders: Sequence[str],
+    tasks: Mapping[str, BenchmarkTask],
+    *,
+    n_resamples: int,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """The first encoder against each other one, per (task, protocol, fraction), paired by
+    image and by seed (seeds both finished)."""
+    from mgll.metrics import seed_pooled_bootstrap
+
+    out = []
+    first = encoders[0]
+    for row in rows:
+        if row["encoder"] != first or row["value"] is None:
+            continue
+        key_a = (row["task"], first, row["protocol"], row["label_fraction"])
+        a = aligned[key_a]
+        for other in encoders[1:]:
+            key_b = (row["task"], other, row["protocol"], row["label_fraction"])
+            if key_b not in aligned:
+                continue
+            b = aligned[key_b]
+            seeds = [s for s in a["by_seed"] if s in b["by_seed"]]
+            order = _aligned(a, b, f"{row['task']} {other}")
+            stats = seed_pooled_bootstrap(
+                a["y"],
+                [a["by_seed"][s] for s in seeds],
+                a["patients"],
+                a["task_type"],
+                tasks[row["task"]].metric,
+                classes=a["classes"],
+                baseline=[b["by_seed"][s][order] for s in seeds],
+                n_resamples=n_resamples,
+                seed=seed,
+            )
+            out.append(
+                {
+                    "task": row["task"],
+                    "a": first,
+                    "b": other,
+                    "protocol": row["protocol"],
+                    "label_fraction": row["label_fraction"],
+                    "metric": row["metric"],
+                    "diff": stats["diff"],
+                    "ci95": stats["ci95"],
+                    "p": stats["p_value"],
+                    "seeds": seeds,
+                    "per_seed_diff": stats["per_seed_diff"],
+                }
+            )
+    return out
+
+
+def _pct(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:.2f}"
+
+
+def _cell(row: Mapping[str, Any] | None) -> str:
+    if row is None:
+        return ""
+    if row["value"] is None:
+        return "skipped" if row["skipped"] else "undefined"
+    low, high = row["ci95"] or (None, None)
+    interval = f" [{_pct(low)}, {_pct(high)}]" if low is not None else ""
+    return f"{_pct(row['value'])}{interval} (n={len(row['seeds'])})"
+
+
+def _lines(
+    rows: Sequence[Mapping[str, Any]], encoders: Sequence[str]
+) -> tuple[list[str], list[tuple]]:
+    """Header and the (task, protocol, fraction) keys in first-seen order."""
+    keys: list[tuple] = []
+    for row in rows:
+        key = (row["task"], row["protocol"], row["label_fraction"])
+        if key not in keys:
+            keys.append(key)
+    header = ["task", "protocol", "labels", "metric", *encoders, "paper MGLL", "paper CLIP"]
+    return header, keys
+
+
+def format_table(
+    rows: Sequence[Mapping[str, Any]],
+    encoders: Sequence[str],
+    missing: Sequence[Mapping[str, Any]] = (),
+) -> str:
+    """``table.md``: tasks as rows, encoders as columns (percent, 95% interval, seeds), the
+    paper's MGLL and CLIP numbers beside; missing tasks listed below with where to get them."""
+    header, keys = _lines(rows, encoders)
+    index = {(r["task"], r["protocol"], r["label_fraction"], r["encoder"]): r for r in rows}
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for task, protocol, fraction in keys:
+        cells = [index.get((task, protocol, fraction, e)) for e in encoders]
+        some = next(c for c in cells if c is not None)
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    task,
+                    protocol,
+                    f"{fraction:g}",
+                    some["metric"],
+                    *[_cell(c) for c in cells],
+                    _pct(some["paper"]),
+                    _pct(some["paper_other"].get("CLIP")),
+                ]
+            )
+            + " |"
+        )
+    text = "\n".join(lines) + "\n"
+    text += f"\nPercent; {INTERVAL}; n = seeds (draws) pooled.\n"
+    if missing:
+        text += "\nNot run:\n\n" + "".join(
+            f"- {m['task']}: {m['reason']}; get it: {m['get']}\n" for m in missing
+        )
+    return text
+
+
+def format_csv(rows: Sequence[Mapping[str, Any]], encoders: Sequence[str]) -> str:
+    """``table.csv``: the table's shape with numbers (fractions) and interval bounds apart."""
+    _, keys = _lines(rows, encoders)
+    index = {(r["task"], r["protocol"], r["label_fraction"], r["encoder"]): r for r in rows}
+    columns = ["task", "protocol", "label_fraction", "metric"]
+    for e in encoders:
+        columns += [e, f"{e}_ci_low", f"{e}_ci_high", f"{e}_seeds"]
+    columns += ["paper_mgll", "paper_clip"]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    for task, protocol, fraction in keys:
+        cells = [index.get((task, protocol, fraction, e)) for e in encoders]
+        some = next(c for c in cells if c is not None)
+        line: list[Any] = [task, protocol, f"{fraction:g}", some["metric"]]
+        for c in cells:
+            ci = (c or {}).get("ci95") or ["", ""]
+            value = (c or {}).get("value")
+            line += ["" if value is None else f"{value:.6f}"]
+            line += ["" if v == "" else f"{v:.6f}" for v in ci]
+            line += [len(c["seeds"]) if c else 0]
+        paper_clip = some["paper_other"].get("CLIP")
+        line += [
+            "" if some["paper"] is None else f"{some['paper']:.4f}",
+            "" if paper_clip is None else f"{paper_clip:.4f}",
+        ]
+        writer.writerow(line)
+    return buffer.getvalue()
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` atomically (a reader never sees half a table)."""
+    from mgll.io import atomic_write
+
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
