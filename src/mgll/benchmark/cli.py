@@ -236,7 +236,15 @@ def run_benchmark(
     for task in tasks:
         reason = missing_reason(task, data_root)
         if reason is not None:
-            missing.append({"task": task.name, "reason": reason, "get": task.get or task.layout})
+            missing.append(
+                {
+                    "task": task.name,
+                    "reason": reason,
+                    "get": task.get or task.layout,
+                    "metric": task.metric,
+                    "paper": task.paper or {},
+                }
+            )
             echo(f"missing: {task.name}: {reason}")
             continue
         try:

@@ -233,8 +233,26 @@ def format_table(
             )
             + " |"
         )
+    for m in missing:  # the paper's row stays in the table, marked as not run here
+        paper = m.get("paper") or {}
+        numbers = [
+            "/".join(
+                f"{paper[p][method]:.2f}" if method in paper.get(p, {}) else "-"
+                for p in ("probe", "finetune")
+            )
+            for method in ("MGLL", "CLIP")
+        ]
+        lines.append(
+            "| "
+            + " | ".join(
+                [m["task"], "not run", "", m.get("metric", ""), *["-" for _ in encoders], *numbers]
+            )
+            + " |"
+        )
     text = "\n".join(lines) + "\n"
     text += f"\nPercent; {INTERVAL}; n = seeds (draws) pooled.\n"
+    if missing:
+        text += "The paper's numbers of a task not run: linear probe / fine-tune.\n"
     if missing:
         text += "\nNot run:\n\n" + "".join(
             f"- {m['task']}: {m['reason']}; get it: {m['get']}\n" for m in missing

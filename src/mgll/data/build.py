@@ -240,10 +240,17 @@ def prepare_data(
 ) -> PreparedData:
     """Load, filter and split the records of the ``data:`` section (no image is read).
 
+    With ``data.source: shards`` the result is a :class:`mgll.data.shards.ShardData` (levels
+    and streaming datasets, the same face).
+
     Records whose image file does not exist are dropped with one warning (naming the first
     few); images that exist but cannot be decoded are replaced at load time (``skipped``).
     """
     cfg = DataConfig.from_dict(data_cfg)
+    if cfg.source == "shards":  # written by `mgll data shard`: records and split are inside
+        from mgll.data.shards import prepare_shards
+
+        return prepare_shards(cfg, data_root, seed)  # type: ignore[return-value]
     records, folder = load_records(cfg.source, cfg.path, data_root=data_root, options=cfg.options)
     records = records.select_levels(cfg.levels)
     if records.excluded:

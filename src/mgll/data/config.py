@@ -34,7 +34,7 @@ class SplitConfig:
 class DataConfig:
     """Which dataset, which levels, how it is split, cached, augmented and loaded."""
 
-    source: str | None = None  # format name or spec file; null = detect from path
+    source: str | None = None  # format name, spec file or shards; null = detect from path
     path: str | None = None  # dataset folder, relative to --data-root or absolute
     levels: list[int] | None = None  # granularity levels to keep (indices); null = all
     split: SplitConfig = field(default_factory=SplitConfig)
@@ -44,10 +44,13 @@ class DataConfig:
     resize: str = "crop"  # crop | pad | stretch
     options: dict[str, Any] = field(default_factory=dict)  # the adapter's keyword options
     drop_missing: bool = True  # leave out records whose image file does not exist
+    shuffle_buffer: int = 1000  # source: shards; samples each loader worker holds to shuffle
 
     def __post_init__(self) -> None:
         if self.cache_dir is True:
             raise ConfigError("data.cache_dir: give a folder, null (the user cache) or false")
+        if self.shuffle_buffer < 0:
+            raise ConfigError(f"data.shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
         try:

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 from mgll.data.cache import PreprocessCache, SourceCaches, check_resize_mode, load_resized
 from mgll.data.images import ImageLoadError
-from mgll.data.records import LevelInfo, RecordSet
+from mgll.data.records import LevelInfo, Record, RecordSet
 from mgll.data.transforms import build_transform
 
 
@@ -58,27 +58,7 @@ class MultiGranularDataset(Dataset):
         self.max_replacements = int(max_replacements)
         self.skip_count = 0  # replacements made in this process (workers keep their own)
         self._bad: set[str] = set()
-        self._label_ids = [self._encode_level(g) for g in range(len(self.levels))]
-
-    def _encode_level(self, g: int) -> list[Any]:
-        level = self.levels[g]
-        encoded: list[Any] = []
-        for r in self.records:
-            names = r.labels[g]
-            try:
-                ids = [level.class_id(n) for n in names]
-            except ValueError as exc:
-                raise ValueError(f"{r.image}: {exc}") from None
-            if level.multi_label:
-                encoded.append(sorted(set(ids)))
-            elif len(set(ids)) > 1:
-                raise ValueError(
-                    f"{r.image}: level {level.name!r} is single-label but this record has "
-                    f"{names}; mark the level multi_label or give one label"
-                )
-            else:
-                encoded.append(ids[0] if ids else -1)
-        return encoded
+        self._label_ids = encode_labels(self.records, self.levels)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -99,21 +79,11 @@ class MultiGranularDataset(Dataset):
 
     def label(self, index: int, level: int) -> int | torch.Tensor:
         """The label of sample ``index`` at ``level`` in the contract's form."""
-        value = self._label_ids[level][index]
-        if not self.levels[level].multi_label:
-            return int(value)
-        hot = torch.zeros(len(self.levels[level].vocabulary), dtype=torch.float32)
-        if value:
-            hot[value] = 1.0
-        return hot
+        return label_entry(self._label_ids[level][index], self.levels[level])
 
     def texts(self, index: int) -> list[str]:
         """The texts of sample ``index`` for the current epoch (one drawn per level)."""
-        candidates = self.records[index].texts
-        if all(len(c) == 1 for c in candidates):
-            return [c[0] for c in candidates]
-        rng = np.random.default_rng([self.seed, self.epoch, index])
-        return [c[int(rng.integers(len(c)))] if len(c) > 1 else c[0] for c in candidates]
+        return draw_texts(self.records[index].texts, self.seed, self.epoch, index)
 
     def load_image(self, path: Path) -> np.ndarray:
         """Square uint8 RGB image of ``path`` at the dataset's size (cached when a cache is set)."""
@@ -153,6 +123,54 @@ class MultiGranularDataset(Dataset):
             f"{len(skipped)} consecutive images from index {index} could not be read "
             f"(first: {skipped[:3]}); run `mgll data check` on the dataset to list broken files"
         )
+
+
+def encode_labels(records: Sequence[Record], levels: Sequence[LevelInfo]) -> list[list[Any]]:
+    """Per level, every record's class id (-1 = missing) or sorted ids (multi-label).
+
+    Raises ValueError naming the record's image for an unknown class, or for several classes
+    at a single-label level.
+    """
+    encoded: list[list[Any]] = []
+    for g, level in enumerate(levels):
+        column: list[Any] = []
+        for r in records:
+            names = r.labels[g]
+            try:
+                ids = [level.class_id(n) for n in names]
+            except ValueError as exc:
+                raise ValueError(f"{r.image}: {exc}") from None
+            if level.multi_label:
+                column.append(sorted(set(ids)))
+            elif len(set(ids)) > 1:
+                raise ValueError(
+                    f"{r.image}: level {level.name!r} is single-label but this record has "
+                    f"{names}; mark the level multi_label or give one label"
+                )
+            else:
+                column.append(ids[0] if ids else -1)
+        encoded.append(column)
+    return encoded
+
+
+def label_entry(value: int | Sequence[int], level: LevelInfo) -> int | torch.Tensor:
+    """An encoded label (:func:`encode_labels`) in the contract's form: the int id, or the
+    multi-hot float tensor (all zero = missing) of a multi-label level."""
+    if not level.multi_label:
+        return int(value)  # type: ignore[arg-type]
+    hot = torch.zeros(len(level.vocabulary), dtype=torch.float32)
+    if value:
+        hot[list(value)] = 1.0  # type: ignore[arg-type]
+    return hot
+
+
+def draw_texts(candidates: Sequence[Sequence[str]], seed: int, epoch: int, index: int) -> list[str]:
+    """One text per level: the only candidate, or one drawn from an RNG seeded by
+    (seed, epoch, index), so every reader of the sample draws the same text in an epoch."""
+    if all(len(c) == 1 for c in candidates):
+        return [c[0] for c in candidates]
+    rng = np.random.default_rng([seed, epoch, index])
+    return [c[int(rng.integers(len(c)))] if len(c) > 1 else c[0] for c in candidates]
 
 
 def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:

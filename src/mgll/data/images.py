@@ -49,12 +49,21 @@ def load_image(path: str | Path) -> np.ndarray:
         data = path.read_bytes()
     except OSError as exc:
         raise ImageLoadError(f"{path}: cannot read file ({exc.strerror or exc})") from exc
+    return decode_image_bytes(data, path)
+
+
+def decode_image_bytes(data: bytes, source: str | Path) -> np.ndarray:
+    """Decode an image held in memory (a file's bytes, a tar member) into RGB uint8 (H, W, 3).
+
+    ``source`` names it in the :class:`ImageLoadError` raised when it is empty, truncated or
+    not an image.
+    """
     if not data:
-        raise ImageLoadError(f"{path}: file is empty")
+        raise ImageLoadError(f"{source}: file is empty")
     kind = detect_format(data[:132])
     try:
         if kind == "dicom":
-            array = _decode_dicom(data, path)
+            array = _decode_dicom(data, Path(source))
         elif kind in ("npz", "npy"):
             array = _decode_numpy(data, kind)
         else:
@@ -63,14 +72,15 @@ def load_image(path: str | Path) -> np.ndarray:
         raise
     except UnidentifiedImageError as exc:  # its own message only names a BytesIO object
         raise ImageLoadError(
-            f"{path}: not an image format this loader knows ({kind}: starts with {data[:8]!r}); "
-            "replace or remove the file, or run `mgll data check` to list all such files"
+            f"{source}: not an image format this loader knows ({kind}: starts with "
+            f"{data[:8]!r}); replace or remove the file, or run `mgll data check` to list all "
+            "such files"
         ) from exc
     except Exception as exc:  # decoders raise many types; all mean "this file is unusable"
         raise ImageLoadError(
-            f"{path}: cannot decode as {kind} ({type(exc).__name__}: {exc})"
+            f"{source}: cannot decode as {kind} ({type(exc).__name__}: {exc})"
         ) from exc
-    return to_rgb_uint8(array, source=path)
+    return to_rgb_uint8(array, source=source)
 
 
 def _decode_pil(data: bytes) -> np.ndarray:

@@ -15,24 +15,14 @@ Two properties make runs reproducible across resumption and across rank counts:
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterator, Sequence
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-_MASK63 = (1 << 63) - 1
+from mgll.seeding import sample_seed, seeded
 
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A 63-bit seed from (run seed, epoch, sample index) by splitmix-style mixing."""
-    z = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) & (
-        (1 << 64) - 1
-    )
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & ((1 << 64) - 1)
-    return (z ^ (z >> 31)) & _MASK63
+__all__ = ["GlobalBatchSampler", "SeededSamples", "sample_seed"]
 
 
 class GlobalBatchSampler(Sampler[list[tuple[int, int, int]]]):
@@ -126,13 +116,5 @@ class SeededSamples(Dataset):
         index, epoch, seed = key
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)  # e.g. which of several texts a level draws
-        saved = (random.getstate(), np.random.get_state(), torch.get_rng_state())
-        random.seed(seed)
-        np.random.seed(seed % (1 << 32))
-        torch.default_generator.manual_seed(seed)  # CPU only: CUDA streams stay untouched
-        try:
+        with seeded(seed):
             return self.dataset[index]
-        finally:
-            random.setstate(saved[0])
-            np.random.set_state(saved[1])
-            torch.set_rng_state(saved[2])

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm import tqdm
 
 from mgll.data.config import DataConfig
@@ -105,7 +105,7 @@ class Run:
     wrapped: nn.Module  # what the step calls: DDP and/or torch.compile around ``model``
     train_set: Dataset
     val_set: Dataset | None
-    sampler: GlobalBatchSampler
+    sampler: Any  # GlobalBatchSampler, or a stream's batch plan: steps_per_epoch, set_epoch
     train_loader: DataLoader
     val_loader: DataLoader | None
     optimizer: torch.optim.Optimizer
@@ -268,33 +268,12 @@ def build(
     weights = data.sampling_weights("train") if hasattr(data, "sampling_weights") else None
     sources = data.source_counts() if hasattr(data, "source_counts") else {}
     write_split = getattr(data, "write_split", None)
-    try:
-        sampler = GlobalBatchSampler(
-            len(train_set), tcfg.batch_size, info.rank, info.world_size, seed=seed, weights=weights
+    if isinstance(train_set, IterableDataset):  # shards: streams that plan their own batches
+        sampler, train_loader, val_loader = _stream_loaders(cfg, info, device, train_set, val_set)
+    else:
+        sampler, train_loader, val_loader = _map_loaders(
+            cfg, info, device, train_set, val_set, collate_fn, weights
         )
-    except ValueError as err:
-        raise ConfigError(str(err)) from err
-    workers = cfg.data.num_workers
-    loader_kwargs: dict[str, Any] = {
-        "num_workers": workers,
-        "collate_fn": collate_fn,
-        "pin_memory": device.type == "cuda",
-        "persistent_workers": workers > 0,
-        # A private generator: creating an iterator must not draw from the global RNG.
-        "generator": torch.Generator().manual_seed(seed),
-    }
-    train_loader = DataLoader(SeededSamples(train_set), batch_sampler=sampler, **loader_kwargs)
-    val_loader = None
-    if val_set is not None and len(val_set) > 0 and info.is_main:
-        # Validation draws the same texts and seeds every epoch: epochs stay comparable.
-        val_keys = [(i, 0, sample_seed(seed, 0, i)) for i in range(len(val_set))]
-        val_loader = DataLoader(
-            SeededSamples(val_set),
-            sampler=val_keys,
-            batch_size=cfg.eval.batch_size,
-            **loader_kwargs,
-        )
-
     steps_per_epoch = sampler.steps_per_epoch
     total_steps = steps_per_epoch * tcfg.epochs
     wrapped: nn.Module = model  # type: ignore[assignment]
@@ -326,6 +305,84 @@ def build(
         sources=sources,
         write_split=write_split,
     )
+
+
+def _map_loaders(
+    cfg: RunConfig,
+    info: DistributedInfo,
+    device: torch.device,
+    train_set: Dataset,
+    val_set: Dataset | None,
+    collate_fn: Callable,
+    weights: Sequence[float] | None = None,
+) -> tuple[GlobalBatchSampler, DataLoader, DataLoader | None]:
+    """Loaders of indexable datasets: global batches by :class:`GlobalBatchSampler` (drawn
+    in proportion to ``weights`` when a pool gives them)."""
+    seed, tcfg = cfg.train.seed, cfg.train
+    try:
+        sampler = GlobalBatchSampler(
+            len(train_set),  # type: ignore[arg-type]
+            tcfg.batch_size,
+            info.rank,
+            info.world_size,
+            seed=seed,
+            weights=weights,
+        )
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    workers = cfg.data.num_workers
+    loader_kwargs: dict[str, Any] = {
+        "num_workers": workers,
+        "collate_fn": collate_fn,
+        "pin_memory": device.type == "cuda",
+        "persistent_workers": workers > 0,
+        # A private generator: creating an iterator must not draw from the global RNG.
+        "generator": torch.Generator().manual_seed(seed),
+    }
+    train_loader = DataLoader(SeededSamples(train_set), batch_sampler=sampler, **loader_kwargs)
+    val_loader = None
+    if val_set is not None and len(val_set) > 0 and info.is_main:  # type: ignore[arg-type]
+        # Validation draws the same texts and seeds every epoch: epochs stay comparable.
+        val_keys = [(i, 0, sample_seed(seed, 0, i)) for i in range(len(val_set))]  # type: ignore[arg-type]
+        val_loader = DataLoader(
+            SeededSamples(val_set),
+            sampler=val_keys,
+            batch_size=cfg.eval.batch_size,
+            **loader_kwargs,
+        )
+    return sampler, train_loader, val_loader
+
+
+def _stream_loaders(
+    cfg: RunConfig,
+    info: DistributedInfo,
+    device: torch.device,
+    train_set: Any,
+    val_set: Any,
+) -> tuple[Any, DataLoader, DataLoader | None]:
+    """Loaders of streaming datasets (``data.source: shards``): the stream's own batch plan
+    (``ShardSplit.batches``) is the sampler; workers are started each epoch with its plan."""
+    workers = cfg.data.num_workers
+    loader_kwargs: dict[str, Any] = {
+        "batch_size": None,  # the streams collate their batches
+        "num_workers": workers,
+        "pin_memory": device.type == "cuda",
+        "generator": torch.Generator().manual_seed(cfg.train.seed),
+    }
+    try:
+        sampler = train_set.batches(
+            cfg.train.batch_size // info.world_size, info.rank, info.world_size, workers=workers
+        )
+        val_loader = None
+        if val_set is not None and len(val_set) > 0 and info.is_main:
+            # Validation reads every sample once, in epoch 0's draws, every epoch.
+            val_batches = val_set.batches(
+                cfg.eval.batch_size, workers=workers, shuffle=False, drop_last=False
+            )
+            val_loader = DataLoader(val_batches, **loader_kwargs)
+    except ValueError as err:  # the stream names the shards and the setting at fault
+        raise ConfigError(str(err)) from err
+    return sampler, DataLoader(sampler, **loader_kwargs), val_loader
 
 
 def _fit_model_to_run(model: ContrastiveModel, objective: Objective, checkpointing: bool) -> None:
@@ -374,6 +431,7 @@ def restore(run: Run, weights: Path) -> TrainState:
             f"warning: resuming {weights} with a config that differs in: {', '.join(changed)}",
             file=sys.stderr,
         )
+    _check_stream_layout(run, saved, weights)
     ckpt.load_weights(run.model, weights)  # type: ignore[arg-type]
     try:
         run.optimizer.load_state_dict(saved["optimizer"])
@@ -387,6 +445,21 @@ def restore(run: Run, weights: Path) -> TrainState:
     rank = run.info.rank
     ckpt.restore_rng_state(saved["rng"][rank] if rank < len(saved["rng"]) else saved["rng"][0])
     return TrainState(saved["step"], saved["epoch"], saved["epoch_step"])
+
+
+def _check_stream_layout(run: Run, saved: Mapping[str, Any], weights: Path) -> None:
+    """A run reading shards resumes exactly only with the same processes and loader workers:
+    they fix which stream reads which shard (mgll.data.shards)."""
+    if not isinstance(run.train_set, IterableDataset):
+        return
+    was = (len(saved["rng"]), int(saved["config"].get("data", {}).get("num_workers", 0)))
+    now = (run.info.world_size, run.cfg.data.num_workers)
+    if was != now:
+        raise ckpt.CheckpointError(
+            f"{weights} was trained from shards with {was[0]} process(es) x data.num_workers="
+            f"{was[1]}; resume with the same (now {now[0]} x {now[1]}): they fix which shards "
+            "each rank and worker reads"
+        )
 
 
 def save(run: Run, state: TrainState) -> None:
