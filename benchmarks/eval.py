@@ -32,6 +32,7 @@ import torch
 from mgll.data.build import drop_missing_images, load_records
 from mgll.eval.encoders import load_encoder
 from mgll.eval.features import extract_features, image_dataset
+from mgll.eval.options import EvalOptions
 from mgll.eval.probe import DEFAULT_C_GRID, select_and_fit
 
 
@@ -49,10 +50,10 @@ def extraction(arch: str, data_root: Path, workers: int, batch_size: int) -> lis
         records, folder = load_records("covid-cxr", "covid-cxr", data_root=data_root)
         records, _ = drop_missing_images(records)
     n = len(records.records)
-    kw = dict(batch_size=batch_size, cache_dir=False, progress=False)
-    extract_features(encoder, records, folder, num_workers=workers, **kw)  # warms the image cache
+    options = EvalOptions(batch_size=batch_size, num_workers=workers, cache_dir=False, quiet=True)
+    extract_features(encoder, records, folder, options)  # warms the image cache
     start = time.perf_counter()
-    extract_features(encoder, records, folder, num_workers=workers, **kw)
+    extract_features(encoder, records, folder, options)
     pipeline = time.perf_counter() - start
 
     dataset = image_dataset(encoder, records, folder)

@@ -234,7 +234,7 @@ def test_paper_finetune_passes_the_authors_recipe(tmp_path, monkeypatch):
     task_file = _task_file(tmp_path)
     seen = {}
 
-    def spy(encoder, data, output_dir, **kw):
+    def spy(encoder, data, output_dir, options, **kw):
         seen.update(kw, n_train=len(data.rows["train"]))
         raise ValueError("stop here")
 

@@ -16,12 +16,9 @@ from PIL import Image
 from data_fixtures import require_shared
 from mgll.cli import main
 from mgll.data.records import Record, RecordSet, build_levels
-from mgll.demo.run import (
-    classification_levels,
-    cv_probe,
-    load_demo_records,
-    patient_folds,
-)
+from mgll.demo.folds import classification_levels, load_demo_records, patient_folds
+
+GOLDEN = Path(__file__).parent / "golden"
 
 
 def record_set(n: int = 40) -> RecordSet:
@@ -61,28 +58,51 @@ def test_too_few_patients_for_the_folds_is_an_error():
         patient_folds(record_set(6), "grade", 5, seed=0)
 
 
-def test_cv_probe_picks_c_on_training_patients_and_scores_held_out_rows():
+def test_the_demo_probe_picks_c_on_training_patients_and_scores_held_out_rows():
     from sklearn.linear_model import LogisticRegression
+
+    from mgll.demo.settings import C_GRID
+    from mgll.eval.probe import fit_probe
+    from mgll.eval.task import EvalData, build_task
 
     rng = np.random.default_rng(0)
     n = 60
-    y_index = np.arange(n) % 3
-    y = np.eye(3, dtype=np.int8)[y_index]
+    records = record_set(n)
+    task, y, _ = build_task(records, "grade")
+    y_index = y.argmax(1)
     features = rng.normal(size=(n, 5))
     features[:, 0] += 3.0 * y_index  # one informative direction
-    train, test = np.arange(0, 45), np.arange(45, 60)
-    scores, c = cv_probe(
-        features, y, train, test, "multiclass", ["a", "b", "c"], groups=[str(i) for i in train]
-    )
-    assert c in (0.001, 0.01, 0.1, 1.0, 10.0)
+    train, test = np.arange(0, 44), np.arange(44, 60)  # whole patients on each side
+    data = EvalData.from_rows(records, Path("/nowhere"), task, y, {"train": train}, source="x")
+    fitted = fit_probe(features, data, train, selection="cv", c_grid=C_GRID)
+    c = fitted.selection["C"]
+    assert c in C_GRID
     # The same as scikit-learn on features standardised with the training rows' statistics.
     mean, std = features[train].mean(0), features[train].std(0) + 1e-6
     reference = LogisticRegression(C=c, max_iter=1000, random_state=0).fit(
         (features[train] - mean) / std, y_index[train]
     )
     expected = reference.predict_proba((features[test] - mean) / std)
+    scores = fitted.scores(features[test])
     np.testing.assert_allclose(scores, expected, rtol=1e-6, atol=1e-8)
     assert (scores.argmax(1) == y_index[test]).mean() >= 0.7
+
+
+def assert_same_json(got, expected, path="summary"):
+    """Equal JSON trees; numbers equal up to a relative 1e-9 (floating point may differ
+    between machines, never between two runs on one)."""
+    if isinstance(expected, dict):
+        assert isinstance(got, dict) and set(got) == set(expected), path
+        for key in expected:
+            assert_same_json(got[key], expected[key], f"{path}.{key}")
+    elif isinstance(expected, list):
+        assert isinstance(got, list) and len(got) == len(expected), path
+        for i, (a, b) in enumerate(zip(got, expected, strict=True)):
+            assert_same_json(a, b, f"{path}[{i}]")
+    elif isinstance(expected, float) and not isinstance(got, bool):
+        assert got == pytest.approx(expected, rel=1e-9, abs=1e-12), path
+    else:
+        assert got == expected, path
 
 
 def test_unknown_dataset_folder_is_a_one_line_error(tmp_path, capsys):
@@ -104,6 +124,11 @@ def test_quick_demo_on_the_fundus_photos_writes_and_resumes(tmp_path, capsys):
     assert "[pretrain] mgll fold 2/2" in printed and "left" in printed
     assert "mgll - random (severity, linear_probe)" in printed
     summary = json.loads((out / "summary.json").read_text())
+    # The same numbers as before the demo was split into modules and moved onto mgll.eval
+    # (recorded with the code of commit 7b7ee69 on this machine).
+    golden = json.loads((GOLDEN / "demo-quick-summary.json").read_text())
+    settings = {k: v for k, v in summary["settings"].items() if k != "data"}
+    assert_same_json({**{k: summary[k] for k in golden}, "settings": settings}, golden)
     assert summary["dataset"] == "csdi-fundus"
     assert summary["protocol"]["n_images"] == 187
     cells = {(r["encoder"], r["level"], r["protocol"]) for r in summary["table"]}
@@ -164,6 +189,7 @@ def _check_pooled_retrieval(out: Path, folder: Path) -> None:
 
     from mgll.eval.encoders import encoder_from_model
     from mgll.eval.features import extract_features
+    from mgll.eval.options import EvalOptions
     from mgll.training.checkpoint import load_model
 
     with (out / "mgll" / "retrieval-description" / "retrieval.csv").open() as handle:
@@ -178,9 +204,8 @@ def _check_pooled_retrieval(out: Path, folder: Path) -> None:
         encoder_from_model(model, "fold1"),
         records,
         folder,
+        EvalOptions(cache_dir=False, quiet=True),
         projected=True,
-        cache_dir=False,
-        progress=False,
     ).features
     texts = [records.records[index[image]].texts[1][0] for image in held_out]
     gallery = list(dict.fromkeys(texts))
@@ -200,7 +225,7 @@ def _check_pooled_retrieval(out: Path, folder: Path) -> None:
 
 
 def test_report_examples_from_a_gallery_smaller_than_the_top_shown(tmp_path):
-    from mgll.demo.run import REPORT_DATA_FILE, RETRIEVAL_TOP, _save_report_data
+    from mgll.demo.evaluation import REPORT_DATA_FILE, RETRIEVAL_TOP, _save_report_data
     from mgll.eval.retrieve import RetrievalScores
 
     # Fold 0 holds images 0-2 carrying two distinct texts; the report shows the top 3.
@@ -221,7 +246,9 @@ def test_report_examples_from_a_gallery_smaller_than_the_top_shown(tmp_path):
 
 
 def test_outputs_of_an_older_evaluation_are_redone(tmp_path):
-    from mgll.demo.run import RECIPES, REPORT_DATA_FILE, Demo, _evaluated
+    from mgll.demo.evaluation import REPORT_DATA_FILE
+    from mgll.demo.evaluation import evaluated as _evaluated
+    from mgll.demo.settings import RECIPES, Demo
 
     demo = Demo(RECIPES["csdi-fundus"], tmp_path, tmp_path / "out", quick=True, seed=0)
     base = demo.out / "mgll"
@@ -255,7 +282,8 @@ def test_demo_records_join_patients_of_identical_files(tmp_path):
 def test_the_random_encoder_is_the_exact_initialisation_of_the_pretraining_runs(tmp_path):
     import torch
 
-    from mgll.demo.run import RECIPES, Demo, _fold_models, write_folds
+    from mgll.demo.folds import fold_models, write_folds
+    from mgll.demo.settings import RECIPES, Demo
     from mgll.models import create_model
     from mgll.training.trainer import train
 
@@ -272,6 +300,6 @@ def test_the_random_encoder_is_the_exact_initialisation_of_the_pretraining_runs(
 
     cfg = demo.config("mgll", 0, [("train.max_steps", 1), ("data.cache_dir", str(tmp_path))])
     train(cfg, root, tmp_path / "run", model_factory=capturing_factory)
-    random_model = _fold_models(demo, "random")[0]
+    random_model = fold_models(demo, "random")[0]
     for key, value in random_model.state_dict().items():
         assert torch.equal(value, initial[key]), key

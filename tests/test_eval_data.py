@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mgll.data.records import LevelInfo, Record, RecordSet
-from mgll.eval.data import EvalData, TaskError, build_task, label_fraction_rows
+from mgll.eval.task import EvalData, TaskError, build_task, label_fraction_rows
 
 
 def _records() -> RecordSet:

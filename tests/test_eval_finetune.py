@@ -48,6 +48,34 @@ def test_finetune_writes_outputs_and_resumes(tmp_path, capsys):
     capsys.readouterr()
     assert main([*argv[:-2], "--output-dir", str(tmp_path / "none"), "--resume"]) == 1
     assert "no complete checkpoint" in capsys.readouterr().err
+    _check_the_fine_tuned_tower_is_an_encoder(out, data, tmp_path, capsys)
+
+
+def _check_the_fine_tuned_tower_is_an_encoder(out, data, tmp_path, capsys):
+    """A fine-tuning folder as --encoder: the tower of its best epoch, rebuilt by hand from
+    the encoder it started from and best.safetensors; as a pretraining run, a one-line error."""
+    import torch
+    from safetensors.torch import load_model
+
+    loaded = load_encoder(out)
+    assert loaded.kind == "finetune"
+    by_hand = FineTuneModel(load_encoder("random:mgll-vit-test-32:0"), 3)
+    load_model(by_hand, str(out / "best.safetensors"))
+    start = load_encoder("random:mgll-vit-test-32:0")
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode(images), by_hand.encoder.encode(images))
+        assert not torch.allclose(loaded.encode(images), start.encode(images))
+    assert loaded.weights_digest() != start.weights_digest()  # its own feature-cache entries
+    probe = ["probe", "--encoder", str(out), "--data", str(data), "--level", "grade"]
+    quiet = ["--bootstrap", "20", "--no-progress", "--cache-dir", str(tmp_path / "f")]
+    assert main([*probe, *quiet, "--output-dir", str(tmp_path / "probe")]) == 0
+    assert read_results(tmp_path / "probe")["encoder"]["kind"] == "finetune"
+    zeroshot = ["zeroshot", "--model", str(out), "--data", str(data), "--level", "grade"]
+    capsys.readouterr()
+    assert main([*zeroshot, *quiet, "--output-dir", str(tmp_path / "zs")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "is a finetune checkpoint, not a pretraining run's" in err and "\n" not in err
 
 
 def test_layer_decay_scales_blocks_geometrically():

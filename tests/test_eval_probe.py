@@ -159,20 +159,20 @@ def test_probe_of_a_pretrained_run_uses_its_split_on_the_xray_levels(
     tmp_path,
     pretrained_run,  # noqa: F811 (the imported fixture)
 ):
-    from mgll.eval.data import load_eval_data
     from mgll.eval.encoders import load_encoder
+    from mgll.eval.options import EvalOptions
     from mgll.eval.probe import linear_probe
+    from mgll.eval.task import load_eval_data
 
     data_root = require_shared("covid-cxr").parent
     encoder = load_encoder(pretrained_run)
+    options = EvalOptions(n_resamples=50, cache_dir=tmp_path / "f", quiet=True)
     for level, kind in (("category", "multilabel"), ("type", "multiclass")):
         data = load_eval_data(
             "covid-cxr", level, data_root=data_root, encoder_config=encoder.run_config
         )
         out = tmp_path / level
-        results = linear_probe(
-            encoder, data, out, n_resamples=50, cache_dir=tmp_path / "f", progress=False
-        )
+        results = linear_probe(encoder, data, out, options)
         assert results["task"]["type"] == kind
         assert results["split"]["from"] == "the pretraining run's data.split"
         assert results["encoder"]["kind"] == "run"
@@ -181,9 +181,7 @@ def test_probe_of_a_pretrained_run_uses_its_split_on_the_xray_levels(
     csdi = load_eval_data(
         "csdi-fundus", "severity", data_root=data_root, encoder_config=encoder.run_config
     )
-    results = linear_probe(
-        encoder, csdi, tmp_path / "csdi", n_resamples=50, cache_dir=tmp_path / "f", progress=False
-    )
+    results = linear_probe(encoder, csdi, tmp_path / "csdi", options)
     assert results["split"]["from"] == "default"
     assert results["metrics"]["auc_macro"] == pytest.approx(_recomputed_auc(tmp_path / "csdi"))
     # The test patients are the pretraining run's test patients.

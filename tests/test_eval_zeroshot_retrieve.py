@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +67,7 @@ class _TextTable(torch.nn.Module):
 def _grade_data(n: int = 12):
     """EvalData of a 'grade' task whose finest level is one description per image."""
     from mgll.data.records import Record, RecordSet, build_levels
-    from mgll.eval.data import EvalData, build_task
+    from mgll.eval.task import EvalData, build_task
 
     grades = ["low", "high", "low"]
     records = [
@@ -275,24 +276,24 @@ def test_zeroshot_and_retrieval_of_a_pretrained_run_then_compare_with_a_probe(
     assert results["metrics"]["auc_macro"] == pytest.approx(auc)
 
     # The Python API on one loaded model: a probe of its image tower, then compare via the CLI.
-    from mgll.eval.data import load_eval_data
     from mgll.eval.encoders import encoder_from_model
+    from mgll.eval.options import EvalOptions
     from mgll.eval.probe import linear_probe
     from mgll.eval.retrieve import retrieval
+    from mgll.eval.task import load_eval_data
     from mgll.eval.zeroshot import zero_shot
     from mgll.training.checkpoint import load_model
 
     model, config = load_model(pretrained_run)
+    quick = EvalOptions(n_resamples=20, cache_dir=tmp_path / "f", quiet=True)
     category = load_eval_data("covid-cxr", "category", data_root=data_root, encoder_config=config)
     details = zero_shot(
         model,
         category,
         tmp_path / "zs-ml",
+        quick,
         name="run",
         templates=["a chest X-ray showing {}"],
-        n_resamples=20,
-        cache_dir=tmp_path / "f",
-        progress=False,
     )["details"]
     assert details["negative_prompts"]["ARDS"] == ["a chest X-ray showing no ARDS"]
     assert details["prompts"]["ARDS"] == ["a chest X-ray showing ARDS"]
@@ -302,9 +303,7 @@ def test_zeroshot_and_retrieval_of_a_pretrained_run_then_compare_with_a_probe(
         encoder_from_model(model, "run", config),
         data,
         probe,
-        n_resamples=50,
-        cache_dir=tmp_path / "f",
-        progress=False,
+        replace(quick, n_resamples=50),
     )
     capsys.readouterr()
     assert main(["compare", str(probe), str(zs), "--bootstrap", "50", "--no-progress"]) == 0
@@ -316,10 +315,8 @@ def test_zeroshot_and_retrieval_of_a_pretrained_run_then_compare_with_a_probe(
         model,
         notes,
         rt,
+        replace(quick, n_resamples=50),
         name=str(pretrained_run),
-        n_resamples=50,
-        cache_dir=tmp_path / "f",
-        progress=False,
     )
     assert read_results(rt) == results
     assert (

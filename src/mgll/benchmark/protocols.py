@@ -69,9 +69,9 @@ def resolve_level(task: BenchmarkTask, data_root: str | Path | None) -> str:
 
 
 def load_task_data(task: BenchmarkTask, data_root: str | Path | None) -> Any:
-    """The task's :class:`~mgll.eval.data.EvalData` on its split."""
+    """The task's :class:`~mgll.eval.task.EvalData` on its split."""
     from mgll.data.spec import is_spec_path
-    from mgll.eval.data import load_eval_data
+    from mgll.eval.task import load_eval_data
 
     path = task.data_path(data_root)
     source = task.source
@@ -101,7 +101,7 @@ def load_encoder(spec: str) -> Any:
 
 def with_train_fraction(data: Any, fraction: float, seed: int) -> Any:
     """``data`` whose training rows are the seeded ``fraction`` draw of its patients."""
-    from mgll.eval.data import label_fraction_rows
+    from mgll.eval.task import label_fraction_rows
 
     if fraction >= 1:
         return data
@@ -136,17 +136,20 @@ def run_protocol(
     progress: bool,
 ) -> dict[str, Any]:
     """Run one (protocol, encoder, fraction, seed) into ``output_dir``; its results dict."""
-    common = {"seed": seed, "n_resamples": n_resamples, "progress": progress}
+    from mgll.eval.options import EvalOptions
+
+    options = EvalOptions(
+        device=device,
+        seed=seed,
+        n_resamples=n_resamples,
+        cache_dir=cache_dir,
+        quiet=not progress,
+    )
     if protocol == "probe":
         from mgll.eval.probe import linear_probe
 
         return linear_probe(
-            load_encoder(encoder_spec),
-            data,
-            output_dir,
-            label_fractions=(fraction,),
-            cache_dir=cache_dir,
-            **common,
+            load_encoder(encoder_spec), data, output_dir, options, label_fractions=(fraction,)
         )
     if protocol in ("finetune", "paper-finetune"):
         from mgll.eval.finetune import DEFAULTS, fine_tune
@@ -157,27 +160,21 @@ def run_protocol(
             load_encoder(encoder_spec),
             with_train_fraction(data, fraction, seed),
             output_dir,
+            options,
             epochs=int(epochs or recipe["epochs"]),
             batch_size=int(recipe["batch_size"]),
             lr=float(recipe["lr"]),
             weight_decay=float(recipe["weight_decay"]),
             augmentation=recipe.get("augmentation"),
-            device=device,
             resume=resume,
-            **common,
         )
     if protocol == "zeroshot":
-        from mgll.eval.zeroshot import load_run_model, zero_shot
+        from mgll.eval.encoders import load_run_model
+        from mgll.eval.zeroshot import zero_shot
 
         model, run_config = load_run_model(encoder_spec, device)
         return zero_shot(
-            model.eval(),
-            data,
-            output_dir,
-            name=encoder_spec,
-            run_config=run_config,
-            cache_dir=cache_dir,
-            **common,
+            model.eval(), data, output_dir, options, name=encoder_spec, run_config=run_config
         )
     raise ValueError(f"--protocol: unknown protocol {protocol!r}; use {', '.join(PROTOCOLS)}")
 
@@ -199,7 +196,7 @@ def read_unit(folder: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
 
 def resolve_device(name: str) -> str:
     """``auto`` -> cuda when available, else cpu (as the evaluation commands read --device)."""
-    from mgll.eval.cli import resolve_device as resolve
+    from mgll.eval.options import resolve_device as resolve
 
     return resolve(name)
 

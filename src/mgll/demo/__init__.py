@@ -19,6 +19,7 @@ each resumed when the command is re-run with the same ``--output-dir``:
 See docs/demo.md for the recipe, the protocol and what was measured.
 """
 
-from mgll.demo.run import RECIPES, DemoError, run_demo
+from mgll.demo.run import run_demo
+from mgll.demo.settings import RECIPES, DemoError
 
 __all__ = ["RECIPES", "DemoError", "run_demo"]

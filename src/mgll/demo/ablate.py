@@ -25,18 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from mgll.demo.run import (
-    RECIPES,
-    Demo,
-    DemoError,
-    Progress,
-    check_settings,
-    cv_probe,
-    load_demo_records,
-    patient_folds,
-    pretrain_run,
-    write_folds,
-)
+from mgll.demo.folds import load_demo_records, patient_folds, pretrain_run, write_folds
+from mgll.demo.progress import Progress
+from mgll.demo.settings import C_GRID, RECIPES, Demo, DemoError, check_settings
 
 ABLATION_FOLDS = 2  # per seed; seeds give the spread, folds make every image a test image once
 DROP_FRACTION = 0.3
@@ -108,25 +99,30 @@ def _slug(name: str) -> str:
 
 def _pooled_auc(demo: Demo, variant: Variant, records: Any, fold: np.ndarray, level: str) -> float:
     """Macro AUC of ``level`` from the variant's fold models, held-out predictions pooled."""
-    from mgll.eval.data import build_task
+    from mgll.demo.folds import fold_task
     from mgll.eval.encoders import encoder_from_model
     from mgll.eval.features import extract_features
+    from mgll.eval.options import EvalOptions
+    from mgll.eval.probe import fit_probe
     from mgll.metrics import classification_metrics
     from mgll.training.checkpoint import load_model
 
-    task, y, usable = build_task(records, level)
+    everything = np.arange(len(records.records))
+    pooled = fold_task(demo, records, level, everything[:0], everything)
+    task, y = pooled.task, pooled.y
     scores = np.zeros(y.shape, dtype=np.float64)
+    options = EvalOptions(cache_dir=False, quiet=True)
     for k in range(demo.folds):
         model, _ = load_model(demo.run_dir(_slug(variant.name), k))
         encoder = encoder_from_model(model, f"{variant.name}/fold{k}")
-        feats = extract_features(encoder, records, demo.folder, cache_dir=False, progress=False)
-        train = np.flatnonzero((fold != k) & usable)
-        test = np.flatnonzero((fold == k) & usable)
-        groups = [records.records[i].patient_id for i in train]
-        scores[test], _ = cv_probe(
-            feats.features, y, train, test, task.type, task.classes, groups=groups, seed=demo.seed
+        feats = extract_features(encoder, records, demo.folder, options)
+        part = fold_task(demo, records, level, everything[fold != k], everything[fold == k])
+        fitted = fit_probe(
+            feats.features, part, part.rows["train"], selection="cv", c_grid=C_GRID, seed=demo.seed
         )
-    rows = np.flatnonzero(usable)
+        test = part.rows["test"]
+        scores[test] = fitted.scores(feats.features[test])
+    rows = pooled.rows["test"]
     metrics = classification_metrics(y[rows], scores[rows], task.type, classes=task.classes)
     return float(metrics["auc_macro"])
 

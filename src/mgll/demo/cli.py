@@ -8,7 +8,7 @@ import sys
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``demo`` sub-command."""
-    from mgll.demo.run import RECIPES
+    from mgll.demo.settings import DEFAULT_SEEDS, RECIPES
 
     parser = subparsers.add_parser(
         "demo",
@@ -23,20 +23,41 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--output-dir", required=True, help="folder for every output")
     parser.add_argument(
-        "--dataset", default="csdi-fundus", choices=sorted(RECIPES), help="default: csdi-fundus"
+        "--data",
+        "--dataset",
+        dest="data",
+        default="csdi-fundus",
+        metavar="RECIPE|FOLDER|FORMAT|SPEC",
+        help=f"a shipped recipe ({', '.join(sorted(RECIPES))}; default csdi-fundus), or your "
+        "data: a dataset folder or format name under --data-root, or a spec file (.yaml/.json), "
+        "with --level",
     )
     parser.add_argument(
-        "--quick", action="store_true", help="2 folds, 1 epoch: a smoke run, not a measurement"
+        "--level", help="the main level: folds are stratified on it (required for your data)"
     )
-    parser.add_argument("--seed", type=int, default=0, help="folds, initialisation, data order")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="2 folds, 1 epoch, 1 seed: a smoke run, not a measurement",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="first seed: folds, initialisation, data order (0)"
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        help=f"seeds from --seed on (default {DEFAULT_SEEDS}, 1 with --quick); several: one demo "
+        "per seed in OUT/seed<s> and a summary over seeds",
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo; expected failures become one-line errors."""
-    from mgll.demo.run import DemoError, run_demo
+    from mgll.demo.run import run_demo
+    from mgll.demo.settings import DemoError
     from mgll.eval.compare import CompareError
-    from mgll.eval.data import TaskError
+    from mgll.eval.task import TaskError
     from mgll.process import offline_hubs
     from mgll.training.checkpoint import CheckpointError
     from mgll.training.config import ConfigError
@@ -46,9 +67,11 @@ def run(args: argparse.Namespace) -> int:
             run_demo(
                 args.data_root,
                 args.output_dir,
-                dataset=args.dataset,
+                dataset=args.data,
+                level=args.level,
                 quick=args.quick,
                 seed=args.seed,
+                seeds=args.seeds,
                 echo=lambda line: print(line, flush=True),
             )
     except (DemoError, ConfigError, CheckpointError, TaskError, CompareError) as err:

@@ -344,3 +344,85 @@ def write_report(path: str | Path, inputs: ReportInputs) -> Path:
     text = render_report(inputs)
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return path
+
+
+def write_demo_report(demo: Any, records: Any, summary: Mapping[str, Any]) -> Path:
+    """``OUT/report.html`` from the demo's outputs (see :mod:`mgll.demo.report`)."""
+    from PIL import Image
+
+    from mgll.demo.evaluation import REPORT_DATA_FILE
+    from mgll.demo.settings import ENCODERS, PRETRAINED, REPORT_FILE
+    from mgll.eval.results import read_predictions
+    from mgll.training.run_log import read_metrics
+
+    level = demo.recipe.main_level
+    index = [lv.name for lv in records.levels].index(level)
+    names = [r.labels[index][0] if r.labels[index] else "(none)" for r in records.records]
+    encoders = []
+    for encoder in ENCODERS:
+        base = demo.out / encoder
+        curve: list[tuple[int, float]] = []
+        if encoder in PRETRAINED:
+            rows = read_metrics(demo.run_dir(encoder, 0))
+            curve = [(r["step"], r["loss"]) for r in rows if r.get("kind") == "train"]
+        predictions = read_predictions(base / f"probe-{level}")
+        data = np.load(base / REPORT_DATA_FILE)
+        examples = []
+        for q, i in enumerate(data["queries"]):
+            with Image.open(records.records[i].image) as picture:
+                thumb = np.asarray(picture.convert("RGB").resize((96, 96)))
+            shown = [
+                (int(j), float(score))
+                for j, score in zip(data["top_index"][q], data["top_score"][q], strict=True)
+                if j >= 0  # a gallery smaller than RETRIEVAL_TOP leaves places empty
+            ]
+            examples.append(
+                RetrievalExample(
+                    image=thumb,
+                    truth=f"{names[i]}: {records.records[i].texts[-1][0]}",
+                    texts=[
+                        (f"{names[j]}: {records.records[j].texts[-1][0]}", score)
+                        for j, score in shown
+                    ],
+                    correct=[names[j] == names[i] for j, _ in shown],
+                )
+            )
+        encoders.append(
+            EncoderReport(
+                name=encoder,
+                loss_curve=curve,
+                roc_labels=predictions["y"],
+                roc_scores=predictions["scores"],
+                classes=predictions["classes"],
+                embedding=data["features"],
+                embedding_labels=[names[i] for i in data["feature_rows"]],
+                retrieval=examples,
+            )
+        )
+    protocol = summary["protocol"]
+    inputs = ReportInputs(
+        title=f"mgll demo: random vs CLIP vs MGLL on {summary['dataset']}",
+        dataset=summary["dataset"],
+        table=summary["table"],
+        comparisons=summary["comparisons"],
+        encoders=encoders,
+        main_level=level,
+        notes=[
+            f"{protocol['n_images']} images of {protocol['n_patient_groups']} patient groups; "
+            f"{protocol['split']}.",
+            f"Probe: {protocol['probe']}. Confidence intervals: {protocol['bootstrap']}.",
+            "Loss curves are fold 1's runs; embedding maps show fold 1's held-out images in the "
+            "features of fold 1's model (which never saw them); retrieval examples rank the "
+            f"distinct {records.levels[-1].name} texts of the same fold's held-out images.",
+            f"Retrieval: {protocol['retrieval']}.",
+            "Small public data on one machine: these numbers show what the method does here, "
+            "not how it compares at the paper's scale.",
+        ],
+        extra={
+            "seed": demo.seed,
+            "quick": demo.quick,
+            "pretraining seconds": {k: round(v) for k, v in summary["pretrain_seconds"].items()},
+            "total seconds": round(summary["seconds"]),
+        },
+    )
+    return write_report(demo.out / REPORT_FILE, inputs)

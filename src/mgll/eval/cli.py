@@ -8,15 +8,13 @@ which turns expected failures into ``mgll <cmd>: error: ...`` and exit code 1.
 from __future__ import annotations
 
 import argparse
-import os
+import dataclasses
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-# Loader workers pay off only when cores are left over for them (measured: on 2 cores, 2
-# workers make extraction 0.79x the bare forward, none 0.95x; benchmarks/eval.py).
-DEFAULT_WORKERS = 0 if (os.cpu_count() or 1) <= 2 else 2
+from mgll.eval.options import DEFAULT_OPTIONS, EvalOptions
 
 
 def add_task_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,43 +64,65 @@ def add_task_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split-seed", type=int, help="seed of a 'patient' split (default 0)")
 
 
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """--output-dir, seeds, bootstrap, batching, device, precision, caches, progress."""
-    parser.add_argument("--output-dir", required=True, help="folder for results.json and plots")
-    parser.add_argument("--seed", type=int, default=0, help="seed of draws and bootstrap")
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model`` (a pretraining run folder or checkpoint: image and text towers)."""
     parser.add_argument(
-        "--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples (1000)"
+        "--model",
+        required=True,
+        help="pretraining run folder or checkpoints/step_*.safetensors (image and text towers)",
     )
-    parser.add_argument("--batch-size", type=int, default=64, help="images per batch (64)")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """--output-dir and the flags of :class:`~mgll.eval.options.EvalOptions`, its defaults."""
+    d = DEFAULT_OPTIONS
+    parser.add_argument("--output-dir", required=True, help="folder for results.json and plots")
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of draws and bootstrap")
+    parser.add_argument(
+        "--bootstrap",
+        type=int,
+        default=d.n_resamples,
+        metavar="N",
+        help=f"bootstrap resamples ({d.n_resamples})",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=d.batch_size, help=f"images per batch ({d.batch_size})"
+    )
     parser.add_argument(
         "--num-workers",
         type=int,
-        default=DEFAULT_WORKERS,
-        help=f"data-loader workers (default here: {DEFAULT_WORKERS}; 0 on 2 cores, where "
+        default=d.num_workers,
+        help=f"data-loader workers (default here: {d.num_workers}; 0 on 2 cores, where "
         "workers would compete with the forward pass)",
     )
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
     parser.add_argument(
-        "--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast (fp32)"
+        "--device", default=d.device, help=f"cpu, cuda, cuda:1 or auto (default {d.device})"
+    )
+    parser.add_argument(
+        "--precision",
+        default=d.precision,
+        choices=["fp32", "bf16", "fp16"],
+        help=f"autocast ({d.precision})",
     )
     parser.add_argument(
         "--cache-dir",
+        default=d.cache_dir,
         help="feature cache folder (default: <user cache>/features, $MGLL_CACHE_DIR/features)",
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--no-progress", dest="quiet", action="store_true", default=d.quiet, help="no progress bars"
+    )
 
 
-def run_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The keyword arguments the protocol functions share, from :func:`add_run_arguments`."""
-    return {
-        "seed": args.seed,
-        "n_resamples": args.bootstrap,
-        "cache_dir": args.cache_dir,
-        "batch_size": args.batch_size,
-        "num_workers": args.num_workers,
-        "precision": args.precision,
-        "progress": not args.no_progress,
+def eval_options(args: argparse.Namespace) -> EvalOptions:
+    """The :class:`~mgll.eval.options.EvalOptions` of :func:`add_run_arguments`'s flags."""
+    flags = {"n_resamples": "bootstrap"}  # option name -> argparse name, where they differ
+    values = {
+        f.name: getattr(args, flags.get(f.name, f.name))
+        for f in dataclasses.fields(EvalOptions)
+        if hasattr(args, flags.get(f.name, f.name))
     }
+    return EvalOptions(**values)
 
 
 def split_settings(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -124,19 +144,10 @@ def split_settings(args: argparse.Namespace) -> dict[str, Any] | None:
     return {"file": str(Path(args.split).absolute())}
 
 
-def resolve_device(name: str) -> str:
-    """``auto`` -> cuda when available, else cpu."""
-    if name != "auto":
-        return name
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def load_task(args: argparse.Namespace, encoder_config: dict[str, Any] | None = None):
-    """The :class:`~mgll.eval.data.EvalData` the task arguments describe."""
+    """The :class:`~mgll.eval.task.EvalData` the task arguments describe."""
     from mgll.data.cli import _options as parse_options  # the `mgll data` KEY=VALUE parser
-    from mgll.eval.data import load_eval_data
+    from mgll.eval.task import load_eval_data
 
     return load_eval_data(
         args.data,

@@ -287,15 +287,54 @@ def _from_authors(spec: str, path: Path) -> Encoder:
     )
 
 
-def _is_run_checkpoint(path: Path) -> bool:
-    """Whether a safetensors file is an mgll pretraining checkpoint (from its header)."""
+def _checkpoint_kind(path: Path) -> str | None:
+    """``pretrain`` or ``finetune`` for an mgll checkpoint (from its header), else None."""
     from safetensors import SafetensorError, safe_open
+
+    from mgll.training.checkpoint import checkpoint_kind
 
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return (handle.metadata() or {}).get("format") == "mgll-pretrain"
+            meta = handle.metadata() or {}
     except (SafetensorError, OSError):
-        return False
+        return None
+    return checkpoint_kind(meta) if meta.get("format") == "mgll-pretrain" else None
+
+
+FINETUNE_WEIGHTS = "best.safetensors"  # what `mgll finetune` keeps: the best validation epoch
+
+
+def _from_finetune(spec: str, folder: Path) -> Encoder:
+    """The fine-tuned image tower of an ``mgll finetune`` output folder: the encoder it started
+    from (recorded in its checkpoint) with the tower weights of ``best.safetensors``."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from mgll.training.checkpoint import list_checkpoints
+
+    found = list_checkpoints(folder / "checkpoints")
+    weights = folder / FINETUNE_WEIGHTS
+    if not found or not weights.is_file():
+        raise EncoderError(spec, f"this fine-tuning folder lacks {FINETUNE_WEIGHTS} or checkpoints")
+
+    with safe_open(str(found[-1][1]), framework="pt") as handle:
+        started_from = json.loads((handle.metadata() or {})["config"])["encoder"]
+    try:
+        encoder = load_encoder(started_from)
+    except EncoderError as error:
+        raise EncoderError(
+            spec, f"the encoder it was fine-tuned from cannot be loaded ({error.reason})"
+        ) from error
+    prefix = "encoder.tower."
+    state = {
+        k[len(prefix) :]: v for k, v in load_file(str(weights)).items() if k.startswith(prefix)
+    }
+    try:
+        encoder.tower.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise EncoderError(spec, f"{weights} does not fit {started_from}: {error}") from error
+    encoder.name, encoder.kind, encoder._digest = spec, "finetune", None
+    return encoder.eval()
 
 
 def _from_path(spec: str, path: Path) -> Encoder:
@@ -304,7 +343,11 @@ def _from_path(spec: str, path: Path) -> Encoder:
     if path.is_dir():
         if (path / FOLDER_SIDECAR).is_file():
             return _from_export(spec, path)
-        if (path / "checkpoints").is_dir() or any(path.glob("step_*.safetensors")):
+        found = sorted((path / "checkpoints").glob("step_*.safetensors"))
+        found = found or sorted(path.glob("step_*.safetensors"))
+        if found and _checkpoint_kind(found[-1]) == "finetune":
+            return _from_finetune(spec, found[-1].parent.parent)  # OUT/checkpoints/step_*
+        if found or (path / "checkpoints").is_dir():
             return _from_run(spec, path)
         raise EncoderError(
             spec, "this folder holds neither checkpoints/ of a run nor an exported encoder"
@@ -316,7 +359,10 @@ def _from_path(spec: str, path: Path) -> Encoder:
     if is_torch_pickle(path):
         return _from_authors(spec, path)
     if path.suffix == ".safetensors":
-        if _is_run_checkpoint(path):
+        kind = _checkpoint_kind(path)
+        if kind == "finetune":
+            return _from_finetune(spec, path.parent.parent)
+        if kind == "pretrain":
             return _from_run(spec, path)
         sidecar = path.with_suffix(".json")
         if sidecar.is_file():
@@ -358,3 +404,19 @@ def load_encoder(spec: str | Path, device: str | torch.device = "cpu") -> Encode
             raise EncoderError(text, "no such file or folder, and not a recognised prefix")
         encoder = _from_path(text, path)
     return encoder.to(device).eval()
+
+
+def text_tower_level(model: Any, level: int) -> int:
+    """The text tower of a run model that embeds texts of granularity ``level``: its own when
+    the model has one per level, else the only one (CLIP-style models, levels beyond the
+    trained ones). Zero-shot and retrieval embed their texts through it."""
+    return level if model.text_per_level and level < len(model.text_towers) else 0
+
+
+def load_run_model(spec: str | Path, device: str = "auto") -> tuple[Any, dict[str, Any]]:
+    """The ``MGLLModel`` (image and text towers) and run config of a pretraining run folder or
+    checkpoint (``--model``) on ``device`` (``auto``: cuda when available)."""
+    from mgll.eval.options import resolve_device
+    from mgll.training.checkpoint import load_model
+
+    return load_model(spec, resolve_device(device))

@@ -19,6 +19,7 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +29,8 @@ from mgll.data.cache import PreprocessCache, default_cache_dir, user_cache_dir
 from mgll.data.dataset import MultiGranularDataset, collate_samples
 from mgll.data.records import RecordSet
 from mgll.data.transforms import build_transform
-from mgll.eval.encoders import Encoder
+from mgll.eval.encoders import Encoder, encoder_from_model
+from mgll.eval.options import DEFAULT_OPTIONS, EvalOptions
 from mgll.io import atomic_write
 
 FEATURE_CACHE_VERSION = 1
@@ -114,26 +116,23 @@ def extract_features(
     encoder: Encoder,
     records: RecordSet,
     folder: str | Path,
+    options: EvalOptions = DEFAULT_OPTIONS,
     *,
     projected: bool = False,
-    batch_size: int = 64,
-    num_workers: int = 0,
-    cache_dir: str | Path | bool | None = None,
     resize: str = "crop",
-    precision: str = "fp32",
-    progress: bool = True,
 ) -> FeatureSet:
     """Features of every record's image (pre-projection unless ``projected``), from the cache
-    when present. ``folder`` is the dataset's folder (its preprocessing cache); ``cache_dir``:
-    None = :func:`default_feature_cache`, False = no cache."""
+    when present. ``folder`` is the dataset's folder (its preprocessing cache);
+    ``options.cache_dir``: None = :func:`default_feature_cache`, False = no cache; batch size,
+    workers, precision and progress bars from ``options`` too."""
     from mgll.training.step import Precision
 
     n = len(records.records)
     path = None
-    if cache_dir is not False:
-        folder = Path(cache_dir) if cache_dir else default_feature_cache()
+    if options.cache_dir is not False:
+        store = Path(options.cache_dir) if options.cache_dir else default_feature_cache()
         key = feature_key(encoder, records, projected=projected, resize=resize)
-        path = folder / f"{key}.npz"
+        path = store / f"{key}.npz"
         if path.is_file():
             cached = _read_cache(path, n)
             if cached is not None:
@@ -143,19 +142,19 @@ def extract_features(
     device = encoder.device
     loader = DataLoader(
         dataset,
-        batch_size=batch_size,
+        batch_size=options.batch_size,
         shuffle=False,
-        num_workers=num_workers,
+        num_workers=options.num_workers,
         collate_fn=collate_samples,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
     )
-    amp = Precision(precision, device)
+    amp = Precision(options.precision, device)
     features: np.ndarray | None = None
     unreadable = np.zeros(n, dtype=bool)
     start = 0
     encoder.eval()
-    for batch in _progress(loader, progress, "features"):
+    for batch in _progress(loader, options.progress, "features"):
         images = batch["images"].to(device, non_blocking=True)
         with torch.no_grad(), amp.autocast():
             out = encoder.encode(images, projected=projected)
@@ -176,6 +175,20 @@ def extract_features(
     if path is not None:
         _write_cache(path, features, unreadable)
     return FeatureSet(features, unreadable, False, path)
+
+
+def projected_features(
+    model: torch.nn.Module,
+    data: Any,
+    options: EvalOptions = DEFAULT_OPTIONS,
+    *,
+    name: str,
+    run_config: dict[str, Any] | None = None,
+) -> tuple[Encoder, FeatureSet]:
+    """``model`` (an ``MGLLModel``, put in eval mode) as an encoder and its projected image
+    embeddings of every record of ``data``: what zero-shot and retrieval compare texts with."""
+    encoder = encoder_from_model(model.eval(), name, run_config)
+    return encoder, extract_features(encoder, data.records, data.folder, options, projected=True)
 
 
 def _progress(iterable, enabled: bool, desc: str):

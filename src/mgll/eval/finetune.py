@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from mgll.eval.options import DEFAULT_OPTIONS, EvalOptions
+
 DEFAULTS: dict[str, Any] = {
     "epochs": 50,
     "batch_size": 32,
@@ -170,6 +172,7 @@ def fine_tune(
     encoder: Any,
     data: Any,
     output_dir: str | Path,
+    options: EvalOptions = DEFAULT_OPTIONS,
     *,
     epochs: int = DEFAULTS["epochs"],
     batch_size: int = DEFAULTS["batch_size"],
@@ -177,17 +180,13 @@ def fine_tune(
     weight_decay: float = DEFAULTS["weight_decay"],
     layer_decay: float | None = None,
     augmentation: Any = None,
-    precision: str = "fp32",
-    device: str = "auto",
-    seed: int = 0,
     resume: bool = False,
-    num_workers: int = 0,
-    n_resamples: int = 1000,
-    progress: bool = True,
 ) -> dict[str, Any]:
     """Fine-tune ``encoder`` (an :class:`~mgll.eval.encoders.Encoder` or a spec) with a linear
     head on ``data``; writes the output folder (probe layout plus ``checkpoints/`` and
-    ``best.safetensors``) and returns results.json's dict (None on ranks other than 0)."""
+    ``best.safetensors``) and returns results.json's dict (None on ranks other than 0).
+    ``batch_size`` is the training batch (the recipe's); ``options.batch_size`` batches the
+    scoring of the validation and test images."""
     from safetensors.torch import load_model as load_safetensors
     from safetensors.torch import save_model as save_safetensors
 
@@ -201,7 +200,9 @@ def fine_tune(
     from mgll.training.step import Precision, optimizer_step
     from mgll.training.trainer import seed_everything
 
-    info, dev = init_distributed(device)
+    seed, precision, num_workers = options.seed, options.precision, options.num_workers
+    progress, scoring_batch = options.progress, options.batch_size
+    info, dev = init_distributed(options.device)
     if isinstance(encoder, (str, Path)):
         encoder = load_encoder(encoder)
     out = Path(output_dir)
@@ -295,7 +296,7 @@ def fine_tune(
             seen += len(images)
         row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": running / max(seen, 1)}
         if info.is_main:
-            val_scores = predict(model, datasets["val"], task.type, amp, batch_size, num_workers)
+            val_scores = predict(model, datasets["val"], task.type, amp, scoring_batch, num_workers)
             m = classification_metrics(
                 val_y, val_scores, task.type, classes=task.classes, macro_classes=present
             )
@@ -320,14 +321,20 @@ def fine_tune(
                 "history": history,
             }
             ckpt.save_checkpoint(
-                checkpoints, (epoch + 1) * steps_per_epoch, model, state, config, keep_last=1
+                checkpoints,
+                (epoch + 1) * steps_per_epoch,
+                model,
+                state,
+                config,
+                keep_last=1,
+                kind="finetune",
             )
         barrier()
     if not info.is_main:
         return None
     load_safetensors(model, str(out / "best.safetensors"))
     scores = {
-        split: predict(model, datasets[split], task.type, amp, batch_size, num_workers)
+        split: predict(model, datasets[split], task.type, amp, scoring_batch, num_workers)
         for split in ("val", "test")
     }
     details = {
@@ -350,7 +357,7 @@ def fine_tune(
         encoder=encoder.describe(),
         details=details,
         seed=seed,
-        n_resamples=n_resamples,
+        n_resamples=options.n_resamples,
         progress=progress,
     )
 
@@ -397,25 +404,25 @@ def run(args: argparse.Namespace) -> int:
     from mgll.eval.cli import run_safely
 
     def body() -> int:
-        from mgll.eval.cli import load_task, run_options
+        from mgll.eval.cli import eval_options, load_task
         from mgll.eval.encoders import load_encoder
         from mgll.eval.probe import format_metrics
 
+        options = eval_options(args)
         encoder = load_encoder(args.encoder)
         data = load_task(args, encoder.run_config)
         results = fine_tune(
             encoder,
             data,
             args.output_dir,
+            options,
             epochs=args.epochs,
             batch_size=args.batch_size,
             lr=args.lr,
             weight_decay=args.weight_decay,
             layer_decay=args.layer_decay,
             augmentation=False if args.no_augmentation else None,
-            device=args.device,
             resume=args.resume,
-            **{k: v for k, v in run_options(args).items() if k not in ("cache_dir", "batch_size")},
         )
         if results is not None:
             print(format_metrics(results))

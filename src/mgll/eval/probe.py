@@ -9,21 +9,30 @@ Multi-class levels use one multinomial model; multi-label levels one binary mode
 
 ``--label-fraction 0.01,0.1,1.0`` repeats the probe on seeded patient-level draws of the
 training split (validation and test unchanged): label efficiency.
+
+:func:`fit_probe` is the core every caller shares; without a validation split (the demo's
+cross-validation folds) its ``selection="cv"`` chooses C by an inner patient-grouped CV of the
+training rows instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import math
 import time
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mgll.eval.options import DEFAULT_OPTIONS, EvalOptions, resolve_device
+
 DEFAULT_C_GRID = tuple(float(c) for c in np.logspace(-4, 2, 7))
+INNER_FOLDS = 3  # the cross-validated selection's inner folds
 
 
 class LinearClassifier:
@@ -113,52 +122,143 @@ def select_and_fit(
     return best, {"C": chosen, "criterion": criterion, "sweep": sweep}
 
 
-def _standardise(train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
-    mean = train.mean(0, keepdims=True)
-    std = train.std(0, keepdims=True) + 1e-6
-    return [(a - mean) / std for a in (train, *others)]
+def cross_validated_c(
+    x: np.ndarray,
+    y: np.ndarray,
+    groups: Sequence[str],
+    task_type: str,
+    classes: Sequence[str],
+    *,
+    c_grid: Sequence[float],
+    seed: int = 0,
+) -> tuple[float, list[dict[str, Any]]]:
+    """The C of ``c_grid`` with the best mean macro AUC over a :data:`INNER_FOLDS`-fold inner
+    CV of the (standardised) training vectors ``x`` that keeps each patient (``groups``) on one
+    side; stratified on the class for single-label tasks. Returns C and the sweep."""
+    from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
+
+    from mgll.metrics import classification_metrics
+
+    groups = np.asarray(groups)
+    if task_type == "multilabel":
+        inner = list(GroupKFold(n_splits=INNER_FOLDS).split(x, None, groups))
+    else:
+        splitter = StratifiedGroupKFold(n_splits=INNER_FOLDS, shuffle=True, random_state=seed)
+        inner = list(splitter.split(x, y.argmax(1), groups))
+    best_c, best_auc, sweep = c_grid[0], -math.inf, []
+    for c in c_grid:
+        aucs = []
+        for fit_rows, val_rows in inner:
+            model = LinearClassifier(task_type, y.shape[1], seed).fit(x[fit_rows], y[fit_rows], c)
+            yv = y[val_rows]
+            present = [j for j in range(yv.shape[1]) if 0 < yv[:, j].sum() < len(yv)]
+            if not present:
+                continue
+            m = classification_metrics(
+                yv,
+                model.predict_scores(x[val_rows]),
+                task_type,
+                classes=classes,
+                macro_classes=present,
+            )
+            aucs.append(m["auc_macro"])
+        auc = float(np.nanmean(aucs)) if aucs else -math.inf
+        sweep.append({"C": c, "cv_auc_macro": None if not np.isfinite(auc) else auc})
+        if auc > best_auc:
+            best_c, best_auc = c, auc
+    return float(best_c), sweep
+
+
+@dataclass
+class FittedProbe:
+    """A fitted probe: the training rows' standardisation, the classifier and how its C was
+    chosen (``selection``: C, criterion, sweep)."""
+
+    mean: np.ndarray
+    std: np.ndarray
+    classifier: LinearClassifier
+    selection: dict[str, Any]
+
+    def scores(self, features: np.ndarray) -> np.ndarray:
+        """(N, C) class scores of raw (unstandardised) feature vectors."""
+        return self.classifier.predict_scores((features - self.mean) / self.std)
+
+
+def fit_probe(
+    features: np.ndarray,
+    data: Any,
+    train_rows: np.ndarray,
+    *,
+    val_rows: np.ndarray | None = None,
+    selection: str = "validation",
+    c_grid: Sequence[float] = DEFAULT_C_GRID,
+    seed: int = 0,
+) -> FittedProbe:
+    """Fit the linear probe of ``data``'s task on ``features[train_rows]``, standardised with
+    those rows' mean and standard deviation (never any other rows').
+
+    ``selection="validation"``: C by macro AUC (then accuracy) on ``val_rows``, one warm
+    sweep over the grid (``mgll probe``). ``selection="cv"``: C by mean macro AUC over an
+    inner patient-grouped CV of the training rows, then one fit on all of them (the demo,
+    whose folds have no validation part).
+    """
+    x = features[train_rows]
+    mean = x.mean(0, keepdims=True)
+    std = x.std(0, keepdims=True) + 1e-6
+    x = (x - mean) / std
+    y = data.y[train_rows].astype(int)
+    task = data.task
+    if selection == "validation":
+        if val_rows is None or len(val_rows) == 0:
+            raise ValueError("selection='validation' needs validation rows")
+        model, chosen = select_and_fit(
+            x,
+            y,
+            (features[val_rows] - mean) / std,
+            data.y[val_rows].astype(int),
+            task.type,
+            task.classes,
+            c_grid=c_grid,
+            seed=seed,
+        )
+    elif selection == "cv":
+        c, sweep = cross_validated_c(
+            x, y, data.patients(train_rows), task.type, task.classes, c_grid=c_grid, seed=seed
+        )
+        model = LinearClassifier(task.type, y.shape[1], seed).fit(x, y, c)
+        criterion = f"macro AUC, {INNER_FOLDS}-fold patient CV in training"
+        chosen = {"C": c, "criterion": criterion, "sweep": sweep}
+    else:
+        raise ValueError(f"selection {selection!r}: choose 'validation' or 'cv'")
+    return FittedProbe(mean, std, model, chosen)
 
 
 def linear_probe(
     encoder: Any,
     data: Any,
     output_dir: str | Path,
+    options: EvalOptions = DEFAULT_OPTIONS,
     *,
     label_fractions: Sequence[float] = (1.0,),
-    seed: int = 0,
     c_grid: Sequence[float] = DEFAULT_C_GRID,
-    n_resamples: int = 1000,
-    cache_dir: str | Path | bool | None = None,
-    batch_size: int = 64,
-    num_workers: int = 0,
-    precision: str = "fp32",
-    progress: bool = True,
 ) -> dict[str, Any]:
     """Linear probe of ``encoder`` (an :class:`~mgll.eval.encoders.Encoder` or a spec) on
-    ``data`` (:class:`~mgll.eval.data.EvalData`); writes the output folder(s), returns results.
+    ``data`` (:class:`~mgll.eval.task.EvalData`); writes the output folder(s), returns results.
 
     One fraction: ``output_dir`` holds results.json etc. and the dict is that results.json.
     Several: one sub-folder ``fraction-<f>`` each, ``output_dir/summary.json`` lists them and
     the dict is ``{"fractions": {f: results}}``.
     """
-    from mgll.eval.data import label_fraction_rows
+    from mgll.eval import features as feature_store
     from mgll.eval.encoders import load_encoder
-    from mgll.eval.features import extract_features
     from mgll.eval.results import write_classification_outputs, write_json
+    from mgll.eval.task import label_fraction_rows
 
     if isinstance(encoder, (str, Path)):
-        encoder = load_encoder(encoder)
+        encoder = load_encoder(encoder, resolve_device(options.device))
+    seed = options.seed
     started = time.perf_counter()
-    features = extract_features(
-        encoder,
-        data.records,
-        data.folder,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        cache_dir=cache_dir,
-        precision=precision,
-        progress=progress,
-    )
+    features = feature_store.extract_features(encoder, data.records, data.folder, options)
     extract_s = time.perf_counter() - started
     notes = []
     bad = features.unreadable
@@ -182,27 +282,15 @@ def linear_probe(
                 f"--label-fraction {fraction}: the drawn training images ({len(train_rows)}) "
                 "hold a single class; use a larger fraction"
             )
-        x_train, x_val, x_test = _standardise(
-            features.features[train_rows],
-            features.features[rows["val"]],
-            features.features[rows["test"]],
-        )
         fit_started = time.perf_counter()
-        model, selection = select_and_fit(
-            x_train,
-            y_train,
-            x_val,
-            data.y[rows["val"]].astype(int),
-            data.task.type,
-            data.task.classes,
-            c_grid=c_grid,
-            seed=seed,
+        probe = fit_probe(
+            features.features, data, train_rows, val_rows=rows["val"], c_grid=c_grid, seed=seed
         )
         fit_s = time.perf_counter() - fit_started
         folder = out if len(fractions) == 1 else out / f"fraction-{fraction:g}"
         details = {
             "classifier": "scikit-learn LogisticRegression on standardised pre-projection features",
-            **selection,
+            **probe.selection,
             "label_fraction": fraction,
             "n_train": len(train_rows),
             "n_patients_train": len(set(data.patients(train_rows))),
@@ -215,16 +303,16 @@ def linear_probe(
             folder,
             data,
             rows["test"],
-            model.predict_scores(x_test),
+            probe.scores(features.features[rows["test"]]),
             val_rows=rows["val"],
-            val_scores=model.predict_scores(x_val),
+            val_scores=probe.scores(features.features[rows["val"]]),
             protocol="linear_probe",
             encoder=encoder.describe(),
             details=details,
             seed=seed,
-            n_resamples=n_resamples,
+            n_resamples=options.n_resamples,
             notes=notes,
-            progress=progress,
+            progress=options.progress,
         )
     if len(fractions) == 1:
         return next(iter(all_results.values()))
@@ -298,22 +386,17 @@ def run(args: argparse.Namespace) -> int:
     from mgll.eval.cli import run_safely
 
     def body() -> int:
-        from mgll.eval.cli import load_task, resolve_device, run_options
+        from mgll.eval.cli import eval_options, load_task
         from mgll.eval.encoders import load_encoder
 
         try:
             fractions = [float(f) for f in args.label_fraction.split(",") if f.strip()]
         except ValueError:
             raise ValueError(f"--label-fraction: {args.label_fraction!r} is not numbers") from None
-        encoder = load_encoder(args.encoder, resolve_device(args.device))
+        options = eval_options(args)
+        encoder = load_encoder(args.encoder, resolve_device(options.device))
         data = load_task(args, encoder.run_config)
-        results = linear_probe(
-            encoder,
-            data,
-            args.output_dir,
-            label_fractions=fractions,
-            **run_options(args),
-        )
+        results = linear_probe(encoder, data, args.output_dir, options, label_fractions=fractions)
         for fraction, result in results.get("fractions", {"1": results}).items():
             if "fractions" in results:
                 print(f"label fraction {fraction}:")

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from mgll.eval.data import EvalData
+from mgll.eval.task import EvalData
 from mgll.io import atomic_write
 from mgll.metrics import DEFAULT_RESAMPLES, bootstrap_metrics, summarize, youden_thresholds
 

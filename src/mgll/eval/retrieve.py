@@ -39,6 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from mgll.eval.options import DEFAULT_OPTIONS, EvalOptions
+
 DEFAULT_KS = (1, 5, 10)
 RETRIEVAL_FILE = "retrieval.csv"
 
@@ -125,7 +127,7 @@ def score_retrieval(
     text_labels = np.zeros((len(gallery), image_labels.shape[1]), dtype=int)
     for i, j in enumerate(own_text):
         text_labels[j] |= image_labels[i]
-    from mgll.eval.zeroshot import text_tower_level
+    from mgll.eval.encoders import text_tower_level
 
     tower_level = text_tower_level(model, text_level)
     with torch.no_grad():
@@ -293,35 +295,19 @@ def retrieval(
     model: Any,
     data: Any,
     output_dir: str | Path,
+    options: EvalOptions = DEFAULT_OPTIONS,
     *,
     name: str,
     text_level: str | None = None,
     run_config: dict[str, Any] | None = None,
     ks: Sequence[int] = DEFAULT_KS,
-    seed: int = 0,
-    n_resamples: int = 1000,
-    cache_dir: str | Path | bool | None = None,
-    batch_size: int = 64,
-    num_workers: int = 0,
-    precision: str = "fp32",
-    progress: bool = True,
 ) -> dict[str, Any]:
     """Retrieval on ``data``'s test split with ``model`` (an ``MGLLModel``): the texts of
     ``text_level`` (default: the task's level), label-aware P@K judged by the task's labels;
     writes ``results.json``, ``retrieval.csv``, ``recall.png`` and ``split.csv``."""
-    from mgll.eval.zeroshot import projected_features
+    from mgll.eval.features import projected_features
 
-    encoder, features = projected_features(
-        model,
-        data,
-        name=name,
-        run_config=run_config,
-        cache_dir=cache_dir,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        precision=precision,
-        progress=progress,
-    )
+    encoder, features = projected_features(model, data, options, name=name, run_config=run_config)
     text_level = text_level or data.task.level
     names = [lv.name for lv in data.records.levels]
     if text_level not in names:
@@ -332,7 +318,12 @@ def retrieval(
     if len(rows) == 0:
         raise ValueError(f"no test image carries a text at level {text_level!r}")
     scores = score_retrieval(
-        model, features.features[rows], texts, data.y[rows], names.index(text_level), batch_size
+        model,
+        features.features[rows],
+        texts,
+        data.y[rows],
+        names.index(text_level),
+        options.batch_size,
     )
     return write_retrieval_outputs(
         output_dir,
@@ -344,8 +335,8 @@ def retrieval(
         text_level=text_level,
         encoder=encoder.describe(),
         n_texts=len(scores.gallery),
-        n_resamples=n_resamples,
-        seed=seed,
+        n_resamples=options.n_resamples,
+        seed=options.seed,
         notes=[f"{unreadable} unreadable image(s) left out"] if unreadable else [],
     )
 
@@ -395,8 +386,7 @@ def format_retrieval(results: dict[str, Any]) -> str:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``retrieve`` sub-command."""
-    from mgll.eval.cli import add_run_arguments, add_task_arguments
-    from mgll.eval.zeroshot import add_model_arguments
+    from mgll.eval.cli import add_model_arguments, add_run_arguments, add_task_arguments
 
     parser = subparsers.add_parser(
         "retrieve",
@@ -424,8 +414,8 @@ def run(args: argparse.Namespace) -> int:
     from mgll.eval.cli import run_safely
 
     def body() -> int:
-        from mgll.eval.cli import load_task, resolve_device, run_options
-        from mgll.eval.zeroshot import load_run_model
+        from mgll.eval.cli import eval_options, load_task
+        from mgll.eval.encoders import load_run_model
 
         try:
             ks = [int(k) for k in args.k.split(",") if k.strip()]
@@ -433,17 +423,18 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--k: {args.k!r} is not a list of integers") from None
         if not ks or min(ks) < 1:
             raise ValueError(f"--k: {args.k!r}: cut-offs must be positive integers")
-        model, config = load_run_model(args.model, resolve_device(args.device))
+        options = eval_options(args)
+        model, config = load_run_model(args.model, options.device)
         data = load_task(args, config)
         results = retrieval(
             model,
             data,
             args.output_dir,
+            options,
             name=str(args.model),
             text_level=args.text_level,
             run_config=config,
             ks=ks,
-            **run_options(args),
         )
         print(format_retrieval(results))
         print(f"wrote {args.output_dir}")

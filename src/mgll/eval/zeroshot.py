@@ -22,11 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from mgll.eval.options import DEFAULT_OPTIONS, EvalOptions
 
 DEFAULT_TEMPLATES = (
     "{}.",
@@ -85,16 +88,13 @@ def class_prompts(
     return positive, negative, source
 
 
-def text_tower_level(model: Any, level: int) -> int:
-    """The text tower that embeds texts of granularity ``level``: its own when the model has
-    one per level, else the only one (CLIP-style models, levels beyond the trained ones)."""
-    return level if model.text_per_level and level < len(model.text_towers) else 0
-
-
-def text_embeddings(
+def class_embeddings(
     model: Any, prompts: Mapping[str, Sequence[str]], classes: Sequence[str], level: int
 ) -> torch.Tensor:
-    """(C, D) normalised class embeddings: mean of each class's normalised prompt embeddings."""
+    """(C, D) normalised class embeddings, row k for ``classes[k]``: the mean of that class's
+    normalised prompt embeddings, normalised again (CLIP's prompt ensembling)."""
+    from mgll.eval.encoders import text_tower_level
+
     tower_level = text_tower_level(model, level)
     rows = []
     with torch.no_grad():
@@ -121,103 +121,91 @@ def zero_shot_scores(
     return torch.stack([pos, neg], dim=-1).softmax(dim=-1)[..., 0].numpy()
 
 
-def projected_features(
+@dataclass(frozen=True)
+class ZeroShotClassifier:
+    """A task's class embeddings (and, multi-label, the negative ones) with the model's logit
+    scale and the prompts they came from: :meth:`scores` classifies image embeddings."""
+
+    positive: torch.Tensor
+    negative: torch.Tensor | None
+    logit_scale: float
+    prompts: dict[str, list[str]]
+    negative_prompts: dict[str, list[str]] | None
+    source: str
+
+    def scores(self, image_emb: np.ndarray) -> np.ndarray:
+        """(N, C) class scores of (N, D) projected image embeddings."""
+        return zero_shot_scores(image_emb, self.positive, self.negative, self.logit_scale)
+
+    def details(self) -> dict[str, Any]:
+        """What results.json records about the prompts."""
+        return {
+            "prompt_source": self.source,
+            "prompts": self.prompts,
+            "negative_prompts": self.negative_prompts,
+            "scale": float(np.exp(self.logit_scale)),
+            "features": "projected image embedding, L2-normalised",
+        }
+
+
+def build_zero_shot_classifier(
     model: Any,
     data: Any,
-    *,
-    name: str,
-    run_config: dict[str, Any] | None = None,
-    cache_dir: str | Path | bool | None = None,
-    batch_size: int = 64,
-    num_workers: int = 0,
-    precision: str = "fp32",
-    progress: bool = True,
-) -> tuple[Any, Any]:
-    """``model`` (an ``MGLLModel``, put in eval mode) as an encoder and its projected image
-    embeddings of every record of ``data``: what zero-shot and retrieval compare texts with."""
-    from mgll.eval.encoders import encoder_from_model
-    from mgll.eval.features import extract_features
-
-    encoder = encoder_from_model(model.eval(), name, run_config)
-    features = extract_features(
-        encoder,
-        data.records,
-        data.folder,
-        projected=True,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        cache_dir=cache_dir,
-        precision=precision,
-        progress=progress,
+    templates: Sequence[str] | None = None,
+    prompts: Mapping[str, Sequence[str]] | None = None,
+) -> ZeroShotClassifier:
+    """The zero-shot classifier of ``data``'s task (open_clip's ``build_zero_shot_classifier``):
+    prompts per class (:func:`class_prompts`, from ``data``'s training rows by default),
+    embedded with ``model``'s text tower of the task's level. Every zero-shot caller (``mgll
+    zeroshot``, the demo, the benchmark) scores through it."""
+    positive, negative, source = class_prompts(data, templates, prompts)
+    level = [lv.name for lv in data.records.levels].index(data.task.level)
+    classes = data.task.classes
+    return ZeroShotClassifier(
+        positive=class_embeddings(model, positive, classes, level),
+        negative=class_embeddings(model, negative, classes, level) if negative else None,
+        logit_scale=float(model.logit_scale.detach()),
+        prompts=positive,
+        negative_prompts=negative,
+        source=source,
     )
-    return encoder, features
 
 
 def zero_shot(
     model: Any,
     data: Any,
     output_dir: str | Path,
+    options: EvalOptions = DEFAULT_OPTIONS,
     *,
     name: str,
     run_config: dict[str, Any] | None = None,
     templates: Sequence[str] | None = None,
     prompts: Mapping[str, Sequence[str]] | None = None,
-    seed: int = 0,
-    n_resamples: int = 1000,
-    cache_dir: str | Path | bool | None = None,
-    batch_size: int = 64,
-    num_workers: int = 0,
-    precision: str = "fp32",
-    progress: bool = True,
 ) -> dict[str, Any]:
     """Zero-shot classification of ``data``'s test split by ``model`` (an ``MGLLModel``);
     writes the output folder (same layout as the probe) and returns results.json's dict."""
+    from mgll.eval.features import projected_features
     from mgll.eval.results import write_classification_outputs
 
-    encoder, features = projected_features(
-        model,
-        data,
-        name=name,
-        run_config=run_config,
-        cache_dir=cache_dir,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        precision=precision,
-        progress=progress,
-    )
+    encoder, features = projected_features(model, data, options, name=name, run_config=run_config)
     bad = features.unreadable
     rows = {k: v[~bad[v]] for k, v in data.rows.items()}
-    positive, negative, source = class_prompts(data, templates, prompts)
-    level = [lv.name for lv in data.records.levels].index(data.task.level)
-    classes = data.task.classes
-    pos_emb = text_embeddings(model, positive, classes, level)
-    neg_emb = text_embeddings(model, negative, classes, level) if negative else None
-    scale = float(model.logit_scale.detach())
-
-    def scores(split: str) -> np.ndarray:
-        return zero_shot_scores(features.features[rows[split]], pos_emb, neg_emb, scale)
-
-    details = {
-        "prompt_source": source,
-        "prompts": positive,
-        "negative_prompts": negative,
-        "scale": float(np.exp(scale)),
-        "features": "projected image embedding, L2-normalised",
-    }
+    classifier = build_zero_shot_classifier(model, data, templates, prompts)
+    has_val = len(rows["val"]) > 0
     return write_classification_outputs(
         output_dir,
         data,
         rows["test"],
-        scores("test"),
-        val_rows=rows["val"] if len(rows["val"]) else None,
-        val_scores=scores("val") if len(rows["val"]) else None,
+        classifier.scores(features.features[rows["test"]]),
+        val_rows=rows["val"] if has_val else None,
+        val_scores=classifier.scores(features.features[rows["val"]]) if has_val else None,
         protocol="zeroshot",
         encoder=encoder.describe(),
-        details=details,
-        seed=seed,
-        n_resamples=n_resamples,
+        details=classifier.details(),
+        seed=options.seed,
+        n_resamples=options.n_resamples,
         notes=[f"{int(bad.sum())} unreadable image(s) left out"] if bad.any() else [],
-        progress=progress,
+        progress=options.progress,
     )
 
 
@@ -232,25 +220,9 @@ def load_prompts_file(path: str | Path) -> dict[str, list[str]]:
     return {str(k): [v] if isinstance(v, str) else [str(p) for p in v] for k, v in raw.items()}
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--model`` (a pretraining run folder or checkpoint)."""
-    parser.add_argument(
-        "--model",
-        required=True,
-        help="pretraining run folder or checkpoints/step_*.safetensors (image and text towers)",
-    )
-
-
-def load_run_model(spec: str, device: str) -> tuple[Any, dict[str, Any]]:
-    """The ``MGLLModel`` and run config of ``--model`` on ``device``."""
-    from mgll.training.checkpoint import load_model
-
-    return load_model(spec, device)
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``zeroshot`` sub-command."""
-    from mgll.eval.cli import add_run_arguments, add_task_arguments
+    from mgll.eval.cli import add_model_arguments, add_run_arguments, add_task_arguments
 
     parser = subparsers.add_parser(
         "zeroshot",
@@ -276,20 +248,22 @@ def run(args: argparse.Namespace) -> int:
     from mgll.eval.cli import run_safely
 
     def body() -> int:
-        from mgll.eval.cli import load_task, resolve_device, run_options
+        from mgll.eval.cli import eval_options, load_task
+        from mgll.eval.encoders import load_run_model
         from mgll.eval.probe import format_metrics
 
-        model, config = load_run_model(args.model, resolve_device(args.device))
+        options = eval_options(args)
+        model, config = load_run_model(args.model, options.device)
         data = load_task(args, config)
         results = zero_shot(
             model,
             data,
             args.output_dir,
+            options,
             name=str(args.model),
             run_config=config,
             templates=args.template,
             prompts=load_prompts_file(args.prompts) if args.prompts else None,
-            **run_options(args),
         )
         print(format_metrics(results))
         print(f"wrote {args.output_dir}")

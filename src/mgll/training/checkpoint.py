@@ -69,11 +69,13 @@ def save_checkpoint(
     config: Mapping[str, Any],
     keep_last: int,
     extra_metadata: Mapping[str, Any] | None = None,
+    kind: str = "pretrain",
 ) -> Path:
     """Write the checkpoint of ``step`` atomically, drop all but the newest ``keep_last``.
 
     ``extra_metadata``: the model's build facts (``MGLLModel.build_facts``), which
-    :func:`load_model` needs to rebuild it.
+    :func:`load_model` needs to rebuild it. ``kind``: what wrote it (``pretrain``,
+    ``finetune``), so a reader never takes one for the other.
     """
     directory.mkdir(parents=True, exist_ok=True)
     weights = weights_path(directory, step)
@@ -81,6 +83,7 @@ def save_checkpoint(
     atomic_write(state_file, lambda tmp: torch.save(dict(state), tmp))
     metadata = {
         "format": "mgll-pretrain",
+        "kind": kind,
         "step": str(step),
         "epoch": str(state.get("epoch", "")),
         "config": json.dumps(config),
@@ -154,11 +157,27 @@ def read_metadata(weights: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{weights} is not an mgll pretraining checkpoint (no run config in its metadata)"
         )
+    kind = checkpoint_kind(meta)
+    if kind != "pretrain":
+        raise CheckpointError(
+            f"{weights} is a {kind} checkpoint, not a pretraining run's: give its folder as "
+            "--encoder of mgll probe/finetune (the fine-tuned image tower), or give a "
+            "pretraining run here"
+        )
     return {
         "step": int(meta["step"]),
         "config": json.loads(meta["config"]),
         "extra": json.loads(meta.get("extra", "{}")),
     }
+
+
+def checkpoint_kind(metadata: Mapping[str, str]) -> str:
+    """What wrote a checkpoint, from its safetensors header: ``kind`` when stamped; before
+    stamping, fine-tuning's run config was the only one with a ``protocol`` key."""
+    if "kind" in metadata:
+        return metadata["kind"]
+    config = json.loads(metadata.get("config", "{}"))
+    return "finetune" if config.get("protocol") == "finetune" else "pretrain"
 
 
 def load_weights(model: nn.Module, weights: Path) -> None:

@@ -65,6 +65,40 @@ class EvalData:
     source: str
     split_indices: dict[str, list[int]] = field(default_factory=dict)
 
+    @classmethod
+    def from_rows(
+        cls,
+        records: RecordSet,
+        folder: Path,
+        task: Task,
+        y: np.ndarray,
+        rows: Mapping[str, Sequence[int]],
+        *,
+        source: str,
+        split_info: Mapping[str, Any] | None = None,
+        split_indices: Mapping[str, Sequence[int]] | None = None,
+    ) -> EvalData:
+        """The task on rows chosen by the caller (a cross-validation fold, hand-made rows): a
+        split missing from ``rows`` is empty; ``split_info`` gains the image and patient counts
+        of every split; ``split_indices`` (what split.csv lists) defaults to ``rows``."""
+        full = {name: np.asarray(rows.get(name, ()), dtype=np.int64) for name in SPLIT_NAMES}
+        info = dict(split_info or {})
+        info["n_images"] = {name: len(r) for name, r in full.items()}
+        info["n_patients"] = {
+            name: len({patient_key(records.records[int(i)]) for i in r}) for name, r in full.items()
+        }
+        indices = split_indices if split_indices is not None else full
+        return cls(
+            records=records,
+            folder=folder,
+            task=task,
+            y=y,
+            rows=full,
+            split_info=info,
+            source=source,
+            split_indices={name: [int(i) for i in indices.get(name, ())] for name in SPLIT_NAMES},
+        )
+
     def image_ids(self, rows: Sequence[int]) -> list[str]:
         """Image identifiers as written in predictions.csv (relative to the dataset folder)."""
         out = []
@@ -247,20 +281,16 @@ def load_eval_data(
         "settings": chosen["settings"] or {"train": 0.8, "val": 0.1, "test": 0.1},
         "seed": seed,
         "missing_image_files": len(missing),
-        "n_images": {name: len(rows[name]) for name in SPLIT_NAMES},
-        "n_patients": {
-            name: len({patient_key(records.records[i]) for i in rows[name]}) for name in SPLIT_NAMES
-        },
     }
-    result = EvalData(
-        records=records,
-        folder=folder,
-        task=task,
-        y=y,
-        rows=rows,
-        split_info=split_info,
+    result = EvalData.from_rows(
+        records,
+        folder,
+        task,
+        y,
+        rows,
         source=str(data),
-        split_indices={k: list(v) for k, v in indices.items()},
+        split_info=split_info,
+        split_indices=indices,
     )
     check_split(result)
     return result

@@ -1,0 +1,164 @@
+"""The demo's data and folds: records with patient groups, patient-level folds, one
+pretraining run per encoder and fold (and what each fold trained on), the fold models and
+each fold's task.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mgll.demo.settings import Demo, DemoError
+
+
+def classification_levels(records: Any) -> list[str]:
+    """Levels worth a classifier: at least 2 classes and fewer classes than half the labelled
+    images (a caption level, one text per image, is left to retrieval)."""
+    names = []
+    for g, level in enumerate(records.levels):
+        labelled = sum(1 for r in records.records if r.labels[g])
+        if 2 <= len(level.vocabulary) < labelled / 2:
+            names.append(level.name)
+    return names
+
+
+def load_demo_records(folder: Path, source: str | None = None) -> Any:
+    """The dataset's records (``source``: its format or spec; None detects the format of
+    ``folder``) with every patient id replaced by its patient *group*: patients joined across
+    byte-identical image files, so that no photo is on both sides of a split and the bootstrap
+    resamples the groups."""
+    from mgll.data.build import drop_missing_images, load_records
+    from mgll.data.spec import is_spec_path
+    from mgll.data.splits import linked_patient_keys
+
+    spec = source is not None and is_spec_path(source)
+    records, _ = load_records(source, None if spec else folder)
+    records, _missing = drop_missing_images(records)
+    if not records.records:
+        raise DemoError(f"{folder}: no image file of the dataset exists")
+    for record, group in zip(records.records, linked_patient_keys(records.records), strict=True):
+        record.patient_id = group
+    return records
+
+
+def patient_folds(records: Any, level: str, k: int, seed: int) -> np.ndarray:
+    """Fold (0..k-1) of every record: patient-group-level folds stratified on ``level``'s
+    first label (scikit-learn ``StratifiedGroupKFold``)."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    g = [lv.name for lv in records.levels].index(level)
+    strata = [r.labels[g][0] if r.labels[g] else "" for r in records.records]
+    groups = [r.patient_id for r in records.records]
+    if len(set(groups)) < k:
+        raise DemoError(f"{len(set(groups))} patients cannot fill {k} folds")
+    fold = np.full(len(strata), -1, dtype=np.int64)
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    for index, (_, held_out) in enumerate(splitter.split(np.zeros(len(strata)), strata, groups)):
+        fold[held_out] = index
+    return fold
+
+
+def write_folds(demo: Demo, records: Any, fold: np.ndarray) -> None:
+    """``OUT/folds/fold<k>.csv``: fold k's held-out patients as test, the rest as train."""
+    from mgll.data.splits import write_split_file
+
+    for k in range(demo.folds):
+        split = {
+            "train": [int(i) for i in np.flatnonzero(fold != k)],
+            "test": [int(i) for i in np.flatnonzero(fold == k)],
+        }
+        path = demo.split_file(k)
+        if not path.is_file():
+            write_split_file(path, records.records, split, root=demo.folder)
+
+
+def pretrain_run(
+    cfg: Any, data_root: Path, run_dir: Path, data_builder: Callable | None = None
+) -> tuple[float, bool]:
+    """Pretrain (or resume, or skip when finished) one run into ``run_dir``; returns its
+    seconds and whether it ran now. The trainer's output goes to ``run_dir/train.log``."""
+    from mgll.training import checkpoint as ckpt
+    from mgll.training.trainer import SUMMARY_FILE as RUN_SUMMARY
+    from mgll.training.trainer import train
+
+    summary_path = run_dir / RUN_SUMMARY
+    if summary_path.is_file():
+        return float(json.loads(summary_path.read_text(encoding="utf-8"))["seconds"]), False
+    resume = "latest" if ckpt.list_checkpoints(run_dir / ckpt.CHECKPOINT_SUBDIR) else None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = io.StringIO()
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(log):
+        train(cfg, data_root, run_dir, resume=resume, data_builder=data_builder)
+    (run_dir / "train.log").write_text(log.getvalue(), encoding="utf-8")
+    return time.perf_counter() - t0, True
+
+
+def fold_models(demo: Demo, encoder: str) -> list[Any]:
+    """The encoder's model of every fold: the seeded initial model for ``random`` (the weights
+    every pretraining starts from, the same for all folds), else the fold's pretrained run."""
+    from mgll.models import create_model
+    from mgll.training.checkpoint import load_model
+    from mgll.training.trainer import seed_everything
+
+    if encoder == "random":
+        seed_everything(demo.seed)  # as the trainer does right before building the model
+        model = create_model(demo.config("mgll", 0).model)
+        return [model.eval()] * demo.folds
+    return [load_model(demo.run_dir(encoder, k))[0] for k in range(demo.folds)]
+
+
+def fold_task(
+    demo: Demo, records: Any, level: str, train_rows: np.ndarray, test_rows: np.ndarray
+) -> Any:
+    """The task of ``level`` on one fold (or, ``train_rows`` empty, on every held-out image
+    pooled): the usable rows of ``train_rows`` and ``test_rows``, no validation part."""
+    from mgll.eval.task import EvalData, build_task
+
+    task, y, usable = build_task(records, level)
+    rows = {
+        "train": np.asarray([i for i in train_rows if usable[i]], dtype=np.int64),
+        "test": np.asarray([i for i in test_rows if usable[i]], dtype=np.int64),
+    }
+    return EvalData.from_rows(
+        records,
+        demo.folder,
+        task,
+        y,
+        rows,
+        source=str(demo.folder),
+        split_info={
+            "from": f"{demo.folds}-fold patient cross-validation, held-out predictions pooled",
+            "settings": {"folds": demo.folds, "seed": demo.seed},
+            "seed": demo.seed,
+        },
+        split_indices={"test": [int(i) for i in test_rows]},
+    )
+
+
+def pretrain_folds(demo: Demo, encoders: tuple[str, ...], progress: Any) -> dict[str, float]:
+    """Pretrain (or resume, or keep) every encoder once per fold, each on its fold's training
+    patients only (``OUT/folds/fold<k>.csv``); returns each encoder's seconds over folds."""
+    from mgll.training.trainer import SUMMARY_FILE as RUN_SUMMARY
+
+    seconds: dict[str, float] = {}
+    for encoder in encoders:
+        seconds[encoder] = 0.0
+        for k in range(demo.folds):
+            finished = (demo.run_dir(encoder, k) / RUN_SUMMARY).is_file()
+            what = f"{encoder} fold {k + 1}/{demo.folds}"
+            progress.say("pretrain", what + (" (finished earlier)" if finished else ""))
+            took, ran = pretrain_run(
+                demo.config(encoder, k), demo.data_root, demo.run_dir(encoder, k)
+            )
+            seconds[encoder] += took
+            if not finished:
+                progress.done("run", took if ran else None)
+    return seconds

@@ -1,0 +1,191 @@
+"""What one demo run is: its recipe, options, output paths and pretraining configs.
+
+A :class:`Demo` holds a run's settings (recipe, data root, output folder, --quick, seed) and
+derives from them the fold count, bootstrap size, run folders and each fold's pretraining
+config; :func:`check_settings` records the settings in ``OUT/demo.json`` and refuses a folder
+holding another run's.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from mgll.data.spec import is_spec_path
+
+ENCODERS = ("random", "clip", "mgll")
+PRETRAINED = ("clip", "mgll")
+COMPARISONS = (("mgll", "clip"), ("mgll", "random"))
+SETTINGS_FILE = "demo.json"
+REPORT_FILE = "report.html"
+SUMMARY_FILE = "summary.json"
+C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)  # the probe's C, chosen by inner patient CV per fold
+RESAMPLES = 1000
+QUICK_RESAMPLES = 200
+# --quick: the same recipe with fewer folds and epochs (a smoke run, not a measurement).
+QUICK_FOLDS = 2
+QUICK_OVERRIDES: tuple[tuple[str, Any], ...] = (("train.epochs", 1),)
+
+
+class DemoError(ValueError):
+    """The demo cannot run as asked (the message says what to change)."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One dataset's demo: its folder under the data root, pretraining config and main level;
+    ``source`` is its ``data.source`` when the config's is not it (a user's format or spec)."""
+
+    dataset: str
+    config: str
+    main_level: str
+    folds: int = 5
+    source: str | None = None
+
+    def overrides(self) -> list[tuple[str, Any]]:
+        """The config overrides that point the recipe's config at this dataset."""
+        if self.shipped:
+            return []
+        path = None if self.source and is_spec_path(self.source) else self.dataset
+        return [("data.source", self.source), ("data.path", path), ("data.levels", None)]
+
+    @property
+    def shipped(self) -> bool:
+        """Whether this is one of :data:`RECIPES` (any main level)."""
+        return self.source is None and self.dataset in RECIPES
+
+    def load_records(self, data_root: Path) -> Any:
+        """The dataset's records, read as pretraining reads them (see :mod:`mgll.demo.folds`)."""
+        from mgll.demo.folds import load_demo_records
+
+        return load_demo_records(data_root / self.dataset, self.source)
+
+
+RECIPES = {
+    "csdi-fundus": Recipe("csdi-fundus", "demo-csdi-fundus", "severity"),
+    "covid-cxr": Recipe("covid-cxr", "demo-covid-cxr", "organism"),
+}
+# Any other dataset (`mgll demo --data X --level L`) gets the fundus recipe's small CPU tower.
+DEFAULT_CONFIG = "demo-csdi-fundus"
+DEFAULT_SEEDS = 3  # 3 x the single seed's 5 min 12 s measured on 2 cores (docs/demo.md)
+
+
+def recipe_for(data: str | None, level: str | None, data_root: Path) -> Recipe:
+    """The recipe of ``--data``/``--level``: a shipped recipe by name (``--level`` may change
+    its main level), else a dataset folder (format detected), a format name (the folder of
+    that name under the data root) or a spec file, with the default config."""
+    from mgll.data.adapters import adapter_names
+
+    name = data or "csdi-fundus"
+    if name in RECIPES:
+        recipe = RECIPES[name]
+        return recipe if level is None else replace(recipe, main_level=level)
+    if level is None:
+        raise DemoError(f"--data {name}: give --level, the level to probe and fold on")
+    if is_spec_path(name):
+        spec = Path(name) if Path(name).is_absolute() else (data_root / name)
+        spec = spec if spec.is_file() else Path(name)
+        if not spec.is_file():
+            raise DemoError(f"--data {name}: no such spec file (under --data-root or as given)")
+        return Recipe(str(spec.parent.resolve()), DEFAULT_CONFIG, level, source=str(spec.resolve()))
+    folder = Path(name) if Path(name).is_absolute() else data_root / name
+    if not folder.is_dir() and Path(name).is_dir():
+        folder = Path(name)
+    if not folder.is_dir():
+        raise DemoError(
+            f"--data {name}: neither a shipped recipe ({', '.join(RECIPES)}), a dataset folder "
+            "under --data-root nor a spec file (.yaml/.json)"
+        )
+    source = name if name in adapter_names() else None
+    return Recipe(str(folder.resolve()), DEFAULT_CONFIG, level, source=source)
+
+
+@dataclass
+class Demo:
+    """Settings and paths of one demo run (one seed: its folds, pretraining and evaluation)."""
+
+    recipe: Recipe
+    data_root: Path
+    out: Path
+    quick: bool
+    seed: int
+
+    @property
+    def folds(self) -> int:
+        return QUICK_FOLDS if self.quick else self.recipe.folds
+
+    @property
+    def resamples(self) -> int:
+        return QUICK_RESAMPLES if self.quick else RESAMPLES
+
+    @property
+    def folder(self) -> Path:
+        return self.data_root / self.recipe.dataset
+
+    def settings(self) -> dict[str, Any]:
+        """What ``OUT/demo.json`` records (a re-run must match it)."""
+        out = {
+            "dataset": self.recipe.dataset,
+            "config": self.recipe.config,
+            "quick": self.quick,
+            "seed": self.seed,
+            "folds": self.folds,
+            "data": str(self.folder.resolve()),
+        }
+        recipe = self.recipe
+        if not recipe.shipped or recipe.main_level != RECIPES[recipe.dataset].main_level:
+            out.update(source=recipe.source, main_level=recipe.main_level)
+        return out
+
+    def config(self, loss: str, fold: int, extra: Sequence[tuple[str, Any]] = ()) -> Any:
+        """The pretraining config of one encoder and fold (``extra``: more overrides): the
+        same seed for every encoder, the fold's split file."""
+        from mgll.training.config import load_config
+
+        overrides: list[tuple[str, Any]] = [
+            *self.recipe.overrides(),
+            ("data.split", {"file": str(self.split_file(fold).resolve())}),
+            ("train.seed", self.seed),
+            ("loss.name", loss),
+            # CLIP's one caption per image: all of its level texts joined, coarse to fine
+            *([("loss.clip_level", "joined")] if loss == "clip" else []),
+            ("eval.every_epochs", 0),
+            ("log.progress_bar", False),
+        ]
+        if self.quick:
+            overrides.extend(QUICK_OVERRIDES)
+        return load_config(self.recipe.config, [*overrides, *extra])
+
+    def split_file(self, fold: int) -> Path:
+        return self.out / "folds" / f"fold{fold}.csv"
+
+    def run_dir(self, encoder: str, fold: int) -> Path:
+        return self.out / encoder / f"fold{fold}"
+
+
+def check_settings(
+    demo: Demo, out: Path | None = None, wanted: dict[str, Any] | None = None
+) -> None:
+    """Record the run's settings (``wanted``, default ``demo.settings()``) in its folder
+    (``out``, default ``demo.out``); a folder holding other settings is refused."""
+    from mgll.io import atomic_write
+
+    out = out or demo.out
+    path = out / SETTINGS_FILE
+    wanted = wanted or demo.settings()
+    if path.is_file():
+        held = json.loads(path.read_text(encoding="utf-8"))
+        if held != wanted:
+            changed = sorted(k for k in wanted if held.get(k) != wanted[k])
+            raise DemoError(
+                f"{out} holds a demo run with other settings ({', '.join(changed)}: "
+                f"{[held.get(k) for k in changed]} there); use a new --output-dir or the same "
+                "options"
+            )
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(wanted, indent=2) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
