@@ -387,7 +387,7 @@ def test_pretraining_on_a_pool_writes_split_csv_counts_sources_and_weights_draws
 
 
 def test_a_pool_runs_split_csv_splits_the_evaluation_of_each_source(tmp_path, monkeypatch):
-    from mgll.eval.data import load_eval_data
+    from mgll.eval.task import load_eval_data
 
     path = _pool(tmp_path)
     _train_fakes(tmp_path, {"source": str(path)}, monkeypatch)
@@ -446,7 +446,7 @@ def test_shipped_fundus_pool_keeps_palm_validation400_out_of_pretraining(tmp_pat
 
 
 def test_evaluation_reads_a_pool_with_its_split(tmp_path):
-    from mgll.eval.data import load_eval_data
+    from mgll.eval.task import load_eval_data
 
     path = _pool(tmp_path)
     data = load_eval_data(str(path), "disease")
