@@ -204,30 +204,29 @@ def _random_batch(n=7, d=5, seed=0):
     return image, texts, labels
 
 
-@pytest.fixture(params=["mask", "class_sums"])
-def positives_path(request, monkeypatch):
-    """Run a test through both ways of summing positives (N x N mask / per-class sums)."""
-    import mgll.losses
-
-    threshold = 10**12 if request.param == "mask" else 0
-    monkeypatch.setattr(mgll.losses, "CLASS_SUM_MIN_PAIRS", threshold)
+@pytest.fixture(params=[None, 2, 3])
+def chunk_size(request):
+    """Run a test untiled and in tiles of 2 and 3 image rows (``chunk_size``)."""
     return request.param
 
 
 @pytest.mark.parametrize("log_scale,bias", [(0.0, 0.0), (math.log(1 / 0.07), -10.0), (5.0, -3.0)])
-def test_matches_loop_reference(log_scale, bias, positives_path):
+def test_matches_loop_reference(log_scale, bias, chunk_size):
     image, texts, labels = _random_batch()
-    out = MGLLLoss()(image, texts, labels, logit_scale=torch.tensor(log_scale), logit_bias=bias)
+    out = MGLLLoss(chunk_size=chunk_size)(
+        image, texts, labels, logit_scale=torch.tensor(log_scale), logit_bias=bias
+    )
     ref = _reference(image, texts, labels, log_scale, bias)
     for key in ("loss", "sclip", "pointwise", "skl"):
         assert out[key].item() == pytest.approx(ref[key], rel=1e-5, abs=1e-6), key
 
 
-def test_local_loss_in_one_process_is_the_global_loss(positives_path):
+def test_local_loss_in_one_process_is_the_global_loss(chunk_size):
     # Without a process group there is nothing to gather: the loss is the plain batch loss,
     # checked against the independent loop reference rather than against another call.
     image, texts, labels = _random_batch()
-    out = MGLLLoss(local_loss=True)(image, texts, labels, logit_scale=2.0, logit_bias=-1.0)
+    fn = MGLLLoss(local_loss=True, chunk_size=chunk_size)
+    out = fn(image, texts, labels, logit_scale=2.0, logit_bias=-1.0)
     ref = _reference(image, texts, labels, 2.0, -1.0)
     for key in ("loss", "sclip", "pointwise", "skl"):
         assert out[key].item() == pytest.approx(ref[key], rel=1e-5, abs=1e-6), key
@@ -265,13 +264,13 @@ def test_permuting_the_batch_leaves_the_loss_unchanged():
         assert a[key].item() == pytest.approx(b[key].item(), rel=1e-5), key
 
 
-def test_missing_label_removes_exactly_that_row_and_column(positives_path):
+def test_missing_label_removes_exactly_that_row_and_column(chunk_size):
     image, texts, _ = _random_batch()
     labels = torch.tensor([0, 0, 1, 2, 2, 1, 0])
     missing = labels.clone()
     missing[4] = -1
     keep = torch.tensor([0, 1, 2, 3, 5, 6])
-    fn = MGLLLoss(weights={"sclip": 1.0, "pointwise": 1.0, "skl": 0.0})
+    fn = MGLLLoss(weights={"sclip": 1.0, "pointwise": 1.0, "skl": 0.0}, chunk_size=chunk_size)
     with_missing = fn(image, texts[:1], [missing], logit_scale=2.0)
     dropped = fn(image[keep], [texts[0][keep]], [labels[keep]], logit_scale=2.0)
     for key in ("sclip", "pointwise"):
@@ -281,12 +280,12 @@ def test_missing_label_removes_exactly_that_row_and_column(positives_path):
     assert full["sclip"].item() != pytest.approx(with_missing["sclip"].item(), rel=1e-3)
 
 
-def test_smooth_kl_uses_samples_present_at_every_level():
+def test_smooth_kl_uses_samples_present_at_every_level(chunk_size):
     image, texts, _ = _random_batch()
     lab_a = torch.tensor([0, 1, 2, 3, -1, 5, 6])
     lab_b = torch.tensor([0, 1, -1, 3, 4, 5, 6])
     keep = torch.tensor([0, 1, 3, 5, 6])
-    fn = MGLLLoss(weights={"sclip": 0.0, "pointwise": 0.0, "skl": 1.0})
+    fn = MGLLLoss(weights={"sclip": 0.0, "pointwise": 0.0, "skl": 1.0}, chunk_size=chunk_size)
     a = fn(image, texts[:2], [lab_a, lab_b], logit_scale=2.0)
     b = fn(image[keep], [t[keep] for t in texts[:2]], [torch.arange(5)] * 2, logit_scale=2.0)
     assert a["skl"].item() == pytest.approx(b["skl"].item(), rel=1e-6)
@@ -342,7 +341,7 @@ def test_zero_weight_switches_a_term_off():
         MGLLLoss(weights={"kl": 1.0})
 
 
-def test_gradcheck_float64(positives_path):
+def test_gradcheck_float64(chunk_size):
     g = torch.Generator().manual_seed(1)
     image = torch.randn(5, 4, dtype=torch.float64, generator=g, requires_grad=True)
     texts = [
@@ -354,7 +353,7 @@ def test_gradcheck_float64(positives_path):
         torch.tensor([0, 1, 0, -1, 1]),
         torch.tensor([[1, 0], [1, 1], [0, 1], [1, 0], [0, 1]]),
     ]
-    fn = MGLLLoss()
+    fn = MGLLLoss(chunk_size=chunk_size)
 
     def f(v, t0, t1, s, b):
         return fn(v, [t0, t1], labels, logit_scale=s, logit_bias=b)["loss"]

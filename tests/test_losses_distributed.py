@@ -13,7 +13,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import mgll.losses
 from dist_helpers import free_port
 from mgll.losses import CLIPLoss, MGLLLoss
 
@@ -40,17 +39,7 @@ def _problem():
     return x, labels, params
 
 
-def _run(loss_fn, x, labels, params, class_sums: bool = False):
-    # "_class_sums" cases force the mask-free positives path that large batches take.
-    old = mgll.losses.CLASS_SUM_MIN_PAIRS
-    mgll.losses.CLASS_SUM_MIN_PAIRS = 0 if class_sums else old
-    try:
-        return _forward_backward(loss_fn, x, labels, params)
-    finally:
-        mgll.losses.CLASS_SUM_MIN_PAIRS = old
-
-
-def _forward_backward(loss_fn, x, labels, params):
+def _run(loss_fn, x, labels, params):
     p = {k: v.clone().requires_grad_(True) for k, v in params.items()}
     texts = [x @ p["w_text0"], x @ p["w_text1"]]
     out = loss_fn(
@@ -66,8 +55,12 @@ def _forward_backward(loss_fn, x, labels, params):
 
 CASES = {
     "mgll_even": (lambda: MGLLLoss(), [4, 4]),
-    "mgll_even_class_sums": (lambda: MGLLLoss(), [4, 4]),
-    "mgll_local_class_sums": (lambda: MGLLLoss(local_loss=True), [4, 4]),
+    # tiles of 3 rows over the gathered batch (and over the local rows with local_loss)
+    "mgll_even_tiled": (lambda: MGLLLoss(chunk_size=3), [4, 4]),
+    "mgll_uneven_tiled": (lambda: MGLLLoss(chunk_size=3), [3, 5]),
+    "mgll_local_tiled": (lambda: MGLLLoss(local_loss=True, chunk_size=3), [4, 4]),
+    "clip_tiled": (lambda: CLIPLoss(chunk_size=3), [4, 4]),
+    "clip_local_tiled": (lambda: CLIPLoss(local_loss=True, chunk_size=3), [4, 4]),
     "mgll_uneven": (lambda: MGLLLoss(), [3, 5]),
     "mgll_local": (lambda: MGLLLoss(local_loss=True), [4, 4]),
     "clip": (lambda: CLIPLoss(), [4, 4]),
@@ -84,9 +77,7 @@ def _worker(rank: int, world: int, port: int, result_path: str) -> None:
     for name, (make, sizes) in CASES.items():
         start = sum(sizes[:rank])
         rows = slice(start, start + sizes[rank])
-        out, grads = _run(
-            make(), x[rows], [lab[rows] for lab in labels], params, "class_sums" in name
-        )
+        out, grads = _run(make(), x[rows], [lab[rows] for lab in labels], params)
         results[name] = {"out": out, "grads": grads}
     torch.save(results, f"{result_path}.{rank}")
     dist.destroy_process_group()
@@ -103,7 +94,7 @@ def two_rank_results(tmp_path_factory):
 @pytest.mark.parametrize("case", list(CASES))
 def test_two_ranks_equal_one_process(two_rank_results, case):
     x, labels, params = _problem()
-    single_out, single_grads = _run(CASES[case][0](), x, labels, params, "class_sums" in case)
+    single_out, single_grads = _run(CASES[case][0](), x, labels, params)
     ranks = [r[case] for r in two_rank_results]
     local = "local" in case
     for key, value in single_out.items():

@@ -23,6 +23,7 @@ from mgll.models import (
     shipped_architectures,
 )
 from mgll.models.factory import MODEL_CONFIG_DIR
+from mgll.models.text_towers import length_buckets
 
 TEST_ARCH = "mgll-vit-test-32"
 
@@ -244,6 +245,63 @@ def test_hf_mean_pooling_ignores_padding_and_differs_from_cls():
         cls = tower([short])
     torch.testing.assert_close(padded[0:1], alone, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(cls, alone, atol=1e-3)
+
+
+def _brute_force_cost(lengths: list[int], call_cost: int) -> int:
+    """Cheapest split of the sorted lengths into contiguous groups, over all 2^(n-1) splits."""
+    ordered = sorted(lengths)
+    best = None
+    for cuts in range(2 ** (len(ordered) - 1)):
+        cost, start = 0, 0
+        for i in range(1, len(ordered) + 1):
+            if i == len(ordered) or cuts >> (i - 1) & 1:
+                cost += (i - start) * ordered[i - 1] + call_cost
+                start = i
+        best = cost if best is None else min(best, cost)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_length_buckets_find_the_cheapest_split(seed):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, 64, (8,), generator=g).tolist()
+    groups = length_buckets(lengths, call_cost=20)
+    assert sorted(i for group in groups for i in group) == list(range(8))
+    cost = sum(len(gr) * max(lengths[i] for i in gr) + 20 for gr in groups)
+    assert cost == _brute_force_cost(lengths, 20)
+
+
+@needs_minilm
+def test_hf_tower_pads_each_length_group_apart_with_the_same_embeddings():
+    model = create_model(hf_cfg()).eval()
+    tower = model.text_towers[0]
+    strings = ["CR", "a chest X-ray", "DX image"] + [
+        f"progressive bilateral ground-glass opacities, worse on day {k} of the admission"
+        for k in range(6)
+    ]
+    calls = []
+    tower.encoder.register_forward_pre_hook(
+        lambda _m, _a, kwargs: calls.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    with torch.no_grad():
+        grouped = tower(strings)
+        # one call padded to the longest string, as the tower encoded before length groups
+        batch = tower.tokenizer(
+            strings, padding=True, truncation=True, max_length=32, return_tensors="pt"
+        )
+        hidden = tower.encoder(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).last_hidden_state
+        padded = tower.proj(tower_pool(hidden, batch["attention_mask"]))
+    torch.testing.assert_close(grouped, padded, rtol=1e-5, atol=1e-5)
+    # two calls: the three short strings padded to their own longest, then the notes
+    (short_rows, short_width), (long_rows, long_width), (_, padded_width) = calls
+    assert (short_rows, long_rows) == (3, 6) and short_width < long_width == padded_width
+
+
+def tower_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).float()
+    return (hidden * m).sum(1) / m.sum(1)
 
 
 @needs_minilm

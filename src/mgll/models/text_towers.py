@@ -7,6 +7,7 @@ factory picks a builder from :data:`TEXT_TOWER_BUILDERS` by the config's ``type`
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -79,6 +80,45 @@ POOLINGS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 }
 
 
+def length_buckets(lengths: Sequence[int], call_cost: int) -> list[list[int]]:
+    """Indices grouped by similar length, minimising padded tokens plus a cost per group.
+
+    A group padded to its longest member costs ``len(group) * longest`` tokens of encoder work,
+    and each group is one more encoder call, charged ``call_cost`` tokens (the tower uses one
+    full-length row). Over the lengths in sorted order the best split into contiguous groups is
+    an O(n^2) dynamic programme; n is the number of distinct strings of a batch.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    sorted_lengths = [lengths[i] for i in order]
+    n = len(order)
+    best = [0] + [math.inf] * n  # best[j]: cost of the first j sorted lengths
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):
+            cost = best[i] + (j - i) * sorted_lengths[j - 1] + call_cost
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], n
+    while j > 0:
+        groups.append(order[cut[j] : j])
+        j = cut[j]
+    return groups[::-1]
+
+
+def _pad_token_rows(
+    rows: list[list[int]], pad_id: int, side: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id rows padded to the longest (on the tokenizer's side) and their attention mask."""
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        cols = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+        ids[r, cols] = torch.tensor(row, dtype=torch.long)
+        mask[r, cols] = 1
+    return ids, mask
+
+
 class HFTextTower(nn.Module):
     """A Hugging Face encoder (BERT-style), pooled and linearly projected to ``embed_dim``."""
 
@@ -142,18 +182,27 @@ class HFTextTower(nn.Module):
         return self.proj(torch.stack([self._pooled[s] for s in strings]).to(device))
 
     def _encode(self, strings: list[str]) -> torch.Tensor:
-        """Pooled encoder features (N, hidden) of ``strings``."""
-        batch = self.tokenizer(
-            strings,
-            padding=True,
-            truncation=True,
-            max_length=self.max_length,
-            return_tensors="pt",
-        ).to(self.proj.weight.device)
-        hidden = self.encoder(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-        ).last_hidden_state
-        return POOLINGS[self.pooling](hidden, batch["attention_mask"])
+        """Pooled encoder features (N, hidden) of ``strings``.
+
+        Strings are encoded in groups of similar token length (:func:`length_buckets`), each
+        padded only to its own longest: one call padded to the longest string would spend most
+        of its work on padding when short coarse-level texts and long notes share a tower. The
+        attention mask keeps padding out of every real token, so the features are those of one
+        padded call up to float rounding.
+        """
+        ids = self.tokenizer(strings, truncation=True, max_length=self.max_length)["input_ids"]
+        device = self.proj.weight.device
+        buckets = length_buckets([len(row) for row in ids], call_cost=self.max_length)
+        pieces = []
+        for bucket in buckets:
+            input_ids, mask = _pad_token_rows(
+                [ids[i] for i in bucket], self.tokenizer.pad_token_id, self.tokenizer.padding_side
+            )
+            input_ids, mask = input_ids.to(device), mask.to(device)
+            hidden = self.encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
+            pieces.append(POOLINGS[self.pooling](hidden, mask))
+        order = torch.tensor([i for bucket in buckets for i in bucket], device=device)
+        return torch.cat(pieces).index_select(0, order.argsort())
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Hugging Face activation checkpointing of the encoder (non-reentrant)."""

@@ -81,6 +81,15 @@ class LossConfig:
     # "joined": every level's text of the sample joined into one caption, coarse to fine
     clip_level: int | Literal["joined"] = -1
     local_loss: bool = False  # distributed: local rows against the global batch
+    # rows per tile of the loss (logits recomputed in backward: memory chunk_size x N instead
+    # of G N^2, the same values and gradients); null = untiled
+    chunk_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ConfigError(
+                f"loss.chunk_size must be a positive number of rows or null, got {self.chunk_size}"
+            )
 
 
 @dataclass(frozen=True)

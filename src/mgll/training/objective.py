@@ -26,8 +26,13 @@ T = TypeVar("T")
 
 def _loss(cfg: LossConfig, gather: bool) -> nn.Module:
     if cfg.name == "clip":
-        return CLIPLoss(gather=gather, local_loss=cfg.local_loss)
-    return MGLLLoss(dataclasses.asdict(cfg.weights), gather=gather, local_loss=cfg.local_loss)
+        return CLIPLoss(gather=gather, local_loss=cfg.local_loss, chunk_size=cfg.chunk_size)
+    return MGLLLoss(
+        dataclasses.asdict(cfg.weights),
+        gather=gather,
+        local_loss=cfg.local_loss,
+        chunk_size=cfg.chunk_size,
+    )
 
 
 @dataclass(frozen=True)
