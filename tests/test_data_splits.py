@@ -83,6 +83,26 @@ def test_split_file_round_trip_and_stale_file(tmp_path):
         read_split_file(tmp_path / "bad.csv", records, root="/d")
 
 
+def test_a_pool_split_file_is_read_for_one_source_opened_under_another_spelling(tmp_path):
+    # A pool run names images by absolute path as its data root was spelled (repo/../data/...);
+    # evaluating one source opened as tmp/data must still find every image, and the pool's other
+    # sources' rows are ignored.
+    (tmp_path / "repo").mkdir()
+    spelled = tmp_path / "repo" / ".." / "data"
+    pooled = [Record(image=spelled / f"csdi/{k}.png", texts=[["t"]], labels=[[]]) for k in range(6)]
+    pooled.append(Record(image=spelled / "palm/V1.png", texts=[["t"]], labels=[[]]))
+    split = {"train": [0, 1, 2, 3], "val": [4], "test": [5, 6]}
+    write_split_file(tmp_path / "split.csv", pooled, split)  # a pool's: absolute paths
+    assert f"{tmp_path}/repo/../data/csdi/0.png" in (tmp_path / "split.csv").read_text()
+    folder = tmp_path / "data" / "csdi"
+    csdi = [Record(image=folder / f"{k}.png", texts=[["t"]], labels=[[]]) for k in range(6)]
+    got = read_split_file(tmp_path / "split.csv", csdi, root=folder)
+    assert got == {"train": [0, 1, 2, 3], "val": [4], "test": [5]}
+    stale = [*csdi, Record(image=folder / "new.png", texts=[["t"]], labels=[[]])]
+    with pytest.raises(ValueError, match=r"1 image.*not in the split file"):
+        read_split_file(tmp_path / "split.csv", stale, root=folder)
+
+
 def test_link_identical_keeps_identical_files_together(tmp_path):
     # Patients A and B share a byte-identical image (the same photo filed under two names).
     write_png(tmp_path / "a.png")

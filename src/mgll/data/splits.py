@@ -187,8 +187,10 @@ def read_split_file(
     """Record indices per split from a file written by :func:`write_split_file` (with the same
     ``root``).
 
-    Records are matched on the image path; a record absent from the file is an error (the file
-    is stale), and so is a patient listed in two splits.
+    Records are matched on the image path, as written or else resolved (a pool run's file names
+    images by absolute path, e.g. ``/repo/../data/x.png``, which must still match the dataset
+    opened as ``/data``); a record absent from the file is an error (the file is stale), and so
+    is a patient listed in two splits.
     """
     path = Path(path)
     try:
@@ -214,8 +216,13 @@ def read_split_file(
     result: dict[str, list[int]] = {name: [] for name in SPLIT_NAMES}
     unlisted = []
     base = Path(root) if root is not None else None
+    resolved: dict[str, str] | None = None  # built only when a spelling differs
     for i, r in enumerate(records):
         name = assignment.get(_image_key(r, base), assignment.get(str(r.image)))
+        if name is None:
+            if resolved is None:
+                resolved = {_resolved_key(image, base): s for image, s in assignment.items()}
+            name = resolved.get(_resolved_key(str(r.image), base))
         if name is None:
             unlisted.append(str(r.image))
         elif name:
@@ -227,6 +234,14 @@ def read_split_file(
         )
     check_disjoint_patients(records, result, source=str(path))
     return result
+
+
+def _resolved_key(image: str, root: Path | None) -> str:
+    """An image of a split file as one absolute path (relative ones are under ``root``)."""
+    path = Path(image)
+    if not path.is_absolute() and root is not None:
+        path = root / path
+    return str(path.resolve())
 
 
 def check_disjoint_patients(
