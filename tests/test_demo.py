@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import re
 from pathlib import Path
 
@@ -89,6 +90,21 @@ def test_the_demo_probe_picks_c_on_training_patients_and_scores_held_out_rows():
     assert (scores.argmax(1) == y_index[test]).mean() >= 0.7
 
 
+def matches_golden(got, name: str) -> None:
+    """``got`` equals the JSON recorded in ``tests/golden/<name>`` (see :func:`assert_same_json`).
+
+    The numbers come from short CPU trainings, so they are exact on the machine that recorded
+    them and drift with the floating-point path (another CPU, another torch, a change in the
+    loss's arithmetic). After such an intended change, re-record them with
+    ``MGLL_RECORD_GOLDEN=1 python -m pytest tests/test_demo.py tests/test_demo_ablate.py`` and
+    say in the commit why the numbers moved.
+    """
+    path = GOLDEN / name
+    if os.environ.get("MGLL_RECORD_GOLDEN") == "1":
+        path.write_text(json.dumps(got, indent=1) + "\n", encoding="utf-8")
+    assert_same_json(got, json.loads(path.read_text(encoding="utf-8")))
+
+
 def assert_same_json(got, expected, path="summary"):
     """Equal JSON trees; numbers equal up to a relative 1e-9 (floating point may differ
     between machines, never between two runs on one)."""
@@ -125,11 +141,14 @@ def test_quick_demo_on_the_fundus_photos_writes_and_resumes(tmp_path, capsys):
     assert "[pretrain] mgll fold 2/2" in printed and "left" in printed
     assert "mgll - random (severity, linear_probe)" in printed
     summary = json.loads((out / "summary.json").read_text())
-    # The same numbers as before the demo was split into modules and moved onto mgll.eval
-    # (recorded with the code of commit 7b7ee69 on this machine).
-    golden = json.loads((GOLDEN / "demo-quick-summary.json").read_text())
+    # The same numbers as recorded (the demo's split into modules and its move onto mgll.eval
+    # were checked identical against commit 7b7ee69; re-recorded after the tiled loss kernel,
+    # whose arithmetic moves the trained weights' floats).
     settings = {k: v for k, v in summary["settings"].items() if k != "data"}
-    assert_same_json({**{k: summary[k] for k in golden}, "settings": settings}, golden)
+    kept = ("dataset", "config", "protocol", "table", "comparisons")
+    matches_golden(
+        {**{k: summary[k] for k in kept}, "settings": settings}, "demo-quick-summary.json"
+    )
     assert summary["dataset"] == "csdi-fundus"
     assert summary["protocol"]["n_images"] == 187
     cells = {(r["encoder"], r["level"], r["protocol"]) for r in summary["table"]}

@@ -9,13 +9,13 @@ from __future__ import annotations
 import base64
 import io
 import re
-import shutil
 import subprocess
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from browser import chromium_command, rendered_dom
 from mgll.demo.report import EncoderReport, ReportInputs, RetrievalExample, write_report
 
 _DATA_URI = re.compile(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'")
@@ -128,53 +128,19 @@ def test_report_without_optional_parts_still_renders(tmp_path):
     assert "n/a" in text and "<img" not in text
 
 
-def _chromium() -> str:
-    for name in ("chromium", "chromium-browser"):
-        if shutil.which(name):
-            return name
-    pytest.skip("headless Chromium is not installed (apt-get install chromium; .ci/run does)")
-
-
-_CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--virtual-time-budget=5000",
-]
-
-
 @pytest.mark.slow
 def test_report_renders_in_headless_chromium(tmp_path):
-    chromium = _chromium()
     report = write_report(tmp_path / "report.html", _inputs())
-    # A copy of the page that writes, once loaded, how many images failed to decode.
-    probe = tmp_path / "probe.html"
-    probe.write_text(
-        report.read_text(encoding="utf-8").replace(
-            "</body>",
-            "<script>window.addEventListener('load', () => {"
-            "const imgs = Array.from(document.images);"
-            "const bad = imgs.filter(i => !i.complete || i.naturalWidth === 0).length;"
-            "document.body.setAttribute('data-images', imgs.length);"
-            "document.body.setAttribute('data-broken', bad);});</script></body>",
-        ),
-        encoding="utf-8",
-    )
-    profile = tmp_path / "profile"
-    common = [chromium, *_CHROMIUM_FLAGS, f"--user-data-dir={profile}"]
-    dom = subprocess.run(
-        [*common, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120
-    )
-    assert dom.returncode == 0, dom.stderr[-2000:]
-    assert 'data-images="6"' in dom.stdout and 'data-broken="0"' in dom.stdout
+    dom = rendered_dom(report, tmp_path)
+    assert 'data-images="6"' in dom and 'data-broken="0"' in dom
     shot = tmp_path / "shot.png"
     subprocess.run(
-        [*common, f"--screenshot={shot}", "--window-size=1200,1600", report.as_uri()],
+        [
+            *chromium_command(tmp_path),
+            f"--screenshot={shot}",
+            "--window-size=1200,1600",
+            report.as_uri(),
+        ],
         capture_output=True,
         timeout=120,
         check=True,
