@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from dist_helpers import free_port
+from dist_helpers import free_port, set_torchrun_env
 from mgll.training import checkpoint as ckpt
 from mgll.training.run_log import read_metrics
 from mgll.training.trainer import train
@@ -21,13 +20,7 @@ pytestmark = pytest.mark.slow
 
 
 def _worker(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-    )
+    set_torchrun_env(rank, world, port)
     torch.set_num_threads(1)
     try:
         train(cfg, ".", out, **FAKES)

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from dist_helpers import free_port
+from dist_helpers import free_port, set_torchrun_env
 from mgll.data import collate_samples, prepare_data
 from mgll.data.shards import write_shards
 from mgll.schema import ConfigError
@@ -164,13 +164,7 @@ def test_ctrl_c_on_a_shard_run_resumes_bit_identically(shards, tmp_path):
 
 
 def _rank(rank: int, world: int, port: int, cfg, out: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-    )
+    set_torchrun_env(rank, world, port)
     torch.set_num_threads(1)
     try:
         summary = train(cfg, ".", out, **MODEL)
