@@ -328,3 +328,13 @@ def test_means_leave_out_queries_where_a_value_is_not_applicable():
     assert mean_with_ci(np.array([np.nan]), ["a"]) == (None, None)
     paired = paired_mean_bootstrap(values, np.array([0.0, 1.0, np.nan, 0.0]), list("abcd"))
     assert paired["a"] == 1.0 and paired["b"] == 0.0  # only queries a and d count
+
+
+def test_comparison_verdict_reads_the_interval_against_zero():
+    from mgll.metrics import comparison_verdict
+
+    assert comparison_verdict("mgll", "clip", [0.01, 0.2]) == "mgll better"
+    assert comparison_verdict("mgll", "clip", [-0.2, -0.01]) == "clip better"
+    assert comparison_verdict("mgll", "clip", [-0.01, 0.2]) == "no clear difference"
+    assert comparison_verdict("mgll", "clip", [0.0, 0.2]) == "no clear difference"  # touches 0
+    assert comparison_verdict("mgll", "clip", None) is None

@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from mgll.metrics import comparison_verdict
+
 STYLE = """
 body { font-family: sans-serif; margin: 2em auto; padding: 0 1.5em; max-width: 1400px; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
@@ -68,14 +70,11 @@ def _comparisons(comparisons: Sequence[Mapping[str, Any]]) -> str:
         return ""
     lines = []
     for c in comparisons:
-        ci = c.get("ci95")
-        verdict = ""
-        if ci and ci[0] > 0:
-            verdict = f"<span class='better'>{html.escape(c['a'])} better</span>"
-        elif ci and ci[1] < 0:
-            verdict = f"<span class='worse'>{html.escape(c['b'])} better</span>"
-        elif ci:
-            verdict = "no clear difference"
+        said = comparison_verdict(c["a"], c["b"], c.get("ci95"))
+        style = {f"{c['a']} better": "better", f"{c['b']} better": "worse"}.get(said or "")
+        verdict = html.escape(said or "")
+        if style:
+            verdict = f"<span class='{style}'>{verdict}</span>"
         lines.append(
             f"<tr><td>{html.escape(c['task'])}</td><td>{html.escape(c['protocol'])}</td>"
             f"<td>{c['label_fraction']:g}</td>"

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from mgll.io import atomic_write
+from mgll.metrics import comparison_verdict
 
 
 @dataclass
@@ -164,13 +165,7 @@ def _comparison_table(comparisons: Sequence[Mapping[str, Any]]) -> str:
     rows = []
     for c in comparisons:
         lo, hi = c.get("ci95") or (math.nan, math.nan)
-        verdict = (
-            f"{c['a']} better"
-            if lo > 0
-            else f"{c['b']} better"
-            if hi < 0
-            else "no clear difference"
-        )
+        verdict = comparison_verdict(c["a"], c["b"], c.get("ci95")) or "no clear difference"
         rows.append(
             "<tr>"
             + "".join(

@@ -38,6 +38,18 @@ def bootstrap_indices(
         yield np.concatenate([groups[g] for g in drawn])
 
 
+def comparison_verdict(a: str, b: str, ci95: Sequence[float] | None) -> str | None:
+    """How a paired difference A - B reads: ``"A better"`` when its 95% interval lies above 0,
+    ``"B better"`` below 0, else ``"no clear difference"``; None without an interval."""
+    if not ci95:
+        return None
+    if ci95[0] > 0:
+        return f"{a} better"
+    if ci95[1] < 0:
+        return f"{b} better"
+    return "no clear difference"
+
+
 def _percentile_ci(values: np.ndarray) -> list[float] | None:
     finite = values[np.isfinite(values)]
     if finite.size == 0:
