@@ -421,7 +421,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``mgll benchmark``."""
-    from mgll.benchmark.protocols import resolve_device, run_safely
+    from mgll.benchmark.protocols import resolve_device, run_offline
 
     def body() -> int:
         run_benchmark(
@@ -442,4 +442,4 @@ def run(args: argparse.Namespace) -> int:
         )
         return 0
 
-    return run_safely("benchmark", body)
+    return run_offline(body)

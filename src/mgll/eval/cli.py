@@ -1,8 +1,9 @@
 """Arguments shared by the evaluation sub-commands, and their error handling.
 
 Each command module (``probe``, ``finetune``, ``zeroshot``, ``retrieve``, ``compare``)
-registers its own parser with :func:`add_task_arguments` and runs through :func:`run_safely`,
-which turns expected failures into ``mgll <cmd>: error: ...`` and exit code 1.
+registers its own parser with :func:`add_task_arguments` and runs its body through
+:func:`run_offline` (the model hubs offline). Its user errors reach ``mgll.cli.main``, which
+prints ``mgll <cmd>: error: ...`` and exits 1.
 """
 
 from __future__ import annotations
@@ -163,10 +164,10 @@ def load_task(args: argparse.Namespace, encoder_config: dict[str, Any] | None = 
     )
 
 
-def run_safely(command: str, body: Callable[[], int]) -> int:
-    """Run ``body`` with the model hubs offline. Its user errors (``mgll.errors.UserError``)
-    reach ``mgll.cli.main``, which prints them on one line; any other exception is a bug and
-    keeps its traceback (a ``ValueError`` from a library is not turned into a one-liner)."""
+def run_offline(body: Callable[[], int]) -> int:
+    """Run ``body`` with the model hubs offline: an evaluation reads local models only, never
+    a download. Errors pass through untouched (``mgll.cli.main`` prints user errors on one
+    line; any other exception is a bug and keeps its traceback)."""
     from mgll.process import offline_hubs
 
     with offline_hubs():

@@ -402,7 +402,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``mgll finetune``."""
-    from mgll.eval.cli import run_safely
+    from mgll.eval.cli import run_offline
 
     def body() -> int:
         from mgll.eval.cli import eval_options, load_task
@@ -430,4 +430,4 @@ def run(args: argparse.Namespace) -> int:
             print(f"wrote {args.output_dir}")
         return 0
 
-    return run_safely("finetune", body)
+    return run_offline(body)
