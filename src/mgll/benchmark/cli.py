@@ -231,7 +231,6 @@ def run_benchmark(
     plan = plan_units(
         ready, encoders, protocols, fractions, seeds=seeds, draws=draws, first_seed=first_seed
     )
-    progress_line = Progress(plan, echo)
     protocol_options = {
         "epochs": epochs,
         "n_resamples": n_resamples,
@@ -239,26 +238,8 @@ def run_benchmark(
         "device": device,
         "progress": progress,
     }
-    predictions: dict[str, dict[str, Any]] = {}
-    for unit in plan:
-        spec = encoder_for_seed(encoders[unit["encoder"]], unit["seed"])
-        finished, seconds, reason = _run_unit(
-            unit,
-            spec,
-            kinds[unit["encoder"]],
-            data[unit["task"]],
-            out,
-            progress_line,
-            protocol_options,
-        )
-        progress_line.finished(unit, seconds)
-        if finished is None:
-            unit.update(status="skipped", reason=reason)
-            echo(f"skipped: {unit['folder']}: {reason}")
-            continue
-        results, pred = finished
-        unit.update(status="done", seconds=None if seconds is None else round(seconds, 3))
-        predictions[unit["folder"]] = {**pred, "task_type": results["task"]["type"]}
+    runs = {name: (spec, kinds[name]) for name, spec in encoders.items()}
+    predictions = _run_plan(plan, runs, data, out, protocol_options, echo)
     by_name = {t.name: t for t in ready}
     rows, aligned = build_rows(plan, predictions, by_name, n_resamples=n_resamples)
     comparisons = build_comparisons(rows, aligned, list(encoders), by_name, n_resamples=n_resamples)
@@ -281,6 +262,41 @@ def run_benchmark(
         }
     _write_outputs(out, summary, echo)
     return summary
+
+
+def _run_plan(
+    plan: Sequence[dict[str, Any]],
+    encoders: dict[str, tuple[str, str]],
+    data: dict[str, Any],
+    out: Path,
+    options: dict[str, Any],
+    echo: Callable[[str], None],
+) -> dict[str, dict[str, Any]]:
+    """Run (or read back) every unit of ``plan``, marking each done or skipped with the
+    reason; returns the predictions of the done ones by folder. ``encoders``: name -> (spec,
+    kind)."""
+    progress_line = Progress(plan, echo)
+    predictions: dict[str, dict[str, Any]] = {}
+    for unit in plan:
+        spec, kind = encoders[unit["encoder"]]
+        finished, seconds, reason = _run_unit(
+            unit,
+            encoder_for_seed(spec, unit["seed"]),
+            kind,
+            data[unit["task"]],
+            out,
+            progress_line,
+            options,
+        )
+        progress_line.finished(unit, seconds)
+        if finished is None:
+            unit.update(status="skipped", reason=reason)
+            echo(f"skipped: {unit['folder']}: {reason}")
+            continue
+        results, pred = finished
+        unit.update(status="done", seconds=None if seconds is None else round(seconds, 3))
+        predictions[unit["folder"]] = {**pred, "task_type": results["task"]["type"]}
+    return predictions
 
 
 def _load_tasks(
