@@ -263,3 +263,27 @@ def test_random_area_crop_keeps_the_size_and_crops(tmp_path):
     assert augmentation_options(None)["crop_scale"] == 0.0  # off by default
     with pytest.raises(DataError, match="crop_scale"):
         augmentation_options({"crop_scale": 1.5})
+
+
+def test_kept_last_batch_covers_every_sample_and_pads_across_ranks():
+    """drop_last=False (the epoch engine's plan): 9 samples in global batches of 4 over 2 ranks
+    are 3 steps; every sample is read in the epoch, and the last batch (one sample) is padded
+    with the epoch's first sample so both ranks take one, as DistributedSampler pads."""
+    from mgll.training.sampling import GlobalBatchSampler
+
+    plans = [GlobalBatchSampler(9, 4, rank, 2, seed=3, drop_last=False) for rank in (0, 1)]
+    for plan in plans:
+        plan.set_epoch(1)
+    batches = [[[i for i, _, _ in batch] for batch in plan] for plan in plans]
+    assert plans[0].steps_per_epoch == 3
+    assert [len(x) for x in batches[0]] == [2, 2, 1] == [len(x) for x in batches[1]]
+    order = torch.randperm(9, generator=torch.Generator().manual_seed(3 * 100_003 + 1)).tolist()
+    assert [batches[0][k] + batches[1][k] for k in range(3)] == [
+        order[0:4],
+        order[4:8],
+        [order[8], order[0]],
+    ]
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        GlobalBatchSampler(3, 4)  # the contrastive default still refuses it
+    short = GlobalBatchSampler(3, 4, drop_last=False)
+    assert len(list(short)) == short.steps_per_epoch == 1
