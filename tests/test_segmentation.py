@@ -18,9 +18,6 @@ from mgll.segmentation.data import (
     MaskCache,
     MaskRef,
     SegSample,
-    load_covid_cxr_seg,
-    load_mask_folder,
-    load_mask_table,
     read_mask,
     report_problems,
     resize_mask,
@@ -28,6 +25,7 @@ from mgll.segmentation.data import (
     write_pretrain_split,
 )
 from mgll.segmentation.decoders import SegmentationModel
+from mgll.segmentation.sources import load_covid_cxr_seg, load_mask_folder, load_mask_table
 from mgll.segmentation.train import per_image_scores, summarize_scores
 
 
@@ -195,15 +193,20 @@ class EpochStub(torch.nn.Module):
 def test_the_weights_scored_are_those_of_the_best_validation_epoch():
     from torch.utils.data import TensorDataset
 
-    from mgll.segmentation.train import SegConfig, fit, predict
+    from mgll.segmentation.config import SegmentationConfig
+    from mgll.segmentation.train import fit, predict
 
     masks = torch.zeros(4, 1, 8, 8)
     masks[:, :, 2:6, 2:6] = 1
     data = TensorDataset(masks.repeat(1, 3, 1, 1), masks)
     model = EpochStub(good=2)
-    history, best = fit(model, data, data, SegConfig(epochs=4, batch_size=2), log=lambda _: None)
-    assert best == 2 and [round(r["val_dice"], 3) for r in history] == [0.0, 1.0, 0.0, 0.0]
+    cfg = SegmentationConfig(epochs=4, batch_size=2, device="cpu")
+    result = fit(model, {"train": data, "val": data}, cfg, log=lambda _: None)
+    history = result.history
+    assert result.best_epoch == 2
+    assert [round(r["val_dice"], 3) for r in history] == [0.0, 1.0, 0.0, 0.0]
     assert int(model.epoch) == 2  # the state of epoch 2 is back in the model
+    assert int(result.best_state["epoch"]) == 2  # and returned
     logits, truth = predict(model, data, 2, "cpu")
     dice, _ = per_image_scores(logits, truth)
     assert dice == pytest.approx(np.ones((4, 1)))
