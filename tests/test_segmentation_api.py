@@ -44,6 +44,7 @@ def test_config_from_yaml_with_overrides_over_the_defaults(tmp_path):
         ("epochs: three\n", "config key 'epochs' must be an integer"),
         ("resize: squash\n", "resize: 'squash' is not one of pad, crop, stretch"),
         ("batch_size: 0\n", "batch_size must be >= 1"),
+        ("device: gpu\n", "device: 'gpu' is not auto, cpu, mps, cuda or cuda:N"),
     ],
 )
 def test_a_bad_config_file_is_one_error_naming_the_file_and_key(tmp_path, text, message):
@@ -173,3 +174,12 @@ def test_old_flags_still_work_with_a_warning(tmp_path):
     with pytest.warns(FutureWarning, match="--split-fractions"):
         pairs = split_overrides(parse_args([*old, "--split", "0.5,0.2,0.3"]))
     assert pairs == [("split.train", 0.5), ("split.val", 0.2), ("split.test", 0.3)]
+
+
+def test_the_documented_keys_and_defaults_are_the_configs():
+    import yaml
+
+    text = (Path(__file__).parent.parent / "docs" / "transfer.md").read_text()
+    block = text.split("**Settings.**", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    assert SegmentationConfig.from_dict(yaml.safe_load(block)) == SegmentationConfig()
+    assert set(yaml.safe_load(block)) == set(SegmentationConfig().to_dict())

@@ -23,7 +23,8 @@ from typing import Any
 from mgll.errors import UsageError
 from mgll.segmentation.config import SegmentationConfig, load_segmentation_config
 from mgll.segmentation.data import SegDataError
-from mgll.segmentation.sources import MASK_FORMATS, format_names
+from mgll.segmentation.sources import MASK_FORMATS, format_names, load_source
+from mgll.training.config import parse_overrides
 
 # flag dest -> config key, for the flags that set a config value (None = not given).
 FLAG_KEYS = {
@@ -51,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="train and evaluate a segmentation decoder on an encoder",
         description="Train a UNETR-style decoder (ViT towers) or U-Net/FPN (convolutional "
         "towers) on a pretrained image tower with Dice + cross-entropy (MONAI), and report "
-        "Dice and IoU per class with patient-bootstrap 95%% CIs on a patient-level test split. "
+        "Dice and IoU per class with patient-bootstrap 95% CIs on a patient-level test split. "
         "Settings: --config FILE.yaml, then key=value overrides (e.g. split.test=0.4), then "
         "the flags (docs/transfer.md).",
     )
@@ -156,8 +157,6 @@ def split_overrides(args: argparse.Namespace) -> list[tuple[str, Any]]:
 
 def config_from_args(args: argparse.Namespace) -> SegmentationConfig:
     """Defaults, then ``--config``, then ``key=value`` overrides, then the flags."""
-    from mgll.training.config import parse_overrides
-
     pairs = parse_overrides(getattr(args, "overrides", None) or [])
     pairs += split_overrides(args)
     pairs += [
@@ -206,9 +205,9 @@ def _format(results: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``mgll segment`` (user errors reach ``mgll.cli.main`` as one line)."""
+    # Imported here, not at the top: the hubs go offline before open_clip loads.
     from mgll.process import offline_hubs
     from mgll.segmentation.run import segment
-    from mgll.segmentation.sources import load_source
 
     with offline_hubs(), warnings.catch_warnings():
         warnings.simplefilter("default")

@@ -8,6 +8,7 @@ overrides and the command-line flags over them. ``results.json`` records it as `
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,8 @@ class SegmentationConfig:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.num_workers < 0:
             raise ConfigError(f"num_workers must be >= 0, got {self.num_workers}")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise ConfigError(f"device: {self.device!r} is not auto, cpu, mps, cuda or cuda:N")
 
     @property
     def split_seed(self) -> int:
