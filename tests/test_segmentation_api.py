@@ -26,10 +26,12 @@ ENCODER = "random:mgll-vit-test-32"
 
 def test_config_from_yaml_with_overrides_over_the_defaults(tmp_path):
     path = tmp_path / "seg.yaml"
-    path.write_text("epochs: 3\nfreeze_encoder: true\nsplit:\n  test: 0.4\n  seed: 5\n")
-    cfg = load_segmentation_config(path, ["lr=1e-2", "split.val=0.2"])
+    path.write_text(
+        "epochs: 3\nfreeze_encoder: true\nsplit:\n  train: 0.5\n  test: 0.4\n  seed: 5\n"
+    )
+    cfg = load_segmentation_config(path, ["lr=1e-2", "split.train=0.6", "split.val=0.0"])
     assert (cfg.epochs, cfg.freeze_encoder, cfg.lr) == (3, True, 0.01)
-    assert cfg.split.fractions() == {"train": 0.6, "val": 0.2, "test": 0.4}
+    assert cfg.split.fractions() == {"train": 0.6, "val": 0.0, "test": 0.4}
     assert cfg.split_seed == 5 and cfg.batch_size == SegmentationConfig().batch_size
     # results.json's config reads back as the same config
     assert SegmentationConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
@@ -44,6 +46,7 @@ def test_config_from_yaml_with_overrides_over_the_defaults(tmp_path):
         ("epochs: three\n", "config key 'epochs' must be an integer"),
         ("resize: squash\n", "resize: 'squash' is not one of pad, crop, stretch"),
         ("batch_size: 0\n", "batch_size must be >= 1"),
+        ("split: {test: 0.5}\n", "fractions must be >= 0 and sum to 1, got (0.6, 0.1, 0.5)"),
         ("device: gpu\n", "device: 'gpu' is not auto, cpu, mps, cuda or cuda:N"),
     ],
 )
@@ -60,10 +63,10 @@ def test_flags_win_over_overrides_which_win_over_the_file(tmp_path):
     path = tmp_path / "seg.yaml"
     path.write_text("epochs: 3\nbootstrap: 50\n")
     base = ["segment", "--encoder", ENCODER, "--data", "d", "--output-dir", "o"]
-    args = parse_args([*base, "--config", str(path), "epochs=4", "--split-fractions", "1,0,1"])
+    args = parse_args([*base, "--config", str(path), "epochs=4", "--split-fractions", "0.5,0,0.5"])
     cfg = config_from_args(args)
     assert (cfg.epochs, cfg.bootstrap) == (4, 50)
-    assert cfg.split.fractions() == {"train": 1.0, "val": 0.0, "test": 1.0}
+    assert cfg.split.fractions() == {"train": 0.5, "val": 0.0, "test": 0.5}
     cfg = config_from_args(parse_args([*base, "--config", str(path), "epochs=4", "--epochs", "5"]))
     assert cfg.epochs == 5
 

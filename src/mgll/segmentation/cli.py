@@ -1,7 +1,7 @@
 """``mgll segment``: train a decoder on an encoder's image tower and report Dice/IoU with CIs.
 
     mgll segment --encoder ENC --data covid-cxr-seg --data-root ../shared/data --output-dir OUT
-    mgll segment --encoder ENC --data masks/ --config seg.yaml epochs=5 split.test=0.4 ...
+    mgll segment --encoder ENC --data masks/ --config seg.yaml epochs=5 split.train=0.5 split.test=0.4
 
 ENC is any spec :func:`mgll.eval.encoders.load_encoder` accepts (a run folder or checkpoint, an
 exported encoder, ``open_clip:ARCH:TAG``, ``random:ARCH[:SEED]``), so pretrained and baseline
@@ -53,7 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Train a UNETR-style decoder (ViT towers) or U-Net/FPN (convolutional "
         "towers) on a pretrained image tower with Dice + cross-entropy (MONAI), and report "
         "Dice and IoU per class with patient-bootstrap 95% CIs on a patient-level test split. "
-        "Settings: --config FILE.yaml, then key=value overrides (e.g. split.test=0.4), then "
+        "Settings: --config FILE.yaml, then key=value overrides (e.g. epochs=10), then "
         "the flags (docs/transfer.md).",
     )
     _add_data_arguments(parser)

@@ -31,9 +31,10 @@ class SegSplitConfig:
 
     def __post_init__(self) -> None:
         values = (self.train, self.val, self.test)
-        if min(values) < 0 or sum(values) <= 0:
+        if min(values) < 0 or abs(sum(values) - 1.0) > 1e-6:
+            # checked here, before an encoder is loaded, as the split itself would refuse it
             raise ConfigError(
-                f"split: train/val/test fractions must be >= 0 and not all 0, got {values}"
+                f"split: train/val/test fractions must be >= 0 and sum to 1, got {values}"
             )
 
     def fractions(self) -> dict[str, float]:
@@ -89,7 +90,7 @@ def load_segmentation_config(
 ) -> SegmentationConfig:
     """The config of a YAML file (None: the defaults) with ``overrides`` applied in order.
 
-    ``overrides`` are ``"split.test=0.4"`` strings or ``(key, value)`` pairs. Errors in the
+    ``overrides`` are ``"split.seed=3"`` strings or ``(key, value)`` pairs. Errors in the
     file name it; errors in an override name the key.
     """
     raw: dict[str, Any] = {}
