@@ -80,7 +80,8 @@ def segment(
     ``encoder`` is an :class:`~mgll.eval.encoders.Encoder` or a spec of
     :func:`~mgll.eval.encoders.load_encoder`; ``source`` a loaded :class:`SegSource` or a path
     whose format is detected (:mod:`mgll.segmentation.sources`). ``output_dir`` must be absent
-    or empty; nothing is written there before the scores exist.
+    or empty; nothing is written there before the scores exist. A given ``Encoder``'s tower is
+    trained in place (unless ``cfg.freeze_encoder``): load a fresh one for each run.
     """
     cfg = cfg or SegmentationConfig()
     cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device))

@@ -134,13 +134,13 @@ def fit(
     config: SegmentationConfig,
     log: Callable[[str], Any] = print,
 ) -> FitResult:
-    """Train on ``datasets["train"]`` with DiceCELoss, validating on ``datasets["val"]`` (may be
-    empty: then the last epoch is kept); the weights of the best validation mean Dice are
+    """Train on ``datasets["train"]`` with DiceCELoss, validating on ``datasets["val"]`` (absent or
+    empty: the last epoch is kept); the weights of the best validation mean Dice are
     loaded back into ``model`` and returned with the history.
     """
     from monai.losses import DiceCELoss
 
-    train, val = datasets["train"], datasets["val"]
+    train, val = datasets["train"], datasets.get("val", ())
     device, workers = resolve_device(config.device), config.num_workers
     loss_fn = DiceCELoss(sigmoid=True)
     optimizer = torch.optim.AdamW(
