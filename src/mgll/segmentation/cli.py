@@ -1,7 +1,7 @@
 """``mgll segment``: train a decoder on an encoder's image tower and report Dice/IoU with CIs.
 
     mgll segment --encoder ENC --data covid-cxr-seg --data-root ../shared/data --output-dir OUT
-    mgll segment --encoder ENC --data masks/ --config seg.yaml epochs=5 split.train=0.5 split.test=0.4
+    mgll segment --encoder ENC --data masks/ --config seg.yaml epochs=5 split.seed=3 ...
 
 ENC is any spec :func:`mgll.eval.encoders.load_encoder` accepts (a run folder or checkpoint, an
 exported encoder, ``open_clip:ARCH:TAG``, ``random:ARCH[:SEED]``), so pretrained and baseline
