@@ -287,3 +287,44 @@ def test_kept_last_batch_covers_every_sample_and_pads_across_ranks():
         GlobalBatchSampler(3, 4)  # the contrastive default still refuses it
     short = GlobalBatchSampler(3, 4, drop_last=False)
     assert len(list(short)) == short.steps_per_epoch == 1
+
+
+def test_the_engine_trains_any_model_and_keeps_the_last_epoch_without_validation(tmp_path):
+    """The engine knows nothing of classification: a linear regression with a squared loss,
+    no validation set (the last epoch is kept), an SGD optimizer, its own checkpoint kind."""
+    from mgll.training.epochs import EpochSettings, SupervisedTask, fit, run_scope
+
+    torch.manual_seed(0)
+    x = torch.randn(12, 3)
+    y = x @ torch.tensor([1.0, -2.0, 0.5])
+    model = torch.nn.Linear(3, 1)
+    task = SupervisedTask(
+        model=model,
+        train_set=torch.utils.data.TensorDataset(x, y),
+        loss=lambda net, batch: ((net(batch[0]).squeeze(1) - batch[1]) ** 2).mean(),
+        validate=None,
+        rank=None,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        config={"task": "regression"},
+    )
+    settings = EpochSettings(
+        epochs=4, batch_size=4, lr=0.1, warmup_epochs=0, kind="regression", progress=False
+    )
+    with run_scope(tmp_path / "r", "cpu") as scope:
+        result = fit(scope, task, settings)
+    assert result.best_epoch == 4 and [row["epoch"] for row in result.history] == [1, 2, 3, 4]
+    assert (
+        result.steps == 12
+        and result.history[-1]["train_loss"] < result.history[0]["train_loss"] / 2
+    )
+    best = load_file(str(result.best_weights))
+    assert torch.equal(best["weight"], model.weight.detach())
+    ((_, weights),) = ckpt.list_checkpoints(tmp_path / "r" / "checkpoints")
+    assert ckpt.checkpoint_kind(load_header(weights)) == "regression"
+
+
+def load_header(weights: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as handle:
+        return handle.metadata()

@@ -87,8 +87,9 @@ class SupervisedTask:
     - ``loss(model, batch)``: the batch's scalar training loss; ``model`` is what to call (DDP
       around ``task.model`` under torchrun); runs under the precision's autocast;
     - ``validate(model, precision)``: rank 0's validation metrics after an epoch (a flat dict
-      of numbers or None), logged in the epoch's history row;
-    - ``rank(metrics)``: the tuple an epoch is kept by (larger is better);
+      of numbers or None), logged in the epoch's history row; None: no validation set;
+    - ``rank(row)``: the tuple an epoch's history row is kept by (larger is better); None:
+      the last epoch is kept;
     - ``optimizer``: built over ``model``'s parameters; a group's ``lr_scale`` (default 1)
       multiplies the scheduled lr (layer-wise decay, a smaller encoder lr);
     - ``config``: what the run computes from; saved in each checkpoint, and a resume with
@@ -98,8 +99,8 @@ class SupervisedTask:
     model: nn.Module
     train_set: Dataset
     loss: Callable[[nn.Module, Any], torch.Tensor]
-    validate: Callable[[nn.Module, Precision], dict[str, Any]]
-    rank: Callable[[Mapping[str, Any]], tuple[float, ...]]
+    validate: Callable[[nn.Module, Precision], dict[str, Any]] | None
+    rank: Callable[[Mapping[str, Any]], tuple[float, ...]] | None
     optimizer: torch.optim.Optimizer
     config: dict[str, Any]
     collate_fn: Callable[[list[Any]], Any] | None = None
@@ -286,10 +287,11 @@ def _end_epoch(run: _Run, state: EpochState) -> None:
         "train_loss": state.loss_sum / max(state.seen, 1),
     }
     if run.scope.info.is_main:
-        run.task.model.eval()
-        row.update(run.task.validate(run.task.model, run.precision))
-        run.task.model.train()
-        if not state.best or run.task.rank(row) > run.task.rank(state.best):
+        if run.task.validate is not None:
+            run.task.model.eval()
+            row.update(run.task.validate(run.task.model, run.precision))
+            run.task.model.train()
+        if not state.best or _rank(run.task, row) > _rank(run.task, state.best):
             state.best = dict(row)
             path = run.scope.output_dir / BEST_WEIGHTS
             atomic_write(path, lambda tmp: _save_weights(run.task.model, tmp))
@@ -300,6 +302,10 @@ def _end_epoch(run: _Run, state: EpochState) -> None:
     _save(run, state)
     if stop and state.epoch < run.settings.epochs:
         _interrupt(run, state)
+
+
+def _rank(task: SupervisedTask, row: Mapping[str, Any]) -> tuple[float, ...]:
+    return task.rank(row) if task.rank is not None else (float(row["epoch"]),)
 
 
 def _save_weights(model: nn.Module, path: Path) -> None:
