@@ -125,19 +125,19 @@ def test_seed_mean_interval_is_the_hand_written_two_level_bootstrap():
     both = seed_mean_interval(
         [_metric(task, s, "auc_macro") for s in (good, bad)],
         [patients] * 2,
-        n_resamples=200,
+        n_resamples=60,
         seed=3,
     )
     per_seed = [roc_auc_score(truth, s[:, 1]) for s in (good, bad)]
     assert both["value"] == pytest.approx(np.mean(per_seed))
     assert both["per_seed"] == pytest.approx(per_seed)
-    expected = _interval_by_hand(truth, [good[:, 1], bad[:, 1]], patients, 200, 3)
+    expected = _interval_by_hand(truth, [good[:, 1], bad[:, 1]], patients, 60, 3)
     assert both["ci95"] == pytest.approx(expected)
     paired = seed_mean_interval(
         [_metric(task, s, "auc_macro") for s in (good, good)],
         [patients] * 2,
         baseline=[_metric(task, s, "auc_macro") for s in (bad, good)],
-        n_resamples=200,
+        n_resamples=60,
         seed=3,
     )
     assert paired["value"] == pytest.approx((per_seed[0] - per_seed[1]) / 2)
@@ -145,7 +145,7 @@ def test_seed_mean_interval_is_the_hand_written_two_level_bootstrap():
     assert paired["value_a"] == pytest.approx(per_seed[0])
     assert paired["value_b"] == pytest.approx(np.mean(per_seed))
     expected = _interval_by_hand(
-        truth, [good[:, 1], good[:, 1]], patients, 200, 3, baseline=[bad[:, 1], good[:, 1]]
+        truth, [good[:, 1], good[:, 1]], patients, 60, 3, baseline=[bad[:, 1], good[:, 1]]
     )
     assert paired["ci95"] == pytest.approx(expected)
 
