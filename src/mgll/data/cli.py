@@ -77,13 +77,7 @@ def _add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
         f"{', '.join(adapter_names())}",
     )
     parser.add_argument("--format", dest="source", action=_Renamed)
-    parser.add_argument(
-        "--options",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="one entry of data.options (repeatable), e.g. --options language=zh",
-    )
+    add_options_argument(parser)
     parser.add_argument("--option", dest="options", action=_Renamed)
     for name, default in zip(SPLIT_NAMES, (0.8, 0.1, 0.1), strict=True):
         parser.add_argument(
@@ -164,7 +158,20 @@ def _add_shard(sub: argparse._SubParsersAction) -> None:
     shard.set_defaults(func=run_shard, command_name="mgll data shard")
 
 
-def _options(pairs: list[str]) -> dict[str, Any]:
+def add_options_argument(parser: argparse.ArgumentParser) -> None:
+    """``--options KEY=VALUE`` (repeatable): the entries of ``data.options``, read by
+    :func:`parse_options`; every command that reads a dataset takes it."""
+    parser.add_argument(
+        "--options",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="one entry of data.options (repeatable), e.g. --options language=zh",
+    )
+
+
+def parse_options(pairs: list[str]) -> dict[str, Any]:
+    """``--options`` values as ``data.options`` (``true``/``false`` read as booleans)."""
     options: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -190,7 +197,7 @@ def _load(args: argparse.Namespace) -> tuple[RecordSet, Path]:
     else:
         source, folder, root = args.source, path, None
     try:
-        return load_records(source, folder, data_root=root, options=_options(args.options))
+        return load_records(source, folder, data_root=root, options=parse_options(args.options))
     except (OSError, ImportError) as exc:  # a file the adapter cannot open, a missing reader
         raise DataError(f"{path}: {exc}") from exc
 
@@ -280,7 +287,7 @@ def run_shard(args: argparse.Namespace) -> int:
         {
             "source": args.path if spec else args.source,
             "path": None if spec else args.path,
-            "options": _options(args.options),
+            "options": parse_options(args.options),
             "split": split,
             "resize": args.resize,
         }

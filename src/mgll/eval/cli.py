@@ -20,6 +20,8 @@ from mgll.eval.task import TaskError
 
 def add_task_arguments(parser: argparse.ArgumentParser) -> None:
     """--data/--data-root/--source/--options/--level/--classes/--ordinal and the split."""
+    from mgll.data.cli import add_options_argument
+
     parser.add_argument(
         "--data",
         required=True,
@@ -29,13 +31,7 @@ def add_task_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--source", metavar="NAME", help="the folder's format, as data.source (default: detected)"
     )
-    parser.add_argument(
-        "--options",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="one entry of data.options (repeatable), e.g. --options language=zh",
-    )
+    add_options_argument(parser)
     parser.add_argument("--level", required=True, help="granularity level that is the task")
     parser.add_argument(
         "--classes",
@@ -147,7 +143,7 @@ def split_settings(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def load_task(args: argparse.Namespace, encoder_config: dict[str, Any] | None = None):
     """The :class:`~mgll.eval.task.EvalData` the task arguments describe."""
-    from mgll.data.cli import _options as parse_options  # the `mgll data` KEY=VALUE parser
+    from mgll.data.cli import parse_options
     from mgll.eval.task import load_eval_data
 
     return load_eval_data(
