@@ -203,6 +203,8 @@ BAD_INPUT = [
      "unknown config key 'lr_decay' (did you mean 'layer_decay'?)"),
     (["finetune", "--encoder", RANDOM, "--data", "{tmp}/none", "--epochs", "-1", *EVAL_DATA],
      "epochs must be >= 1"),
+    (["probe", "--encoder", RANDOM, "--data", "{tmp}/none", "--split-fractions", "0.5,0.5",
+      *EVAL_DATA], "--split-fractions 0.5,0.5: applies to a patient split"),
     (["zeroshot", "--model", "{tmp}/none", "--data", "{tmp}/none", *EVAL_DATA],
      "/none does not exist"),
     (["retrieve", "--model", "{tmp}/none", "--data", "{tmp}/none", *EVAL_DATA],

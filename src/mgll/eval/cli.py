@@ -17,6 +17,8 @@ from typing import Any
 from mgll.eval.options import DEFAULT_OPTIONS, EvalOptions
 from mgll.eval.task import TaskError
 
+DEFAULT_SPLIT_FRACTIONS = "0.8,0.1,0.1"
+
 
 def add_task_arguments(parser: argparse.ArgumentParser) -> None:
     """--data/--data-root/--source/--options/--level/--classes/--ordinal and the split."""
@@ -54,9 +56,8 @@ def add_task_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--split-fractions",
-        default="0.8,0.1,0.1",
         metavar="TRAIN,VAL,TEST",
-        help="fractions of a 'patient' split (default 0.8,0.1,0.1)",
+        help=f"fractions of a '--split patient' split (default {DEFAULT_SPLIT_FRACTIONS})",
     )
     parser.add_argument("--split-seed", type=int, help="seed of a 'patient' split (default 0)")
 
@@ -124,13 +125,19 @@ def eval_options(args: argparse.Namespace) -> EvalOptions:
 
 def split_settings(args: argparse.Namespace) -> dict[str, Any] | None:
     """The ``data.split`` mapping the split arguments describe (None = the default)."""
+    if args.split_fractions is not None and args.split != "patient":
+        raise TaskError(  # never ignored silently
+            f"--split-fractions {args.split_fractions}: applies to a patient split; add "
+            "--split patient"
+        )
     if args.split is None:
         return None
     if args.split == "source":
         return {"mode": "source"}
     if args.split == "patient":
+        fractions = args.split_fractions or DEFAULT_SPLIT_FRACTIONS
         try:
-            train, val, test = (float(v) for v in args.split_fractions.split(","))
+            train, val, test = (float(v) for v in fractions.split(","))
         except ValueError:
             raise TaskError(
                 f"--split-fractions: {args.split_fractions!r} is not TRAIN,VAL,TEST"
