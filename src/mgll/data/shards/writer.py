@@ -103,6 +103,7 @@ class _Corpus:
 
     @classmethod
     def of(cls, prepared: Any) -> _Corpus:
+        """The corpus of a :class:`mgll.data.PreparedData`."""
         records = prepared.records
         levels = list(records.levels)
         position = {i: n for split in SPLIT_NAMES for n, i in enumerate(prepared.indices[split])}
@@ -115,6 +116,7 @@ class _Corpus:
         )
 
     def image(self, i: int) -> Path:
+        """Record ``i``'s image file."""
         return self.prepared.records.records[i].image
 
     def sample_json(self, i: int) -> dict[str, Any]:
