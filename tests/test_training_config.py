@@ -143,3 +143,9 @@ def test_a_folder_named_like_a_shipped_recipe_does_not_hide_it(tmp_path, monkeyp
     assert load_config("cpu-demo").data.source == "covid-cxr"
     with pytest.raises(ConfigError, match=r"config file x\.yaml does not exist"):
         load_config("x.yaml")
+
+
+def test_a_shipped_recipe_by_package_path():
+    assert load_config("package:mgll/configs/cpu-demo.yaml") == load_config("cpu-demo")
+    with pytest.raises(ConfigError, match=r"'package:mgll/configs/nope\.yaml' resolves to"):
+        load_config("package:mgll/configs/nope.yaml")

@@ -32,6 +32,7 @@ from mgll.losses import DEFAULT_WEIGHTS
 from mgll.models.config import ModelConfig
 from mgll.schema import (
     MOVED_KEYS,
+    PACKAGE_PREFIX,
     ConfigError,
     from_mapping,
     resolve_package_paths,
@@ -263,6 +264,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
 
 
 def _source_text(name_or_path: str) -> tuple[dict[str, Any], str]:
+    if name_or_path.startswith(PACKAGE_PREFIX):  # package:mgll/configs/cpu-demo.yaml
+        name_or_path = resolve_package_paths(name_or_path, "config")
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.is_file():
