@@ -142,45 +142,49 @@ def test_dice_ci_resamples_patients_not_images():
 
 
 class EpochStub(torch.nn.Module):
-    """A segmentation model whose predictions are perfect after epoch ``good`` only (an
-    epoch counter in its state, advanced by each ``train()``), wrong after the others."""
+    """A segmentation model whose predictions are perfect after epoch ``good`` only, wrong
+    after the others: its state counts the training batches it has seen (``steps``), epoch
+    ``e`` ends after ``e * steps_per_epoch`` of them."""
 
-    def __init__(self, good: int):
+    def __init__(self, good: int, steps_per_epoch: int):
         super().__init__()
-        self.good = good
+        self.good_steps = good * steps_per_epoch
         self.w = torch.nn.Parameter(torch.zeros(()))
-        self.register_buffer("epoch", torch.zeros((), dtype=torch.long))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
 
     def param_groups(self, lr, encoder_lr):
         return [{"params": [self.w], "lr": lr}]
 
-    def train(self, mode: bool = True):
-        if mode:
-            self.epoch += 1
-        return super().train(mode)
-
     def forward(self, images):
+        if self.training:
+            self.steps += 1
         truth = images[:, :1] * 20 - 10  # the image's first channel is its mask
-        return (truth if int(self.epoch) == self.good else -truth) + 0 * self.w
+        return (truth if int(self.steps) == self.good_steps else -truth) + 0 * self.w
 
 
-def test_the_weights_scored_are_those_of_the_best_validation_epoch():
+def test_the_weights_scored_are_those_of_the_best_validation_epoch(tmp_path):
+    """The stub is right only in epoch 2 of 4: the engine keeps epoch 2 by validation Dice,
+    best.safetensors holds its state, and that state is back in the model test scores."""
+    from safetensors.torch import load_file
     from torch.utils.data import TensorDataset
 
     from mgll.segmentation.config import SegmentationConfig
-    from mgll.segmentation.train import fit, predict
+    from mgll.segmentation.run import train_decoder
+    from mgll.segmentation.train import predict
+    from mgll.training.epochs import run_scope
 
     masks = torch.zeros(4, 1, 8, 8)
     masks[:, :, 2:6, 2:6] = 1
     data = TensorDataset(masks.repeat(1, 3, 1, 1), masks)
-    model = EpochStub(good=2)
+    model = EpochStub(good=2, steps_per_epoch=2)  # 4 images, batches of 2
     cfg = SegmentationConfig(epochs=4, batch_size=2, device="cpu")
-    result = fit(model, {"train": data, "val": data}, cfg, log=lambda _: None)
+    with run_scope(tmp_path / "run", "cpu") as scope:
+        result = train_decoder(model, {"train": data, "val": data}, cfg, scope, "stub", print)
     history = result.history
     assert result.best_epoch == 2
     assert [round(r["val_dice"], 3) for r in history] == [0.0, 1.0, 0.0, 0.0]
-    assert int(model.epoch) == 2  # the state of epoch 2 is back in the model
-    assert int(result.best_state["epoch"]) == 2  # and returned
+    assert int(model.steps) == 4  # the state at the end of epoch 2 is back in the model
+    assert int(load_file(str(result.best_weights))["steps"]) == 4  # and kept on disk
     logits, truth = predict(model, data, 2, "cpu")
     dice, _ = per_image_scores(logits, truth)
     assert dice == pytest.approx(np.ones((4, 1)))

@@ -2,6 +2,7 @@
 
     mgll segment --encoder ENC --data covid-cxr-seg --data-root ../shared/data --output-dir OUT
     mgll segment --encoder ENC --data masks/ --config seg.yaml epochs=5 split.seed=3 ...
+    mgll segment ... --output-dir OUT --resume          # continue a stopped run (Ctrl-C)
 
 ENC is any spec :func:`mgll.eval.encoders.load_encoder` accepts (a run folder or checkpoint, an
 exported encoder, ``open_clip:ARCH:TAG``, ``random:ARCH[:SEED]``), so pretrained and baseline
@@ -16,6 +17,7 @@ does the work.
 from __future__ import annotations
 
 import argparse
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ FLAG_KEYS = {
     "feature_size": "feature_size",
     "resize": "resize",
     "seed": "seed",
+    "precision": "precision",
     "split_seed": "split.seed",
     "bootstrap": "bootstrap",
     "device": "device",
@@ -54,7 +57,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "towers) on a pretrained image tower with Dice + cross-entropy (MONAI), and report "
         "Dice and IoU per class with patient-bootstrap 95% CIs on a patient-level test split. "
         "Settings: --config FILE.yaml, then key=value overrides (e.g. epochs=10), then "
-        "the flags (docs/transfer.md).",
+        "the flags (docs/transfer.md). Ctrl-C (or SIGTERM) stops after the current step with "
+        "a checkpoint; continue with --resume. Runs under torchrun for several GPUs.",
     )
     _add_data_arguments(parser)
     _add_training_arguments(parser, SegmentationConfig())
@@ -96,7 +100,7 @@ def _add_training_arguments(parser: argparse.ArgumentParser, d: SegmentationConf
 
     flag("--epochs", int, f"epochs ({d.epochs})")
     flag("--batch-size", int, f"images per batch ({d.batch_size})")
-    flag("--lr", float, f"decoder peak lr ({d.lr:g})")
+    flag("--lr", float, f"decoder peak lr: linear warm-up, then half cosine ({d.lr:g})")
     flag("--encoder-lr", float, f"tower peak lr ({d.encoder_lr:g})")
     flag("--weight-decay", float, f"AdamW ({d.weight_decay:g})")
     parser.add_argument(
@@ -105,6 +109,7 @@ def _add_training_arguments(parser: argparse.ArgumentParser, d: SegmentationConf
     flag("--feature-size", int, f"decoder channels ({d.feature_size})")
     flag("--resize", str, f"onto the square input ({d.resize})", choices=("pad", "crop", "stretch"))
     flag("--seed", int, f"decoder init, batch order and bootstrap ({d.seed})")
+    flag("--precision", str, f"autocast ({d.precision})", choices=("fp32", "bf16", "fp16"))
     parser.add_argument(
         "--split",
         metavar="MODE",
@@ -121,6 +126,14 @@ def _add_training_arguments(parser: argparse.ArgumentParser, d: SegmentationConf
     flag("--device", str, f"cpu, cuda, cuda:1 or auto (default {d.device})")
     flag("--num-workers", int, f"data-loader workers ({d.num_workers})")
     flag("--cache-dir", str, "preprocessing cache folder (default: the user cache)")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        metavar="latest|PATH",
+        help="continue a stopped run from the newest checkpoint in --output-dir (--resume "
+        "alone) or a checkpoint file",
+    )
 
 
 def _fractions(flag: str, text: str) -> list[tuple[str, Any]]:
@@ -215,7 +228,17 @@ def run(args: argparse.Namespace) -> int:
         path, source_format = data_path(args)
         classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
         source = load_source(path, source_format, classes)
-        results = segment(args.encoder, source, args.output_dir, cfg)
+        try:
+            results = segment(args.encoder, source, args.output_dir, cfg, resume=args.resume)
+        except KeyboardInterrupt:  # the second Ctrl-C: no checkpoint at this step
+            print(
+                "mgll segment: stopped at once (second Ctrl-C); the checkpoints written so far "
+                "are intact: continue with --resume latest",
+                file=sys.stderr,
+            )
+            return 130
+    if results is None:  # a rank other than 0 under torchrun
+        return 0
     print(_format(results))
     print(f"wrote {Path(args.output_dir) / 'results.json'}")
     return 0

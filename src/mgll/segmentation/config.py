@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mgll.schema import ConfigError, from_mapping, set_dotted, to_dict
-from mgll.training.config import parse_overrides, read_yaml
+from mgll.training.config import PrecisionName, parse_overrides, read_yaml
 
 ResizeMode = Literal["pad", "crop", "stretch"]
 
@@ -48,14 +48,16 @@ class SegmentationConfig:
 
     epochs: int = 30
     batch_size: int = 8
-    lr: float = 1e-3  # decoder (AdamW, one-cycle peak)
-    encoder_lr: float = 1e-4  # the tower, unless frozen
+    lr: float = 1e-3  # decoder peak lr (AdamW; per step: linear warm-up, then half cosine to 0)
+    encoder_lr: float = 1e-4  # the tower's peak lr, unless frozen (its lr_scale: encoder_lr / lr)
+    warmup_epochs: float = 1.0  # the linear warm-up of the lr
     weight_decay: float = 1e-4
     freeze_encoder: bool = False  # train the decoder only
     feature_size: int = 16  # decoder channels at full resolution
     resize: ResizeMode = "pad"  # images and masks onto the tower's square input
     split: SegSplitConfig = field(default_factory=SegSplitConfig)
     seed: int = 0  # decoder init, batch order, bootstrap (and the split unless split.seed)
+    precision: PrecisionName = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 with loss scaling)
     bootstrap: int = 1000  # patient-bootstrap resamples of each 95% CI
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_workers: int = 0  # data-loader processes
@@ -65,6 +67,11 @@ class SegmentationConfig:
         for key in ("epochs", "batch_size", "feature_size", "bootstrap"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.lr <= 0 or self.encoder_lr < 0 or self.warmup_epochs < 0:
+            raise ConfigError(
+                f"lr must be > 0, encoder_lr and warmup_epochs >= 0, got lr={self.lr}, "
+                f"encoder_lr={self.encoder_lr}, warmup_epochs={self.warmup_epochs}"
+            )
         if self.num_workers < 0:
             raise ConfigError(f"num_workers must be >= 0, got {self.num_workers}")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):

@@ -140,11 +140,14 @@ class SegmentationModel(nn.Module):
         return indices, shapes
 
     def param_groups(self, lr: float, encoder_lr: float) -> list[dict]:
-        """Optimizer groups: the decoder at ``lr``, the tower (unless frozen) at ``encoder_lr``."""
+        """Optimizer groups: the decoder at ``lr``, the tower (unless frozen) at ``encoder_lr``;
+        each group's ``lr_scale`` is its share of ``lr`` (what the epoch engine's schedule
+        multiplies)."""
         decoder = [p for n, p in self.named_parameters() if not n.startswith("tower.")]
-        groups = [{"params": decoder, "lr": lr}]
+        groups = [{"params": decoder, "lr": lr, "lr_scale": 1.0}]
         if not self.freeze_encoder:
-            groups.append({"params": list(self.tower.parameters()), "lr": encoder_lr})
+            tower = list(self.tower.parameters())
+            groups.append({"params": tower, "lr": encoder_lr, "lr_scale": encoder_lr / lr})
         return groups
 
     def train(self, mode: bool = True) -> SegmentationModel:

@@ -1,15 +1,21 @@
 """``segment``: the whole segmentation protocol as a library function, in named steps.
 
 :func:`segment` reads a mask source, prepares image/mask pairs for the encoder's input, splits
-them by patient, trains a decoder on the image tower (:func:`mgll.segmentation.train.fit`),
-scores the best-validation weights on test and writes the results folder:
+them by patient, trains a decoder on the image tower on the epoch engine
+(:func:`mgll.training.epochs.fit`, :func:`train_decoder`), scores the best-validation weights
+on test once and writes the results folder:
 
 - ``results.json``: encoder, data counts, config, best epoch, Dice/IoU per class with
   patient-bootstrap 95% CIs, per-image Dice, per-epoch history;
 - ``predictions/``: per test image a PNG mask per class and an overlay;
-- ``training_curve.png``.
+- ``training_curve.png``;
+- the engine's ``best.safetensors`` (the kept epoch's model) and ``checkpoints/`` (stamped
+  ``kind: segment``; a stopped run continues with ``resume="latest"``).
 
-``mgll segment`` (:mod:`mgll.segmentation.cli`) only turns flags into its arguments.
+The engine brings the run lock, SIGINT/SIGTERM stops with a checkpoint at the step reached
+(:class:`~mgll.training.run_control.RunInterrupted`, exit 130/143), an exact resume, precision
+and DDP under ``torchrun``. ``mgll segment`` (:mod:`mgll.segmentation.cli`) only turns flags
+into its arguments.
 """
 
 from __future__ import annotations
@@ -42,6 +48,10 @@ from mgll.segmentation.data import (
 )
 from mgll.segmentation.decoders import SegmentationModel
 from mgll.segmentation.sources import load_source
+from mgll.training.checkpoint import CHECKPOINT_SUBDIR
+from mgll.training.epochs import BEST_WEIGHTS, EpochResult, RunScope, fit, run_scope
+from mgll.training.run_control import LOCK_FILE
+from mgll.training.step import Precision
 
 Log = Callable[[str], Any]
 PROBLEM_KINDS = tuple(MaskProblem.MESSAGES)
@@ -74,24 +84,27 @@ def segment(
     output_dir: str | Path,
     cfg: SegmentationConfig | None = None,
     log: Log = print,
-) -> dict[str, Any]:
-    """Train and score a decoder on ``encoder``'s tower; returns what results.json holds.
+    resume: str | Path | None = None,
+) -> dict[str, Any] | None:
+    """Train and score a decoder on ``encoder``'s tower; returns what results.json holds (None
+    on ranks other than 0 under ``torchrun``).
 
     ``encoder`` is an :class:`~mgll.eval.encoders.Encoder` or a spec of
     :func:`~mgll.eval.encoders.load_encoder`; ``source`` a loaded :class:`SegSource` or a path
     whose format is detected (:mod:`mgll.segmentation.sources`). ``output_dir`` must be absent
-    or empty; nothing is written there before the scores exist. A given ``Encoder``'s tower is
-    trained in place (unless ``cfg.freeze_encoder``): load a fresh one for each run.
+    or empty for a fresh run; ``resume`` (``latest`` or a checkpoint) continues a stopped one.
+    Bad input is refused before anything is written. A given ``Encoder``'s tower is trained in
+    place (unless ``cfg.freeze_encoder``): load a fresh one for each run.
     """
     cfg = cfg or SegmentationConfig()
     cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device))
     output_dir = Path(output_dir)
-    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
-        raise SegDataError(f"--output-dir: {output_dir} exists and is not empty")
+    if resume is None:
+        check_fresh(output_dir)
     if not isinstance(source, SegSource):
         source = load_source(source)
     if not isinstance(encoder, Encoder):
-        encoder = load_encoder(encoder, cfg.device)
+        encoder = load_encoder(encoder)  # on the CPU: the model moves to the run's device
     data = prepare_masks(source, encoder, cfg, log)
     datasets, split = split_datasets(data, encoder, cfg)
     log(
@@ -100,12 +113,48 @@ def segment(
         + f"; classes {source.classes}; encoder {encoder.name} ({encoder.arch}, "
         f"{encoder.image_size} px)"
     )
-    model = build_model(encoder, len(source.classes), cfg)
-    fitted = T.fit(model, datasets, cfg, log)
-    scores = score(model, datasets["test"], source.classes, cfg)
-    results = results_dict(encoder, data, split, datasets["test"], cfg, fitted, scores)
-    write_outputs(output_dir, results, datasets["test"], scores, fitted)
+    with run_scope(output_dir, cfg.device, resume) as scope:
+        model = build_model(encoder, len(source.classes), cfg).to(scope.device)
+        fitted = train_decoder(model, datasets, cfg, scope, encoder.name, log)
+        if not scope.info.is_main:
+            return None
+        scores = score(model, datasets["test"], source.classes, cfg, scope.device)
+        results = results_dict(encoder, data, split, datasets["test"], cfg, fitted, scores)
+        write_outputs(output_dir, results, datasets["test"], scores, fitted)
     return results
+
+
+def check_fresh(output_dir: Path) -> None:
+    """A fresh run needs an absent or empty folder; the engine's own files (a run lock, a
+    stopped run's checkpoints and best weights) are left to
+    :func:`~mgll.training.epochs.run_scope`, which names the running or stopped run."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise SegDataError(f"--output-dir: {output_dir} exists and is not a folder")
+    left_to_the_engine = {LOCK_FILE, CHECKPOINT_SUBDIR, BEST_WEIGHTS}
+    if output_dir.is_dir() and any(p.name not in left_to_the_engine for p in output_dir.iterdir()):
+        raise SegDataError(
+            f"--output-dir: {output_dir} exists and is not empty; choose a new folder (or "
+            "--resume latest to continue a stopped run there)"
+        )
+
+
+def train_decoder(
+    model: torch.nn.Module,
+    datasets: dict[str, SegDataset],
+    cfg: SegmentationConfig,
+    scope: RunScope,
+    encoder_name: str,
+    log: Log = print,
+) -> EpochResult:
+    """Train ``model`` on the epoch engine (from scratch or ``scope.resume_from``) and load the
+    best validation epoch's weights back into it: those are what test scores."""
+    from safetensors.torch import load_model
+
+    run_config = {"protocol": "segment", "encoder": encoder_name, **cfg.to_dict()}
+    task = T.supervised_task(model, datasets, cfg, run_config, log)
+    result = fit(scope, task, T.epoch_settings(cfg))
+    load_model(model, str(result.best_weights))
+    return result
 
 
 def prepare_masks(
@@ -169,20 +218,23 @@ def split_datasets(
 
 
 def build_model(encoder: Encoder, n_classes: int, cfg: SegmentationConfig) -> SegmentationModel:
-    """The decoder on the encoder's tower, initialised from ``cfg.seed``, on ``cfg.device``."""
+    """The decoder on the encoder's tower, initialised from ``cfg.seed``."""
     torch.manual_seed(cfg.seed)
-    model = SegmentationModel(
+    return SegmentationModel(
         encoder.tower, n_classes, encoder.image_size, cfg.feature_size, cfg.freeze_encoder
     )
-    return model.to(resolve_device(cfg.device))
 
 
 def score(
-    model: torch.nn.Module, test: SegDataset, classes: list[str], cfg: SegmentationConfig
+    model: torch.nn.Module,
+    test: SegDataset,
+    classes: list[str],
+    cfg: SegmentationConfig,
+    device: torch.device,
 ) -> Scores:
     """Dice and IoU of every test image and class, summarised with patient-bootstrap CIs."""
-    device = resolve_device(cfg.device)
-    logits, truth = T.predict(model, test, cfg.batch_size, device, cfg.num_workers)
+    precision = Precision(cfg.precision, device)
+    logits, truth = T.predict(model, test, cfg.batch_size, device, cfg.num_workers, precision)
     dice, iou = T.per_image_scores(logits, truth)
     patients = [s.patient_id for s in test.samples]
     metrics = {
@@ -198,7 +250,7 @@ def results_dict(
     split: dict[str, list[int]],
     test: SegDataset,
     cfg: SegmentationConfig,
-    fitted: T.FitResult,
+    fitted: EpochResult,
     scores: Scores,
 ) -> dict[str, Any]:
     """What results.json holds (plain JSON)."""
@@ -231,6 +283,7 @@ def results_dict(
             for i, s in enumerate(test.samples)
         ],
         "history": fitted.history,
+        "train_seconds": fitted.seconds,
     }
 
 
@@ -239,7 +292,7 @@ def write_outputs(
     results: dict[str, Any],
     test: SegDataset,
     scores: Scores,
-    fitted: T.FitResult,
+    fitted: EpochResult,
 ) -> None:
     """Predictions, the training curve and results.json (last: its presence means done)."""
     output_dir.mkdir(parents=True, exist_ok=True)

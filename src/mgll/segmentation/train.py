@@ -9,17 +9,18 @@ reward predicting nothing). The per-class value is the mean over the images that
 class; ``mean`` is the mean over classes. 95% CIs resample *patients* with replacement
 (:func:`mgll.metrics.bootstrap_indices`), so images of one patient never narrow an interval.
 
-The weights evaluated on test are those of the epoch with the best validation mean Dice.
+Training runs on the epoch engine (:mod:`mgll.training.epochs`): :func:`supervised_task` is
+the model, loss, optimizer and validation it trains, :func:`epoch_settings` its schedule and
+precision. The weights evaluated on test are those of the epoch with the best validation mean
+Dice (``OUT/best.safetensors``).
 """
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import json
 import math
-import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +28,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mgll.eval.options import resolve_device
 from mgll.io import atomic_write
 from mgll.segmentation.config import SegmentationConfig
 from mgll.segmentation.data import SegDataset, SegSample
+from mgll.training.epochs import EpochSettings, SupervisedTask
+from mgll.training.step import Precision
 
 PALETTE = np.array(
     [
@@ -45,15 +47,6 @@ PALETTE = np.array(
     ],
     dtype=np.float32,
 )
-
-
-@dataclass
-class FitResult:
-    """What :func:`fit` returns: the per-epoch history, the epoch kept and its weights."""
-
-    history: list[dict[str, float]]
-    best_epoch: int
-    best_state: dict[str, torch.Tensor] | None
 
 
 def per_image_scores(logits: torch.Tensor, target: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -106,88 +99,88 @@ def summarize_scores(
     return out
 
 
-def _loader(
-    dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0
-) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        dataset, batch_size, shuffle=shuffle, generator=generator, num_workers=num_workers
-    )
-
-
 @torch.no_grad()
 def predict(
-    model: torch.nn.Module, dataset: Dataset, batch_size: int, device: str, num_workers: int = 0
+    model: torch.nn.Module,
+    dataset: Dataset,
+    batch_size: int,
+    device: str | torch.device,
+    num_workers: int = 0,
+    precision: Precision | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and targets of every sample, in order."""
+    """Float logits and targets of every sample, in order (under ``precision``'s autocast)."""
     model.eval()
+    autocast = precision.autocast if precision is not None else contextlib.nullcontext
     logits, targets = [], []
-    for images, target in _loader(dataset, batch_size, False, 0, num_workers):
-        logits.append(model(images.to(device)).cpu())
+    for images, target in DataLoader(dataset, batch_size, num_workers=num_workers):
+        with autocast():
+            logits.append(model(images.to(device)).float().cpu())
         targets.append(target)
     return torch.cat(logits), torch.cat(targets)
 
 
-def fit(
+def supervised_task(
     model: torch.nn.Module,
     datasets: Mapping[str, Dataset],
     config: SegmentationConfig,
+    run_config: dict[str, Any],
     log: Callable[[str], Any] = print,
-) -> FitResult:
-    """Train on ``datasets["train"]`` with DiceCELoss, validating on ``datasets["val"]`` (absent or
-    empty: the last epoch is kept); the weights of the best validation mean Dice are
-    loaded back into ``model`` and returned with the history.
-    """
+) -> SupervisedTask:
+    """What the epoch engine trains: ``model`` on ``datasets["train"]`` with DiceCELoss,
+    AdamW over the model's groups (the tower's ``lr_scale`` is ``encoder_lr / lr``), each
+    epoch ranked by validation mean Dice on ``datasets["val"]`` (the later epoch on ties; no
+    validation images: no validation, the last epoch is kept). ``run_config`` is saved in
+    each checkpoint."""
     from monai.losses import DiceCELoss
 
-    train, val = datasets["train"], datasets.get("val", ())
-    device, workers = resolve_device(config.device), config.num_workers
     loss_fn = DiceCELoss(sigmoid=True)
     optimizer = torch.optim.AdamW(
         model.param_groups(config.lr, config.encoder_lr), weight_decay=config.weight_decay
     )
-    steps = max(1, config.epochs * math.ceil(len(train) / config.batch_size))
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer,
-        max_lr=[g["lr"] for g in optimizer.param_groups],
-        total_steps=steps,
-        pct_start=0.1,
-    )
-    history: list[dict[str, float]] = []
-    best, best_epoch, best_state = -1.0, 0, None
-    for epoch in range(config.epochs):
-        model.train()
-        started, total, count = time.perf_counter(), 0.0, 0
-        for images, target in _loader(train, config.batch_size, True, config.seed + epoch, workers):
-            images, target = images.to(device), target.to(device)
-            loss = loss_fn(model(images), target)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            total += float(loss.detach()) * len(images)
-            count += len(images)
-        row = {"epoch": epoch + 1, "train_loss": total / max(count, 1)}
-        if len(val):
-            logits, targets = predict(model, val, config.batch_size, device, workers)
-            row["val_loss"] = float(loss_fn(logits, targets))
-            dice, _ = per_image_scores(logits, targets)
-            means = _class_means(dice)
-            row["val_dice"] = float(np.nanmean(means)) if np.isfinite(means).any() else 0.0
-        else:
-            row["val_dice"] = -row["train_loss"]  # no validation images: keep the last epoch
-        row["seconds"] = round(time.perf_counter() - started, 2)
-        history.append(row)
-        log(
-            f"epoch {epoch + 1}/{config.epochs}: train loss {row['train_loss']:.4f}"
-            + (f", val Dice {row['val_dice']:.4f}" if len(val) else "")
+
+    def loss(net: torch.nn.Module, batch: Any) -> torch.Tensor:
+        images, target = batch
+        return loss_fn(net(images).float(), target)
+
+    val = datasets.get("val", ())
+
+    def validate(net: torch.nn.Module, precision: Precision) -> dict[str, Any]:
+        device = next(net.parameters()).device
+        logits, targets = predict(
+            net, val, config.batch_size, device, config.num_workers, precision
         )
-        if row["val_dice"] >= best:
-            best, best_epoch = row["val_dice"], epoch + 1
-            best_state = copy.deepcopy(model.state_dict())
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    return FitResult(history, best_epoch, best_state)
+        means = _class_means(per_image_scores(logits, targets)[0])
+        row = {
+            "val_loss": float(loss_fn(logits, targets)),
+            "val_dice": float(np.nanmean(means)) if np.isfinite(means).any() else 0.0,
+        }
+        log(f"validation: loss {row['val_loss']:.4f}, mean Dice {row['val_dice']:.4f}")
+        return row
+
+    return SupervisedTask(
+        model=model,
+        train_set=datasets["train"],
+        loss=loss,
+        validate=validate if len(val) else None,
+        rank=(lambda row: (row["val_dice"], row["epoch"])) if len(val) else None,
+        optimizer=optimizer,
+        config=run_config,
+    )
+
+
+def epoch_settings(config: SegmentationConfig, progress: bool = True) -> EpochSettings:
+    """The engine's settings of a segmentation run (checkpoints stamped ``segment``)."""
+    return EpochSettings(
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        warmup_epochs=config.warmup_epochs,
+        precision=config.precision,
+        seed=config.seed,
+        num_workers=config.num_workers,
+        kind="segment",
+        progress=progress,
+    )
 
 
 def _stem(sample: SegSample, index: int) -> str:

@@ -1,6 +1,7 @@
 """An epoch-based supervised engine: train E epochs, validate after each, keep the best, stop
 and resume cleanly. Fine-tuning runs on it (:func:`mgll.eval.finetune.fine_tune`), and any
-model + loss + validation metric can (segmentation's decoder training is the next).
+model + loss + validation metric can (segmentation's decoder training does:
+:func:`mgll.segmentation.run.segment`).
 
 A caller opens a :func:`run_scope` (processes, device, the folder's :class:`RunLock`, the
 :class:`StopRequests` signal flag, the checkpoint to resume), builds its model, data and
