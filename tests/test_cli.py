@@ -114,6 +114,25 @@ def test_a_user_error_from_any_command_is_one_line_and_its_exit_code(monkeypatch
     assert capsys.readouterr().err == "mgll probe: error: --output-dir is required here\n"
 
 
+def test_ctrl_c_is_one_line_and_exit_130_naming_resume_where_there_is_one(monkeypatch, capsys):
+    """A KeyboardInterrupt (a training command's second Ctrl-C, any other command's first)
+    is one line and 130 from mgll.cli.main, the one handler for every command."""
+    import mgll.eval.encoders
+    import mgll.training.trainer
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mgll.eval.encoders, "load_encoder", interrupted)
+    assert main(PROBE) == 130
+    assert capsys.readouterr().err == "mgll probe: stopped at once (Ctrl-C)\n"
+    monkeypatch.setattr(mgll.training.trainer, "train", interrupted)
+    assert main(["pretrain", "cpu-demo", "--output-dir", "unused"]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("mgll pretrain: stopped at once (Ctrl-C); the checkpoints written")
+    assert err.endswith("continue with --resume latest\n") and err.count("\n") == 1
+
+
 def test_a_bug_in_a_command_keeps_its_traceback(monkeypatch):
     """Evaluation no longer turns every ValueError into a one-liner: a ValueError that is not a
     user error (a bug here) reaches the caller, so its traceback is printed."""

@@ -86,12 +86,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         args.print_help()  # no command: the help, and a usage error like `mgll data` alone
         return 2
+    name = getattr(args, "command_name", None) or f"mgll {args.command}"
     try:
         return int(args.func(args) or 0)
     except UserError as err:
-        name = getattr(args, "command_name", None) or f"mgll {args.command}"
         print(f"{name}: {err.label}{err}", file=sys.stderr)
         return err.exit_code
+    except KeyboardInterrupt:  # a training command's second Ctrl-C, or any command's first
+        resumable = "resume" in vars(args)  # checkpointing commands: pretrain, finetune, segment
+        print(
+            f"{name}: stopped at once (Ctrl-C)"
+            + (
+                "; the checkpoints written so far are intact: continue with --resume latest"
+                if resumable
+                else ""
+            ),
+            file=sys.stderr,
+        )
+        return 130
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -493,12 +492,4 @@ def run(args: argparse.Namespace) -> int:
             print(f"wrote {args.output_dir}")
         return 0
 
-    try:
-        return run_offline(body)
-    except KeyboardInterrupt:  # the second Ctrl-C: no checkpoint at this step
-        print(
-            "mgll finetune: stopped at once (second Ctrl-C); the checkpoints written so far "
-            "are intact: continue with --resume latest",
-            file=sys.stderr,
-        )
-        return 130
+    return run_offline(body)

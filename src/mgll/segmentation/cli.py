@@ -17,7 +17,6 @@ does the work.
 from __future__ import annotations
 
 import argparse
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -228,15 +227,7 @@ def run(args: argparse.Namespace) -> int:
         path, source_format = data_path(args)
         classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
         source = load_source(path, source_format, classes)
-        try:
-            results = segment(args.encoder, source, args.output_dir, cfg, resume=args.resume)
-        except KeyboardInterrupt:  # the second Ctrl-C: no checkpoint at this step
-            print(
-                "mgll segment: stopped at once (second Ctrl-C); the checkpoints written so far "
-                "are intact: continue with --resume latest",
-                file=sys.stderr,
-            )
-            return 130
+        results = segment(args.encoder, source, args.output_dir, cfg, resume=args.resume)
     if results is None:  # a rank other than 0 under torchrun
         return 0
     print(_format(results))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from mgll.process import offline_hubs
@@ -60,13 +59,6 @@ def run(args: argparse.Namespace) -> int:
 
         with offline_hubs():
             train(cfg, Path(args.data_root), Path(args.output_dir), resume=args.resume)
-    except KeyboardInterrupt:  # the second Ctrl-C: no checkpoint at this step
-        print(
-            "mgll pretrain: stopped at once (second Ctrl-C); the checkpoints written so far "
-            "are intact: continue with --resume latest",
-            file=sys.stderr,
-        )
-        return 130
     finally:
         _leave_process_group()
     return 0
