@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import mgll.losses as losses
+import mgll.losses.kernel as kernel
 from mgll.losses import CLIPLoss, MGLLLoss, _distinct_columns, label_presence
 from mgll.schema import ConfigError
 from mgll.training.config import LossConfig
@@ -103,7 +103,7 @@ def test_missing_samples_leave_the_matmul_and_class_ids_build_no_mask(monkeypatc
     not a masked N x N, and a class-id level never builds its positive mask (positive sums go
     through per-class sums); the multi-hot level builds its mask once, kept for backward."""
     shapes, masks = [], []
-    real_logits, real_tile = losses._level_logits, losses._Positives.tile
+    real_logits, real_tile = kernel._level_logits, kernel._Positives.tile
 
     def spy_logits(plan, tensors, spans):
         out = real_logits(plan, tensors, spans)
@@ -114,8 +114,8 @@ def test_missing_samples_leave_the_matmul_and_class_ids_build_no_mask(monkeypatc
         masks.append("class ids" if self.by_class else "multi-hot")
         return real_tile(self, r0, r1)
 
-    monkeypatch.setattr(losses, "_level_logits", spy_logits)
-    monkeypatch.setattr(losses._Positives, "tile", spy_tile)
+    monkeypatch.setattr(kernel, "_level_logits", spy_logits)
+    monkeypatch.setattr(kernel._Positives, "tile", spy_tile)
     image, texts, labels = _case(12, 3)
     present = [int(label_presence(lab).sum()) for lab in labels]
     assert min(present[:2]) < 12  # the case has missing samples at two levels
