@@ -28,14 +28,17 @@ def _smooth_kl_term(
     """Per level, on the rows and columns present at every level, from the row log-softmaxes
     log P^g: P^g, a^g = log P^g - log(G M) and kl^g = <P^g, a^g> per row.
 
-    sum_g KL(P^g_i || M_i) = sum_g kl^g_i + G log G, M_i the mean of the P^g_i; log(G M) is a
-    ``logaddexp`` of log-probabilities, never the log of a probability that underflowed.
+    sum_g KL(P^g_i || M_i) = sum_g kl^g_i + G log G, M_i the mean of the P^g_i. log(G M) is
+    the log of the sum of the P^g (one log, where a ``logaddexp`` chain costs G - 1 passes of
+    exp and log1p); where every level's probability underflowed it is clamped at the smallest
+    normal float, which keeps a^g finite and leaves P^g a^g at 0, as it is.
     """
-    log_sum = log_probs[0]
-    for lp in log_probs[1:]:
-        log_sum = torch.logaddexp(log_sum, lp)
-    adv = [lp - log_sum for lp in log_probs]
     probs = [lp.exp() for lp in log_probs]
+    total = probs[0].clone()
+    for p in probs[1:]:
+        total += p
+    log_sum = total.clamp_min_(torch.finfo(total.dtype).tiny).log_()
+    adv = [lp - log_sum for lp in log_probs]
     kls = [(p * a).sum(dim=1) for p, a in zip(probs, adv, strict=True)]
     return probs, adv, kls
 
@@ -121,10 +124,10 @@ class _TiledLoss(torch.autograd.Function):
                     pos_sum = (rows * col_sums[k].index_select(0, keys)).sum(dim=1)
                     n_pos = pos.n_rows[p0:p1]
                 else:
-                    y = pos.tile(p0, p1)
-                    pos_z = torch.where(y, z, 0.0)
+                    y = pos.tile(p0, p1)  # 0/1 floats: sums without a bool -> int copy
+                    pos_z = z * y
                     pos_sum = pos_z.sum(dim=1)
-                    n_pos = torch.where(present, y.sum(dim=1).to(z.dtype), 1.0)
+                    n_pos = torch.where(present, y.sum(dim=1), 1.0)
                 lse = torch.where(present, torch.logsumexp(zm, dim=1), 0.0)
                 lse_rows[k][p0:p1], n_pos_rows[k][p0:p1] = lse, n_pos
                 if pair.row_ce:
@@ -139,8 +142,8 @@ class _TiledLoss(torch.autograd.Function):
                 if pair.pointwise:
                     bce = F.softplus(zm).sum() - pos_sum.sum()
                     terms[1] += bce / _count(pair.present_rows)
-                if plan.chunk_size is None:
-                    kept += [zm] if y is None else [zm, y]
+                if plan.chunk_size is None:  # the mask kept as booleans: a quarter the bytes
+                    kept += [zm] if y is None else [zm, y.bool()]
             if smooth_kl:
                 lse = [s[p0:p1] for s, (p0, p1) in zip(lse_rows, spans, strict=True)]
                 log_probs = _kl_log_probs(plan, logits, lse, spans, r0, r1)
@@ -185,7 +188,7 @@ class _TiledLoss(torch.autograd.Function):
                     y = None if pos.by_class else next(from_forward)
                 else:
                     zm = _masked(logits[k], pair, p0, p1)
-                    y = None if pos.by_class else pos.tile(p0, p1)
+                    y = None if pos.by_class else pos.tile(p0, p1).bool()
                 n = _count(pair.present_rows)
                 # dZ = (each term's softmax/sigmoid part) - Y (row_coef_i + col_coef_j)
                 row_coef = zm.new_zeros(p1 - p0)

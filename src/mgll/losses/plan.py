@@ -154,7 +154,7 @@ def _masked(z: torch.Tensor, pair: _Pair, r0: int, r1: int) -> torch.Tensor:
 
 @dataclass
 class _Positives:
-    """A pair's positives. Multi-hot: ``tile(r0, r1)`` is the (rows, cols) bool mask Y. Class
+    """A pair's positives. Multi-hot: ``tile(r0, r1)`` is the (rows, cols) 0/1 mask Y. Class
     ids (``by_class``): ``keys_*`` are compact ids, the counts per row and column come from
     counting them, and every sum over positives goes through per-class sums of vectors,
     ``sum_{j: k_j = k_i} <r_i, c_j> = <r_i, sum of the c of class k_i>``, O(N D): no N x N mask
@@ -189,9 +189,9 @@ class _Positives:
         return self.n_rows is not None
 
     def tile(self, r0: int, r1: int) -> torch.Tensor:
-        if self.n_rows is None:  # multi-hot: label sets overlap
-            return (self.keys_rows[r0:r1] @ self.keys_cols.T) > 0
-        return self.keys_rows[r0:r1, None] == self.keys_cols[None, :]
+        """Multi-hot: the tile's mask Y (label sets overlap) as 0/1 in the compute dtype;
+        class-id pairs never build one."""
+        return (self.keys_rows[r0:r1] @ self.keys_cols.T).gt_(0)
 
     def class_sums(self, vectors: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """(ids, D) sums of ``vectors`` (rows or columns, with their ``keys``) per class id."""
