@@ -4,8 +4,9 @@ of every logit written out by hand (docs/loss.md, "How it is computed")."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,19 @@ from mgll.losses.plan import (
     _Positives,
     _tiles,
 )
+
+_COMPILED: dict[Callable, Callable] = {}
+
+
+def _passes(fn: Callable, plan: _Plan) -> Callable:
+    """``fn`` (one of the kernel's element-wise functions), or with ``plan.compiled`` its
+    ``torch.compile`` (dynamic shapes: the present rows change every batch), built once per
+    process; fused loops read each logit once where eager torch reads it once per op."""
+    if not plan.compiled:
+        return fn
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=True)
+    return _COMPILED[fn]
 
 
 def _smooth_kl_term(
@@ -41,6 +55,11 @@ def _smooth_kl_term(
     adv = [lp - log_sum for lp in log_probs]
     kls = [(p * a).sum(dim=1) for p, a in zip(probs, adv, strict=True)]
     return probs, adv, kls
+
+
+def _kl_grad(p: torch.Tensor, a: torch.Tensor, kl: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """The smooth KL's dZ^g = c P^g (a^g - kl^g) (the terms from differentiating M cancel)."""
+    return (a - kl[:, None]).mul_(p).mul_(c)
 
 
 def _kl_index(
@@ -118,36 +137,33 @@ class _TiledLoss(torch.autograd.Function):
                 zm = _masked(z, pair, p0, p1)
                 present = pair.present_rows[p0:p1]
                 rows = tensors[pair.rows][p0:p1]
-                y = None
-                if pos.by_class:
+                y = None if pos.by_class else pos.tile(p0, p1)
+                t = _passes(_logit_stats, plan)(z, zm, y, bool(pair.col_ce), pair.pointwise)
+                if y is None:
                     keys = pos.keys_rows[p0:p1]
                     pos_sum = (rows * col_sums[k].index_select(0, keys)).sum(dim=1)
                     n_pos = pos.n_rows[p0:p1]
                 else:
-                    y = pos.tile(p0, p1)  # 0/1 floats: sums without a bool -> int copy
-                    pos_z = z * y
-                    pos_sum = pos_z.sum(dim=1)
-                    n_pos = torch.where(present, y.sum(dim=1), 1.0)
-                lse = torch.where(present, torch.logsumexp(zm, dim=1), 0.0)
+                    pos_sum, n_pos = t.pos_rows, torch.where(present, t.n_rows, 1.0)
+                lse = torch.where(present, t.lse_rows, 0.0)
                 lse_rows[k][p0:p1], n_pos_rows[k][p0:p1] = lse, n_pos
                 if pair.row_ce:
                     row = torch.where(present, lse - pos_sum / n_pos, 0.0)
                     terms[0] += pair.row_ce * row.sum() / _count(pair.present_rows)
                 if pair.col_ce and y is None:
                     sums = pos.class_sums(rows, keys).index_select(0, pos.keys_cols)
-                    stats[k].add(zm, (tensors[pair.cols] * sums).sum(dim=1), None)
+                    stats[k].add(t.lse_cols, (tensors[pair.cols] * sums).sum(dim=1), None)
                     stats[k].n_pos = pos.n_cols
                 elif pair.col_ce:
-                    stats[k].add(zm, pos_z.sum(dim=0), y.sum(dim=0))
+                    stats[k].add(t.lse_cols, t.pos_cols, t.n_cols)
                 if pair.pointwise:
-                    bce = F.softplus(zm).sum() - pos_sum.sum()
-                    terms[1] += bce / _count(pair.present_rows)
+                    terms[1] += (t.softplus - pos_sum.sum()) / _count(pair.present_rows)
                 if plan.chunk_size is None:  # the mask kept as booleans: a quarter the bytes
                     kept += [zm] if y is None else [zm, y.bool()]
             if smooth_kl:
                 lse = [s[p0:p1] for s, (p0, p1) in zip(lse_rows, spans, strict=True)]
                 log_probs = _kl_log_probs(plan, logits, lse, spans, r0, r1)
-                probs, adv, kls = _smooth_kl_term(log_probs)
+                probs, adv, kls = _passes(_smooth_kl_term, plan)(log_probs)
                 terms[2] += sum(kls).sum()
                 if plan.chunk_size is None:  # one tile: backward reads them, not recomputes
                     kept_kl = [*probs, *adv, *kls]
@@ -190,31 +206,14 @@ class _TiledLoss(torch.autograd.Function):
                     zm = _masked(logits[k], pair, p0, p1)
                     y = None if pos.by_class else pos.tile(p0, p1).bool()
                 n = _count(pair.present_rows)
-                # dZ = (each term's softmax/sigmoid part) - Y (row_coef_i + col_coef_j)
-                row_coef = zm.new_zeros(p1 - p0)
-                col_coef = None
-                dz = None
-                if pair.row_ce:
-                    c = grad[0] * pair.row_ce / n
-                    dz = torch.exp(zm - lse_k[:, None]).mul_(c)
-                    row_coef += c / n_pos[p0:p1]
-                if pair.col_ce:
-                    c = grad[0] * pair.col_ce / _count(pair.present_cols)
-                    col = torch.exp(zm - st.lse[None, :]).mul_(c)
-                    dz = col if dz is None else dz.add_(col)
-                    col_coef = c / st.n_pos
-                if pair.pointwise:
-                    c = grad[1] / n
-                    pw = torch.sigmoid(zm).mul_(c)
-                    dz = pw if dz is None else dz.add_(pw)
-                    row_coef += c
-                if dz is None:
-                    dz = torch.zeros_like(zm)
-                elif y is None:
+                c_row = grad[0] * pair.row_ce / n if pair.row_ce else None
+                c_col = grad[0] * pair.col_ce / _count(pair.present_cols) if pair.col_ce else None
+                c_pw = grad[1] / n if pair.pointwise else None
+                dz, row_coef, col_coef = _passes(_logit_grad, plan)(
+                    zm, y, lse_k, st.lse, n_pos[p0:p1], st.n_pos, c_row, c_col, c_pw
+                )
+                if y is None and (pair.row_ce or pair.col_ce or pair.pointwise):
                     _class_backward(pos, tensors, grads, col_sums[k], row_coef, col_coef, p0, p1)
-                else:
-                    coef = row_coef[:, None] if col_coef is None else row_coef[:, None] + col_coef
-                    dz.sub_(torch.where(y, coef, 0.0))
                 d_logits.append(dz)
             if plan.common_rows is not None:
                 if kept_kl:
@@ -222,13 +221,13 @@ class _TiledLoss(torch.autograd.Function):
                     probs, adv = kept_kl[:levels], kept_kl[levels : 2 * levels]
                     kls = kept_kl[2 * levels :]
                 else:
-                    probs, adv, kls = _smooth_kl_term(
+                    probs, adv, kls = _passes(_smooth_kl_term, plan)(
                         _kl_log_probs(plan, logits, lse, spans, r0, r1)
                     )
                 c = grad[2] / _count(plan.common_rows)
                 levels = [k for k, p in enumerate(pairs) if p.smooth_kl]
                 for k, p, a, kl in zip(levels, probs, adv, kls, strict=True):
-                    d = (a - kl[:, None]).mul_(p).mul_(c)
+                    d = _passes(_kl_grad, plan)(p, a, kl, c)
                     rows, cols = _kl_index(plan, pairs[k], spans[k], r0, r1)
                     if cols is not None:
                         d = d.new_zeros(d.shape[0], d_logits[k].shape[1]).index_add_(1, cols, d)
@@ -238,6 +237,70 @@ class _TiledLoss(torch.autograd.Function):
                         d_logits[k].index_add_(0, rows, d)
             _matmul_backward(plan, tensors, d_logits, grads, spans)
         return (None, *grads)
+
+
+class _TileStats(NamedTuple):
+    """What forward reads off a pair's tile of logits (None: not asked for)."""
+
+    lse_rows: torch.Tensor
+    lse_cols: torch.Tensor | None
+    softplus: torch.Tensor | None  # sum of softplus(Z) over the tile
+    pos_rows: torch.Tensor | None  # multi-hot: sum of the positive logits per row
+    pos_cols: torch.Tensor | None
+    n_rows: torch.Tensor | None  # multi-hot: positives per row
+    n_cols: torch.Tensor | None
+
+
+def _logit_stats(
+    z: torch.Tensor, zm: torch.Tensor, y: torch.Tensor | None, cols: bool, pointwise: bool
+) -> _TileStats:
+    """The passes forward makes over a pair's tile (``zm``: ``z`` with missing entries at
+    -inf; ``y``: the 0/1 multi-hot mask or None for class ids)."""
+    pos_z = None if y is None else z * y
+    return _TileStats(
+        torch.logsumexp(zm, dim=1),
+        torch.logsumexp(zm, dim=0) if cols else None,
+        F.softplus(zm).sum() if pointwise else None,
+        None if pos_z is None else pos_z.sum(dim=1),
+        None if pos_z is None or not cols else pos_z.sum(dim=0),
+        None if y is None else y.sum(dim=1),
+        None if y is None or not cols else y.sum(dim=0),
+    )
+
+
+def _logit_grad(
+    zm: torch.Tensor,
+    y: torch.Tensor | None,
+    lse_rows: torch.Tensor,
+    lse_cols: torch.Tensor,
+    n_rows: torch.Tensor,
+    n_cols: torch.Tensor,
+    c_row: torch.Tensor | None,
+    c_col: torch.Tensor | None,
+    c_pw: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A pair tile's dZ = (each term's softmax/sigmoid part) - Y (row_coef_i + col_coef_j),
+    ``c_*`` each term's weight (None: not computed). With a mask ``y`` (multi-hot) the Y part
+    is subtracted here; without (class ids) it is left out and the coefficients returned for
+    :func:`_class_backward`."""
+    row_coef = zm.new_zeros(zm.shape[0])
+    col_coef = None
+    dz = torch.zeros_like(zm) if c_row is None and c_col is None and c_pw is None else None
+    if c_row is not None:
+        dz = torch.exp(zm - lse_rows[:, None]).mul_(c_row)
+        row_coef += c_row / n_rows
+    if c_col is not None:
+        col = torch.exp(zm - lse_cols[None, :]).mul_(c_col)
+        dz = col if dz is None else dz.add_(col)
+        col_coef = c_col / n_cols
+    if c_pw is not None:
+        pw = torch.sigmoid(zm).mul_(c_pw)
+        dz = pw if dz is None else dz.add_(pw)
+        row_coef += c_pw
+    if y is not None and dz is not None:
+        coef = row_coef[:, None] if col_coef is None else row_coef[:, None] + col_coef
+        dz.sub_(torch.where(y, coef, 0.0))
+    return dz, row_coef, col_coef
 
 
 def _column_class_sums(
@@ -289,10 +352,10 @@ class _ColumnStats:
         c = pair.present_cols.shape[0] if pair.col_ce else 0
         return cls(like.new_full((c,), -math.inf), like.new_zeros(c), like.new_zeros(c))
 
-    def add(self, zm: torch.Tensor, pos_sum: torch.Tensor, n_pos: torch.Tensor | None) -> None:
-        """One row tile: its masked logits, and per column the sum of its positive logits and
-        their count (None: counted from class ids once, not per tile)."""
-        self.lse = torch.logaddexp(self.lse, torch.logsumexp(zm, dim=0))
+    def add(self, lse: torch.Tensor, pos_sum: torch.Tensor, n_pos: torch.Tensor | None) -> None:
+        """One row tile: its columns' log-sum-exps, and per column the sum of its positive
+        logits and their count (None: counted from class ids once, not per tile)."""
+        self.lse = torch.logaddexp(self.lse, lse)
         self.pos_sum += pos_sum
         if n_pos is not None:
             self.n_pos += n_pos

@@ -50,6 +50,10 @@ class MGLLLoss(nn.Module):
             recomputing each tile's logits in backward: memory grows as ``chunk_size x N``
             instead of ``G x N^2``, for a second matmul per tile. ``None``: one tile, logits
             kept for backward (fastest while they fit). Values and gradients are the same.
+        compile: run the kernel's element-wise passes (log-sum-exps, softplus, sigmoid, the
+            smooth KL) through ``torch.compile``, fused into a few loops: the same values to
+            float rounding, faster once compiled, but the first call compiles (about a
+            minute on 2 CPU cores; docs/loss.md has the measurements).
 
     ``forward`` returns a dict: ``loss`` (weighted total, differentiable) and the unweighted
     terms of non-zero weight (:attr:`terms`): ``sclip``, ``pointwise`` (each summed over
@@ -62,6 +66,7 @@ class MGLLLoss(nn.Module):
         gather: bool = True,
         local_loss: bool = False,
         chunk_size: int | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         unknown = sorted(set(weights or {}) - set(MGLL_TERMS))
@@ -74,6 +79,7 @@ class MGLLLoss(nn.Module):
         self.gather = gather
         self.local_loss = local_loss
         self.chunk_size = _check_chunk_size(chunk_size)
+        self.compile = compile
 
     @property
     def terms(self) -> tuple[str, ...]:
@@ -103,7 +109,7 @@ class MGLLLoss(nn.Module):
         pairs: list[_Pair] = []
         for g in range(len(text_embs)):
             pairs += self._level_pairs(b, g, scale, bias, tensors, present_rows, present_cols)
-        plan = _Plan(pairs, self.chunk_size, b.image_rows.shape[0])
+        plan = _Plan(pairs, self.chunk_size, b.image_rows.shape[0], compiled=self.compile)
         if self.weights["skl"] > 0 and len(text_embs) > 1:
             # only the samples present at every level take part in the smooth KL
             common_rows = torch.stack(present_rows).all(dim=0)

@@ -105,6 +105,7 @@ class _Plan:
     n_rows: int
     common_rows: torch.Tensor | None = None
     common_cols: torch.Tensor | None = None
+    compiled: bool = False  # the element-wise passes through torch.compile
 
     def spans(self, r0: int, r1: int) -> list[tuple[int, int]]:
         return [pair.span(r0, r1) for pair in self.pairs]
