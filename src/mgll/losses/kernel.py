@@ -255,17 +255,32 @@ def _logit_stats(
     z: torch.Tensor, zm: torch.Tensor, y: torch.Tensor | None, cols: bool, pointwise: bool
 ) -> _TileStats:
     """The passes forward makes over a pair's tile (``zm``: ``z`` with missing entries at
-    -inf; ``y``: the 0/1 multi-hot mask or None for class ids)."""
-    pos_z = None if y is None else z * y
+    -inf; ``y``: the 0/1 multi-hot mask or None for class ids), through one scratch buffer."""
+    scratch = torch.empty_like(zm)
+    pos_rows = pos_cols = None
+    if y is not None:
+        pos_z = torch.mul(z, y, out=scratch)
+        pos_rows, pos_cols = pos_z.sum(dim=1), pos_z.sum(dim=0) if cols else None
     return _TileStats(
-        torch.logsumexp(zm, dim=1),
-        torch.logsumexp(zm, dim=0) if cols else None,
+        _logsumexp(zm, 1, scratch),
+        _logsumexp(zm, 0, scratch) if cols else None,
         F.softplus(zm).sum() if pointwise else None,
-        None if pos_z is None else pos_z.sum(dim=1),
-        None if pos_z is None or not cols else pos_z.sum(dim=0),
+        pos_rows,
+        pos_cols,
         None if y is None else y.sum(dim=1),
         None if y is None or not cols else y.sum(dim=0),
     )
+
+
+def _logsumexp(z: torch.Tensor, dim: int, scratch: torch.Tensor) -> torch.Tensor:
+    """``torch.logsumexp(z, dim)`` (a row or column of -inf gives -inf), its exponentials
+    written into ``scratch`` instead of a fresh N x N tensor."""
+    if z.numel() == 0:
+        return torch.logsumexp(z, dim=dim)
+    top = z.amax(dim=dim, keepdim=True)
+    top = torch.where(top.isfinite(), top, 0.0)
+    total = torch.sub(z, top, out=scratch).exp_().sum(dim=dim)
+    return total.log_().add_(top.squeeze(dim))
 
 
 def _logit_grad(
@@ -285,21 +300,28 @@ def _logit_grad(
     :func:`_class_backward`."""
     row_coef = zm.new_zeros(zm.shape[0])
     col_coef = None
-    dz = torch.zeros_like(zm) if c_row is None and c_col is None and c_pw is None else None
+    if c_row is None and c_col is None and c_pw is None:
+        return torch.zeros_like(zm), row_coef, col_coef
+    # two N x N buffers, every pass in place: at N = 4096 a fresh 64 MiB tensor per op costs
+    # as much as the op
+    dz, part = None, None
     if c_row is not None:
-        dz = torch.exp(zm - lse_rows[:, None]).mul_(c_row)
+        dz = torch.sub(zm, lse_rows[:, None]).exp_().mul_(c_row)
         row_coef += c_row / n_rows
     if c_col is not None:
-        col = torch.exp(zm - lse_cols[None, :]).mul_(c_col)
-        dz = col if dz is None else dz.add_(col)
+        part = torch.sub(zm, lse_cols[None, :]).exp_().mul_(c_col)
+        dz = part if dz is None else dz.add_(part)
         col_coef = c_col / n_cols
     if c_pw is not None:
-        pw = torch.sigmoid(zm).mul_(c_pw)
-        dz = pw if dz is None else dz.add_(pw)
+        part = zm.sigmoid() if part is None or part is dz else torch.sigmoid(zm, out=part)
+        part.mul_(c_pw)
+        dz = part if dz is None else dz.add_(part)
         row_coef += c_pw
-    if y is not None and dz is not None:
+    if y is not None:
         coef = row_coef[:, None] if col_coef is None else row_coef[:, None] + col_coef
-        dz.sub_(torch.where(y, coef, 0.0))
+        zero = coef.new_zeros(())
+        out = None if part is dz else part
+        dz.sub_(torch.where(y, coef, zero, out=out))
     return dz, row_coef, col_coef
 
 
