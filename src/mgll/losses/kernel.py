@@ -57,9 +57,17 @@ def _smooth_kl_term(
     return probs, adv, kls
 
 
-def _kl_grad(p: torch.Tensor, a: torch.Tensor, kl: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """The smooth KL's dZ^g = c P^g (a^g - kl^g) (the terms from differentiating M cancel)."""
-    return (a - kl[:, None]).mul_(p).mul_(c)
+def _kl_grad(p: torch.Tensor, a: torch.Tensor, kl: torch.Tensor) -> torch.Tensor:
+    """The smooth KL's dZ^g per unit of its weight, P^g (a^g - kl^g) (the terms from
+    differentiating M cancel), written over ``a``."""
+    return a.sub_(kl[:, None]).mul_(p)
+
+
+def _kl_units(
+    plan: _Plan, probs: list[torch.Tensor], adv: list[torch.Tensor], kls: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    grad = _passes(_kl_grad, plan)
+    return [grad(p, a, kl) for p, a, kl in zip(probs, adv, kls, strict=True)]
 
 
 def _kl_index(
@@ -165,8 +173,8 @@ class _TiledLoss(torch.autograd.Function):
                 log_probs = _kl_log_probs(plan, logits, lse, spans, r0, r1)
                 probs, adv, kls = _passes(_smooth_kl_term, plan)(log_probs)
                 terms[2] += sum(kls).sum()
-                if plan.chunk_size is None:  # one tile: backward reads them, not recomputes
-                    kept_kl = [*probs, *adv, *kls]
+                if plan.chunk_size is None:  # one tile: backward reads dZ^g, not recomputes
+                    kept_kl = _kl_units(plan, probs, adv, kls)
         for pair, st in zip(pairs, stats, strict=True):
             if pair.col_ce:
                 terms[0] += pair.col_ce * st.finish(pair) / _count(pair.present_cols)
@@ -216,18 +224,16 @@ class _TiledLoss(torch.autograd.Function):
                     _class_backward(pos, tensors, grads, col_sums[k], row_coef, col_coef, p0, p1)
                 d_logits.append(dz)
             if plan.common_rows is not None:
-                if kept_kl:
-                    levels = len(kept_kl) // 3
-                    probs, adv = kept_kl[:levels], kept_kl[levels : 2 * levels]
-                    kls = kept_kl[2 * levels :]
-                else:
+                units = kept_kl
+                if not units:
                     probs, adv, kls = _passes(_smooth_kl_term, plan)(
                         _kl_log_probs(plan, logits, lse, spans, r0, r1)
                     )
+                    units = _kl_units(plan, probs, adv, kls)
                 c = grad[2] / _count(plan.common_rows)
                 levels = [k for k, p in enumerate(pairs) if p.smooth_kl]
-                for k, p, a, kl in zip(levels, probs, adv, kls, strict=True):
-                    d = _passes(_kl_grad, plan)(p, a, kl, c)
+                for k, unit in zip(levels, units, strict=True):
+                    d = unit * c
                     rows, cols = _kl_index(plan, pairs[k], spans[k], r0, r1)
                     if cols is not None:
                         d = d.new_zeros(d.shape[0], d_logits[k].shape[1]).index_add_(1, cols, d)
