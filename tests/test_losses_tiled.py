@@ -144,3 +144,27 @@ def test_chunk_size_is_checked_and_reaches_the_loss_from_the_config():
     assert objective.loss.chunk_size == 64 and objective.local.chunk_size == 64
     clip = Objective.from_config(LossConfig(name="clip", chunk_size=8), 2)
     assert clip.loss.chunk_size == 8
+
+
+def test_compile_sends_every_element_wise_pass_through_torch_compile(monkeypatch):
+    """``MGLLLoss(compile=True)``: the kernel's element-wise functions go through
+    ``torch.compile`` (dynamic shapes, each compiled once per process), tiled or not; the
+    spy compiles nothing, so the values must be the eager ones exactly."""
+    compiled = []
+
+    def spy_compile(fn, dynamic=None):
+        compiled.append((fn.__name__, dynamic))
+        return fn
+
+    monkeypatch.setattr(torch, "compile", spy_compile)
+    monkeypatch.setattr(kernel, "_COMPILED", {})
+    image, texts, labels = _case(12, 4)
+    for chunk_size in (None, 5):
+        seen = list(compiled)
+        want = _value_and_grads(MGLLLoss(chunk_size=chunk_size), image, texts, labels)
+        assert compiled == seen  # the default compiles nothing
+        got = _value_and_grads(MGLLLoss(chunk_size=chunk_size, compile=True), image, texts, labels)
+        assert all(torch.equal(got[0][k], want[0][k]) for k in want[0])
+        assert all(torch.equal(a, b) for a, b in zip(got[1], want[1], strict=True))
+    names = ("_logit_stats", "_logit_grad", "_smooth_kl_term", "_kl_grad")
+    assert sorted(compiled) == sorted((name, True) for name in names)  # once each
