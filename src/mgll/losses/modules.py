@@ -111,11 +111,7 @@ class MGLLLoss(nn.Module):
             pairs += self._level_pairs(b, g, scale, bias, tensors, present_rows, present_cols)
         plan = _Plan(pairs, self.chunk_size, b.image_rows.shape[0], compiled=self.compile)
         if self.weights["skl"] > 0 and len(text_embs) > 1:
-            # only the samples present at every level take part in the smooth KL
-            common_rows = torch.stack(present_rows).all(dim=0)
-            if bool(common_rows.any()):
-                plan.common_rows = common_rows
-                plan.common_cols = torch.stack(present_cols).all(dim=0)
+            plan.common_rows, plan.common_cols = _smooth_kl_samples(present_rows, present_cols)
         values = dict(zip(MGLL_TERMS, _TiledLoss.apply(plan, *tensors), strict=True))
         loss = sum(self.weights[name] * values[name] for name in self.terms)
         return {"loss": loss, **{name: values[name] for name in self.terms}}
@@ -181,6 +177,17 @@ class MGLLLoss(nn.Module):
                 )
             )
         return pairs
+
+
+def _smooth_kl_samples(
+    present_rows: Sequence[torch.Tensor], present_cols: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The rows and columns present at every level (only they take part in the smooth KL),
+    or None twice when no row is."""
+    common_rows = torch.stack(list(present_rows)).all(dim=0)
+    if not bool(common_rows.any()):
+        return None, None
+    return common_rows, torch.stack(list(present_cols)).all(dim=0)
 
 
 class CLIPLoss(nn.Module):
