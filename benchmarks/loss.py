@@ -124,11 +124,14 @@ def _time_cases(cases, batches, repeats: int, device: torch.device):
 
 def _check_compiled(image, texts, labels) -> None:
     """Stop unless MGLLLoss(compile=True) gives the eager loss and gradients (to 1e-5)."""
-    results = []
+    results, seconds = [], 0.0
     for loss_fn in (MGLLLoss(), MGLLLoss(compile=True)):
+        start = time.perf_counter()
         out = loss_fn(image, texts, labels, logit_scale=2.6593, logit_bias=-10.0)
         grads = torch.autograd.grad(out["loss"], [image, *texts])
         results.append([out["loss"].detach(), *grads])
+        seconds = time.perf_counter() - start
+    print(f"first compiled forward+backward (compiling, unless cached): {seconds:.0f} s")
     diff = max(float((a - b).abs().max() / a.abs().max()) for a, b in zip(*results, strict=True))
     print(f"compiled vs eager, G = 3, N = {image.shape[0]}: largest difference {diff:.1e} of the")
     print("largest value (loss, each gradient)\n")

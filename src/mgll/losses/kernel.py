@@ -120,7 +120,7 @@ class _TiledLoss(torch.autograd.Function):
 
     and passes it through the tile's matmul; a class-id pair's ``-Y`` part goes straight to
     the input gradients through per-class sums (:func:`_class_backward`). Untiled, the logits,
-    multi-hot masks and smooth-KL probabilities are kept from forward; tiled, they are
+    multi-hot masks and each smooth-KL level's gradient are kept from forward; tiled, they are
     recomputed, so memory grows as (rows per tile) x N instead of G N^2.
     """
 
@@ -308,8 +308,7 @@ def _logit_grad(
     col_coef = None
     if c_row is None and c_col is None and c_pw is None:
         return torch.zeros_like(zm), row_coef, col_coef
-    # two N x N buffers, every pass in place: at N = 4096 a fresh 64 MiB tensor per op costs
-    # as much as the op
+    # two N x N buffers, every pass in place: a fresh N x N tensor per op costs page faults
     dz, part = None, None
     if c_row is not None:
         dz = torch.sub(zm, lse_rows[:, None]).exp_().mul_(c_row)

@@ -52,8 +52,8 @@ class MGLLLoss(nn.Module):
             kept for backward (fastest while they fit). Values and gradients are the same.
         compile: run the kernel's element-wise passes (log-sum-exps, softplus, sigmoid, the
             smooth KL) through ``torch.compile``, fused into a few loops: the same values to
-            float rounding, faster once compiled, but the first call compiles (about a
-            minute on 2 CPU cores; docs/loss.md has the measurements).
+            float rounding, faster once compiled, but the first call compiles (tens of
+            seconds on 2 CPU cores; docs/loss.md has the measurements).
 
     ``forward`` returns a dict: ``loss`` (weighted total, differentiable) and the unweighted
     terms of non-zero weight (:attr:`terms`): ``sclip``, ``pointwise`` (each summed over

@@ -13,7 +13,7 @@ import torch
 def _augment(t: torch.Tensor, scale: torch.Tensor | float, last: torch.Tensor | float):
     """``[scale * t, last, 0...]`` row-wise: one extra column so a dot product adds a
     constant, and zero columns up to a multiple of 8 wide (BLAS runs the backward matmuls
-    about 1.5x slower with an odd width such as 513; the zeros add exactly nothing)."""
+    slower at an odd width such as 513; the zeros add exactly nothing)."""
     column = torch.as_tensor(last, dtype=t.dtype, device=t.device).reshape(1, 1)
     pad = t.new_zeros(t.shape[0], -(t.shape[1] + 1) % 8)
     return torch.cat([scale * t, column.expand(t.shape[0], 1), pad], dim=1)
