@@ -233,8 +233,8 @@ def test_paper_finetune_passes_the_authors_recipe(tmp_path, monkeypatch):
     task_file = _task_file(tmp_path)
     seen = {}
 
-    def spy(encoder, data, output_dir, options, **kw):
-        seen.update(kw, n_train=len(data.rows["train"]))
+    def spy(encoder, data, output_dir, options, cfg, resume=None):
+        seen.update(cfg=cfg, n_train=len(data.rows["train"]), resume=resume)
         raise ValueError("stop here")
 
     monkeypatch.setattr(finetune, "fine_tune", spy)
@@ -242,15 +242,19 @@ def test_paper_finetune_passes_the_authors_recipe(tmp_path, monkeypatch):
         run_benchmark(
             [ENCODER], str(task_file), "paper-finetune", tmp_path / "o", echo=lambda s: None
         )
-    assert (seen["epochs"], seen["batch_size"], seen["lr"], seen["weight_decay"]) == (
-        50,
-        32,
-        1.25e-4,
-        1e-3,
-    )
-    assert seen["augmentation"]["rotation"] == 30 and seen["augmentation"]["brightness"] == 0.6
-    assert seen["n_train"] == 24
-    assert set(protocols.PAPER_FINETUNE_NOT_APPLIED) <= set(protocols.PAPER_FINETUNE)
+    cfg = seen["cfg"]
+    # Every part of the authors' recipe (issue 18 section 3), written out by hand.
+    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay) == (50, 32, 1.25e-4, 1e-3)
+    assert (cfg.betas, cfg.grad_clip, cfg.warmup_epochs) == ([0.9, 0.95], 10.0, 1.0)
+    aug = cfg.augmentation
+    assert (aug.hflip, aug.vflip, aug.rotation) == (0.5, 0.5, 30.0)
+    assert (aug.brightness, aug.contrast, aug.saturation) == (0.6, 0.6, 0.6)
+    assert aug.crop_scale > 0  # random crop on
+    assert (cfg.head, cfg.select_by) == ("projected", "accuracy")
+    assert seen["n_train"] == 24 and seen["resume"] is None
+    assert protocols.PAPER_FINETUNE_NOT_APPLIED == {}  # nothing of the recipe left out
+    # mgll's own finetune keeps its defaults
+    assert protocols.finetune_config("finetune") == finetune.FineTuneConfig()
 
 
 @pytest.mark.parametrize(

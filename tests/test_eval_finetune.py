@@ -39,7 +39,9 @@ def test_finetune_writes_outputs_and_resumes(tmp_path, capsys):
     assert (out / "checkpoints" / "step_00000003.safetensors").is_file()
     assert (out / "best.safetensors").is_file() and (out / "predictions.csv").is_file()
 
+    capsys.readouterr()
     assert main([*argv, "--epochs", "2", "--resume"]) == 0
+    assert "settings that differ in: epochs\n" in capsys.readouterr().err  # named, and only it
     second = read_results(out)
     history = second["details"]["history"]
     assert [row["epoch"] for row in history] == [1, 2]
@@ -89,3 +91,38 @@ def test_layer_decay_scales_blocks_geometrically():
     assert scale["encoder.tower.transformer.resblocks.0.mlp.c_fc.weight"] == pytest.approx(0.25)
     assert scale["encoder.tower.conv1.weight"] == pytest.approx(0.125)
     assert "encoder.tower.proj" not in scale  # frozen: the head reads pre-projection features
+
+
+def test_a_folder_written_before_the_engine_resumes(tmp_path):
+    """A checkpoint in the layout `mgll finetune` wrote before the epoch engine (one RNG state,
+    no running loss, the flat settings of its day, no `kind` stamp) resumes to the next epoch."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from mgll.training import checkpoint as ckpt
+
+    data = make_downstream(tmp_path / "d", per_split={"Train": 8, "Val": 4, "Test": 4})
+    out = tmp_path / "ft"
+    argv = ["finetune", "--encoder", "random:mgll-vit-test-32:0", "--data", str(data)]
+    argv += ["--level", "grade", "--output-dir", str(out), "--num-workers", "0"]
+    argv += ["--bootstrap", "10", "--no-progress", "--batch-size", "4"]
+    assert main([*argv, "--epochs", "1"]) == 0
+    ((step, weights),) = ckpt.list_checkpoints(out / "checkpoints")
+    state = ckpt.load_state(weights)
+    old_config = {"protocol": "finetune", "encoder": "random:mgll-vit-test-32:0", "epochs": 1}
+    old_config |= {"batch_size": 4, "lr": 1.25e-4, "weight_decay": 1e-3, "layer_decay": None}
+    old_state = {k: state[k] for k in ckpt.STATE_KEYS if k not in ("rng", "config")}
+    old_state |= {"rng": state["rng"][0], "config": old_config, "best": state["best"]}
+    old_state["history"] = state["history"]
+    torch.save(old_state, ckpt.state_path_for(weights))
+    meta = {"format": "mgll-pretrain", "step": str(step), "epoch": "1"}
+    save_file(
+        load_file(str(weights)), str(weights), metadata=meta | {"config": json.dumps(old_config)}
+    )
+
+    assert main([*argv, "--epochs", "2", "--resume"]) == 0
+    history = read_results(out)["details"]["history"]
+    assert [row["epoch"] for row in history] == [1, 2] and history[0] == state["history"][0]
+    assert read_results(out)["encoder"]["spec"] == "random:mgll-vit-test-32:0"

@@ -18,9 +18,6 @@ from mgll.segmentation.data import (
     MaskCache,
     MaskRef,
     SegSample,
-    load_covid_cxr_seg,
-    load_mask_folder,
-    load_mask_table,
     read_mask,
     report_problems,
     resize_mask,
@@ -28,34 +25,9 @@ from mgll.segmentation.data import (
     write_pretrain_split,
 )
 from mgll.segmentation.decoders import SegmentationModel
+from mgll.segmentation.sources import load_covid_cxr_seg, load_mask_folder, load_mask_table
 from mgll.segmentation.train import per_image_scores, summarize_scores
-
-
-def rgba_mask(path: Path, box: tuple[int, int, int, int], size=(40, 30), colour=(0, 200, 0)):
-    """An RGBA mask like covid-cxr-seg's: opaque black, one colour inside ``box`` (l, t, r, b)."""
-    array = np.zeros((size[1], size[0], 4), np.uint8)
-    array[..., 3] = 255
-    left, top, right, bottom = box
-    array[top:bottom, left:right, :3] = colour
-    Image.fromarray(array, "RGBA").save(path)
-    return path
-
-
-def covid_seg_folder(root: Path) -> Path:
-    """A 3-image covid-cxr-seg look-alike: both lungs, one GGO, a probe tag without a mask."""
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    rows = ["Template Name,Filename,Mask"]
-    for i in range(3):
-        Image.fromarray(np.full((30, 40, 3), 60 * i, np.uint8)).save(root / "images" / f"x{i}.png")
-        rgba_mask(root / "masks" / f"l{i}.png", (2, 2, 18, 28))
-        rgba_mask(root / "masks" / f"r{i}.png", (22, 2, 38, 28))
-        rows += [f"Left Lung,x{i}.png,masks/l{i}.png", f"Right Lung,x{i}.png,masks/r{i}.png"]
-    rgba_mask(root / "masks" / "g0.png", (4, 4, 10, 10))
-    rows += ["Ground Glass Opacities,x0.png,masks/g0.png", "Monitoring Probes,x1.png,"]
-    (root / "structure.csv").write_text("\n".join(rows) + "\n")
-    (root / "metadata.csv").write_text("patientid,filename\n7,x0.png\n7,x1.png\n8,x2.png\n")
-    return root
+from seg_fixtures import covid_seg_folder, rgba_mask, write_toy_folder
 
 
 def test_covid_seg_groups_templates_into_classes_and_patients(tmp_path):
@@ -195,15 +167,20 @@ class EpochStub(torch.nn.Module):
 def test_the_weights_scored_are_those_of_the_best_validation_epoch():
     from torch.utils.data import TensorDataset
 
-    from mgll.segmentation.train import SegConfig, fit, predict
+    from mgll.segmentation.config import SegmentationConfig
+    from mgll.segmentation.train import fit, predict
 
     masks = torch.zeros(4, 1, 8, 8)
     masks[:, :, 2:6, 2:6] = 1
     data = TensorDataset(masks.repeat(1, 3, 1, 1), masks)
     model = EpochStub(good=2)
-    history, best = fit(model, data, data, SegConfig(epochs=4, batch_size=2), log=lambda _: None)
-    assert best == 2 and [round(r["val_dice"], 3) for r in history] == [0.0, 1.0, 0.0, 0.0]
+    cfg = SegmentationConfig(epochs=4, batch_size=2, device="cpu")
+    result = fit(model, {"train": data, "val": data}, cfg, log=lambda _: None)
+    history = result.history
+    assert result.best_epoch == 2
+    assert [round(r["val_dice"], 3) for r in history] == [0.0, 1.0, 0.0, 0.0]
     assert int(model.epoch) == 2  # the state of epoch 2 is back in the model
+    assert int(result.best_state["epoch"]) == 2  # and returned
     logits, truth = predict(model, data, 2, "cpu")
     dice, _ = per_image_scores(logits, truth)
     assert dice == pytest.approx(np.ones((4, 1)))
@@ -246,22 +223,6 @@ def test_patient_split_and_pretraining_exclusion(tmp_path):
     assert sorted(used) == [5, 6, 7]
 
 
-def write_toy_folder(root: Path, n: int = 8) -> Path:
-    """Images with a bright square; the mask is that square."""
-    rng = np.random.default_rng(0)
-    for name in ("images", "masks"):
-        (root / name).mkdir(parents=True)
-    for i in range(n):
-        image = rng.integers(0, 60, (32, 32, 3), dtype=np.uint8)
-        mask = np.zeros((32, 32), np.uint8)
-        top, left = rng.integers(0, 16, 2)
-        image[top : top + 12, left : left + 12] = 220
-        mask[top : top + 12, left : left + 12] = 255
-        Image.fromarray(image).save(root / "images" / f"t{i}.png")
-        Image.fromarray(mask).save(root / "masks" / f"t{i}.png")
-    return root
-
-
 def test_segment_command_writes_results_predictions_and_curve(tmp_path, capsys):
     data = write_toy_folder(tmp_path / "toy")
     out = tmp_path / "out"
@@ -270,9 +231,9 @@ def test_segment_command_writes_results_predictions_and_curve(tmp_path, capsys):
         "--encoder",
         "random:mgll-vit-test-32",
         "--data",
-        "folder",
+        data.name,
         "--data-root",
-        str(data),
+        str(data.parent),
         "--output-dir",
         str(out),
         "--epochs",
@@ -281,7 +242,7 @@ def test_segment_command_writes_results_predictions_and_curve(tmp_path, capsys):
         "4",
         "--bootstrap",
         "20",
-        "--split",
+        "--split-fractions",
         "0.5,0.25,0.25",
         "--cache-dir",
         str(tmp_path / "c"),

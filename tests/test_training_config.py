@@ -133,3 +133,13 @@ def test_a_config_written_before_the_typed_sections_still_loads(tmp_path):
         cfg = load_config(str(path))
     assert isinstance(cfg, RunConfig) and cfg.train.grad_checkpointing
     assert cfg.data.split.train == 0.8 and cfg.model.dedup_texts  # defaults filled in
+
+
+def test_a_folder_named_like_a_shipped_recipe_does_not_hide_it(tmp_path, monkeypatch):
+    # a benchmark output folder called "bench-palm" in the working directory once made
+    # `mgll pretrain bench-palm` fail with "config file bench-palm does not exist"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cpu-demo").mkdir()
+    assert load_config("cpu-demo").data.source == "covid-cxr"
+    with pytest.raises(ConfigError, match=r"config file x\.yaml does not exist"):
+        load_config("x.yaml")

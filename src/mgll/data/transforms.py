@@ -1,4 +1,4 @@
-"""Train and eval transforms (METHOD.md section 4: flips, rotation, colour jitter).
+"""Train and eval transforms (METHOD.md section 4: flips, rotation, colour jitter, random crop).
 
 Images arrive already decoded and resized to a square uint8 array (from the cache or from
 :func:`mgll.data.cache.load_resized`), so the transforms only augment and normalise; this keeps
@@ -28,6 +28,9 @@ DEFAULT_AUGMENTATION: dict[str, float] = {
     "contrast": 0.2,
     "saturation": 0.0,
     "hue": 0.0,
+    # random crop: the smallest share of the image's area a crop keeps (RandomResizedCrop's
+    # scale (crop_scale, 1), aspect 3/4 to 4/3), resized back to the input size; 0 = off
+    "crop_scale": 0.0,
 }
 
 
@@ -47,7 +50,28 @@ def augmentation_options(cfg: Mapping[str, Any] | bool | None) -> dict[str, floa
         )
     for key, value in cfg.items():
         options[key] = float(value)
+    if not 0.0 <= options["crop_scale"] <= 1.0:
+        raise DataError(
+            f"data.augmentation.crop_scale: {options['crop_scale']} is not an area share in "
+            "[0, 1] (0 = no random crop, e.g. 0.08 as torchvision's RandomResizedCrop)"
+        )
     return options
+
+
+class RandomAreaCrop:
+    """A random crop of ``scale_min`` to all of the image's area (aspect 3/4 to 4/3), resized
+    back to the image's size: torchvision's RandomResizedCrop with the output size taken from
+    the input, since images arrive already at the model's size."""
+
+    def __init__(self, scale_min: float) -> None:
+        self.scale = (float(scale_min), 1.0)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        top, left, height, width = T.RandomResizedCrop.get_params(
+            image, scale=list(self.scale), ratio=[3 / 4, 4 / 3]
+        )
+        size = list(image.shape[-2:])
+        return T.functional.resized_crop(image, top, left, height, width, size, antialias=True)
 
 
 class ImageTransform:
@@ -68,6 +92,8 @@ class ImageTransform:
         steps: list[Callable[[torch.Tensor], torch.Tensor]] = []
         if train:
             opts = augmentation_options(augmentation)
+            if opts["crop_scale"] > 0:  # first: the crop is resized back before the rest
+                steps.append(RandomAreaCrop(opts["crop_scale"]))
             if opts["hflip"] > 0:
                 steps.append(T.RandomHorizontalFlip(opts["hflip"]))
             if opts["vflip"] > 0:

@@ -1,65 +1,150 @@
 """``mgll finetune``: full fine-tuning of an encoder with a linear head (METHOD.md section 4).
 
-The authors' downstream recipe: 50 epochs, batch 32, AdamW with lr 1.25e-4 and weight decay
-1e-3 (not on biases, norms and embeddings: :func:`mgll.training.optim.parameter_groups`),
-flips / rotation / colour jitter (:data:`mgll.data.transforms.DEFAULT_AUGMENTATION`), a linear
-warm-up over the first epoch then a half-cosine rate (:func:`mgll.training.optim.lr_at`); the
-epoch with the best validation macro AUC is kept and the test split is scored once with it.
-Optional layer-wise lr decay (``--layer-decay 0.75``) scales block ``i`` of a ViT by
-``decay ** (depth + 1 - i)``.
+:func:`fine_tune` reads like pretraining's ``train``: :func:`build` (model, data, optimizer,
+loss and validation), :func:`mgll.training.epochs.fit` (epochs, validation, the best epoch
+kept), :func:`score` (the test split, once, with the best epoch). The engine brings the run
+lock, SIGINT/SIGTERM stops with a checkpoint at the step reached (exit 130/143), resumption
+(``--resume latest|PATH``, bit-identical to a run that never stopped), precision, clipping, the
+per-step schedule and DDP under ``torchrun``; checkpoints are stamped ``kind: finetune``.
 
-The head reads the same pre-projection features as the linear probe (the unused projection is
-frozen). Mixed precision and the update (unscale, clip, step) are the pretraining engine's
-(:class:`mgll.training.step.Precision`, :func:`mgll.training.step.optimizer_step`);
-checkpoints are written atomically after every epoch with
-:func:`mgll.training.checkpoint.save_checkpoint` into ``OUT/checkpoints`` and ``--resume``
-continues from the newest. Under ``torchrun`` the model is wrapped in DistributedDataParallel
-and each rank trains on its shard of every epoch (``DistributedSampler``); rank 0 validates
-and writes.
+The settings are one typed section, :class:`FineTuneConfig` (read by
+:func:`mgll.schema.from_mapping`: an unknown key is one error naming its closest valid key).
+mgll's defaults: 50 epochs, batch 32, AdamW(0.9, 0.999) with lr 1.25e-4 and weight decay 1e-3
+(not on biases, norms and embeddings: :func:`mgll.training.optim.parameter_groups`), a linear
+warm-up over the first epoch then a half-cosine rate, no clipping, flips / +-10 degree rotation /
+colour jitter 0.2 (:data:`mgll.data.transforms.DEFAULT_AUGMENTATION`), the head on the
+pre-projection features (the probe's; the unused projection is frozen) and the epoch with the
+best validation macro AUC kept (accuracy breaks ties). The authors' recipe differs in betas,
+clipping, augmentation, head and selection (``mgll.benchmark.protocols.PAPER_FINETUNE``).
+Optional layer-wise lr decay (``layer_decay: 0.75``) scales block ``i`` of a ViT by
+``decay ** (depth + 1 - i)``.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import dataclasses
 import re
-import time
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
+from mgll.data.transforms import DEFAULT_AUGMENTATION
 from mgll.eval.options import DEFAULT_OPTIONS, EvalOptions
 from mgll.eval.task import TaskError
+from mgll.metrics import classification_metrics
+from mgll.schema import ConfigError, from_mapping, set_dotted, to_dict
+from mgll.training.epochs import (
+    EpochResult,
+    EpochSettings,
+    RunScope,
+    SupervisedTask,
+    fit,
+    run_scope,
+)
+from mgll.training.optim import parameter_groups as decay_groups
 
-DEFAULTS: dict[str, Any] = {
-    "epochs": 50,
-    "batch_size": 32,
-    "lr": 1.25e-4,
-    "weight_decay": 1e-3,
-    "betas": (0.9, 0.999),
-    "eps": 1e-8,
-    "grad_clip": None,
-    "warmup_epochs": 1.0,
-    "layer_decay": None,
-}
+_AUG = DEFAULT_AUGMENTATION
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """``augmentation``: training-image augmentation (:mod:`mgll.data.transforms`; 0 = off)."""
+
+    hflip: float = _AUG["hflip"]  # probability
+    vflip: float = _AUG["vflip"]
+    rotation: float = _AUG["rotation"]  # degrees, +-
+    brightness: float = _AUG["brightness"]  # colour jitter strengths
+    contrast: float = _AUG["contrast"]
+    saturation: float = _AUG["saturation"]
+    hue: float = _AUG["hue"]
+    crop_scale: float = _AUG["crop_scale"]  # random crop: smallest area share kept; 0 = off
+
+    @classmethod
+    def off(cls) -> Augmentation:
+        """No augmentation at all (``--no-augmentation``)."""
+        return cls(**{f.name: 0.0 for f in dataclasses.fields(cls)})
+
+
+@dataclass(frozen=True)
+class FineTuneConfig:
+    """The settings of a fine-tuning run (``mgll finetune --config FILE.yaml key=value``)."""
+
+    epochs: int = 50
+    batch_size: int = 32  # samples per optimizer step, all processes together
+    lr: float = 1.25e-4  # peak lr, per step: linear warm-up then half cosine to 0
+    weight_decay: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    grad_clip: float | None = None  # max global gradient norm; null = off
+    warmup_epochs: float = 1.0
+    layer_decay: float | None = None  # layer-wise lr decay of a ViT, e.g. 0.75; null = off
+    augmentation: Augmentation = field(default_factory=Augmentation)
+    head: Literal["features", "projected"] = "features"  # what the linear head reads
+    select_by: Literal["auc_macro", "accuracy"] = "auc_macro"  # the validation epoch kept
+
+    def __post_init__(self) -> None:
+        for key in ("epochs", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if len(self.betas) != 2:
+            raise ConfigError(f"betas must be two numbers, got {self.betas!r}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ConfigError(f"grad_clip must be > 0 or null, got {self.grad_clip}")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise ConfigError(f"layer_decay must be in (0, 1] or null, got {self.layer_decay}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | FineTuneConfig | None) -> FineTuneConfig:
+        """The typed settings of a plain mapping (a YAML file, a recipe)."""
+        return from_mapping(cls, data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plain nested dict (what checkpoints and results.json record)."""
+        return to_dict(self)
+
+
+def load_finetune_config(
+    path: str | Path | None = None, overrides: Sequence[tuple[str, Any]] = ()
+) -> FineTuneConfig:
+    """The settings of a YAML file (or the defaults), then ``(dotted key, value)`` overrides."""
+    from mgll.training.config import read_yaml
+
+    raw: dict[str, Any] = {}
+    if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError(f"--config: {path} does not exist")
+        raw = read_yaml(Path(path))
+    for key, value in overrides:
+        set_dotted(raw, key, value)
+    try:
+        return FineTuneConfig.from_dict(raw)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}" if path else str(err)) from err
 
 
 class FineTuneModel(nn.Module):
-    """The encoder's tower and a linear head on its pre-projection features."""
+    """The encoder's tower and a linear head on its pre-projection features (``features``) or
+    on its projected image-text embedding (``projected``, the authors' choice)."""
 
-    def __init__(self, encoder: Any, n_classes: int) -> None:
+    def __init__(self, encoder: Any, n_classes: int, head: str = "features") -> None:
         super().__init__()
         self.encoder = encoder
-        self.head = nn.Linear(encoder.feature_dim, n_classes)
+        self.projected = head == "projected"
+        width = encoder.embed_dim if self.projected else encoder.feature_dim
+        self.head = nn.Linear(width, n_classes)
         proj = getattr(encoder.tower, "proj", None)
-        if isinstance(proj, nn.Parameter):
+        if isinstance(proj, nn.Parameter) and not self.projected:
             proj.requires_grad_(False)  # not used by the pre-projection features
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder.encode(images))
+        return self.head(self.encoder.encode(images, projected=self.projected))
 
 
 def _layer_of(name: str, depth: int) -> int:
@@ -75,8 +160,6 @@ def _layer_of(name: str, depth: int) -> int:
 def parameter_groups(model: FineTuneModel, weight_decay: float, layer_decay: float | None):
     """AdamW groups: the pretraining engine's decay / no-decay split, each scaled per layer
     (``lr_scale``) when ``layer_decay`` is set."""
-    from mgll.training.optim import parameter_groups as decay_groups
-
     groups = decay_groups(model, weight_decay)
     if not layer_decay:
         for group in groups:
@@ -115,6 +198,10 @@ class _LabelledImages(torch.utils.data.Dataset):
         j = item["index"]  # the replacement's label when an image could not be read
         return item["image"], self.y[j], index
 
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the images' random draws belong to (the engine's SeededSamples)."""
+        self.images.set_epoch(epoch)
+
 
 def _datasets(encoder: Any, data: Any, augmentation: Any, seed: int) -> dict[str, Any]:
     from mgll.data.cache import PreprocessCache, default_cache_dir
@@ -141,14 +228,6 @@ def _datasets(encoder: Any, data: Any, augmentation: Any, seed: int) -> dict[str
     return out
 
 
-def _loss(task_type: str) -> nn.Module:
-    return nn.BCEWithLogitsLoss() if task_type == "multilabel" else nn.CrossEntropyLoss()
-
-
-def _target(y: torch.Tensor, task_type: str) -> torch.Tensor:
-    return y if task_type == "multilabel" else y.argmax(1)
-
-
 def _scores(logits: torch.Tensor, task_type: str) -> torch.Tensor:
     return logits.sigmoid() if task_type == "multilabel" else logits.softmax(1)
 
@@ -169,197 +248,171 @@ def predict(
     return torch.cat(out).numpy() if out else np.zeros((0, 0))
 
 
+@dataclass
+class FineTuneRun:
+    """What :func:`build` makes: the model, the three splits, the engine's task."""
+
+    model: FineTuneModel
+    datasets: dict[str, Any]
+    task: SupervisedTask
+    criterion: str
+
+
+def _rank_by(select_by: str, auc_defined: bool):
+    """The tuple an epoch is kept by: validation accuracy alone (the authors'), or macro AUC
+    with accuracy breaking ties (accuracy alone when no validation class has both labels)."""
+    if select_by == "accuracy":
+        return lambda row: (row["val_accuracy"],), "validation accuracy"
+
+    def by_auc(row: Mapping[str, Any]) -> tuple[float, ...]:
+        auc = row.get("val_auc_macro")
+        return (auc if auc is not None else -1.0, row["val_accuracy"])
+
+    return by_auc, "validation macro AUC" if auc_defined else "validation accuracy"
+
+
+def build(
+    encoder: Any, data: Any, cfg: FineTuneConfig, options: EvalOptions, device: torch.device
+) -> FineTuneRun:
+    """Model (tower + head), datasets, AdamW, the loss and the validation of a run."""
+    task = data.task
+    model = FineTuneModel(encoder, len(task.classes), cfg.head).to(device)
+    datasets = _datasets(encoder, data, to_dict(cfg.augmentation), options.seed)
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, cfg.weight_decay, cfg.layer_decay),
+        lr=cfg.lr,
+        betas=(cfg.betas[0], cfg.betas[1]),
+        eps=cfg.eps,
+    )
+    loss_fn = nn.BCEWithLogitsLoss() if task.type == "multilabel" else nn.CrossEntropyLoss()
+
+    def loss(net: nn.Module, batch: Any) -> torch.Tensor:
+        images, y, _ = batch
+        target = y if task.type == "multilabel" else y.argmax(1)
+        return loss_fn(net(images).float(), target)
+
+    val_y = data.y[data.rows["val"]].astype(int)
+    present = [c for c in range(val_y.shape[1]) if 0 < val_y[:, c].sum() < len(val_y)]
+
+    def validate(net: nn.Module, precision: Any) -> dict[str, Any]:
+        scores = predict(
+            net, datasets["val"], task.type, precision, options.batch_size, options.num_workers
+        )
+        m = classification_metrics(
+            val_y, scores, task.type, classes=task.classes, macro_classes=present
+        )
+        return {
+            "val_auc_macro": m["auc_macro"] if present else None,
+            "val_accuracy": m["accuracy"],
+        }
+
+    rank, criterion = _rank_by(cfg.select_by, bool(present))
+    config = {
+        "protocol": "finetune",
+        "encoder": encoder.name,  # what a fine-tuning folder as --encoder starts from
+        **cfg.to_dict(),
+        "precision": options.precision,
+        "seed": options.seed,
+    }
+    engine_task = SupervisedTask(
+        model=model,
+        train_set=datasets["train"],
+        loss=loss,
+        validate=validate,
+        rank=rank,
+        optimizer=optimizer,
+        config=config,
+    )
+    return FineTuneRun(model, datasets, engine_task, criterion)
+
+
 def fine_tune(
     encoder: Any,
     data: Any,
     output_dir: str | Path,
     options: EvalOptions = DEFAULT_OPTIONS,
-    *,
-    epochs: int = DEFAULTS["epochs"],
-    batch_size: int = DEFAULTS["batch_size"],
-    lr: float = DEFAULTS["lr"],
-    weight_decay: float = DEFAULTS["weight_decay"],
-    layer_decay: float | None = None,
-    augmentation: Any = None,
-    resume: bool = False,
-) -> dict[str, Any]:
+    cfg: FineTuneConfig | Mapping[str, Any] | None = None,
+    resume: str | Path | None = None,
+) -> dict[str, Any] | None:
     """Fine-tune ``encoder`` (an :class:`~mgll.eval.encoders.Encoder` or a spec) with a linear
-    head on ``data``; writes the output folder (probe layout plus ``checkpoints/`` and
-    ``best.safetensors``) and returns results.json's dict (None on ranks other than 0).
-    ``batch_size`` is the training batch (the recipe's); ``options.batch_size`` batches the
-    scoring of the validation and test images."""
-    from safetensors.torch import load_model as load_safetensors
-    from safetensors.torch import save_model as save_safetensors
-
-    from mgll.distributed import barrier, init_distributed
+    head on ``data`` with the settings ``cfg``; write the output folder (probe layout plus
+    ``checkpoints/`` and ``best.safetensors``) and return results.json's dict (None on ranks
+    other than 0). ``resume``: ``latest`` or a checkpoint path. ``options.batch_size`` batches
+    the scoring of the validation and test images; ``cfg.batch_size`` is the training batch."""
     from mgll.eval.encoders import load_encoder
-    from mgll.eval.results import write_classification_outputs
-    from mgll.io import atomic_write
-    from mgll.metrics import classification_metrics
     from mgll.process import seed_everything
-    from mgll.training import checkpoint as ckpt
-    from mgll.training.optim import lr_at
-    from mgll.training.step import Precision, optimizer_step
 
-    seed, precision, num_workers = options.seed, options.precision, options.num_workers
-    progress, scoring_batch = options.progress, options.batch_size
-    info, dev = init_distributed(options.device)
+    cfg = FineTuneConfig.from_dict(cfg)
     if isinstance(encoder, (str, Path)):
         encoder = load_encoder(encoder)
-    out = Path(output_dir)
-    task = data.task
     if len(data.rows["val"]) == 0:
         raise TaskError("the validation split is empty: fine-tuning picks its epoch on it")
-    seed_everything(seed)
-    model = FineTuneModel(encoder, len(task.classes)).to(dev)
-    datasets = _datasets(encoder, data, augmentation, seed)
-    sampler = (
-        torch.utils.data.DistributedSampler(datasets["train"], seed=seed, drop_last=False)
-        if info.enabled
-        else torch.utils.data.RandomSampler(
-            datasets["train"], generator=torch.Generator().manual_seed(seed)
+    with run_scope(output_dir, options.device, resume) as scope:
+        seed_everything(options.seed)
+        run = build(encoder, data, cfg, options, scope.device)
+        settings = EpochSettings(
+            epochs=cfg.epochs,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            warmup_epochs=cfg.warmup_epochs,
+            grad_clip=cfg.grad_clip,
+            precision=options.precision,
+            seed=options.seed,
+            num_workers=options.num_workers,
+            kind="finetune",
+            progress=options.progress,
         )
-    )
-    loader = torch.utils.data.DataLoader(
-        datasets["train"],
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=num_workers,
-        drop_last=False,
-        pin_memory=dev.type == "cuda",
-    )
-    groups = parameter_groups(model, weight_decay, layer_decay)
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=DEFAULTS["betas"], eps=DEFAULTS["eps"])
-    amp = Precision(precision, dev)
-    train_model: nn.Module = model
-    if info.enabled:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[dev.index] if dev.type == "cuda" else None
-        )
-    steps_per_epoch = max(1, len(loader))
-    total_steps = epochs * steps_per_epoch
-    warmup = int(DEFAULTS["warmup_epochs"] * steps_per_epoch)
-    config = {
-        "protocol": "finetune",
-        "encoder": encoder.name,
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "lr": lr,
-        "weight_decay": weight_decay,
-        "layer_decay": layer_decay,
-        "precision": precision,
-        "seed": seed,
-        "world_size": info.world_size,
-    }
-    start_epoch, best = 0, {"epoch": -1, "val_auc_macro": -math.inf, "val_accuracy": -math.inf}
-    history: list[dict[str, Any]] = []
-    checkpoints = out / ckpt.CHECKPOINT_SUBDIR
-    out.mkdir(parents=True, exist_ok=True)
-    if resume:
-        if not ckpt.list_checkpoints(checkpoints):
-            raise ckpt.CheckpointError(
-                f"--resume: no complete checkpoint in {checkpoints}; drop --resume to start anew"
-            )
-        weights = ckpt.resolve_checkpoint(checkpoints)
-        ckpt.load_weights(model, weights)
-        state = ckpt.load_state(weights)
-        optimizer.load_state_dict(state["optimizer"])
-        amp.scaler.load_state_dict(state["scaler"])
-        ckpt.restore_rng_state(state["rng"])
-        start_epoch, best, history = state["epoch"], state["best"], state["history"]
-    loss_fn = _loss(task.type)
-    val_y = data.y[data.rows["val"]].astype(int)
-    present = [c for c in range(val_y.shape[1]) if 0 < val_y[:, c].sum() < len(val_y)]
-    started = time.perf_counter()
-    for epoch in range(start_epoch, epochs):
-        if info.enabled:
-            sampler.set_epoch(epoch)
-        else:  # the order of an epoch depends on (seed, epoch) only, so a resume replays it
-            sampler.generator.manual_seed(seed * 100_003 + epoch)
-        train_model.train()
-        datasets["train"].images.set_epoch(epoch)
-        running, seen = 0.0, 0
-        batches = loader
-        if progress and info.is_main:
-            from tqdm.auto import tqdm
+        result = fit(scope, run.task, settings)
+        if not scope.info.is_main:
+            return None
+        return score(run, result, scope, data, options)
 
-            batches = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, disable=None)
-        for i, (images, y, _) in enumerate(batches):
-            step = epoch * steps_per_epoch + i
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, lr, 0.0, warmup, total_steps) * group["lr_scale"]
-            with amp.autocast():
-                logits = train_model(images.to(dev, non_blocking=True))
-            loss = loss_fn(logits.float(), _target(y.to(dev), task.type))
-            amp.scaler.scale(loss).backward()
-            optimizer_step(optimizer, amp, list(model.parameters()), DEFAULTS["grad_clip"])
-            running += float(loss.detach()) * len(images)
-            seen += len(images)
-        row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": running / max(seen, 1)}
-        if info.is_main:
-            val_scores = predict(model, datasets["val"], task.type, amp, scoring_batch, num_workers)
-            m = classification_metrics(
-                val_y, val_scores, task.type, classes=task.classes, macro_classes=present
-            )
-            row["val_auc_macro"] = m["auc_macro"] if present else None
-            row["val_accuracy"] = m["accuracy"]
-            key = (row["val_auc_macro"] if present else -1.0, m["accuracy"])
-            if key > (best["val_auc_macro"], best["val_accuracy"]):
-                best = {"epoch": epoch + 1, "val_auc_macro": key[0], "val_accuracy": key[1]}
-                atomic_write(
-                    out / "best.safetensors", lambda tmp: save_safetensors(model, str(tmp))
-                )
-            history.append(row)
-            state = {
-                "step": (epoch + 1) * steps_per_epoch,
-                "epoch": epoch + 1,
-                "epoch_step": 0,
-                "optimizer": optimizer.state_dict(),
-                "scaler": amp.scaler.state_dict(),
-                "rng": ckpt.capture_rng_state(),
-                "config": config,
-                "best": best,
-                "history": history,
-            }
-            ckpt.save_checkpoint(
-                checkpoints,
-                (epoch + 1) * steps_per_epoch,
-                model,
-                state,
-                config,
-                keep_last=1,
-                kind="finetune",
-            )
-        barrier()
-    if not info.is_main:
-        return None
-    load_safetensors(model, str(out / "best.safetensors"))
+
+def score(
+    run: FineTuneRun, result: EpochResult, scope: RunScope, data: Any, options: EvalOptions
+) -> dict[str, Any]:
+    """Score validation and test once with the best epoch's weights; write the outputs."""
+    from safetensors.torch import load_model
+
+    from mgll.eval.results import write_classification_outputs
+    from mgll.training.step import Precision
+
+    load_model(run.model, str(result.best_weights))
+    precision = Precision(options.precision, scope.device)  # type: ignore[arg-type]
     scores = {
-        split: predict(model, datasets[split], task.type, amp, scoring_batch, num_workers)
+        split: predict(
+            run.model,
+            run.datasets[split],
+            data.task.type,
+            precision,
+            options.batch_size,
+            options.num_workers,
+        )
         for split in ("val", "test")
     }
     details = {
-        **config,
-        "best_epoch": best["epoch"],
-        "criterion": "validation macro AUC" if present else "validation accuracy",
-        "history": history,
-        "train_seconds": round(time.perf_counter() - started, 3),
+        **run.task.config,
+        "world_size": scope.info.world_size,
+        "best_epoch": result.best_epoch,
+        "criterion": run.criterion,
+        "history": result.history,
+        "train_seconds": result.seconds,
         "n_train": len(data.rows["train"]),
         "n_val": len(data.rows["val"]),
     }
     return write_classification_outputs(
-        out,
+        scope.output_dir,
         data,
         data.rows["test"],
         scores["test"],
         val_rows=data.rows["val"],
         val_scores=scores["val"],
         protocol="finetune",
-        encoder=encoder.describe(),
+        encoder=run.model.encoder.describe(),
         details=details,
-        seed=seed,
+        seed=options.seed,
         n_resamples=options.n_resamples,
-        progress=progress,
+        progress=options.progress,
     )
 
 
@@ -370,9 +423,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "finetune",
         help="full fine-tuning of an encoder with a linear head",
-        description="Full fine-tuning (the authors' recipe: 50 epochs, lr 1.25e-4, weight decay "
-        "1e-3, flips/rotation/colour jitter, best validation epoch, test once). Runs under "
-        "torchrun for several GPUs.",
+        description="Full fine-tuning: 50 epochs, lr 1.25e-4, weight decay 1e-3, "
+        "flips/rotation/jitter, best validation epoch, test once. Settings: --config FILE.yaml "
+        "and key=value overrides (keys of FineTuneConfig, e.g. betas=[0.9,0.95] grad_clip=10 "
+        "head=projected augmentation.rotation=30; docs/evaluation.md), then the flags below. "
+        "Ctrl-C (or SIGTERM) stops after the current step with a checkpoint; continue with "
+        "--resume. Runs under torchrun for several GPUs.",
     )
     parser.add_argument(
         "--encoder",
@@ -382,52 +438,67 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_task_arguments(parser)
     add_run_arguments(parser)
-    parser.set_defaults(batch_size=DEFAULTS["batch_size"])
-    parser.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="epochs (50)")
-    parser.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="peak lr (1.25e-4)")
+    parser.set_defaults(batch_size=None)
+    parser.add_argument("--config", metavar="FILE.yaml", help="fine-tuning settings (YAML)")
+    parser.add_argument("--epochs", type=int, help="epochs (50)")
+    parser.add_argument("--lr", type=float, help="peak lr (1.25e-4)")
+    parser.add_argument("--weight-decay", type=float, help="AdamW (1e-3)")
+    parser.add_argument("--layer-decay", type=float, help="layer-wise lr decay, e.g. 0.75 (off)")
     parser.add_argument(
-        "--weight-decay", type=float, default=DEFAULTS["weight_decay"], help="AdamW (1e-3)"
+        "--no-augmentation", action="store_true", help="train without flips/rotation/jitter/crop"
     )
     parser.add_argument(
-        "--layer-decay", type=float, help="layer-wise lr decay factor, e.g. 0.75 (default off)"
+        "--resume",
+        nargs="?",
+        const="latest",
+        metavar="latest|PATH",
+        help="continue from the newest checkpoint in --output-dir (--resume alone) or a file",
     )
-    parser.add_argument(
-        "--no-augmentation", action="store_true", help="train without flips/rotation/jitter"
-    )
-    parser.add_argument(
-        "--resume", action="store_true", help="continue from OUT/checkpoints (newest)"
-    )
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="settings overrides")
     parser.set_defaults(func=run)
+
+
+def _flag_overrides(args: argparse.Namespace) -> list[tuple[str, Any]]:
+    """The settings the command's flags give (they win over --config and key=value)."""
+    flags = {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "layer_decay": args.layer_decay,
+    }
+    pairs = [(key, value) for key, value in flags.items() if value is not None]
+    if args.no_augmentation:
+        pairs.append(("augmentation", to_dict(Augmentation.off())))
+    return pairs
 
 
 def run(args: argparse.Namespace) -> int:
     """``mgll finetune``."""
-    from mgll.eval.cli import run_safely
+    from mgll.eval.cli import eval_options, load_task, run_safely
+    from mgll.eval.encoders import load_encoder
+    from mgll.eval.probe import format_metrics
+    from mgll.training.config import parse_overrides
 
     def body() -> int:
-        from mgll.eval.cli import eval_options, load_task
-        from mgll.eval.encoders import load_encoder
-        from mgll.eval.probe import format_metrics
-
-        options = eval_options(args)
+        pairs = parse_overrides(args.overrides) + _flag_overrides(args)
+        cfg = load_finetune_config(args.config, pairs)
+        scoring = argparse.Namespace(**{**vars(args), "batch_size": cfg.batch_size})
+        options = eval_options(scoring)
         encoder = load_encoder(args.encoder)
         data = load_task(args, encoder.run_config)
-        results = fine_tune(
-            encoder,
-            data,
-            args.output_dir,
-            options,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            weight_decay=args.weight_decay,
-            layer_decay=args.layer_decay,
-            augmentation=False if args.no_augmentation else None,
-            resume=args.resume,
-        )
+        results = fine_tune(encoder, data, args.output_dir, options, cfg, resume=args.resume)
         if results is not None:
             print(format_metrics(results))
             print(f"wrote {args.output_dir}")
         return 0
 
-    return run_safely("finetune", body)
+    try:
+        return run_safely("finetune", body)
+    except KeyboardInterrupt:  # the second Ctrl-C: no checkpoint at this step
+        print(
+            "mgll finetune: stopped at once (second Ctrl-C); the checkpoints written so far "
+            "are intact: continue with --resume latest",
+            file=sys.stderr,
+        )
+        return 130

@@ -1,17 +1,10 @@
-"""Segmentation data: image/mask samples, their sources, a patient-level split and a mask cache.
+"""Segmentation data: image/mask samples, a patient-level split and a mask cache.
 
 A :class:`SegSample` is an image, its patient and, per class, the mask files whose union is that
 class (no file = the class is absent from the image, a true negative). A mask file either marks
 foreground with any non-black pixel (``value=None``, e.g. the RGBA masks of covid-cxr-seg) or
-holds label values (``value=k`` selects the pixels equal to k, e.g. an index map).
-
-Sources (``--data``):
-
-- ``covid-cxr-seg``: the COVID chest X-ray segmentations (``structure.csv`` + ``metadata.csv``);
-  classes are groups of its annotation templates (:data:`COVID_SEG_CLASSES`);
-- ``folder``: ``images/NAME.*`` with ``masks/NAME.*`` (binary, or label values 1..K = class k);
-- ``table``: a CSV with columns ``image``, ``mask`` and optionally ``class`` and ``patient_id``,
-  one row per mask file (paths relative to the CSV's folder).
+holds label values (``value=k`` selects the pixels equal to k, e.g. an index map). The formats
+that produce samples are the registry of :mod:`mgll.segmentation.sources`.
 
 Images go through the preprocessing cache of pretraining (bicubic); masks are resized with
 nearest neighbour onto the same square geometry and cached beside them.
@@ -21,14 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
-import pandas as pd
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
@@ -41,27 +32,6 @@ from mgll.errors import UserError
 from mgll.io import atomic_write
 
 MASK_CACHE_VERSION = 1
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-
-# covid-cxr-seg: class name -> annotation templates ("Template Name" in structure.csv) joined.
-COVID_SEG_CLASSES: dict[str, tuple[str, ...]] = {
-    "lungs": ("Left Lung", "Right Lung"),
-    "ground_glass_opacity": ("Ground Glass Opacities",),
-    "consolidation": ("Consolidation",),
-    "cardiomediastinum": ("Cardiomediastinum",),
-    "airways": ("Airways",),
-    "pleural_effusion": ("Pleural Effusion",),
-    "pneumothorax": ("Pneumothorax",),
-    "tubes_and_lines": (
-        "Tubings",
-        "Endotracheal Tube",
-        "Central Venous Line",
-        "Nosogastric Tube",
-    ),
-}
-# The anatomy that frames the disease plus the two COVID findings the paper's masks are about;
-# the rarer ones (2 effusions, 1 pneumothorax) cannot be learnt or measured from 100 images.
-DEFAULT_COVID_SEG_CLASSES = ("lungs", "ground_glass_opacity", "consolidation")
 
 
 class SegDataError(UserError, ValueError):
@@ -92,136 +62,7 @@ class SegSource:
     samples: list[SegSample]
     classes: list[str]
     folder: Path
-
-
-# ---------------------------------------------------------------------------------------------
-# Sources
-
-
-def load_covid_cxr_seg(folder: Path, classes: Sequence[str] | None = None) -> SegSource:
-    """The covid-cxr-seg dataset: structure.csv masks grouped into ``classes``."""
-    classes = list(classes or DEFAULT_COVID_SEG_CLASSES)
-    unknown = [c for c in classes if c not in COVID_SEG_CLASSES]
-    if unknown:
-        raise SegDataError(
-            f"--classes: {unknown} are not covid-cxr-seg classes; choose from "
-            f"{sorted(COVID_SEG_CLASSES)}"
-        )
-    structure_file, metadata_file = folder / "structure.csv", folder / "metadata.csv"
-    for needed in (structure_file, metadata_file):
-        if not needed.is_file():
-            raise SegDataError(f"{needed}: missing; is {folder} the covid-cxr-seg folder?")
-    structure = pd.read_csv(structure_file, dtype=str, keep_default_na=False)
-    metadata = pd.read_csv(metadata_file, dtype=str, keep_default_na=False)
-    for frame, path, columns in (
-        (structure, structure_file, ("Filename", "Mask", "Template Name")),
-        (metadata, metadata_file, ("filename", "patientid")),
-    ):
-        missing = [c for c in columns if c not in frame.columns]
-        if missing:
-            raise SegDataError(f"{path}: missing column(s) {missing}")
-    patients = dict(zip(metadata["filename"], metadata["patientid"], strict=True))
-    class_of = {t: k for k, c in enumerate(classes) for t in COVID_SEG_CLASSES[c]}
-    samples: dict[str, SegSample] = {}
-    for filename in dict.fromkeys(structure["Filename"]):
-        patient = patients.get(filename) or f"image:{filename}"
-        samples[filename] = SegSample(folder / "images" / filename, patient, [[] for _ in classes])
-    for row in structure.to_dict("records"):
-        mask = row["Mask"].strip()
-        k = class_of.get(row["Template Name"].strip())
-        if mask and k is not None:  # an empty Mask is an image-level tag (Monitoring Probes)
-            samples[row["Filename"]].masks[k].append(MaskRef(folder / mask))
-    return SegSource(list(samples.values()), classes, folder)
-
-
-def _find_image(folder: Path, stem: str) -> Path | None:
-    for suffix in IMAGE_SUFFIXES:
-        for candidate in (folder / f"{stem}{suffix}", folder / f"{stem}{suffix.upper()}"):
-            if candidate.is_file():
-                return candidate
-    return None
-
-
-def load_mask_folder(folder: Path, classes: Sequence[str] | None = None) -> SegSource:
-    """``images/`` and ``masks/`` with matching names; mask value k (1..K) is class k.
-
-    One class (the default, ``foreground``): any non-zero pixel. K classes: label values 1..K.
-    """
-    classes = list(classes or ["foreground"])
-    images_dir, masks_dir = folder / "images", folder / "masks"
-    for needed in (images_dir, masks_dir):
-        if not needed.is_dir():
-            raise SegDataError(
-                f"{needed}: missing; the folder form needs images/ and masks/ with the same "
-                "file names (stems)"
-            )
-    samples = []
-    no_mask = []
-    for image in sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-        mask = _find_image(masks_dir, image.stem)
-        if mask is None:
-            no_mask.append(image.name)
-            continue
-        values = [None] if len(classes) == 1 else list(range(1, len(classes) + 1))
-        masks = [[MaskRef(mask, v)] for v in values]
-        samples.append(SegSample(image, f"image:{image.name}", masks))
-    if no_mask:
-        warnings.warn(
-            f"{len(no_mask)} image(s) in {images_dir} have no mask in {masks_dir} (skipped): "
-            f"{no_mask[:5]}",
-            stacklevel=2,
-        )
-    return SegSource(samples, classes, folder)
-
-
-def load_mask_table(table: Path, classes: Sequence[str] | None = None) -> SegSource:
-    """A CSV with ``image``, ``mask`` and optional ``class``, ``patient_id`` (one row per mask)."""
-    frame = pd.read_csv(table, dtype=str, keep_default_na=False)
-    missing = [c for c in ("image", "mask") if c not in frame.columns]
-    if missing:
-        raise SegDataError(f"{table}: missing column(s) {missing}; needs image and mask")
-    has_class = "class" in frame.columns
-    found = list(dict.fromkeys(frame["class"])) if has_class else ["foreground"]
-    classes = list(classes or found)
-    base = table.parent
-    samples: dict[str, SegSample] = {}
-    for row_number, row in enumerate(frame.to_dict("records"), start=2):
-        name = str(row["class"]) if has_class else "foreground"
-        if name not in classes:
-            if name not in found:
-                raise SegDataError(f"{table} row {row_number}: class {name!r} unknown")
-            continue
-        if not row["image"] or not row["mask"]:
-            raise SegDataError(f"{table} row {row_number}: empty image or mask path")
-        image = base / row["image"]
-        patient = str(row.get("patient_id") or "") or f"image:{row['image']}"
-        sample = samples.setdefault(str(image), SegSample(image, patient, [[] for _ in classes]))
-        sample.masks[classes.index(name)].append(MaskRef(base / row["mask"]))
-    unknown = [c for c in classes if c not in found]
-    if unknown:
-        raise SegDataError(f"--classes: {unknown} not in {table} (classes there: {found})")
-    return SegSource(list(samples.values()), classes, base)
-
-
-SOURCES = ("covid-cxr-seg", "folder", "table")
-
-
-def load_seg_source(
-    source: str, path: str | Path, classes: Sequence[str] | None = None
-) -> SegSource:
-    """Samples of ``source`` (see :data:`SOURCES`) at ``path``."""
-    path = Path(path)
-    if not path.exists():
-        raise SegDataError(f"--data-root: {path} does not exist")
-    if source == "covid-cxr-seg":
-        return load_covid_cxr_seg(path, classes)
-    if source == "folder":
-        return load_mask_folder(path, classes)
-    if source == "table":
-        if not path.is_file():
-            raise SegDataError(f"{path}: the table form needs a CSV file")
-        return load_mask_table(path, classes)
-    raise SegDataError(f"--data: {source!r} is not one of {SOURCES}")
+    format: str = ""  # the registry entry that read it (mgll.segmentation.sources)
 
 
 # ---------------------------------------------------------------------------------------------

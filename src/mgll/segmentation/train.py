@@ -18,15 +18,18 @@ import copy
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
+from mgll.eval.options import resolve_device
 from mgll.io import atomic_write
+from mgll.segmentation.config import SegmentationConfig
 from mgll.segmentation.data import SegDataset, SegSample
 
 PALETTE = np.array(
@@ -45,21 +48,12 @@ PALETTE = np.array(
 
 
 @dataclass
-class SegConfig:
-    """Training settings of ``mgll segment`` (recorded in results.json)."""
+class FitResult:
+    """What :func:`fit` returns: the per-epoch history, the epoch kept and its weights."""
 
-    epochs: int = 30
-    batch_size: int = 8
-    lr: float = 1e-3
-    encoder_lr: float = 1e-4
-    freeze_encoder: bool = False
-    weight_decay: float = 1e-4
-    feature_size: int = 16
-    seed: int = 0
-    resize: str = "pad"
-    split: dict[str, float] = field(default_factory=lambda: {"train": 0.6, "val": 0.1, "test": 0.3})
-    bootstrap: int = 1000
-    device: str = "cpu"
+    history: list[dict[str, float]]
+    best_epoch: int
+    best_state: dict[str, torch.Tensor] | None
 
 
 def per_image_scores(logits: torch.Tensor, target: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -112,17 +106,23 @@ def summarize_scores(
     return out
 
 
-def _loader(dataset: SegDataset, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
+def _loader(
+    dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0
+) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
+    return DataLoader(
+        dataset, batch_size, shuffle=shuffle, generator=generator, num_workers=num_workers
+    )
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, dataset: SegDataset, batch_size: int, device: str):
+def predict(
+    model: torch.nn.Module, dataset: Dataset, batch_size: int, device: str, num_workers: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and targets of every sample, in order."""
     model.eval()
     logits, targets = [], []
-    for images, target in _loader(dataset, batch_size, False, 0):
+    for images, target in _loader(dataset, batch_size, False, 0, num_workers):
         logits.append(model(images.to(device)).cpu())
         targets.append(target)
     return torch.cat(logits), torch.cat(targets)
@@ -130,17 +130,18 @@ def predict(model: torch.nn.Module, dataset: SegDataset, batch_size: int, device
 
 def fit(
     model: torch.nn.Module,
-    train: SegDataset,
-    val: SegDataset,
-    config: SegConfig,
-    log: Any = print,
-) -> tuple[list[dict[str, float]], int]:
-    """Train with DiceCELoss; keep the weights of the best validation mean Dice (in ``model``).
-
-    Returns the per-epoch history and the chosen epoch.
+    datasets: Mapping[str, Dataset],
+    config: SegmentationConfig,
+    log: Callable[[str], Any] = print,
+) -> FitResult:
+    """Train on ``datasets["train"]`` with DiceCELoss, validating on ``datasets["val"]`` (absent or
+    empty: the last epoch is kept); the weights of the best validation mean Dice are
+    loaded back into ``model`` and returned with the history.
     """
     from monai.losses import DiceCELoss
 
+    train, val = datasets["train"], datasets.get("val", ())
+    device, workers = resolve_device(config.device), config.num_workers
     loss_fn = DiceCELoss(sigmoid=True)
     optimizer = torch.optim.AdamW(
         model.param_groups(config.lr, config.encoder_lr), weight_decay=config.weight_decay
@@ -157,8 +158,8 @@ def fit(
     for epoch in range(config.epochs):
         model.train()
         started, total, count = time.perf_counter(), 0.0, 0
-        for images, target in _loader(train, config.batch_size, True, config.seed + epoch):
-            images, target = images.to(config.device), target.to(config.device)
+        for images, target in _loader(train, config.batch_size, True, config.seed + epoch, workers):
+            images, target = images.to(device), target.to(device)
             loss = loss_fn(model(images), target)
             optimizer.zero_grad()
             loss.backward()
@@ -168,7 +169,7 @@ def fit(
             count += len(images)
         row = {"epoch": epoch + 1, "train_loss": total / max(count, 1)}
         if len(val):
-            logits, targets = predict(model, val, config.batch_size, config.device)
+            logits, targets = predict(model, val, config.batch_size, device, workers)
             row["val_loss"] = float(loss_fn(logits, targets))
             dice, _ = per_image_scores(logits, targets)
             means = _class_means(dice)
@@ -186,7 +187,7 @@ def fit(
             best_state = copy.deepcopy(model.state_dict())
     if best_state is not None:
         model.load_state_dict(best_state)
-    return history, best_epoch
+    return FitResult(history, best_epoch, best_state)
 
 
 def _stem(sample: SegSample, index: int) -> str:
@@ -266,8 +267,3 @@ def plot_curve(path: Path, history: list[dict[str, float]], best_epoch: int) -> 
 def write_results(path: Path, results: dict[str, Any]) -> None:
     """results.json, written atomically."""
     atomic_write(path, lambda p: p.write_text(json.dumps(results, indent=2) + "\n"))
-
-
-def config_dict(config: SegConfig) -> dict[str, Any]:
-    """The settings as plain JSON."""
-    return asdict(config)

@@ -264,7 +264,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
 
 def _source_text(name_or_path: str) -> tuple[dict[str, Any], str]:
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    if path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         return read_yaml(path), str(path)

@@ -29,7 +29,9 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int, int]]]):
     """Yields this rank's share of each global batch as ``(index, epoch, sample_seed)`` keys.
 
     Incomplete last global batches are dropped, so every step has the full contrastive batch
-    and every rank the same number of steps. With ``weights`` (one per sample) an epoch is
+    and every rank the same number of steps; with ``drop_last=False`` (supervised training of
+    small sets) the last one is kept, padded from the epoch's start to a multiple of the
+    ranks, as ``DistributedSampler`` pads. With ``weights`` (one per sample) an epoch is
     ``num_samples`` draws with replacement in those proportions, from the same (seed, epoch)
     generator, so weighted runs resume and scale across ranks alike.
     """
@@ -43,6 +45,7 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int, int]]]):
         seed: int = 0,
         shuffle: bool = True,
         weights: Sequence[float] | None = None,
+        drop_last: bool = True,
     ) -> None:
         if weights is not None and len(weights) != num_samples:
             raise ValueError(f"{len(weights)} sampling weights for {num_samples} samples")
@@ -51,7 +54,7 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int, int]]]):
                 f"train.batch_size ({global_batch}) must be divisible by the number of "
                 f"processes ({world_size})"
             )
-        if num_samples < global_batch:
+        if drop_last and num_samples < global_batch:
             raise ValueError(
                 f"the training set has {num_samples} samples, fewer than one batch "
                 f"(train.batch_size={global_batch}); lower train.batch_size"
@@ -60,6 +63,8 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int, int]]]):
         self.global_batch = global_batch
         self.local_batch = global_batch // world_size
         self.rank = rank
+        self.world_size = world_size
+        self.drop_last = drop_last
         self.seed = seed
         self.shuffle = shuffle
         self.weights = torch.tensor(weights, dtype=torch.float64) if weights is not None else None
@@ -68,8 +73,10 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int, int]]]):
 
     @property
     def steps_per_epoch(self) -> int:
-        """Complete global batches per epoch (the incomplete last one is dropped)."""
-        return self.num_samples // self.global_batch
+        """Global batches per epoch (the incomplete last one counts unless dropped)."""
+        if self.drop_last:
+            return self.num_samples // self.global_batch
+        return -(-self.num_samples // self.global_batch)
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         """Select the epoch's permutation and the first step to yield (for resuming)."""
@@ -91,10 +98,13 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int, int]]]):
         else:
             order = list(range(self.num_samples))
         for step in range(self.start_step, self.steps_per_epoch):
-            first = step * self.global_batch + self.rank * self.local_batch
+            batch = order[step * self.global_batch : (step + 1) * self.global_batch]
+            if len(batch) % self.world_size:  # the kept incomplete last batch
+                batch += order[: self.world_size - len(batch) % self.world_size]
+            local = len(batch) // self.world_size
             yield [
                 (i, self.epoch, sample_seed(self.seed, self.epoch, i))
-                for i in order[first : first + self.local_batch]
+                for i in batch[self.rank * local : (self.rank + 1) * local]
             ]
 
 
