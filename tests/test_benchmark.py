@@ -20,9 +20,10 @@ from eval_fixtures import make_downstream
 from mgll.benchmark import protocols
 from mgll.benchmark.cli import run_benchmark
 from mgll.benchmark.report import write_report
+from mgll.benchmark.summary import _metric
 from mgll.benchmark.tasks import PAPER_TASKS, TaskFileError, load_task_file, resolve_tasks
 from mgll.cli import main
-from mgll.metrics import bootstrap_metrics, seed_pooled_bootstrap
+from mgll.metrics import seed_mean_interval
 
 ENCODER = "random:mgll-vit-test-32"
 PAPER_ROWS = {
@@ -88,48 +89,75 @@ def test_task_file_paths_are_relative_to_it_and_bad_files_are_named(tmp_path):
         resolve_tasks("plam")
 
 
-def test_seed_pooled_interval_is_the_patient_bootstrap_for_one_seed_and_widens_with_seeds():
+def _interval_by_hand(truth, runs, patients, n_resamples, seed, baseline=None):
+    """The seed-mean bootstrap written out with scikit-learn: per resample one draw of the
+    patients (sorted names, with replacement) for every seed, then the seeds with replacement;
+    the mean of the drawn seeds' AUC (minus the baseline's on the same seed and rows)."""
+    rng = np.random.default_rng(seed)
+    universe = sorted(set(patients))
+    rows_of = {p: [i for i, q in enumerate(patients) if q == p] for p in universe}
+    means = []
+    for _ in range(n_resamples):
+        drawn = [universe[j] for j in rng.integers(0, len(universe), size=len(universe))]
+        rows = [i for p in drawn for i in rows_of[p]]
+        values = []
+        for k in rng.integers(0, len(runs), size=len(runs)):
+            if len(set(truth[rows])) < 2:
+                values.append(np.nan)
+                continue
+            value = roc_auc_score(truth[rows], runs[k][rows])
+            if baseline is not None:
+                value -= roc_auc_score(truth[rows], baseline[k][rows])
+            values.append(value)
+        means.append(np.mean(values))
+    means = np.asarray(means)
+    return list(np.percentile(means[np.isfinite(means)], [2.5, 97.5]))
+
+
+def test_seed_mean_interval_is_the_hand_written_two_level_bootstrap():
     rng = np.random.default_rng(0)
-    truth = rng.integers(0, 2, 60)
+    truth = rng.integers(0, 2, 24)
     y = np.eye(2)[truth]
-    patients = [f"p{i // 2}" for i in range(60)]
+    patients = [f"p{i // 2}" for i in range(24)]
     good = np.clip(y + rng.normal(0, 0.4, y.shape), 0, 1)
     bad = np.clip(y + rng.normal(0, 1.5, y.shape), 0, 1)
-    one = seed_pooled_bootstrap(
-        y, [good], patients, "binary", "auc_macro", classes=["0", "1"], n_resamples=150, seed=3
-    )
-    alone = bootstrap_metrics(
-        y, good, patients, "binary", classes=["0", "1"], n_resamples=150, seed=3
-    )
-    assert one["value"] == pytest.approx(roc_auc_score(truth, good[:, 1]))
-    assert one["ci95"] == pytest.approx(alone["auc_macro"]["ci95"])
-    both = seed_pooled_bootstrap(
-        y, [good, bad], patients, "binary", "auc_macro", classes=["0", "1"], n_resamples=150
+    task = {"y": y, "classes": ["0", "1"], "task_type": "binary"}
+    both = seed_mean_interval(
+        [_metric(task, s, "auc_macro") for s in (good, bad)],
+        [patients] * 2,
+        n_resamples=60,
+        seed=3,
     )
     per_seed = [roc_auc_score(truth, s[:, 1]) for s in (good, bad)]
     assert both["value"] == pytest.approx(np.mean(per_seed))
     assert both["per_seed"] == pytest.approx(per_seed)
-    # The spread between seeds is inside the interval: it reaches both seeds' values.
-    assert both["ci95"][0] < min(per_seed) < max(per_seed) < both["ci95"][1]
-    paired = seed_pooled_bootstrap(
-        y,
-        [good, good],
-        patients,
-        "binary",
-        "auc_macro",
-        classes=["0", "1"],
-        baseline=[bad, good],
-        n_resamples=150,
+    expected = _interval_by_hand(truth, [good[:, 1], bad[:, 1]], patients, 60, 3)
+    assert both["ci95"] == pytest.approx(expected)
+    paired = seed_mean_interval(
+        [_metric(task, s, "auc_macro") for s in (good, good)],
+        [patients] * 2,
+        baseline=[_metric(task, s, "auc_macro") for s in (bad, good)],
+        n_resamples=60,
+        seed=3,
     )
-    assert paired["diff"] == pytest.approx((per_seed[0] - per_seed[1]) / 2)
-    assert paired["per_seed_diff"] == pytest.approx([per_seed[0] - per_seed[1], 0.0])
+    assert paired["value"] == pytest.approx((per_seed[0] - per_seed[1]) / 2)
+    assert paired["per_seed"] == pytest.approx([per_seed[0] - per_seed[1], 0.0])
+    assert paired["value_a"] == pytest.approx(per_seed[0])
+    assert paired["value_b"] == pytest.approx(np.mean(per_seed))
+    expected = _interval_by_hand(
+        truth, [good[:, 1], good[:, 1]], patients, 60, 3, baseline=[bad[:, 1], good[:, 1]]
+    )
+    assert paired["ci95"] == pytest.approx(expected)
 
 
-def _read_csv_scores(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+def _read_predictions(folder: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Truth, class-1 score and patient per image of a unit's predictions.csv, by image name."""
     with (folder / "predictions.csv").open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    return np.array([int(r["label:1"]) for r in rows]), np.array(
-        [float(r["score:1"]) for r in rows]
+        rows = sorted(csv.DictReader(handle), key=lambda r: r["image"])
+    return (
+        np.array([int(r["label:1"]) for r in rows]),
+        np.array([float(r["score:1"]) for r in rows]),
+        [r["patient"] for r in rows],
     )
 
 
@@ -159,13 +187,15 @@ def test_benchmark_on_a_task_file_writes_rows_comparisons_tables_and_resumes(tmp
     full = rows[("b", "probe", 1.0)]
     assert full["seeds"] == [0, 1] and full["n_test"] == 12
     assert full["results"] == ["grades/b/probe/seed-0", "grades/b/probe/seed-1"]
-    per_seed = []
+    per_seed, runs = [], []
     for folder in full["results"]:
-        truth, score = _read_csv_scores(out / folder)
+        truth, score, patients = _read_predictions(out / folder)
         per_seed.append(roc_auc_score(truth, score))
+        runs.append(score)
         assert (out / folder / "results.json").is_file()  # an ordinary mgll.eval folder
     assert full["value"] == pytest.approx(np.mean(per_seed))
-    assert full["ci95"][0] <= full["value"] <= full["ci95"][1]
+    # The interval is the seed-mean bootstrap, recomputed by hand from the written predictions.
+    assert full["ci95"] == pytest.approx(_interval_by_hand(truth, runs, patients, 50, 0), abs=1e-6)
     assert (out / "grades/a/probe/fraction-0.5/seed-0/results.json").is_file()
     # Zero-shot needs a text tower: skipped with the reason, not silently.
     zero = rows[("a", "zeroshot", 1.0)]
@@ -175,7 +205,14 @@ def test_benchmark_on_a_task_file_writes_rows_comparisons_tables_and_resumes(tmp
     )
     a_full = rows[("a", "probe", 1.0)]
     assert (pair["a"], pair["b"], pair["seeds"]) == ("a", "b", [0, 1])
-    assert pair["diff"] == pytest.approx(a_full["value"] - full["value"])
+    a_runs = [_read_predictions(out / folder)[1] for folder in a_full["results"]]
+    per_seed_diff = [
+        roc_auc_score(truth, a) - roc_auc_score(truth, b) for a, b in zip(a_runs, runs, strict=True)
+    ]
+    assert pair["per_seed_diff"] == pytest.approx(per_seed_diff, abs=1e-6)
+    assert pair["diff"] == pytest.approx(np.mean(per_seed_diff), abs=1e-6)
+    paired = _interval_by_hand(truth, a_runs, patients, 50, 0, baseline=runs)
+    assert pair["ci95"] == pytest.approx(paired, abs=1e-6)
     saved = json.loads((out / "benchmark.json").read_text())
     assert {"rows", "comparisons", "missing"} <= set(saved)
     table = (out / "table.md").read_text()

@@ -134,7 +134,7 @@ def test_every_error_class_of_the_package_is_a_user_error():
     from mgll.data.spec import SpecError
     from mgll.data.tables import TableError
     from mgll.demo.run import DemoError
-    from mgll.errors import DataError, ModelFileError, UserError
+    from mgll.errors import DataError, ModelFileError, OptionError, UserError
     from mgll.eval.compare import CompareError
     from mgll.eval.encoders import EncoderError
     from mgll.eval.results import ResultsError
@@ -154,7 +154,7 @@ def test_every_error_class_of_the_package_is_a_user_error():
         ImageLoadError, SpecError, TableError, DemoError, DataError, ModelFileError, CompareError,
         TaskError, EncoderError, ResultsError, ExplainError, HFExportError,
         PretrainedWeightsError, ConfigError, SegDataError, DecoderError, CheckpointError,
-        RunInterrupted, RunLockedError, NonFiniteLossError, AuthorsCheckpointError,
+        RunInterrupted, RunLockedError, NonFiniteLossError, AuthorsCheckpointError, OptionError,
     ]  # fmt: skip
     assert [c.__name__ for c in classes if not issubclass(c, UserError)] == []
     assert RunInterrupted("SIGTERM", 3, None).exit_code == 128 + 15
@@ -168,3 +168,72 @@ def test_demo_with_a_negative_seed_is_a_one_line_error(tmp_path, capsys):
         err.startswith("mgll demo: error: --seed -1 --seeds 3: the seed must be >= 0")
         and err.count("\n") == 1
     )
+
+
+# ---- every command's bad input: one line naming what is wrong, exit 1 ----------------------
+
+RANDOM = "random:mgll-vit-test-32"
+EVAL_DATA = ["--level", "x", "--output-dir", "{tmp}/o"]
+BAD_INPUT = [
+    # (argv, what the one line must say); {tmp} is a fresh folder holding nothing
+    (["demo", "--data-root", "{tmp}", "--output-dir", "{tmp}/o"], "csdi-fundus does not exist"),
+    (["demo", "--data-root", "{tmp}", "--output-dir", "{tmp}/o", "--seeds", "0"], "--seeds 0"),
+    (["ablate", "--data-root", "{tmp}", "--output-dir", "{tmp}/o"], "csdi-fundus does not exist"),
+    (["ablate", "--data-root", "{tmp}", "--output-dir", "{tmp}/o", "--seeds", "0"], "--seeds 0"),
+    (["benchmark", "--encoder", "{tmp}/none", "--tasks", "palm", "--output-dir", "{tmp}/o"],
+     "no such file or folder"),
+    (["benchmark", "--encoder", RANDOM, "--tasks", "plam", "--output-dir", "{tmp}/o"],
+     "unknown task 'plam'"),
+    (["benchmark", "--encoder", RANDOM, "--tasks", "palm", "--label-fraction", "2",
+      "--output-dir", "{tmp}/o"], "--label-fraction"),
+    (["segment", "--encoder", RANDOM, "--data", "{tmp}/none", "--output-dir", "{tmp}/o"],
+     "--data: "),
+    (["segment", "--encoder", RANDOM, "--data", "{tmp}/none", "--output-dir", "{tmp}/o",
+      "epochz=1"], "unknown config key 'epochz' (did you mean 'epochs'?)"),
+    (["segment", "--encoder", RANDOM, "--data", "{tmp}/none", "--output-dir", "{tmp}/o",
+      "--epochs", "-1"], "epochs must be >= 1"),
+    (["explain", "--model", "{tmp}/none", "--text", "a", "--output-dir", "{tmp}/o", "{tmp}/x.png"],
+     "does not exist"),
+    (["probe", "--encoder", "{tmp}/none", "--data", "{tmp}/none", *EVAL_DATA],
+     "no such file or folder"),
+    (["probe", "--encoder", RANDOM, "--data", "{tmp}/none", *EVAL_DATA], "no such dataset folder"),
+    (["probe", "--encoder", RANDOM, "--data", "{tmp}/none", "--batch-size", "-3", *EVAL_DATA],
+     "--batch-size: -3 must be at least 1"),
+    (["finetune", "--encoder", RANDOM, "--data", "{tmp}/none", "lr_decay=1", *EVAL_DATA],
+     "unknown config key 'lr_decay' (did you mean 'layer_decay'?)"),
+    (["finetune", "--encoder", RANDOM, "--data", "{tmp}/none", "--epochs", "-1", *EVAL_DATA],
+     "epochs must be >= 1"),
+    (["probe", "--encoder", RANDOM, "--data", "{tmp}/none", "--split-fractions", "0.5,0.5",
+      *EVAL_DATA], "--split-fractions 0.5,0.5: applies to a patient split"),
+    (["zeroshot", "--model", "{tmp}/none", "--data", "{tmp}/none", *EVAL_DATA],
+     "/none does not exist"),
+    (["retrieve", "--model", "{tmp}/none", "--data", "{tmp}/none", *EVAL_DATA],
+     "/none does not exist"),
+    (["retrieve", "--model", RANDOM, "--data", "{tmp}/none", "--bootstrap", "0", *EVAL_DATA],
+     "--bootstrap: 0 must be at least 1"),
+    (["compare", "{tmp}/a", "{tmp}/b"], "results.json: missing"),
+    (["export", "{tmp}/none", "--output", "{tmp}/x.safetensors"], "does not exist"),
+    (["data", "check", "{tmp}/none"], "no such file or folder"),
+    (["data", "split", "{tmp}/none", "--output", "{tmp}/s.csv"], "no such file or folder"),
+    (["data", "shard", "{tmp}/none", "--output-dir", "{tmp}/o"], "no such dataset folder"),
+    (["cache", "clear", "nope", "--cache-dir", "{tmp}/c", "--yes"], "nothing cached for nope"),
+    (["pretrain", "{tmp}/none.yaml", "--output-dir", "{tmp}/o"], "none.yaml"),
+    (["pretrain", "cpu-demo", "--output-dir", "{tmp}/o", "train.epochz=1"], "train.epochz"),
+    (["pretrain", "cpu-demo", "--output-dir", "{tmp}/o", "train.epochs=-1"], "train.epochs"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"), BAD_INPUT, ids=[" ".join(a[:2]) + f" ({s})" for a, s in BAD_INPUT]
+)
+def test_every_command_answers_bad_input_with_one_line(argv, says, tmp_path, capsys):
+    """A missing file, a bad option value or a bad config key: `mgll <command>: error: ...` on
+    one line naming the culprit, exit 1, and nothing written."""
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if not line.startswith("warning:")]
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"mgll {argv[0]}") and ": error: " in lines[0], err
+    assert says in lines[0]
+    assert not (tmp_path / "o").exists()

@@ -212,11 +212,15 @@ def test_a_default_run_leaves_the_dataset_folder_as_it_was(tmp_path, monkeypatch
     size = sum(p.stat().st_size for p in user.rglob("*") if p.is_file())
     assert f"{size / 1024:.1f} KiB" in out
 
+    # Both errors go through mgll.cli.main's one handler: one line, usage 2, bad input 1.
     assert main(["cache", "clear"]) == 2  # not a terminal: needs --yes
-    assert "pass --yes" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("mgll cache clear: error: would delete 6 entries") and "pass --yes" in err
+    assert err.count("\n") == 1
     assert len(list(user.rglob("*.npy"))) == 6
-    assert main(["cache", "clear", str(tmp_path / "elsewhere"), "--yes"]) == 2
-    assert "nothing cached for" in capsys.readouterr().err
+    assert main(["cache", "clear", str(tmp_path / "elsewhere"), "--yes"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mgll cache clear: error: nothing cached for") and err.count("\n") == 1
     assert main(["cache", "clear", str(spec), "--yes"]) == 0  # a spec names its folder
     assert "deleted 6 entries" in capsys.readouterr().out
     assert not list(user.rglob("*.npy")) and _listing(dataset) == before

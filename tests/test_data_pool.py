@@ -331,7 +331,7 @@ def test_each_source_reads_through_its_own_cache_shared_with_single_source_runs(
 def _train_fakes(tmp_path, data, monkeypatch):
     """A one-step run of the test model on ``data`` (a data section); the sampler's weights."""
     from mgll.data import collate_samples
-    from mgll.training import trainer
+    from mgll.training import loaders, trainer
     from test_training_fakes import fake_config, fake_model_factory
 
     seen = []
@@ -341,7 +341,7 @@ def _train_fakes(tmp_path, data, monkeypatch):
             seen.append(kwargs.get("weights"))
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "GlobalBatchSampler", Spy)
+    monkeypatch.setattr(loaders, "GlobalBatchSampler", Spy)
     cfg = fake_config(
         {
             "data": {**data, "cache_dir": False},

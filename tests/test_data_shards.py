@@ -134,7 +134,7 @@ def test_rerun_is_byte_identical_and_an_interrupted_run_resumes(tmp_path, monkey
     shard(spec, tmp_path / "b")
     assert _files(tmp_path / "a") == _files(tmp_path / "b")
 
-    import mgll.data.shards as shards_module
+    import mgll.data.shards.writer as shards_module
 
     real, calls = shards_module.encode_image, []
 

@@ -11,13 +11,13 @@ import pytest
 from PIL import Image
 
 from mgll.cli import main
-from mgll.demo.seeds import seeds_and_patients_interval
+from mgll.metrics import seed_mean_interval
 
 
 def test_the_interval_carries_the_seed_to_seed_spread():
     patients = [[f"p{i}" for i in range(20)]] * 3
     constant = [lambda rows, c=c: c for c in (0.0, 1.0, 2.0)]  # no patient spread at all
-    out = seeds_and_patients_interval(constant, patients, n_resamples=2000, seed=0)
+    out = seed_mean_interval(constant, patients, n_resamples=2000, seed=0)
     assert out["value"] == 1.0 and out["per_seed"] == [0.0, 1.0, 2.0]
     # the mean of 3 seeds drawn with replacement from {0, 1, 2}: 0 and 2 each have
     # probability 1/27 > 2.5%, so they are the interval's ends
@@ -37,7 +37,7 @@ def test_identical_seeds_give_the_patient_bootstrap_interval():
     def stat(v):
         return lambda rows: float(v[rows].mean())
 
-    out = seeds_and_patients_interval(
+    out = seed_mean_interval(
         [stat(values), stat(values), stat(values[order])],
         [patients, patients, [patients[i] for i in order]],
         n_resamples=4000,

@@ -31,3 +31,8 @@ class DataError(UserError, ValueError):
 class ModelFileError(UserError, ValueError):
     """A model file or folder that is not what it is given as (an export, a model folder), or
     an export target that cannot be written; names the path."""
+
+
+class OptionError(UserError, ValueError):
+    """A command-line option (or its library argument) with a value out of its range; names
+    the option and the range."""

@@ -212,16 +212,8 @@ def run_benchmark(
 ) -> dict[str, Any]:
     """Run the benchmark (see the module docstring); returns benchmark.json's dict."""
     from mgll.benchmark import protocols as eval_calls
-    from mgll.benchmark.report import write_report
-    from mgll.benchmark.summary import (
-        INTERVAL,
-        build_comparisons,
-        build_rows,
-        format_csv,
-        format_table,
-        write_text,
-    )
-    from mgll.benchmark.tasks import missing_reason, resolve_tasks
+    from mgll.benchmark.summary import INTERVAL, build_comparisons, build_rows
+    from mgll.benchmark.tasks import resolve_tasks
 
     if seeds < 1 or draws < 1:
         raise BenchmarkError("--seeds and --draws must be at least 1")
@@ -234,69 +226,20 @@ def run_benchmark(
         name: eval_calls.load_encoder(encoder_for_seed(spec, first_seed)).kind
         for name, spec in encoders.items()
     }
-    missing, ready, data = [], [], {}
-    for task in tasks:
-        reason = missing_reason(task, data_root)
-        if reason is not None:
-            missing.append(
-                {
-                    "task": task.name,
-                    "reason": reason,
-                    "get": task.get or task.layout,
-                    "metric": task.metric,
-                    "paper": task.paper or {},
-                }
-            )
-            echo(f"missing: {task.name}: {reason}")
-            continue
-        try:
-            data[task.name] = eval_calls.load_task_data(task, data_root)
-        except ValueError as error:
-            raise BenchmarkError(f"task {task.name}: {error}") from None
-        ready.append(task)
+    ready, data, missing = _load_tasks(tasks, data_root, echo)
     check_settings(out, {"encoders": encoders, "tasks": [t.name for t in tasks]})
     plan = plan_units(
         ready, encoders, protocols, fractions, seeds=seeds, draws=draws, first_seed=first_seed
     )
-    progress_line = Progress(plan, echo)
-    predictions: dict[str, dict[str, Any]] = {}
-    for unit in plan:
-        folder = out / unit["folder"]
-        task_data = data[unit["task"]]
-        finished = eval_calls.read_unit(folder)
-        seconds = None
-        reason = None
-        if finished is None:
-            if unit["protocol"] == "zeroshot" and kinds[unit["encoder"]] != "run":
-                reason = "zero-shot needs an image-text model (a pretraining run folder)"
-            elif eval_calls.train_classes(task_data, unit["label_fraction"], unit["seed"]) < 2:
-                reason = "the label-fraction draw holds a single class"
-            else:
-                progress_line.say(unit)
-                started = time.perf_counter()
-                eval_calls.run_protocol(
-                    unit["protocol"],
-                    encoder_for_seed(encoders[unit["encoder"]], unit["seed"]),
-                    task_data,
-                    folder,
-                    fraction=unit["label_fraction"],
-                    seed=unit["seed"],
-                    epochs=epochs,
-                    n_resamples=n_resamples,
-                    cache_dir=cache_dir,
-                    device=device,
-                    progress=progress,
-                )
-                seconds = time.perf_counter() - started
-                finished = eval_calls.read_unit(folder)
-        progress_line.finished(unit, seconds)
-        if finished is None:
-            unit.update(status="skipped", reason=reason)
-            echo(f"skipped: {unit['folder']}: {reason}")
-            continue
-        results, pred = finished
-        unit.update(status="done", seconds=None if seconds is None else round(seconds, 3))
-        predictions[unit["folder"]] = {**pred, "task_type": results["task"]["type"]}
+    protocol_options = {
+        "epochs": epochs,
+        "n_resamples": n_resamples,
+        "cache_dir": cache_dir,
+        "device": device,
+        "progress": progress,
+    }
+    runs = {name: (spec, kinds[name]) for name, spec in encoders.items()}
+    predictions = _run_plan(plan, runs, data, out, protocol_options, echo)
     by_name = {t.name: t for t in ready}
     rows, aligned = build_rows(plan, predictions, by_name, n_resamples=n_resamples)
     comparisons = build_comparisons(rows, aligned, list(encoders), by_name, n_resamples=n_resamples)
@@ -317,13 +260,124 @@ def run_benchmark(
             "recipe": eval_calls.PAPER_FINETUNE,
             "not_applied": eval_calls.PAPER_FINETUNE_NOT_APPLIED,
         }
+    _write_outputs(out, summary, echo)
+    return summary
+
+
+def _run_plan(
+    plan: Sequence[dict[str, Any]],
+    encoders: dict[str, tuple[str, str]],
+    data: dict[str, Any],
+    out: Path,
+    options: dict[str, Any],
+    echo: Callable[[str], None],
+) -> dict[str, dict[str, Any]]:
+    """Run (or read back) every unit of ``plan``, marking each done or skipped with the
+    reason; returns the predictions of the done ones by folder. ``encoders``: name -> (spec,
+    kind)."""
+    progress_line = Progress(plan, echo)
+    predictions: dict[str, dict[str, Any]] = {}
+    for unit in plan:
+        spec, kind = encoders[unit["encoder"]]
+        finished, seconds, reason = _run_unit(
+            unit,
+            encoder_for_seed(spec, unit["seed"]),
+            kind,
+            data[unit["task"]],
+            out,
+            progress_line,
+            options,
+        )
+        progress_line.finished(unit, seconds)
+        if finished is None:
+            unit.update(status="skipped", reason=reason)
+            echo(f"skipped: {unit['folder']}: {reason}")
+            continue
+        results, pred = finished
+        unit.update(status="done", seconds=None if seconds is None else round(seconds, 3))
+        predictions[unit["folder"]] = {**pred, "task_type": results["task"]["type"]}
+    return predictions
+
+
+def _load_tasks(
+    tasks: Sequence[Any], data_root: str | Path | None, echo: Callable[[str], None]
+) -> tuple[list[Any], dict[str, Any], list[dict[str, Any]]]:
+    """The tasks whose data is under ``data_root`` with their data, and the missing ones (each
+    with the reason and where to get it: the table lists them rather than failing)."""
+    from mgll.benchmark import protocols as eval_calls
+    from mgll.benchmark.tasks import missing_reason
+
+    missing, ready, data = [], [], {}
+    for task in tasks:
+        reason = missing_reason(task, data_root)
+        if reason is not None:
+            missing.append(
+                {
+                    "task": task.name,
+                    "reason": reason,
+                    "get": task.get or task.layout,
+                    "metric": task.metric,
+                    "paper": task.paper or {},
+                }
+            )
+            echo(f"missing: {task.name}: {reason}")
+            continue
+        try:
+            data[task.name] = eval_calls.load_task_data(task, data_root)
+        except ValueError as error:
+            raise BenchmarkError(f"task {task.name}: {error}") from None
+        ready.append(task)
+    return ready, data, missing
+
+
+def _run_unit(
+    unit: dict[str, Any],
+    spec: str,
+    kind: str,
+    task_data: Any,
+    out: Path,
+    progress_line: Progress,
+    options: dict[str, Any],
+) -> tuple[Any, float | None, str | None]:
+    """One unit: its finished folder as is, else run it; (read_unit's result or None,
+    seconds it ran or None, why it was skipped or None)."""
+    from mgll.benchmark import protocols as eval_calls
+
+    folder = out / unit["folder"]
+    finished = eval_calls.read_unit(folder)
+    if finished is not None:
+        return finished, None, None
+    if unit["protocol"] == "zeroshot" and kind != "run":
+        return None, None, "zero-shot needs an image-text model (a pretraining run folder)"
+    if eval_calls.train_classes(task_data, unit["label_fraction"], unit["seed"]) < 2:
+        return None, None, "the label-fraction draw holds a single class"
+    progress_line.say(unit)
+    started = time.perf_counter()
+    eval_calls.run_protocol(
+        unit["protocol"],
+        spec,
+        task_data,
+        folder,
+        fraction=unit["label_fraction"],
+        seed=unit["seed"],
+        **options,
+    )
+    seconds = time.perf_counter() - started
+    return eval_calls.read_unit(folder), seconds, None
+
+
+def _write_outputs(out: Path, summary: dict[str, Any], echo: Callable[[str], None]) -> None:
+    """benchmark.json, table.md, table.csv and report.html; the table is echoed."""
+    from mgll.benchmark.report import write_report
+    from mgll.benchmark.summary import format_csv, format_table, write_text
+
+    encoders = list(summary["encoders"])
     write_text(out / "benchmark.json", json.dumps(summary, indent=2, default=str) + "\n")
-    table = format_table(rows, list(encoders), missing)
+    table = format_table(summary["rows"], encoders, summary["missing"])
     write_text(out / "table.md", table)
-    write_text(out / "table.csv", format_csv(rows, list(encoders)))
+    write_text(out / "table.csv", format_csv(summary["rows"], encoders))
     write_report(out / "report.html", summary)
     echo(table)
-    return summary
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -383,7 +437,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``mgll benchmark``."""
-    from mgll.benchmark.protocols import resolve_device, run_safely
+    from mgll.benchmark.protocols import resolve_device, run_offline
 
     def body() -> int:
         run_benchmark(
@@ -404,4 +458,4 @@ def run(args: argparse.Namespace) -> int:
         )
         return 0
 
-    return run_safely("benchmark", body)
+    return run_offline(body)

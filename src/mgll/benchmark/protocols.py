@@ -202,9 +202,8 @@ def resolve_device(name: str) -> str:
     return resolve(name)
 
 
-def run_safely(command: str, body: Any) -> int:
-    """``body()`` as the evaluation commands run (model hubs offline); a user error reaches
-    ``mgll.cli.main``, which prints ``mgll <command>: error: ...`` and exits 1."""
-    from mgll.eval.cli import run_safely as run
+def run_offline(body: Any) -> int:
+    """``body()`` as the evaluation commands run it (model hubs offline)."""
+    from mgll.eval.cli import run_offline as run
 
-    return run(command, body)
+    return run(body)

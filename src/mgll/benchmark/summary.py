@@ -1,10 +1,11 @@
 """From finished units to ``benchmark.json``, ``table.md`` and ``table.csv``.
 
 A unit is one (task, encoder, protocol, label fraction, seed) run; a row pools the seeds of one
-(task, encoder, protocol, fraction) with :func:`mgll.metrics.seed_pooled_bootstrap`: the value
-is the mean over seeds and the 95% interval resamples seeds and, within the drawn seed, test
-patients, so it includes the seed-to-seed spread. Comparisons pair the first encoder with each
-other one on the same test images and the same seeds (same label-fraction draws).
+(task, encoder, protocol, fraction) with :func:`mgll.metrics.seed_mean_interval`: the value is
+the mean over seeds and the 95% interval is the bootstrap of that mean (each resample draws the
+test patients once, and the seeds, with replacement), so it holds the seed-to-seed spread and
+the test sampling. Comparisons pair the first encoder with each other one on the same test
+images, seeds (same label-fraction draws) and drawn patients.
 """
 
 from __future__ import annotations
@@ -18,11 +19,18 @@ from typing import Any
 import numpy as np
 
 from mgll.benchmark.tasks import BenchmarkError, BenchmarkTask
+from mgll.metrics import (
+    Statistic,
+    both_classes_present,
+    check_task,
+    classification_metrics,
+    seed_mean_interval,
+)
 
 INTERVAL = (
-    "95% two-stage bootstrap: each resample draws one seed (label-fraction draw) and then test "
-    "patients with replacement, so the interval holds the seed-to-seed spread and the test "
-    "sampling"
+    "95% bootstrap of the mean over seeds: each resample draws the test patients and the seeds "
+    "(label-fraction draws) with replacement and averages the drawn seeds' metric on the drawn "
+    "patients, so the interval holds the seed-to-seed spread and the test sampling"
 )
 
 
@@ -36,6 +44,26 @@ def _aligned(reference: Mapping[str, Any], other: Mapping[str, Any], where: str)
             "--output-dir"
         )
     return np.asarray([position[image] for image in reference["images"]], dtype=np.int64)
+
+
+def _metric(truth: Mapping[str, Any], scores: np.ndarray, metric: str) -> Statistic:
+    """``metric`` of one seed's ``scores`` on a set of rows (``truth``: the task's labels,
+    classes and type); the macro averages over the classes the whole test set holds both ways."""
+    y = np.asarray(truth["y"]).astype(int)
+    scores = np.asarray(scores, dtype=float)
+    check_task(y, scores, truth["task_type"])
+    present = [c for c in range(y.shape[1]) if both_classes_present(y[:, c])]
+
+    def statistic(rows: np.ndarray) -> float:
+        return classification_metrics(
+            y[rows],
+            scores[rows],
+            truth["task_type"],
+            classes=truth["classes"],
+            macro_classes=present,
+        )[metric]
+
+    return statistic
 
 
 def _group_key(unit: Mapping[str, Any]) -> tuple[str, str, str, float]:
@@ -52,8 +80,6 @@ def build_rows(
 ) -> tuple[list[dict[str, Any]], dict[tuple, dict[str, Any]]]:
     """One row per (task, encoder, protocol, fraction) with a finished seed; also the aligned
     score matrices per group (by seed) for :func:`build_comparisons`."""
-    from mgll.metrics import seed_pooled_bootstrap
-
     groups: dict[tuple, list[Mapping[str, Any]]] = {}
     for unit in units:
         groups.setdefault(_group_key(unit), []).append(unit)
@@ -94,13 +120,9 @@ def build_rows(
                 p or f"image:{image}"
                 for p, image in zip(first["patients"], first["images"], strict=True)
             ]
-            stats = seed_pooled_bootstrap(
-                first["y"],
-                list(by_seed.values()),
-                patients,
-                first["task_type"],
-                task.metric,
-                classes=first["classes"],
+            stats = seed_mean_interval(
+                [_metric(first, scores, task.metric) for scores in by_seed.values()],
+                [patients] * len(by_seed),
                 n_resamples=n_resamples,
                 seed=seed,
             )
@@ -133,8 +155,6 @@ def build_comparisons(
 ) -> list[dict[str, Any]]:
     """The first encoder against each other one, per (task, protocol, fraction), paired by
     image and by seed (seeds both finished)."""
-    from mgll.metrics import seed_pooled_bootstrap
-
     out = []
     first = encoders[0]
     for row in rows:
@@ -149,14 +169,11 @@ def build_comparisons(
             b = aligned[key_b]
             seeds = [s for s in a["by_seed"] if s in b["by_seed"]]
             order = _aligned(a, b, f"{row['task']} {other}")
-            stats = seed_pooled_bootstrap(
-                a["y"],
-                [a["by_seed"][s] for s in seeds],
-                a["patients"],
-                a["task_type"],
-                tasks[row["task"]].metric,
-                classes=a["classes"],
-                baseline=[b["by_seed"][s][order] for s in seeds],
+            metric = tasks[row["task"]].metric
+            stats = seed_mean_interval(
+                [_metric(a, a["by_seed"][s], metric) for s in seeds],
+                [a["patients"]] * len(seeds),
+                baseline=[_metric(a, b["by_seed"][s][order], metric) for s in seeds],
                 n_resamples=n_resamples,
                 seed=seed,
             )
@@ -168,11 +185,11 @@ def build_comparisons(
                     "protocol": row["protocol"],
                     "label_fraction": row["label_fraction"],
                     "metric": row["metric"],
-                    "diff": stats["diff"],
+                    "diff": stats["value"],
                     "ci95": stats["ci95"],
                     "p": stats["p_value"],
                     "seeds": seeds,
-                    "per_seed_diff": stats["per_seed_diff"],
+                    "per_seed_diff": stats["per_seed"],
                 }
             )
     return out

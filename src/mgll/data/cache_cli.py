@@ -13,6 +13,7 @@ from mgll.data.cache import (
     scan_cache,
     user_cache_location,
 )
+from mgll.errors import DataError, UsageError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     info = sub.add_parser("info", help="location, size and entries per dataset")
     root_option(info)
-    info.set_defaults(func=run_info)
+    info.set_defaults(func=run_info, command_name="mgll cache info")
 
     clear = sub.add_parser("clear", help="delete cached images (all, or one dataset's)")
     clear.add_argument(
@@ -50,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     clear.add_argument("--yes", "-y", action="store_true", help="delete without asking")
     root_option(clear)
-    clear.set_defaults(func=run_clear)
+    clear.set_defaults(func=run_clear, command_name="mgll cache clear")
 
 
 def _root(args: argparse.Namespace) -> tuple[Path, str]:
@@ -102,18 +103,18 @@ def _select(items: list[CachedDataset], wanted: str) -> list[CachedDataset]:
 
 
 def run_clear(args: argparse.Namespace) -> int:
-    """Delete the cache (or one dataset's part of it), after confirmation."""
+    """Delete the cache (or one dataset's part of it), after confirmation. A dataset with
+    nothing cached is a :class:`DataError` (exit 1); no ``--yes`` off a terminal a
+    :class:`UsageError` (exit 2); ``mgll.cli.main`` prints either on one line."""
     root, _ = _root(args)
     items = scan_cache(root)
     if args.dataset is not None:
         items = _select(items, args.dataset)
         if not items:
-            print(
-                f"mgll cache clear: error: nothing cached for {args.dataset} under "
-                f"{root / 'preprocess'}; `mgll cache info` lists the cached datasets",
-                file=sys.stderr,
+            raise DataError(
+                f"nothing cached for {args.dataset} under {root / 'preprocess'}; "
+                "`mgll cache info` lists the cached datasets"
             )
-            return 2
     if not items:
         print(f"nothing to clear under {root / 'preprocess'}")
         return 0
@@ -122,8 +123,7 @@ def run_clear(args: argparse.Namespace) -> int:
     what = f"{entries} entries ({_size(size)}) of {len(items)} dataset(s) under {where}"
     if not args.yes:
         if not sys.stdin.isatty():
-            print(f"mgll cache clear: error: would delete {what}; pass --yes", file=sys.stderr)
-            return 2
+            raise UsageError(f"would delete {what}; pass --yes")
         if input(f"delete {what}? [y/N] ").strip().lower() not in ("y", "yes"):
             print("nothing deleted")
             return 1

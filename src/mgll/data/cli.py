@@ -43,7 +43,7 @@ class _Renamed(argparse.Action):
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``mgll data`` with its ``check`` and ``split`` sub-commands."""
+    """Add ``mgll data`` with its ``check``, ``split`` and ``shard`` sub-commands."""
     data = subparsers.add_parser("data", help="validate datasets and write patient-level splits")
 
     def usage(_: argparse.Namespace) -> int:
@@ -52,66 +52,68 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     data.set_defaults(func=usage)
     sub = data.add_subparsers(dest="data_command", metavar="ACTION")
+    _add_check(sub)
+    _add_split(sub)
+    _add_shard(sub)
 
-    def common(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument(
-            "path",
-            help="a dataset spec or pool file (.yaml/.json; package:mgll/pools/... for a "
-            "shipped pool) or a dataset folder",
-        )
-        parser.add_argument(
-            "--data-root",
-            metavar="DIR",
-            help="where a pool's source folders are looked up when not found next to the pool "
-            "file (as `pretrain --data-root`)",
-        )
-        parser.add_argument(
-            "--source",
-            metavar="NAME",
-            help="the folder's format, as data.source (default: detected): "
-            f"{', '.join(adapter_names())}",
-        )
-        parser.add_argument("--format", dest="source", action=_Renamed)
-        parser.add_argument(
-            "--options",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="one entry of data.options (repeatable), e.g. --options language=zh",
-        )
-        parser.add_argument("--option", dest="options", action=_Renamed)
-        for name, default in zip(SPLIT_NAMES, (0.8, 0.1, 0.1), strict=True):
-            parser.add_argument(
-                f"--{name}",
-                type=float,
-                help=f"data.split.{name} fraction (default {default}; a pool's own split when "
-                "no fraction is given)",
-            )
-        parser.add_argument(
-            "--split-seed",
-            type=int,
-            default=0,
-            metavar="N",
-            help="data.split.seed (default 0); `pretrain` uses data.split.seed, or train.seed "
-            "(its --seed) when the config sets none",
-        )
-        parser.add_argument(
-            "--seed",
-            dest="split_seed",
-            type=int,
-            action=_Renamed,
-            note="--seed is now --split-seed: the seed of the split (data.split.seed), which "
-            "is not what `pretrain --seed` (train.seed) sets",
-        )
-        parser.add_argument(
-            "--link-identical",
-            action="store_true",
-            help="keep patients whose image files are byte-identical in the same split "
-            "(data.split.link_identical)",
-        )
 
+def _add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every ``mgll data`` action shares: the dataset and how it is split."""
+    parser.add_argument(
+        "path",
+        help="a dataset spec or pool file (.yaml/.json; package:mgll/pools/... for a "
+        "shipped pool) or a dataset folder",
+    )
+    parser.add_argument(
+        "--data-root",
+        metavar="DIR",
+        help="where a pool's source folders are looked up when not found next to the pool "
+        "file (as `pretrain --data-root`)",
+    )
+    parser.add_argument(
+        "--source",
+        metavar="NAME",
+        help="the folder's format, as data.source (default: detected): "
+        f"{', '.join(adapter_names())}",
+    )
+    parser.add_argument("--format", dest="source", action=_Renamed)
+    add_options_argument(parser)
+    parser.add_argument("--option", dest="options", action=_Renamed)
+    for name, default in zip(SPLIT_NAMES, (0.8, 0.1, 0.1), strict=True):
+        parser.add_argument(
+            f"--{name}",
+            type=float,
+            help=f"data.split.{name} fraction (default {default}; a pool's own split when "
+            "no fraction is given)",
+        )
+    parser.add_argument(
+        "--split-seed",
+        type=int,
+        default=0,
+        metavar="N",
+        help="data.split.seed (default 0); `pretrain` uses data.split.seed, or train.seed "
+        "(its --seed) when the config sets none",
+    )
+    parser.add_argument(
+        "--seed",
+        dest="split_seed",
+        type=int,
+        action=_Renamed,
+        note="--seed is now --split-seed: the seed of the split (data.split.seed), which "
+        "is not what `pretrain --seed` (train.seed) sets",
+    )
+    parser.add_argument(
+        "--link-identical",
+        action="store_true",
+        help="keep patients whose image files are byte-identical in the same split "
+        "(data.split.link_identical)",
+    )
+
+
+def _add_check(sub: argparse._SubParsersAction) -> None:
+    """``mgll data check``."""
     check = sub.add_parser("check", help="counts per level and label, missing/corrupt files, ...")
-    common(check)
+    _add_dataset_arguments(check)
     check.add_argument("--no-decode", action="store_true", help="only check files exist")
     check.add_argument("--output", metavar="FILE", help="also write the full report as JSON")
     check.add_argument("--json", dest="output", action=_Renamed)
@@ -119,18 +121,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     check.add_argument("--workers", type=int, default=8, help="threads decoding images")
     check.set_defaults(func=run_check, command_name="mgll data check")
 
+
+def _add_split(sub: argparse._SubParsersAction) -> None:
+    """``mgll data split``."""
     split = sub.add_parser("split", help="write a patient-level train/val/test split (CSV)")
-    common(split)
+    _add_dataset_arguments(split)
     split.add_argument(
         "--output", metavar="FILE", help="CSV to write (image, patient_id, split); required"
     )
     split.add_argument("--out", dest="output", action=_Renamed)
     split.set_defaults(func=run_split, command_name="mgll data split")
 
+
+def _add_shard(sub: argparse._SubParsersAction) -> None:
+    """``mgll data shard``."""
     shard = sub.add_parser(
         "shard", help="write WebDataset shards (preprocessed images, texts, labels) + manifest"
     )
-    common(shard)
+    _add_dataset_arguments(shard)
     shard.add_argument("--output-dir", metavar="DIR", help="the shards' folder; required")
     shard.add_argument(
         "--split-file", metavar="FILE", help="a split CSV (mgll data split) instead of fractions"
@@ -150,7 +158,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     shard.set_defaults(func=run_shard, command_name="mgll data shard")
 
 
-def _options(pairs: list[str]) -> dict[str, Any]:
+def add_options_argument(parser: argparse.ArgumentParser) -> None:
+    """``--options KEY=VALUE`` (repeatable): the entries of ``data.options``, read by
+    :func:`parse_options`; every command that reads a dataset takes it."""
+    parser.add_argument(
+        "--options",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="one entry of data.options (repeatable), e.g. --options language=zh",
+    )
+
+
+def parse_options(pairs: list[str]) -> dict[str, Any]:
+    """``--options`` values as ``data.options`` (``true``/``false`` read as booleans)."""
     options: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -176,7 +197,7 @@ def _load(args: argparse.Namespace) -> tuple[RecordSet, Path]:
     else:
         source, folder, root = args.source, path, None
     try:
-        return load_records(source, folder, data_root=root, options=_options(args.options))
+        return load_records(source, folder, data_root=root, options=parse_options(args.options))
     except (OSError, ImportError) as exc:  # a file the adapter cannot open, a missing reader
         raise DataError(f"{path}: {exc}") from exc
 
@@ -266,7 +287,7 @@ def run_shard(args: argparse.Namespace) -> int:
         {
             "source": args.path if spec else args.source,
             "path": None if spec else args.path,
-            "options": _options(args.options),
+            "options": parse_options(args.options),
             "split": split,
             "resize": args.resize,
         }

@@ -118,6 +118,18 @@ def find_spec(source: str | Path, data_root: str | Path | None = None) -> Path:
     raise SpecError(f"data.source: dataset spec {source} not found (tried {shown})")
 
 
+@dataclass
+class _Columns:
+    """The table columns a spec names (each checked to exist) and the image root."""
+
+    image: str
+    root: Path
+    patient: str | None
+    split: str | None
+    metadata: list[str]
+    exclude: dict[str, set[str]]
+
+
 class _SpecReader:
     """Reads one spec mapping; every error names the spec file and key."""
 
@@ -153,6 +165,28 @@ class _SpecReader:
             raise self.fail(
                 ", ".join(sorted(unknown)), f"unknown key(s); known keys: {sorted(_TOP_KEYS)}"
             )
+        self.read_table()
+        columns = self.columns()
+        levels = self.levels()
+        result = RecordSet(
+            levels=[],
+            records=[],
+            source=str(self.table_path),
+            missing_cells=Counter(self.frame.attrs.get("missing_cells", {})),
+        )
+        per_level_labels, kept_rows = self.row_labels(levels, columns, result)
+        infos = [
+            self.level_info(g, level, per_level_labels[g], kept_rows)
+            for g, level in enumerate(levels)
+        ]
+        for k, (number, row) in enumerate(kept_rows):
+            labels = [per_level_labels[g][k] for g in range(len(levels))]
+            result.records.append(self.record(number, row, labels, levels, columns))
+        result.levels = infos
+        return result
+
+    def read_table(self) -> None:
+        """Read ``table`` (with ``format``) into :attr:`frame`."""
         table = self.require("table")
         self.table_path = _normalised(table, self.base)
         try:
@@ -160,6 +194,8 @@ class _SpecReader:
         except TableError as exc:
             raise self.fail("table", str(exc)) from exc
 
+    def columns(self) -> _Columns:
+        """The image, patient, split, metadata and exclude columns, each checked to exist."""
         image_cfg = self.require("image")
         if isinstance(image_cfg, str):
             image_cfg = {"column": image_cfg}
@@ -181,32 +217,35 @@ class _SpecReader:
             self.column(f"exclude.{c}", c): {str(v) for v in _as_list(vals)}
             for c, vals in exclude.items()
         }
+        return _Columns(image_col, root, patient_col, split_col, meta_cols, exclude_cols)
 
+    def levels(self) -> list[_LevelSpec]:
+        """The parsed ``levels`` list, coarse to fine."""
         level_cfgs = self.require("levels")
         if not isinstance(level_cfgs, list) or not level_cfgs:
             raise self.fail(
                 "levels", "must be a non-empty list, one entry per granularity (coarse to fine)"
             )
-        levels = [self.parse_level(i, cfg) for i, cfg in enumerate(level_cfgs)]
+        return [self.parse_level(i, cfg) for i, cfg in enumerate(level_cfgs)]
 
-        result = RecordSet(
-            levels=[],
-            records=[],
-            source=str(self.table_path),
-            missing_cells=Counter(self.frame.attrs.get("missing_cells", {})),
-        )
-        rows = self.frame.to_dict("records")
+    def row_labels(
+        self, levels: Sequence[_LevelSpec], columns: _Columns, result: RecordSet
+    ) -> tuple[list[list[list[str]]], list[tuple[int, dict[str, str]]]]:
+        """Per level, the class names of every kept row; the kept rows with their numbers.
+        Excluded rows are counted in ``result``."""
         per_level_labels: list[list[list[str]]] = [[] for _ in levels]
         kept_rows: list[tuple[int, dict[str, str]]] = []
-        for number, row in enumerate(rows, start=1):
-            dropped = next((c for c, vals in exclude_cols.items() if row[c].strip() in vals), None)
+        for number, row in enumerate(self.frame.to_dict("records"), start=1):
+            dropped = next(
+                (c for c, vals in columns.exclude.items() if row[c].strip() in vals), None
+            )
             if dropped is not None:
                 result.exclude(f"{dropped} = {row[dropped]!r} (exclude)", f"row {number}")
                 continue
-            if not row[image_col].strip():
+            if not row[columns.image].strip():
                 raise self.fail(
                     "image.column",
-                    f"{self.table_path} row {number}: column {image_col!r} is empty; "
+                    f"{self.table_path} row {number}: column {columns.image!r} is empty; "
                     "every row needs an image path",
                 )
             for g, level in enumerate(levels):
@@ -219,42 +258,50 @@ class _SpecReader:
                     )
                 per_level_labels[g].append(names)
             kept_rows.append((number, row))
+        return per_level_labels, kept_rows
 
-        infos = []
-        for g, level in enumerate(levels):
-            vocab = vocabulary_from(per_level_labels[g], level.vocabulary)
-            if level.vocabulary is not None:
-                allowed = set(vocab)
-                for (number, _), names in zip(kept_rows, per_level_labels[g], strict=True):
-                    outside = [n for n in names if n not in allowed]
-                    if outside:
-                        raise self.fail(
-                            f"levels[{g}].vocabulary",
-                            f"{self.table_path} row {number}: label(s) {outside} are not in the "
-                            "vocabulary; add them or list the value under missing",
-                        )
-            infos.append(
-                LevelInfo(name=level.name, vocabulary=vocab, multi_label=level.multi_label)
-            )
+    def level_info(
+        self,
+        g: int,
+        level: _LevelSpec,
+        labels: Sequence[list[str]],
+        kept_rows: Sequence[tuple[int, dict[str, str]]],
+    ) -> LevelInfo:
+        """Level ``g``'s vocabulary (a given one checked to hold every label in the rows)."""
+        vocab = vocabulary_from(labels, level.vocabulary)
+        if level.vocabulary is not None:
+            allowed = set(vocab)
+            for (number, _), names in zip(kept_rows, labels, strict=True):
+                outside = [n for n in names if n not in allowed]
+                if outside:
+                    raise self.fail(
+                        f"levels[{g}].vocabulary",
+                        f"{self.table_path} row {number}: label(s) {outside} are not in the "
+                        "vocabulary; add them or list the value under missing",
+                    )
+        return LevelInfo(name=level.name, vocabulary=vocab, multi_label=level.multi_label)
 
-        for k, (number, row) in enumerate(kept_rows):
-            labels = [per_level_labels[g][k] for g in range(len(levels))]
-            texts = [level.texts(row, labels[g]) for g, level in enumerate(levels)]
-            metadata: dict[str, Any] = {c: row[c] for c in meta_cols}
-            metadata["row"] = number
-            if split_col is not None and row[split_col].strip():
-                metadata["split"] = row[split_col].strip().lower()
-            result.records.append(
-                Record(
-                    image=_normalised(row[image_col].strip(), root),
-                    texts=texts,
-                    labels=labels,
-                    patient_id=(row[patient_col].strip() or None) if patient_col else None,
-                    metadata=metadata,
-                )
-            )
-        result.levels = infos
-        return result
+    def record(
+        self,
+        number: int,
+        row: dict[str, str],
+        labels: list[list[str]],
+        levels: Sequence[_LevelSpec],
+        columns: _Columns,
+    ) -> Record:
+        """The record of table row ``number``."""
+        texts = [level.texts(row, labels[g]) for g, level in enumerate(levels)]
+        metadata: dict[str, Any] = {c: row[c] for c in columns.metadata}
+        metadata["row"] = number
+        if columns.split is not None and row[columns.split].strip():
+            metadata["split"] = row[columns.split].strip().lower()
+        return Record(
+            image=_normalised(row[columns.image].strip(), columns.root),
+            texts=texts,
+            labels=labels,
+            patient_id=(row[columns.patient].strip() or None) if columns.patient else None,
+            metadata=metadata,
+        )
 
     def parse_level(self, g: int, cfg: Any) -> _LevelSpec:
         """Validate ``levels[g]`` against the table's columns."""

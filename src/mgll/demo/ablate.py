@@ -172,28 +172,7 @@ def run_ablation(
         fold = patient_folds(records, recipe.main_level, demo.folds, demo.seed)
         write_folds(demo, records, fold)
         for variant in rows:
-            slug = _slug(variant.name)
-            builder = (
-                label_dropping_builder(variant.drop_fraction, demo.seed)
-                if variant.drop_fraction
-                else None
-            )
-            for k in range(demo.folds):
-                progress.say("pretrain", f"seed {demo.seed}, {variant.name}, fold {k + 1}")
-                cfg = demo.config(variant.loss, k, variant.overrides)
-                seconds, fresh = pretrain_run(cfg, demo.data_root, demo.run_dir(slug, k), builder)
-                progress.done("run", seconds if fresh else None)
-            result = demo.out / slug / "probe.json"
-            t0 = time.perf_counter()
-            if result.is_file():
-                value, fresh = json.loads(result.read_text(encoding="utf-8"))["auc_macro"], False
-            else:
-                progress.say("evaluate", f"seed {demo.seed}, {variant.name}")
-                value, fresh = _pooled_auc(demo, variant, records, fold, recipe.main_level), True
-                text = json.dumps({"auc_macro": value}) + "\n"
-                atomic_write(result, lambda tmp, t=text: tmp.write_text(t, encoding="utf-8"))
-            progress.done("eval", time.perf_counter() - t0 if fresh else None)
-            auc[variant.name].append(value)
+            auc[variant.name].append(_run_variant(demo, variant, records, fold, progress))
     summary = {
         "dataset": dataset,
         "main_level": recipe.main_level,
@@ -220,6 +199,33 @@ def run_ablation(
     atomic_write(out / TABLE_FILE, lambda tmp: tmp.write_text(table + "\n", encoding="utf-8"))
     echo(table)
     return summary
+
+
+def _run_variant(demo: Demo, variant: Any, records: Any, fold: Any, progress: Progress) -> float:
+    """One variant of one seed: pretrain its folds, then the probe's pooled macro AUC (each
+    read back when a previous run finished it)."""
+    from mgll.io import atomic_write
+
+    slug = _slug(variant.name)
+    builder = (
+        label_dropping_builder(variant.drop_fraction, demo.seed) if variant.drop_fraction else None
+    )
+    for k in range(demo.folds):
+        progress.say("pretrain", f"seed {demo.seed}, {variant.name}, fold {k + 1}")
+        cfg = demo.config(variant.loss, k, variant.overrides)
+        seconds, fresh = pretrain_run(cfg, demo.data_root, demo.run_dir(slug, k), builder)
+        progress.done("run", seconds if fresh else None)
+    result = demo.out / slug / "probe.json"
+    t0 = time.perf_counter()
+    if result.is_file():
+        value, fresh = json.loads(result.read_text(encoding="utf-8"))["auc_macro"], False
+    else:
+        progress.say("evaluate", f"seed {demo.seed}, {variant.name}")
+        value, fresh = _pooled_auc(demo, variant, records, fold, demo.recipe.main_level), True
+        text = json.dumps({"auc_macro": value}) + "\n"
+        atomic_write(result, lambda tmp, t=text: tmp.write_text(t, encoding="utf-8"))
+    progress.done("eval", time.perf_counter() - t0 if fresh else None)
+    return value
 
 
 def _ablation_demo(recipe: Any, data_root: Path, out: Path, quick: bool, seed: int) -> Demo:

@@ -161,21 +161,14 @@ def evaluated(demo: Demo, encoder: str, records: Any, levels: Sequence[str]) -> 
         return False
 
 
-def evaluate_encoder(
-    demo: Demo, encoder: str, records: Any, fold: np.ndarray, levels: Sequence[str]
-) -> bool:
-    """Probe, zero-shot and retrieval outputs of one encoder for every level; False when all
-    existed (a resumed demo)."""
+def _fold_features(
+    demo: Demo, encoder: str, records: Any, models: Sequence[Any]
+) -> tuple[list[Any], list[Any]]:
+    """Per fold model, the pre-projection features and the projected embeddings of every
+    image (a model shared by all folds, such as CLIP's, is read once)."""
     from mgll.eval.encoders import encoder_from_model
     from mgll.eval.features import extract_features
-    from mgll.eval.probe import INNER_FOLDS, fit_probe
-    from mgll.eval.results import write_classification_outputs
-    from mgll.eval.zeroshot import build_zero_shot_classifier
 
-    base = demo.out / encoder
-    if evaluated(demo, encoder, records, levels):
-        return False
-    models = fold_models(demo, encoder)
     options = EvalOptions(cache_dir=False, quiet=True)  # once per fold model: no cache
     feats, embs = [], []
     for k, model in enumerate(models):
@@ -186,6 +179,60 @@ def evaluate_encoder(
         enc = encoder_from_model(model, f"{encoder}/fold{k}")
         feats.append(extract_features(enc, records, demo.folder, options))
         embs.append(extract_features(enc, records, demo.folder, options, projected=True))
+    return feats, embs
+
+
+def _held_out_scores(
+    demo: Demo,
+    records: Any,
+    level: str,
+    n_classes: int,
+    fold: np.ndarray,
+    models: Sequence[Any],
+    feats: Sequence[Any],
+    embs: Sequence[Any],
+) -> tuple[np.ndarray, np.ndarray, list[float], set[str]]:
+    """Probe and zero-shot scores of every image at ``level``, each from the model of the
+    fold that held it out; the C each fold's probe chose and the prompt sources used."""
+    from mgll.eval.probe import fit_probe
+    from mgll.eval.zeroshot import build_zero_shot_classifier
+
+    everything = np.arange(len(records.records))
+    probe = np.zeros((len(everything), n_classes))
+    zeroshot = np.zeros_like(probe)
+    chosen, sources = [], set()
+    for k, model in enumerate(models):
+        part = fold_task(demo, records, level, everything[fold != k], everything[fold == k])
+        held_out = part.rows["test"]
+        fitted = fit_probe(
+            feats[k].features,
+            part,
+            part.rows["train"],
+            selection="cv",
+            c_grid=C_GRID,
+            seed=demo.seed,
+        )
+        probe[held_out] = fitted.scores(feats[k].features[held_out])
+        chosen.append(fitted.selection["C"])
+        classifier = build_zero_shot_classifier(model, part)
+        sources.add(classifier.source)
+        zeroshot[held_out] = classifier.scores(embs[k].features[held_out])
+    return probe, zeroshot, chosen, sources
+
+
+def evaluate_encoder(
+    demo: Demo, encoder: str, records: Any, fold: np.ndarray, levels: Sequence[str]
+) -> bool:
+    """Probe, zero-shot and retrieval outputs of one encoder for every level; False when all
+    existed (a resumed demo)."""
+    from mgll.eval.probe import INNER_FOLDS
+    from mgll.eval.results import write_classification_outputs
+
+    base = demo.out / encoder
+    if evaluated(demo, encoder, records, levels):
+        return False
+    models = fold_models(demo, encoder)
+    feats, embs = _fold_features(demo, encoder, records, models)
     fold_scores = _retrieval(demo, encoder, records, fold, models, embs)
     candidates = np.concatenate([rows for rows, _ in fold_scores])
     queries = _retrieval_queries(records, candidates, demo.recipe.main_level)
@@ -194,25 +241,9 @@ def evaluate_encoder(
     for level in levels:
         data = fold_task(demo, records, level, everything[:0], everything)
         test = data.rows["test"]
-        probe = np.zeros((len(everything), len(data.task.classes)))
-        zeroshot = np.zeros_like(probe)
-        chosen, sources = [], set()
-        for k, model in enumerate(models):
-            part = fold_task(demo, records, level, everything[fold != k], everything[fold == k])
-            held_out = part.rows["test"]
-            fitted = fit_probe(
-                feats[k].features,
-                part,
-                part.rows["train"],
-                selection="cv",
-                c_grid=C_GRID,
-                seed=demo.seed,
-            )
-            probe[held_out] = fitted.scores(feats[k].features[held_out])
-            chosen.append(fitted.selection["C"])
-            classifier = build_zero_shot_classifier(model, part)
-            sources.add(classifier.source)
-            zeroshot[held_out] = classifier.scores(embs[k].features[held_out])
+        probe, zeroshot, chosen, sources = _held_out_scores(
+            demo, records, level, len(data.task.classes), fold, models, feats, embs
+        )
         common = dict(
             val_rows=None,
             val_scores=None,

@@ -126,7 +126,6 @@ def run_seeds(
 def run_seed(demo: Demo, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """The single-seed demo: folds, pretraining, evaluation and summary in ``demo.out``."""
     from mgll.demo.report import write_demo_report
-    from mgll.eval.probe import INNER_FOLDS
     from mgll.io import atomic_write
     from mgll.training.trainer import SUMMARY_FILE as RUN_SUMMARY
 
@@ -174,26 +173,7 @@ def run_seed(demo: Demo, echo: Callable[[str], None] = print) -> dict[str, Any]:
         "dataset": dataset,
         "config": without_split(demo.config("mgll", 0).to_dict()),
         "settings": demo.settings(),
-        "protocol": {
-            "split": f"patient-level stratified {demo.folds}-fold cross-validation "
-            "(StratifiedGroupKFold on the main level, patients joined across identical "
-            "image files); each encoder pretrained once per fold on its training patients; "
-            "held-out predictions pooled",
-            "main_level": demo.recipe.main_level,
-            "n_images": len(records.records),
-            "n_patient_groups": len({r.patient_id for r in records.records}),
-            "probe": "standardised pre-projection features, scikit-learn LogisticRegression; C "
-            f"in {list(C_GRID)} by macro AUC over {INNER_FOLDS}-fold patient CV inside the "
-            "fold's training patients",
-            "retrieval": f"image -> text within each fold's held-out images: the distinct "
-            f"{text_level} texts of those images are the gallery, ranked by "
-            "cosine similarity with the fold's model; R@K (own text in the top K) and label-aware "
-            f"P@K (top K texts of images with the same {demo.recipe.main_level}) for K in "
-            f"{list(RETRIEVAL_KS)}, pooled over folds; headline comparisons "
-            f"{', '.join(RETRIEVAL_HEADLINE)} (chosen before measuring); read against a random "
-            "ranking and the best image-blind ranking (the texts most images carry first)",
-            "bootstrap": f"{demo.resamples} patient-group resamples, paired for differences",
-        },
+        "protocol": _protocol(demo, records, text_level),
         "table": table,
         "comparisons": comparisons,
         "pretrain_seconds": pretrain_s,
@@ -205,3 +185,29 @@ def run_seed(demo: Demo, echo: Callable[[str], None] = print) -> dict[str, Any]:
     report = write_demo_report(demo, records, summary)
     echo(f"report: {report}")
     return summary
+
+
+def _protocol(demo: Demo, records: Any, text_level: str) -> dict[str, Any]:
+    """How the single-seed demo measured (summary.json's ``protocol``)."""
+    from mgll.eval.probe import INNER_FOLDS
+
+    return {
+        "split": f"patient-level stratified {demo.folds}-fold cross-validation "
+        "(StratifiedGroupKFold on the main level, patients joined across identical "
+        "image files); each encoder pretrained once per fold on its training patients; "
+        "held-out predictions pooled",
+        "main_level": demo.recipe.main_level,
+        "n_images": len(records.records),
+        "n_patient_groups": len({r.patient_id for r in records.records}),
+        "probe": "standardised pre-projection features, scikit-learn LogisticRegression; C "
+        f"in {list(C_GRID)} by macro AUC over {INNER_FOLDS}-fold patient CV inside the "
+        "fold's training patients",
+        "retrieval": f"image -> text within each fold's held-out images: the distinct "
+        f"{text_level} texts of those images are the gallery, ranked by "
+        "cosine similarity with the fold's model; R@K (own text in the top K) and label-aware "
+        f"P@K (top K texts of images with the same {demo.recipe.main_level}) for K in "
+        f"{list(RETRIEVAL_KS)}, pooled over folds; headline comparisons "
+        f"{', '.join(RETRIEVAL_HEADLINE)} (chosen before measuring); read against a random "
+        "ranking and the best image-blind ranking (the texts most images carry first)",
+        "bootstrap": f"{demo.resamples} patient-group resamples, paired for differences",
+    }

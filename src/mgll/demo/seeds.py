@@ -2,20 +2,16 @@
 initialisation and data order, ``OUT/seed<s>/``), then one summary whose intervals carry the
 seed-to-seed spread.
 
-Interval over seeds and patients (a two-level bootstrap): each resample draws the patient
-groups with replacement (one draw: every seed scores the same patients) and the seeds with
-replacement; the statistic (a macro AUC, a difference of two encoders' macro AUCs on the same
-images, a mean retrieval hit rate or its difference) is computed on each drawn seed's images of
-the drawn patients and averaged over the drawn seeds. The 2.5th and 97.5th percentiles of those
-averages are the 95% interval; the point estimate is the mean over seeds of each seed's
-full-data value. With few seeds the
-seed level is coarse (3 seeds: 10 distinct seed draws), which widens the interval rather than
-hiding the spread; a claim holds across seeds when this interval excludes 0.
+Interval over seeds and patients: :func:`mgll.metrics.seed_mean_interval` (each resample draws
+the patient groups once for every seed, and the seeds, with replacement) of a macro AUC or a
+mean retrieval hit rate; a comparison is its paired form, the difference of two encoders on the
+same images, seeds and patients (with a p-value). A claim holds across seeds when this interval
+excludes 0.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,55 +19,13 @@ import numpy as np
 
 from mgll.demo.evaluation import RETRIEVAL_HEADLINE
 from mgll.demo.settings import COMPARISONS, ENCODERS, DemoError
+from mgll.metrics import Statistic, seed_mean_interval
 
-Statistic = Callable[[np.ndarray], float]  # rows of one seed's images -> a number (NaN: undefined)
 
-
-def seeds_and_patients_interval(
-    statistics: Sequence[Statistic],
-    patients: Sequence[Sequence[str]],
-    *,
-    n_resamples: int,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Mean over seeds and its 95% interval over seeds and patients (module docstring).
-
-    ``statistics[s]`` computes the statistic of seed s on an array of its rows,
-    ``patients[s]`` is the patient of each of seed s's rows. Every seed holds the same patients
-    (the same dataset), so one patient draw serves all seeds of a resample: the patient-level
-    spread is not averaged away by repeating seeds. Returns ``{"value", "per_seed", "ci95",
-    "n_undefined"}`` (resamples where the statistic was undefined are counted, left out)."""
-    by_seed = []
-    for rows_of in patients:
-        groups: dict[str, list[int]] = {}
-        for i, patient in enumerate(rows_of):
-            groups.setdefault(patient, []).append(i)
-        by_seed.append({p: np.asarray(r, dtype=np.int64) for p, r in groups.items()})
-    universe = sorted(by_seed[0])
-    if any(sorted(g) != universe for g in by_seed[1:]):
+def _same_patients(patients: Sequence[Sequence[str]]) -> None:
+    universe = set(patients[0])
+    if any(set(p) != universe for p in patients[1:]):
         raise DemoError("the seeds' outputs hold different patients; rerun the demo")
-    per_seed = [
-        float(stat(np.arange(len(p)))) for stat, p in zip(statistics, patients, strict=True)
-    ]
-    rng = np.random.default_rng(seed)
-    n_seeds = len(statistics)
-    draws = np.empty(n_resamples)
-    for b in range(n_resamples):
-        drawn = [universe[j] for j in rng.integers(0, len(universe), size=len(universe))]
-        values = [
-            statistics[s](np.concatenate([by_seed[s][p] for p in drawn]))
-            for s in rng.integers(0, n_seeds, size=n_seeds)
-        ]
-        draws[b] = np.mean(values)
-    finite = draws[np.isfinite(draws)]
-    value = float(np.mean(per_seed)) if np.all(np.isfinite(per_seed)) else None
-    ci = [float(v) for v in np.percentile(finite, [2.5, 97.5])] if finite.size else None
-    return {
-        "value": value,
-        "per_seed": [v if np.isfinite(v) else None for v in per_seed],
-        "ci95": ci if value is not None else None,
-        "n_undefined": int(n_resamples - finite.size),
-    }
 
 
 def _classification(folder: Path) -> dict[str, Any]:
@@ -108,10 +62,6 @@ def _hits(h: dict[str, Any], metric: str) -> Statistic:
     return statistic
 
 
-def _difference(a: Statistic, b: Statistic) -> Statistic:
-    return lambda rows: a(rows) - b(rows)
-
-
 def _same_images(a: Sequence[str], b: Sequence[str], where: str) -> None:
     if list(a) != list(b):
         raise DemoError(f"{where}: the encoders' outputs hold different images; rerun the demo")
@@ -145,21 +95,26 @@ def across_seeds(
                     p = _classification(folder)
                     read[encoder].append((p["images"], p["patients"], _auc(p)))
         patients = [p for _, p, _ in read[ENCODERS[0]]]
+        _same_patients(patients)
         shown = {"probe": "linear_probe"}.get(protocol, protocol)
         for encoder in ENCODERS:
             stats = [stat for _, _, stat in read[encoder]]
-            entry = seeds_and_patients_interval(stats, patients, n_resamples=n_resamples, seed=seed)
+            entry = seed_mean_interval(stats, patients, n_resamples=n_resamples, seed=seed)
             table.append(
                 {"encoder": encoder, "level": level, "protocol": shown, "metric": metric, **entry}
             )
         for a, b in COMPARISONS:
-            stats = []
-            for s, ((images_a, _, sa), (images_b, _, sb)) in enumerate(
+            for s, ((images_a, _, _), (images_b, _, _)) in enumerate(
                 zip(read[a], read[b], strict=True)
             ):
                 _same_images(images_a, images_b, str(outs[s] / name))
-                stats.append(_difference(sa, sb))
-            entry = seeds_and_patients_interval(stats, patients, n_resamples=n_resamples, seed=seed)
+            entry = seed_mean_interval(
+                [stat for _, _, stat in read[a]],
+                patients,
+                baseline=[stat for _, _, stat in read[b]],
+                n_resamples=n_resamples,
+                seed=seed,
+            )
             comparisons.append(
                 {"a": a, "b": b, "level": level, "protocol": shown, "metric": metric, **entry}
             )

@@ -1,8 +1,9 @@
 """Arguments shared by the evaluation sub-commands, and their error handling.
 
 Each command module (``probe``, ``finetune``, ``zeroshot``, ``retrieve``, ``compare``)
-registers its own parser with :func:`add_task_arguments` and runs through :func:`run_safely`,
-which turns expected failures into ``mgll <cmd>: error: ...`` and exit code 1.
+registers its own parser with :func:`add_task_arguments` and runs its body through
+:func:`run_offline` (the model hubs offline). Its user errors reach ``mgll.cli.main``, which
+prints ``mgll <cmd>: error: ...`` and exits 1.
 """
 
 from __future__ import annotations
@@ -16,9 +17,13 @@ from typing import Any
 from mgll.eval.options import DEFAULT_OPTIONS, EvalOptions
 from mgll.eval.task import TaskError
 
+DEFAULT_SPLIT_FRACTIONS = "0.8,0.1,0.1"
+
 
 def add_task_arguments(parser: argparse.ArgumentParser) -> None:
     """--data/--data-root/--source/--options/--level/--classes/--ordinal and the split."""
+    from mgll.data.cli import add_options_argument
+
     parser.add_argument(
         "--data",
         required=True,
@@ -28,13 +33,7 @@ def add_task_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--source", metavar="NAME", help="the folder's format, as data.source (default: detected)"
     )
-    parser.add_argument(
-        "--options",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="one entry of data.options (repeatable), e.g. --options language=zh",
-    )
+    add_options_argument(parser)
     parser.add_argument("--level", required=True, help="granularity level that is the task")
     parser.add_argument(
         "--classes",
@@ -57,9 +56,8 @@ def add_task_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--split-fractions",
-        default="0.8,0.1,0.1",
         metavar="TRAIN,VAL,TEST",
-        help="fractions of a 'patient' split (default 0.8,0.1,0.1)",
+        help=f"fractions of a '--split patient' split (default {DEFAULT_SPLIT_FRACTIONS})",
     )
     parser.add_argument("--split-seed", type=int, help="seed of a 'patient' split (default 0)")
 
@@ -127,13 +125,19 @@ def eval_options(args: argparse.Namespace) -> EvalOptions:
 
 def split_settings(args: argparse.Namespace) -> dict[str, Any] | None:
     """The ``data.split`` mapping the split arguments describe (None = the default)."""
+    if args.split_fractions is not None and args.split != "patient":
+        raise TaskError(  # never ignored silently
+            f"--split-fractions {args.split_fractions}: applies to a patient split; add "
+            "--split patient"
+        )
     if args.split is None:
         return None
     if args.split == "source":
         return {"mode": "source"}
     if args.split == "patient":
+        fractions = args.split_fractions or DEFAULT_SPLIT_FRACTIONS
         try:
-            train, val, test = (float(v) for v in args.split_fractions.split(","))
+            train, val, test = (float(v) for v in fractions.split(","))
         except ValueError:
             raise TaskError(
                 f"--split-fractions: {args.split_fractions!r} is not TRAIN,VAL,TEST"
@@ -146,7 +150,7 @@ def split_settings(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def load_task(args: argparse.Namespace, encoder_config: dict[str, Any] | None = None):
     """The :class:`~mgll.eval.task.EvalData` the task arguments describe."""
-    from mgll.data.cli import _options as parse_options  # the `mgll data` KEY=VALUE parser
+    from mgll.data.cli import parse_options
     from mgll.eval.task import load_eval_data
 
     return load_eval_data(
@@ -163,10 +167,10 @@ def load_task(args: argparse.Namespace, encoder_config: dict[str, Any] | None = 
     )
 
 
-def run_safely(command: str, body: Callable[[], int]) -> int:
-    """Run ``body`` with the model hubs offline. Its user errors (``mgll.errors.UserError``)
-    reach ``mgll.cli.main``, which prints them on one line; any other exception is a bug and
-    keeps its traceback (a ``ValueError`` from a library is not turned into a one-liner)."""
+def run_offline(body: Callable[[], int]) -> int:
+    """Run ``body`` with the model hubs offline: an evaluation reads local models only, never
+    a download. Errors pass through untouched (``mgll.cli.main`` prints user errors on one
+    line; any other exception is a bug and keeps its traceback)."""
     from mgll.process import offline_hubs
 
     with offline_hubs():

@@ -234,7 +234,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``mgll compare``."""
-    from mgll.eval.cli import run_safely
+    from mgll.eval.cli import run_offline
 
     def body() -> int:
         result = compare_folders(
@@ -247,4 +247,4 @@ def run(args: argparse.Namespace) -> int:
         print(format_comparison(result))
         return 0
 
-    return run_safely("compare", body)
+    return run_offline(body)

@@ -475,7 +475,7 @@ def _flag_overrides(args: argparse.Namespace) -> list[tuple[str, Any]]:
 
 def run(args: argparse.Namespace) -> int:
     """``mgll finetune``."""
-    from mgll.eval.cli import eval_options, load_task, run_safely
+    from mgll.eval.cli import eval_options, load_task, run_offline
     from mgll.eval.encoders import load_encoder
     from mgll.eval.probe import format_metrics
     from mgll.training.config import parse_overrides
@@ -494,7 +494,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     try:
-        return run_safely("finetune", body)
+        return run_offline(body)
     except KeyboardInterrupt:  # the second Ctrl-C: no checkpoint at this step
         print(
             "mgll finetune: stopped at once (second Ctrl-C); the checkpoints written so far "

@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from mgll.errors import OptionError
+
 # Loader workers pay off only when cores are left over for them (measured: on 2 cores, 2
 # workers make extraction 0.79x the bare forward, none 0.95x; benchmarks/eval.py).
 DEFAULT_WORKERS = 0 if (os.cpu_count() or 1) <= 2 else 2
@@ -37,13 +39,13 @@ class EvalOptions:
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
-            raise ValueError(f"--batch-size: {self.batch_size} must be at least 1")
+            raise OptionError(f"--batch-size: {self.batch_size} must be at least 1")
         if self.num_workers < 0:
-            raise ValueError(f"--num-workers: {self.num_workers} must be 0 or more")
+            raise OptionError(f"--num-workers: {self.num_workers} must be 0 or more")
         if self.n_resamples < 1:
-            raise ValueError(f"--bootstrap: {self.n_resamples} must be at least 1")
+            raise OptionError(f"--bootstrap: {self.n_resamples} must be at least 1")
         if self.cache_dir is True:
-            raise ValueError("cache_dir: True is not a folder; give a folder, None or False")
+            raise OptionError("cache_dir: True is not a folder; give a folder, None or False")
 
     @property
     def progress(self) -> bool:

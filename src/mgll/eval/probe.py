@@ -252,12 +252,10 @@ def linear_probe(
     """
     from mgll.eval import features as feature_store
     from mgll.eval.encoders import load_encoder
-    from mgll.eval.results import write_classification_outputs, write_json
-    from mgll.eval.task import label_fraction_rows
+    from mgll.eval.results import write_json
 
     if isinstance(encoder, (str, Path)):
         encoder = load_encoder(encoder, resolve_device(options.device))
-    seed = options.seed
     started = time.perf_counter()
     features = feature_store.extract_features(encoder, data.records, data.folder, options)
     extract_s = time.perf_counter() - started
@@ -275,45 +273,9 @@ def linear_probe(
     fractions = [float(f) for f in label_fractions]
     all_results: dict[str, Any] = {}
     for fraction in fractions:
-        train_rows = label_fraction_rows(data, fraction, seed)
-        train_rows = train_rows[~bad[train_rows]]
-        y_train = data.y[train_rows].astype(int)
-        if data.task.type != "multilabel" and len(np.unique(y_train.argmax(1))) < 2:
-            raise TaskError(
-                f"--label-fraction {fraction}: the drawn training images ({len(train_rows)}) "
-                "hold a single class; use a larger fraction"
-            )
-        fit_started = time.perf_counter()
-        probe = fit_probe(
-            features.features, data, train_rows, val_rows=rows["val"], c_grid=c_grid, seed=seed
-        )
-        fit_s = time.perf_counter() - fit_started
         folder = out if len(fractions) == 1 else out / f"fraction-{fraction:g}"
-        details = {
-            "classifier": "scikit-learn LogisticRegression on standardised pre-projection features",
-            **probe.selection,
-            "label_fraction": fraction,
-            "n_train": len(train_rows),
-            "n_patients_train": len(set(data.patients(train_rows))),
-            "n_val": len(rows["val"]),
-            "features_from_cache": features.from_cache,
-            "feature_seconds": round(extract_s, 3),
-            "fit_seconds": round(fit_s, 3),
-        }
-        all_results[f"{fraction:g}"] = write_classification_outputs(
-            folder,
-            data,
-            rows["test"],
-            probe.scores(features.features[rows["test"]]),
-            val_rows=rows["val"],
-            val_scores=probe.scores(features.features[rows["val"]]),
-            protocol="linear_probe",
-            encoder=encoder.describe(),
-            details=details,
-            seed=seed,
-            n_resamples=options.n_resamples,
-            notes=notes,
-            progress=options.progress,
+        all_results[f"{fraction:g}"] = _probe_fraction(
+            encoder, data, features, rows, fraction, folder, options, c_grid, notes, extract_s
         )
     if len(fractions) == 1:
         return next(iter(all_results.values()))
@@ -332,6 +294,65 @@ def linear_probe(
     }
     write_json(out / "summary.json", summary)
     return {"fractions": all_results}
+
+
+def _probe_fraction(
+    encoder: Any,
+    data: Any,
+    features: Any,
+    rows: dict[str, np.ndarray],
+    fraction: float,
+    folder: Path,
+    options: EvalOptions,
+    c_grid: Sequence[float],
+    notes: list[str],
+    extract_s: float,
+) -> dict[str, Any]:
+    """One label fraction: draw its training images, fit the probe, write ``folder``."""
+    from mgll.eval.results import write_classification_outputs
+    from mgll.eval.task import label_fraction_rows
+
+    seed = options.seed
+    bad = features.unreadable
+    train_rows = label_fraction_rows(data, fraction, seed)
+    train_rows = train_rows[~bad[train_rows]]
+    y_train = data.y[train_rows].astype(int)
+    if data.task.type != "multilabel" and len(np.unique(y_train.argmax(1))) < 2:
+        raise TaskError(
+            f"--label-fraction {fraction}: the drawn training images ({len(train_rows)}) "
+            "hold a single class; use a larger fraction"
+        )
+    fit_started = time.perf_counter()
+    probe = fit_probe(
+        features.features, data, train_rows, val_rows=rows["val"], c_grid=c_grid, seed=seed
+    )
+    fit_s = time.perf_counter() - fit_started
+    details = {
+        "classifier": "scikit-learn LogisticRegression on standardised pre-projection features",
+        **probe.selection,
+        "label_fraction": fraction,
+        "n_train": len(train_rows),
+        "n_patients_train": len(set(data.patients(train_rows))),
+        "n_val": len(rows["val"]),
+        "features_from_cache": features.from_cache,
+        "feature_seconds": round(extract_s, 3),
+        "fit_seconds": round(fit_s, 3),
+    }
+    return write_classification_outputs(
+        folder,
+        data,
+        rows["test"],
+        probe.scores(features.features[rows["test"]]),
+        val_rows=rows["val"],
+        val_scores=probe.scores(features.features[rows["val"]]),
+        protocol="linear_probe",
+        encoder=encoder.describe(),
+        details=details,
+        seed=seed,
+        n_resamples=options.n_resamples,
+        notes=notes,
+        progress=options.progress,
+    )
 
 
 def format_metrics(results: dict[str, Any]) -> str:
@@ -384,7 +405,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``mgll probe``."""
-    from mgll.eval.cli import run_safely
+    from mgll.eval.cli import run_offline
 
     def body() -> int:
         from mgll.eval.cli import eval_options, load_task
@@ -405,4 +426,4 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {args.output_dir}")
         return 0
 
-    return run_safely("probe", body)
+    return run_offline(body)

@@ -166,6 +166,23 @@ def plot_confusion(
     plt.close(fig)
 
 
+def _validation_thresholds(
+    data: EvalData, val_rows: np.ndarray | None, val_scores: np.ndarray | None, notes: list[str]
+) -> list[float]:
+    """Per class, the Youden threshold on the validation predictions (0.5 where validation
+    cannot choose one, said in ``notes``)."""
+    task = data.task
+    if val_rows is not None and val_scores is not None and len(val_rows):
+        chosen = youden_thresholds(data.y[val_rows].astype(int), val_scores)
+    else:
+        chosen = [None] * len(task.classes)
+        notes.append("no validation predictions: thresholds are 0.5")
+    for name, t in zip(task.classes, chosen, strict=True):
+        if t is None and val_rows is not None and len(val_rows):
+            notes.append(f"threshold of {name}: 0.5 (validation lacks positives or negatives)")
+    return [0.5 if t is None else float(t) for t in chosen]
+
+
 def write_classification_outputs(
     output_dir: str | Path,
     data: EvalData,
@@ -193,15 +210,7 @@ def write_classification_outputs(
     task = data.task
     y_test = data.y[test_rows].astype(int)
     notes = list(notes)
-    if val_rows is not None and val_scores is not None and len(val_rows):
-        chosen = youden_thresholds(data.y[val_rows].astype(int), val_scores)
-    else:
-        chosen = [None] * len(task.classes)
-        notes.append("no validation predictions: thresholds are 0.5")
-    for name, t in zip(task.classes, chosen, strict=True):
-        if t is None and val_rows is not None and len(val_rows):
-            notes.append(f"threshold of {name}: 0.5 (validation lacks positives or negatives)")
-    thresholds = [0.5 if t is None else float(t) for t in chosen]
+    thresholds = _validation_thresholds(data, val_rows, val_scores, notes)
     patients = data.patients(test_rows)
     stats = bootstrap_metrics(
         y_test,

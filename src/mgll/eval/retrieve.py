@@ -187,53 +187,15 @@ def write_retrieval_outputs(
     them (or their concatenation over galleries); ``n_texts`` is the number of gallery texts in
     all. Returns the results. Image-query CIs resample patients; text-query CIs resample texts."""
     from mgll.eval.results import write_json
-    from mgll.io import atomic_write
-    from mgll.metrics import mean_with_ci
 
     patients = data.patients(rows)
-    metrics: dict[str, Any] = {}
-    for key, values in hits.items():
-        if key == "i2t_rank":
-            continue
-        groups = patients if key.startswith("i2t") else list(range(len(values)))  # texts
-        value, ci = mean_with_ci(values, groups, n_resamples=n_resamples, seed=seed)
-        metrics[key], metrics[f"{key}_ci95"] = value, ci
-    metrics["i2t_median_rank"] = float(np.median(hits["i2t_rank"]))
-    gallery = references["gallery"]
-    chance, blind = {}, {}
-    for key in hits:
-        if key.startswith("i2t_R@"):
-            k = int(key.split("@")[1])
-            chance[key] = float(np.mean(np.minimum(k, gallery) / gallery))
-        elif key.startswith("i2t_P@"):
-            chance[key] = _mean_defined(references["chance_P"])
-        else:
-            continue
-        blind[key] = _mean_defined(references[key.replace("i2t_", "blind_")])
-
+    metrics = _retrieval_metrics(hits, patients, n_resamples, seed)
+    chance, blind = _retrieval_baselines(hits, references)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    columns = [k for k in hits if k.startswith("i2t") and k != "i2t_rank"]
-    writer.writerow(["image", "patient", "text", "rank_of_own_text", "gallery_size", *columns])
-    images, patient_ids = data.image_ids(rows), data.patient_ids(rows)
-    for i in range(len(rows)):
-        writer.writerow(
-            [
-                images[i],
-                patient_ids[i],
-                texts[i],
-                int(hits["i2t_rank"][i]),
-                int(gallery[i]),
-                *(f"{hits[c][i]:.6g}" for c in columns),
-            ]
-        )
-    atomic_write(
-        out / RETRIEVAL_FILE, lambda tmp: tmp.write_text(buffer.getvalue(), encoding="utf-8")
-    )
+    _write_retrieval_csv(out / RETRIEVAL_FILE, data, rows, texts, hits, references["gallery"])
     data.write_split(out / "split.csv")
-    _plot_recall(out / "recall.png", hits["i2t_rank"], gallery)
+    _plot_recall(out / "recall.png", hits["i2t_rank"], references["gallery"])
     results = {
         "version": 1,
         "task": {
@@ -263,6 +225,72 @@ def write_retrieval_outputs(
     }
     write_json(out / "results.json", results)
     return results
+
+
+def _retrieval_metrics(
+    hits: dict[str, np.ndarray], patients: Sequence[Any], n_resamples: int, seed: int
+) -> dict[str, Any]:
+    """Each hit metric's mean with its 95% CI (image queries resample patients, text queries
+    resample texts) and the median rank of an image's own text."""
+    from mgll.metrics import mean_with_ci
+
+    metrics: dict[str, Any] = {}
+    for key, values in hits.items():
+        if key == "i2t_rank":
+            continue
+        groups = patients if key.startswith("i2t") else list(range(len(values)))  # texts
+        value, ci = mean_with_ci(values, groups, n_resamples=n_resamples, seed=seed)
+        metrics[key], metrics[f"{key}_ci95"] = value, ci
+    metrics["i2t_median_rank"] = float(np.median(hits["i2t_rank"]))
+    return metrics
+
+
+def _retrieval_baselines(
+    hits: dict[str, np.ndarray], references: dict[str, np.ndarray]
+) -> tuple[dict[str, float | None], dict[str, float | None]]:
+    """Per image-query metric: a random ranking's expected value and the image-blind one's."""
+    gallery = references["gallery"]
+    chance, blind = {}, {}
+    for key in hits:
+        if key.startswith("i2t_R@"):
+            k = int(key.split("@")[1])
+            chance[key] = float(np.mean(np.minimum(k, gallery) / gallery))
+        elif key.startswith("i2t_P@"):
+            chance[key] = _mean_defined(references["chance_P"])
+        else:
+            continue
+        blind[key] = _mean_defined(references[key.replace("i2t_", "blind_")])
+    return chance, blind
+
+
+def _write_retrieval_csv(
+    path: Path,
+    data: Any,
+    rows: np.ndarray,
+    texts: Sequence[str],
+    hits: dict[str, np.ndarray],
+    gallery: np.ndarray,
+) -> None:
+    """``retrieval.csv``: one row per image query with its own text's rank and its hits."""
+    from mgll.io import atomic_write
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    columns = [k for k in hits if k.startswith("i2t") and k != "i2t_rank"]
+    writer.writerow(["image", "patient", "text", "rank_of_own_text", "gallery_size", *columns])
+    images, patient_ids = data.image_ids(rows), data.patient_ids(rows)
+    for i in range(len(rows)):
+        writer.writerow(
+            [
+                images[i],
+                patient_ids[i],
+                texts[i],
+                int(hits["i2t_rank"][i]),
+                int(gallery[i]),
+                *(f"{hits[c][i]:.6g}" for c in columns),
+            ]
+        )
+    atomic_write(path, lambda tmp: tmp.write_text(buffer.getvalue(), encoding="utf-8"))
 
 
 def read_retrieval_hits(folder: str | Path) -> dict[str, Any]:
@@ -412,7 +440,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``mgll retrieve``."""
-    from mgll.eval.cli import run_safely
+    from mgll.eval.cli import run_offline
 
     def body() -> int:
         from mgll.eval.cli import eval_options, load_task
@@ -441,4 +469,4 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {args.output_dir}")
         return 0
 
-    return run_safely("retrieve", body)
+    return run_offline(body)

@@ -246,7 +246,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``mgll zeroshot``."""
-    from mgll.eval.cli import run_safely
+    from mgll.eval.cli import run_offline
 
     def body() -> int:
         from mgll.eval.cli import eval_options, load_task
@@ -270,4 +270,4 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {args.output_dir}")
         return 0
 
-    return run_safely("zeroshot", body)
+    return run_offline(body)

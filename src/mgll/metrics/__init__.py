@@ -9,6 +9,7 @@ functions and is never averaged in silently.
 
 from mgll.metrics.bootstrap import (
     DEFAULT_RESAMPLES,
+    Statistic,
     bootstrap_indices,
     bootstrap_metrics,
     comparison_verdict,
@@ -16,7 +17,7 @@ from mgll.metrics.bootstrap import (
     paired_bootstrap,
     paired_mean_bootstrap,
     patient_groups,
-    seed_pooled_bootstrap,
+    seed_mean_interval,
     summarize,
     undefined_reason,
 )
@@ -35,6 +36,7 @@ from mgll.metrics.retrieval import retrieval_hits
 __all__ = [
     "DEFAULT_RESAMPLES",
     "TASK_TYPES",
+    "Statistic",
     "average_precision",
     "bootstrap_indices",
     "bootstrap_metrics",
@@ -49,7 +51,7 @@ __all__ = [
     "quadratic_kappa",
     "retrieval_hits",
     "roc_auc",
-    "seed_pooled_bootstrap",
+    "seed_mean_interval",
     "summarize",
     "undefined_reason",
     "youden_thresholds",

@@ -1,4 +1,5 @@
-"""Patient-level bootstrap: confidence intervals and paired comparisons.
+"""Patient-level bootstrap: confidence intervals and paired comparisons, and the interval of a
+mean over seeds (:func:`seed_mean_interval`: seeds and patients resampled).
 
 Intervals come from resampling *patients* with replacement (all images of a drawn patient
 come along), so correlated images of one patient never narrow an interval; paired comparisons
@@ -9,7 +10,7 @@ it was undefined.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -268,66 +269,106 @@ def summarize(
     return metrics, per_class, notes
 
 
-def seed_pooled_bootstrap(
-    y: np.ndarray,
-    scores: Sequence[np.ndarray],
-    patients: Sequence[Any],
-    task_type: str,
-    metric: str,
+Statistic = Callable[[np.ndarray], float]  # rows of one seed's images -> a number (NaN: undefined)
+
+
+def seed_mean_interval(
+    statistics: Sequence[Statistic],
+    patients: Sequence[Sequence[Any]],
     *,
-    classes: Sequence[str],
-    baseline: Sequence[np.ndarray] | None = None,
+    baseline: Sequence[Statistic] | None = None,
     n_resamples: int = DEFAULT_RESAMPLES,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """One metric over several seeds' predictions on the same test images, with an interval
-    that holds both the patient sampling and the seed-to-seed spread.
+    """The mean over seeds of a statistic, with a 95% interval over seeds and patients.
 
-    ``scores`` holds one (N, C) matrix per seed (rows aligned with ``y`` and ``patients``).
-    The value is the mean over seeds of each seed's metric. Each resample draws patients with
-    replacement *and* one seed uniformly, and scores that seed's predictions on those patients
-    (a two-stage bootstrap: seeds, then patients within the seed), so the 2.5-97.5 percentiles
-    widen with the spread between seeds; with one seed it is :func:`bootstrap_metrics`'s CI.
-    With ``baseline`` (one matrix per seed, paired with ``scores`` by seed) the entry is the
-    paired difference A - B in :func:`paired_bootstrap`'s keys (``a``, ``b``, ``diff``,
-    ``ci95``, ``p_value``), the same seed and patients drawn for both.
+    ``statistics[s]`` computes seed s's statistic (a macro AUC, a mean hit rate ...) on an
+    array of its rows; ``patients[s]`` names the patient of each of seed s's rows (every seed
+    holds the same patients, in any row order). Each resample draws the patients with
+    replacement once, for every seed (so repeating a seed adds no patient information), and
+    the seeds with replacement; its value is the mean of the drawn seeds' statistics on the
+    drawn patients. The interval is the 2.5-97.5 percentiles of those means, so it belongs to
+    the reported value (the mean over seeds of each seed's full-data statistic) and holds both
+    the seed-to-seed spread and the patient sampling. With few seeds the seed level is coarse
+    (3 seeds: 10 distinct seed draws), which widens the interval rather than hiding the spread.
+
+    Returns ``{"value", "per_seed", "ci95", "n_undefined"}`` (resamples where the statistic
+    was undefined are counted and left out). With ``baseline`` (one statistic per seed, paired
+    with ``statistics`` by seed) the statistic is the difference A - B on the same seeds and
+    patients, and the entry adds the two-sided bootstrap ``p_value`` of no difference and
+    ``value_a``/``value_b``, each encoder's mean over seeds.
     """
-    y = np.asarray(y).astype(int)
-    runs = [np.asarray(s, dtype=float) for s in scores]
-    others = None if baseline is None else [np.asarray(s, dtype=float) for s in baseline]
-    if not runs or (others is not None and len(others) != len(runs)):
-        raise ValueError("seed_pooled_bootstrap: give one score matrix per seed for A (and B)")
-    for s in runs + (others or []):
-        check_task(y, s, task_type)
-    present = [c for c in range(y.shape[1]) if both_classes_present(y[:, c])]
-
-    def value(rows: np.ndarray | slice, s: np.ndarray) -> float:
-        return classification_metrics(
-            y[rows], s[rows], task_type, classes=classes, macro_classes=present
-        )[metric]
-
-    everyone = slice(None)
-    per_seed = [value(everyone, s) for s in runs]
-    rng = np.random.default_rng(seed + 1)  # the seed draw, apart from the patients' stream
-    draws = []
-    for rows in bootstrap_indices(patient_groups(patients), n_resamples, seed):
-        k = int(rng.integers(len(runs)))
-        a = value(rows, runs[k])
-        draws.append(a if others is None else a - value(rows, others[k]))
-    draws_array = np.asarray(draws, dtype=float)
-    mean_a = float(np.mean(per_seed))
-    if others is None:
-        defined = bool(np.all(np.isfinite(per_seed)))
-        return {
-            "value": mean_a if defined else None,
-            "ci95": _percentile_ci(draws_array) if defined else None,
-            "per_seed": [float(v) if np.isfinite(v) else None for v in per_seed],
-            "n_undefined": int(np.sum(~np.isfinite(draws_array))),
-        }
-    per_seed_b = [value(everyone, s) for s in others]
-    entry = _paired_entry(mean_a, float(np.mean(per_seed_b)), draws_array)
-    entry["per_seed_diff"] = [float(a - b) for a, b in zip(per_seed, per_seed_b, strict=True)]
+    if not statistics or (baseline is not None and len(baseline) != len(statistics)):
+        raise ValueError("seed_mean_interval: give one statistic per seed for A (and B)")
+    if len(patients) != len(statistics):
+        raise ValueError("seed_mean_interval: give the patients of every seed's rows")
+    paired = baseline is not None
+    measured = (
+        [_difference(a, b) for a, b in zip(statistics, baseline, strict=True)]
+        if paired
+        else list(statistics)
+    )
+    per_seed, draws = _seed_mean_draws(measured, patients, n_resamples, seed)
+    finite = draws[np.isfinite(draws)]
+    value = float(np.mean(per_seed)) if np.all(np.isfinite(per_seed)) else None
+    ci = [float(v) for v in np.percentile(finite, [2.5, 97.5])] if finite.size else None
+    entry: dict[str, Any] = {
+        "value": value,
+        "per_seed": [v if np.isfinite(v) else None for v in per_seed],
+        "ci95": ci if value is not None else None,
+        "n_undefined": int(n_resamples - finite.size),
+    }
+    if paired:
+        means = [_full_data_mean(stats, patients) for stats in (statistics, baseline)]
+        comparison = _paired_entry(means[0], means[1], draws)
+        entry.update(
+            p_value=comparison["p_value"], value_a=comparison["a"], value_b=comparison["b"]
+        )
     return entry
+
+
+def _difference(a: Statistic, b: Statistic) -> Statistic:
+    return lambda rows: a(rows) - b(rows)
+
+
+def _full_data_mean(statistics: Sequence[Statistic], patients: Sequence[Sequence[Any]]) -> float:
+    """The mean over seeds of each seed's statistic on all its rows."""
+    values = [stat(np.arange(len(p))) for stat, p in zip(statistics, patients, strict=True)]
+    return float(np.mean(values))
+
+
+def _seed_mean_draws(
+    statistics: Sequence[Statistic],
+    patients: Sequence[Sequence[Any]],
+    n_resamples: int,
+    seed: int,
+) -> tuple[list[float], np.ndarray]:
+    """Each seed's statistic on all its rows, and the resampled means over seeds
+    (:func:`seed_mean_interval`'s two-level draw)."""
+    by_seed = []
+    for rows_of in patients:
+        groups: dict[Any, list[int]] = {}
+        for i, patient in enumerate(rows_of):
+            groups.setdefault(patient, []).append(i)
+        by_seed.append({p: np.asarray(r, dtype=np.int64) for p, r in groups.items()})
+    universe = sorted(by_seed[0])
+    if any(sorted(g) != universe for g in by_seed[1:]):
+        raise ValueError("seed_mean_interval: the seeds' rows hold different patients")
+    per_seed = [
+        float(stat(np.arange(len(p)))) for stat, p in zip(statistics, patients, strict=True)
+    ]
+    rng = np.random.default_rng(seed)
+    n_seeds = len(statistics)
+    draws = np.empty(n_resamples)
+    for b in range(n_resamples):
+        # One patient draw for every seed of the resample, then the seeds with replacement.
+        drawn = [universe[j] for j in rng.integers(0, len(universe), size=len(universe))]
+        values = [
+            statistics[s](np.concatenate([by_seed[s][p] for p in drawn]))
+            for s in rng.integers(0, n_seeds, size=n_seeds)
+        ]
+        draws[b] = np.mean(values)
+    return per_seed, draws
 
 
 def _progress(iterable: Iterator[np.ndarray], total: int, enabled: bool) -> Iterator[np.ndarray]:

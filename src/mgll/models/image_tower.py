@@ -100,42 +100,13 @@ def build_open_clip(
     ``embed_dim`` (``model.embed_dim``) overrides the architecture's projection size; this is
     only possible without pretrained weights, whose projection has a fixed size.
     """
-    if not image_cfg.arch:
-        raise ValueError(
-            "model.image.arch: missing; give an open_clip architecture name (e.g. ViT-B-16, "
-            "RN50), a shipped config (mgll-vit-tiny-64, mgll-vit-small-128) or 'hf-hub:org/repo'"
-        )
-    arch = str(image_cfg.arch)
-    try:
-        base_cfg = open_clip.get_model_config(arch)
-    except Exception as error:
-        raise PretrainedWeightsError(
-            f"model.image.arch: could not read the open_clip config of {arch!r} ({error})"
-        ) from error
-    if base_cfg is None:
-        raise ValueError(
-            f"model.image.arch: {arch!r} is not an open_clip architecture. Known names: "
-            "open_clip.list_models() (includes the shipped mgll-vit-* configs), or use "
-            "'hf-hub:org/repo' for an open_clip model on the Hugging Face Hub"
-        )
-
+    arch, base_cfg = _architecture(image_cfg)
     source = image_cfg.pretrained
     tag, checkpoint = (None, None)
     if source:
         tag, checkpoint = resolve_image_weights(arch, str(source), "model.image.pretrained")
     authors = _read_authors(checkpoint) if checkpoint is not None else None
-
-    quick_gelu = image_cfg.quick_gelu
-    if quick_gelu is None:
-        # Follow the weights: OpenAI's CLIP weights were trained with QuickGELU.
-        tag_cfg = open_clip.get_pretrained_cfg(arch, tag) if tag else {}
-        quick_gelu = bool(tag_cfg.get("quick_gelu", base_cfg.get("quick_gelu", False)))
-    if authors is not None and quick_gelu:
-        raise PretrainedWeightsError(
-            f"model.image.pretrained: {authors.path} holds the authors' {AUTHORS_ARCH} image "
-            "tower, trained with GELU, not QuickGELU; set model.image.quick_gelu to null or "
-            f"false and model.image.arch to {AUTHORS_ARCH}"
-        )
+    quick_gelu = _quick_gelu(image_cfg, arch, base_cfg, tag, authors)
 
     overrides: dict[str, Any] = {}
     if embed_dim is not None and int(embed_dim) != int(base_cfg["embed_dim"]):
@@ -180,6 +151,51 @@ def build_open_clip(
     open_clip_cfg["quick_gelu"] = quick_gelu
     preprocess_cfg = dict(open_clip.get_model_preprocess_cfg(clip))
     return OpenCLIPBuild(clip=clip, open_clip_cfg=open_clip_cfg, preprocess_cfg=preprocess_cfg)
+
+
+def _architecture(image_cfg: ImageConfig) -> tuple[str, dict[str, Any]]:
+    """``model.image.arch`` and its open_clip config (an error naming the key if unknown)."""
+    if not image_cfg.arch:
+        raise ValueError(
+            "model.image.arch: missing; give an open_clip architecture name (e.g. ViT-B-16, "
+            "RN50), a shipped config (mgll-vit-tiny-64, mgll-vit-small-128) or 'hf-hub:org/repo'"
+        )
+    arch = str(image_cfg.arch)
+    try:
+        base_cfg = open_clip.get_model_config(arch)
+    except Exception as error:
+        raise PretrainedWeightsError(
+            f"model.image.arch: could not read the open_clip config of {arch!r} ({error})"
+        ) from error
+    if base_cfg is None:
+        raise ValueError(
+            f"model.image.arch: {arch!r} is not an open_clip architecture. Known names: "
+            "open_clip.list_models() (includes the shipped mgll-vit-* configs), or use "
+            "'hf-hub:org/repo' for an open_clip model on the Hugging Face Hub"
+        )
+    return arch, base_cfg
+
+
+def _quick_gelu(
+    image_cfg: ImageConfig,
+    arch: str,
+    base_cfg: dict[str, Any],
+    tag: str | None,
+    authors: AuthorsCheckpoint | None,
+) -> bool:
+    """``model.image.quick_gelu``, or when null what the weights were trained with."""
+    quick_gelu = image_cfg.quick_gelu
+    if quick_gelu is None:
+        # Follow the weights: OpenAI's CLIP weights were trained with QuickGELU.
+        tag_cfg = open_clip.get_pretrained_cfg(arch, tag) if tag else {}
+        quick_gelu = bool(tag_cfg.get("quick_gelu", base_cfg.get("quick_gelu", False)))
+    if authors is not None and quick_gelu:
+        raise PretrainedWeightsError(
+            f"model.image.pretrained: {authors.path} holds the authors' {AUTHORS_ARCH} image "
+            "tower, trained with GELU, not QuickGELU; set model.image.quick_gelu to null or "
+            f"false and model.image.arch to {AUTHORS_ARCH}"
+        )
+    return bool(quick_gelu)
 
 
 def _read_authors(checkpoint: Path) -> AuthorsCheckpoint | None:

@@ -10,6 +10,10 @@
    lives in an explicit :class:`TrainState`;
 4. :func:`summarize`: ``summary.json`` and the printed report.
 
+Beside it: :mod:`~mgll.training.state` (``Run``, ``TrainState``), :mod:`~mgll.training.loaders`,
+:mod:`~mgll.training.progress` (the loop's log, bar and checkpoint clock) and
+:mod:`~mgll.training.summary`.
+
 One process per device; under ``torchrun`` every process runs this same function and the
 contrastive loss gathers embeddings across processes by itself. Only rank 0 writes files.
 """
@@ -18,12 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import signal
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,13 +33,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, IterableDataset
-from tqdm import tqdm
+from torch.utils.data import Dataset, IterableDataset
 
 from mgll.data import collate_samples, prepare_data
 from mgll.data.config import DataConfig
-from mgll.distributed import DistributedInfo, barrier, init_distributed, is_distributed
-from mgll.io import atomic_write
+from mgll.distributed import DistributedInfo, barrier, init_distributed
 from mgll.models import create_model
 from mgll.models.config import ModelConfig
 from mgll.models.model import ContrastiveModel
@@ -45,15 +45,19 @@ from mgll.process import seed_everything, torch_settings
 from mgll.schema import ConfigError
 from mgll.training import checkpoint as ckpt
 from mgll.training.config import RunConfig, save_config
+from mgll.training.loaders import map_loaders, stream_loaders
 from mgll.training.objective import Objective
 from mgll.training.optim import build_optimizer, lr_at, set_lr
+from mgll.training.progress import Progress
 from mgll.training.run_control import RunInterrupted, RunLock, StopRequests
-from mgll.training.run_log import MetricsLog, flatten, truncate_after
-from mgll.training.sampling import GlobalBatchSampler, SeededSamples, sample_seed
+from mgll.training.run_log import flatten, truncate_after
+from mgll.training.state import Run, TrainState
 from mgll.training.step import Precision, forward_backward, optimizer_step
+from mgll.training.summary import SUMMARY_FILE, summarize
 from mgll.training.validation import validate
 
-SUMMARY_FILE = "summary.json"
+__all__ = ["SUMMARY_FILE", "Run", "TrainState", "build", "loop", "restore", "summarize", "train"]
+
 SPLIT_FILE = "split.csv"  # image, source, patient_id, split of every record the run read
 CONFIG_FILE = "config.yaml"
 # Keys that may differ between a run and its resumption without changing what it computes.
@@ -73,55 +77,6 @@ class DataSource(Protocol):
 
 ModelFactory = Callable[[ModelConfig, int], ContrastiveModel]  # (model config, G)
 DataBuilder = Callable[[DataConfig, Any, int], DataSource]  # (data config, data root, seed)
-
-
-@dataclass
-class TrainState:
-    """Where a run is: optimizer steps taken, epoch, steps taken in that epoch."""
-
-    step: int = 0
-    epoch: int = 0
-    epoch_step: int = 0
-
-
-@dataclass
-class Run:
-    """Everything :func:`build` makes, in one place."""
-
-    cfg: RunConfig
-    output_dir: Path
-    info: DistributedInfo
-    device: torch.device
-    objective: Objective
-    level_names: list[str]
-    model: ContrastiveModel  # the plain model (checkpoints, validation)
-    wrapped: nn.Module  # what the step calls: DDP and/or torch.compile around ``model``
-    train_set: Dataset
-    val_set: Dataset | None
-    sampler: Any  # GlobalBatchSampler, or a stream's batch plan: steps_per_epoch, set_epoch
-    train_loader: DataLoader
-    val_loader: DataLoader | None
-    optimizer: torch.optim.Optimizer
-    precision: Precision
-    warmup_steps: int
-    total_steps: int
-    max_steps: int
-    skipped: set[str] = field(default_factory=set)
-    sources: dict[str, dict[str, int]] = field(default_factory=dict)  # images per source, split
-    write_split: Callable[[Path], None] | None = None  # writes split.csv (the data's, if known)
-    stop: StopRequests | None = None  # signals asking for a clean stop
-    last_checkpoint: Path | None = None  # written (or resumed from) by this run
-    validated_at_end: bool = False
-
-    @property
-    def main(self) -> bool:
-        """Whether this process writes files (rank 0)."""
-        return self.info.is_main
-
-    @property
-    def checkpoint_dir(self) -> Path:
-        """``OUT/checkpoints``."""
-        return self.output_dir / ckpt.CHECKPOINT_SUBDIR
 
 
 def train(
@@ -257,9 +212,9 @@ def build(
     sources = data.source_counts() if hasattr(data, "source_counts") else {}
     write_split = getattr(data, "write_split", None)
     if isinstance(train_set, IterableDataset):  # shards: streams that plan their own batches
-        sampler, train_loader, val_loader = _stream_loaders(cfg, info, device, train_set, val_set)
+        sampler, train_loader, val_loader = stream_loaders(cfg, info, device, train_set, val_set)
     else:
-        sampler, train_loader, val_loader = _map_loaders(
+        sampler, train_loader, val_loader = map_loaders(
             cfg, info, device, train_set, val_set, collate_fn, weights
         )
     steps_per_epoch = sampler.steps_per_epoch
@@ -293,84 +248,6 @@ def build(
         sources=sources,
         write_split=write_split,
     )
-
-
-def _map_loaders(
-    cfg: RunConfig,
-    info: DistributedInfo,
-    device: torch.device,
-    train_set: Dataset,
-    val_set: Dataset | None,
-    collate_fn: Callable,
-    weights: Sequence[float] | None = None,
-) -> tuple[GlobalBatchSampler, DataLoader, DataLoader | None]:
-    """Loaders of indexable datasets: global batches by :class:`GlobalBatchSampler` (drawn
-    in proportion to ``weights`` when a pool gives them)."""
-    seed, tcfg = cfg.train.seed, cfg.train
-    try:
-        sampler = GlobalBatchSampler(
-            len(train_set),  # type: ignore[arg-type]
-            tcfg.batch_size,
-            info.rank,
-            info.world_size,
-            seed=seed,
-            weights=weights,
-        )
-    except ValueError as err:
-        raise ConfigError(str(err)) from err
-    workers = cfg.data.num_workers
-    loader_kwargs: dict[str, Any] = {
-        "num_workers": workers,
-        "collate_fn": collate_fn,
-        "pin_memory": device.type == "cuda",
-        "persistent_workers": workers > 0,
-        # A private generator: creating an iterator must not draw from the global RNG.
-        "generator": torch.Generator().manual_seed(seed),
-    }
-    train_loader = DataLoader(SeededSamples(train_set), batch_sampler=sampler, **loader_kwargs)
-    val_loader = None
-    if val_set is not None and len(val_set) > 0 and info.is_main:  # type: ignore[arg-type]
-        # Validation draws the same texts and seeds every epoch: epochs stay comparable.
-        val_keys = [(i, 0, sample_seed(seed, 0, i)) for i in range(len(val_set))]  # type: ignore[arg-type]
-        val_loader = DataLoader(
-            SeededSamples(val_set),
-            sampler=val_keys,
-            batch_size=cfg.eval.batch_size,
-            **loader_kwargs,
-        )
-    return sampler, train_loader, val_loader
-
-
-def _stream_loaders(
-    cfg: RunConfig,
-    info: DistributedInfo,
-    device: torch.device,
-    train_set: Any,
-    val_set: Any,
-) -> tuple[Any, DataLoader, DataLoader | None]:
-    """Loaders of streaming datasets (``data.source: shards``): the stream's own batch plan
-    (``ShardSplit.batches``) is the sampler; workers are started each epoch with its plan."""
-    workers = cfg.data.num_workers
-    loader_kwargs: dict[str, Any] = {
-        "batch_size": None,  # the streams collate their batches
-        "num_workers": workers,
-        "pin_memory": device.type == "cuda",
-        "generator": torch.Generator().manual_seed(cfg.train.seed),
-    }
-    try:
-        sampler = train_set.batches(
-            cfg.train.batch_size // info.world_size, info.rank, info.world_size, workers=workers
-        )
-        val_loader = None
-        if val_set is not None and len(val_set) > 0 and info.is_main:
-            # Validation reads every sample once, in epoch 0's draws, every epoch.
-            val_batches = val_set.batches(
-                cfg.eval.batch_size, workers=workers, shuffle=False, drop_last=False
-            )
-            val_loader = DataLoader(val_batches, **loader_kwargs)
-    except ValueError as err:  # the stream names the shards and the setting at fault
-        raise ConfigError(str(err)) from err
-    return sampler, DataLoader(sampler, **loader_kwargs), val_loader
 
 
 def _fit_model_to_run(model: ContrastiveModel, objective: Objective, checkpointing: bool) -> None:
@@ -520,90 +397,6 @@ def loop(run: Run, state: TrainState, fresh: bool) -> tuple[dict[str, Any], dict
     return progress.last_train, progress.last_val
 
 
-@dataclass
-class Progress:
-    """What the loop reports and when it last saved: metrics.jsonl, the progress bar, the
-    samples/s window, the last train and val rows, the step and time of the last checkpoint."""
-
-    log: MetricsLog | None
-    bar: Any
-    saved_step: int = -1
-    saved_at: float = field(default_factory=time.monotonic)
-    window_time: float = field(default_factory=time.perf_counter)
-    window_samples: int = 0
-    last_train: dict[str, Any] = field(default_factory=dict)
-    last_val: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def open(cls, run: Run, state: TrainState, fresh: bool) -> Progress:
-        """Rank 0's log (a fresh run, e.g. after a failed start, starts a new one) and bar."""
-        cfg = run.cfg
-        if run.main and fresh:
-            truncate_after(run.output_dir, 0)
-        log = MetricsLog(run.output_dir, cfg.log.tensorboard) if run.main else None
-        bar = tqdm(
-            total=run.max_steps,
-            initial=state.step,
-            disable=not (run.main and cfg.log.progress_bar),
-            dynamic_ncols=True,
-            desc="pretrain",
-        )
-        return cls(log, bar)
-
-    def log_step(
-        self,
-        run: Run,
-        state: TrainState,
-        values: dict[str, float],
-        lr: float,
-        grad_norm: torch.Tensor,
-    ) -> None:
-        """The bar after every step; a metrics row every ``log.every_steps`` and at the end."""
-        self.window_samples += run.cfg.train.batch_size
-        if not run.main:
-            return
-        now = time.perf_counter()
-        rate = self.window_samples / max(now - self.window_time, 1e-9)
-        self.bar.update(1)
-        self.bar.set_postfix(
-            {k: f"{v:.4f}" for k, v in values.items()}
-            | {"lr": f"{lr:.2e}", "samples/s": f"{rate:.1f}"}
-        )
-        if state.step % run.cfg.log.every_steps == 0 or state.step == run.max_steps:
-            self.last_train = {
-                "kind": "train",
-                "step": state.step,
-                "epoch": state.epoch,
-                **values,
-                "lr": lr,
-                "grad_norm": float(grad_norm),
-                "logit_scale": float(run.model.logit_scale.detach()),
-                "samples_per_s": rate,
-            }
-            self.log.write(self.last_train)  # type: ignore[union-attr]
-            self.window_time, self.window_samples = now, 0
-
-    def log_val(self, row: dict[str, Any]) -> None:
-        """A validation row: metrics.jsonl and its block under the bar."""
-        self.last_val = row
-        self.log.write(row)  # type: ignore[union-attr]
-        self.bar.write(_format_val(row))
-
-    def checkpoint_overdue(self, minutes: float | None) -> bool:
-        """Whether ``checkpoint.every_minutes`` have passed since the last checkpoint."""
-        return minutes is not None and time.monotonic() - self.saved_at >= 60 * minutes
-
-    def saved(self, step: int) -> None:
-        """Note a checkpoint at ``step``, now."""
-        self.saved_step, self.saved_at = step, time.monotonic()
-
-    def close(self) -> None:
-        """Close the bar and the log."""
-        self.bar.close()
-        if self.log is not None:
-            self.log.close()
-
-
 def train_step(
     run: Run, state: TrainState, batch: Mapping[str, Any], params: Sequence[torch.Tensor]
 ) -> tuple[dict[str, float], float, torch.Tensor]:
@@ -696,97 +489,3 @@ def _agree(run: Run, overdue: bool) -> tuple[bool, bool]:
     flags = torch.tensor([float(stop), float(overdue)], device=run.device)
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     return bool(flags[0]), bool(flags[1])
-
-
-# ---- 4. summarize -----------------------------------------------------------------------------
-
-
-def _gather_skipped(paths: set[str]) -> list[str]:
-    """Every rank's replaced (unreadable) image paths, once each."""
-    if not is_distributed():
-        return sorted(paths)
-    everyone: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, sorted(paths))
-    return sorted({p for rank_paths in everyone for p in rank_paths})
-
-
-def summarize(
-    run: Run,
-    state: TrainState,
-    start: tuple[float, int],
-    last_train: Mapping[str, Any],
-    last_val: Mapping[str, Any],
-) -> dict[str, Any]:
-    """The run summary; rank 0 writes ``summary.json`` and prints it."""
-    elapsed = time.perf_counter() - start[0]
-    steps_this_run = state.step - start[1]
-    skipped_all = _gather_skipped(run.skipped)
-    summary = {
-        "steps": state.step,
-        "epochs_completed": state.epoch,
-        "steps_this_run": steps_this_run,
-        "seconds": elapsed,
-        "samples_per_s": steps_this_run * run.cfg.train.batch_size / max(elapsed, 1e-9),
-        "world_size": run.info.world_size,
-        "device": str(run.device),
-        "train": dict(last_train),
-        "val": dict(last_val),
-        "samples": {
-            "train": len(run.train_set),  # type: ignore[arg-type]
-            "val": len(run.val_set) if run.val_set is not None else 0,  # type: ignore[arg-type]
-        },
-        "sources": run.sources,
-        "skipped_images": len(skipped_all),
-        "skipped_image_paths": skipped_all,
-        "checkpoint": str(run.last_checkpoint) if run.last_checkpoint else None,
-    }
-    if run.validated_at_end:
-        summary["validation"] = (
-            "once, at the end: the run stopped (--max-steps) before its first epoch ended"
-        )
-    if run.main:
-        text = json.dumps(summary, indent=2)
-        atomic_write(run.output_dir / SUMMARY_FILE, lambda tmp: tmp.write_text(text, "utf-8"))
-        print(format_summary(summary))
-    return summary
-
-
-def _format_val(row: Mapping[str, Any]) -> str:
-    parts = [f"val epoch {row['epoch']} step {row['step']}: loss {row.get('loss', math.nan):.4f}"]
-    for name, m in row.get("levels", {}).items():
-        shown = " ".join(f"{k} {v:.3f}" for k, v in m.items() if "@" in k)
-        parts.append(f"  [{name}] {shown} ({m.get('texts', 0)} texts)")
-    return "\n".join(parts)
-
-
-def format_summary(summary: Mapping[str, Any]) -> str:
-    """The end-of-run report printed by ``mgll pretrain``."""
-    lines = [
-        f"done: {summary['steps']} steps ({summary['steps_this_run']} in this run, "
-        f"{summary['epochs_completed']} epochs completed) in {summary['seconds']:.1f} s, "
-        f"{summary['samples_per_s']:.1f} samples/s on {summary['world_size']} x "
-        f"{summary['device']}",
-    ]
-    if summary["train"]:
-        terms = {
-            k: v
-            for k, v in summary["train"].items()
-            if k not in ("kind", "step", "epoch", "samples_per_s")
-        }
-        lines.append("last train step: " + ", ".join(f"{k} {v:.4g}" for k, v in terms.items()))
-    if summary["val"]:  # its full block was printed when it ran
-        val = summary["val"]
-        loss = val.get("loss", math.nan)
-        lines.append(f"last validation: epoch {val['epoch']} step {val['step']}, loss {loss:.4f}")
-    if "validation" in summary:
-        lines.append(f"validation: {summary['validation']}")
-    lines.append(
-        f"samples: {summary['samples']['train']} train, {summary['samples']['val']} val; "
-        f"skipped (unreadable) images: {summary['skipped_images']}"
-    )
-    lines.extend(f"  {p}" for p in summary["skipped_image_paths"][:10])
-    for name, counts in summary.get("sources", {}).items():
-        shown = ", ".join(f"{n} {split}" for split, n in counts.items())
-        lines.append(f"source {name}: {shown}")
-    lines.append(f"checkpoint: {summary['checkpoint']}")
-    return "\n".join(lines)
