@@ -144,6 +144,11 @@ def test_chunk_size_is_checked_and_reaches_the_loss_from_the_config():
     assert objective.loss.chunk_size == 64 and objective.local.chunk_size == 64
     clip = Objective.from_config(LossConfig(name="clip", chunk_size=8), 2)
     assert clip.loss.chunk_size == 8
+    assert not objective.loss.compile
+    compiled = Objective.from_config(LossConfig(compile=True), 2)
+    assert compiled.loss.compile and compiled.local.compile
+    with pytest.raises(ConfigError, match=r"loss\.compile applies to the MGLL loss only"):
+        LossConfig(name="clip", compile=True)
 
 
 def test_compile_sends_every_element_wise_pass_through_torch_compile(monkeypatch):
