@@ -18,13 +18,18 @@ backward, i.e. the loss's activation memory; it is reported in units of one N x 
 to show that memory is O(G N^2) with no N x N x C intermediate. On CUDA the peak allocated
 memory is printed as well.
 
-``--against FILE`` adds the MGLL rows of another ``losses.py`` (e.g. main's, from
-``git show main:src/mgll/losses.py > /tmp/main_losses.py``) to the same alternating rounds,
-labelled "MGLL (FILE's stem)", so two implementations are compared under the same load.
+``--profile`` prints instead where a forward+backward's time goes (torch.profiler's self CPU
+time, grouped: matmuls, transcendental element-wise ops, gathers/scatters, the rest) for CLIP
+and MGLL at G = 3. ``--compile`` adds rows for ``MGLLLoss(compile=True)`` (compiled during
+the untimed warm-up round). ``--against FILE`` adds the MGLL rows of another single-file
+``losses.py`` (e.g. one before the package split, ``git show 8ae1a4d:src/mgll/losses.py >
+/tmp/main_losses.py``) to the same alternating rounds, labelled "MGLL (FILE's stem)", so two
+implementations are compared under the same load.
 
 Usage: python benchmarks/loss.py [--sizes 256 1024 4096] [--dim 512] [--repeats 3] [--device cpu]
-                                 [--against /tmp/main_losses.py]
+                                 [--against /tmp/main_losses.py] [--compile]
        python benchmarks/loss.py --tiles [--tile-sizes 2048 8192] [--chunk-size 512]
+       python benchmarks/loss.py --profile [--sizes 1024] [--compile] [--against FILE]
 """
 
 from __future__ import annotations
@@ -71,7 +76,8 @@ def _sync(device: torch.device) -> None:
 
 
 def _run_once(loss_fn, image, texts, labels, device: torch.device):
-    """Seconds of one forward+backward, bytes saved for backward, CUDA peak bytes."""
+    """Seconds of one forward+backward, bytes saved for backward, CUDA peak bytes, and the
+    process's CPU seconds (all its threads; what other jobs on a shared machine change least)."""
     saved = 0
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -82,22 +88,23 @@ def _run_once(loss_fn, image, texts, labels, device: torch.device):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     _sync(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = loss_fn(image, texts, labels, logit_scale=2.6593, logit_bias=-10.0)
     out["loss"].backward()
     _sync(device)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     image.grad = None
     for t in texts:
         t.grad = None
-    return seconds, saved, peak
+    return seconds, saved, peak, cpu
 
 
 def _time_cases(cases, batches, repeats: int, device: torch.device):
     """Run the cases alternately (so load changes hit all alike); per case the median time,
-    and the median of its time over CLIP's in the same round (the paired ratio)."""
+    the median of its time over CLIP's in the same round (the paired ratio) and the same for
+    CPU time."""
     runs: dict[str, list] = {name: [] for name in cases}
     for r in range(repeats + 1):  # round 0 warms up
         for name, (loss_fn, g, batch) in cases.items():
@@ -107,10 +114,29 @@ def _time_cases(cases, batches, repeats: int, device: torch.device):
                 runs[name].append(result)
     out = {}
     for name, results in runs.items():
-        ratios = [mine[0] / clip[0] for mine, clip in zip(results, runs["CLIP"], strict=True)]
+        pairs = list(zip(results, runs["CLIP"], strict=True))
+        ratio = statistics.median(mine[0] / clip[0] for mine, clip in pairs)
+        cpu_ratio = statistics.median(mine[3] / clip[3] for mine, clip in pairs)
         seconds = statistics.median(x[0] for x in results)
-        out[name] = (seconds, statistics.median(ratios), results[0][1], results[0][2])
+        out[name] = (seconds, ratio, results[0][1], results[0][2], cpu_ratio)
     return out
+
+
+def _check_compiled(image, texts, labels) -> None:
+    """Stop unless MGLLLoss(compile=True) gives the eager loss and gradients (to 1e-5)."""
+    results, seconds = [], 0.0
+    for loss_fn in (MGLLLoss(), MGLLLoss(compile=True)):
+        start = time.perf_counter()
+        out = loss_fn(image, texts, labels, logit_scale=2.6593, logit_bias=-10.0)
+        grads = torch.autograd.grad(out["loss"], [image, *texts])
+        results.append([out["loss"].detach(), *grads])
+        seconds = time.perf_counter() - start
+    print(f"first compiled forward+backward (compiling, unless cached): {seconds:.0f} s")
+    diff = max(float((a - b).abs().max() / a.abs().max()) for a, b in zip(*results, strict=True))
+    print(f"compiled vs eager, G = 3, N = {image.shape[0]}: largest difference {diff:.1e} of the")
+    print("largest value (loss, each gradient)\n")
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def _load_losses(path: str):
@@ -161,7 +187,13 @@ def main() -> None:
     parser.add_argument(
         "--against", help="another losses.py whose MGLL rows join the same rounds (e.g. main's)"
     )
+    parser.add_argument(
+        "--compile", action="store_true", help="add MGLLLoss(compile=True) rows (G = 2, 3)"
+    )
     parser.add_argument("--tiles", action="store_true", help="only the tiled-loss table")
+    parser.add_argument(
+        "--profile", action="store_true", help="only where the time goes, by op group"
+    )
     parser.add_argument("--tile-sizes", type=int, nargs="+", default=[2048, 8192])
     parser.add_argument("--chunk-size", type=int, default=512)
     parser.add_argument("--memory-child", nargs=3, type=int, help=argparse.SUPPRESS)
@@ -175,6 +207,10 @@ def main() -> None:
         _tiles_table(args)
         return
     device = torch.device(args.device)
+    if args.profile:
+        print(f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
+        _profile_table(args, device)
+        return
     where = (
         torch.cuda.get_device_name(device)
         if device.type == "cuda"
@@ -190,7 +226,7 @@ def main() -> None:
     cuda = device.type == "cuda"
     header = (
         "| N | loss | G | texts | fwd+bwd (ms) | x CLIP (paired median) | target (1.2 x G) "
-        "| saved for backward (MiB) | in N x N fp32 |"
+        "| x CLIP in CPU time | saved for backward (MiB) | in N x N fp32 |"
     )
     if cuda:
         header += " CUDA peak (MiB) |"
@@ -205,13 +241,18 @@ def main() -> None:
         cases = {"CLIP": (CLIPLoss(), 1, "distinct")}
         cases |= {f"MGLL{g}": (MGLLLoss(), g, "distinct") for g in (1, 2, 3)}
         cases["MGLL3 shared"] = (MGLLLoss(), 3, "shared")
+        if args.compile:  # compiled in the warm-up round, which is not timed
+            cases |= {f"MGLL{g} compiled": (MGLLLoss(compile=True), g, "distinct") for g in (2, 3)}
         if other is not None:
             cases |= {f"{other_name}{g}": (other.MGLLLoss(), g, "distinct") for g in (2, 3)}
             cases[f"{other_name}3 shared"] = (other.MGLLLoss(), 3, "shared")
+        if args.compile:
+            _check_compiled(*batches["distinct"])
         best = _time_cases(cases, batches, args.repeats, device)
-        for name, (seconds, ratio, saved, peak) in best.items():
+        for name, (seconds, ratio, saved, peak, cpu_ratio) in best.items():
             g, texts = cases[name][1], cases[name][2]
             label = other_name if name.startswith(other_name or "-") else name[:4]
+            label += " (compiled)" if name.endswith("compiled") else ""
             target = (
                 ""
                 if name == "CLIP"
@@ -219,9 +260,10 @@ def main() -> None:
             )
             row = (
                 f"| {n} | {label} | {g} | {texts} | {seconds * 1e3:.1f} | {ratio:.2f} | "
-                f"{target} | {saved / 2**20:.1f} | {saved / 2**20 / nn_mib:.1f} |"
+                f"{target} | {cpu_ratio:.2f} | {saved / 2**20:.1f} | {saved / 2**20 / nn_mib:.1f} |"
             )
             print(row + (f" {peak / 2**20:.0f} |" if cuda else ""), flush=True)
+    print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
 
     print("\n| N | positive targets | ours (ms) | Python loops (ms) | speed-up | target |")
     print("|---|---|---|---|---|---|")
@@ -236,6 +278,70 @@ def main() -> None:
             f"| {n} | string keys | {ours * 1e3:.2f} | {loops * 1e3:.1f} "
             f"| {loops / ours:.0f}x | {target} |"
         )
+
+
+PROFILE_GROUPS = {
+    "matmul": ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm"),
+    "exp, log, softplus, sigmoid, softmax": (
+        "aten::exp",
+        "aten::exp_",
+        "aten::log",
+        "aten::log_",
+        "aten::log1p",
+        "aten::softplus",
+        "aten::sigmoid",
+        "aten::logaddexp",
+        "aten::_log_softmax",
+        "aten::_log_softmax_backward_data",
+        "aten::_softmax",
+    ),
+    "gather, scatter": (
+        "aten::index_select",
+        "aten::index_add_",
+        "aten::scatter_add_",
+        "aten::index",
+        "aten::index_put_",
+    ),
+}
+"""Op groups of the ``--profile`` table (self CPU time); every other op is "other"."""
+
+
+def _profile_table(args: argparse.Namespace, device: torch.device) -> None:
+    """Where a forward+backward's time goes, by op group, for CLIP and MGLL (G = 3, distinct
+    texts): torch.profiler's self CPU time per op, each case profiled over the same
+    alternating rounds, in ms per forward+backward."""
+    from torch.profiler import ProfilerActivity, profile
+
+    other = _load_losses(args.against) if args.against else None
+    for n in args.sizes:
+        batch = _batch(n, args.dim, 3, device)
+        cases = {"CLIP": (CLIPLoss(), 1), "MGLL": (MGLLLoss(), 3)}
+        if args.compile:
+            cases["MGLL (compiled)"] = (MGLLLoss(compile=True), 3)
+        if other is not None:
+            cases[f"MGLL ({Path(args.against).stem})"] = (other.MGLLLoss(), 3)
+        times: dict[str, dict[str, float]] = {name: {} for name in cases}
+        for loss_fn, g in cases.values():  # warm up (and compile)
+            _run_once(loss_fn, batch[0], batch[1][:g], batch[2][:g], device)
+        for _ in range(args.repeats):
+            for name, (loss_fn, g) in cases.items():
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    _run_once(loss_fn, batch[0], batch[1][:g], batch[2][:g], device)
+                for event in prof.key_averages():
+                    group = next(
+                        (k for k, ops in PROFILE_GROUPS.items() if event.key in ops), "other"
+                    )
+                    ms = event.self_cpu_time_total / 1e3 / args.repeats
+                    times[name][group] = times[name].get(group, 0.0) + ms
+        print(f"\nN = {n}, D = {args.dim}, ms per forward+backward (self CPU time)\n")
+        print("| op group | " + " | ".join(cases) + " |")
+        print("|---|" + "---|" * len(cases))
+        for group in [*PROFILE_GROUPS, "other"]:
+            cells = " | ".join(f"{times[name].get(group, 0.0):.1f}" for name in cases)
+            print(f"| {group} | {cells} |")
+        totals = " | ".join(f"{sum(times[name].values()):.1f}" for name in cases)
+        print(f"| total | {totals} |")
+        print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
 
 
 BUDGET = 16 * 2**30

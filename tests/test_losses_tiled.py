@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import mgll.losses as losses
+import mgll.losses.kernel as kernel
 from mgll.losses import CLIPLoss, MGLLLoss, _distinct_columns, label_presence
 from mgll.schema import ConfigError
 from mgll.training.config import LossConfig
@@ -103,7 +103,7 @@ def test_missing_samples_leave_the_matmul_and_class_ids_build_no_mask(monkeypatc
     not a masked N x N, and a class-id level never builds its positive mask (positive sums go
     through per-class sums); the multi-hot level builds its mask once, kept for backward."""
     shapes, masks = [], []
-    real_logits, real_tile = losses._level_logits, losses._Positives.tile
+    real_logits, real_tile = kernel._level_logits, kernel._Positives.tile
 
     def spy_logits(plan, tensors, spans):
         out = real_logits(plan, tensors, spans)
@@ -114,8 +114,8 @@ def test_missing_samples_leave_the_matmul_and_class_ids_build_no_mask(monkeypatc
         masks.append("class ids" if self.by_class else "multi-hot")
         return real_tile(self, r0, r1)
 
-    monkeypatch.setattr(losses, "_level_logits", spy_logits)
-    monkeypatch.setattr(losses._Positives, "tile", spy_tile)
+    monkeypatch.setattr(kernel, "_level_logits", spy_logits)
+    monkeypatch.setattr(kernel._Positives, "tile", spy_tile)
     image, texts, labels = _case(12, 3)
     present = [int(label_presence(lab).sum()) for lab in labels]
     assert min(present[:2]) < 12  # the case has missing samples at two levels
@@ -144,3 +144,32 @@ def test_chunk_size_is_checked_and_reaches_the_loss_from_the_config():
     assert objective.loss.chunk_size == 64 and objective.local.chunk_size == 64
     clip = Objective.from_config(LossConfig(name="clip", chunk_size=8), 2)
     assert clip.loss.chunk_size == 8
+    assert not objective.loss.compile
+    compiled = Objective.from_config(LossConfig(compile=True), 2)
+    assert compiled.loss.compile and compiled.local.compile
+    with pytest.raises(ConfigError, match=r"loss\.compile applies to the MGLL loss only"):
+        LossConfig(name="clip", compile=True)
+
+
+def test_compile_sends_every_element_wise_pass_through_torch_compile(monkeypatch):
+    """``MGLLLoss(compile=True)``: the kernel's element-wise functions go through
+    ``torch.compile`` (dynamic shapes, each compiled once per process), tiled or not; the
+    spy compiles nothing, so the values must be the eager ones exactly."""
+    compiled = []
+
+    def spy_compile(fn, dynamic=None):
+        compiled.append((fn.__name__, dynamic))
+        return fn
+
+    monkeypatch.setattr(torch, "compile", spy_compile)
+    monkeypatch.setattr(kernel, "_COMPILED", {})
+    image, texts, labels = _case(12, 4)
+    for chunk_size in (None, 5):
+        seen = list(compiled)
+        want = _value_and_grads(MGLLLoss(chunk_size=chunk_size), image, texts, labels)
+        assert compiled == seen  # the default compiles nothing
+        got = _value_and_grads(MGLLLoss(chunk_size=chunk_size, compile=True), image, texts, labels)
+        assert all(torch.equal(got[0][k], want[0][k]) for k in want[0])
+        assert all(torch.equal(a, b) for a, b in zip(got[1], want[1], strict=True))
+    names = ("_logit_stats", "_logit_grad", "_smooth_kl_term", "_kl_grad")
+    assert sorted(compiled) == sorted((name, True) for name in names)  # once each

@@ -85,11 +85,19 @@ class LossConfig:
     # rows per tile of the loss (logits recomputed in backward: memory chunk_size x N instead
     # of G N^2, the same values and gradients); null = untiled
     chunk_size: int | None = None
+    # MGLL only: the loss kernel's element-wise passes through torch.compile (docs/loss.md;
+    # the first step compiles for tens of seconds, then each step is faster)
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ConfigError(
                 f"loss.chunk_size must be a positive number of rows or null, got {self.chunk_size}"
+            )
+        if self.compile and self.name == "clip":
+            raise ConfigError(
+                "loss.compile applies to the MGLL loss only (CLIP's loss is one matmul and two "
+                "cross-entropies); drop loss.compile or use loss.name: mgll"
             )
 
 

@@ -32,6 +32,7 @@ def _loss(cfg: LossConfig, gather: bool) -> nn.Module:
         gather=gather,
         local_loss=cfg.local_loss,
         chunk_size=cfg.chunk_size,
+        compile=cfg.compile,
     )
 
 

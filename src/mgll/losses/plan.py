@@ -1,0 +1,203 @@
+"""What the loss kernel computes: the logit matrices (pairs) of a batch, their row tiles, their
+repeated columns and their positives."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+def _augment(t: torch.Tensor, scale: torch.Tensor | float, last: torch.Tensor | float):
+    """``[scale * t, last, 0...]`` row-wise: one extra column so a dot product adds a
+    constant, and zero columns up to a multiple of 8 wide (BLAS runs the backward matmuls
+    slower at an odd width such as 513; the zeros add exactly nothing)."""
+    column = torch.as_tensor(last, dtype=t.dtype, device=t.device).reshape(1, 1)
+    pad = t.new_zeros(t.shape[0], -(t.shape[1] + 1) % 8)
+    return torch.cat([scale * t, column.expand(t.shape[0], 1), pad], dim=1)
+
+
+@dataclass
+class _Distinct:
+    """Columns that repeat (same vector, same labels: a coarse level's few prompts), each
+    multiplied once: ``first`` (U,) one column per group, ``inverse`` (C,) each column's group,
+    ``counts`` (U,)."""
+
+    first: torch.Tensor
+    inverse: torch.Tensor
+    counts: torch.Tensor
+
+
+def _distinct_columns(vectors: torch.Tensor, labels: torch.Tensor) -> _Distinct | None:
+    """Groups of exactly equal (vector, labels) rows, or None when too few repeat to pay.
+
+    Rows are grouped by a random projection of both and the groups then checked for exact
+    equality, so a projection collision can only turn the saving off, never merge two rows.
+    Equal columns have equal logits and, their labels being equal, equal gradients: one
+    product per group is exact.
+    """
+    if vectors.shape[0] == 0:
+        return None
+    g = torch.Generator().manual_seed(0)
+    key = vectors.detach().double() @ torch.randn(
+        vectors.shape[1], 1, generator=g, dtype=torch.float64
+    ).to(vectors.device)
+    lab = labels.double().reshape(labels.shape[0], -1)
+    key = key + lab @ torch.randn(lab.shape[1], 1, generator=g, dtype=torch.float64).to(lab.device)
+    _, inverse, counts = torch.unique(key.squeeze(1), return_inverse=True, return_counts=True)
+    if counts.shape[0] > 0.75 * vectors.shape[0]:
+        return None
+    rows = torch.arange(inverse.shape[0], device=inverse.device)
+    first = torch.full_like(counts, inverse.shape[0]).scatter_reduce(0, inverse, rows, "amin")
+    same = torch.equal(vectors[first[inverse]], vectors) and torch.equal(
+        labels[first[inverse]], labels
+    )
+    return _Distinct(first, inverse, counts) if same else None
+
+
+@dataclass
+class _Pair:
+    """One logit matrix of the loss, ``Z = R C^T`` (scale and bias folded into R and C), and
+    the terms it enters.
+
+    ``rows``/``cols`` index the kernel's input tensors. A sample missing a label takes no part:
+    :class:`MGLLLoss` selects the present rows and columns before the matmul, and
+    ``row_index``/``col_index`` say which samples (of the plan's rows and columns) the pair's
+    rows and columns are (None: all of them, in order). ``present_*`` masks what is left
+    (-inf in every softmax).
+    """
+
+    rows: int
+    cols: int
+    labels_rows: torch.Tensor
+    labels_cols: torch.Tensor
+    present_rows: torch.Tensor  # (R,) bool
+    present_cols: torch.Tensor  # (C,) bool
+    row_ce: float  # weight in the sclip term of the row-wise soft cross-entropy (mean over rows)
+    col_ce: float  # same for the column-wise one, read from the same matrix (square pairs)
+    pointwise: bool
+    smooth_kl: bool
+    distinct: _Distinct | None = None
+    row_index: torch.Tensor | None = None
+    col_index: torch.Tensor | None = None
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.present_rows.all()) and bool(self.present_cols.all())
+
+    def span(self, r0: int, r1: int) -> tuple[int, int]:
+        """The pair's own rows that are the plan's rows ``r0:r1`` (a contiguous range)."""
+        if self.row_index is None:
+            return r0, r1
+        bounds = torch.searchsorted(self.row_index, torch.tensor([r0, r1]).to(self.row_index))
+        return int(bounds[0]), int(bounds[1])
+
+
+@dataclass
+class _Plan:
+    """What :class:`_TiledLoss` computes: the pairs, the rows per tile (None: one tile) and the
+    rows/columns present at every level (the smooth-KL term's samples)."""
+
+    pairs: list[_Pair]
+    chunk_size: int | None
+    n_rows: int
+    common_rows: torch.Tensor | None = None
+    common_cols: torch.Tensor | None = None
+    compiled: bool = False  # the element-wise passes through torch.compile
+
+    def spans(self, r0: int, r1: int) -> list[tuple[int, int]]:
+        return [pair.span(r0, r1) for pair in self.pairs]
+
+
+def _tiles(n: int, chunk_size: int | None) -> list[tuple[int, int]]:
+    step = n if not chunk_size or chunk_size >= n else chunk_size
+    return [(r, min(r + step, n)) for r in range(0, max(n, 1), step)]
+
+
+def _row_groups(plan: _Plan) -> dict[int, list[int]]:
+    """The pairs sharing each row matrix (every level's image rows): one matmul each."""
+    groups: dict[int, list[int]] = {}
+    for k, pair in enumerate(plan.pairs):
+        groups.setdefault(pair.rows, []).append(k)
+    return groups
+
+
+def _level_logits(
+    plan: _Plan, tensors: Sequence[torch.Tensor], spans: Sequence[tuple[int, int]]
+) -> list[torch.Tensor]:
+    """Every pair's (level's) logits for its rows of a tile (``spans``): one matmul per row
+    matrix against the concatenated distinct columns of all the pairs that share it."""
+    logits: list[torch.Tensor] = [torch.empty(0)] * len(plan.pairs)
+    for rows, members in _row_groups(plan).items():
+        cols = [_pair_columns(plan.pairs[k], tensors) for k in members]
+        p0, p1 = spans[members[0]]
+        z = tensors[rows][p0:p1] @ (cols[0] if len(cols) == 1 else torch.cat(cols)).T
+        for k, piece in zip(members, z.split([c.shape[0] for c in cols], dim=1), strict=True):
+            d = plan.pairs[k].distinct
+            logits[k] = piece if d is None else piece.index_select(1, d.inverse)
+    return logits
+
+
+def _pair_columns(pair: _Pair, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    cols = tensors[pair.cols]
+    return cols if pair.distinct is None else cols.index_select(0, pair.distinct.first)
+
+
+def _masked(z: torch.Tensor, pair: _Pair, r0: int, r1: int) -> torch.Tensor:
+    """Logits with the entries of missing rows or columns at -inf (out of every softmax)."""
+    if pair.complete:
+        return z
+    keep = pair.present_rows[r0:r1, None] & pair.present_cols[None, :]
+    return z.masked_fill(~keep, -math.inf)
+
+
+@dataclass
+class _Positives:
+    """A pair's positives. Multi-hot: ``tile(r0, r1)`` is the (rows, cols) 0/1 mask Y. Class
+    ids (``by_class``): ``keys_*`` are compact ids, the counts per row and column come from
+    counting them, and every sum over positives goes through per-class sums of vectors,
+    ``sum_{j: k_j = k_i} <r_i, c_j> = <r_i, sum of the c of class k_i>``, O(N D): no N x N mask
+    is ever built."""
+
+    pair: _Pair
+    keys_rows: torch.Tensor
+    keys_cols: torch.Tensor
+    n_rows: torch.Tensor | None  # (R,) positives of each row (1 for a missing row)
+    n_cols: torch.Tensor | None  # (C,)
+    n_ids: int = 0
+
+    @classmethod
+    def of(cls, pair: _Pair, dtype: torch.dtype) -> _Positives:
+        rows, cols = pair.labels_rows, pair.labels_cols
+        if rows.dim() == 2:
+            return cls(pair, (rows != 0).to(dtype), (cols != 0).to(dtype), None, None)
+        # A missing sample gets an id of its own, unlike any row's or column's: no positives.
+        r, c = rows.shape[0], cols.shape[0]
+        ar = torch.arange(r, device=rows.device)
+        keys_rows = torch.where(rows >= 0, rows, -1 - ar)
+        keys_cols = torch.where(cols >= 0, cols, -1 - r - torch.arange(c, device=cols.device))
+        ids, inverse = torch.unique(torch.cat([keys_rows, keys_cols]), return_inverse=True)
+        count_rows = torch.bincount(inverse[:r], minlength=ids.shape[0]).to(dtype)
+        count_cols = torch.bincount(inverse[r:], minlength=ids.shape[0]).to(dtype)
+        n_rows = torch.where(pair.present_rows, count_cols[inverse[:r]], 1.0)
+        n_cols = torch.where(pair.present_cols, count_rows[inverse[r:]], 1.0)
+        return cls(pair, inverse[:r], inverse[r:], n_rows, n_cols, ids.shape[0])
+
+    @property
+    def by_class(self) -> bool:
+        return self.n_rows is not None
+
+    def tile(self, r0: int, r1: int) -> torch.Tensor:
+        """Multi-hot: the tile's mask Y (label sets overlap) as 0/1 in the compute dtype;
+        class-id pairs never build one."""
+        return (self.keys_rows[r0:r1] @ self.keys_cols.T).gt_(0)
+
+    def class_sums(self, vectors: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """(ids, D) sums of ``vectors`` (rows or columns, with their ``keys``) per class id."""
+        return vectors.new_zeros(self.n_ids, vectors.shape[1]).index_add_(0, keys, vectors)
+
+
+def _count(mask: torch.Tensor) -> torch.Tensor:
+    return mask.sum().clamp(min=1)
