@@ -8,7 +8,9 @@ import csv
 import io
 import json
 import re
+from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -381,3 +383,26 @@ def test_the_palm_pretraining_recipe_trains_on_the_official_split_only():
     cfg = load_config("bench-palm")
     assert (cfg.data.source, cfg.data.path, cfg.data.split.mode) == ("palm", "palm", "source")
     assert cfg.model.image.arch == "mgll-rn-tiny-64"
+
+
+def test_zero_shot_runs_per_seed_only_when_the_encoder_changes_with_the_seed():
+    from mgll.benchmark.cli import plan_units
+
+    task = SimpleNamespace(name="palm")
+    encoders = {"mgll": "runs/palm-mgll-s{seed}", "fixed": "runs/palm-mgll-s0"}
+    plan = plan_units(
+        [task], encoders, ["zeroshot", "probe"], [0.1, 1.0], seeds=3, draws=5, first_seed=2
+    )
+    count = Counter((u["encoder"], u["protocol"], u["label_fraction"]) for u in plan)
+    assert count == {
+        ("mgll", "zeroshot", 1.0): 3,  # one pretraining run per seed: each is scored
+        ("fixed", "zeroshot", 1.0): 1,  # a fixed model scores the same every seed
+        ("mgll", "probe", 0.1): 5,
+        ("mgll", "probe", 1.0): 3,
+        ("fixed", "probe", 0.1): 5,
+        ("fixed", "probe", 1.0): 3,
+    }
+    seeds = sorted(
+        u["seed"] for u in plan if u["encoder"] == "mgll" and u["protocol"] == "zeroshot"
+    )
+    assert seeds == [2, 3, 4]

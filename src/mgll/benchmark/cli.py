@@ -149,14 +149,18 @@ def plan_units(
     draws: int,
     first_seed: int,
 ) -> list[dict[str, Any]]:
-    """Every unit to run: zero-shot once per encoder (it has no training, so no seeds or
-    fractions), the other protocols per fraction and seed."""
+    """Every unit to run: zero-shot at full labels only (it trains nothing), once per encoder
+    unless the encoder itself changes with the seed (``{seed}`` in its spec: one pretraining
+    run per seed); the other protocols per fraction and seed."""
     plan = []
     for task in tasks:
         for protocol in protocols:
             for name in encoders:
                 for fraction in [1.0] if protocol == "zeroshot" else fractions:
-                    count = 1 if protocol == "zeroshot" else (seeds if fraction >= 1 else draws)
+                    if protocol == "zeroshot":
+                        count = seeds if "{seed}" in encoders[name] else 1
+                    else:
+                        count = seeds if fraction >= 1 else draws
                     for seed in range(first_seed, first_seed + count):
                         unit = {
                             "task": task.name,
