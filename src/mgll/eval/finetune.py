@@ -38,7 +38,7 @@ from mgll.data.transforms import DEFAULT_AUGMENTATION
 from mgll.eval.options import DEFAULT_OPTIONS, EvalOptions
 from mgll.eval.task import TaskError
 from mgll.metrics import classification_metrics
-from mgll.schema import ConfigError, from_mapping, set_dotted, to_dict
+from mgll.schema import ConfigError, from_mapping, to_dict
 from mgll.training.epochs import (
     EpochResult,
     EpochSettings,
@@ -113,19 +113,10 @@ def load_finetune_config(
     path: str | Path | None = None, overrides: Sequence[tuple[str, Any]] = ()
 ) -> FineTuneConfig:
     """The settings of a YAML file (or the defaults), then ``(dotted key, value)`` overrides."""
-    from mgll.training.config import read_yaml
+    from mgll.training.config import build_section, read_config_file
 
-    raw: dict[str, Any] = {}
-    if path is not None:
-        if not Path(path).is_file():
-            raise ConfigError(f"--config: {path} does not exist")
-        raw = read_yaml(Path(path))
-    for key, value in overrides:
-        set_dotted(raw, key, value)
-    try:
-        return FineTuneConfig.from_dict(raw)
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}" if path else str(err)) from err
+    raw, origin = read_config_file(path)
+    return build_section(FineTuneConfig, raw, origin, overrides)
 
 
 class FineTuneModel(nn.Module):

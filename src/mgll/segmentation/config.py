@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from mgll.schema import ConfigError, from_mapping, set_dotted, to_dict
-from mgll.training.config import PrecisionName, parse_overrides, read_yaml
+from mgll.schema import ConfigError, from_mapping, to_dict
+from mgll.training.config import PrecisionName, build_section, read_config_file
 
 ResizeMode = Literal["pad", "crop", "stretch"]
 
@@ -100,17 +100,5 @@ def load_segmentation_config(
     ``overrides`` are ``"split.seed=3"`` strings or ``(key, value)`` pairs. Errors in the
     file name it; errors in an override name the key.
     """
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"--config: {path} does not exist; give a YAML file")
-        raw = read_yaml(path)
-        try:
-            SegmentationConfig.from_dict(raw)
-        except ConfigError as err:
-            raise ConfigError(f"{path}: {err}") from err
-    pairs = parse_overrides(overrides) if overrides and isinstance(overrides[0], str) else overrides
-    for key, value in pairs:  # type: ignore[misc]
-        set_dotted(raw, key, value)
-    return SegmentationConfig.from_dict(raw)
+    raw, origin = read_config_file(path)
+    return build_section(SegmentationConfig, raw, origin, overrides)
