@@ -4,9 +4,6 @@ epoch kept by the selection rule, the random crop."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +16,9 @@ from mgll.cli import main
 from mgll.eval.encoders import load_encoder
 from mgll.eval.results import read_results
 from mgll.training import checkpoint as ckpt
+from stopped_run import stop_after_step
 
 ENCODER = "random:mgll-vit-test-32:0"
-SRC = Path(__file__).resolve().parents[1] / "src"
-TESTS = Path(__file__).resolve().parent
 
 
 def _argv(data: Path, out: Path, *extra: str) -> list[str]:
@@ -47,26 +43,6 @@ def _argv(data: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
-# Runs `mgll finetune` and sends itself a real SIGINT right after optimizer step STOP_AT.
-STOPPED_RUN = """
-import os, signal, sys
-import mgll.training.epochs as epochs
-from mgll.cli import main
-
-stop_at, real, calls = int(sys.argv[1]), epochs.optimizer_step, []
-
-def step(*args, **kwargs):
-    norm = real(*args, **kwargs)
-    calls.append(1)
-    if len(calls) == stop_at:
-        os.kill(os.getpid(), signal.SIGINT)
-    return norm
-
-epochs.optimizer_step = step
-sys.exit(main(sys.argv[2:]))
-"""
-
-
 @pytest.mark.slow
 def test_sigint_mid_epoch_checkpoints_and_resume_equals_an_uninterrupted_run(tmp_path):
     """10 training images in batches of 4: 3 steps per epoch; SIGINT after step 4 (epoch 2's
@@ -76,19 +52,9 @@ def test_sigint_mid_epoch_checkpoints_and_resume_equals_an_uninterrupted_run(tmp
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     assert main(_argv(data, whole, "--epochs", "2")) == 0
 
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(TESTS)])}
     argv = _argv(data, stopped, "--epochs", "2")
-    proc = subprocess.run(
-        [sys.executable, "-c", STOPPED_RUN, "4", *argv], env=env, capture_output=True, text=True
-    )
-    assert proc.returncode == 130, proc.stderr
-    assert "stopped by SIGINT at step 4" in proc.stderr
-    saved = ckpt.list_checkpoints(stopped / "checkpoints")
-    assert [step for step, _ in saved] == [4]
-    state = ckpt.load_state(saved[0][1])
+    state = stop_after_step(argv, 4, stopped)
     assert (state["epoch"], state["epoch_step"]) == (1, 1)  # inside the second epoch
-    assert not (stopped / "results.json").exists()
-    assert not (stopped / ".mgll-run.lock").exists()  # the lock was given back
 
     assert main([*argv, "--resume", "latest"]) == 0
     a, b = read_results(whole), read_results(stopped)
