@@ -291,7 +291,6 @@ def test_paper_finetune_passes_the_authors_recipe(tmp_path, monkeypatch):
     assert aug.crop_scale > 0  # random crop on
     assert (cfg.head, cfg.select_by) == ("projected", "accuracy")
     assert seen["n_train"] == 24 and seen["resume"] is None
-    assert protocols.PAPER_FINETUNE_NOT_APPLIED == {}  # nothing of the recipe left out
     # mgll's own finetune keeps its defaults
     assert protocols.finetune_config("finetune") == finetune.FineTuneConfig()
 

@@ -260,10 +260,7 @@ def run_benchmark(
         "units": plan,
     }
     if "paper-finetune" in protocols:
-        summary["paper_finetune"] = {
-            "recipe": eval_calls.PAPER_FINETUNE,
-            "not_applied": eval_calls.PAPER_FINETUNE_NOT_APPLIED,
-        }
+        summary["paper_finetune"] = {"recipe": eval_calls.PAPER_FINETUNE}
     _write_outputs(out, summary, echo)
     return summary
 

@@ -6,8 +6,7 @@ folder (results.json, predictions.csv, ...) and returns its results dict.
 
 ``paper-finetune`` is the authors' downstream recipe (HUANGLIZI/MGLL ``exps/downstream.sh``,
 ``main_finetune.py``) written out in :data:`PAPER_FINETUNE` as the settings of
-:class:`mgll.eval.finetune.FineTuneConfig`; :func:`run_protocol` applies all of it
-(:data:`PAPER_FINETUNE_NOT_APPLIED` is empty).
+:class:`mgll.eval.finetune.FineTuneConfig`; :func:`run_protocol` applies all of it.
 """
 
 from __future__ import annotations
@@ -45,9 +44,6 @@ PAPER_FINETUNE: dict[str, Any] = {
     "head": "projected",  # the projected output (768-d for ViT-L-14)
     "select_by": "accuracy",  # the epoch with the best validation accuracy
 }
-# Parts of the recipe fine_tune cannot take: none since it runs on FineTuneConfig (kept, empty,
-# for benchmark.json's paper_finetune.not_applied).
-PAPER_FINETUNE_NOT_APPLIED: dict[str, str] = {}
 
 
 def finetune_config(protocol: str, epochs: int | None = None) -> Any:
