@@ -23,7 +23,7 @@ from mgll.models import (
     shipped_architectures,
 )
 from mgll.models.factory import MODEL_CONFIG_DIR
-from mgll.models.text_towers import length_buckets
+from mgll.models.packing import block_mask, first_fit_rows, length_buckets
 
 TEST_ARCH = "mgll-vit-test-32"
 
@@ -271,32 +271,124 @@ def test_length_buckets_find_the_cheapest_split(seed):
     assert cost == _brute_force_cost(lengths, 20)
 
 
-@needs_minilm
-def test_hf_tower_pads_each_length_group_apart_with_the_same_embeddings():
-    model = create_model(hf_cfg()).eval()
-    tower = model.text_towers[0]
-    strings = ["CR", "a chest X-ray", "DX image"] + [
-        f"progressive bilateral ground-glass opacities, worse on day {k} of the admission"
-        for k in range(6)
-    ]
-    calls = []
-    tower.encoder.register_forward_pre_hook(
-        lambda _m, _a, kwargs: calls.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+PACK_STRINGS = [
+    "CR",
+    "a chest X-ray",
+    "DX image",
+    "pneumonia, bacterial",
+    "progressive bilateral ground-glass opacities, worse on day 3 of the admission",
+    "bilateral opacities on day 1",
+    "right lower lobe consolidation",
+    "small left pleural effusion, unchanged since the admission",
+    "no change since day 2",
+]  # 3, 7, 5, 5, 18, 9, 6, 15, 7 tokens: first fit gives 18 | 15+3 | 9+7 | 7+6+5 | 5
+
+
+def _hf_tower(**kwargs) -> HFTextTower:
+    """A MiniLM tower (max_length 32) in eval mode; ``kwargs`` go to ``from_pretrained``."""
+    from transformers import AutoModel, AutoTokenizer
+
+    encoder = AutoModel.from_pretrained(str(MINILM), **kwargs)
+    tower = HFTextTower(encoder, AutoTokenizer.from_pretrained(str(MINILM)), 16, max_length=32)
+    return tower.eval()
+
+
+def _one_padded_call(tower: HFTextTower, strings: list[str]) -> torch.Tensor:
+    """The strings' projected features from one call padded to the longest (the plain way)."""
+    batch = tower.tokenizer(
+        strings, padding=True, truncation=True, max_length=32, return_tensors="pt"
     )
+    hidden = tower.encoder(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    ).last_hidden_state
+    if tower.pooling == "cls":
+        return tower.proj(hidden[:, 0])
+    return tower.proj(tower_pool(hidden, batch["attention_mask"]))
+
+
+def _record_calls(encoder: torch.nn.Module) -> list[dict]:
+    calls: list[dict] = []
+    encoder.register_forward_pre_hook(lambda _m, _a, kwargs: calls.append(kwargs), with_kwargs=True)
+    return calls
+
+
+@needs_minilm
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_hf_tower_packs_strings_into_rows_with_their_own_features_and_gradients(attn, pooling):
+    tower = _hf_tower(attn_implementation=attn)
+    tower.pooling = pooling
+    assert tower.packing
+    calls = _record_calls(tower.encoder)
+    packed = tower(PACK_STRINGS)
+    (packed * torch.linspace(-1, 1, 16)).sum().backward()
+    packed_grads = {n: p.grad.clone() for n, p in tower.named_parameters() if p.grad is not None}
+    # one call: the short strings fill the room the notes leave in 18-token rows
+    (call,) = calls
+    rows, width = call["input_ids"].shape
+    assert (rows, width) == (5, 18)
+    assert call["attention_mask"].shape == (rows, 1, width, width)
+    tower.zero_grad()
+    plain = _one_padded_call(tower, PACK_STRINGS)
+    (plain * torch.linspace(-1, 1, 16)).sum().backward()
+    torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
+    for name, grad in packed_grads.items():
+        torch.testing.assert_close(grad, tower.get_parameter(name).grad, rtol=1e-4, atol=1e-5)
+
+
+class _IgnoresPositions(torch.nn.Module):
+    """A BERT that numbers positions its own way (drops ``position_ids``): packing is wrong."""
+
+    def __init__(self, bert: torch.nn.Module) -> None:
+        super().__init__()
+        self.bert, self.config, self.embeddings = bert, bert.config, bert.embeddings
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.bert.dtype
+
+    def forward(self, input_ids, attention_mask, position_ids=None):
+        return self.bert(input_ids=input_ids, attention_mask=attention_mask)
+
+
+@needs_minilm
+def test_hf_tower_falls_back_to_length_groups_when_packing_is_not_exact():
+    from transformers import AutoModel, AutoTokenizer
+
+    encoder = _IgnoresPositions(AutoModel.from_pretrained(str(MINILM)))
+    tokenizer = AutoTokenizer.from_pretrained(str(MINILM))
+    tower = HFTextTower(encoder, tokenizer, 16, max_length=32).eval()
+    assert not tower.packing
+    calls = _record_calls(tower.encoder.bert)
     with torch.no_grad():
-        grouped = tower(strings)
-        # one call padded to the longest string, as the tower encoded before length groups
-        batch = tower.tokenizer(
-            strings, padding=True, truncation=True, max_length=32, return_tensors="pt"
-        )
-        hidden = tower.encoder(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-        ).last_hidden_state
-        padded = tower.proj(tower_pool(hidden, batch["attention_mask"]))
-    torch.testing.assert_close(grouped, padded, rtol=1e-5, atol=1e-5)
-    # two calls: the three short strings padded to their own longest, then the notes
-    (short_rows, short_width), (long_rows, long_width), (_, padded_width) = calls
-    assert (short_rows, long_rows) == (3, 6) and short_width < long_width == padded_width
+        grouped = tower(PACK_STRINGS)
+        plain = _one_padded_call(tower, PACK_STRINGS)
+    torch.testing.assert_close(grouped, plain, rtol=1e-5, atol=1e-5)
+    # one string per row, in length groups (each one call), with a plain padding mask
+    grouped_calls = calls[:-1]
+    assert sum(c["input_ids"].shape[0] for c in grouped_calls) == len(PACK_STRINGS)
+    assert all(c["attention_mask"].dim() == 2 for c in calls)
+
+
+def test_first_fit_rows_place_each_string_once_within_the_width():
+    lengths = [30, 12, 25, 5, 18, 30, 7, 2]
+    rows = first_fit_rows(lengths, width=32)
+    assert sorted(i for row in rows for i in row) == list(range(8))
+    assert all(sum(lengths[i] for i in row) <= 32 for row in rows)
+    # by hand, longest first into the first row with room: 30+2 | 30 | 25+7 | 18+12 | 5
+    assert sorted(sorted(row) for row in rows) == [[0, 7], [1, 4], [2, 6], [3], [5]]
+
+
+def test_block_mask_lets_tokens_see_only_their_own_string():
+    segments = torch.tensor([[0, 0, 1, -1], [2, 2, 2, 2]])
+    mask = block_mask(segments, None)[:, 0]
+    expected_row0 = torch.tensor(
+        [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=torch.bool
+    )
+    assert torch.equal(mask[0], expected_row0) and bool(mask[1].all())
+    additive = block_mask(segments, torch.float32)[:, 0]
+    assert torch.equal(additive == 0, mask)
+    assert bool((additive[~mask] == torch.finfo(torch.float32).min).all())
 
 
 def tower_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

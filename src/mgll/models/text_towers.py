@@ -7,7 +7,6 @@ factory picks a builder from :data:`TEXT_TOWER_BUILDERS` by the config's ``type`
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +16,17 @@ import torch
 from torch import nn
 
 from mgll.models.config import TextConfig
+from mgll.models.packing import (
+    POOLINGS,
+    first_fit_rows,
+    length_buckets,
+    packing_is_exact,
+    pool,
+    position_offset,
+    run_one_per_row,
+    run_packed,
+    token_rows,
+)
 from mgll.models.weights import PretrainedWeightsError, offline_hint
 from mgll.process import no_loading_bars
 
@@ -63,60 +73,6 @@ class OpenCLIPTextTower(nn.Module):
             self.clip.transformer.grad_checkpointing = enable
 
 
-def _mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-
-
-def _cls_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    return hidden[:, 0]
-
-
-POOLINGS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "mean": _mean_pool,
-    "cls": _cls_pool,
-}
-
-
-def length_buckets(lengths: Sequence[int], call_cost: int) -> list[list[int]]:
-    """Indices grouped by similar length, minimising padded tokens plus a cost per group.
-
-    A group padded to its longest member costs ``len(group) * longest`` tokens of encoder work,
-    and each group is one more encoder call, charged ``call_cost`` tokens (the tower uses one
-    full-length row). Over the lengths in sorted order the best split into contiguous groups is
-    an O(n^2) dynamic programme; n is the number of distinct strings of a batch.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    sorted_lengths = [lengths[i] for i in order]
-    n = len(order)
-    best = [0] + [math.inf] * n  # best[j]: cost of the first j sorted lengths
-    cut = [0] * (n + 1)
-    for j in range(1, n + 1):
-        for i in range(j):
-            cost = best[i] + (j - i) * sorted_lengths[j - 1] + call_cost
-            if cost < best[j]:
-                best[j], cut[j] = cost, i
-    groups, j = [], n
-    while j > 0:
-        groups.append(order[cut[j] : j])
-        j = cut[j]
-    return groups[::-1]
-
-
-def _pad_token_rows(
-    rows: list[list[int]], pad_id: int, side: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token id rows padded to the longest (on the tokenizer's side) and their attention mask."""
-    width = max(len(row) for row in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, row in enumerate(rows):
-        cols = slice(width - len(row), width) if side == "left" else slice(0, len(row))
-        ids[r, cols] = torch.tensor(row, dtype=torch.long)
-        mask[r, cols] = 1
-    return ids, mask
-
-
 class HFTextTower(nn.Module):
     """A Hugging Face encoder (BERT-style), pooled and linearly projected to ``embed_dim``."""
 
@@ -143,6 +99,10 @@ class HFTextTower(nn.Module):
         self.tokenizer = tokenizer
         self.pooling = pooling
         self.max_length = int(max_length)
+        # Several strings per row where the encoder gives packed strings their own features
+        # (checked once, here); otherwise one string per row.
+        self.packing = packing_is_exact(encoder, tokenizer, pooling)
+        self._offset = position_offset(encoder)
         self.proj = nn.Linear(encoder.config.hidden_size, embed_dim, bias=False)
         nn.init.normal_(self.proj.weight, std=encoder.config.hidden_size**-0.5)
         # Frozen: only the projection trains; the encoder stays in eval mode (no dropout), so a
@@ -182,23 +142,31 @@ class HFTextTower(nn.Module):
     def _encode(self, strings: list[str]) -> torch.Tensor:
         """Pooled encoder features (N, hidden) of ``strings``.
 
-        Strings are encoded in groups of similar token length (:func:`length_buckets`), each
-        padded only to its own longest: one call padded to the longest string would spend most
-        of its work on padding when short coarse-level texts and long notes share a tower. The
-        attention mask keeps padding out of every real token, so the features are those of one
-        padded call up to float rounding.
+        Short coarse-level prompts and long notes share a call: packed end to end in rows of
+        the longest string's width (:mod:`mgll.models.packing`), so the encoder runs on little
+        more than the real tokens, in one call. An encoder that cannot take packed rows encodes
+        one string per row, in groups of similar length each padded to its own longest
+        (:func:`~mgll.models.packing.length_buckets`). Either way each string's features are
+        those of encoding it alone, up to float rounding.
         """
         ids = self.tokenizer(strings, truncation=True, max_length=self.max_length)["input_ids"]
+        lengths = [len(row) for row in ids]
         device = self.proj.weight.device
-        buckets = length_buckets([len(row) for row in ids], call_cost=self.max_length)
+        pad_id = self.tokenizer.pad_token_id
+        if self.packing:
+            rows = token_rows(ids, first_fit_rows(lengths, max(lengths)), pad_id, self._offset)
+            rows = rows.to(device)
+            return pool(run_packed(self.encoder, rows), rows.segments, len(ids), self.pooling)
+        left = self.tokenizer.padding_side == "left"
+        buckets = length_buckets(lengths, call_cost=self.max_length)
         pieces = []
         for bucket in buckets:
-            input_ids, mask = _pad_token_rows(
-                [ids[i] for i in bucket], self.tokenizer.pad_token_id, self.tokenizer.padding_side
+            rows = token_rows(
+                [ids[i] for i in bucket], [[k] for k in range(len(bucket))], pad_id, left=left
             )
-            input_ids, mask = input_ids.to(device), mask.to(device)
-            hidden = self.encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
-            pieces.append(POOLINGS[self.pooling](hidden, mask))
+            rows = rows.to(device)
+            hidden = run_one_per_row(self.encoder, rows)
+            pieces.append(pool(hidden, rows.segments, len(bucket), self.pooling))
         order = torch.tensor([i for bucket in buckets for i in bucket], device=device)
         return torch.cat(pieces).index_select(0, order.argsort())
 
