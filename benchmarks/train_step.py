@@ -295,6 +295,13 @@ class _TimedTokenizer:
         return getattr(self._tokenizer, name)
 
 
+def _round_order(variants: list[str], r: int) -> list[str]:
+    """Round ``r``'s order: each round starts one variant later, so every variant runs in every
+    slot of a round equally often (a step right after a heavier one may find colder caches)."""
+    k = r % len(variants)
+    return variants[k:] + variants[:k]
+
+
 def measure_speed(args: argparse.Namespace) -> dict[str, list[float]]:
     model, batch, cfg = build(args)
     # Each variant keeps its own optimizer state but shares the towers, as in one process.
@@ -303,8 +310,8 @@ def measure_speed(args: argparse.Namespace) -> dict[str, list[float]]:
         for _ in range(args.warmup):
             steps[v]()
     times: dict[str, list[float]] = {v: [] for v in args.variants}
-    for _ in range(args.rounds):
-        for v in args.variants:
+    for r in range(args.rounds):
+        for v in _round_order(args.variants, r):
             _sync(args.device)
             start = time.perf_counter()
             steps[v]()
@@ -322,8 +329,8 @@ def measure_profile(args: argparse.Namespace) -> PhaseTimer:
         made[v][0]()  # warm-up, before any hook: the variants share the towers
     for v in args.variants:
         timer.attach(made[v][1])
-    for _ in range(args.rounds):
-        for v in args.variants:
+    for r in range(args.rounds):
+        for v in _round_order(args.variants, r):
             timer.run(v, made[v][0])
     return timer
 
@@ -403,6 +410,16 @@ def _print_profile(timer: PhaseTimer, args: argparse.Namespace) -> None:
         print(f"| {v} | {timer.tokens[v] // n} | {cells} | {timer.totals[v] / n * 1e3:.0f} |")
 
 
+def _paired_ratio(ratios: list[float], resamples: int = 2000) -> str:
+    """Median of the per-round ratios with a 95% percentile-bootstrap interval over rounds."""
+    g = torch.Generator().manual_seed(0)
+    values = torch.tensor(ratios, dtype=torch.float64)
+    picks = torch.randint(len(values), (resamples, len(values)), generator=g)
+    medians = values[picks].quantile(0.5, dim=1)
+    low, high = torch.quantile(medians, torch.tensor([0.025, 0.975], dtype=torch.float64))
+    return f"{statistics.median(ratios):.2f}x [{low:.2f}, {high:.2f}]"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="cpu-demo")
@@ -446,7 +463,7 @@ def main() -> None:
     baselines = [b for b in ("clip", "clip, joined") if b in times]
     print(
         "| step | levels | median s/step | samples/s | "
-        + "".join(f"vs {b} (paired) | " for b in baselines)
+        + "".join(f"vs {b} (paired, 95% CI) | " for b in baselines)
         + "peak memory (MiB) |"
     )
     print("|---|---|---|---|" + "---|" * len(baselines) + "---|")
@@ -455,7 +472,7 @@ def main() -> None:
         # Per-round ratios pair each step with the baseline step of the same round, so machine
         # load that drifts between rounds cancels out.
         ratios = "".join(
-            f"{statistics.median(c / t for c, t in zip(times[b], times[v], strict=True)):.2f}x | "
+            _paired_ratio([c / t for c, t in zip(times[b], times[v], strict=True)]) + " | "
             for b in baselines
         )
         mem = f"{memory[v]:.0f}" if memory[v] is not None else "-"
