@@ -11,6 +11,8 @@ hits them alike. Variants:
 * ``mgll-2``: ``MGLLLoss`` on the coarsest and finest levels (the trainer's own step code);
 * ``mgll-3``: three levels (coarsest, middle, finest);
 * ``mgll-2, no dedup``: ``mgll-2`` with the model's text de-duplication switched off;
+* ``mgll-3, no packing``: ``mgll-3`` with an ``hf`` tower encoding one string per row in length
+  groups (the fallback of :mod:`mgll.models.packing`) instead of packed rows;
 * ``open_clip`` (``--device cuda`` only by default): open_clip's own model and training step
   (its ``encode_text`` on 77-token captions, ``ClipLoss``), the baseline an open_clip user has.
 
@@ -46,7 +48,15 @@ import torch.nn.functional as F
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-VARIANTS = ("clip", "clip, joined", "mgll-2", "mgll-3", "mgll-2, no dedup", "open_clip")
+VARIANTS = (
+    "clip",
+    "clip, joined",
+    "mgll-2",
+    "mgll-3",
+    "mgll-2, no dedup",
+    "mgll-3, no packing",
+    "open_clip",
+)
 CPU_VARIANTS = VARIANTS[:-1]
 PHASES = ("tokenise", "text encoder", "image tower", "loss forward", "optimizer", "backward, rest")
 
@@ -124,6 +134,17 @@ def make_step(
         texts = [batch["texts"][g] for g in _levels(variant, num_levels)]
     labels = [batch["labels"][g].to(device) for g in _levels(variant, num_levels)]
     dedup = "no dedup" not in variant
+    # Variants share the towers: each step sets the text layout it measures.
+    packing = {id(t): getattr(t, "packing", False) for t in model.text_towers}
+    if "no packing" in variant:
+        packing = dict.fromkeys(packing, False)
+
+    def set_layout() -> None:
+        model.dedup_texts = dedup
+        for tower in model.text_towers:
+            if hasattr(tower, "packing"):
+                tower.packing = packing[id(tower)]
+
     forward = torch.compile(model) if args.compile else model
     parts: dict[str, Any] = {
         "image": model.image_tower,
@@ -137,7 +158,7 @@ def make_step(
         parts["loss"] = clip_loss
 
         def step() -> None:
-            model.dedup_texts = dedup
+            set_layout()
             with precision.autocast():
                 out = forward(images, texts)
             loss = clip_loss(
@@ -154,7 +175,7 @@ def make_step(
     parts["loss"] = loss_fn
 
     def step() -> None:
-        model.dedup_texts = dedup
+        set_layout()
         forward_backward(forward, loss_fn, images, texts, labels, precision, accum_steps=1, step=0)
         parts["optimizer_step"](optimizer, precision, params, cfg.train.grad_clip)
 
