@@ -26,7 +26,7 @@ allocated the optimizer state) and reports the peak growth.
 
     python benchmarks/train_step.py --data-root ../shared/data
     python benchmarks/train_step.py --device cuda --precision bf16 --batch-size 128 \\
-        model.image.arch=ViT-B-16 model.text.type=open_clip
+        model.image.arch=ViT-B-16 model.text.type=open_clip model.text.name=null
 """
 
 from __future__ import annotations
