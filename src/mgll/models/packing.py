@@ -181,9 +181,9 @@ def packing_is_exact(encoder: nn.Module, tokenizer: Any, pooling: str) -> bool:
     ids = tokenizer(["a chest x-ray", "no acute cardiopulmonary disease"])["input_ids"]
     was_training = encoder.training
     encoder.eval()
-    rows_packed = token_rows(ids, [[0, 1]], tokenizer.pad_token_id, position_offset(encoder))
-    rows_alone = token_rows(ids, [[0], [1]], tokenizer.pad_token_id)
     try:
+        rows_packed = token_rows(ids, [[0, 1]], tokenizer.pad_token_id, position_offset(encoder))
+        rows_alone = token_rows(ids, [[0], [1]], tokenizer.pad_token_id)
         with torch.no_grad():
             packed = pool(run_packed(encoder, rows_packed), rows_packed.segments, 2, pooling)
             alone = pool(run_one_per_row(encoder, rows_alone), rows_alone.segments, 2, pooling)
