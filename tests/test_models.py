@@ -474,14 +474,25 @@ def test_grad_checkpointing_switch_reaches_every_tower_and_keeps_gradients():
 
 
 @needs_minilm
-def test_grad_checkpointing_switch_reaches_hf_encoder():
-    model = create_model(hf_cfg())
+def test_grad_checkpointing_switch_reaches_hf_encoder_and_keeps_packed_gradients():
+    model = create_model(hf_cfg()).train()
+    # Train mode (Hugging Face recomputes only in training) without dropout, so both runs
+    # compute the same function through the packed rows' 4-D mask.
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    assert model.text_towers[0].packing
+    _, grads_plain = _embeddings_and_grads(model, dedup=True)
     model.set_grad_checkpointing(True)  # what train.grad_checkpointing does
     encoder = model.text_towers[0].encoder
     flag = getattr(encoder, "is_activation_checkpointing", None)
     if flag is None:
         flag = encoder.is_gradient_checkpointing
     assert flag
+    _, grads_ckpt = _embeddings_and_grads(model, dedup=True)
+    assert any(name.startswith("text_towers.0.encoder.") for name in grads_plain)
+    for name in grads_plain:
+        torch.testing.assert_close(grads_ckpt[name], grads_plain[name], rtol=1e-4, atol=1e-6)
 
 
 def test_missing_local_weights_file_is_a_clear_error(tmp_path):
