@@ -2,15 +2,17 @@
 # The GPU measurements of issue 17 as one prepared run (ViT-B/16 at 224 px, bf16, batch 128).
 #
 #   benchmarks/gpu_checks.sh prepare     # here, once: wheels and the covid-cxr data into .gpu/
-#   benchmarks/gpu_checks.sh run         # on the GPU machine, from the repository root
+#   benchmarks/gpu_checks.sh run [PART..] # on the GPU machine, from the repository root
 #
 # `prepare` fills .gpu/ (git-ignored through .git/info/exclude, about 45 MiB): the wheels the
 # GPU image lacks (open_clip_torch and its ftfy, wcwidth) and a copy of ../shared/data/covid-cxr,
 # which does not travel with the checkout. `run` installs the wheels into /tmp/site, puts src/
-# on the path and writes three tables to $OUT (or gpu-checks/): the training step with open_clip's
+# on the path and writes its tables to $OUT (or gpu-checks/): the training step with open_clip's
 # own step as a baseline (open_clip text tower: the MiniLM package, 88 MiB, is over what a call
-# can carry), torch.compile's speed and exactness, and the loss at batch sizes a GPU is used at.
-# About 5 minutes; each command has its own time limit so that one stuck part leaves the rest.
+# can carry) and the phase profile, the loss at batch sizes a GPU is used at, the tiled loss's
+# memory, and torch.compile's speed and exactness. PARTs (default: all): step, loss, tiles,
+# compile. At most 10 minutes; each command has its own time limit so that one stuck part
+# leaves the rest.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,21 +36,33 @@ run() {
     export PYTHONPATH=/tmp/site:$PWD/src HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
     export PYTHONUNBUFFERED=1 MGLL_CACHE=/tmp/mgll-cache
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+    timeout 60 python3 -c 'import torch, open_clip, transformers, mgll
+print("torch", torch.__version__, "cuda", torch.cuda.is_available(), "open_clip",
+      open_clip.__version__, "transformers", transformers.__version__)' 2>&1 |
+        tee -a "$out/gpu.txt"
     local common=(--device cuda --precision bf16 --batch-size 128 --data-root .gpu/data)
     local arch=(model.image.arch=ViT-B-16 model.text.type=open_clip model.text.name=null)
-    # overrides before --variants, which takes every word after it
-    timeout 180 python3 benchmarks/train_step.py "${arch[@]}" "${common[@]}" --rounds 20 \
-        --warmup 3 --variants clip "clip, joined" mgll-2 mgll-3 open_clip 2>&1 |
+    local parts=" ${*:-step loss tiles compile} "
+    # overrides before --variants, which takes every word after it; the most wanted table first
+    [[ $parts == *" step "* ]] && timeout 200 python3 benchmarks/train_step.py "${arch[@]}" \
+        "${common[@]}" --rounds 15 --warmup 3 --profile --variants clip "clip, joined" mgll-2 \
+        mgll-3 "clip, no token cache" "mgll-3, no token cache" open_clip 2>&1 |
         tee "$out/train_step.md"
-    timeout 180 python3 benchmarks/compile_step.py "${arch[@]}" "${common[@]}" --rounds 10 \
-        --variants clip mgll-3 2>&1 | tee "$out/compile_step.md"
-    timeout 90 python3 benchmarks/loss.py --device cuda --sizes 1024 4096 16384 --repeats 5 2>&1 |
-        tee "$out/loss.md"
+    [[ $parts == *" loss "* ]] && timeout 150 python3 benchmarks/loss.py --device cuda --compile \
+        --sizes 1024 4096 16384 --repeats 5 2>&1 | tee "$out/loss.md"
+    [[ $parts == *" tiles "* ]] && timeout 90 python3 benchmarks/loss.py --tiles --device cuda \
+        --tile-sizes 8192 32768 --chunk-size 2048 2>&1 | tee "$out/tiles.md"
+    [[ $parts == *" compile "* ]] && timeout 150 python3 benchmarks/compile_step.py "${arch[@]}" \
+        "${common[@]}" --rounds 10 --variants mgll-3 2>&1 | tee "$out/compile_step.md"
+    return 0
 }
 
 case "${1:-}" in
 prepare) prepare ;;
-run) run ;;
+run)
+    shift
+    run "$@"
+    ;;
 *)
     echo "usage: benchmarks/gpu_checks.sh prepare|run" >&2
     exit 2

@@ -13,6 +13,10 @@ hits them alike. Variants:
 * ``mgll-2, no dedup``: ``mgll-2`` with the model's text de-duplication switched off;
 * ``mgll-3, no packing``: ``mgll-3`` with an ``hf`` tower encoding one string per row in length
   groups (the fallback of :mod:`mgll.models.packing`) instead of packed rows;
+* ``clip, no token cache`` and ``mgll-3, no token cache``: every string tokenised in every step
+  (``model.text.token_cache: 0``), as in a first epoch; the other variants, which repeat one
+  batch, find every string's ids in the towers' token cache after the warm-up, as from the
+  second epoch on (:mod:`mgll.models.token_cache`);
 * ``open_clip`` (``--device cuda`` only by default): open_clip's own model and training step
   (its ``encode_text`` on 77-token captions, ``ClipLoss``), the baseline an open_clip user has.
 
@@ -55,6 +59,8 @@ VARIANTS = (
     "mgll-3",
     "mgll-2, no dedup",
     "mgll-3, no packing",
+    "clip, no token cache",
+    "mgll-3, no token cache",
     "open_clip",
 )
 CPU_VARIANTS = VARIANTS[:-1]
@@ -62,7 +68,7 @@ PHASES = ("tokenise", "text encoder", "image tower", "loss forward", "optimizer"
 
 
 def _levels(variant: str, num_levels: int) -> list[int]:
-    if variant == "clip":
+    if variant in ("clip", "clip, no token cache"):
         return [num_levels - 1]
     if variant.startswith("mgll-3"):
         return [0, num_levels // 2, num_levels - 1]
@@ -112,6 +118,7 @@ def make_step(
     from open_clip.loss import ClipLoss
 
     from mgll.losses import MGLLLoss
+    from mgll.models.token_cache import TokenCache
     from mgll.training.config import LossConfig
     from mgll.training.objective import Objective
     from mgll.training.optim import build_optimizer
@@ -138,10 +145,14 @@ def make_step(
     packing = {id(t): getattr(t, "packing", False) for t in model.text_towers}
     if "no packing" in variant:
         packing = dict.fromkeys(packing, False)
+    caches = {id(t): t.token_cache for t in model.text_towers}
+    if "no token cache" in variant:
+        caches = {key: TokenCache(size=0) for key in caches}
 
     def set_layout() -> None:
         model.dedup_texts = dedup
         for tower in model.text_towers:
+            tower.token_cache = caches[id(tower)]
             if hasattr(tower, "packing"):
                 tower.packing = packing[id(tower)]
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mgll.losses import INIT_LOGIT_BIAS, INIT_LOGIT_SCALE
+from mgll.models.token_cache import DEFAULT_SIZE as TOKEN_CACHE_SIZE
 from mgll.schema import ConfigError, from_mapping, resolve_package_paths, to_dict
 
 # The kinds of text tower and hf poolings a config may name; ``models/text_towers.py`` holds a
@@ -48,6 +49,7 @@ class TextConfig:
     pooling: str = "mean"  # hf: mean | cls
     max_length: int = 128  # hf: tokens per text
     freeze: bool = False  # hf: keep the encoder's weights, train only the projection
+    token_cache: int = TOKEN_CACHE_SIZE  # strings whose token ids are kept (0: none)
 
     def __post_init__(self) -> None:
         if self.type not in TEXT_TOWER_TYPES:
@@ -68,6 +70,16 @@ class TextConfig:
         if self.type == "open_clip" and self.freeze:
             raise ConfigError(
                 "model.text.freeze: only a Hugging Face text tower (type hf) can be frozen"
+            )
+        if isinstance(self.token_cache, bool) or not isinstance(self.token_cache, int):
+            raise ConfigError(
+                f"model.text.token_cache: {self.token_cache!r} is not a whole number; give how "
+                "many strings' token ids to keep (0 keeps none)"
+            )
+        if self.token_cache < 0:
+            raise ConfigError(
+                f"model.text.token_cache: {self.token_cache} is negative; give how many "
+                "strings' token ids to keep (0 keeps none)"
             )
         if self.pooling not in POOLING_NAMES:
             raise ConfigError(

@@ -98,7 +98,7 @@ def token_rows(
         col = width - sum(len(ids[i]) for i in row) if left else 0
         for i in row:
             n = len(ids[i])
-            input_ids[r, col : col + n] = torch.tensor(list(ids[i]), dtype=torch.long)
+            input_ids[r, col : col + n] = torch.as_tensor(ids[i], dtype=torch.long)
             positions[r, col : col + n] = torch.arange(position_offset, position_offset + n)
             segments[r, col : col + n] = i
             col += n

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import open_clip
 import torch
 from torch import nn
@@ -27,6 +28,7 @@ from mgll.models.packing import (
     run_packed,
     token_rows,
 )
+from mgll.models.token_cache import DEFAULT_SIZE, TokenCache
 from mgll.models.weights import PretrainedWeightsError, offline_hint
 from mgll.process import no_loading_bars
 
@@ -45,7 +47,11 @@ class OpenCLIPTextTower(nn.Module):
     """The text encoder that ships with an open_clip architecture, with its tokenizer."""
 
     def __init__(
-        self, clip_text: nn.Module, tokenizer: Callable[..., torch.Tensor], embed_dim: int
+        self,
+        clip_text: nn.Module,
+        tokenizer: Callable[..., torch.Tensor],
+        embed_dim: int,
+        token_cache: int = DEFAULT_SIZE,
     ) -> None:
         super().__init__()
         # The open_clip model minus its image tower: its encode_text handles every open_clip
@@ -53,6 +59,7 @@ class OpenCLIPTextTower(nn.Module):
         self.clip = clip_text
         self.tokenizer = tokenizer
         self.embed_dim = int(embed_dim)
+        self.token_cache = TokenCache(token_cache)
 
     @property
     def _device(self) -> torch.device:
@@ -60,8 +67,12 @@ class OpenCLIPTextTower(nn.Module):
 
     def forward(self, strings: Sequence[str]) -> torch.Tensor:
         """N strings -> (N, embed_dim) embeddings (tokenised to the arch's context length)."""
-        tokens = self.tokenizer(list(strings)).to(self._device)
+        ids = self.token_cache(list(strings), self._tokenize)
+        tokens = torch.from_numpy(np.stack(ids)).to(self._device, dtype=torch.long)
         return self.clip.encode_text(tokens)
+
+    def _tokenize(self, strings: list[str]) -> np.ndarray:
+        return self.tokenizer(strings).numpy()
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute the text transformer's activations in backward."""
@@ -84,6 +95,7 @@ class HFTextTower(nn.Module):
         pooling: str = "mean",
         max_length: int = 128,
         freeze: bool = False,
+        token_cache: int = DEFAULT_SIZE,
     ) -> None:
         super().__init__()
         if pooling not in POOLINGS:
@@ -99,6 +111,7 @@ class HFTextTower(nn.Module):
         self.tokenizer = tokenizer
         self.pooling = pooling
         self.max_length = int(max_length)
+        self.token_cache = TokenCache(token_cache)
         # Several strings per row where the encoder gives packed strings their own features
         # (checked once, here); otherwise one string per row.
         self.packing = packing_is_exact(encoder, tokenizer, pooling)
@@ -149,7 +162,7 @@ class HFTextTower(nn.Module):
         (:func:`~mgll.models.packing.length_buckets`). Either way each string's features are
         those of encoding it alone, up to float rounding.
         """
-        ids = self.tokenizer(strings, truncation=True, max_length=self.max_length)["input_ids"]
+        ids = self.token_cache(strings, self._tokenize)
         lengths = [len(row) for row in ids]
         device = self.proj.weight.device
         pad_id = self.tokenizer.pad_token_id
@@ -169,6 +182,9 @@ class HFTextTower(nn.Module):
             pieces.append(pool(hidden, rows.segments, len(bucket), self.pooling))
         order = torch.tensor([i for bucket in buckets for i in bucket], device=device)
         return torch.cat(pieces).index_select(0, order.argsort())
+
+    def _tokenize(self, strings: list[str]) -> list[list[int]]:
+        return self.tokenizer(strings, truncation=True, max_length=self.max_length)["input_ids"]
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Hugging Face activation checkpointing of the encoder (non-reentrant)."""
@@ -190,7 +206,9 @@ def build_open_clip_text(text_cfg: TextConfig, context: TowerContext) -> nn.Modu
     """``{type: open_clip}``: the architecture's own text tower and tokenizer (its context
     length is fixed by the architecture's positional embedding)."""
     tokenizer = open_clip.get_tokenizer(context.arch)
-    return OpenCLIPTextTower(context.open_clip_text, tokenizer, context.embed_dim)
+    return OpenCLIPTextTower(
+        context.open_clip_text, tokenizer, context.embed_dim, token_cache=text_cfg.token_cache
+    )
 
 
 def build_hf_text(text_cfg: TextConfig, context: TowerContext) -> nn.Module:
@@ -217,6 +235,7 @@ def build_hf_text(text_cfg: TextConfig, context: TowerContext) -> nn.Module:
         pooling=text_cfg.pooling,
         max_length=text_cfg.max_length,
         freeze=text_cfg.freeze,
+        token_cache=text_cfg.token_cache,
     )
 
 
