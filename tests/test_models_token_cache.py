@@ -9,6 +9,7 @@ import torch
 
 from mgll.models import create_model
 from mgll.models.config import ModelConfig
+from mgll.models.packing import upload
 from mgll.models.token_cache import TokenCache
 from mgll.schema import ConfigError
 from test_models import MINILM, needs_minilm, tiny_cfg
@@ -109,3 +110,20 @@ def test_towers_give_the_same_embeddings_with_the_cache_and_tokenise_only_new_st
     assert tower.token_cache.misses == 3  # three distinct strings, tokenised once each
     assert tower.token_cache.hits == 4  # the second call; a repeat within a call is no hit
     assert len(uncached.text_towers[0].token_cache) == 0
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
+        ),
+    ],
+)
+def test_upload_gives_the_same_values_on_the_device(device):
+    ids = torch.randint(0, 30000, (7, 77), generator=torch.Generator().manual_seed(0))
+    on_device = upload(ids, device)
+    assert on_device.device.type == device
+    torch.testing.assert_close(on_device.cpu(), ids, rtol=0, atol=0)

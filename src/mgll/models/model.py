@@ -11,6 +11,7 @@ from torch import nn
 from mgll.losses import INIT_LOGIT_BIAS, INIT_LOGIT_SCALE
 from mgll.models.hub import save_pretrained
 from mgll.models.image_tower import ImageTower
+from mgll.models.packing import upload
 
 
 class ContrastiveModel(Protocol):
@@ -191,7 +192,7 @@ class MGLLModel(nn.Module):
                 position: dict[str, int] = {}
                 index = [position.setdefault(s, len(position)) for s in strings]
                 unique_emb = tower(list(position))
-                emb = unique_emb[torch.tensor(index, device=unique_emb.device)]
+                emb = unique_emb[upload(torch.tensor(index), unique_emb.device)]
             else:
                 emb = tower(strings)
             for g, chunk in zip(members, emb.split([len(levels[g]) for g in members]), strict=True):

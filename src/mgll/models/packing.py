@@ -35,7 +35,22 @@ class TokenRows:
 
     def to(self, device: torch.device) -> TokenRows:
         """The same rows on ``device``."""
-        return TokenRows(*(t.to(device) for t in (self.input_ids, self.positions, self.segments)))
+        return TokenRows(
+            *(upload(t, device) for t in (self.input_ids, self.positions, self.segments))
+        )
+
+
+def upload(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``t``, a CPU tensor built for this call (token ids, an index), on ``device``.
+
+    To a GPU it goes through pinned memory without blocking: a plain copy from pageable memory
+    makes the host wait for every kernel queued before it, so the host would stop queueing the
+    step's next kernels at each text-tower call. Elsewhere it is ``t.to(device)``.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def first_fit_rows(lengths: Sequence[int], width: int) -> list[list[int]]:

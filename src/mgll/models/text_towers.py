@@ -27,6 +27,7 @@ from mgll.models.packing import (
     run_one_per_row,
     run_packed,
     token_rows,
+    upload,
 )
 from mgll.models.token_cache import DEFAULT_SIZE, TokenCache
 from mgll.models.weights import PretrainedWeightsError, offline_hint
@@ -68,7 +69,7 @@ class OpenCLIPTextTower(nn.Module):
     def forward(self, strings: Sequence[str]) -> torch.Tensor:
         """N strings -> (N, embed_dim) embeddings (tokenised to the arch's context length)."""
         ids = self.token_cache(list(strings), self._tokenize)
-        tokens = torch.from_numpy(np.stack(ids)).to(self._device, dtype=torch.long)
+        tokens = upload(torch.from_numpy(np.stack(ids)).long(), self._device)
         return self.clip.encode_text(tokens)
 
     def _tokenize(self, strings: list[str]) -> np.ndarray:
@@ -180,7 +181,7 @@ class HFTextTower(nn.Module):
             rows = rows.to(device)
             hidden = run_one_per_row(self.encoder, rows)
             pieces.append(pool(hidden, rows.segments, len(bucket), self.pooling))
-        order = torch.tensor([i for bucket in buckets for i in bucket], device=device)
+        order = upload(torch.tensor([i for bucket in buckets for i in bucket]), device)
         return torch.cat(pieces).index_select(0, order.argsort())
 
     def _tokenize(self, strings: list[str]) -> list[list[int]]:
