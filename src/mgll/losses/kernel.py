@@ -11,6 +11,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from mgll.losses.batch import _index_of
 from mgll.losses.plan import (
     _count,
     _level_logits,
@@ -71,18 +72,26 @@ def _kl_units(
 
 
 def _kl_index(
-    plan: _Plan, pair: _Pair, span: tuple[int, int], r0: int, r1: int
+    plan: _Plan, k: int, span: tuple[int, int], r0: int, r1: int
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Which of a pair's tile rows and of its columns are samples present at every level (the
-    smooth KL's), in the same order at every level; None where all of them are."""
-    p0, p1 = span
+    """Which of pair k's tile rows and of its columns are samples present at every level (the
+    smooth KL's), in the same order at every level; None where all of them are. Found once
+    per tile (forward and backward ask alike); one host read where the rows are the columns
+    (a square pair's one tile)."""
+    if (k, r0) in plan.kl_index:
+        return plan.kl_index[(k, r0)]
+    pair, (p0, p1) = plan.pairs[k], span
     common_rows, common_cols = plan.common_rows, plan.common_cols
     rows = common_rows[r0:r1] if pair.row_index is None else common_rows[pair.row_index[p0:p1]]
-    cols = common_cols if pair.col_index is None else common_cols[pair.col_index]
-    return (
-        None if bool(rows.all()) else rows.nonzero().squeeze(1),
-        None if bool(cols.all()) else cols.nonzero().squeeze(1),
-    )
+    rows_index = _index_of(rows)
+    square = common_cols is common_rows and pair.col_index is pair.row_index
+    if square and r0 == 0 and r1 >= plan.n_rows:
+        cols_index = rows_index
+    else:
+        cols = common_cols if pair.col_index is None else common_cols[pair.col_index]
+        cols_index = _index_of(cols)
+    plan.kl_index[(k, r0)] = (rows_index, cols_index)
+    return rows_index, cols_index
 
 
 def _kl_log_probs(
@@ -96,10 +105,10 @@ def _kl_log_probs(
     """The smooth-KL levels' row log-softmaxes over the rows and columns present at every
     level (from the rows' log-sum-exps when the level has no other)."""
     out = []
-    for pair, z, lse_rows, span in zip(plan.pairs, logits, lse, spans, strict=True):
+    for k, (pair, z, lse_rows, span) in enumerate(zip(plan.pairs, logits, lse, spans, strict=True)):
         if not pair.smooth_kl:
             continue
-        rows, cols = _kl_index(plan, pair, span, r0, r1)
+        rows, cols = _kl_index(plan, k, span, r0, r1)
         if rows is None and cols is None and pair.complete:
             out.append(z - lse_rows[:, None])
             continue
@@ -152,11 +161,16 @@ class _TiledLoss(torch.autograd.Function):
                     pos_sum = (rows * col_sums[k].index_select(0, keys)).sum(dim=1)
                     n_pos = pos.n_rows[p0:p1]
                 else:
-                    pos_sum, n_pos = t.pos_rows, torch.where(present, t.n_rows, 1.0)
-                lse = torch.where(present, t.lse_rows, 0.0)
-                lse_rows[k][p0:p1], n_pos_rows[k][p0:p1] = lse, n_pos
+                    pos_sum, n_pos = t.pos_rows, t.n_rows
+                    n_pos = n_pos if pair.complete else torch.where(present, n_pos, 1.0)
+                lse = t.lse_rows if pair.complete else torch.where(present, t.lse_rows, 0.0)
+                if (p0, p1) == (0, lse_rows[k].shape[0]):  # one tile: no copy
+                    lse_rows[k], n_pos_rows[k] = lse, n_pos
+                else:
+                    lse_rows[k][p0:p1], n_pos_rows[k][p0:p1] = lse, n_pos
                 if pair.row_ce:
-                    row = torch.where(present, lse - pos_sum / n_pos, 0.0)
+                    row = lse - pos_sum / n_pos
+                    row = row if pair.complete else torch.where(present, row, 0.0)
                     terms[0] += pair.row_ce * row.sum() / _count(pair.present_rows)
                 if pair.col_ce and y is None:
                     sums = pos.class_sums(rows, keys).index_select(0, pos.keys_cols)
@@ -234,7 +248,7 @@ class _TiledLoss(torch.autograd.Function):
                 levels = [k for k, p in enumerate(pairs) if p.smooth_kl]
                 for k, unit in zip(levels, units, strict=True):
                     d = unit * c
-                    rows, cols = _kl_index(plan, pairs[k], spans[k], r0, r1)
+                    rows, cols = _kl_index(plan, k, spans[k], r0, r1)
                     if cols is not None:
                         d = d.new_zeros(d.shape[0], d_logits[k].shape[1]).index_add_(1, cols, d)
                     if rows is None:
@@ -391,6 +405,8 @@ class _ColumnStats:
         """Sum over present columns of the column soft CE; missing columns' entries made
         harmless for backward (lse 0, one positive)."""
         cols = pair.present_cols
+        if pair.complete:
+            return (self.lse - self.pos_sum / self.n_pos).sum()
         self.n_pos = torch.where(cols, self.n_pos, 1.0)
         col = torch.where(cols, self.lse - self.pos_sum / self.n_pos, 0.0)
         self.lse = torch.where(cols, self.lse, 0.0)

@@ -105,7 +105,11 @@ class MGLLLoss(nn.Module):
         if not b.square:  # local loss: the global images, against each level's local texts
             tensors.append(_augment(b.image_cols, 1.0, 1.0))
         present_rows = [label_presence(lab) for lab in b.labels_rows]
-        present_cols = [label_presence(lab) for lab in b.labels_cols]
+        present_cols = (
+            present_rows
+            if b.labels_cols is b.labels_rows
+            else [label_presence(lab) for lab in b.labels_cols]
+        )
         pairs: list[_Pair] = []
         for g in range(len(text_embs)):
             pairs += self._level_pairs(b, g, scale, bias, tensors, present_rows, present_cols)
@@ -131,8 +135,14 @@ class MGLLLoss(nn.Module):
         label leaves its rows and columns before the matmul (an O(N D) selection, where
         masking the N x N logits would cost several passes over them)."""
         sclip = self.weights["sclip"] > 0
-        row_index, col_index = _index_of(present_rows[g]), _index_of(present_cols[g])
-        lab_rows, lab_cols = _pick(b.labels_rows[g], row_index), _pick(b.labels_cols[g], col_index)
+        row_index = _index_of(present_rows[g])
+        if present_cols is present_rows:  # square: the columns are the rows
+            col_index, lab_rows = row_index, _pick(b.labels_rows[g], row_index)
+            lab_cols = lab_rows
+        else:
+            col_index = _index_of(present_cols[g])
+            lab_rows = _pick(b.labels_rows[g], row_index)
+            lab_cols = _pick(b.labels_cols[g], col_index)
         every_row = torch.ones(lab_rows.shape[0], dtype=torch.bool, device=lab_rows.device)
         every_col = torch.ones(lab_cols.shape[0], dtype=torch.bool, device=lab_cols.device)
         if row_index is None:
@@ -155,6 +165,7 @@ class MGLLLoss(nn.Module):
                 distinct=_distinct_columns(texts, lab_cols),
                 row_index=row_index,
                 col_index=col_index,
+                complete=True,
             )
         ]
         if sclip and not b.square:  # the level's local texts against the global images
@@ -174,6 +185,7 @@ class MGLLLoss(nn.Module):
                     smooth_kl=False,
                     row_index=row_index,
                     col_index=col_index,
+                    complete=True,
                 )
             )
         return pairs
@@ -187,6 +199,8 @@ def _smooth_kl_samples(
     common_rows = torch.stack(list(present_rows)).all(dim=0)
     if not bool(common_rows.any()):
         return None, None
+    if present_cols is present_rows:
+        return common_rows, common_rows
     return common_rows, torch.stack(list(present_cols)).all(dim=0)
 
 
@@ -240,9 +254,9 @@ class CLIPLoss(nn.Module):
         every_col = torch.ones(m, dtype=torch.bool, device=ids_rows.device)
         tensors = [scale * b.image_rows, b.texts_cols[0]]
         pair = (ids_rows, ids_cols, every_row, every_col)
-        pairs = [_Pair(0, 1, *pair, 0.5, 0.5 if b.square else 0.0, False, False)]
+        pairs = [_Pair(0, 1, *pair, 0.5, 0.5 if b.square else 0.0, False, False, complete=True)]
         if not b.square:  # local texts against the global images
             tensors += [scale * b.texts_rows[0], b.image_cols]
-            pairs.append(_Pair(2, 3, *pair, 0.5, 0.0, False, False))
+            pairs.append(_Pair(2, 3, *pair, 0.5, 0.0, False, False, complete=True))
         clip = _TiledLoss.apply(_Plan(pairs, self.chunk_size, n), *tensors)[0]
         return {"loss": clip, "clip": clip}
