@@ -3,6 +3,7 @@ repeated columns and their positives."""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -105,6 +106,16 @@ class _Pair:
         if self.complete is None:
             self.complete = bool(self.present_rows.all()) and bool(self.present_cols.all())
 
+    @functools.cached_property
+    def n_present_rows(self) -> torch.Tensor:
+        """The number of present rows (at least 1), what the row terms are averaged over."""
+        return _count(self.present_rows)
+
+    @functools.cached_property
+    def n_present_cols(self) -> torch.Tensor:
+        """The number of present columns (at least 1)."""
+        return _count(self.present_cols)
+
     def bounds(self, plan_bounds: list[int]) -> list[int]:
         """The pair's own row positions at the plan's tile bounds (its rows of the tile
         ``plan_bounds[i]:plan_bounds[i + 1]`` are a contiguous range), one host read at most."""
@@ -131,6 +142,12 @@ class _Plan:
     kl_index: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor | None]] = field(
         default_factory=dict
     )  # per (pair, tile start): the smooth KL's rows and columns, found once for both passes
+
+    @functools.cached_property
+    def n_common_rows(self) -> torch.Tensor:
+        """The number of rows present at every level (at least 1): the smooth KL's average."""
+        assert self.common_rows is not None
+        return _count(self.common_rows)
 
     def spans(self, r0: int, r1: int) -> list[tuple[int, int]]:
         """Each pair's own rows that are the plan's rows ``r0:r1`` (a tile), found for every
