@@ -3,6 +3,7 @@ baseline; each builds the plan of its logit matrices and hands it to the kernel.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -117,7 +118,8 @@ class MGLLLoss(nn.Module):
         if self.weights["skl"] > 0 and len(text_embs) > 1:
             plan.common_rows, plan.common_cols = _smooth_kl_samples(present_rows, present_cols)
         values = dict(zip(MGLL_TERMS, _TiledLoss.apply(plan, *tensors), strict=True))
-        loss = sum(self.weights[name] * values[name] for name in self.terms)
+        parts = [_weighted(self.weights[name], values[name]) for name in self.terms]
+        loss = functools.reduce(torch.add, parts) if parts else 0
         return {"loss": loss, **{name: values[name] for name in self.terms}}
 
     def _level_pairs(
@@ -144,7 +146,11 @@ class MGLLLoss(nn.Module):
             lab_rows = _pick(b.labels_rows[g], row_index)
             lab_cols = _pick(b.labels_cols[g], col_index)
         every_row = torch.ones(lab_rows.shape[0], dtype=torch.bool, device=lab_rows.device)
-        every_col = torch.ones(lab_cols.shape[0], dtype=torch.bool, device=lab_cols.device)
+        every_col = (
+            every_row
+            if lab_cols is lab_rows
+            else torch.ones(lab_cols.shape[0], dtype=torch.bool, device=lab_cols.device)
+        )
         if row_index is None:
             image = 0
         else:  # this level's image rows, as a kernel input of their own
@@ -189,6 +195,11 @@ class MGLLLoss(nn.Module):
                 )
             )
         return pairs
+
+
+def _weighted(weight: float, value: torch.Tensor) -> torch.Tensor:
+    """``weight * value``, without the multiplication (exact either way) when the weight is 1."""
+    return value if weight == 1.0 else weight * value
 
 
 def _smooth_kl_samples(
