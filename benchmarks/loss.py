@@ -12,7 +12,12 @@ Prints three Markdown tables:
    growth of a forward+backward (each case in a fresh process, resident memory sampled), time,
    and the largest N that fits 16 GiB, extrapolated from the measured bytes per N^2 (untiled)
    or per chunk_size x N (tiled). Target: tiled <= half the untiled peak at N = 8192. With
-   ``--device cuda`` the peak is the CUDA allocator's and the budget the card's memory.
+   ``--device cuda`` the peak is the CUDA allocator's and the budget the card's memory;
+4. (``--ops``) the dispatch cost of one forward+backward for each N and the cases of table 1:
+   aten calls (torch.profiler's CPU ``aten::`` events, nested ones included), host reads (the
+   outermost of ``_local_scalar_dense``, ``is_nonzero``, ``nonzero``, ``equal`` and
+   ``unique`` events: each is a device sync on CUDA) and the median time over ``--repeats``
+   (default device cpu). At small N the loss is bound by these, not by arithmetic.
 
 "Saved for backward" is the total size of the tensors autograd keeps between forward and
 backward, i.e. the loss's activation memory; it is reported in units of one N x N fp32 matrix
@@ -31,6 +36,7 @@ Usage: python benchmarks/loss.py [--sizes 256 1024 4096] [--dim 512] [--repeats 
                                  [--against /tmp/main_losses.py] [--compile]
        python benchmarks/loss.py --tiles [--tile-sizes 2048 8192] [--chunk-size 512]
        python benchmarks/loss.py --profile [--sizes 1024] [--compile] [--against FILE]
+       python benchmarks/loss.py --ops [--sizes 128 1024] [--repeats 20] [--device cpu]
 """
 
 from __future__ import annotations
@@ -186,7 +192,9 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (1: less noise on a busy machine)"
     )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device", default=None, help="default: cuda when available (cpu with --ops)"
+    )
     parser.add_argument(
         "--against", help="another losses.py whose MGLL rows join the same rounds (e.g. main's)"
     )
@@ -197,12 +205,17 @@ def main() -> None:
     parser.add_argument(
         "--profile", action="store_true", help="only where the time goes, by op group"
     )
+    parser.add_argument(
+        "--ops", action="store_true", help="only aten calls and host reads per fwd+bwd"
+    )
     parser.add_argument("--tile-sizes", type=int, nargs="+", default=[2048, 8192])
     parser.add_argument("--chunk-size", type=int, default=512)
     parser.add_argument("--memory-child", nargs=3, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() and not args.ops else "cpu"
     if args.memory_child:
         _memory_child(*args.memory_child, args.dim, args.device)
         return
@@ -213,6 +226,9 @@ def main() -> None:
     if args.profile:
         print(f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
         _profile_table(args, device)
+        return
+    if args.ops:
+        _ops_table(args, device)
         return
     where = (
         torch.cuda.get_device_name(device)
@@ -348,6 +364,75 @@ def _profile_table(args: argparse.Namespace, device: torch.device) -> None:
         totals = " | ".join(f"{sum(times[name].values()):.1f}" for name in cases)
         print(f"| total | {totals} |")
         print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
+
+
+HOST_READS = (
+    "aten::_local_scalar_dense",
+    "aten::is_nonzero",
+    "aten::nonzero",
+    "aten::equal",
+    "aten::_unique",
+    "aten::_unique2",
+    "aten::unique_dim",
+    "aten::unique_consecutive",
+    "aten::unique_dim_consecutive",
+)
+"""The ops of the ``--ops`` table that read a tensor's value back to the host (``.item()``,
+``bool(t)``, ``nonzero``, ``torch.equal``, ``torch.unique``): each waits for the device."""
+
+
+def _op_counts(loss_fn, image, texts, labels, device: torch.device) -> tuple[int, int]:
+    """aten calls and host reads of one forward+backward (torch.profiler, CPU events). A host
+    read inside another (``bool(t)`` is ``is_nonzero`` calling ``_local_scalar_dense``) counts
+    once."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        _run_once(loss_fn, image, texts, labels, device)
+    events = prof.events()
+    calls = sum(e.name.startswith("aten::") for e in events)
+
+    def outermost(e) -> bool:
+        parent = e.cpu_parent
+        while parent is not None:
+            if parent.name in HOST_READS:
+                return False
+            parent = parent.cpu_parent
+        return True
+
+    reads = sum(e.name in HOST_READS and outermost(e) for e in events)
+    return calls, reads
+
+
+def _ops_table(args: argparse.Namespace, device: torch.device) -> None:
+    """Aten calls, host reads and median time of one forward+backward per N and case (CLIP;
+    MGLL at G = 1, 2, 3 with distinct texts; G = 3 with a shared coarse level)."""
+    print(
+        f"device: {device}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"D = {args.dim}, medians of {args.repeats} alternating runs, "
+        f"load average {os.getloadavg()[0]:.1f}\n"
+    )
+    print("| N | loss | G | texts | aten calls | host reads | fwd+bwd (ms) | x CLIP (ms) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for n in args.sizes:
+        batches = {
+            "distinct": _batch(n, args.dim, 3, device),
+            "shared": _batch(n, args.dim, 3, device, shared=True),
+        }
+        cases = {"CLIP": (CLIPLoss(), 1, "distinct")}
+        cases |= {f"MGLL{g}": (MGLLLoss(), g, "distinct") for g in (1, 2, 3)}
+        cases["MGLL3 shared"] = (MGLLLoss(), 3, "shared")
+        times = _time_cases(cases, batches, args.repeats, device)  # warms up too
+        for name, (loss_fn, g, batch) in cases.items():
+            image, texts, labels = batches[batch]
+            calls, reads = _op_counts(loss_fn, image, texts[:g], labels[:g], device)
+            seconds, ratio = times[name][:2]
+            print(
+                f"| {n} | {name[:4]} | {g} | {batch} | {calls} | {reads} | "
+                f"{seconds * 1e3:.2f} | {ratio:.2f} |",
+                flush=True,
+            )
+    print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
 
 
 BUDGET = 16 * 2**30

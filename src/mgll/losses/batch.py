@@ -27,7 +27,7 @@ def _as_scalar(value: torch.Tensor | float | None, like: torch.Tensor) -> torch.
         return like.new_zeros(())
     if isinstance(value, torch.Tensor):
         return value.to(device=like.device, dtype=like.dtype).reshape(())
-    return like.new_tensor(float(value))
+    return like.new_full((), float(value))  # filled on the device: no host-to-device copy
 
 
 def _scale(logit_scale: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
@@ -95,8 +95,10 @@ def _prepare(
 
 
 def _index_of(present: torch.Tensor) -> torch.Tensor | None:
-    """Positions of the present samples, or None when every sample is present."""
-    return None if bool(present.all()) else present.nonzero().squeeze(1)
+    """Positions of the present samples, or None when every sample is present (one host read:
+    the number of positions)."""
+    index = present.nonzero().squeeze(1)
+    return None if index.shape[0] == present.shape[0] else index
 
 
 def _pick(t: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:

@@ -3,6 +3,7 @@ of every logit written out by hand (docs/loss.md, "How it is computed")."""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -11,8 +12,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from mgll.losses.batch import _index_of
 from mgll.losses.plan import (
-    _count,
     _level_logits,
     _masked,
     _Pair,
@@ -71,18 +72,26 @@ def _kl_units(
 
 
 def _kl_index(
-    plan: _Plan, pair: _Pair, span: tuple[int, int], r0: int, r1: int
+    plan: _Plan, k: int, span: tuple[int, int], r0: int, r1: int
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Which of a pair's tile rows and of its columns are samples present at every level (the
-    smooth KL's), in the same order at every level; None where all of them are."""
-    p0, p1 = span
+    """Which of pair k's tile rows and of its columns are samples present at every level (the
+    smooth KL's), in the same order at every level; None where all of them are. Found once
+    per tile (forward and backward ask alike); one host read where the rows are the columns
+    (a square pair's one tile)."""
+    if (k, r0) in plan.kl_index:
+        return plan.kl_index[(k, r0)]
+    pair, (p0, p1) = plan.pairs[k], span
     common_rows, common_cols = plan.common_rows, plan.common_cols
     rows = common_rows[r0:r1] if pair.row_index is None else common_rows[pair.row_index[p0:p1]]
-    cols = common_cols if pair.col_index is None else common_cols[pair.col_index]
-    return (
-        None if bool(rows.all()) else rows.nonzero().squeeze(1),
-        None if bool(cols.all()) else cols.nonzero().squeeze(1),
-    )
+    rows_index = _index_of(rows)
+    square = common_cols is common_rows and pair.col_index is pair.row_index
+    if square and r0 == 0 and r1 >= plan.n_rows:
+        cols_index = rows_index
+    else:
+        cols = common_cols if pair.col_index is None else common_cols[pair.col_index]
+        cols_index = _index_of(cols)
+    plan.kl_index[(k, r0)] = (rows_index, cols_index)
+    return rows_index, cols_index
 
 
 def _kl_log_probs(
@@ -96,10 +105,10 @@ def _kl_log_probs(
     """The smooth-KL levels' row log-softmaxes over the rows and columns present at every
     level (from the rows' log-sum-exps when the level has no other)."""
     out = []
-    for pair, z, lse_rows, span in zip(plan.pairs, logits, lse, spans, strict=True):
+    for k, (pair, z, lse_rows, span) in enumerate(zip(plan.pairs, logits, lse, spans, strict=True)):
         if not pair.smooth_kl:
             continue
-        rows, cols = _kl_index(plan, pair, span, r0, r1)
+        rows, cols = _kl_index(plan, k, span, r0, r1)
         if rows is None and cols is None and pair.complete:
             out.append(z - lse_rows[:, None])
             continue
@@ -130,14 +139,16 @@ class _TiledLoss(torch.autograd.Function):
         pairs = plan.pairs
         positives = [_Positives.of(p, like.dtype) for p in pairs]
         col_sums = _column_class_sums(pairs, positives, tensors)
-        stats = [_ColumnStats.empty(p, like) for p in pairs]
-        lse_rows = [like.new_zeros(p.present_rows.shape[0]) for p in pairs]
-        n_pos_rows = [like.new_ones(p.present_rows.shape[0]) for p in pairs]
-        terms = like.new_zeros(3)
+        stats = [_ColumnStats() for _ in pairs]
+        tiles = _tiles(plan.n_rows, plan.chunk_size)
+        whole = len(tiles) == 1  # one tile: each pair's row statistics are the tile's
+        lse_rows = [] if whole else [like.new_zeros(p.present_rows.shape[0]) for p in pairs]
+        n_pos_rows = [] if whole else [like.new_ones(p.present_rows.shape[0]) for p in pairs]
+        terms = _Terms()
         smooth_kl = plan.common_rows is not None
         kept: list[torch.Tensor] = []  # untiled: each pair's masked logits, then its mask Y
         kept_kl: list[torch.Tensor] = []
-        for r0, r1 in _tiles(plan.n_rows, plan.chunk_size):
+        for r0, r1 in tiles:
             spans = plan.spans(r0, r1)
             logits = _level_logits(plan, tensors, spans)
             for k, (pair, z, pos) in enumerate(zip(pairs, logits, positives, strict=True)):
@@ -152,12 +163,18 @@ class _TiledLoss(torch.autograd.Function):
                     pos_sum = (rows * col_sums[k].index_select(0, keys)).sum(dim=1)
                     n_pos = pos.n_rows[p0:p1]
                 else:
-                    pos_sum, n_pos = t.pos_rows, torch.where(present, t.n_rows, 1.0)
-                lse = torch.where(present, t.lse_rows, 0.0)
-                lse_rows[k][p0:p1], n_pos_rows[k][p0:p1] = lse, n_pos
+                    pos_sum, n_pos = t.pos_rows, t.n_rows
+                    n_pos = n_pos if pair.complete else torch.where(present, n_pos, 1.0)
+                lse = t.lse_rows if pair.complete else torch.where(present, t.lse_rows, 0.0)
+                if whole:
+                    lse_rows.append(lse)
+                    n_pos_rows.append(n_pos)
+                else:
+                    lse_rows[k][p0:p1], n_pos_rows[k][p0:p1] = lse, n_pos
                 if pair.row_ce:
-                    row = torch.where(present, lse - pos_sum / n_pos, 0.0)
-                    terms[0] += pair.row_ce * row.sum() / _count(pair.present_rows)
+                    row = lse - pos_sum / n_pos
+                    row = row if pair.complete else torch.where(present, row, 0.0)
+                    terms.add(0, pair.row_ce * row.sum() / pair.n_present_rows)
                 if pair.col_ce and y is None:
                     sums = pos.class_sums(rows, keys).index_select(0, pos.keys_cols)
                     stats[k].add(t.lse_cols, (tensors[pair.cols] * sums).sum(dim=1), None)
@@ -165,27 +182,28 @@ class _TiledLoss(torch.autograd.Function):
                 elif pair.col_ce:
                     stats[k].add(t.lse_cols, t.pos_cols, t.n_cols)
                 if pair.pointwise:
-                    terms[1] += (t.softplus - pos_sum.sum()) / _count(pair.present_rows)
+                    terms.add(1, (t.softplus - pos_sum.sum()) / pair.n_present_rows)
                 if plan.chunk_size is None:  # the mask kept as booleans: a quarter the bytes
                     kept += [zm] if y is None else [zm, y.bool()]
             if smooth_kl:
                 lse = [s[p0:p1] for s, (p0, p1) in zip(lse_rows, spans, strict=True)]
                 log_probs = _kl_log_probs(plan, logits, lse, spans, r0, r1)
                 probs, adv, kls = _passes(_smooth_kl_term, plan)(log_probs)
-                terms[2] += sum(kls).sum()
+                terms.add(2, functools.reduce(torch.add, kls).sum())
                 if plan.chunk_size is None:  # one tile: backward reads dZ^g, not recomputes
                     kept_kl = _kl_units(plan, probs, adv, kls)
         for pair, st in zip(pairs, stats, strict=True):
             if pair.col_ce:
-                terms[0] += pair.col_ce * st.finish(pair) / _count(pair.present_cols)
+                terms.add(0, pair.col_ce * st.finish(pair) / pair.n_present_cols)
         if smooth_kl:
             levels = sum(p.smooth_kl for p in pairs)
-            terms[2] = terms[2] / _count(plan.common_rows) + levels * math.log(levels)
+            kl = terms.values[2]
+            terms.values[2] = kl / plan.n_common_rows + levels * math.log(levels)
         ctx.plan, ctx.stats, ctx.positives = plan, stats, positives
         ctx.n_inputs = len(tensors)
         ctx.n_kept = len(kept)
         ctx.save_for_backward(*tensors, *lse_rows, *n_pos_rows, *kept, *kept_kl)
-        return terms
+        return terms.stacked(like)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
@@ -197,14 +215,16 @@ class _TiledLoss(torch.autograd.Function):
         kept_kl = saved[m + 2 * g + ctx.n_kept :]
         col_sums = _column_class_sums(pairs, positives, tensors)
         grads = [torch.zeros_like(t) for t in tensors]
+        g_sclip, g_pointwise, g_kl = grad.unbind()
+        coefs = [_coefficients(pair, g_sclip, g_pointwise) for pair in pairs]
         for r0, r1 in _tiles(plan.n_rows, plan.chunk_size):
             spans = plan.spans(r0, r1)
             logits = [] if kept else _level_logits(plan, tensors, spans)
             from_forward = iter(kept)
             lse = [s[p0:p1] for s, (p0, p1) in zip(lse_rows, spans, strict=True)]
             d_logits = []
-            for k, (pair, pos, lse_k, n_pos, st) in enumerate(
-                zip(pairs, positives, lse, n_pos_rows, stats, strict=True)
+            for k, (pair, pos, lse_k, n_pos, st, (c_row, c_col, c_pw)) in enumerate(
+                zip(pairs, positives, lse, n_pos_rows, stats, coefs, strict=True)
             ):
                 p0, p1 = spans[k]
                 if kept:  # the masked logits, then the mask Y of a multi-hot pair
@@ -213,10 +233,6 @@ class _TiledLoss(torch.autograd.Function):
                 else:
                     zm = _masked(logits[k], pair, p0, p1)
                     y = None if pos.by_class else pos.tile(p0, p1).bool()
-                n = _count(pair.present_rows)
-                c_row = grad[0] * pair.row_ce / n if pair.row_ce else None
-                c_col = grad[0] * pair.col_ce / _count(pair.present_cols) if pair.col_ce else None
-                c_pw = grad[1] / n if pair.pointwise else None
                 dz, row_coef, col_coef = _passes(_logit_grad, plan)(
                     zm, y, lse_k, st.lse, n_pos[p0:p1], st.n_pos, c_row, c_col, c_pw
                 )
@@ -230,11 +246,11 @@ class _TiledLoss(torch.autograd.Function):
                         _kl_log_probs(plan, logits, lse, spans, r0, r1)
                     )
                     units = _kl_units(plan, probs, adv, kls)
-                c = grad[2] / _count(plan.common_rows)
+                c = g_kl / plan.n_common_rows
                 levels = [k for k, p in enumerate(pairs) if p.smooth_kl]
                 for k, unit in zip(levels, units, strict=True):
                     d = unit * c
-                    rows, cols = _kl_index(plan, pairs[k], spans[k], r0, r1)
+                    rows, cols = _kl_index(plan, k, spans[k], r0, r1)
                     if cols is not None:
                         d = d.new_zeros(d.shape[0], d_logits[k].shape[1]).index_add_(1, cols, d)
                     if rows is None:
@@ -243,6 +259,35 @@ class _TiledLoss(torch.autograd.Function):
                         d_logits[k].index_add_(0, rows, d)
             _matmul_backward(plan, tensors, d_logits, grads, spans)
         return (None, *grads)
+
+
+class _Terms:
+    """The three terms (sclip, pointwise, skl) summed up from 0-dim parts in the order added:
+    ``0 + a + b`` without the ``0 +`` and without indexing into a (3,) tensor per part."""
+
+    def __init__(self) -> None:
+        self.values: list[torch.Tensor | None] = [None, None, None]
+
+    def add(self, i: int, value: torch.Tensor) -> None:
+        current = self.values[i]
+        self.values[i] = value if current is None else current + value
+
+    def stacked(self, like: torch.Tensor) -> torch.Tensor:
+        """The (3,) tensor of the terms; 0 for a term nothing was added to."""
+        zero = like.new_zeros(())
+        return torch.stack([zero if v is None else v for v in self.values])
+
+
+def _coefficients(
+    pair: _Pair, g_sclip: torch.Tensor, g_pointwise: torch.Tensor
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """A pair's weights of the row soft CE, column soft CE and point-wise term in backward
+    (the output gradients over the counts they were averaged over; None: not computed)."""
+    n = pair.n_present_rows
+    c_row = g_sclip * pair.row_ce / n if pair.row_ce else None
+    c_col = g_sclip * pair.col_ce / pair.n_present_cols if pair.col_ce else None
+    c_pw = g_pointwise / n if pair.pointwise else None
+    return c_row, c_col, c_pw
 
 
 class _TileStats(NamedTuple):
@@ -284,7 +329,7 @@ def _logsumexp(z: torch.Tensor, dim: int, scratch: torch.Tensor) -> torch.Tensor
     if z.numel() == 0:
         return torch.logsumexp(z, dim=dim)
     top = z.amax(dim=dim, keepdim=True)
-    top = torch.where(top.isfinite(), top, 0.0)
+    top = top.nan_to_num(0.0, 0.0, 0.0)  # where(isfinite, top, 0) in one op
     total = torch.sub(z, top, out=scratch).exp_().sum(dim=dim)
     return total.log_().add_(top.squeeze(dim))
 
@@ -370,18 +415,19 @@ def _class_backward(
 class _ColumnStats:
     """Running per-column log-sum-exp and positive sums over row tiles (square pairs)."""
 
-    lse: torch.Tensor
-    pos_sum: torch.Tensor
-    n_pos: torch.Tensor
-
-    @classmethod
-    def empty(cls, pair: _Pair, like: torch.Tensor) -> _ColumnStats:
-        c = pair.present_cols.shape[0] if pair.col_ce else 0
-        return cls(like.new_full((c,), -math.inf), like.new_zeros(c), like.new_zeros(c))
+    lse: torch.Tensor | None = None  # None: no tile added yet (or no column soft CE)
+    pos_sum: torch.Tensor | None = None
+    n_pos: torch.Tensor | None = None
 
     def add(self, lse: torch.Tensor, pos_sum: torch.Tensor, n_pos: torch.Tensor | None) -> None:
         """One row tile: its columns' log-sum-exps, and per column the sum of its positive
-        logits and their count (None: counted from class ids once, not per tile)."""
+        logits and their count (None: counted from class ids once, not per tile). The first
+        tile's are taken as they are (what adding them to -inf, 0 and 0 gives)."""
+        if self.lse is None:
+            self.lse, self.pos_sum = lse, pos_sum
+            if n_pos is not None:
+                self.n_pos = n_pos
+            return
         self.lse = torch.logaddexp(self.lse, lse)
         self.pos_sum += pos_sum
         if n_pos is not None:
@@ -391,6 +437,8 @@ class _ColumnStats:
         """Sum over present columns of the column soft CE; missing columns' entries made
         harmless for backward (lse 0, one positive)."""
         cols = pair.present_cols
+        if pair.complete:
+            return (self.lse - self.pos_sum / self.n_pos).sum()
         self.n_pos = torch.where(cols, self.n_pos, 1.0)
         col = torch.where(cols, self.lse - self.pos_sum / self.n_pos, 0.0)
         self.lse = torch.where(cols, self.lse, 0.0)

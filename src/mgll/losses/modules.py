@@ -3,6 +3,7 @@ baseline; each builds the plan of its logit matrices and hands it to the kernel.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -105,7 +106,11 @@ class MGLLLoss(nn.Module):
         if not b.square:  # local loss: the global images, against each level's local texts
             tensors.append(_augment(b.image_cols, 1.0, 1.0))
         present_rows = [label_presence(lab) for lab in b.labels_rows]
-        present_cols = [label_presence(lab) for lab in b.labels_cols]
+        present_cols = (
+            present_rows
+            if b.labels_cols is b.labels_rows
+            else [label_presence(lab) for lab in b.labels_cols]
+        )
         pairs: list[_Pair] = []
         for g in range(len(text_embs)):
             pairs += self._level_pairs(b, g, scale, bias, tensors, present_rows, present_cols)
@@ -113,7 +118,8 @@ class MGLLLoss(nn.Module):
         if self.weights["skl"] > 0 and len(text_embs) > 1:
             plan.common_rows, plan.common_cols = _smooth_kl_samples(present_rows, present_cols)
         values = dict(zip(MGLL_TERMS, _TiledLoss.apply(plan, *tensors), strict=True))
-        loss = sum(self.weights[name] * values[name] for name in self.terms)
+        parts = [_weighted(self.weights[name], values[name]) for name in self.terms]
+        loss = functools.reduce(torch.add, parts) if parts else 0
         return {"loss": loss, **{name: values[name] for name in self.terms}}
 
     def _level_pairs(
@@ -131,10 +137,20 @@ class MGLLLoss(nn.Module):
         label leaves its rows and columns before the matmul (an O(N D) selection, where
         masking the N x N logits would cost several passes over them)."""
         sclip = self.weights["sclip"] > 0
-        row_index, col_index = _index_of(present_rows[g]), _index_of(present_cols[g])
-        lab_rows, lab_cols = _pick(b.labels_rows[g], row_index), _pick(b.labels_cols[g], col_index)
+        row_index = _index_of(present_rows[g])
+        if present_cols is present_rows:  # square: the columns are the rows
+            col_index, lab_rows = row_index, _pick(b.labels_rows[g], row_index)
+            lab_cols = lab_rows
+        else:
+            col_index = _index_of(present_cols[g])
+            lab_rows = _pick(b.labels_rows[g], row_index)
+            lab_cols = _pick(b.labels_cols[g], col_index)
         every_row = torch.ones(lab_rows.shape[0], dtype=torch.bool, device=lab_rows.device)
-        every_col = torch.ones(lab_cols.shape[0], dtype=torch.bool, device=lab_cols.device)
+        every_col = (
+            every_row
+            if lab_cols is lab_rows
+            else torch.ones(lab_cols.shape[0], dtype=torch.bool, device=lab_cols.device)
+        )
         if row_index is None:
             image = 0
         else:  # this level's image rows, as a kernel input of their own
@@ -155,6 +171,7 @@ class MGLLLoss(nn.Module):
                 distinct=_distinct_columns(texts, lab_cols),
                 row_index=row_index,
                 col_index=col_index,
+                complete=True,
             )
         ]
         if sclip and not b.square:  # the level's local texts against the global images
@@ -174,9 +191,15 @@ class MGLLLoss(nn.Module):
                     smooth_kl=False,
                     row_index=row_index,
                     col_index=col_index,
+                    complete=True,
                 )
             )
         return pairs
+
+
+def _weighted(weight: float, value: torch.Tensor) -> torch.Tensor:
+    """``weight * value``, without the multiplication (exact either way) when the weight is 1."""
+    return value if weight == 1.0 else weight * value
 
 
 def _smooth_kl_samples(
@@ -187,6 +210,8 @@ def _smooth_kl_samples(
     common_rows = torch.stack(list(present_rows)).all(dim=0)
     if not bool(common_rows.any()):
         return None, None
+    if present_cols is present_rows:
+        return common_rows, common_rows
     return common_rows, torch.stack(list(present_cols)).all(dim=0)
 
 
@@ -240,9 +265,9 @@ class CLIPLoss(nn.Module):
         every_col = torch.ones(m, dtype=torch.bool, device=ids_rows.device)
         tensors = [scale * b.image_rows, b.texts_cols[0]]
         pair = (ids_rows, ids_cols, every_row, every_col)
-        pairs = [_Pair(0, 1, *pair, 0.5, 0.5 if b.square else 0.0, False, False)]
+        pairs = [_Pair(0, 1, *pair, 0.5, 0.5 if b.square else 0.0, False, False, complete=True)]
         if not b.square:  # local texts against the global images
             tensors += [scale * b.texts_rows[0], b.image_cols]
-            pairs.append(_Pair(2, 3, *pair, 0.5, 0.0, False, False))
+            pairs.append(_Pair(2, 3, *pair, 0.5, 0.0, False, False, complete=True))
         clip = _TiledLoss.apply(_Plan(pairs, self.chunk_size, n), *tensors)[0]
         return {"loss": clip, "clip": clip}

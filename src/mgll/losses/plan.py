@@ -3,9 +3,10 @@ repeated columns and their positives."""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -14,9 +15,13 @@ def _augment(t: torch.Tensor, scale: torch.Tensor | float, last: torch.Tensor | 
     """``[scale * t, last, 0...]`` row-wise: one extra column so a dot product adds a
     constant, and zero columns up to a multiple of 8 wide (BLAS runs the backward matmuls
     slower at an odd width such as 513; the zeros add exactly nothing)."""
-    column = torch.as_tensor(last, dtype=t.dtype, device=t.device).reshape(1, 1)
+    if isinstance(last, torch.Tensor):
+        column = last.to(t.dtype).reshape(1, 1).expand(t.shape[0], 1)
+    else:  # filled on the device: no host-to-device copy
+        column = t.new_full((t.shape[0], 1), float(last))
     pad = t.new_zeros(t.shape[0], -(t.shape[1] + 1) % 8)
-    return torch.cat([scale * t, column.expand(t.shape[0], 1), pad], dim=1)
+    scaled = t if isinstance(scale, float) and scale == 1.0 else scale * t
+    return torch.cat([scaled, column, pad], dim=1)
 
 
 @dataclass
@@ -40,12 +45,9 @@ def _distinct_columns(vectors: torch.Tensor, labels: torch.Tensor) -> _Distinct 
     """
     if vectors.shape[0] == 0:
         return None
-    g = torch.Generator().manual_seed(0)
-    key = vectors.detach().double() @ torch.randn(
-        vectors.shape[1], 1, generator=g, dtype=torch.float64
-    ).to(vectors.device)
     lab = labels.double().reshape(labels.shape[0], -1)
-    key = key + lab @ torch.randn(lab.shape[1], 1, generator=g, dtype=torch.float64).to(lab.device)
+    along_vectors, along_labels = _projections(vectors.shape[1], lab.shape[1], vectors.device)
+    key = vectors.detach().double() @ along_vectors + lab @ along_labels
     _, inverse, counts = torch.unique(key.squeeze(1), return_inverse=True, return_counts=True)
     if counts.shape[0] > 0.75 * vectors.shape[0]:
         return None
@@ -57,6 +59,21 @@ def _distinct_columns(vectors: torch.Tensor, labels: torch.Tensor) -> _Distinct 
     return _Distinct(first, inverse, counts) if same else None
 
 
+_PROJECTIONS: dict[tuple[int, int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _projections(dim: int, classes: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The random (dim, 1) and (classes, 1) float64 projections of :func:`_distinct_columns`
+    (seed 0), drawn and moved to ``device`` once per process rather than every batch."""
+    key = (dim, classes, device)
+    if key not in _PROJECTIONS:
+        g = torch.Generator().manual_seed(0)
+        along_vectors = torch.randn(dim, 1, generator=g, dtype=torch.float64)
+        along_labels = torch.randn(classes, 1, generator=g, dtype=torch.float64)
+        _PROJECTIONS[key] = (along_vectors.to(device), along_labels.to(device))
+    return _PROJECTIONS[key]
+
+
 @dataclass
 class _Pair:
     """One logit matrix of the loss, ``Z = R C^T`` (scale and bias folded into R and C), and
@@ -66,7 +83,8 @@ class _Pair:
     :class:`MGLLLoss` selects the present rows and columns before the matmul, and
     ``row_index``/``col_index`` say which samples (of the plan's rows and columns) the pair's
     rows and columns are (None: all of them, in order). ``present_*`` masks what is left
-    (-inf in every softmax).
+    (-inf in every softmax); ``complete`` (None: read from them once) says nothing is masked,
+    which lets the kernel skip the masking.
     """
 
     rows: int
@@ -82,17 +100,31 @@ class _Pair:
     distinct: _Distinct | None = None
     row_index: torch.Tensor | None = None
     col_index: torch.Tensor | None = None
+    complete: bool | None = None
 
-    @property
-    def complete(self) -> bool:
-        return bool(self.present_rows.all()) and bool(self.present_cols.all())
+    def __post_init__(self) -> None:
+        if self.complete is None:
+            self.complete = bool(self.present_rows.all()) and bool(self.present_cols.all())
 
-    def span(self, r0: int, r1: int) -> tuple[int, int]:
-        """The pair's own rows that are the plan's rows ``r0:r1`` (a contiguous range)."""
+    @functools.cached_property
+    def n_present_rows(self) -> torch.Tensor:
+        """The number of present rows (at least 1), what the row terms are averaged over."""
+        return _count(self.present_rows)
+
+    @functools.cached_property
+    def n_present_cols(self) -> torch.Tensor:
+        """The number of present columns (at least 1)."""
+        return _count(self.present_cols)
+
+    def bounds(self, plan_bounds: list[int]) -> list[int]:
+        """The pair's own row positions at the plan's tile bounds (its rows of the tile
+        ``plan_bounds[i]:plan_bounds[i + 1]`` are a contiguous range), one host read at most."""
         if self.row_index is None:
-            return r0, r1
-        bounds = torch.searchsorted(self.row_index, torch.tensor([r0, r1]).to(self.row_index))
-        return int(bounds[0]), int(bounds[1])
+            return plan_bounds
+        if len(plan_bounds) == 2:  # one tile: all of the pair's rows
+            return [0, self.present_rows.shape[0]]
+        at = torch.searchsorted(self.row_index.cpu(), torch.tensor(plan_bounds))
+        return at.tolist()
 
 
 @dataclass
@@ -106,9 +138,26 @@ class _Plan:
     common_rows: torch.Tensor | None = None
     common_cols: torch.Tensor | None = None
     compiled: bool = False  # the element-wise passes through torch.compile
+    _spans: dict[tuple[int, int], list[tuple[int, int]]] = field(default_factory=dict)
+    kl_index: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor | None]] = field(
+        default_factory=dict
+    )  # per (pair, tile start): the smooth KL's rows and columns, found once for both passes
+
+    @functools.cached_property
+    def n_common_rows(self) -> torch.Tensor:
+        """The number of rows present at every level (at least 1): the smooth KL's average."""
+        assert self.common_rows is not None
+        return _count(self.common_rows)
 
     def spans(self, r0: int, r1: int) -> list[tuple[int, int]]:
-        return [pair.span(r0, r1) for pair in self.pairs]
+        """Each pair's own rows that are the plan's rows ``r0:r1`` (a tile), found for every
+        tile at the first call: forward and backward walk the same tiles."""
+        if not self._spans:
+            tiles = _tiles(self.n_rows, self.chunk_size)
+            at = [pair.bounds([0, *(t1 for _, t1 in tiles)]) for pair in self.pairs]
+            for i, tile in enumerate(tiles):
+                self._spans[tile] = [(b[i], b[i + 1]) for b in at]
+        return self._spans[(r0, r1)]
 
 
 def _tiles(n: int, chunk_size: int | None) -> list[tuple[int, int]]:
@@ -181,8 +230,10 @@ class _Positives:
         ids, inverse = torch.unique(torch.cat([keys_rows, keys_cols]), return_inverse=True)
         count_rows = torch.bincount(inverse[:r], minlength=ids.shape[0]).to(dtype)
         count_cols = torch.bincount(inverse[r:], minlength=ids.shape[0]).to(dtype)
-        n_rows = torch.where(pair.present_rows, count_cols[inverse[:r]], 1.0)
-        n_cols = torch.where(pair.present_cols, count_rows[inverse[r:]], 1.0)
+        n_rows, n_cols = count_cols[inverse[:r]], count_rows[inverse[r:]]
+        if not pair.complete:
+            n_rows = torch.where(pair.present_rows, n_rows, 1.0)
+            n_cols = torch.where(pair.present_cols, n_cols, 1.0)
         return cls(pair, inverse[:r], inverse[r:], n_rows, n_cols, ids.shape[0])
 
     @property
