@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from mgll.losses.batch import _index_of
 from mgll.losses.plan import (
     _level_logits,
-    _masked,
     _Pair,
     _pair_columns,
     _Plan,
@@ -109,7 +108,7 @@ def _kl_log_probs(
         if not pair.smooth_kl:
             continue
         rows, cols = _kl_index(plan, k, span, r0, r1)
-        if rows is None and cols is None and pair.complete:
+        if rows is None and cols is None:
             out.append(z - lse_rows[:, None])
             continue
         z = z if rows is None else z.index_select(0, rows)
@@ -142,30 +141,27 @@ class _TiledLoss(torch.autograd.Function):
         stats = [_ColumnStats() for _ in pairs]
         tiles = _tiles(plan.n_rows, plan.chunk_size)
         whole = len(tiles) == 1  # one tile: each pair's row statistics are the tile's
-        lse_rows = [] if whole else [like.new_zeros(p.present_rows.shape[0]) for p in pairs]
-        n_pos_rows = [] if whole else [like.new_ones(p.present_rows.shape[0]) for p in pairs]
+        lse_rows = [] if whole else [like.new_zeros(p.labels_rows.shape[0]) for p in pairs]
+        n_pos_rows = [] if whole else [like.new_ones(p.labels_rows.shape[0]) for p in pairs]
         terms = _Terms()
         smooth_kl = plan.common_rows is not None
-        kept: list[torch.Tensor] = []  # untiled: each pair's masked logits, then its mask Y
+        kept: list[torch.Tensor] = []  # untiled: each pair's logits, then its mask Y
         kept_kl: list[torch.Tensor] = []
         for r0, r1 in tiles:
             spans = plan.spans(r0, r1)
             logits = _level_logits(plan, tensors, spans)
             for k, (pair, z, pos) in enumerate(zip(pairs, logits, positives, strict=True)):
                 p0, p1 = spans[k]
-                zm = _masked(z, pair, p0, p1)
-                present = pair.present_rows[p0:p1]
                 rows = tensors[pair.rows][p0:p1]
                 y = None if pos.by_class else pos.tile(p0, p1)
-                t = _passes(_logit_stats, plan)(z, zm, y, bool(pair.col_ce), pair.pointwise)
+                t = _passes(_logit_stats, plan)(z, y, bool(pair.col_ce), pair.pointwise)
                 if y is None:
                     keys = pos.keys_rows[p0:p1]
                     pos_sum = (rows * col_sums[k].index_select(0, keys)).sum(dim=1)
                     n_pos = pos.n_rows[p0:p1]
                 else:
                     pos_sum, n_pos = t.pos_rows, t.n_rows
-                    n_pos = n_pos if pair.complete else torch.where(present, n_pos, 1.0)
-                lse = t.lse_rows if pair.complete else torch.where(present, t.lse_rows, 0.0)
+                lse = t.lse_rows
                 if whole:
                     lse_rows.append(lse)
                     n_pos_rows.append(n_pos)
@@ -173,8 +169,7 @@ class _TiledLoss(torch.autograd.Function):
                     lse_rows[k][p0:p1], n_pos_rows[k][p0:p1] = lse, n_pos
                 if pair.row_ce:
                     row = lse - pos_sum / n_pos
-                    row = row if pair.complete else torch.where(present, row, 0.0)
-                    terms.add(0, pair.row_ce * row.sum() / pair.n_present_rows)
+                    terms.add(0, pair.row_ce * row.sum() / pair.row_count)
                 if pair.col_ce and y is None:
                     sums = pos.class_sums(rows, keys).index_select(0, pos.keys_cols)
                     stats[k].add(t.lse_cols, (tensors[pair.cols] * sums).sum(dim=1), None)
@@ -182,9 +177,9 @@ class _TiledLoss(torch.autograd.Function):
                 elif pair.col_ce:
                     stats[k].add(t.lse_cols, t.pos_cols, t.n_cols)
                 if pair.pointwise:
-                    terms.add(1, (t.softplus - pos_sum.sum()) / pair.n_present_rows)
+                    terms.add(1, (t.softplus - pos_sum.sum()) / pair.row_count)
                 if plan.chunk_size is None:  # the mask kept as booleans: a quarter the bytes
-                    kept += [zm] if y is None else [zm, y.bool()]
+                    kept += [z] if y is None else [z, y.bool()]
             if smooth_kl:
                 lse = [s[p0:p1] for s, (p0, p1) in zip(lse_rows, spans, strict=True)]
                 log_probs = _kl_log_probs(plan, logits, lse, spans, r0, r1)
@@ -194,7 +189,7 @@ class _TiledLoss(torch.autograd.Function):
                     kept_kl = _kl_units(plan, probs, adv, kls)
         for pair, st in zip(pairs, stats, strict=True):
             if pair.col_ce:
-                terms.add(0, pair.col_ce * st.finish(pair) / pair.n_present_cols)
+                terms.add(0, pair.col_ce * st.finish() / pair.col_count)
         if smooth_kl:
             levels = sum(p.smooth_kl for p in pairs)
             kl = terms.values[2]
@@ -227,14 +222,14 @@ class _TiledLoss(torch.autograd.Function):
                 zip(pairs, positives, lse, n_pos_rows, stats, coefs, strict=True)
             ):
                 p0, p1 = spans[k]
-                if kept:  # the masked logits, then the mask Y of a multi-hot pair
-                    zm = next(from_forward)
+                if kept:  # the logits, then the mask Y of a multi-hot pair
+                    z = next(from_forward)
                     y = None if pos.by_class else next(from_forward)
                 else:
-                    zm = _masked(logits[k], pair, p0, p1)
+                    z = logits[k]
                     y = None if pos.by_class else pos.tile(p0, p1).bool()
                 dz, row_coef, col_coef = _passes(_logit_grad, plan)(
-                    zm, y, lse_k, st.lse, n_pos[p0:p1], st.n_pos, c_row, c_col, c_pw
+                    z, y, lse_k, st.lse, n_pos[p0:p1], st.n_pos, c_row, c_col, c_pw
                 )
                 if y is None and (pair.row_ce or pair.col_ce or pair.pointwise):
                     _class_backward(pos, tensors, grads, col_sums[k], row_coef, col_coef, p0, p1)
@@ -283,9 +278,9 @@ def _coefficients(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """A pair's weights of the row soft CE, column soft CE and point-wise term in backward
     (the output gradients over the counts they were averaged over; None: not computed)."""
-    n = pair.n_present_rows
+    n = pair.row_count
     c_row = g_sclip * pair.row_ce / n if pair.row_ce else None
-    c_col = g_sclip * pair.col_ce / pair.n_present_cols if pair.col_ce else None
+    c_col = g_sclip * pair.col_ce / pair.col_count if pair.col_ce else None
     c_pw = g_pointwise / n if pair.pointwise else None
     return c_row, c_col, c_pw
 
@@ -303,19 +298,19 @@ class _TileStats(NamedTuple):
 
 
 def _logit_stats(
-    z: torch.Tensor, zm: torch.Tensor, y: torch.Tensor | None, cols: bool, pointwise: bool
+    z: torch.Tensor, y: torch.Tensor | None, cols: bool, pointwise: bool
 ) -> _TileStats:
-    """The passes forward makes over a pair's tile (``zm``: ``z`` with missing entries at
-    -inf; ``y``: the 0/1 multi-hot mask or None for class ids), through one scratch buffer."""
-    scratch = torch.empty_like(zm)
+    """The passes forward makes over a pair's tile of logits ``z`` (``y``: the 0/1 multi-hot
+    mask or None for class ids), through one scratch buffer."""
+    scratch = torch.empty_like(z)
     pos_rows = pos_cols = None
     if y is not None:
         pos_z = torch.mul(z, y, out=scratch)
         pos_rows, pos_cols = pos_z.sum(dim=1), pos_z.sum(dim=0) if cols else None
     return _TileStats(
-        _logsumexp(zm, 1, scratch),
-        _logsumexp(zm, 0, scratch) if cols else None,
-        F.softplus(zm).sum() if pointwise else None,
+        _logsumexp(z, 1, scratch),
+        _logsumexp(z, 0, scratch) if cols else None,
+        F.softplus(z).sum() if pointwise else None,
         pos_rows,
         pos_cols,
         None if y is None else y.sum(dim=1),
@@ -335,7 +330,7 @@ def _logsumexp(z: torch.Tensor, dim: int, scratch: torch.Tensor) -> torch.Tensor
 
 
 def _logit_grad(
-    zm: torch.Tensor,
+    z: torch.Tensor,
     y: torch.Tensor | None,
     lse_rows: torch.Tensor,
     lse_cols: torch.Tensor,
@@ -349,21 +344,21 @@ def _logit_grad(
     ``c_*`` each term's weight (None: not computed). With a mask ``y`` (multi-hot) the Y part
     is subtracted here; without (class ids) it is left out and the coefficients returned for
     :func:`_class_backward`."""
-    row_coef = zm.new_zeros(zm.shape[0])
+    row_coef = z.new_zeros(z.shape[0])
     col_coef = None
     if c_row is None and c_col is None and c_pw is None:
-        return torch.zeros_like(zm), row_coef, col_coef
+        return torch.zeros_like(z), row_coef, col_coef
     # two N x N buffers, every pass in place: a fresh N x N tensor per op costs page faults
     dz, part = None, None
     if c_row is not None:
-        dz = torch.sub(zm, lse_rows[:, None]).exp_().mul_(c_row)
+        dz = torch.sub(z, lse_rows[:, None]).exp_().mul_(c_row)
         row_coef += c_row / n_rows
     if c_col is not None:
-        part = torch.sub(zm, lse_cols[None, :]).exp_().mul_(c_col)
+        part = torch.sub(z, lse_cols[None, :]).exp_().mul_(c_col)
         dz = part if dz is None else dz.add_(part)
         col_coef = c_col / n_cols
     if c_pw is not None:
-        part = zm.sigmoid() if part is None or part is dz else torch.sigmoid(zm, out=part)
+        part = z.sigmoid() if part is None or part is dz else torch.sigmoid(z, out=part)
         part.mul_(c_pw)
         dz = part if dz is None else dz.add_(part)
         row_coef += c_pw
@@ -433,16 +428,9 @@ class _ColumnStats:
         if n_pos is not None:
             self.n_pos += n_pos
 
-    def finish(self, pair: _Pair) -> torch.Tensor:
-        """Sum over present columns of the column soft CE; missing columns' entries made
-        harmless for backward (lse 0, one positive)."""
-        cols = pair.present_cols
-        if pair.complete:
-            return (self.lse - self.pos_sum / self.n_pos).sum()
-        self.n_pos = torch.where(cols, self.n_pos, 1.0)
-        col = torch.where(cols, self.lse - self.pos_sum / self.n_pos, 0.0)
-        self.lse = torch.where(cols, self.lse, 0.0)
-        return col.sum()
+    def finish(self) -> torch.Tensor:
+        """Sum over the columns of the column soft CE."""
+        return (self.lse - self.pos_sum / self.n_pos).sum()
 
 
 def _matmul_backward(

@@ -145,12 +145,6 @@ class MGLLLoss(nn.Module):
             col_index = _index_of(present_cols[g])
             lab_rows = _pick(b.labels_rows[g], row_index)
             lab_cols = _pick(b.labels_cols[g], col_index)
-        every_row = torch.ones(lab_rows.shape[0], dtype=torch.bool, device=lab_rows.device)
-        every_col = (
-            every_row
-            if lab_cols is lab_rows
-            else torch.ones(lab_cols.shape[0], dtype=torch.bool, device=lab_cols.device)
-        )
         if row_index is None:
             image = 0
         else:  # this level's image rows, as a kernel input of their own
@@ -158,7 +152,7 @@ class MGLLLoss(nn.Module):
             image = len(tensors) - 1
         texts = _augment(_pick(b.texts_cols[g], col_index), 1.0, 1.0)
         tensors.append(texts)
-        labels = (lab_rows, lab_cols, every_row, every_col)
+        labels = (lab_rows, lab_cols)
         pairs = [
             _Pair(
                 image,
@@ -171,7 +165,6 @@ class MGLLLoss(nn.Module):
                 distinct=_distinct_columns(texts, lab_cols),
                 row_index=row_index,
                 col_index=col_index,
-                complete=True,
             )
         ]
         if sclip and not b.square:  # the level's local texts against the global images
@@ -191,7 +184,6 @@ class MGLLLoss(nn.Module):
                     smooth_kl=False,
                     row_index=row_index,
                     col_index=col_index,
-                    complete=True,
                 )
             )
         return pairs
@@ -261,13 +253,11 @@ class CLIPLoss(nn.Module):
         # Tiled: the soft cross-entropy of _TiledLoss with each sample its own class.
         ids_rows = torch.arange(n, device=b.image_rows.device) + b.offset
         ids_cols = torch.arange(m, device=b.image_rows.device)
-        every_row = torch.ones(n, dtype=torch.bool, device=ids_rows.device)
-        every_col = torch.ones(m, dtype=torch.bool, device=ids_rows.device)
         tensors = [scale * b.image_rows, b.texts_cols[0]]
-        pair = (ids_rows, ids_cols, every_row, every_col)
-        pairs = [_Pair(0, 1, *pair, 0.5, 0.5 if b.square else 0.0, False, False, complete=True)]
+        pair = (ids_rows, ids_cols)
+        pairs = [_Pair(0, 1, *pair, 0.5, 0.5 if b.square else 0.0, False, False)]
         if not b.square:  # local texts against the global images
             tensors += [scale * b.texts_rows[0], b.image_cols]
-            pairs.append(_Pair(2, 3, *pair, 0.5, 0.0, False, False, complete=True))
+            pairs.append(_Pair(2, 3, *pair, 0.5, 0.0, False, False))
         clip = _TiledLoss.apply(_Plan(pairs, self.chunk_size, n), *tensors)[0]
         return {"loss": clip, "clip": clip}

@@ -4,7 +4,6 @@ repeated columns and their positives."""
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -82,17 +81,14 @@ class _Pair:
     ``rows``/``cols`` index the kernel's input tensors. A sample missing a label takes no part:
     :class:`MGLLLoss` selects the present rows and columns before the matmul, and
     ``row_index``/``col_index`` say which samples (of the plan's rows and columns) the pair's
-    rows and columns are (None: all of them, in order). ``present_*`` masks what is left
-    (-inf in every softmax); ``complete`` (None: read from them once) says nothing is masked,
-    which lets the kernel skip the masking.
+    rows and columns are (None: all of them, in order). What reaches the pair is therefore all
+    present: nothing is masked inside the logits.
     """
 
     rows: int
     cols: int
     labels_rows: torch.Tensor
     labels_cols: torch.Tensor
-    present_rows: torch.Tensor  # (R,) bool
-    present_cols: torch.Tensor  # (C,) bool
     row_ce: float  # weight in the sclip term of the row-wise soft cross-entropy (mean over rows)
     col_ce: float  # same for the column-wise one, read from the same matrix (square pairs)
     pointwise: bool
@@ -100,21 +96,17 @@ class _Pair:
     distinct: _Distinct | None = None
     row_index: torch.Tensor | None = None
     col_index: torch.Tensor | None = None
-    complete: bool | None = None
-
-    def __post_init__(self) -> None:
-        if self.complete is None:
-            self.complete = bool(self.present_rows.all()) and bool(self.present_cols.all())
 
     @functools.cached_property
-    def n_present_rows(self) -> torch.Tensor:
-        """The number of present rows (at least 1), what the row terms are averaged over."""
-        return _count(self.present_rows)
+    def row_count(self) -> torch.Tensor:
+        """The number of rows (at least 1, as a device tensor), what the row terms are
+        averaged over."""
+        return _size(self.labels_rows)
 
     @functools.cached_property
-    def n_present_cols(self) -> torch.Tensor:
-        """The number of present columns (at least 1)."""
-        return _count(self.present_cols)
+    def col_count(self) -> torch.Tensor:
+        """The number of columns (at least 1)."""
+        return _size(self.labels_cols)
 
     def bounds(self, plan_bounds: list[int]) -> list[int]:
         """The pair's own row positions at the plan's tile bounds (its rows of the tile
@@ -122,7 +114,7 @@ class _Pair:
         if self.row_index is None:
             return plan_bounds
         if len(plan_bounds) == 2:  # one tile: all of the pair's rows
-            return [0, self.present_rows.shape[0]]
+            return [0, self.labels_rows.shape[0]]
         at = torch.searchsorted(self.row_index.cpu(), torch.tensor(plan_bounds))
         return at.tolist()
 
@@ -194,14 +186,6 @@ def _pair_columns(pair: _Pair, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return cols if pair.distinct is None else cols.index_select(0, pair.distinct.first)
 
 
-def _masked(z: torch.Tensor, pair: _Pair, r0: int, r1: int) -> torch.Tensor:
-    """Logits with the entries of missing rows or columns at -inf (out of every softmax)."""
-    if pair.complete:
-        return z
-    keep = pair.present_rows[r0:r1, None] & pair.present_cols[None, :]
-    return z.masked_fill(~keep, -math.inf)
-
-
 @dataclass
 class _Positives:
     """A pair's positives. Multi-hot: ``tile(r0, r1)`` is the (rows, cols) 0/1 mask Y. Class
@@ -213,7 +197,7 @@ class _Positives:
     pair: _Pair
     keys_rows: torch.Tensor
     keys_cols: torch.Tensor
-    n_rows: torch.Tensor | None  # (R,) positives of each row (1 for a missing row)
+    n_rows: torch.Tensor | None  # (R,) positives of each row
     n_cols: torch.Tensor | None  # (C,)
     n_ids: int = 0
 
@@ -222,18 +206,11 @@ class _Positives:
         rows, cols = pair.labels_rows, pair.labels_cols
         if rows.dim() == 2:
             return cls(pair, (rows != 0).to(dtype), (cols != 0).to(dtype), None, None)
-        # A missing sample gets an id of its own, unlike any row's or column's: no positives.
-        r, c = rows.shape[0], cols.shape[0]
-        ar = torch.arange(r, device=rows.device)
-        keys_rows = torch.where(rows >= 0, rows, -1 - ar)
-        keys_cols = torch.where(cols >= 0, cols, -1 - r - torch.arange(c, device=cols.device))
-        ids, inverse = torch.unique(torch.cat([keys_rows, keys_cols]), return_inverse=True)
+        r = rows.shape[0]
+        ids, inverse = torch.unique(torch.cat([rows, cols]), return_inverse=True)
         count_rows = torch.bincount(inverse[:r], minlength=ids.shape[0]).to(dtype)
         count_cols = torch.bincount(inverse[r:], minlength=ids.shape[0]).to(dtype)
         n_rows, n_cols = count_cols[inverse[:r]], count_rows[inverse[r:]]
-        if not pair.complete:
-            n_rows = torch.where(pair.present_rows, n_rows, 1.0)
-            n_cols = torch.where(pair.present_cols, n_cols, 1.0)
         return cls(pair, inverse[:r], inverse[r:], n_rows, n_cols, ids.shape[0])
 
     @property
@@ -252,3 +229,9 @@ class _Positives:
 
 def _count(mask: torch.Tensor) -> torch.Tensor:
     return mask.sum().clamp(min=1)
+
+
+def _size(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s length (at least 1) as what ``_count`` of an all-true mask gives (an int64
+    device tensor), filled on the device."""
+    return t.new_full((), max(t.shape[0], 1), dtype=torch.long)
