@@ -412,7 +412,9 @@ def _ops_table(args: argparse.Namespace, device: torch.device) -> None:
         f"D = {args.dim}, medians of {args.repeats} alternating runs, "
         f"load average {os.getloadavg()[0]:.1f}\n"
     )
-    print("| N | loss | G | texts | aten calls | host reads | fwd+bwd (ms) | x CLIP (ms) |")
+    print(
+        "| N | loss | G | texts | aten calls | host reads | fwd+bwd (ms) | x CLIP (paired median) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for n in args.sizes:
         batches = {
@@ -444,37 +446,37 @@ def _memory_child(n: int, levels: int, chunk_size: int, dim: int, device: str) -
     allocator's peak; on CPU the resident memory, sampled, since CPU tensors have no
     allocator statistics)."""
     dev = torch.device(device)
+    cuda = dev.type == "cuda"
     image, texts, labels = _batch(n, dim, levels, dev)
     loss_fn = MGLLLoss(chunk_size=chunk_size or None)
     loss_fn(image[:64], [t[:64] for t in texts], [lab[:64] for lab in labels])  # warm up
     _sync(dev)
-    if dev.type == "cuda":
+    done = threading.Event()
+    if cuda:
         torch.cuda.reset_peak_memory_stats(dev)
         base = torch.cuda.memory_allocated(dev)
-        start = time.perf_counter()
-        loss_fn(image, texts, labels)["loss"].backward()
-        _sync(dev)
-        seconds = time.perf_counter() - start
-        peak = torch.cuda.max_memory_allocated(dev) - base
-        print(json.dumps({"peak": peak, "seconds": seconds}))
-        return
-    base = _rss()
-    peak = [base]
-    done = threading.Event()
+    else:
+        base = _rss()
+        peak = [base]
 
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss())
-            time.sleep(0.001)
+        def sample() -> None:
+            while not done.is_set():
+                peak[0] = max(peak[0], _rss())
+                time.sleep(0.001)
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
     start = time.perf_counter()
     loss_fn(image, texts, labels)["loss"].backward()
+    _sync(dev)
     seconds = time.perf_counter() - start
-    done.set()
-    sampler.join()
-    print(json.dumps({"peak": peak[0] - base, "seconds": seconds}))
+    if cuda:
+        top = torch.cuda.max_memory_allocated(dev)
+    else:
+        done.set()
+        sampler.join()
+        top = peak[0]
+    print(json.dumps({"peak": top - base, "seconds": seconds}))
 
 
 def _rss() -> int:

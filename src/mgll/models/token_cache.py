@@ -6,7 +6,8 @@ once per epoch. On a GPU the tokenizer is then a large part of the step (measure
 ViT-B/16 at batch 128: open_clip's tokenizer took 39 ms of a 136 ms step; see
 docs/models.md#token-cache), while open_clip's own trainer tokenises in its loader workers.
 The cache keeps the ids of the most recently used strings (least recently used out first), as
-int32 arrays, so each costs about its length in 4-byte ints plus ~100 bytes.
+int32 arrays, so each costs about its length in 4-byte ints plus ~100 bytes, and the string
+itself where nothing else holds it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import Any
 import numpy as np
 
 DEFAULT_SIZE = 100_000
-"""Strings kept by default: the notes of a 100k-image corpus, about 40-60 MB of ids."""
+"""Strings kept by default: the notes of a 100k-image corpus, about 40-60 MB of ids (77-128
+tokens each)."""
 
 
 class TokenCache:
@@ -36,10 +38,6 @@ class TokenCache:
 
     def __len__(self) -> int:
         return len(self._ids)
-
-    def clear(self) -> None:
-        """Forget every kept string (a new tokenizer makes them stale)."""
-        self._ids.clear()
 
     def __call__(
         self, strings: Sequence[str], tokenize: Callable[[list[str]], Any]
