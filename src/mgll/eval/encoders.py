@@ -8,8 +8,12 @@
   (through :func:`mgll.models.load_image_encoder`);
 - ``open_clip:ARCH:TAG`` (an open_clip pretrained tag, e.g. ``open_clip:ViT-B-16:openai``, or a
   local checkpoint path as TAG) and ``hf-hub:org/repo`` (an open_clip model on the Hub);
-- ``random:ARCH[:SEED]``: the tower of ARCH (any open_clip or shipped mgll architecture) with a
-  seeded random initialisation, the floor every pretrained encoder must clear;
+- ``random:ARCH[:SEED]``: the tower of ARCH (any open_clip or shipped mgll architecture, or
+  ``timm:NAME[@SIZE]``) with a seeded random initialisation, the floor every pretrained encoder
+  must clear;
+- ``timm:NAME[@SIZE]``: a timm architecture with its ImageNet weights as they are (offline for
+  the EfficientNet-Lite family: :mod:`mgll.models.timm_tower`), at SIZE pixels (default the
+  architecture's): the general-domain baseline that domain pretraining starts from;
 - one of the authors' released checkpoints (``checkpoint-19.pth``; recognised from its content,
   read safely: :mod:`mgll.models.authors`): their ViT-L-14 at 224 px, ImageNet mean/std.
 
@@ -47,7 +51,10 @@ ACCEPTED_FORMS = (
     "open_clip:ARCH:TAG (an open_clip pretrained tag or a local checkpoint, e.g. "
     "open_clip:ViT-B-16:openai)",
     "hf-hub:ORG/REPO (an open_clip model on the Hugging Face Hub)",
-    "random:ARCH[:SEED] (a seeded random-init tower, e.g. random:mgll-vit-tiny-64:0)",
+    "random:ARCH[:SEED] (a seeded random-init tower, e.g. random:mgll-vit-tiny-64:0 or "
+    "random:timm:tf_efficientnet_lite0@224:0)",
+    "timm:NAME[@SIZE] (a timm architecture with its ImageNet weights, e.g. "
+    "timm:tf_efficientnet_lite0)",
     "one of the authors' released MGLL checkpoints (checkpoint-*.pth, read without unpickling)",
 )
 
@@ -184,9 +191,41 @@ def _square(size: Any) -> int:
     return height
 
 
+def _from_timm(spec: str, kind: str, arch: str, pretrained: str | None) -> Encoder:
+    """``timm:NAME[@SIZE]``: the timm tower with ``pretrained`` weights (None: random)."""
+    from mgll.models import ImageConfig, PretrainedWeightsError
+    from mgll.models.timm_tower import build_timm_tower
+    from mgll.schema import ConfigError
+
+    name, _, size_text = arch.partition("@")
+    if size_text and not size_text.isdigit():
+        raise EncoderError(spec, f"the size {size_text!r} after @ is not a whole number")
+    size = int(size_text) if size_text else None
+    try:
+        tower = build_timm_tower(
+            ImageConfig(arch=name, pretrained=pretrained, image_size=size), None
+        )
+    except (PretrainedWeightsError, ConfigError) as error:
+        raise EncoderError(spec, str(error)) from error
+    return Encoder(
+        tower.visual.eval(),
+        name=spec,
+        kind=kind,
+        arch=arch,
+        image_size=_square(tower.image_size),
+        image_mean=tower.image_mean,
+        image_std=tower.image_std,
+        embed_dim=tower.embed_dim,
+    )
+
+
 def _from_open_clip_build(spec: str, kind: str, arch: str, pretrained: str | None) -> Encoder:
     from mgll.models import ImageConfig, PretrainedWeightsError, register_model_configs
     from mgll.models.image_tower import build_open_clip
+    from mgll.models.timm_tower import is_timm_arch
+
+    if is_timm_arch(arch):
+        return _from_timm(spec, kind, arch, pretrained)
 
     register_model_configs()
     try:
@@ -207,7 +246,11 @@ def _from_open_clip_build(spec: str, kind: str, arch: str, pretrained: str | Non
 
 
 def _random(spec: str, rest: str) -> Encoder:
-    arch, _, seed_text = rest.partition(":")
+    from mgll.models.timm_tower import TIMM_PREFIX
+
+    prefix = TIMM_PREFIX if rest.startswith(TIMM_PREFIX) else ""
+    arch, _, seed_text = rest[len(prefix) :].partition(":")
+    arch = prefix + arch if arch else ""
     if not arch:
         raise EncoderError(spec, "random: needs an architecture name")
     try:
@@ -401,6 +444,8 @@ def load_encoder(spec: str | Path, device: str | torch.device = "cpu") -> Encode
         encoder = _from_open_clip_build(text, "open_clip", arch, tag)
     elif text.startswith("hf-hub:"):
         encoder = _from_open_clip_build(text, "open_clip", text, None)
+    elif text.startswith("timm:"):
+        encoder = _from_timm(text, "imagenet", text, "imagenet")
     else:
         path = Path(text).expanduser()
         if not path.exists():

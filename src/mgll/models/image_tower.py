@@ -49,6 +49,8 @@ class ImageTower(nn.Module):
         # The effective open_clip model config (overrides applied): enough to rebuild the tower.
         self.open_clip_cfg = copy.deepcopy(open_clip_cfg)
         self.preprocess_cfg = dict(preprocess_cfg)
+        # What pretrained weights were loaded ({"source", "file", "sha256"}), when known.
+        self.weights_source: dict[str, str] | None = None
 
     @property
     def embed_dim(self) -> int:
@@ -134,6 +136,7 @@ def build_open_clip(
                 pretrained=tag,
                 force_quick_gelu=quick_gelu,
                 force_preprocess_cfg=normalisation or None,
+                force_image_size=image_cfg.image_size,
                 pretrained_text=load_text_weights,
                 **overrides,
             )

@@ -111,12 +111,16 @@ class MGLLModel(nn.Module):
         open_clip picks QuickGELU from the pretrained tag, and the input mean/std follow the
         weights, so a rebuild with ``pretrained: null`` must pin both.
         """
-        return {
+        facts = {
             "image.quick_gelu": self.image_tower.open_clip_cfg.get("quick_gelu"),
             "image.mean": list(self.image_mean),
             "image.std": list(self.image_std),
             "text.towers": len(self.text_towers),
         }
+        weights = getattr(self.image_tower, "weights_source", None)
+        if weights:  # where the image tower's pretrained weights came from (timm:NAME)
+            facts["image.weights"] = dict(weights)
+        return facts
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute activations in the backward pass of every tower (less memory, more time)."""

@@ -40,8 +40,9 @@ class TowerContext:
 
     arch: str
     embed_dim: int
-    # open_clip model with its visual removed: the arch's own text tower (possibly pretrained).
-    open_clip_text: nn.Module
+    # open_clip model with its visual removed: the arch's own text tower (possibly pretrained);
+    # None for image towers that come without one (timm:NAME).
+    open_clip_text: nn.Module | None
 
 
 class OpenCLIPTextTower(nn.Module):

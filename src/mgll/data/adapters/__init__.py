@@ -12,7 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mgll.data.adapters import chestxray14, covid_cxr, csdi_fundus, mgll_release, midrc, palm
+from mgll.data.adapters import (
+    chestxray14,
+    covid_cxr,
+    csdi_fundus,
+    idrid,
+    mgll_release,
+    midrc,
+    palm,
+)
 from mgll.data.records import RecordSet
 from mgll.errors import DataError
 
@@ -50,6 +58,7 @@ ADAPTERS: tuple[Adapter, ...] = (
     Adapter("covid-cxr", covid_cxr.load, covid_cxr.detect, aliases=("ieee8023", "covid-chestxray")),
     Adapter("csdi-fundus", csdi_fundus.load, csdi_fundus.detect, aliases=("csdi",)),
     Adapter("palm", palm.load, palm.detect, aliases=("ichallenge-pm",)),
+    Adapter("idrid", idrid.load, idrid.detect, aliases=("idrid-grading",)),
     Adapter(
         "chestxray14",
         chestxray14.load,

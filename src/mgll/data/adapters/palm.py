@@ -27,11 +27,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
+from mgll.data.adapters.official_split import hold_out_val, link_identical
 from mgll.data.records import Record, RecordSet, build_levels
-from mgll.data.splits import file_digest
 from mgll.data.tables import TableError, read_table
 from mgll.errors import DataError
 
@@ -158,8 +157,8 @@ def load(
                     metadata={"split": "test", "set": VALIDATION},
                 )
             )
-    _link_identical(result)
-    _hold_out_val(result, float(val_fraction), int(seed))
+    link_identical(result, TRAINING)
+    hold_out_val(result, float(val_fraction), int(seed))
     result.levels = build_levels(
         ["myopia", "diagnosis"],
         result.records,
@@ -167,34 +166,3 @@ def load(
         vocabularies=[MYOPIA_VOCABULARY, DIAGNOSIS_VOCABULARY],
     )
     return result
-
-
-def _link_identical(result: RecordSet) -> None:
-    """One patient id per byte-identical photo within a set; a test photo identical to a
-    training photo is dropped (see the module docstring)."""
-    first: dict[str, Record] = {}
-    kept = []
-    for record in result.records:  # training records come first
-        digest = file_digest(record.image)
-        owner = first.setdefault(digest, record) if digest is not None else record
-        if owner is not record:
-            if owner.metadata["set"] != record.metadata["set"]:
-                result.exclude(
-                    f"test photo identical to a {TRAINING} photo (test copy dropped)",
-                    f"{record.image.name} = {owner.image.name}",
-                )
-                continue
-            record.patient_id = owner.patient_id
-            record.metadata["identical_to"] = owner.image.name
-        kept.append(record)
-    result.records = kept
-
-
-def _hold_out_val(result: RecordSet, fraction: float, seed: int) -> None:
-    """Move a seeded ``fraction`` of the training eyes (whole eyes) to ``val``."""
-    eyes = sorted({r.patient_id for r in result.records if r.metadata["split"] == "train"})
-    count = round(fraction * len(eyes))
-    chosen = set(np.random.default_rng(seed).permutation(eyes)[:count].tolist())
-    for record in result.records:
-        if record.metadata["split"] == "train" and record.patient_id in chosen:
-            record.metadata["split"] = "val"
