@@ -134,6 +134,25 @@ def _downstream(
     )
 
 
+def _idrid(name: str, level: str, **kw: Any) -> BenchmarkTask:
+    return BenchmarkTask(
+        name=name,
+        data="idrid",
+        source="idrid",
+        level=level,
+        type="multiclass",
+        split={"mode": "source"},
+        layout="the official release's 'B. Disease Grading' layout (mgll's idrid adapter; a "
+        "771 x 512 copy ships in ../shared/data/idrid); official split: training set -> train "
+        "+ val (10% of its eyes held out, seed 0), testing set -> test, the test photo "
+        "IDRiD_064 (a byte copy of training IDRiD_118) dropped",
+        get="https://idrid.grand-challenge.org (IEEE DataPort: Indian Diabetic Retinopathy "
+        "Image Dataset, CC BY 4.0), part B. Disease Grading",
+        rule=RULES["multiclass"],
+        **kw,
+    )
+
+
 # The paper's ten rows (METHOD.md section 6; COVIDx and the segmentation Dice from issue 18).
 PAPER_TASKS: dict[str, BenchmarkTask] = {
     task.name: task
@@ -154,28 +173,19 @@ PAPER_TASKS: dict[str, BenchmarkTask] = {
             "Scientific Data 2024 (CC BY 4.0); a 224 px copy ships in ../shared/data/palm",
             rule=RULES["binary"],
         ),
-        _downstream(
+        _idrid(
             "idrid-dr",
-            "IDRiD",
-            "IDRiD",
-            0,
-            "multiclass",
+            "dr_grade",
             title="IDRiD diabetic retinopathy grade",
             paper=_paper((None, None, None), (76.74, 80.72, 82.57)),
-            get="https://idrid.grand-challenge.org (IEEE DataPort: Indian Diabetic Retinopathy "
-            "Image Dataset), then the authors' CSVs",
-            note="first label column of the CSVs: the DR grade (0-4)",
+            note="the DR grade (0-4, five classes) of IDRiD part B",
         ),
-        _downstream(
+        _idrid(
             "idrid-dme",
-            "IDRiD",
-            "IDRiD",
-            1,
-            "multiclass",
+            "dme_risk",
             title="IDRiD diabetic macular edema risk",
             paper=_paper((None, None, None), (73.34, 77.95, 86.17)),
-            get="https://idrid.grand-challenge.org, then the authors' CSVs",
-            note="second label column of the CSVs: the DME risk (0-2)",
+            note="the risk of macular edema (0-2, three classes) of IDRiD part B",
         ),
         _downstream(
             "rfmid",

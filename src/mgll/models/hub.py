@@ -90,6 +90,15 @@ def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _weights_line(model: Any) -> list[str]:
+    """The card's line on where the image tower's pretrained start came from (if known)."""
+    weights = model.build_facts().get("image.weights")
+    if not weights:
+        return []
+    digest = f", sha256 `{weights['sha256']}`" if weights.get("sha256") else ""
+    return [f"- Image tower started from `{weights['source']}` (`{weights['file']}`{digest})"]
+
+
 def model_card(
     model: Any, run_config: Mapping[str, Any], metrics: Mapping[str, Any] | None = None
 ) -> str:
@@ -119,6 +128,7 @@ def model_card(
         "",
         f"- Image tower: open_clip `{section['image'].get('arch')}`, input "
         f"{model.image_size} px, mean {list(model.image_mean)}, std {list(model.image_std)}",
+        *_weights_line(model),
         f"- Text tower: `{text.get('type', 'open_clip')}`"
         + (f" (`{text['name']}`)" if text.get("name") else "")
         + f", {len(model.text_towers)} tower(s)",

@@ -219,6 +219,8 @@ def load_model(
     model_cfg = model_cfg.for_rebuild(meta["extra"])
     model = create_model(model_cfg)
     load_weights(model, weights)
+    # Where the pretrained start came from stays on record (exports, model cards).
+    model.image_tower.weights_source = meta["extra"].get("image.weights")
     return model.to(device).eval(), meta["config"]
 
 

@@ -53,6 +53,8 @@ def summarize(
             "val": len(run.val_set) if run.val_set is not None else 0,  # type: ignore[arg-type]
         },
         "sources": run.sources,
+        # where the image tower's pretrained start came from (source, file, sha256), if any
+        "image_weights": run.model.build_facts().get("image.weights"),
         "skipped_images": len(skipped_all),
         "skipped_image_paths": skipped_all,
         "checkpoint": str(run.last_checkpoint) if run.last_checkpoint else None,

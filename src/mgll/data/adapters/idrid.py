@@ -21,7 +21,8 @@ multi-label, multi-granular sample. Four levels, coarse to fine:
 
 The official split is carried as each record's ``split`` (``split: {mode: source}``): the
 training set -> ``train`` and ``val`` (a seeded ``val_fraction`` of its eyes), the testing set
--> ``test``. Patients are not given: each photo is its own eye, byte-identical photos within a
+-> ``test``. Patients are not given: each photo is its own eye (``train/IDRiD_NNN`` or
+``test/IDRiD_NNN``: both sets number their photos from 001), byte-identical photos within a
 set share one, and a test photo identical to a training photo is dropped from the test set
 (:mod:`mgll.data.adapters.official_split`). On the shipped copy: ``IDRiD_021 = 391``, ``028 =
 327``, ``045 = 333``, ``073 = 375``, ``079 = 279`` (linked, training) and test ``IDRiD_064``
@@ -134,7 +135,8 @@ def _records(folder: Path, split: str, result: RecordSet) -> None:
                 image=image,
                 texts=[[text] for text in texts],
                 labels=labels,
-                patient_id=image.stem,
+                # Both sets number their photos from IDRiD_001: the set keeps the ids apart.
+                patient_id=f"{split}/{image.stem}",
                 metadata={"split": split, "set": images_name},
             )
         )
