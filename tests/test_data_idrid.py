@@ -55,9 +55,10 @@ def test_idrid_levels_labels_split_and_copies(tmp_path):
     assert detect_adapter(folder).name == "idrid"
     assert detect_adapter(folder / GRADING).name == "idrid"  # the grading folder itself
     records = get_adapter("idrid").load(folder, val_fraction=0.25, seed=0)
-    assert [lv.name for lv in records.levels] == ["finding", "referable_dr", "dr_grade", "dme_risk"]
-    assert [lv.multi_label for lv in records.levels] == [True, False, False, False]
-    assert [len(lv.vocabulary) for lv in records.levels] == [3, 2, 5, 3]
+    names = ["finding", "referable_dr", "dr_grade", "dme_risk", "grading"]
+    assert [lv.name for lv in records.levels] == names
+    assert [lv.multi_label for lv in records.levels] == [True, False, False, False, False]
+    assert [len(lv.vocabulary) for lv in records.levels] == [3, 2, 5, 3, 15]
     by_name = {
         ("test:" if r.metadata["split"] == "test" else "") + r.image.stem: r
         for r in records.records
@@ -76,6 +77,7 @@ def test_idrid_levels_labels_split_and_copies(tmp_path):
         ["referable diabetic retinopathy"],
         ["severe non-proliferative diabetic retinopathy"],
         ["hard exudates near the macula"],
+        ["severe non-proliferative diabetic retinopathy and hard exudates near the macula"],
     ]
     assert by_name["IDRiD_001"].labels[:2] == [
         ["no diabetic eye disease"],
@@ -88,6 +90,9 @@ def test_idrid_levels_labels_split_and_copies(tmp_path):
     ]
     assert by_name["test:IDRiD_001"].labels[0] == ["diabetic macular edema"]
     assert by_name["IDRiD_003"].labels[3] == ["hard exudates away from the macula"]
+    assert by_name["IDRiD_001"].texts[4] == [
+        "A fundus photograph with no diabetic retinopathy and no diabetic macular edema risk."
+    ]
     # One text per level; the multi-label level names every finding in one sentence.
     assert by_name["IDRiD_004"].texts[0] == [
         "A fundus photograph with diabetic retinopathy and diabetic macular edema."

@@ -420,9 +420,10 @@ def test_a_single_dataset_run_writes_split_csv_too(tmp_path, monkeypatch):
 
 
 @pytest.mark.shared_data
-def test_shipped_fundus_pool_keeps_palm_validation400_out_of_pretraining(tmp_path, capsys):
+def test_shipped_fundus_pool_keeps_every_test_photo_out_of_pretraining(tmp_path, capsys):
     root = require_shared("palm").parent
     require_shared("csdi-fundus")
+    require_shared("idrid")
     pool = "package:mgll/pools/fundus-pool.yaml"
     assert main(["data", "check", pool, "--data-root", str(root), "--no-decode"]) == 0
     out = capsys.readouterr().out
@@ -432,7 +433,7 @@ def test_shipped_fundus_pool_keeps_palm_validation400_out_of_pretraining(tmp_pat
     # P0056 = V0163 and P0057 = V0252 (README): the adapter drops those two test copies
     assert len(validation) == 400
     by_source = Counter(r.metadata["source"] for r in records.records)
-    assert by_source == {"csdi-fundus": 187, "palm": 798}
+    assert by_source == {"csdi-fundus": 187, "palm": 798, "idrid": 515}
     splits = {
         r.image.name: r.metadata["split"]
         for r in records.records
@@ -443,6 +444,32 @@ def test_shipped_fundus_pool_keeps_palm_validation400_out_of_pretraining(tmp_pat
     training = [r for r in records.records if r.image.parent.name == "PALM-Training400"]
     assert len(training) == 400 and {r.metadata["split"] for r in training} == {"train", "val"}
     assert [lv.name for lv in records.levels] == ["abnormality", "disease", "explanation"]
+    # IDRiD: the testing set is the pool's test split, less the copy of a training photo.
+    idrid = {
+        (r.image.parent.name, r.image.stem): r.metadata["split"]
+        for r in records.records
+        if r.metadata["source"] == "idrid"
+    }
+    testing = {k: v for k, v in idrid.items() if k[0] == "b. Testing Set"}
+    assert len(testing) == 102 and set(testing.values()) == {"test"}
+    assert ("b. Testing Set", "IDRiD_064") not in testing
+    training = [v for k, v in idrid.items() if k[0] == "a. Training Set"]
+    assert len(training) == 413 and set(training) == {"train", "val"}
+    # The multi-label disease level: a photo with both findings carries both.
+    by_disease = Counter(tuple(r.labels[1]) for r in records.records)
+    assert by_disease[("diabetic retinopathy", "diabetic macular edema")] > 0
+    assert records.levels[1].multi_label
+
+
+@pytest.mark.shared_data
+def test_the_two_source_pool_is_kept_for_the_scratch_recipe():
+    root = require_shared("palm").parent
+    require_shared("csdi-fundus")
+    records, _ = load_records("package:mgll/pools/csdi-palm.yaml", None, data_root=root)
+    assert Counter(r.metadata["source"] for r in records.records) == {
+        "csdi-fundus": 187,
+        "palm": 798,
+    }
 
 
 def test_evaluation_reads_a_pool_with_its_split(tmp_path):

@@ -8,7 +8,7 @@ that folder itself::
 
 The label files are read as released: a header with a trailing space (``Risk of macular edema
 ``), empty trailing columns, CRLF line ends. Every photo carries both label axes, so each is a
-multi-label, multi-granular sample. Four levels, coarse to fine:
+multi-label, multi-granular sample. Five levels, coarse to fine:
 
 - ``finding`` (multi-label): ``diabetic retinopathy`` (grade >= 1) and/or ``diabetic macular
   edema`` (risk >= 1), or ``no diabetic eye disease``;
@@ -17,7 +17,9 @@ multi-label, multi-granular sample. Four levels, coarse to fine:
 - ``dr_grade``: the 0-4 grade by name (no DR, mild / moderate / severe non-proliferative,
   proliferative);
 - ``dme_risk``: the 0-2 macular edema risk (no exudates; hard exudates farther than one disc
-  diameter from the macula's centre; within one disc diameter).
+  diameter from the macula's centre; within one disc diameter);
+- ``grading``: both grades in one phrase (``moderate non-proliferative diabetic retinopathy and
+  hard exudates near the macula``), the photo's whole report; what a pool's finest level takes.
 
 The official split is carried as each record's ``split`` (``split: {mode: source}``): the
 training set -> ``train`` and ``val`` (a seeded ``val_fraction`` of its eyes), the testing set
@@ -41,7 +43,7 @@ from mgll.errors import DataError
 GRADING = "B. Disease Grading"
 SETS = {"train": ("Training Set", "Training Labels"), "test": ("Testing Set", "Testing Labels")}
 IMAGE_COLUMN, GRADE_COLUMN, RISK_COLUMN = "Image name", "Retinopathy grade", "Risk of macular edema"
-LEVEL_NAMES = ["finding", "referable_dr", "dr_grade", "dme_risk"]
+LEVEL_NAMES = ["finding", "referable_dr", "dr_grade", "dme_risk", "grading"]
 
 DR_GRADES = [
     "no diabetic retinopathy",
@@ -58,6 +60,8 @@ DME_RISKS = [
 NO_FINDING, DR, DME = "no diabetic eye disease", "diabetic retinopathy", "diabetic macular edema"
 FINDINGS = [NO_FINDING, DR, DME]
 REFERABLE = ["no referable diabetic retinopathy", "referable diabetic retinopathy"]
+# The finest level: the whole grading of a photo in one phrase (both axes; 15 combinations).
+GRADINGS = [f"{grade} and {risk}" for grade in DR_GRADES for risk in DME_RISKS]
 PROMPTS = {
     NO_FINDING: "A fundus photograph without diabetic eye disease.",
     REFERABLE[0]: "A fundus photograph without referable diabetic retinopathy.",
@@ -129,7 +133,8 @@ def _records(folder: Path, split: str, result: RecordSet) -> None:
         grade = _grade(values[GRADE_COLUMN], 4, table_file, row, GRADE_COLUMN)
         risk = _grade(values[RISK_COLUMN], 2, table_file, row, RISK_COLUMN)
         labels = _labels(grade, risk)
-        texts = [_finding_text(labels[0])] + [PROMPTS[level[0]] for level in labels[1:]]
+        texts = [_finding_text(labels[0])] + [PROMPTS[level[0]] for level in labels[1:4]]
+        texts.append(f"A fundus photograph with {labels[4][0]}.")
         result.records.append(
             Record(
                 image=image,
@@ -157,6 +162,7 @@ def _labels(grade: int, risk: int) -> list[list[str]]:
         [REFERABLE[int(grade >= 2)]],
         [DR_GRADES[grade]],
         [DME_RISKS[risk]],
+        [GRADINGS[3 * grade + risk]],
     ]
 
 
@@ -180,7 +186,7 @@ def load(path: str | Path, *, val_fraction: float = 0.1, seed: int = 0) -> Recor
     result.levels = build_levels(
         LEVEL_NAMES,
         result.records,
-        multi_label=[True, False, False, False],
-        vocabularies=[FINDINGS, REFERABLE, DR_GRADES, DME_RISKS],
+        multi_label=[True, False, False, False, False],
+        vocabularies=[FINDINGS, REFERABLE, DR_GRADES, DME_RISKS, GRADINGS],
     )
     return result
