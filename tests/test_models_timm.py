@@ -140,3 +140,34 @@ def test_encoder_specs():
     _lite0_file()
     imagenet = load_encoder(LITE0)
     assert imagenet.kind == "imagenet" and imagenet.image_size == 224
+
+
+@pytest.mark.parametrize(
+    ("groups", "trainable_trunk"),
+    [
+        (None, None),  # everything trains
+        (0, ()),
+        # timm's fine groups: the stem, one per block; the last block shares the head's
+        (1, ("conv_head.", "bn2.", "blocks.4.0.")),
+        (2, ("conv_head.", "bn2.", "blocks.4.0.", "blocks.3.0.")),
+    ],
+)
+def test_unlocked_groups_train_only_the_last_groups(groups, trainable_trunk):
+    cfg = {"image": {"arch": TINY, "image_size": 32, "unlocked_groups": groups}, "text": MINILM}
+    model = create_model(cfg)
+    trunk = dict(model.image_tower.visual.trunk.named_parameters())
+    trained = {name for name, p in trunk.items() if p.requires_grad}
+    if trainable_trunk is None:
+        assert trained == set(trunk)
+    else:
+        assert trained == {n for n in trunk if n.startswith(trainable_trunk)}
+    # the new projection always trains; locked weights get no gradient from a step
+    assert all(p.requires_grad for p in model.image_tower.visual.head.parameters())
+    out = model(torch.randn(2, 3, 32, 32), [["a", "b"]])
+    (out["image_emb"] * out["text_embs"][0]).sum().backward()
+    assert all((p.grad is None) != (n in trained) for n, p in trunk.items())
+
+
+def test_unlocked_groups_errors():
+    with pytest.raises(ConfigError, match=r"model\.image\.unlocked_groups: -1 must be"):
+        ImageConfig(arch=TINY, unlocked_groups=-1)

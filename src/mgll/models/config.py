@@ -29,8 +29,20 @@ class ImageConfig:
     mean: list[float] | None = None
     std: list[float] | None = None
     image_size: int | None = None  # input side in pixels; null: the architecture's own
+    # Train only the last N layer groups of the image tower (open_clip's lock; 0: none);
+    # null: the whole tower trains. Cheaper steps for a pretrained tower on a CPU.
+    unlocked_groups: int | None = None
 
     def __post_init__(self) -> None:
+        if self.unlocked_groups is not None and (
+            isinstance(self.unlocked_groups, bool)
+            or not isinstance(self.unlocked_groups, int)
+            or self.unlocked_groups < 0
+        ):
+            raise ConfigError(
+                f"model.image.unlocked_groups: {self.unlocked_groups!r} must be a whole number "
+                ">= 0 (the last layer groups that train), or null to train the whole tower"
+            )
         if self.image_size is not None and (
             isinstance(self.image_size, bool)
             or not isinstance(self.image_size, int)

@@ -12,6 +12,7 @@ import copy
 import functools
 import json
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,8 @@ def create_model(
     tower_count = int(levels) if cfg.text_per_level else 1
 
     image_tower, clip_text = _image_tower(cfg)
+    if cfg.image.unlocked_groups is not None:
+        lock_image_tower(image_tower, cfg.image.unlocked_groups)
     context = TowerContext(
         arch=image_tower.arch, embed_dim=image_tower.embed_dim, open_clip_text=clip_text
     )
@@ -90,6 +93,30 @@ def create_model(
         init_logit_bias=cfg.init_logit_bias,
         dedup_texts=cfg.dedup_texts,
     )
+
+
+def lock_image_tower(tower: ImageTower, unlocked_groups: int) -> None:
+    """Freeze all but the last ``unlocked_groups`` layer groups (``model.image.unlocked_groups``)
+    through open_clip's own ``lock`` of the tower (timm's layer groups for a timm trunk).
+
+    Batch-norm statistics keep updating (only weights are frozen), so checkpoints keep the
+    tower's state-dict layout.
+    """
+    lock = getattr(tower.visual, "lock", None)
+    if lock is None:
+        raise ConfigError(
+            f"model.image.unlocked_groups: the image tower {tower.arch!r} cannot be locked in "
+            "part (open_clip gives it no lock); set it to null"
+        )
+    try:
+        with warnings.catch_warnings():  # open_clip imports timm's old helpers module
+            warnings.simplefilter("ignore", FutureWarning)
+            lock(unlocked_groups=unlocked_groups, freeze_bn_stats=False)
+    except (RuntimeError, KeyError, AssertionError) as error:
+        raise ConfigError(
+            f"model.image.unlocked_groups: {unlocked_groups} does not fit {tower.arch!r} "
+            f"({error}); give fewer groups or null"
+        ) from error
 
 
 def _image_tower(cfg: ModelConfig) -> tuple[ImageTower, nn.Module | None]:
