@@ -171,3 +171,33 @@ def test_unlocked_groups_train_only_the_last_groups(groups, trainable_trunk):
 def test_unlocked_groups_errors():
     with pytest.raises(ConfigError, match=r"model\.image\.unlocked_groups: -1 must be"):
         ImageConfig(arch=TINY, unlocked_groups=-1)
+
+
+def test_a_timm_tower_exports_and_reloads_equal(tmp_path):
+    from transformers import TimmWrapperModel
+
+    from mgll.models import export_image_encoder, load_image_encoder
+    from mgll.models.hf_export import HFExportError, export_hf_clip_vision, export_hf_timm
+
+    torch.manual_seed(1)
+    cfg = {"image": {"arch": TINY, "image_size": 32}, "text": MINILM, "embed_dim": 16}
+    model = create_model(cfg).eval()
+    images = torch.randn(2, 3, 32, 32)
+    visual = model.image_tower.visual
+    with torch.no_grad():
+        expected, pooled = visual(images), visual.trunk(images)
+    # mgll's safetensors export (open_clip layout + sidecar)
+    encoder = load_image_encoder(export_image_encoder(model, tmp_path / "enc.safetensors"))
+    with torch.no_grad():
+        assert torch.equal(encoder(images), expected)
+    assert encoder.image_size == 32 and encoder.image_mean == model.image_mean
+    # transformers' TimmWrapperModel: the trunk's pooled features
+    folder = export_hf_timm(visual, model.image_tower.preprocess_cfg, tmp_path / "hf")
+    hf = TimmWrapperModel.from_pretrained(str(folder)).eval()
+    with torch.no_grad():
+        assert torch.allclose(hf(pixel_values=images).pooler_output, pooled, atol=1e-6)
+    assert hf.config.pretrained_cfg["mean"] == list(model.image_mean)
+    # the CLIP vision format stays ViT-only, in one line
+    with pytest.raises(HFExportError, match="needs a ViT image tower; this one is TimmModel"):
+        export_hf_clip_vision(visual, model.image_tower.preprocess_cfg, tmp_path / "clip")
+    assert not (tmp_path / "clip").exists()

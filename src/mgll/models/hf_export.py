@@ -229,3 +229,62 @@ def export_hf_clip_vision(
         return write_folder(output_dir, write)
     except ValueError as error:
         raise HFExportError(str(error)) from error
+
+
+def export_hf_timm(
+    visual: nn.Module,
+    preprocess_cfg: dict[str, Any],
+    output_dir: str | os.PathLike,
+    extra_info: dict[str, Any] | None = None,
+) -> Path:
+    """Write a timm image tower's trunk as a transformers ``TimmWrapperModel`` in ``output_dir``.
+
+    The folder loads with ``transformers.TimmWrapperModel.from_pretrained`` (pooled features:
+    ``model(pixel_values).pooler_output``, the features mgll's probe reads) and
+    ``TimmWrapperImageProcessor`` (the tower's size and mean/std). The image-text projection is
+    not part of it (transformers' wrapper has no place for it); ``mgll_export.json`` says so.
+    Needs a transformers release with ``TimmWrapperModel`` (4.48 or newer).
+    """
+    trunk = getattr(visual, "trunk", None)
+    name = getattr(getattr(trunk, "pretrained_cfg", None), "get", lambda _k: None)("architecture")
+    if trunk is None or not name:
+        raise HFExportError(
+            f"the hf-timm format needs a timm image tower (model.image.arch: timm:NAME); this "
+            f"one is {type(visual).__name__}: use the default open_clip export instead"
+        )
+    try:
+        from transformers import TimmWrapperConfig, TimmWrapperModel
+    except ImportError:
+        raise HFExportError(
+            "the hf-timm format needs transformers >= 4.48 (TimmWrapperModel); pip install -U "
+            "transformers, or use the default open_clip export"
+        ) from None
+    size = int(
+        preprocess_cfg["size"]
+        if isinstance(preprocess_cfg["size"], int)
+        else preprocess_cfg["size"][0]
+    )
+    pretrained_cfg = {
+        "input_size": [3, size, size],
+        "mean": [float(v) for v in preprocess_cfg["mean"]],
+        "std": [float(v) for v in preprocess_cfg["std"]],
+        "interpolation": "bicubic",
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+        "num_classes": 0,
+    }
+    config = TimmWrapperConfig(architecture=name, do_pooling=True)
+    config.pretrained_cfg = pretrained_cfg
+    hf = TimmWrapperModel(config)
+    hf.timm_model.load_state_dict(trunk.state_dict(), strict=True)
+
+    def write(folder: Path) -> None:
+        hf.save_pretrained(str(folder), safe_serialization=True)
+        info = {"format": "hf-timm", "class": "TimmWrapperModel", "projection": "not included"}
+        info.update(extra_info or {})
+        (folder / "mgll_export.json").write_text(json.dumps(info, indent=2) + "\n")
+
+    try:
+        return write_folder(output_dir, write)
+    except ValueError as error:
+        raise HFExportError(str(error)) from error

@@ -63,6 +63,15 @@ def export_hf_clip_vision(checkpoint: str | Path, output_dir: str | Path) -> Pat
     return export_tower(tower.visual, tower.preprocess_cfg, output_dir, info)
 
 
+def export_hf_timm(checkpoint: str | Path, output_dir: str | Path) -> Path:
+    """Export the timm image tower of a pretraining run as a transformers ``TimmWrapperModel``."""
+    from mgll.models.hf_export import export_hf_timm as export_tower
+
+    tower = load_model(checkpoint)[0].image_tower
+    info = {"source": str(resolve_checkpoint(checkpoint)), "arch": tower.arch}
+    return export_tower(tower.visual, tower.preprocess_cfg, output_dir, info)
+
+
 def export_pretrained(checkpoint: str | Path, output_dir: str | Path) -> Path:
     """Save a pretraining run as an ``mgll.from_pretrained`` folder with its last validation
     metrics in the model card."""
@@ -97,11 +106,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--format",
-        choices=("open_clip", "hf-clip-vision", "mgll-pretrained"),
+        choices=("open_clip", "hf-clip-vision", "hf-timm", "mgll-pretrained"),
         default="open_clip",
         help="open_clip (default, --output); hf-clip-vision: a transformers CLIPVisionModel "
-        "folder for LLaVA-style vision towers; mgll-pretrained: the whole model for "
-        "mgll.from_pretrained, with a model card (both --output-dir)",
+        "folder for LLaVA-style vision towers (ViT towers); hf-timm: a transformers "
+        "TimmWrapperModel folder (timm towers); mgll-pretrained: the whole model for "
+        "mgll.from_pretrained, with a model card (all three --output-dir)",
     )
     parser.add_argument("--output-dir", help="the folder written by the folder formats")
     parser.set_defaults(func=run)
@@ -119,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             writers = {
                 "hf-clip-vision": export_hf_clip_vision,
+                "hf-timm": export_hf_timm,
                 "mgll-pretrained": export_pretrained,
             }
             path = writers[args.format](args.checkpoint, args.output_dir)
