@@ -390,7 +390,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--encoder",
         required=True,
         help="run folder/checkpoint, exported encoder, open_clip:ARCH:TAG, hf-hub:ORG/REPO or "
-        "random:ARCH[:SEED]",
+        "random:ARCH[:SEED], timm:NAME[@SIZE] (ImageNet weights)",
     )
     add_task_arguments(parser)
     add_run_arguments(parser)

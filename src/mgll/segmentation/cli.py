@@ -69,7 +69,8 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--encoder",
         required=True,
-        help="run folder/checkpoint, export, open_clip:ARCH:TAG or random:ARCH[:SEED]",
+        help="run folder/checkpoint, export, open_clip:ARCH:TAG, timm:NAME[@SIZE] or "
+        "random:ARCH[:SEED]",
     )
     parser.add_argument(
         "--data",
