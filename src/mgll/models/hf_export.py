@@ -214,15 +214,22 @@ def export_hf_clip_vision(
     ``mgll_export.json`` (where it came from). Files are written in a temporary folder that is
     renamed into place, so a failed export leaves nothing half-written. Returns the folder.
     """
-    output_dir = Path(output_dir)
     hf = to_clip_vision_model(visual)
     processor = image_processor_config(preprocess_cfg, int(hf.config.image_size))
+    info = {"format": "hf-clip-vision", "class": "CLIPVisionModelWithProjection"}
+    return _write_hf_folder(hf, Path(output_dir), {**info, **(extra_info or {})}, processor)
+
+
+def _write_hf_folder(
+    hf: nn.Module, output_dir: Path, info: dict[str, Any], processor: dict[str, Any] | None
+) -> Path:
+    """``save_pretrained`` of ``hf``, the processor config (if any) and ``mgll_export.json``,
+    written in a temporary folder renamed into place (nothing half-written on failure)."""
 
     def write(folder: Path) -> None:
         hf.save_pretrained(str(folder), safe_serialization=True)
-        (folder / PROCESSOR_FILE).write_text(json.dumps(processor, indent=2) + "\n")
-        info = {"format": "hf-clip-vision", "class": "CLIPVisionModelWithProjection"}
-        info.update(extra_info or {})
+        if processor is not None:
+            (folder / PROCESSOR_FILE).write_text(json.dumps(processor, indent=2) + "\n")
         (folder / "mgll_export.json").write_text(json.dumps(info, indent=2) + "\n")
 
     try:
@@ -277,14 +284,5 @@ def export_hf_timm(
     config.pretrained_cfg = pretrained_cfg
     hf = TimmWrapperModel(config)
     hf.timm_model.load_state_dict(trunk.state_dict(), strict=True)
-
-    def write(folder: Path) -> None:
-        hf.save_pretrained(str(folder), safe_serialization=True)
-        info = {"format": "hf-timm", "class": "TimmWrapperModel", "projection": "not included"}
-        info.update(extra_info or {})
-        (folder / "mgll_export.json").write_text(json.dumps(info, indent=2) + "\n")
-
-    try:
-        return write_folder(output_dir, write)
-    except ValueError as error:
-        raise HFExportError(str(error)) from error
+    info = {"format": "hf-timm", "class": "TimmWrapperModel", "projection": "not included"}
+    return _write_hf_folder(hf, Path(output_dir), {**info, **(extra_info or {})}, None)

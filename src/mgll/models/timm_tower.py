@@ -19,7 +19,6 @@ the tower as ``weights_source`` and recorded by the run summary and the model ca
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,6 +30,7 @@ from open_clip.model import _build_vision_tower
 from safetensors.torch import load_file
 from torch import nn
 
+from mgll.io import file_sha256
 from mgll.models.config import ImageConfig
 from mgll.models.image_tower import ImageTower
 from mgll.models.weights import PretrainedWeightsError, offline_hint
@@ -140,15 +140,6 @@ def packaged_imagenet_file(name: str) -> Path | None:
             f"{module_name.replace('_', '-')}, which is not installed; {WEIGHTS_EXTRA}"
         ) from None
     return Path(getattr(module, class_name).get_model_file_path())
-
-
-def file_sha256(path: Path) -> str:
-    """The file's SHA-256, read in blocks (weights files are tens of MB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _read_state(file: Path) -> dict[str, torch.Tensor]:

@@ -40,7 +40,7 @@ from mgll.data.shards.manifest import (
     ShardError,
 )
 from mgll.data.splits import SPLIT_NAMES
-from mgll.io import atomic_write
+from mgll.io import atomic_write, file_sha256
 from mgll.schema import to_dict
 
 
@@ -63,15 +63,6 @@ def encode_image(pixels: np.ndarray, image_format: str) -> bytes:
     else:
         Image.fromarray(pixels).save(buffer, format="PNG", compress_level=6)
     return buffer.getvalue()
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass
