@@ -149,6 +149,18 @@ def to_dict(section: Any) -> dict[str, Any]:
     return dataclasses.asdict(section)
 
 
+def flatten(row: Mapping[str, Any], sep: str = ".", prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (empty sections stay as values); the inverse of
+    :func:`set_dotted`."""
+    flat: dict[str, Any] = {}
+    for key, value in row.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, sep, f"{prefix}{key}{sep}"))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
     """Set ``raw[a][b][c] = value`` for ``dotted = "a.b.c"``, creating sections on the way.
 
