@@ -196,9 +196,13 @@ def test_patient_mode_ignores_shipped_splits_and_prepare_data_uses_the_pools_spl
         (("levels: {diagnosis: disease}", "levels: {dx: disease}"), "has no level 'dx'"),
         (('"*": abnormal', "Mild: abnormal"), "label 'severe cataract' of level 'disease'"),
         (("myopia/spec.yaml", "nowhere/spec.yaml"), "nowhere/spec.yaml not found"),
-        (("weight: 3", "wieght: 3"), "sources[1].wieght: unknown key"),
+        (("weight: 3", "wieght: 3"), "key 'sources[1].wieght' (did you mean 'weight'?)"),
         (("name: myopia", "name: grades"), "two sources are named 'grades'"),
         (("split: {mode: source}", "split: {mode: random}"), "split.mode"),
+        # read by schema.from_mapping: a key spelled "from" and the file's value types
+        (("{from: disease,", "{form: disease,"), "'derive.abnormality.form' (did you mean 'from'"),
+        (("seed: 1}", "seed: 1, mode: patient}"), "unknown config key 'sources[0].split.mode'"),
+        (("Mild: mild cataract", "Mild: yes"), "'sources[0].rename.disease.Mild' must be a str"),
     ],
 )
 def test_pool_errors_name_the_file_and_key(tmp_path, edit, message):

@@ -4,6 +4,8 @@ moved into a function hides a circle from Python but not from a reader)."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parent.parent / "src"
@@ -68,3 +70,18 @@ def test_every_text_tower_type_and_pooling_a_config_accepts_has_its_builder():
 
     assert sorted(TEXT_TOWER_BUILDERS) == sorted(TEXT_TOWER_TYPES)
     assert sorted(POOLINGS) == sorted(POOLING_NAMES)
+
+
+def test_fine_tuning_and_segmentation_load_neither_the_trainer_nor_the_pretraining_config():
+    """They read their configs through mgll.schema, and mgll.training's own names load on first
+    use: importing a training module does not load the trainer (nor open_clip through it)."""
+    code = (
+        "import sys, mgll.eval.finetune, mgll.segmentation.run, mgll.training.epochs; "
+        "print(sorted(m for m in ('mgll.training.trainer', 'mgll.training.config') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    from mgll.training import RunConfig, train  # the names themselves still load
+
+    assert callable(train) and RunConfig.__name__ == "RunConfig"

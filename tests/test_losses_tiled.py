@@ -3,12 +3,15 @@ for backward; CLIP's tiles against its plain cross-entropy; repeated texts multi
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import mgll.losses.kernel as kernel
-from mgll.losses import CLIPLoss, MGLLLoss, _distinct_columns, label_presence
+from mgll.losses import CLIPLoss, MGLLLoss, label_presence
+from mgll.losses.plan import distinct_columns
 from mgll.schema import ConfigError
 from mgll.training.config import LossConfig
 from mgll.training.objective import Objective
@@ -56,7 +59,7 @@ def test_repeated_texts_give_the_gradient_of_plain_autograd():
     # the full (N, N) logits, against the kernel that multiplies each distinct text once.
     image, texts, labels = _case(12, 3, repeated_coarse=True)
     coarse = labels[0].clamp(min=0)  # no missing labels here: the formulas stay short
-    groups = _distinct_columns(texts[0], coarse)
+    groups = distinct_columns(texts[0], coarse)
     assert groups is not None and groups.counts.sum() == 12 and len(groups.counts) <= 4
     leaves = [image.clone().requires_grad_(True), texts[0].clone().requires_grad_(True)]
     fn = MGLLLoss(weights={"sclip": 1.0, "pointwise": 1.0, "skl": 0.0})
@@ -103,7 +106,7 @@ def test_missing_samples_leave_the_matmul_and_class_ids_build_no_mask(monkeypatc
     not a masked N x N, and a class-id level never builds its positive mask (positive sums go
     through per-class sums); the multi-hot level builds its mask once, kept for backward."""
     shapes, masks = [], []
-    real_logits, real_tile = kernel._level_logits, kernel._Positives.tile
+    real_logits, real_tile = kernel.level_logits, kernel.Positives.tile
 
     def spy_logits(plan, tensors, spans):
         out = real_logits(plan, tensors, spans)
@@ -114,8 +117,8 @@ def test_missing_samples_leave_the_matmul_and_class_ids_build_no_mask(monkeypatc
         masks.append("class ids" if self.by_class else "multi-hot")
         return real_tile(self, r0, r1)
 
-    monkeypatch.setattr(kernel, "_level_logits", spy_logits)
-    monkeypatch.setattr(kernel._Positives, "tile", spy_tile)
+    monkeypatch.setattr(kernel, "level_logits", spy_logits)
+    monkeypatch.setattr(kernel.Positives, "tile", spy_tile)
     image, texts, labels = _case(12, 3)
     present = [int(label_presence(lab).sum()) for lab in labels]
     assert min(present[:2]) < 12  # the case has missing samples at two levels
@@ -162,7 +165,8 @@ def test_compile_sends_every_element_wise_pass_through_torch_compile(monkeypatch
         return fn
 
     monkeypatch.setattr(torch, "compile", spy_compile)
-    monkeypatch.setattr(kernel, "_COMPILED", {})
+    # a cache of its own, so the spy's functions never reach another test's compile=True
+    monkeypatch.setattr(kernel, "compiled", functools.cache(kernel.compiled.__wrapped__))
     image, texts, labels = _case(12, 4)
     for chunk_size in (None, 5):
         seen = list(compiled)

@@ -114,6 +114,32 @@ def test_resume_errors_name_the_missing_file(tmp_path):
         train(_config(), ".", tmp_path, resume=str(tmp_path / "nope.safetensors"), **FAKES)
 
 
+def test_a_checkpoint_of_another_kind_is_refused_and_the_folder_left_untouched(tmp_path):
+    """Both engines resume through checkpoint.load_run_state, which checks the kind once:
+    pretraining refuses a fine-tuning or segmentation checkpoint before reading it into the
+    model (before it failed on whatever did not fit first)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    train(_config(**{"train.max_steps": 2}), ".", tmp_path, **FAKES)
+    weights = ckpt.resolve_checkpoint("latest", tmp_path)
+    with safe_open(str(weights), framework="pt") as handle:
+        header = dict(handle.metadata())
+    save_file(load_file(str(weights)), str(weights), metadata={**header, "kind": "segment"})
+    before = {p.name: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(ckpt.CheckpointError, match="is a segment checkpoint; resume it with its"):
+        train(_config(), ".", tmp_path, resume="latest", **FAKES)
+    assert {p.name: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_config_changes_name_saved_keys_only_and_skip_free_ones():
+    old = {"train": {"lr": 1e-3, "betas": (0.9, 0.98), "max_steps": 5}, "log": {"every": 1}}
+    new = {"train": {"lr": 2e-3, "betas": [0.9, 0.98], "max_steps": 9, "new_key": 1}}
+    # a tuple saved as a list is the same value; a key the old mgll did not write is no change
+    assert ckpt.config_changes(old, new) == ["train.lr", "train.max_steps"]
+    assert ckpt.config_changes(old, new, free_keys=("train.max_steps",)) == ["train.lr"]
+
+
 class _RunsCode:
     def __reduce__(self):
         return (print, ("unpickled!",))

@@ -148,6 +148,25 @@ def barrier() -> None:
         dist.barrier()
 
 
+def gather_objects(value: object) -> list[object]:
+    """Every rank's ``value`` (picklable), in rank order (``[value]`` in one process)."""
+    if not is_distributed():
+        return [value]
+    everyone: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, value)
+    return everyone
+
+
+def any_rank(*flags: bool, device: torch.device) -> tuple[bool, ...]:
+    """Each flag as true when it is true on any rank, in one collective: a signal may reach
+    one rank only and clocks differ, yet every rank must stop or checkpoint at the same step."""
+    if not is_distributed():
+        return tuple(bool(flag) for flag in flags)
+    values = torch.tensor([float(flag) for flag in flags], device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return tuple(bool(value) for value in values)
+
+
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     """Mean of a tensor over ranks (returns the tensor itself in one process)."""
     if not is_distributed():

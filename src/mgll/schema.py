@@ -6,6 +6,11 @@ eval, log and checkpoint sections). :func:`from_mapping` is the one reader: it c
 value against the field's type hint (ints widen to floats), fills the defaults that the
 dataclass holds, and refuses unknown keys with one message that names the key, the closest
 known one and the keys valid there. :func:`to_dict` is the inverse (what ``config.yaml`` holds).
+
+A file's key that cannot be a field name (``from``) is the field's ``metadata["key"]``.
+:func:`build_section` is the one path from a YAML file (:func:`read_config_file`) and
+``key=value`` overrides (:func:`parse_overrides`) to a typed section: runs, fine-tuning and
+segmentation read their configs through it.
 """
 
 from __future__ import annotations
@@ -13,15 +18,21 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import re
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
+
+import yaml
 
 from mgll.errors import UserError
 
 T = TypeVar("T")
+
+PrecisionName = Literal["fp32", "bf16", "fp16"]
+"""The numeric precisions a training config may name (fp16 with loss scaling)."""
 
 # Keys that moved to another section: configs written before keep loading (see
 # mgll.training.config.migrate), and the section that no longer has one says where it went.
@@ -63,21 +74,34 @@ def from_mapping(cls: type[T], data: Any, where: str = "") -> T:
             f"config key {where!r} is a section; set its keys (e.g. {where}.KEY=VALUE), "
             f"got {data!r}"
         )
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    fields = _fields(cls)
     for key in data:
         if key not in fields:
             raise unknown_key(_dotted(where, str(key)), fields)
-    for name, f in fields.items():
+    for key, f in fields.items():
         no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        if no_default and name not in data:
-            kind = "section" if dataclasses.is_dataclass(_hints(cls)[name]) else "key"
+        if no_default and key not in data:
+            kind = "section" if dataclasses.is_dataclass(_hints(cls)[f.name]) else "key"
             raise ConfigError(
-                f"the config has no {_dotted(where, name)!r} {kind}; see "
+                f"the config has no {_dotted(where, key)!r} {kind}; see "
                 "src/mgll/configs/*.yaml for complete examples"
             )
     hints = _hints(cls)
-    values = {key: coerce(value, hints[key], _dotted(where, key)) for key, value in data.items()}
+    values = {
+        fields[key].name: coerce(value, hints[fields[key].name], _dotted(where, key))
+        for key, value in data.items()
+    }
     return cls(**values)
+
+
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    """The keys of the dataclass ``cls`` in a file: each field's name, or its
+    ``metadata["key"]`` where the name cannot be one (a Python keyword such as ``from``)."""
+    return {
+        f.metadata.get("key", f.name): f
+        for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+        if f.init
+    }
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -95,8 +119,12 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        options = [a for a in args if a is not type(None)]
+        sections = [a for a in options if dataclasses.is_dataclass(a)]
+        if isinstance(value, Mapping) and len(sections) == 1:  # its own errors, named by key
+            return coerce(value, sections[0], key)
         errors = []
-        for option in (a for a in args if a is not type(None)):
+        for option in options:
             try:
                 return coerce(value, option, key)
             except ConfigError as err:
@@ -134,7 +162,10 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
     if origin is dict or hint is dict:
         if not isinstance(value, Mapping):
             raise ConfigError(f"config key {key!r} must be a mapping, got {value!r}")
-        return dict(value)
+        if len(args) != 2 or args == (str, Any):
+            return dict(value)
+        # names as keys (YAML reads a label 0 as a number), each value checked by its type
+        return {str(k): coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
     raise TypeError(f"config key {key!r}: unsupported type hint {hint!r}")
 
 
@@ -147,6 +178,18 @@ def _describe(hint: Any) -> str:
 def to_dict(section: Any) -> dict[str, Any]:
     """The plain nested dict of a config section (what ``config.yaml`` holds)."""
     return dataclasses.asdict(section)
+
+
+def flatten(row: Mapping[str, Any], sep: str = ".", prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (empty sections stay as values); the inverse of
+    :func:`set_dotted`."""
+    flat: dict[str, Any] = {}
+    for key, value in row.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, sep, f"{prefix}{key}{sep}"))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
@@ -195,3 +238,80 @@ def resolve_package_paths(section: Any, where: str = "model") -> Any:
     if not path.exists():
         raise ConfigError(f"config key {where!r}: {section!r} resolves to {path}, which is missing")
     return str(path)
+
+
+# --------------------------------------------------------------------------------------------
+# From a YAML file and key=value overrides to a typed section
+# --------------------------------------------------------------------------------------------
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    pass
+
+
+# PyYAML reads "1e-4" (no dot) as a string; accept it as a float like YAML 1.2 does.
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.\d*|\.\d+|\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_value(text: str) -> Any:
+    """Parse YAML text as a config reads it: a command-line value or a whole file (``1e-4``
+    is a float, ``null`` is None)."""
+    return yaml.load(text, Loader=_ConfigLoader)
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML mapping from ``path``; errors name the file."""
+    try:
+        data = parse_value(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a run config must be a YAML mapping, got {type(data).__name__}")
+    return data
+
+
+def parse_overrides(items: Sequence[str]) -> list[tuple[str, Any]]:
+    """Split ``key=value`` strings; values are parsed as YAML."""
+    pairs = []
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. train.lr=3e-4)")
+        pairs.append((key.strip(), parse_value(text)))
+    return pairs
+
+
+def build_section(
+    cls: type[T],
+    raw: dict[str, Any],
+    origin: str | None,
+    overrides: Sequence[str] | Sequence[tuple[str, Any]] = (),
+) -> T:
+    """``cls`` read from ``raw`` (a file's mapping, checked first so its errors name ``origin``)
+    with ``overrides`` (``"a.b=1"`` strings or ``(key, value)`` pairs) applied in order, whose
+    errors name the key. The one path of every typed config: runs, fine-tuning, segmentation."""
+    if origin is not None:
+        try:
+            from_mapping(cls, raw)
+        except ConfigError as err:
+            raise ConfigError(f"{origin}: {err}") from err
+    pairs = parse_overrides(overrides) if overrides and isinstance(overrides[0], str) else overrides
+    for key, value in pairs:  # type: ignore[misc]
+        set_dotted(raw, key, value)
+    return cls.from_dict(raw)  # type: ignore[attr-defined]  # RunConfig's migrates moved keys
+
+
+def read_config_file(path: str | Path | None) -> tuple[dict[str, Any], str | None]:
+    """``--config FILE``'s mapping and its name for errors; no file: ``({}, None)``."""
+    if path is None:
+        return {}, None
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config: {path} does not exist; give a YAML file")
+    return read_yaml(path), str(path)

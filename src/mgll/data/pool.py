@@ -35,10 +35,10 @@ See docs/data.md, "Pools".
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from mgll.data.records import PoolInfo, PoolSource, Record, RecordSet, build_levels
 from mgll.data.spec import SpecError, is_spec_path, load_spec_file, resolve_path
@@ -50,26 +50,84 @@ from mgll.data.splits import (
     patient_split,
     split_fractions,
 )
+from mgll.errors import DataError
+from mgll.schema import ConfigError, from_mapping
 
-_TOP_KEYS = {"levels", "sources", "derive", "split", "sampling", "missing_text"}
-_SOURCE_KEYS = {
-    "name",
-    "source",
-    "path",
-    "options",
-    "levels",
-    "rename",
-    "prompt",
-    "weight",
-    "split",
-}
-_DERIVE_KEYS = {"from", "map", "prompt"}
-_SPLIT_KEYS = {"mode", "train", "val", "test", "seed"}
 _OTHER = "*"  # in a derive map: every label not listed
 
 
 class PoolError(SpecError):
     """A pool file is invalid; the message names the file and the key."""
+
+
+# ---- the pool file, as schema.from_mapping reads it --------------------------------------------
+
+
+@dataclass(frozen=True)
+class SourceSplit:
+    """A source's own ``split:``: patient fractions (left out: the defaults) and their seed."""
+
+    train: float | None = None
+    val: float | None = None
+    test: float | None = None
+    seed: int = 0
+
+    def fractions(self) -> dict[str, float]:
+        """The fractions given, by split name."""
+        given = {name: getattr(self, name) for name in SPLIT_NAMES}
+        return {name: value for name, value in given.items() if value is not None}
+
+
+@dataclass(frozen=True)
+class PoolSplit(SourceSplit):
+    """``split:``: each source's shipped split (``mode: source``; a source without one is split
+    by the fractions), or the fractions for every source (``mode: patient``)."""
+
+    mode: Literal["source", "patient"] = "source"
+
+
+@dataclass(frozen=True)
+class SourceEntry:
+    """One ``sources[i]`` entry: a format name and folder, or a spec file; its levels mapped
+    onto the pool's, its labels renamed, its texts prompted, its weight and split."""
+
+    source: str | None = None
+    path: str | None = None
+    name: str | None = None
+    options: dict[str, Any] | None = None
+    levels: dict[str, str] | None = None  # source level name -> pool level name
+    rename: dict[str, dict[str, str]] | None = None  # pool level -> {old: new}
+    prompt: dict[str, str] | None = None  # pool level -> template with {label}
+    weight: float = 1.0
+    split: Literal["source"] | SourceSplit | None = None  # None: the pool's
+
+
+@dataclass(frozen=True)
+class DeriveRule:
+    """``derive.LEVEL``: fill LEVEL from another level's labels where a record lacks it."""
+
+    origin: str = field(default="", metadata={"key": "from"})
+    labels: dict[str, str] | None = field(default=None, metadata={"key": "map"})
+    prompt: str = "{label}"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """``sampling:``: how sources are drawn (see :func:`sampling_weights`)."""
+
+    temperature: float = 1.0
+
+
+@dataclass(frozen=True)
+class PoolFile:
+    """A pool file's keys and their types (the rules across keys are :class:`_PoolReader`'s)."""
+
+    levels: list[str] = field(default_factory=list)
+    sources: list[SourceEntry] = field(default_factory=list)
+    derive: dict[str, DeriveRule] | None = None
+    split: PoolSplit = field(default_factory=PoolSplit)
+    sampling: Sampling = field(default_factory=Sampling)
+    missing_text: str = ""
 
 
 def is_pool_file(path: str | Path) -> bool:
@@ -84,9 +142,12 @@ def is_pool_file(path: str | Path) -> bool:
         return False  # the spec reader reports what is wrong with it
 
 
+# ---- the pool, checked across keys --------------------------------------------------------------
+
+
 @dataclass
 class _Source:
-    """One parsed ``sources[i]`` entry."""
+    """One ``sources[i]`` entry, checked, with its name and paths resolved."""
 
     key: str
     name: str
@@ -97,7 +158,7 @@ class _Source:
     rename: dict[str, dict[str, str]]  # pool level -> {old: new}
     prompt: dict[str, str]  # pool level -> template with {label}
     weight: float
-    split: dict[str, Any] | str | None  # "source", fractions, or None (the pool's)
+    split: SourceSplit | str | None  # "source", fractions, or None (the pool's)
 
 
 @dataclass
@@ -109,10 +170,15 @@ class _Derived:
 
 
 @dataclass
-class _SplitRule:
-    mode: str = "source"
-    fractions: dict[str, float] = field(default_factory=dict)
-    seed: int = 0
+class _Pool:
+    """A pool file checked across keys: what :meth:`_PoolReader.read` reads."""
+
+    levels: list[str]
+    sources: list[_Source]
+    derived: list[_Derived]
+    split: PoolSplit
+    temperature: float
+    missing_text: str
 
 
 # How a source is read: ``mgll.data.build.load_records`` (source, path, options) -> (records,
@@ -127,193 +193,137 @@ def read_pool(
     ``read_source``; every error names the pool file and key (and the source's own file or
     row where the source reports it). ``mgll.data.load_pool`` reads with ``load_records``."""
     path = Path(path).absolute()
-    return _PoolReader(load_spec_file(path), path, data_root, read_source).read()
+    try:
+        spec = from_mapping(PoolFile, load_spec_file(path))
+    except ConfigError as err:
+        raise PoolError(f"{path}: {err}") from err
+    reader = _PoolReader(path, data_root, read_source)
+    return reader.read(reader.check(spec))
 
 
 class _PoolReader:
-    """Reads one pool file: parse and validate every key first, then load the sources."""
+    """Reads one pool file: every key checked first (:meth:`check`), then the sources loaded,
+    converted and split (:meth:`read`)."""
 
-    def __init__(
-        self,
-        spec: dict[str, Any],
-        path: Path,
-        data_root: str | Path | None,
-        read_source: SourceReader,
-    ) -> None:
+    def __init__(self, path: Path, data_root: str | Path | None, read_source: SourceReader) -> None:
         self.read_source = read_source
-        self.spec = spec
         self.path = path
         self.base = path.parent
         self.data_root = data_root
-        self.source_multi: dict[tuple[str, str], bool] = {}  # (source, level) -> multi-label
 
     def fail(self, key: str, message: str) -> PoolError:
         return PoolError(f"{self.path}: {key}: {message}")
 
-    # ---- parsing ----------------------------------------------------------------------------
-
-    def read(self) -> RecordSet:
+    def read(self, pool: _Pool) -> RecordSet:
         """The pool's records (the steps of the module docstring, in order)."""
-        unknown = sorted(set(self.spec) - _TOP_KEYS)
-        if unknown:
-            raise self.fail(unknown[0], f"unknown key; known keys: {sorted(_TOP_KEYS)}")
-        levels = self.spec.get("levels")
-        if (
-            not isinstance(levels, list)
-            or not levels
-            or not all(isinstance(v, str) and v for v in levels)
-        ):
-            raise self.fail("levels", "must list the pool's level names, coarse to fine")
-        if len(set(levels)) != len(levels):
-            raise self.fail("levels", f"names a level twice: {levels}")
-        self.levels: list[str] = list(levels)
-        sources = self.spec.get("sources")
-        if not isinstance(sources, list) or not sources:
-            raise self.fail("sources", "must be a non-empty list of {source, path, levels}")
-        parsed = [self.parse_source(i, s) for i, s in enumerate(sources)]
-        names = Counter(s.name for s in parsed)
-        twice = sorted(n for n, k in names.items() if k > 1)
-        if twice:
-            raise self.fail(
-                "sources", f"two sources are named {twice[0]!r}; give each its own name"
-            )
-        derived = self.parse_derive()
-        split = self.parse_split("split", self.spec.get("split") or {})
-        sampling = self.spec.get("sampling") or {}
-        if not isinstance(sampling, Mapping) or set(sampling) - {"temperature"}:
-            raise self.fail("sampling", "takes one key, temperature (a number > 0)")
-        temperature = self.number("sampling.temperature", sampling.get("temperature", 1.0))
-        if temperature <= 0:
-            raise self.fail("sampling.temperature", f"must be > 0, got {temperature}")
-        missing_text = str(self.spec.get("missing_text", ""))
-
-        result = RecordSet(levels=[], records=[], source=str(self.path))
-        folders: list[Path] = []
-        for src in parsed:
-            records, folder = self.load_source(src)
-            folders.append(folder)
-            converted = self.convert(src, records, missing_text)
-            for reason, n in records.excluded.items():
-                result.excluded[f"{src.name}: {reason}"] += n
-                result.excluded_examples[f"{src.name}: {reason}"] = list(
-                    records.excluded_examples.get(reason, [])
-                )
-            for cell, n in records.missing_cells.items():
-                result.missing_cells[(f"{src.name}: {cell[0]}", cell[1])] += n
-            result.records.extend(converted)
-        for rule in derived:
-            self.derive(rule, result.records)
-        infos = []
-        for src, folder in zip(parsed, folders, strict=True):
-            own = [r for r in result.records if r.metadata["source"] == src.name]
-            labelled = tuple(
-                lv for g, lv in enumerate(self.levels) if any(r.labels[g] for r in own)
-            )
-            infos.append(PoolSource(src.name, folder, src.weight, labelled, len(own)))
-        multi = {lv: False for lv in self.levels}
-        for src in parsed:
-            for source_level, pool_level in src.levels.items():
-                multi[pool_level] |= self.source_multi[(src.name, source_level)]
-        for rule in derived:  # several origin labels may map to several derived ones
-            multi[rule.level] |= multi[rule.origin]
+        result, folders, multi = self.load_sources(pool)
+        for rule in pool.derived:
+            self.derive(pool, rule, result.records)
+            multi[rule.level] |= multi[rule.origin]  # several origin labels may map to several
         result.levels = build_levels(
-            self.levels, result.records, multi_label=[multi[lv] for lv in self.levels]
+            pool.levels, result.records, multi_label=[multi[lv] for lv in pool.levels]
         )
         identical = self.link_identical(result.records)
-        moved = self.assign_splits(parsed, split, result.records)
+        moved = self.assign_splits(pool, result.records)
         result.pool = PoolInfo(
             file=str(self.path),
-            sources=tuple(infos),
-            temperature=temperature,
+            sources=tuple(
+                self.source_info(pool, src, folders[src.name], result.records)
+                for src in pool.sources
+            ),
+            temperature=pool.temperature,
             identical=tuple(tuple(str(result.records[i].image) for i in g) for g in identical),
             moved=tuple(moved),
         )
         return result
 
-    def number(self, key: str, value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self.fail(key, f"must be a number, got {value!r}")
-        return float(value)
+    # ---- checking ---------------------------------------------------------------------------
 
-    def mapping(self, key: str, value: Any) -> dict[str, Any]:
-        if value is None:
-            return {}
-        if not isinstance(value, Mapping):
-            raise self.fail(key, f"must be a mapping, got {value!r}")
-        return {str(k): v for k, v in value.items()}
+    def check(self, spec: PoolFile) -> _Pool:
+        """The rules across keys (:func:`~mgll.schema.from_mapping` checked the keys and types):
+        levels named once, sources named apart, derived levels and splits that make sense."""
+        levels = list(spec.levels)
+        if not levels or not all(levels):
+            raise self.fail("levels", "must list the pool's level names, coarse to fine")
+        if len(set(levels)) != len(levels):
+            raise self.fail("levels", f"names a level twice: {levels}")
+        if not spec.sources:
+            raise self.fail("sources", "must be a non-empty list of {source, path, levels}")
+        sources = [self.source(i, entry, levels) for i, entry in enumerate(spec.sources)]
+        twice = sorted(n for n, k in Counter(s.name for s in sources).items() if k > 1)
+        if twice:
+            raise self.fail(
+                "sources", f"two sources are named {twice[0]!r}; give each its own name"
+            )
+        derived = [self.derived(lv, rule, levels) for lv, rule in (spec.derive or {}).items()]
+        self.check_split("split", spec.split)
+        temperature = spec.sampling.temperature
+        if temperature <= 0:
+            raise self.fail("sampling.temperature", f"must be > 0, got {temperature}")
+        return _Pool(levels, sources, derived, spec.split, temperature, spec.missing_text)
 
-    def pool_level(self, key: str, name: str) -> str:
-        if name not in self.levels:
-            raise self.fail(key, f"{name!r} is not a pool level; pool levels: {self.levels}")
+    def pool_level(self, levels: Sequence[str], key: str, name: str) -> str:
+        if name not in levels:
+            raise self.fail(key, f"{name!r} is not a pool level; pool levels: {list(levels)}")
         return name
 
-    def parse_source(self, i: int, cfg: Any) -> _Source:
-        key = f"sources[{i}]"
-        if not isinstance(cfg, Mapping):
-            raise self.fail(key, "must be a mapping {source, path, levels}")
-        unknown = sorted(set(cfg) - _SOURCE_KEYS)
-        if unknown:
-            raise self.fail(
-                f"{key}.{unknown[0]}", f"unknown key; known keys: {sorted(_SOURCE_KEYS)}"
-            )
-        source = cfg.get("source")
-        path = cfg.get("path")
+    def source(self, i: int, entry: SourceEntry, levels: Sequence[str]) -> _Source:
+        """``sources[i]`` checked against the pool's levels, its name and paths resolved."""
+        key, source, path = f"sources[{i}]", entry.source or None, entry.path
         if not source and not path:
             raise self.fail(key, "needs a source (format name or spec file) or a path (folder)")
-        if source is not None and is_spec_path(str(source)):
+        if source is not None and is_spec_path(source):
             if path is not None:
                 raise self.fail(
                     f"{key}.path", "is not used with a spec file (its paths are relative to it)"
                 )
-            default_name = Path(str(source)).stem
+            default_name = Path(source).stem
         else:
-            default_name = str(source) if source else Path(str(path)).name
-        name = str(cfg.get("name") or default_name)
+            default_name = source or Path(str(path)).name
+        name = entry.name or default_name
         if ":" in name:
             raise self.fail(f"{key}.name", f"{name!r}: ':' separates source and patient id")
-        levels = self.mapping(f"{key}.levels", cfg.get("levels"))
-        if not levels:
+        mapped = dict(entry.levels or {})
+        if not mapped:
             raise self.fail(
                 f"{key}.levels",
                 "must map the source's level names onto pool levels, e.g. {severity: disease}",
             )
-        for source_level, pool_level in levels.items():
-            self.pool_level(f"{key}.levels.{source_level}", str(pool_level))
-        targets = Counter(str(v) for v in levels.values())
-        twice = [lv for lv, n in targets.items() if n > 1]
+        for source_level, pool_level in mapped.items():
+            self.pool_level(levels, f"{key}.levels.{source_level}", pool_level)
+        twice = [lv for lv, n in Counter(mapped.values()).items() if n > 1]
         if twice:
             raise self.fail(f"{key}.levels", f"maps two source levels onto {twice[0]!r}")
-        rename: dict[str, dict[str, str]] = {}
-        for level, table in self.mapping(f"{key}.rename", cfg.get("rename")).items():
-            self.pool_level(f"{key}.rename.{level}", level)
-            rename[level] = {
-                str(a): str(b) for a, b in self.mapping(f"{key}.rename.{level}", table).items()
-            }
-        prompt = {}
-        for level, template in self.mapping(f"{key}.prompt", cfg.get("prompt")).items():
-            self.pool_level(f"{key}.prompt.{level}", level)
-            prompt[level] = self.template(f"{key}.prompt.{level}", template)
-        weight = self.number(f"{key}.weight", cfg.get("weight", 1.0))
-        if weight <= 0:
-            raise self.fail(f"{key}.weight", f"must be > 0, got {weight} (leave a source out)")
-        split = cfg.get("split")
-        if split is not None and split != "source":
-            self.parse_split(f"{key}.split", split, allow_mode=False)
+        rename = {
+            self.pool_level(levels, f"{key}.rename.{level}", level): dict(table)
+            for level, table in (entry.rename or {}).items()
+        }
+        prompt = {
+            self.pool_level(levels, f"{key}.prompt.{level}", level): self.template(
+                f"{key}.prompt.{level}", template
+            )
+            for level, template in (entry.prompt or {}).items()
+        }
+        if entry.weight <= 0:
+            raise self.fail(
+                f"{key}.weight", f"must be > 0, got {entry.weight} (leave a source out)"
+            )
+        if isinstance(entry.split, SourceSplit):
+            self.check_split(f"{key}.split", entry.split)
         return _Source(
             key=key,
             name=name,
-            source=str(source) if source else None,
-            path=Path(str(path)) if path is not None else None,
-            options=self.mapping(f"{key}.options", cfg.get("options")),
-            levels={k: str(v) for k, v in levels.items()},
+            source=source,
+            path=Path(path) if path is not None else None,
+            options=dict(entry.options or {}),
+            levels=mapped,
             rename=rename,
             prompt=prompt,
-            weight=weight,
-            split=split,
+            weight=entry.weight,
+            split=entry.split,
         )
 
-    def template(self, key: str, template: Any) -> str:
-        text = str(template)
+    def template(self, key: str, text: str) -> str:
         try:
             text.format(label="x")
         except (KeyError, ValueError, IndexError) as exc:
@@ -322,50 +332,27 @@ class _PoolReader:
             ) from exc
         return text
 
-    def parse_derive(self) -> list[_Derived]:
-        rules = []
-        for level, cfg in self.mapping("derive", self.spec.get("derive")).items():
-            key = f"derive.{level}"
-            self.pool_level(key, level)
-            cfg = self.mapping(key, cfg)
-            unknown = sorted(set(cfg) - _DERIVE_KEYS)
-            if unknown:
-                raise self.fail(
-                    f"{key}.{unknown[0]}", f"unknown key; known: {sorted(_DERIVE_KEYS)}"
-                )
-            origin = self.pool_level(f"{key}.from", str(cfg.get("from", "")))
-            if origin == level:
-                raise self.fail(f"{key}.from", "a level cannot be derived from itself")
-            mapping = {
-                str(a): str(b) for a, b in self.mapping(f"{key}.map", cfg.get("map")).items()
-            }
-            if not mapping:
-                raise self.fail(
-                    f"{key}.map",
-                    "must map labels of the origin level, e.g. {normal: normal, '*': abnormal}",
-                )
-            prompt = self.template(f"{key}.prompt", cfg.get("prompt", "{label}"))
-            rules.append(_Derived(level, origin, mapping, prompt))
-        return rules
+    def derived(self, level: str, rule: DeriveRule, levels: Sequence[str]) -> _Derived:
+        """``derive.LEVEL`` checked against the pool's levels."""
+        key = f"derive.{level}"
+        self.pool_level(levels, key, level)
+        origin = self.pool_level(levels, f"{key}.from", rule.origin)
+        if origin == level:
+            raise self.fail(f"{key}.from", "a level cannot be derived from itself")
+        if not rule.labels:
+            raise self.fail(
+                f"{key}.map",
+                "must map labels of the origin level, e.g. {normal: normal, '*': abnormal}",
+            )
+        prompt = self.template(f"{key}.prompt", rule.prompt)
+        return _Derived(level, origin, dict(rule.labels), prompt)
 
-    def parse_split(self, key: str, cfg: Any, allow_mode: bool = True) -> _SplitRule:
-        cfg = self.mapping(key, cfg)
-        keys = _SPLIT_KEYS if allow_mode else _SPLIT_KEYS - {"mode"}
-        unknown = sorted(set(cfg) - keys)
-        if unknown:
-            raise self.fail(f"{key}.{unknown[0]}", f"unknown key; known: {sorted(keys)}")
-        mode = cfg.get("mode", "source")
-        if mode not in ("source", "patient"):
-            raise self.fail(f"{key}.mode", f"must be source or patient, got {mode!r}")
-        fractions = {n: self.number(f"{key}.{n}", cfg[n]) for n in SPLIT_NAMES if n in cfg}
+    def check_split(self, key: str, split: SourceSplit) -> None:
+        """Fractions that are >= 0 and sum to 1 (missing ones at their defaults)."""
         try:
-            split_fractions(fractions)
-        except ValueError as exc:
-            raise self.fail(key, str(exc).removeprefix("data.split: ")) from None
-        seed = cfg.get("seed", 0)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise self.fail(f"{key}.seed", f"must be an integer, got {seed!r}")
-        return _SplitRule(mode, fractions, seed)
+            split_fractions(split.fractions())
+        except DataError as exc:
+            raise self.fail(key, str(exc).removeprefix("data.split: ")) from exc
 
     # ---- reading and converting -------------------------------------------------------------
 
@@ -405,21 +392,49 @@ class _PoolReader:
                     f"{src.key}.levels.{source_level}",
                     f"source {src.name!r} has no level {source_level!r}; its levels: {names}",
                 )
-        for lv in records.levels:
-            self.source_multi[(src.name, lv.name)] = lv.multi_label
         return records, folder
 
-    def convert(self, src: _Source, records: RecordSet, missing_text: str) -> list[Record]:
+    def load_sources(self, pool: _Pool) -> tuple[RecordSet, dict[str, Path], dict[str, bool]]:
+        """Every source's records at the pool's levels (steps 1-2) in one record set, each
+        source's folder, and per pool level whether a source labels it with several classes."""
+        result = RecordSet(levels=[], records=[], source=str(self.path))
+        folders: dict[str, Path] = {}
+        multi = {lv: False for lv in pool.levels}
+        for src in pool.sources:
+            records, folders[src.name] = self.load_source(src)
+            for lv in records.levels:
+                if lv.name in src.levels:
+                    multi[src.levels[lv.name]] |= lv.multi_label
+            converted = self.convert(pool, src, records)
+            for reason, n in records.excluded.items():
+                result.excluded[f"{src.name}: {reason}"] += n
+                result.excluded_examples[f"{src.name}: {reason}"] = list(
+                    records.excluded_examples.get(reason, [])
+                )
+            for cell, n in records.missing_cells.items():
+                result.missing_cells[(f"{src.name}: {cell[0]}", cell[1])] += n
+            result.records.extend(converted)
+        return result, folders, multi
+
+    def source_info(
+        self, pool: _Pool, src: _Source, folder: Path, records: Sequence[Record]
+    ) -> PoolSource:
+        """What the pool records of a source: its folder, weight, the levels it labels."""
+        own = [r for r in records if r.metadata["source"] == src.name]
+        labelled = tuple(lv for g, lv in enumerate(pool.levels) if any(r.labels[g] for r in own))
+        return PoolSource(src.name, folder, src.weight, labelled, len(own))
+
+    def convert(self, pool: _Pool, src: _Source, records: RecordSet) -> list[Record]:
         """The source's records at the pool's levels (see the module docstring, steps 1-2)."""
         where = {lv.name: g for g, lv in enumerate(records.levels)}
         pool_from = {pool: where[source] for source, pool in src.levels.items()}
         out = []
         for r in records.records:
             texts, labels = [], []
-            for level in self.levels:
+            for level in pool.levels:
                 g = pool_from.get(level)
                 if g is None:
-                    texts.append([missing_text])
+                    texts.append([pool.missing_text])
                     labels.append([])
                     continue
                 renames = src.rename.get(level, {})
@@ -446,9 +461,9 @@ class _PoolReader:
             )
         return out
 
-    def derive(self, rule: _Derived, records: Sequence[Record]) -> None:
+    def derive(self, pool: _Pool, rule: _Derived, records: Sequence[Record]) -> None:
         """Fill ``rule.level`` from ``rule.origin`` where a record lacks it."""
-        g, origin = self.levels.index(rule.level), self.levels.index(rule.origin)
+        g, origin = pool.levels.index(rule.level), pool.levels.index(rule.origin)
         for r in records:
             if r.labels[g] or not r.labels[origin]:
                 continue
@@ -483,11 +498,10 @@ class _PoolReader:
                 r.patient_id = shared_id[shared]
         return groups
 
-    def assign_splits(
-        self, sources: Sequence[_Source], rule: _SplitRule, records: list[Record]
-    ) -> list[str]:
+    def assign_splits(self, pool: _Pool, records: list[Record]) -> list[str]:
         """Set ``metadata["split"]`` of every record; returns the images moved by a link."""
-        for src in sources:
+        rule = pool.split
+        for src in pool.sources:
             members = [i for i, r in enumerate(records) if r.metadata["source"] == src.name]
             shipped = [records[i].metadata.get("split") for i in members]
             own = sum(name in SPLIT_NAMES for name in shipped)
@@ -501,33 +515,33 @@ class _PoolReader:
                 for i in members:
                     records[i].metadata["source_split"] = records[i].metadata["split"]
                 continue
-            own_rule = (
-                self.parse_split(f"{src.key}.split", src.split, allow_mode=False)
-                if isinstance(src.split, Mapping)
-                else rule
-            )
+            own_rule = src.split if isinstance(src.split, SourceSplit) else rule
             parts = patient_split(
-                [records[i] for i in members],
-                own_rule.fractions or None,
-                seed=own_rule.seed,
+                [records[i] for i in members], own_rule.fractions() or None, seed=own_rule.seed
             )
             for name, idx in parts.items():
                 for k in idx:
                     records[members[k]].metadata["split"] = name
-        # One patient (after linking), one split: the most held-out one among its images.
-        order = {name: k for k, name in enumerate(SPLIT_NAMES)}
-        latest: dict[str, str] = {}
-        for r in records:
-            key, name = patient_key(r), r.metadata["split"]
-            if order[name] > order[latest.get(key, "train")]:
-                latest[key] = name
-        moved = []
-        for r in records:
-            target = latest.get(patient_key(r), r.metadata["split"])
-            if order[target] > order[r.metadata["split"]]:
-                moved.append(f"{r.image} ({r.metadata['split']} -> {target})")
-                r.metadata["split"] = target
-        return moved
+        return _most_held_out(records)
+
+
+def _most_held_out(records: Sequence[Record]) -> list[str]:
+    """Give every image of a patient (after linking) the patient's most held-out split;
+    returns the images moved."""
+    # One patient (after linking), one split: the most held-out one among its images.
+    order = {name: k for k, name in enumerate(SPLIT_NAMES)}
+    latest: dict[str, str] = {}
+    for r in records:
+        key, name = patient_key(r), r.metadata["split"]
+        if order[name] > order[latest.get(key, "train")]:
+            latest[key] = name
+    moved = []
+    for r in records:
+        target = latest.get(patient_key(r), r.metadata["split"])
+        if order[target] > order[r.metadata["split"]]:
+            moved.append(f"{r.image} ({r.metadata['split']} -> {target})")
+            r.metadata["split"] = target
+    return moved
 
 
 def sampling_weights(records: RecordSet) -> list[float] | None:

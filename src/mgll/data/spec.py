@@ -24,39 +24,54 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 from mgll.data.records import LevelInfo, Record, RecordSet, vocabulary_from
 from mgll.data.tables import TableError, read_table
 from mgll.errors import DataError
+from mgll.schema import ConfigError, from_mapping
 
 SPEC_SUFFIXES = (".yaml", ".yml", ".json")
-_TOP_KEYS = {
-    "name",
-    "table",
-    "format",
-    "image",
-    "patient",
-    "metadata",
-    "exclude",
-    "split",
-    "levels",
-}
-_LEVEL_KEYS = {
-    "name",
-    "label",
-    "columns",
-    "text",
-    "prompt",
-    "separator",
-    "multi_label",
-    "vocabulary",
-    "missing",
-    "missing_text",
-    "positive",
-}
+_POSITIVE = ("1", "1.0", "true", "True", "yes")  # class-column values that mean 1, by default
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class LevelEntry:
+    """One ``levels[g]`` entry of a spec (docs/data.md); read by :func:`mgll.schema.from_mapping`,
+    so an unknown key is named with its closest known one. Values that may be one thing or a
+    list (``columns``, ``text``, ``prompt``, ``missing``, ``positive``) are checked by the
+    reader, which knows the table's columns."""
+
+    name: Any = None  # default: level<g+1>
+    label: Any = None  # a label column
+    columns: Any = None  # 0/1 class columns
+    text: Any = None  # text column(s)
+    prompt: Any = None  # template(s) over {label} and {column}
+    separator: Any = None  # several labels in one cell
+    multi_label: bool | None = None  # default: a separator or class columns
+    vocabulary: Any = None
+    missing: Any = None  # cell values that mean "no label" (default: empty)
+    missing_text: Any = None
+    positive: Any = None  # class-column values that mean 1
+
+
+@dataclass(frozen=True)
+class SpecFile:
+    """A dataset spec's top-level keys (docs/data.md); ``table``, ``image`` and ``levels`` are
+    required (the reader says so naming the key)."""
+
+    name: Any = None
+    table: Any = None
+    format: Any = None
+    image: Any = None  # a column name or {column, root}
+    patient: Any = None
+    metadata: Any = None
+    exclude: Any = None
+    split: Any = None
+    levels: Any = None
 
 
 class SpecError(DataError):
@@ -134,9 +149,16 @@ class _SpecReader:
     """Reads one spec mapping; every error names the spec file and key."""
 
     def __init__(self, spec: dict[str, Any], base: Path, where: str) -> None:
-        self.spec = spec
         self.base = base
         self.where = where
+        self.spec = self.entry(SpecFile, spec, "")
+
+    def entry(self, cls: type[T], data: Mapping[str, Any], key: str) -> T:
+        """``data`` as the dataclass ``cls`` (unknown keys named with the closest known one)."""
+        try:
+            return from_mapping(cls, data, key)
+        except ConfigError as err:
+            raise SpecError(f"{self.where}: {err}") from err
 
     def fail(self, key: str, message: str) -> SpecError:
         """A SpecError naming the spec file and ``key``."""
@@ -144,9 +166,10 @@ class _SpecReader:
 
     def require(self, key: str) -> Any:
         """The value of top-level ``key`` (SpecError when absent or blank)."""
-        if key not in self.spec or self.spec[key] in (None, ""):
+        value = getattr(self.spec, key)
+        if value is None or (isinstance(value, str) and not value):
             raise self.fail(key, "is required (see docs/data.md for the spec format)")
-        return self.spec[key]
+        return value
 
     def column(self, key: str, name: Any) -> str:
         """``name`` when it is a column of the table (SpecError listing the columns if not)."""
@@ -160,11 +183,6 @@ class _SpecReader:
 
     def read(self) -> RecordSet:
         """Validate the spec, read the table and build the records."""
-        unknown = set(self.spec) - _TOP_KEYS
-        if unknown:
-            raise self.fail(
-                ", ".join(sorted(unknown)), f"unknown key(s); known keys: {sorted(_TOP_KEYS)}"
-            )
         self.read_table()
         columns = self.columns()
         levels = self.levels()
@@ -190,7 +208,7 @@ class _SpecReader:
         table = self.require("table")
         self.table_path = _normalised(table, self.base)
         try:
-            self.frame = read_table(self.table_path, self.spec.get("format"))
+            self.frame = read_table(self.table_path, self.spec.format)
         except TableError as exc:
             raise self.fail("table", str(exc)) from exc
 
@@ -203,14 +221,11 @@ class _SpecReader:
             raise self.fail("image", "must be a column name or {column: ..., root: ...}")
         image_col = self.column("image.column", image_cfg.get("column"))
         root = _normalised(image_cfg.get("root", "."), self.base)
-        patient_col = (
-            self.column("patient", self.spec["patient"]) if self.spec.get("patient") else None
-        )
-        split_col = self.column("split", self.spec["split"]) if self.spec.get("split") else None
-        meta_cols = [
-            self.column(f"metadata[{i}]", c) for i, c in enumerate(self.spec.get("metadata") or [])
-        ]
-        exclude = self.spec.get("exclude") or {}
+        spec = self.spec
+        patient_col = self.column("patient", spec.patient) if spec.patient else None
+        split_col = self.column("split", spec.split) if spec.split else None
+        meta_cols = [self.column(f"metadata[{i}]", c) for i, c in enumerate(spec.metadata or [])]
+        exclude = spec.exclude or {}
         if not isinstance(exclude, Mapping):
             raise self.fail("exclude", "must map column names to lists of values to leave out")
         exclude_cols = {
@@ -303,37 +318,32 @@ class _SpecReader:
             metadata=metadata,
         )
 
-    def parse_level(self, g: int, cfg: Any) -> _LevelSpec:
+    def parse_level(self, g: int, entry: Any) -> _LevelSpec:
         """Validate ``levels[g]`` against the table's columns."""
         key = f"levels[{g}]"
-        if not isinstance(cfg, Mapping):
+        if not isinstance(entry, Mapping):
             raise self.fail(key, "must be a mapping with a name and a label, columns or text")
-        unknown = set(cfg) - _LEVEL_KEYS
-        if unknown:
-            raise self.fail(
-                f"{key}.{sorted(unknown)[0]}", f"unknown key; known keys: {sorted(_LEVEL_KEYS)}"
-            )
-        if not any(cfg.get(k) for k in ("label", "columns", "text")):
+        cfg = self.entry(LevelEntry, entry, key)
+        if not (cfg.label or cfg.columns or cfg.text):
             raise self.fail(
                 key,
                 "needs a label column (label), 0/1 class columns (columns) or a text column (text)",
             )
-        label_col = self.column(f"{key}.label", cfg["label"]) if cfg.get("label") else None
+        label_col = self.column(f"{key}.label", cfg.label) if cfg.label else None
         class_cols = [
-            self.column(f"{key}.columns[{i}]", c)
-            for i, c in enumerate(_as_list(cfg.get("columns")))
+            self.column(f"{key}.columns[{i}]", c) for i, c in enumerate(_as_list(cfg.columns))
         ]
-        text_cols = [self.column(f"{key}.text", c) for c in _as_list(cfg.get("text"))]
+        text_cols = [self.column(f"{key}.text", c) for c in _as_list(cfg.text)]
         if label_col and class_cols:
             raise self.fail(key, "give either label or columns, not both")
-        separator = cfg.get("separator")
-        multi = bool(cfg.get("multi_label", bool(separator) or bool(class_cols)))
+        separator = cfg.separator
+        multi = cfg.multi_label if cfg.multi_label is not None else bool(separator or class_cols)
         if separator and not multi:
             raise self.fail(
                 f"{key}.multi_label",
                 "is false but a separator is set; a row could carry several labels",
             )
-        prompts = [str(p) for p in _as_list(cfg.get("prompt"))]
+        prompts = [str(p) for p in _as_list(cfg.prompt)]
         for i, p in enumerate(prompts):
             try:
                 p.format_map(_Placeholders({"label": "x"}, set(self.frame.columns)))
@@ -342,11 +352,11 @@ class _SpecReader:
                     f"{key}.prompt[{i}]",
                     f"{p!r} is not a valid template ({exc}); use {{label}} or {{column}}",
                 ) from exc
-        vocab = cfg.get("vocabulary")
+        vocab = cfg.vocabulary
         if vocab is None and class_cols:
             vocab = class_cols  # one class per 0/1 column, in column order, even if never 1
         return _LevelSpec(
-            name=str(cfg.get("name") or f"level{g + 1}"),
+            name=str(cfg.name or f"level{g + 1}"),
             key=key,
             label_col=label_col,
             class_cols=class_cols,
@@ -355,11 +365,9 @@ class _SpecReader:
             separator=str(separator) if separator else None,
             multi_label=multi,
             vocabulary=[str(v) for v in vocab] if vocab is not None else None,
-            missing={str(v) for v in _as_list(cfg.get("missing", [""]))} | {""},
-            missing_text=str(cfg.get("missing_text", "")),
-            positive={
-                str(v) for v in _as_list(cfg.get("positive", ["1", "1.0", "true", "True", "yes"]))
-            },
+            missing={str(v) for v in _as_list(cfg.missing)} | {""},
+            missing_text=str(cfg.missing_text if cfg.missing_text is not None else ""),
+            positive={str(v) for v in _as_list(cfg.positive or _POSITIVE)},
         )
 
 

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from mgll.errors import UserError
+from mgll.training.checkpoint import file_kind, list_checkpoints, read_header
 
 ACCEPTED_FORMS = (
     "a pretraining run folder or its checkpoints/step_*.safetensors file",
@@ -333,38 +334,20 @@ def _from_authors(spec: str, path: Path) -> Encoder:
     )
 
 
-def _checkpoint_kind(path: Path) -> str | None:
-    """``pretrain`` or ``finetune`` for an mgll checkpoint (from its header), else None."""
-    from safetensors import SafetensorError, safe_open
-
-    from mgll.training.checkpoint import checkpoint_kind
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            meta = handle.metadata() or {}
-    except (SafetensorError, OSError):
-        return None
-    return checkpoint_kind(meta) if meta.get("format") == "mgll-pretrain" else None
-
-
 FINETUNE_WEIGHTS = "best.safetensors"  # what `mgll finetune` keeps: the best validation epoch
 
 
 def _from_finetune(spec: str, folder: Path) -> Encoder:
     """The fine-tuned image tower of an ``mgll finetune`` output folder: the encoder it started
     from (recorded in its checkpoint) with the tower weights of ``best.safetensors``."""
-    from safetensors import safe_open
     from safetensors.torch import load_file
-
-    from mgll.training.checkpoint import list_checkpoints
 
     found = list_checkpoints(folder / "checkpoints")
     weights = folder / FINETUNE_WEIGHTS
     if not found or not weights.is_file():
         raise EncoderError(spec, f"this fine-tuning folder lacks {FINETUNE_WEIGHTS} or checkpoints")
 
-    with safe_open(str(found[-1][1]), framework="pt") as handle:
-        started_from = json.loads((handle.metadata() or {})["config"])["encoder"]
+    started_from = json.loads(read_header(found[-1][1])["config"])["encoder"]
     try:
         encoder = load_encoder(started_from)
     except EncoderError as error:
@@ -391,7 +374,7 @@ def _from_path(spec: str, path: Path) -> Encoder:
             return _from_export(spec, path)
         found = sorted((path / "checkpoints").glob("step_*.safetensors"))
         found = found or sorted(path.glob("step_*.safetensors"))
-        if found and _checkpoint_kind(found[-1]) == "finetune":
+        if found and file_kind(found[-1]) == "finetune":
             return _from_finetune(spec, found[-1].parent.parent)  # OUT/checkpoints/step_*
         if found or (path / "checkpoints").is_dir():
             return _from_run(spec, path)
@@ -405,7 +388,7 @@ def _from_path(spec: str, path: Path) -> Encoder:
     if is_torch_pickle(path):
         return _from_authors(spec, path)
     if path.suffix == ".safetensors":
-        kind = _checkpoint_kind(path)
+        kind = file_kind(path)
         if kind == "finetune":
             return _from_finetune(spec, path.parent.parent)
         if kind == "pretrain":

@@ -38,7 +38,14 @@ from mgll.data.transforms import DEFAULT_AUGMENTATION
 from mgll.eval.options import DEFAULT_OPTIONS, EvalOptions
 from mgll.eval.task import TaskError
 from mgll.metrics import classification_metrics
-from mgll.schema import ConfigError, from_mapping, to_dict
+from mgll.schema import (
+    ConfigError,
+    build_section,
+    from_mapping,
+    parse_overrides,
+    read_config_file,
+    to_dict,
+)
 from mgll.training.epochs import (
     EpochResult,
     EpochSettings,
@@ -113,8 +120,6 @@ def load_finetune_config(
     path: str | Path | None = None, overrides: Sequence[tuple[str, Any]] = ()
 ) -> FineTuneConfig:
     """The settings of a YAML file (or the defaults), then ``(dotted key, value)`` overrides."""
-    from mgll.training.config import build_section, read_config_file
-
     raw, origin = read_config_file(path)
     return build_section(FineTuneConfig, raw, origin, overrides)
 
@@ -468,7 +473,6 @@ def run(args: argparse.Namespace) -> int:
     from mgll.eval.cli import eval_options, load_task, run_offline
     from mgll.eval.encoders import load_encoder
     from mgll.eval.probe import format_metrics
-    from mgll.training.config import parse_overrides
 
     def body() -> int:
         pairs = parse_overrides(args.overrides) + _flag_overrides(args)

@@ -11,12 +11,14 @@ normalised and gathered), ``modules`` (the two ``nn.Module`` losses: each builds
 logit matrices), ``plan`` (what a plan holds), ``kernel`` (the autograd function that computes
 every term and writes its gradient by hand). It is a leaf: it imports only torch and
 ``mgll.distributed``.
+
+Names without an underscore in those modules are shared inside the package; what the package
+offers is ``__all__`` here.
 """
 
 from mgll.losses.batch import INIT_LOGIT_BIAS, INIT_LOGIT_SCALE, MAX_LOGIT_SCALE
 from mgll.losses.labels import LabelKey, encode_labels, label_presence, positive_mask
 from mgll.losses.modules import DEFAULT_WEIGHTS, MGLL_TERMS, CLIPLoss, MGLLLoss
-from mgll.losses.plan import _distinct_columns
 
 __all__ = [
     "DEFAULT_WEIGHTS",
@@ -27,7 +29,6 @@ __all__ = [
     "CLIPLoss",
     "LabelKey",
     "MGLLLoss",
-    "_distinct_columns",
     "encode_labels",
     "label_presence",
     "positive_mask",

@@ -22,7 +22,7 @@ INIT_LOGIT_BIAS = -10.0
 """Initial point-wise ``logit_bias`` (as SigLIP), the default when none is passed."""
 
 
-def _as_scalar(value: torch.Tensor | float | None, like: torch.Tensor) -> torch.Tensor:
+def as_scalar(value: torch.Tensor | float | None, like: torch.Tensor) -> torch.Tensor:
     if value is None:
         return like.new_zeros(())
     if isinstance(value, torch.Tensor):
@@ -30,8 +30,8 @@ def _as_scalar(value: torch.Tensor | float | None, like: torch.Tensor) -> torch.
     return like.new_full((), float(value))  # filled on the device: no host-to-device copy
 
 
-def _scale(logit_scale: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
-    return _as_scalar(logit_scale, like).clamp(max=math.log(MAX_LOGIT_SCALE)).exp()
+def exp_scale(logit_scale: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+    return as_scalar(logit_scale, like).clamp(max=math.log(MAX_LOGIT_SCALE)).exp()
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -40,7 +40,7 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 @dataclass
-class _Batch:
+class Batch:
     """Normalised embeddings and labels, local (rows) and global (columns)."""
 
     image_rows: torch.Tensor
@@ -53,13 +53,13 @@ class _Batch:
     square: bool  # rows and columns are the same samples (global loss)
 
 
-def _prepare(
+def prepare(
     image_emb: torch.Tensor,
     text_embs: Sequence[torch.Tensor],
     labels: Sequence[torch.Tensor] | None,
     gather: bool,
     local_loss: bool,
-) -> _Batch:
+) -> Batch:
     n = image_emb.shape[0]
     if image_emb.dim() != 2:
         raise ValueError(f"image_emb must be (N, D), got shape {tuple(image_emb.shape)}")
@@ -83,29 +83,29 @@ def _prepare(
     texts = [F.normalize(t.to(dtype), dim=-1) for t in text_embs]
     labs = [] if labels is None else [lab.to(image.device) for lab in labels]
     if not (gather and is_distributed()):
-        return _Batch(image, texts, labs, image, texts, labs, 0, True)
+        return Batch(image, texts, labs, image, texts, labs, 0, True)
     sizes = gather_sizes(n, image.device)
     rank = torch.distributed.get_rank()
     image_all = gather_with_grad(image, sizes)
     texts_all = [gather_with_grad(t, sizes) for t in texts]
     labs_all = [gather_no_grad(lab, sizes) for lab in labs]
     if local_loss:
-        return _Batch(image, texts, labs, image_all, texts_all, labs_all, sum(sizes[:rank]), False)
-    return _Batch(image_all, texts_all, labs_all, image_all, texts_all, labs_all, 0, True)
+        return Batch(image, texts, labs, image_all, texts_all, labs_all, sum(sizes[:rank]), False)
+    return Batch(image_all, texts_all, labs_all, image_all, texts_all, labs_all, 0, True)
 
 
-def _index_of(present: torch.Tensor) -> torch.Tensor | None:
+def index_of(present: torch.Tensor) -> torch.Tensor | None:
     """Positions of the present samples, or None when every sample is present (one host read:
     the number of positions)."""
     index = present.nonzero().squeeze(1)
     return None if index.shape[0] == present.shape[0] else index
 
 
-def _pick(t: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+def pick(t: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
     return t if index is None else t.index_select(0, index)
 
 
-def _check_chunk_size(chunk_size: int | None) -> int | None:
+def check_chunk_size(chunk_size: int | None) -> int | None:
     if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) < 1):
         raise ValueError(
             f"chunk_size must be a positive number of rows or None, got {chunk_size!r}"

@@ -12,28 +12,27 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from mgll.losses.batch import _index_of
-from mgll.losses.plan import (
-    _level_logits,
-    _Pair,
-    _pair_columns,
-    _Plan,
-    _Positives,
-    _tiles,
-)
-
-_COMPILED: dict[Callable, Callable] = {}
+from mgll.losses.batch import index_of
+from mgll.losses.plan import Inputs, Pair, Plan, Positives, level_logits, pair_columns, tiles
 
 
-def _passes(fn: Callable, plan: _Plan) -> Callable:
-    """``fn`` (one of the kernel's element-wise functions), or with ``plan.compiled`` its
-    ``torch.compile`` (dynamic shapes: the present rows change every batch), built once per
-    process; fused loops read each logit once where eager torch reads it once per op."""
-    if not plan.compiled:
-        return fn
-    if fn not in _COMPILED:
-        _COMPILED[fn] = torch.compile(fn, dynamic=True)
-    return _COMPILED[fn]
+@functools.cache
+def compiled(fn: Callable) -> Callable:
+    """``torch.compile`` of one of the kernel's element-wise functions (dynamic shapes: the
+    present rows change every batch): a process cache, each compiled once per process."""
+    return torch.compile(fn, dynamic=True)
+
+
+def _passes(fn: Callable, plan: Plan) -> Callable:
+    """``fn``, or with ``plan.compiled`` its :func:`compiled` form: fused loops read each
+    logit once where eager torch reads it once per op."""
+    return compiled(fn) if plan.compiled else fn
+
+
+def tiled_terms(plan: Plan, inputs: Inputs) -> torch.Tensor:
+    """The (3,) terms (sclip, pointwise, skl) of ``plan`` over ``inputs``, differentiable with
+    respect to every input matrix (through :class:`TiledLoss`)."""
+    return TiledLoss.apply(plan, *inputs.tensors)
 
 
 def _smooth_kl_term(
@@ -64,14 +63,14 @@ def _kl_grad(p: torch.Tensor, a: torch.Tensor, kl: torch.Tensor) -> torch.Tensor
 
 
 def _kl_units(
-    plan: _Plan, probs: list[torch.Tensor], adv: list[torch.Tensor], kls: list[torch.Tensor]
+    plan: Plan, probs: list[torch.Tensor], adv: list[torch.Tensor], kls: list[torch.Tensor]
 ) -> list[torch.Tensor]:
     grad = _passes(_kl_grad, plan)
     return [grad(p, a, kl) for p, a, kl in zip(probs, adv, kls, strict=True)]
 
 
 def _kl_index(
-    plan: _Plan, k: int, span: tuple[int, int], r0: int, r1: int
+    plan: Plan, k: int, span: tuple[int, int], r0: int, r1: int
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Which of pair k's tile rows and of its columns are samples present at every level (the
     smooth KL's), in the same order at every level; None where all of them are. Found once
@@ -82,19 +81,19 @@ def _kl_index(
     pair, (p0, p1) = plan.pairs[k], span
     common_rows, common_cols = plan.common_rows, plan.common_cols
     rows = common_rows[r0:r1] if pair.row_index is None else common_rows[pair.row_index[p0:p1]]
-    rows_index = _index_of(rows)
+    rows_index = index_of(rows)
     square = common_cols is common_rows and pair.col_index is pair.row_index
     if square and r0 == 0 and r1 >= plan.n_rows:
         cols_index = rows_index
     else:
         cols = common_cols if pair.col_index is None else common_cols[pair.col_index]
-        cols_index = _index_of(cols)
+        cols_index = index_of(cols)
     plan.kl_index[(k, r0)] = (rows_index, cols_index)
     return rows_index, cols_index
 
 
 def _kl_log_probs(
-    plan: _Plan,
+    plan: Plan,
     logits: list[torch.Tensor],
     lse: list[torch.Tensor],
     spans: Sequence[tuple[int, int]],
@@ -116,7 +115,7 @@ def _kl_log_probs(
     return out
 
 
-class _TiledLoss(torch.autograd.Function):
+class TiledLoss(torch.autograd.Function):
     """The terms (sclip, pointwise, skl) of a plan, computed in row tiles.
 
     Forward keeps per row and per column only log-sum-exps and positive counts; backward
@@ -133,23 +132,23 @@ class _TiledLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, plan: _Plan, *tensors: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, plan: Plan, *tensors: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         like = tensors[0]
         pairs = plan.pairs
-        positives = [_Positives.of(p, like.dtype) for p in pairs]
+        positives = [Positives.of(p, like.dtype) for p in pairs]
         col_sums = _column_class_sums(pairs, positives, tensors)
         stats = [_ColumnStats() for _ in pairs]
-        tiles = _tiles(plan.n_rows, plan.chunk_size)
-        whole = len(tiles) == 1  # one tile: each pair's row statistics are the tile's
+        row_tiles = tiles(plan.n_rows, plan.chunk_size)
+        whole = len(row_tiles) == 1  # one tile: each pair's row statistics are the tile's
         lse_rows = [] if whole else [like.new_zeros(p.labels_rows.shape[0]) for p in pairs]
         n_pos_rows = [] if whole else [like.new_ones(p.labels_rows.shape[0]) for p in pairs]
         terms = _Terms()
         smooth_kl = plan.common_rows is not None
         kept: list[torch.Tensor] = []  # untiled: each pair's logits, then its mask Y
         kept_kl: list[torch.Tensor] = []
-        for r0, r1 in tiles:
+        for r0, r1 in row_tiles:
             spans = plan.spans(r0, r1)
-            logits = _level_logits(plan, tensors, spans)
+            logits = level_logits(plan, tensors, spans)
             for k, (pair, z, pos) in enumerate(zip(pairs, logits, positives, strict=True)):
                 p0, p1 = spans[k]
                 rows = tensors[pair.rows][p0:p1]
@@ -212,9 +211,9 @@ class _TiledLoss(torch.autograd.Function):
         grads = [torch.zeros_like(t) for t in tensors]
         g_sclip, g_pointwise, g_kl = grad.unbind()
         coefs = [_coefficients(pair, g_sclip, g_pointwise) for pair in pairs]
-        for r0, r1 in _tiles(plan.n_rows, plan.chunk_size):
+        for r0, r1 in tiles(plan.n_rows, plan.chunk_size):
             spans = plan.spans(r0, r1)
-            logits = [] if kept else _level_logits(plan, tensors, spans)
+            logits = [] if kept else level_logits(plan, tensors, spans)
             from_forward = iter(kept)
             lse = [s[p0:p1] for s, (p0, p1) in zip(lse_rows, spans, strict=True)]
             d_logits = []
@@ -274,7 +273,7 @@ class _Terms:
 
 
 def _coefficients(
-    pair: _Pair, g_sclip: torch.Tensor, g_pointwise: torch.Tensor
+    pair: Pair, g_sclip: torch.Tensor, g_pointwise: torch.Tensor
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """A pair's weights of the row soft CE, column soft CE and point-wise term in backward
     (the output gradients over the counts they were averaged over; None: not computed)."""
@@ -371,7 +370,7 @@ def _logit_grad(
 
 
 def _column_class_sums(
-    pairs: Sequence[_Pair], positives: Sequence[_Positives], tensors: Sequence[torch.Tensor]
+    pairs: Sequence[Pair], positives: Sequence[Positives], tensors: Sequence[torch.Tensor]
 ) -> list[torch.Tensor | None]:
     """Per class-id pair, its columns' vectors summed per class (shared by every row tile)."""
     return [
@@ -381,7 +380,7 @@ def _column_class_sums(
 
 
 def _class_backward(
-    pos: _Positives,
+    pos: Positives,
     tensors: Sequence[torch.Tensor],
     grads: list[torch.Tensor],
     col_sums: torch.Tensor,
@@ -434,7 +433,7 @@ class _ColumnStats:
 
 
 def _matmul_backward(
-    plan: _Plan,
+    plan: Plan,
     tensors: Sequence[torch.Tensor],
     d_logits: list[torch.Tensor],
     grads: list[torch.Tensor],
@@ -447,7 +446,7 @@ def _matmul_backward(
         d, rows = pair.distinct, tensors[pair.rows][r0:r1]
         if d is not None:
             dz = dz.new_zeros(dz.shape[0], d.first.shape[0]).index_add_(1, d.inverse, dz)
-        grads[pair.rows][r0:r1].addmm_(dz, _pair_columns(pair, tensors))
+        grads[pair.rows][r0:r1].addmm_(dz, pair_columns(pair, tensors))
         if d is None:
             grads[pair.cols].addmm_(dz.T, rows)
         else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -13,17 +14,17 @@ from torch import nn
 from mgll.losses.batch import (
     INIT_LOGIT_BIAS,
     INIT_LOGIT_SCALE,
-    _as_scalar,
-    _Batch,
-    _check_chunk_size,
-    _index_of,
-    _pick,
-    _prepare,
-    _scale,
+    Batch,
+    as_scalar,
+    check_chunk_size,
+    exp_scale,
+    index_of,
+    pick,
+    prepare,
 )
-from mgll.losses.kernel import _TiledLoss
+from mgll.losses.kernel import tiled_terms
 from mgll.losses.labels import label_presence
-from mgll.losses.plan import _augment, _distinct_columns, _Pair, _Plan
+from mgll.losses.plan import Inputs, Pair, Plan, augment, distinct_columns
 
 MGLL_TERMS = ("sclip", "pointwise", "skl")
 """The terms of :class:`MGLLLoss`: soft CLIP, point-wise BCE, smooth KL."""
@@ -79,7 +80,7 @@ class MGLLLoss(nn.Module):
         self.weights = {name: float(weights[name]) for name in MGLL_TERMS}
         self.gather = gather
         self.local_loss = local_loss
-        self.chunk_size = _check_chunk_size(chunk_size)
+        self.chunk_size = check_chunk_size(chunk_size)
         self.compile = compile
 
     @property
@@ -97,96 +98,113 @@ class MGLLLoss(nn.Module):
     ) -> dict[str, torch.Tensor]:
         if len(text_embs) == 0:
             raise ValueError("MGLLLoss needs at least one granularity level of text embeddings")
-        b = _prepare(image_emb, text_embs, labels, self.gather, self.local_loss)
-        scale = _scale(logit_scale, b.image_rows)
-        bias = _as_scalar(logit_bias, b.image_rows)
+        b = prepare(image_emb, text_embs, labels, self.gather, self.local_loss)
+        scale = exp_scale(logit_scale, b.image_rows)
+        bias = as_scalar(logit_bias, b.image_rows)
         # Augmented vectors [s*v, b] . [t, 1] put the bias into the one matmul: the point-wise
         # term needs S + b, and softmaxes are unchanged by a constant shift.
-        tensors = [_augment(b.image_rows, scale, bias)]
-        if not b.square:  # local loss: the global images, against each level's local texts
-            tensors.append(_augment(b.image_cols, 1.0, 1.0))
+        inputs = Inputs()
+        images = inputs.add(augment(b.image_rows, scale, bias))
+        # local loss: the global images, against each level's local texts
+        global_images = images if b.square else inputs.add(augment(b.image_cols, 1.0, 1.0))
         present_rows = [label_presence(lab) for lab in b.labels_rows]
         present_cols = (
             present_rows
             if b.labels_cols is b.labels_rows
             else [label_presence(lab) for lab in b.labels_cols]
         )
-        pairs: list[_Pair] = []
+        pairs: list[Pair] = []
         for g in range(len(text_embs)):
-            pairs += self._level_pairs(b, g, scale, bias, tensors, present_rows, present_cols)
-        plan = _Plan(pairs, self.chunk_size, b.image_rows.shape[0], compiled=self.compile)
+            level = _Level.of(b, g, present_rows, present_cols)
+            pairs.append(self._image_text_pair(b, g, level, inputs, images))
+            if self.weights["sclip"] > 0 and not b.square:
+                pairs.append(_text_image_pair(b, g, level, inputs, global_images, scale, bias))
+        plan = Plan(pairs, self.chunk_size, b.image_rows.shape[0], compiled=self.compile)
         if self.weights["skl"] > 0 and len(text_embs) > 1:
             plan.common_rows, plan.common_cols = _smooth_kl_samples(present_rows, present_cols)
-        values = dict(zip(MGLL_TERMS, _TiledLoss.apply(plan, *tensors), strict=True))
+        values = dict(zip(MGLL_TERMS, tiled_terms(plan, inputs), strict=True))
         parts = [_weighted(self.weights[name], values[name]) for name in self.terms]
         loss = functools.reduce(torch.add, parts) if parts else 0
         return {"loss": loss, **{name: values[name] for name in self.terms}}
 
-    def _level_pairs(
-        self,
-        b: _Batch,
+    def _image_text_pair(
+        self, b: Batch, g: int, level: _Level, inputs: Inputs, images: int
+    ) -> Pair:
+        """Level g's image rows against its texts: the row soft CE, the column soft CE (when
+        the rows are the columns), the point-wise term and the level's smooth-KL part."""
+        sclip = self.weights["sclip"] > 0
+        if level.row_index is not None:  # this level's image rows, as a kernel input of their own
+            images = inputs.add(inputs[images].index_select(0, level.row_index))
+        texts = augment(pick(b.texts_cols[g], level.col_index), 1.0, 1.0)
+        return Pair(
+            images,
+            inputs.add(texts),
+            level.labels_rows,
+            level.labels_cols,
+            row_ce=0.5 if sclip else 0.0,
+            col_ce=0.5 if sclip and b.square else 0.0,
+            pointwise=self.weights["pointwise"] > 0,
+            smooth_kl=self.weights["skl"] > 0 and len(b.texts_rows) > 1,
+            distinct=distinct_columns(texts, level.labels_cols),
+            row_index=level.row_index,
+            col_index=level.col_index,
+        )
+
+
+class _Level(NamedTuple):
+    """Which samples take part at one level: those carrying its label (a missing one leaves
+    its rows and columns before the matmul, an O(N D) selection where masking the N x N
+    logits would cost several passes over them). ``*_index``: None when all do."""
+
+    row_index: torch.Tensor | None
+    col_index: torch.Tensor | None
+    labels_rows: torch.Tensor
+    labels_cols: torch.Tensor
+
+    @classmethod
+    def of(
+        cls,
+        b: Batch,
         g: int,
-        scale: torch.Tensor,
-        bias: torch.Tensor,
-        tensors: list[torch.Tensor],
         present_rows: Sequence[torch.Tensor],
         present_cols: Sequence[torch.Tensor],
-    ) -> list[_Pair]:
-        """The logit matrices of level g: image rows against the level's texts, and (local
-        loss) the level's local texts against the global images. A sample missing the level's
-        label leaves its rows and columns before the matmul (an O(N D) selection, where
-        masking the N x N logits would cost several passes over them)."""
-        sclip = self.weights["sclip"] > 0
-        row_index = _index_of(present_rows[g])
+    ) -> _Level:
+        row_index = index_of(present_rows[g])
         if present_cols is present_rows:  # square: the columns are the rows
-            col_index, lab_rows = row_index, _pick(b.labels_rows[g], row_index)
-            lab_cols = lab_rows
-        else:
-            col_index = _index_of(present_cols[g])
-            lab_rows = _pick(b.labels_rows[g], row_index)
-            lab_cols = _pick(b.labels_cols[g], col_index)
-        if row_index is None:
-            image = 0
-        else:  # this level's image rows, as a kernel input of their own
-            tensors.append(tensors[0].index_select(0, row_index))
-            image = len(tensors) - 1
-        texts = _augment(_pick(b.texts_cols[g], col_index), 1.0, 1.0)
-        tensors.append(texts)
-        labels = (lab_rows, lab_cols)
-        pairs = [
-            _Pair(
-                image,
-                len(tensors) - 1,
-                *labels,
-                row_ce=0.5 if sclip else 0.0,
-                col_ce=0.5 if sclip and b.square else 0.0,
-                pointwise=self.weights["pointwise"] > 0,
-                smooth_kl=self.weights["skl"] > 0 and len(b.texts_rows) > 1,
-                distinct=_distinct_columns(texts, lab_cols),
-                row_index=row_index,
-                col_index=col_index,
-            )
-        ]
-        if sclip and not b.square:  # the level's local texts against the global images
-            tensors.append(_augment(_pick(b.texts_rows[g], row_index), scale, bias))
-            texts_rows, images = len(tensors) - 1, 1
-            if col_index is not None:  # the global images present at this level
-                tensors.append(tensors[1].index_select(0, col_index))
-                images = len(tensors) - 1
-            pairs.append(
-                _Pair(
-                    texts_rows,
-                    images,
-                    *labels,
-                    row_ce=0.5,
-                    col_ce=0.0,
-                    pointwise=False,
-                    smooth_kl=False,
-                    row_index=row_index,
-                    col_index=col_index,
-                )
-            )
-        return pairs
+            labels = pick(b.labels_rows[g], row_index)
+            return cls(row_index, row_index, labels, labels)
+        col_index = index_of(present_cols[g])
+        labels_rows = pick(b.labels_rows[g], row_index)
+        return cls(row_index, col_index, labels_rows, pick(b.labels_cols[g], col_index))
+
+
+def _text_image_pair(
+    b: Batch,
+    g: int,
+    level: _Level,
+    inputs: Inputs,
+    global_images: int,
+    scale: torch.Tensor,
+    bias: torch.Tensor,
+) -> Pair:
+    """Local loss: level g's local texts against the global images, the text-to-image row
+    soft CE that a square pair reads off its columns."""
+    texts = inputs.add(augment(pick(b.texts_rows[g], level.row_index), scale, bias))
+    images = global_images
+    if level.col_index is not None:  # the global images present at this level
+        images = inputs.add(inputs[global_images].index_select(0, level.col_index))
+    return Pair(
+        texts,
+        images,
+        level.labels_rows,
+        level.labels_cols,
+        row_ce=0.5,
+        col_ce=0.0,
+        pointwise=False,
+        smooth_kl=False,
+        row_index=level.row_index,
+        col_index=level.col_index,
+    )
 
 
 def _weighted(weight: float, value: torch.Tensor) -> torch.Tensor:
@@ -224,7 +242,7 @@ class CLIPLoss(nn.Module):
         super().__init__()
         self.gather = gather
         self.local_loss = local_loss
-        self.chunk_size = _check_chunk_size(chunk_size)
+        self.chunk_size = check_chunk_size(chunk_size)
 
     def forward(
         self,
@@ -241,8 +259,8 @@ class CLIPLoss(nn.Module):
                 f"CLIPLoss takes the text embeddings of one level (the captions), got "
                 f"{len(text_embs)} levels"
             )
-        b = _prepare(image_emb, list(text_embs), None, self.gather, self.local_loss)
-        scale = _scale(logit_scale, b.image_rows)
+        b = prepare(image_emb, list(text_embs), None, self.gather, self.local_loss)
+        scale = exp_scale(logit_scale, b.image_rows)
         n, m = b.image_rows.shape[0], b.image_cols.shape[0]
         if self.chunk_size is None or self.chunk_size >= n:
             logits = scale * b.image_rows @ b.texts_cols[0].T
@@ -250,14 +268,15 @@ class CLIPLoss(nn.Module):
             t2i = logits.T if b.square else scale * b.texts_rows[0] @ b.image_cols.T
             clip = 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(t2i, targets))
             return {"loss": clip, "clip": clip}
-        # Tiled: the soft cross-entropy of _TiledLoss with each sample its own class.
+        # Tiled: the soft cross-entropy of TiledLoss with each sample its own class.
         ids_rows = torch.arange(n, device=b.image_rows.device) + b.offset
         ids_cols = torch.arange(m, device=b.image_rows.device)
-        tensors = [scale * b.image_rows, b.texts_cols[0]]
-        pair = (ids_rows, ids_cols)
-        pairs = [_Pair(0, 1, *pair, 0.5, 0.5 if b.square else 0.0, False, False)]
+        inputs = Inputs()
+        ids = (ids_rows, ids_cols)
+        images, texts = inputs.add(scale * b.image_rows), inputs.add(b.texts_cols[0])
+        pairs = [Pair(images, texts, *ids, 0.5, 0.5 if b.square else 0.0, False, False)]
         if not b.square:  # local texts against the global images
-            tensors += [scale * b.texts_rows[0], b.image_cols]
-            pairs.append(_Pair(2, 3, *pair, 0.5, 0.0, False, False))
-        clip = _TiledLoss.apply(_Plan(pairs, self.chunk_size, n), *tensors)[0]
+            texts, images = inputs.add(scale * b.texts_rows[0]), inputs.add(b.image_cols)
+            pairs.append(Pair(texts, images, *ids, 0.5, 0.0, False, False))
+        clip = tiled_terms(Plan(pairs, self.chunk_size, n), inputs)[0]
         return {"loss": clip, "clip": clip}

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 
-def _augment(t: torch.Tensor, scale: torch.Tensor | float, last: torch.Tensor | float):
+def augment(t: torch.Tensor, scale: torch.Tensor | float, last: torch.Tensor | float):
     """``[scale * t, last, 0...]`` row-wise: one extra column so a dot product adds a
     constant, and zero columns up to a multiple of 8 wide (BLAS runs the backward matmuls
     slower at an odd width such as 513; the zeros add exactly nothing)."""
@@ -24,7 +24,7 @@ def _augment(t: torch.Tensor, scale: torch.Tensor | float, last: torch.Tensor | 
 
 
 @dataclass
-class _Distinct:
+class Distinct:
     """Columns that repeat (same vector, same labels: a coarse level's few prompts), each
     multiplied once: ``first`` (U,) one column per group, ``inverse`` (C,) each column's group,
     ``counts`` (U,)."""
@@ -34,7 +34,7 @@ class _Distinct:
     counts: torch.Tensor
 
 
-def _distinct_columns(vectors: torch.Tensor, labels: torch.Tensor) -> _Distinct | None:
+def distinct_columns(vectors: torch.Tensor, labels: torch.Tensor) -> Distinct | None:
     """Groups of exactly equal (vector, labels) rows, or None when too few repeat to pay.
 
     Rows are grouped by a random projection of both and the groups then checked for exact
@@ -45,7 +45,7 @@ def _distinct_columns(vectors: torch.Tensor, labels: torch.Tensor) -> _Distinct 
     if vectors.shape[0] == 0:
         return None
     lab = labels.double().reshape(labels.shape[0], -1)
-    along_vectors, along_labels = _projections(vectors.shape[1], lab.shape[1], vectors.device)
+    along_vectors, along_labels = projections(vectors.shape[1], lab.shape[1], vectors.device)
     key = vectors.detach().double() @ along_vectors + lab @ along_labels
     _, inverse, counts = torch.unique(key.squeeze(1), return_inverse=True, return_counts=True)
     if counts.shape[0] > 0.75 * vectors.shape[0]:
@@ -55,31 +55,44 @@ def _distinct_columns(vectors: torch.Tensor, labels: torch.Tensor) -> _Distinct 
     same = torch.equal(vectors[first[inverse]], vectors) and torch.equal(
         labels[first[inverse]], labels
     )
-    return _Distinct(first, inverse, counts) if same else None
+    return Distinct(first, inverse, counts) if same else None
 
 
-_PROJECTIONS: dict[tuple[int, int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+@functools.cache
+def projections(dim: int, classes: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The random (dim, 1) and (classes, 1) float64 projections of :func:`distinct_columns`
+    (seed 0): a process cache, drawn and moved to ``device`` once per process rather than
+    every batch."""
+    g = torch.Generator().manual_seed(0)
+    along_vectors = torch.randn(dim, 1, generator=g, dtype=torch.float64)
+    along_labels = torch.randn(classes, 1, generator=g, dtype=torch.float64)
+    return along_vectors.to(device), along_labels.to(device)
 
 
-def _projections(dim: int, classes: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The random (dim, 1) and (classes, 1) float64 projections of :func:`_distinct_columns`
-    (seed 0), drawn and moved to ``device`` once per process rather than every batch."""
-    key = (dim, classes, device)
-    if key not in _PROJECTIONS:
-        g = torch.Generator().manual_seed(0)
-        along_vectors = torch.randn(dim, 1, generator=g, dtype=torch.float64)
-        along_labels = torch.randn(classes, 1, generator=g, dtype=torch.float64)
-        _PROJECTIONS[key] = (along_vectors.to(device), along_labels.to(device))
-    return _PROJECTIONS[key]
+class Inputs:
+    """The kernel's input matrices, in the order added: a :class:`Pair` names its row and
+    column matrices by the position :meth:`add` returned (they are the autograd function's
+    positional inputs, which is what it computes gradients for)."""
+
+    def __init__(self) -> None:
+        self.tensors: list[torch.Tensor] = []
+
+    def add(self, tensor: torch.Tensor) -> int:
+        """Append ``tensor``; returns its position."""
+        self.tensors.append(tensor)
+        return len(self.tensors) - 1
+
+    def __getitem__(self, position: int) -> torch.Tensor:
+        return self.tensors[position]
 
 
 @dataclass
-class _Pair:
+class Pair:
     """One logit matrix of the loss, ``Z = R C^T`` (scale and bias folded into R and C), and
     the terms it enters.
 
-    ``rows``/``cols`` index the kernel's input tensors. A sample missing a label takes no part:
-    :class:`MGLLLoss` selects the present rows and columns before the matmul, and
+    ``rows``/``cols`` are positions in the kernel's :class:`Inputs`. A sample missing a label
+    takes no part: :class:`MGLLLoss` selects the present rows and columns before the matmul, and
     ``row_index``/``col_index`` say which samples (of the plan's rows and columns) the pair's
     rows and columns are (None: all of them, in order). What reaches the pair is therefore all
     present: nothing is masked inside the logits.
@@ -93,7 +106,7 @@ class _Pair:
     col_ce: float  # same for the column-wise one, read from the same matrix (square pairs)
     pointwise: bool
     smooth_kl: bool
-    distinct: _Distinct | None = None
+    distinct: Distinct | None = None
     row_index: torch.Tensor | None = None
     col_index: torch.Tensor | None = None
 
@@ -120,11 +133,11 @@ class _Pair:
 
 
 @dataclass
-class _Plan:
-    """What :class:`_TiledLoss` computes: the pairs, the rows per tile (None: one tile) and the
+class Plan:
+    """What :class:`TiledLoss` computes: the pairs, the rows per tile (None: one tile) and the
     rows/columns present at every level (the smooth-KL term's samples)."""
 
-    pairs: list[_Pair]
+    pairs: list[Pair]
     chunk_size: int | None
     n_rows: int
     common_rows: torch.Tensor | None = None
@@ -145,19 +158,20 @@ class _Plan:
         """Each pair's own rows that are the plan's rows ``r0:r1`` (a tile), found for every
         tile at the first call: forward and backward walk the same tiles."""
         if not self._spans:
-            tiles = _tiles(self.n_rows, self.chunk_size)
-            at = [pair.bounds([0, *(t1 for _, t1 in tiles)]) for pair in self.pairs]
-            for i, tile in enumerate(tiles):
+            row_tiles = tiles(self.n_rows, self.chunk_size)
+            at = [pair.bounds([0, *(t1 for _, t1 in row_tiles)]) for pair in self.pairs]
+            for i, tile in enumerate(row_tiles):
                 self._spans[tile] = [(b[i], b[i + 1]) for b in at]
         return self._spans[(r0, r1)]
 
 
-def _tiles(n: int, chunk_size: int | None) -> list[tuple[int, int]]:
+def tiles(n: int, chunk_size: int | None) -> list[tuple[int, int]]:
+    """The row tiles ``(r0, r1)`` of ``n`` rows, ``chunk_size`` rows each (None: one tile)."""
     step = n if not chunk_size or chunk_size >= n else chunk_size
     return [(r, min(r + step, n)) for r in range(0, max(n, 1), step)]
 
 
-def _row_groups(plan: _Plan) -> dict[int, list[int]]:
+def _row_groups(plan: Plan) -> dict[int, list[int]]:
     """The pairs sharing each row matrix (every level's image rows): one matmul each."""
     groups: dict[int, list[int]] = {}
     for k, pair in enumerate(plan.pairs):
@@ -165,14 +179,14 @@ def _row_groups(plan: _Plan) -> dict[int, list[int]]:
     return groups
 
 
-def _level_logits(
-    plan: _Plan, tensors: Sequence[torch.Tensor], spans: Sequence[tuple[int, int]]
+def level_logits(
+    plan: Plan, tensors: Sequence[torch.Tensor], spans: Sequence[tuple[int, int]]
 ) -> list[torch.Tensor]:
     """Every pair's (level's) logits for its rows of a tile (``spans``): one matmul per row
     matrix against the concatenated distinct columns of all the pairs that share it."""
     logits: list[torch.Tensor] = [torch.empty(0)] * len(plan.pairs)
     for rows, members in _row_groups(plan).items():
-        cols = [_pair_columns(plan.pairs[k], tensors) for k in members]
+        cols = [pair_columns(plan.pairs[k], tensors) for k in members]
         p0, p1 = spans[members[0]]
         z = tensors[rows][p0:p1] @ (cols[0] if len(cols) == 1 else torch.cat(cols)).T
         for k, piece in zip(members, z.split([c.shape[0] for c in cols], dim=1), strict=True):
@@ -181,20 +195,20 @@ def _level_logits(
     return logits
 
 
-def _pair_columns(pair: _Pair, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+def pair_columns(pair: Pair, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     cols = tensors[pair.cols]
     return cols if pair.distinct is None else cols.index_select(0, pair.distinct.first)
 
 
 @dataclass
-class _Positives:
+class Positives:
     """A pair's positives. Multi-hot: ``tile(r0, r1)`` is the (rows, cols) 0/1 mask Y. Class
     ids (``by_class``): ``keys_*`` are compact ids, the counts per row and column come from
     counting them, and every sum over positives goes through per-class sums of vectors,
     ``sum_{j: k_j = k_i} <r_i, c_j> = <r_i, sum of the c of class k_i>``, O(N D): no N x N mask
     is ever built."""
 
-    pair: _Pair
+    pair: Pair
     keys_rows: torch.Tensor
     keys_cols: torch.Tensor
     n_rows: torch.Tensor | None  # (R,) positives of each row
@@ -202,7 +216,7 @@ class _Positives:
     n_ids: int = 0
 
     @classmethod
-    def of(cls, pair: _Pair, dtype: torch.dtype) -> _Positives:
+    def of(cls, pair: Pair, dtype: torch.dtype) -> Positives:
         rows, cols = pair.labels_rows, pair.labels_cols
         if rows.dim() == 2:
             return cls(pair, (rows != 0).to(dtype), (cols != 0).to(dtype), None, None)

@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from mgll.errors import UsageError
+from mgll.schema import parse_overrides
 from mgll.segmentation.config import SegmentationConfig, load_segmentation_config
 from mgll.segmentation.data import SegDataError
 from mgll.segmentation.sources import MASK_FORMATS, format_names, load_source
-from mgll.training.config import parse_overrides
 
 # flag dest -> config key, for the flags that set a config value (None = not given).
 FLAG_KEYS = {

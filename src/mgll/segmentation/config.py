@@ -14,8 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from mgll.schema import ConfigError, from_mapping, to_dict
-from mgll.training.config import PrecisionName, build_section, read_config_file
+from mgll.schema import (
+    ConfigError,
+    PrecisionName,
+    build_section,
+    from_mapping,
+    read_config_file,
+    to_dict,
+)
 
 ResizeMode = Literal["pad", "crop", "stretch"]
 

@@ -1,11 +1,36 @@
 """Pretraining: the training loop, checkpoints and resume, ``mgll pretrain`` and ``mgll export``.
 
 ``train(load_config("cpu-demo"), data_root, output_dir)`` is what ``mgll pretrain`` runs.
+
+The names below are loaded when first asked for (``from mgll.training import train`` loads the
+trainer), so ``from mgll.training.X import Y`` loads ``X`` and what it imports, not the trainer.
 """
 
-from mgll.training.config import ConfigError, RunConfig, load_config
-from mgll.training.objective import Objective
-from mgll.training.step import NonFiniteLossError
-from mgll.training.trainer import train
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mgll.schema import ConfigError
+    from mgll.training.config import RunConfig, load_config
+    from mgll.training.objective import Objective
+    from mgll.training.step import NonFiniteLossError
+    from mgll.training.trainer import train
 
 __all__ = ["ConfigError", "NonFiniteLossError", "Objective", "RunConfig", "load_config", "train"]
+
+_HOMES = {
+    "ConfigError": "mgll.schema",
+    "NonFiniteLossError": "mgll.training.step",
+    "Objective": "mgll.training.objective",
+    "RunConfig": "mgll.training.config",
+    "load_config": "mgll.training.config",
+    "train": "mgll.training.trainer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'mgll.training' has no attribute {name!r}")
+    return getattr(importlib.import_module(_HOMES[name]), name)

@@ -19,7 +19,8 @@ from __future__ import annotations
 import json
 import random
 import re
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors import torch as safetensors_torch
 from torch import nn
 
+from mgll.distributed import barrier, distributed_info, gather_objects
 from mgll.errors import UserError
 from mgll.io import atomic_write
+from mgll.schema import flatten
 
 CHECKPOINT_SUBDIR = "checkpoints"
 _NAME_RE = re.compile(r"^step_(\d+)\.safetensors$")
@@ -139,12 +142,21 @@ def _unreadable(path: Path, err: Exception) -> CheckpointError:
     )
 
 
+def read_header(weights: Path) -> dict[str, str]:
+    """The metadata in a ``.safetensors`` file's header (empty when it has none): the one
+    reader of a checkpoint's header. A file safetensors cannot open is refused naming it."""
+    try:
+        with safe_open(str(weights), framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except (SafetensorError, OSError) as err:
+        raise _unreadable(weights, err) from err
+
+
 def read_metadata(weights: Path) -> dict[str, Any]:
     """The step, epoch and run config stored in a checkpoint's safetensors header."""
     try:
-        with safe_open(str(weights), framework="pt") as fh:
-            meta = fh.metadata() or {}
-    except (SafetensorError, OSError) as err:
+        meta = read_header(weights)
+    except CheckpointError as err:
         from mgll.models.authors import is_torch_pickle
 
         if is_torch_pickle(weights):  # e.g. one of the authors' checkpoint-*.pth files
@@ -153,7 +165,7 @@ def read_metadata(weights: Path) -> dict[str, Any]:
                 "released checkpoints are image encoders here (--encoder of probe, finetune and "
                 "segment; mgll export --format open_clip or hf-clip-vision), not whole models"
             ) from err
-        raise _unreadable(weights, err) from err
+        raise
     if meta.get("format") != "mgll-pretrain" or "config" not in meta:
         raise CheckpointError(
             f"{weights} is not an mgll pretraining checkpoint (no run config in its metadata)"
@@ -179,6 +191,16 @@ def checkpoint_kind(metadata: Mapping[str, str]) -> str:
         return metadata["kind"]
     config = json.loads(metadata.get("config", "{}"))
     return "finetune" if config.get("protocol") == "finetune" else "pretrain"
+
+
+def file_kind(path: Path) -> str | None:
+    """What wrote the mgll checkpoint ``path`` (``pretrain``, ``finetune``, ``segment`` ...);
+    None when it is not one (another safetensors file, or not a safetensors file at all)."""
+    try:
+        meta = read_header(path)
+    except CheckpointError:
+        return None
+    return checkpoint_kind(meta) if meta.get("format") == "mgll-pretrain" else None
 
 
 def load_weights(model: nn.Module, weights: Path) -> None:
@@ -241,6 +263,102 @@ def load_state(weights: Path) -> dict[str, Any]:
     if not isinstance(state, dict) or missing:
         raise CheckpointError(f"{path} is not an mgll training state (missing {missing})")
     return state
+
+
+# --------------------------------------------------------------------------------------------
+# A run's state: what both training engines save and resume through
+# --------------------------------------------------------------------------------------------
+
+
+def save_run_state(
+    directory: Path,
+    step: int,
+    model: nn.Module,
+    state: Mapping[str, Any],
+    config: Mapping[str, Any],
+    *,
+    kind: str,
+    keep_last: int,
+    build_facts: Mapping[str, Any] | None = None,
+) -> Path:
+    """Checkpoint a run at ``step``: every rank calls this. Each rank's RNG state is gathered
+    into the state's ``rng`` (a resume gives each rank its own back), rank 0 writes, and all
+    wait for it. Returns the weights path (on every rank)."""
+    rng = gather_objects(capture_rng_state())
+    if distributed_info().is_main:
+        saved = {**state, "rng": rng}
+        save_checkpoint(directory, step, model, saved, config, keep_last, build_facts, kind)
+    barrier()
+    return weights_path(directory, step)
+
+
+def load_run_state(
+    weights: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: Any,
+    *,
+    kind: str,
+    config: Mapping[str, Any],
+    rank: int = 0,
+    noun: str = "config",
+    free_keys: Sequence[str] = (),
+    read_config: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Resume a run of ``kind`` from ``weights``: weights, optimizer, loss scaler (when it
+    saved one) and this rank's RNG state; returns the saved state (position and the engine's
+    own keys). Nothing in the run folder changes here.
+
+    Refuses a checkpoint another kind of run wrote. Warns (rank 0) naming the keys of the
+    saved config that ``config`` changes (``read_config`` first brings a config an older mgll
+    saved up to date; ``free_keys``: prefixes that may change without changing what the run
+    computes); ``noun`` is what the engine calls its config (``config``, ``settings``).
+    """
+    saved = load_state(weights)
+    found = checkpoint_kind(read_header(weights))
+    if found != kind:
+        raise CheckpointError(
+            f"{weights} is a {found} checkpoint; resume it with its own command (this run "
+            f"writes {kind} checkpoints)"
+        )
+    old = read_config(saved["config"]) if read_config is not None else saved["config"]
+    changed = config_changes(old, config, free_keys)
+    if changed and rank == 0:
+        differ = "a config that differs" if noun == "config" else f"{noun} that differ"
+        print(
+            f"warning: resuming {weights} with {differ} in: {', '.join(changed)}", file=sys.stderr
+        )
+    load_weights(model, weights)
+    try:
+        optimizer.load_state_dict(saved["optimizer"])
+    except ValueError as err:  # parameter groups of another model or optimizer setup
+        raise CheckpointError(
+            f"{state_path_for(weights)}: its optimizer state does not fit this model ({err}); "
+            f"resume with the {noun} the run was started with"
+        ) from err
+    if saved["scaler"]:  # empty when saved without fp16 loss scaling: start a fresh one
+        scaler.load_state_dict(saved["scaler"])
+    rng = saved["rng"]  # one state per rank (a single dict before the epoch engine existed)
+    restore_rng_state(rng if isinstance(rng, dict) else rng[rank if rank < len(rng) else 0])
+    return saved
+
+
+def config_changes(
+    old: Mapping[str, Any], new: Mapping[str, Any], free_keys: Sequence[str] = ()
+) -> list[str]:
+    """Dotted keys of a checkpoint's config ``old`` whose value ``new`` changes, sorted. Keys
+    ``old`` lacks were not recorded by the mgll that wrote it; keys starting with one of
+    ``free_keys`` may change without changing what the run computes."""
+    a, b = flatten(old), flatten(new)
+    return [
+        key
+        for key in sorted(a)
+        if key in b and _plain(a[key]) != _plain(b[key]) and not key.startswith(tuple(free_keys))
+    ]
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
 # --------------------------------------------------------------------------------------------

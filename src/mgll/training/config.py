@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import re
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import yaml
 
@@ -34,13 +33,16 @@ from mgll.schema import (
     MOVED_KEYS,
     PACKAGE_PREFIX,
     ConfigError,
+    PrecisionName,
+    build_section,
     from_mapping,
+    parse_overrides,
+    parse_value,
+    read_config_file,
+    read_yaml,
     resolve_package_paths,
-    set_dotted,
     to_dict,
 )
-
-T = TypeVar("T")
 
 __all__ = [
     "CheckpointConfig",
@@ -49,15 +51,20 @@ __all__ = [
     "LogConfig",
     "LossConfig",
     "LossWeights",
+    "PrecisionName",
     "RunConfig",
     "TrainConfig",
+    "build_section",
     "load_config",
+    "parse_overrides",
+    "parse_value",
+    "read_config_file",
+    "read_yaml",
     "resolve_package_paths",
     "save_config",
 ]
 
 SHIPPED_CONFIG_PACKAGE = "mgll.configs"
-PrecisionName = Literal["fp32", "bf16", "fp16"]
 
 
 @dataclass(frozen=True)
@@ -237,40 +244,10 @@ def migrate(data: Mapping[str, Any]) -> dict[str, Any]:
     return raw
 
 
-class _ConfigLoader(yaml.SafeLoader):
-    pass
-
-
-# PyYAML reads "1e-4" (no dot) as a string; accept it as a float like YAML 1.2 does.
-_ConfigLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:\d+\.\d*|\.\d+|\d+)[eE][-+]?\d+$"),
-    list("-+0123456789."),
-)
-
-
-def parse_value(text: str) -> Any:
-    """Parse a command-line value as YAML (``1e-4`` is a float, ``null`` is None)."""
-    return yaml.load(text, Loader=_ConfigLoader)
-
-
 def shipped_config_names() -> list[str]:
     """Names of the recipes shipped in ``mgll/configs`` (``cpu-demo``, ``paper``, ...)."""
     root = resources.files(SHIPPED_CONFIG_PACKAGE)
     return sorted(p.name[: -len(".yaml")] for p in root.iterdir() if p.name.endswith(".yaml"))
-
-
-def read_yaml(path: Path) -> dict[str, Any]:
-    """Read a YAML mapping from ``path``; errors name the file."""
-    try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_ConfigLoader)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a run config must be a YAML mapping, got {type(data).__name__}")
-    return data
 
 
 def _source_text(name_or_path: str) -> tuple[dict[str, Any], str]:
@@ -288,49 +265,8 @@ def _source_text(name_or_path: str) -> tuple[dict[str, Any], str]:
             f"configs: {', '.join(names)}"
         )
     shipped = resources.files(SHIPPED_CONFIG_PACKAGE) / f"{name_or_path}.yaml"
-    data = yaml.load(shipped.read_text(encoding="utf-8"), Loader=_ConfigLoader) or {}
+    data = parse_value(shipped.read_text(encoding="utf-8")) or {}
     return data, f"shipped config {name_or_path!r}"
-
-
-def parse_overrides(items: Sequence[str]) -> list[tuple[str, Any]]:
-    """Split ``key=value`` strings; values are parsed as YAML."""
-    pairs = []
-    for item in items:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} is not key=value (e.g. train.lr=3e-4)")
-        pairs.append((key.strip(), parse_value(text)))
-    return pairs
-
-
-def build_section(
-    cls: type[T],
-    raw: dict[str, Any],
-    origin: str | None,
-    overrides: Sequence[str] | Sequence[tuple[str, Any]] = (),
-) -> T:
-    """``cls`` read from ``raw`` (a file's mapping, checked first so its errors name ``origin``)
-    with ``overrides`` (``"a.b=1"`` strings or ``(key, value)`` pairs) applied in order, whose
-    errors name the key. The one path of every typed config: runs, fine-tuning, segmentation."""
-    if origin is not None:
-        try:
-            from_mapping(cls, raw)
-        except ConfigError as err:
-            raise ConfigError(f"{origin}: {err}") from err
-    pairs = parse_overrides(overrides) if overrides and isinstance(overrides[0], str) else overrides
-    for key, value in pairs:  # type: ignore[misc]
-        set_dotted(raw, key, value)
-    return cls.from_dict(raw)  # type: ignore[attr-defined]  # RunConfig's migrates moved keys
-
-
-def read_config_file(path: str | Path | None) -> tuple[dict[str, Any], str | None]:
-    """``--config FILE``'s mapping and its name for errors; no file: ``({}, None)``."""
-    if path is None:
-        return {}, None
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--config: {path} does not exist; give a YAML file")
-    return read_yaml(path), str(path)
 
 
 def load_config(

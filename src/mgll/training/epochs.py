@@ -3,10 +3,11 @@ and resume cleanly. Fine-tuning runs on it (:func:`mgll.eval.finetune.fine_tune`
 model + loss + validation metric can (segmentation's decoder training does:
 :func:`mgll.segmentation.run.segment`).
 
-A caller opens a :func:`run_scope` (processes, device, the folder's :class:`RunLock`, the
-:class:`StopRequests` signal flag, the checkpoint to resume), builds its model, data and
-optimizer, and hands them to :func:`fit` as a :class:`SupervisedTask`; :func:`fit` returns an
-:class:`EpochResult` and leaves the best epoch's weights in ``OUT/best.safetensors``.
+A caller opens a :func:`~mgll.training.run_control.run_scope` (processes, device, the folder's
+lock, the stop flag, the checkpoint to resume; pretraining runs inside the same), builds its
+model, data and optimizer, and hands them to :func:`fit` as a :class:`SupervisedTask`;
+:func:`fit` returns an :class:`EpochResult` and leaves the best epoch's weights in
+``OUT/best.safetensors``.
 
 The order of events, as pretraining's (:mod:`mgll.training.trainer`):
 
@@ -30,28 +31,35 @@ batch and rank 0 validates and writes.
 
 from __future__ import annotations
 
-import contextlib
-import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from mgll.distributed import DistributedInfo, all_reduce_mean, barrier, init_distributed
+from mgll.distributed import all_reduce_mean, any_rank, barrier
 from mgll.io import atomic_write
 from mgll.schema import ConfigError
 from mgll.training import checkpoint as ckpt
 from mgll.training.optim import lr_at
-from mgll.training.run_control import RunInterrupted, RunLock, StopRequests
-from mgll.training.run_log import flatten
+from mgll.training.run_control import RunInterrupted, RunScope, run_scope
 from mgll.training.sampling import GlobalBatchSampler, SeededSamples
 from mgll.training.step import Precision, optimizer_step
+
+__all__ = [
+    "BEST_WEIGHTS",
+    "EpochResult",
+    "EpochSettings",
+    "EpochState",
+    "RunScope",
+    "SupervisedTask",
+    "fit",
+    "run_scope",
+]
 
 BEST_WEIGHTS = "best.safetensors"  # the best validation epoch's model state_dict
 
@@ -118,42 +126,6 @@ class EpochResult:
     steps: int
     seconds: float
     best_weights: Path
-
-
-@dataclass
-class RunScope:
-    """One run's processes, device, output folder, stop flag and the checkpoint it resumes."""
-
-    output_dir: Path
-    info: DistributedInfo
-    device: torch.device
-    stop: StopRequests
-    resume_from: Path | None
-
-    @property
-    def checkpoint_dir(self) -> Path:
-        """``OUT/checkpoints``."""
-        return self.output_dir / ckpt.CHECKPOINT_SUBDIR
-
-
-@contextlib.contextmanager
-def run_scope(
-    output_dir: str | Path, device: str = "auto", resume: str | Path | None = None
-) -> Iterator[RunScope]:
-    """Join ``torchrun``'s processes (if any), lock ``output_dir`` (a second run into it is
-    refused), turn SIGINT/SIGTERM into a clean stop, and resolve ``resume`` (``latest`` or a
-    checkpoint path) before anything is built. A fresh run into a folder that already holds
-    checkpoints is refused. Signal handlers and the lock are given back on exit."""
-    out = Path(output_dir)
-    info, dev = init_distributed(device)
-    with RunLock(out, enabled=info.is_main), StopRequests() as stop:
-        resume_from = ckpt.resolve_checkpoint(resume, out) if resume is not None else None
-        if resume_from is None and ckpt.list_checkpoints(out / ckpt.CHECKPOINT_SUBDIR):
-            raise ckpt.CheckpointError(
-                f"{out} already holds a run with checkpoints; continue it with --resume "
-                "latest or choose a new --output-dir"
-            )
-        yield RunScope(out, info, dev, stop, resume_from)
 
 
 @dataclass
@@ -259,8 +231,7 @@ def _train_epoch(run: _Run, state: EpochState) -> None:
     for batch in batches:
         _train_step(run, state, batch, params)
         if _stop_requested(run) and state.epoch_step < run.sampler.steps_per_epoch:
-            _save(run, state)
-            _interrupt(run, state)
+            _interrupt(run, state, _save(run, state))
 
 
 def _train_step(run: _Run, state: EpochState, batch: Any, params: list[torch.Tensor]) -> None:
@@ -300,9 +271,9 @@ def _end_epoch(run: _Run, state: EpochState) -> None:
     barrier()
     state.epoch, state.epoch_step, state.loss_sum, state.seen = state.epoch + 1, 0, 0.0, 0
     stop = _stop_requested(run)
-    _save(run, state)
+    saved = _save(run, state)
     if stop and state.epoch < run.settings.epochs:
-        _interrupt(run, state)
+        _interrupt(run, state, saved)
 
 
 def _rank(task: SupervisedTask, row: Mapping[str, Any]) -> tuple[float, ...]:
@@ -315,80 +286,54 @@ def _save_weights(model: nn.Module, path: Path) -> None:
     save_model(model, str(path))
 
 
-def _save(run: _Run, state: EpochState) -> None:
-    """The one place that saves: checkpoint at ``state`` (every rank's RNG state kept)."""
-    rng: Any = ckpt.capture_rng_state()
-    if run.scope.info.enabled:
-        everyone: list[Any] = [None] * run.scope.info.world_size
-        dist.all_gather_object(everyone, rng)
-        rng = everyone
-    else:
-        rng = [rng]
-    if run.scope.info.is_main:
-        saved = {
-            "step": state.step,
-            "epoch": state.epoch,
-            "epoch_step": state.epoch_step,
-            "loss_sum": state.loss_sum,
-            "seen": state.seen,
-            "best": state.best,
-            "history": state.history,
-            "optimizer": run.task.optimizer.state_dict(),
-            "scaler": run.precision.scaler.state_dict(),
-            "rng": rng,
-            "config": run.task.config,
-        }
-        ckpt.save_checkpoint(
-            run.scope.checkpoint_dir,
-            state.step,
-            run.task.model,
-            saved,
-            run.task.config,
-            keep_last=run.settings.keep_last,
-            kind=run.settings.kind,
-        )
-    barrier()
+def _save(run: _Run, state: EpochState) -> Path:
+    """The one place that saves: checkpoint at ``state`` (every rank takes part)."""
+    saved = {
+        "step": state.step,
+        "epoch": state.epoch,
+        "epoch_step": state.epoch_step,
+        "loss_sum": state.loss_sum,
+        "seen": state.seen,
+        "best": state.best,
+        "history": state.history,
+        "optimizer": run.task.optimizer.state_dict(),
+        "scaler": run.precision.scaler.state_dict(),
+        "config": run.task.config,
+    }
+    return ckpt.save_run_state(
+        run.scope.checkpoint_dir,
+        state.step,
+        run.task.model,
+        saved,
+        run.task.config,
+        kind=run.settings.kind,
+        keep_last=run.settings.keep_last,
+    )
 
 
-def _interrupt(run: _Run, state: EpochState) -> None:
-    found = ckpt.list_checkpoints(run.scope.checkpoint_dir)
+def _interrupt(run: _Run, state: EpochState, saved: Path) -> None:
     received = run.scope.stop.received or "a signal to another process of the run"
-    raise RunInterrupted(received, state.step, found[-1][1] if found else None)
+    raise RunInterrupted(received, state.step, saved)
 
 
 def _stop_requested(run: _Run) -> bool:
     """Whether any rank received a stop signal (all ranks stop at the same step)."""
-    stop = run.scope.stop.requested
-    if not run.scope.info.enabled:
-        return stop
-    flag = torch.tensor([float(stop)], device=run.scope.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag[0])
+    (stop,) = any_rank(run.scope.stop.requested, device=run.scope.device)
+    return stop
 
 
 def _restore(run: _Run, weights: Path) -> EpochState:
     """Load a checkpoint into the run: weights, optimizer, loss scaler, RNG, position."""
-    saved = ckpt.load_state(weights)
-    kind = ckpt.checkpoint_kind(_header(weights))
-    if kind != run.settings.kind:
-        raise ckpt.CheckpointError(
-            f"{weights} is a {kind} checkpoint; resume it with its own command (this run "
-            f"writes {run.settings.kind} checkpoints)"
-        )
-    _warn_changed(saved["config"], run.task.config, weights, run.scope.info.is_main)
-    ckpt.load_weights(run.task.model, weights)
-    try:
-        run.task.optimizer.load_state_dict(saved["optimizer"])
-    except ValueError as err:  # parameter groups of another model or setup
-        raise ckpt.CheckpointError(
-            f"{ckpt.state_path_for(weights)}: its optimizer state does not fit this model "
-            f"({err}); resume with the settings the run was started with"
-        ) from err
-    if saved["scaler"]:
-        run.precision.scaler.load_state_dict(saved["scaler"])
-    rng = saved["rng"]  # one state per rank; a single dict before the engine existed
-    rank = run.scope.info.rank
-    ckpt.restore_rng_state(rng if isinstance(rng, dict) else rng[min(rank, len(rng) - 1)])
+    saved = ckpt.load_run_state(
+        weights,
+        run.task.model,
+        run.task.optimizer,
+        run.precision.scaler,
+        kind=run.settings.kind,
+        config=run.task.config,
+        rank=run.scope.info.rank,
+        noun="settings",
+    )
     if run.scope.info.is_main:
         print(f"resumed from {weights} at step {saved['step']} (epoch {saved['epoch']})")
     return EpochState(
@@ -400,29 +345,6 @@ def _restore(run: _Run, weights: Path) -> EpochState:
         best=dict(saved.get("best") or {}),
         history=list(saved.get("history") or []),
     )
-
-
-def _header(weights: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
-    with safe_open(str(weights), framework="pt") as handle:
-        return dict(handle.metadata() or {})
-
-
-def _warn_changed(old: Mapping[str, Any], new: Mapping[str, Any], weights: Path, main: bool):
-    """Warn (rank 0) naming the keys the checkpoint saved whose value changed; keys it lacks
-    were not recorded by the mgll that wrote it."""
-    a, b = flatten(old), flatten(new)
-    changed = [k for k in sorted(a) if k in b and _plain(a[k]) != _plain(b[k])]
-    if changed and main:
-        print(
-            f"warning: resuming {weights} with settings that differ in: {', '.join(changed)}",
-            file=sys.stderr,
-        )
-
-
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from mgll.schema import from_mapping
-from mgll.training.config import TrainConfig
+if TYPE_CHECKING:  # the pretraining config is not loaded for fine-tuning's parameter groups
+    from mgll.training.config import TrainConfig
 
 # Parameters named like this are embeddings, not weight matrices: AdamW does not decay them.
 NO_DECAY_NAMES = (
@@ -46,12 +45,8 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
     ]
 
 
-def build_optimizer(
-    model: nn.Module, train_cfg: TrainConfig | Mapping[str, Any]
-) -> torch.optim.AdamW:
-    """AdamW from the ``train`` section (lr, betas, eps, weight_decay): a
-    :class:`~mgll.training.config.TrainConfig` or its plain mapping."""
-    cfg = from_mapping(TrainConfig, train_cfg, "train")
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW from the ``train`` section (lr, betas, eps, weight_decay)."""
     device = next(model.parameters()).device
     return torch.optim.AdamW(
         parameter_groups(model, cfg.weight_decay),

@@ -1,4 +1,5 @@
-"""What keeps a run folder safe: one run at a time (a lock file) and a clean stop on a signal.
+"""What keeps a run folder safe: one run at a time (a lock file) and a clean stop on a signal;
+:func:`run_scope`, the one scaffold both training engines run inside.
 
 - :class:`RunLock`: ``OUT/.mgll-run.lock`` names the host and process of the run writing the
   folder; a second run into the same folder is refused naming them. A lock left by a process
@@ -8,21 +9,31 @@
   A second signal stops at once (the default action), which cannot damage the checkpoints
   already written: every file is written to a temporary name and renamed.
 
-Both restore what they change (the lock file, the signal handlers) when their scope ends.
+- :func:`run_scope`: the processes, the device, the lock, the stop flag and the checkpoint to
+  resume of one run (:class:`RunScope`); a fresh run into a folder with checkpoints is refused.
+
+Each restores what it changes (the lock file, the signal handlers) when its scope ends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import threading
 import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
 
+import torch
+
+from mgll.distributed import DistributedInfo, init_distributed
 from mgll.errors import UserError
+from mgll.training import checkpoint as ckpt
 
 LOCK_FILE = ".mgll-run.lock"
 
@@ -157,3 +168,43 @@ class StopRequests:
         for sig, handler in self._saved.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]
         self._saved.clear()
+
+
+@dataclass
+class RunScope:
+    """One run's processes, device, output folder, stop flag and the checkpoint it resumes."""
+
+    output_dir: Path
+    info: DistributedInfo
+    device: torch.device
+    stop: StopRequests
+    resume_from: Path | None
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """``OUT/checkpoints``."""
+        return self.output_dir / ckpt.CHECKPOINT_SUBDIR
+
+
+@contextlib.contextmanager
+def run_scope(
+    output_dir: str | Path,
+    device: str = "auto",
+    resume: str | Path | None = None,
+    extra_signals: tuple[int, ...] = (),
+) -> Iterator[RunScope]:
+    """Join ``torchrun``'s processes (if any), lock ``output_dir`` (a second run into it is
+    refused), turn SIGINT/SIGTERM (and ``extra_signals``) into a clean stop, and resolve
+    ``resume`` (``latest`` or a checkpoint path) before anything is built or written. A fresh
+    run into a folder that already holds checkpoints is refused. Signal handlers and the lock
+    are given back on exit."""
+    out = Path(output_dir)
+    info, dev = init_distributed(device)
+    with RunLock(out, enabled=info.is_main), StopRequests(extra_signals) as stop:
+        resume_from = ckpt.resolve_checkpoint(resume, out) if resume is not None else None
+        if resume_from is None and ckpt.list_checkpoints(out / ckpt.CHECKPOINT_SUBDIR):
+            raise ckpt.CheckpointError(
+                f"{out} already holds a run with checkpoints; continue it with --resume "
+                "latest or choose a new --output-dir"
+            )
+        yield RunScope(out, info, dev, stop, resume_from)

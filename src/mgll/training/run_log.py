@@ -8,7 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from mgll.io import atomic_write
+from mgll.schema import flatten
 from mgll.training.checkpoint import CheckpointError
+
+__all__ = ["METRICS_FILE", "MetricsLog", "flatten", "read_metrics", "truncate_after"]
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -50,17 +53,6 @@ class MetricsLog:
         self._fh.close()
         if self._tb is not None:
             self._tb.close()
-
-
-def flatten(row: Mapping[str, Any], sep: str = ".", prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (empty sections stay as values)."""
-    flat: dict[str, Any] = {}
-    for key, value in row.items():
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten(value, sep, f"{prefix}{key}{sep}"))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def truncate_after(output_dir: Path, step: int) -> None:

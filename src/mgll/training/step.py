@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from mgll.distributed import all_reduce_mean
 from mgll.errors import UserError
 from mgll.losses import MAX_LOGIT_SCALE
-from mgll.training.config import PrecisionName
+from mgll.schema import PrecisionName
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

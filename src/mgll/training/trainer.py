@@ -23,21 +23,19 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, IterableDataset
 
 from mgll.data import collate_samples, prepare_data
 from mgll.data.config import DataConfig
-from mgll.distributed import DistributedInfo, barrier, init_distributed
+from mgll.distributed import DistributedInfo, any_rank, barrier
 from mgll.models import create_model
 from mgll.models.config import ModelConfig
 from mgll.models.model import ContrastiveModel
@@ -49,8 +47,8 @@ from mgll.training.loaders import map_loaders, stream_loaders
 from mgll.training.objective import Objective
 from mgll.training.optim import build_optimizer, lr_at, set_lr
 from mgll.training.progress import Progress
-from mgll.training.run_control import RunInterrupted, RunLock, StopRequests
-from mgll.training.run_log import flatten, truncate_after
+from mgll.training.run_control import RunInterrupted, run_scope
+from mgll.training.run_log import truncate_after
 from mgll.training.state import Run, TrainState
 from mgll.training.step import Precision, forward_backward, optimizer_step
 from mgll.training.summary import SUMMARY_FILE, summarize
@@ -97,49 +95,45 @@ def train(
     cfg = RunConfig.from_dict(cfg)
     output_dir = Path(output_dir)
     check_device(cfg.train.device)
-    info, device = init_distributed(cfg.train.device)
     extra_signals = (signal.SIGUSR1,) if cfg.checkpoint.on_sigusr1 else ()
+    # run_scope refuses a bad --resume before the (slow) model and data are built, and before
+    # anything is written: a refused run leaves the folder's existing run untouched.
     with (
-        torch_settings(cfg.train.deterministic, cuda=device.type == "cuda"),
-        RunLock(output_dir, enabled=info.is_main),
-        StopRequests(extra_signals) as stop,
+        run_scope(output_dir, cfg.train.device, resume, extra_signals) as scope,
+        torch_settings(cfg.train.deterministic, cuda=scope.device.type == "cuda"),
     ):
         seed_everything(cfg.train.seed)
-        # Fail on a bad --resume before the (slow) model and data are built, and before writing
-        # anything: a refused run must leave the folder's existing run untouched.
-        resume_from = ckpt.resolve_checkpoint(resume, output_dir) if resume is not None else None
-        if resume_from is None and ckpt.list_checkpoints(output_dir / ckpt.CHECKPOINT_SUBDIR):
-            raise ckpt.CheckpointError(
-                f"{output_dir} already holds a run with checkpoints; continue it with --resume "
-                "latest or choose a new --output-dir"
-            )
-        if info.is_main and resume_from is None:
+        fresh = scope.resume_from is None
+        if scope.info.is_main and fresh:
             save_config(cfg, output_dir / CONFIG_FILE)
-        run = build(
-            cfg, data_root, output_dir, info, device, model_factory, data_builder, collate_fn
-        )
-        run.stop = stop
+        factories = (model_factory, data_builder, collate_fn)
+        run = build(cfg, data_root, output_dir, scope.info, scope.device, *factories)
+        run.stop = scope.stop
         state = TrainState()
-        if info.is_main and resume_from is None and run.write_split is not None:
+        if scope.info.is_main and fresh and run.write_split is not None:
             run.write_split(output_dir / SPLIT_FILE)
-        if resume_from is not None:
-            state = restore(run, resume_from)
+        if scope.resume_from is not None:
+            state = restore(run, scope.resume_from)
             if state.step >= run.max_steps or state.epoch >= cfg.train.epochs:
-                return _already_complete(run, state, resume_from)
-            # The resume is accepted: only now does the run folder change.
-            if info.is_main:
-                truncate_after(output_dir, state.step)  # rows after the checkpoint are redone
-                save_config(cfg, output_dir / CONFIG_FILE)
-                if run.write_split is not None:
-                    run.write_split(output_dir / SPLIT_FILE)
-                print(
-                    f"resumed from {resume_from} at step {state.step} (epoch {state.epoch}, "
-                    f"step {state.epoch_step})"
-                )
-            run.last_checkpoint = resume_from
+                return _already_complete(run, state, scope.resume_from)
+            _accept_resume(run, state, scope.resume_from)
         start = (time.perf_counter(), state.step)
-        last_train, last_val = loop(run, state, fresh=resume_from is None)
+        last_train, last_val = loop(run, state, fresh=fresh)
         return summarize(run, state, start, last_train, last_val)
+
+
+def _accept_resume(run: Run, state: TrainState, weights: Path) -> None:
+    """The resume is accepted: only now does the run folder change (rank 0 writes)."""
+    if run.main:
+        truncate_after(run.output_dir, state.step)  # rows after the checkpoint are redone
+        save_config(run.cfg, run.output_dir / CONFIG_FILE)
+        if run.write_split is not None:
+            run.write_split(run.output_dir / SPLIT_FILE)
+        print(
+            f"resumed from {weights} at step {state.step} (epoch {state.epoch}, "
+            f"step {state.epoch_step})"
+        )
+    run.last_checkpoint = weights
 
 
 def check_device(spec: str) -> None:
@@ -268,48 +262,33 @@ def _fit_model_to_run(model: ContrastiveModel, objective: Objective, checkpointi
 # ---- 2. restore -------------------------------------------------------------------------------
 
 
-def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """Dotted keys whose values differ and that change what a resumed run computes.
-
-    A config saved by an older mgll is read through :class:`RunConfig` first, so keys it did
-    not write (they had their defaults) do not count as differences.
-    """
-    with contextlib.suppress(ConfigError):  # else not a current config: compare as written
-        old = RunConfig.from_dict(old).to_dict()
-    a, b = flatten(old), flatten(new)
-    return [
-        k
-        for k in sorted(set(a) | set(b))
-        if a.get(k) != b.get(k) and not any(k.startswith(free) for free in _RESUME_FREE_KEYS)
-    ]
-
-
 def restore(run: Run, weights: Path) -> TrainState:
     """Load a checkpoint into the run: weights, optimizer, loss scaler, position, RNG states.
 
     Nothing in the run folder changes here: the caller accepts the resume first.
     """
-    saved = ckpt.load_state(weights)
-    changed = config_differences(saved["config"], run.cfg.to_dict())
-    if changed and run.main:
-        print(
-            f"warning: resuming {weights} with a config that differs in: {', '.join(changed)}",
-            file=sys.stderr,
-        )
+    saved = ckpt.load_run_state(
+        weights,
+        run.model,  # type: ignore[arg-type]
+        run.optimizer,
+        run.precision.scaler,
+        kind="pretrain",
+        config=run.cfg.to_dict(),
+        rank=run.info.rank,
+        free_keys=_RESUME_FREE_KEYS,
+        read_config=_as_current,
+    )
     _check_stream_layout(run, saved, weights)
-    ckpt.load_weights(run.model, weights)  # type: ignore[arg-type]
-    try:
-        run.optimizer.load_state_dict(saved["optimizer"])
-    except ValueError as err:  # parameter groups of another model or optimizer setup
-        raise ckpt.CheckpointError(
-            f"{ckpt.state_path_for(weights)}: its optimizer state does not fit this model "
-            f"({err}); resume with the config the run was started with"
-        ) from err
-    if saved["scaler"]:  # empty when saved without fp16 loss scaling: start a fresh one
-        run.precision.scaler.load_state_dict(saved["scaler"])
-    rank = run.info.rank
-    ckpt.restore_rng_state(saved["rng"][rank] if rank < len(saved["rng"]) else saved["rng"][0])
     return TrainState(saved["step"], saved["epoch"], saved["epoch_step"])
+
+
+def _as_current(saved: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A config saved by an older mgll as this one reads it (moved keys in place, keys it did
+    not write at their defaults), so only real changes are named; as written when it is not
+    a current config."""
+    with contextlib.suppress(ConfigError):
+        return RunConfig.from_dict(saved).to_dict()
+    return saved
 
 
 def _check_stream_layout(run: Run, saved: Mapping[str, Any], weights: Path) -> None:
@@ -329,35 +308,26 @@ def _check_stream_layout(run: Run, saved: Mapping[str, Any], weights: Path) -> N
 
 def save(run: Run, state: TrainState) -> None:
     """Checkpoint the run at ``state`` (every rank takes part: each one's RNG state is kept)."""
-    rng = ckpt.capture_rng_state()
-    if run.info.enabled:
-        everyone: list[Any] = [None] * run.info.world_size
-        dist.all_gather_object(everyone, rng)
-        rng_states = everyone
-    else:
-        rng_states = [rng]
-    if run.main:
-        cfg = run.cfg.to_dict()
-        saved = {
-            "step": state.step,
-            "epoch": state.epoch,
-            "epoch_step": state.epoch_step,
-            "optimizer": run.optimizer.state_dict(),
-            "scaler": run.precision.scaler.state_dict(),
-            "schedule": {"warmup_steps": run.warmup_steps, "total_steps": run.total_steps},
-            "rng": rng_states,
-            "config": cfg,
-        }
-        run.last_checkpoint = ckpt.save_checkpoint(
-            run.checkpoint_dir,
-            state.step,
-            run.model,  # type: ignore[arg-type]
-            saved,
-            cfg,
-            run.cfg.checkpoint.keep_last,
-            run.model.build_facts(),
-        )
-    barrier()
+    cfg = run.cfg.to_dict()
+    saved = {
+        "step": state.step,
+        "epoch": state.epoch,
+        "epoch_step": state.epoch_step,
+        "optimizer": run.optimizer.state_dict(),
+        "scaler": run.precision.scaler.state_dict(),
+        "schedule": {"warmup_steps": run.warmup_steps, "total_steps": run.total_steps},
+        "config": cfg,
+    }
+    run.last_checkpoint = ckpt.save_run_state(
+        run.checkpoint_dir,
+        state.step,
+        run.model,  # type: ignore[arg-type]
+        saved,
+        cfg,
+        kind="pretrain",
+        keep_last=run.cfg.checkpoint.keep_last,
+        build_facts=run.model.build_facts(),
+    )
 
 
 # ---- 3. loop ----------------------------------------------------------------------------------
@@ -481,11 +451,8 @@ def _signal_name(run: Run) -> str:
 
 
 def _agree(run: Run, overdue: bool) -> tuple[bool, bool]:
-    """(stop requested, checkpoint overdue) as every rank sees it: a signal may reach one rank
-    only and clocks differ, but all must checkpoint and stop at the same step."""
+    """(stop requested, checkpoint overdue) as every rank sees it: all ranks must checkpoint
+    and stop at the same step."""
     stop = run.stop is not None and run.stop.requested
-    if not run.info.enabled:
-        return stop, overdue
-    flags = torch.tensor([float(stop), float(overdue)], device=run.device)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    return bool(flags[0]), bool(flags[1])
+    stop, overdue = any_rank(stop, overdue, device=run.device)
+    return stop, overdue
