@@ -203,6 +203,27 @@ def test_a_resumed_epoch_gives_the_same_batches(tmp_path, workers):
     assert _epoch(batches, workers, epoch=2) != full  # a new epoch, a new order
 
 
+def test_a_new_epoch_reorders_both_the_shards_and_the_samples_within_them(tmp_path):
+    """Each of the two shuffles changes with the epoch on its own: the shards' reading order
+    (11 shards), and the shuffle buffer's order within one shard (a single 32-sample shard,
+    whose reading order cannot change); every epoch reads the same samples."""
+    spec = corpus(tmp_path / "data", n=40)
+    shard(spec, tmp_path / "many", shard_size=3)
+    many = splits(shard_data(tmp_path / "many", shuffle_buffer=5))["train"].batches(4)
+    reading = []
+    for epoch in (1, 2):
+        many.set_epoch(epoch)
+        reading.append([s.name for s in many.stream_shards(0)])
+    assert reading[0] != reading[1] and sorted(reading[0]) == sorted(reading[1])
+    shard(spec, tmp_path / "one", shard_size=40)
+    one = splits(shard_data(tmp_path / "one", shuffle_buffer=8))["train"]
+    assert len(one.shards) == 1
+    batches = one.batches(4)
+    orders = [[i for b in _epoch(batches, 0, epoch) for i in b] for epoch in (1, 2)]
+    assert orders[0] != orders[1] and sorted(orders[0]) == sorted(orders[1]) == list(range(32))
+    assert orders[0] != sorted(orders[0])  # shuffled at all
+
+
 def test_ranks_and_workers_read_disjoint_shards_covering_the_corpus(tmp_path):
     spec = corpus(tmp_path / "data", n=40)
     shard(spec, tmp_path / "shards", shard_size=2)  # 16 train shards

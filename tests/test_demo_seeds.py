@@ -48,6 +48,60 @@ def test_identical_seeds_give_the_patient_bootstrap_interval():
     assert out["ci95"] == pytest.approx(ci, abs=0.015)
 
 
+def test_across_seed_comparisons_pair_each_seed_of_a_with_the_same_seed_of_b(monkeypatch):
+    """Hand-made outputs of three seeds, each encoder a different quality per seed: every
+    comparison's per-seed difference is A's seed s minus B's seed s (scikit-learn's AUC, the
+    hit rates' means), never another seed's."""
+    from sklearn.metrics import roc_auc_score
+
+    import mgll.demo.seeds as seeds
+    import mgll.eval.retrieve as retrieve
+
+    rng = np.random.default_rng(2)
+    truth = np.arange(24) % 2
+    images = [f"i{k}.png" for k in range(24)]
+    patients = [f"p{k // 2}" for k in range(24)]
+    spread = {"mgll": (0.2, 0.6, 1.0), "clip": (1.4, 0.3, 0.8), "random": (2.0, 0.5, 1.2)}
+    scores = {
+        (e, s): np.clip(truth + rng.normal(0, sd, 24), 0, 1)
+        for e, sds in spread.items()
+        for s, sd in enumerate(sds)
+    }
+    hits = {key: (rng.random(24) < 0.3 + 0.1 * key[1]).astype(float) for key in scores}
+    outs = [Path(f"/nowhere/seed{s}") for s in range(3)]
+
+    def key_of(folder: Path) -> tuple[str, int]:
+        return folder.parent.name, int(folder.parent.parent.name.removeprefix("seed"))
+
+    def classification(folder):
+        p1 = scores[key_of(folder)]
+        return {
+            **{"images": images, "patients": patients, "y": np.eye(2)[truth]},
+            **{"scores": np.stack([1 - p1, p1], 1), "classes": ["0", "1"], "type": "binary"},
+        }
+
+    def retrieval(folder):
+        h = hits[key_of(folder)]
+        hit_rates = {"i2t_R@5": h, "i2t_P@5": h / 5}
+        return {"images": images, "patients": patients, "texts": images, "hits": hit_rates}
+
+    monkeypatch.setattr(seeds, "_classification", classification)
+    monkeypatch.setattr(retrieve, "read_retrieval_hits", retrieval)
+    _, comparisons = seeds.across_seeds(outs, ["grade"], "note", n_resamples=20)
+    auc = {key: roc_auc_score(truth, v) for key, v in scores.items()}
+    checked = 0
+    for c in comparisons:
+        a, b = c["a"], c["b"]
+        if c["protocol"] == "retrieval":
+            scale = 1 if c["metric"] == "i2t_R@5" else 1 / 5
+            expected = [scale * (hits[a, s].mean() - hits[b, s].mean()) for s in range(3)]
+        else:
+            expected = [auc[a, s] - auc[b, s] for s in range(3)]
+        assert c["per_seed"] == pytest.approx(expected), (a, b, c["protocol"], c["metric"])
+        checked += 1
+    assert checked == 2 * 4  # (mgll - clip, mgll - random) x (probe, zero-shot, R@5, P@5)
+
+
 SPEC = """
 table: labels.csv
 image: {column: path, root: images}

@@ -184,8 +184,8 @@ def _check_head_reads_the_projection(out: Path, encoder) -> None:
 @pytest.mark.parametrize(("select_by", "expected"), [("accuracy", 2), ("auc_macro", 3)])
 def test_select_by_keeps_the_epoch_the_stub_scores_best(tmp_path, monkeypatch, select_by, expected):
     """Validation metrics come from a stub: accuracy is best in epoch 2, macro AUC in epoch 3.
-    The kept epoch, best.safetensors (the weights validated then) and the test scores follow
-    the rule."""
+    The kept epoch, best.safetensors and the weights that score validation and test (a spy on
+    every prediction) are the ones validated in that epoch."""
     import mgll.eval.finetune as finetune
 
     scripted = iter([(0.9, 0.5), (0.6, 0.9), (0.95, 0.7)])  # (auc, accuracy) per epoch
@@ -194,12 +194,11 @@ def test_select_by_keeps_the_epoch_the_stub_scores_best(tmp_path, monkeypatch, s
         "classification_metrics",
         lambda *a, **k: dict(zip(("auc_macro", "accuracy"), next(scripted), strict=True)),
     )
-    validated = []
+    predicted_with = []  # the weights of every prediction: 3 validations, then val and test
     real_predict = finetune.predict
 
     def spy_predict(model, dataset, *args):
-        if len(validated) < 3:  # the three validations; then val and test are scored
-            validated.append({k: v.clone() for k, v in model.state_dict().items()})
+        predicted_with.append({k: v.clone() for k, v in model.state_dict().items()})
         return real_predict(model, dataset, *args)
 
     monkeypatch.setattr(finetune, "predict", spy_predict)
@@ -209,9 +208,14 @@ def test_select_by_keeps_the_epoch_the_stub_scores_best(tmp_path, monkeypatch, s
     results = read_results(out)
     assert results["details"]["best_epoch"] == expected
     assert results["details"]["select_by"] == select_by
+    assert len(predicted_with) == 5
+    validated, scored = predicted_with[:3], predicted_with[3:]
+    assert not torch.equal(validated[1]["head.weight"], validated[2]["head.weight"])
     best = load_file(str(out / "best.safetensors"))
     for key, value in validated[expected - 1].items():
         assert torch.equal(best[key], value), key
+        for weights in scored:  # validation and test scored once, with the kept epoch's weights
+            assert torch.equal(weights[key], value), key
 
 
 def test_random_area_crop_keeps_the_size_and_crops(tmp_path):

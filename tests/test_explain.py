@@ -104,9 +104,35 @@ def test_resnet_towers_use_the_last_bottleneck_and_unknown_towers_fail():
         cam_layer(torch.nn.Linear(2, 2))
 
 
-def test_explain_images_writes_a_map_per_text(tmp_path, trained_model):
+def test_explain_images_writes_each_texts_own_map_and_similarity(tmp_path, trained_model):
+    """A positive image (bright square in the left half) at the tower's own size, so no
+    resizing: each text's .npy is the Grad-CAM map of the image normalised by hand, and its
+    similarity the cosine of the two embeddings computed here; the lesion map sits left."""
     from PIL import Image
 
-    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "a.png")
-    entries = explain_images(trained_model, [tmp_path / "a.png"], ["x"], tmp_path / "o")
-    assert len(entries) == 1 and (tmp_path / "o" / "a__x.npy").is_file()
+    mean = torch.tensor(trained_model.image_mean).view(3, 1, 1)
+    std = torch.tensor(trained_model.image_std).view(3, 1, 1)
+    images, labels = left_half_images(8, torch.Generator().manual_seed(5))
+    positive = images[labels.bool()][0]
+    pixels = ((positive * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0)
+    Image.fromarray(pixels.numpy()).save(tmp_path / "a.png")
+    texts = ["lesion", "a normal eye"]
+    entries = explain_images(trained_model, [tmp_path / "a.png"], texts, tmp_path / "o")
+    assert [(e["text"], e["map"]) for e in entries] == [
+        ("lesion", "a__lesion.npy"),
+        ("a normal eye", "a__a-normal-eye.npy"),
+    ]
+    image = ((pixels.permute(2, 0, 1).float() / 255 - mean) / std)[None]
+    maps, _ = gradcam_maps(trained_model, image, texts)
+    with torch.no_grad():
+        image_emb = F.normalize(trained_model.encode_image(image), dim=-1)
+        text_emb = F.normalize(trained_model.encode_text(texts), dim=-1)
+    cosine = (image_emb @ text_emb.t())[0]
+    assert cosine[0] != pytest.approx(float(cosine[1]), abs=1e-3)
+    for t, entry in enumerate(entries):
+        written = np.load(tmp_path / "o" / entry["map"])
+        np.testing.assert_allclose(written, maps[0, t], atol=1e-5)
+        assert entry["similarity"] == pytest.approx(float(cosine[t]), abs=1e-5)
+    lesion = np.load(tmp_path / "o" / entries[0]["map"])
+    assert lesion[:, :16].sum() / lesion.sum() > 0.55  # 0.62: most of it where the square is
+    assert not np.allclose(lesion, np.load(tmp_path / "o" / entries[1]["map"]), atol=1e-3)

@@ -5,8 +5,11 @@ through every entry point (encoder loader, safetensors export, hf-clip-vision ex
 from __future__ import annotations
 
 import argparse
+import collections
+import datetime
 import json
 import os
+import pathlib
 import pickle
 import re
 
@@ -244,6 +247,28 @@ def test_booby_trapped_checkpoint_is_refused_and_nothing_runs(booby_trapped, tmp
     with pytest.raises(PretrainedWeightsError, match="refused"):
         build_open_clip(ImageConfig(arch="mgll-vit-test-32", pretrained=str(path)), None, False)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("value", "name"),
+    [
+        (pathlib.PosixPath("/runs/mgll"), "pathlib.PosixPath"),
+        (collections.defaultdict(list, lr=[1e-4]), "collections.defaultdict"),
+        (datetime.date(2025, 1, 31), "datetime.date"),
+    ],
+)
+def test_any_class_but_namespace_is_refused_even_a_harmless_looking_one(tmp_path, value, name):
+    """The reader allows exactly argparse.Namespace: a file whose args carry a path, a
+    defaultdict or a date (what a widened allow-list would let through) is refused, named."""
+    content = authors_layout({"clip.visual.proj": torch.zeros(2, 2)})
+    content["args"].output_dir = value
+    path = tmp_path / "checkpoint-19.pth"
+    torch.save(content, path)
+    with pytest.raises(EncoderError, match=rf"{re.escape(str(path))}: refused.*{name}"):
+        load_encoder(str(path))
+    del content["args"].output_dir  # the same file without it: a plain Namespace is read
+    torch.save(content, path)
+    assert read_authors_checkpoint(path).args["batch_size"] == 64
 
 
 def test_a_pytorch_file_in_another_layout_is_named(tmp_path, capsys):

@@ -112,6 +112,34 @@ def test_towers_give_the_same_embeddings_with_the_cache_and_tokenise_only_new_st
     assert len(uncached.text_towers[0].token_cache) == 0
 
 
+@needs_minilm
+def test_each_text_tower_keeps_its_own_token_cache():
+    """Towers of other tokenizers (open_clip's, MiniLM's) or lengths (4, 32 tokens) see the
+    same string in turn: each embeds it as its uncached twin does, with its own ids."""
+    long = "left lower lobe opacity with a small effusion and no pneumothorax"
+
+    def text_cfg(n, **text):
+        return tiny_cfg(text={**text, "token_cache": n})
+
+    kinds = {
+        "open_clip": lambda n: text_cfg(n, type="open_clip"),
+        "hf-4": lambda n: text_cfg(n, type="hf", name=str(MINILM), max_length=4),
+        "hf-32": lambda n: text_cfg(n, type="hf", name=str(MINILM), max_length=32),
+    }
+    towers, twins = {}, {}
+    for name, cfg_of_size in kinds.items():
+        torch.manual_seed(0)
+        towers[name] = create_model(cfg_of_size(100)).eval().text_towers[0]
+        twins[name] = create_model(cfg_of_size(0)).eval().text_towers[0]
+        twins[name].load_state_dict(towers[name].state_dict())
+    with torch.no_grad():
+        for name in kinds:  # each tower after the others have tokenised the same string
+            torch.testing.assert_close(towers[name]([long]), twins[name]([long]), rtol=0, atol=0)
+    lengths = {name: len(towers[name].token_cache([long], None)[0]) for name in kinds}
+    assert lengths == {"open_clip": 32, "hf-4": 4, "hf-32": 22}
+    assert len({id(t.token_cache) for t in towers.values()}) == 3
+
+
 @pytest.mark.parametrize(
     "device",
     [

@@ -172,8 +172,23 @@ def test_a_damaged_weights_file_is_refused_naming_it(tmp_path):
         train(_config(), ".", tmp_path, resume="latest", **FAKES)
 
 
-def test_resume_can_switch_to_fp16_loss_scaling(tmp_path):
+def test_resume_can_switch_to_fp16_loss_scaling(tmp_path, monkeypatch):
+    """A run saved without loss scaling resumes under fp16: the resumed run takes exactly one
+    step, from the step-1 weights, with the scaler on; the step-2 state holds its scale."""
+    import mgll.training.trainer as trainer
+
     train(_config(**{"train.max_steps": 1}), ".", tmp_path, **FAKES)
+    step_1 = ckpt.resolve_checkpoint("latest", tmp_path)
+    assert torch.load(ckpt.state_path_for(step_1), weights_only=True)["scaler"] == {}
+    seen = []
+    real_step = trainer.train_step
+
+    def spy(run, state, batch, params):
+        weights = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+        seen.append((state.step, run.precision.name, run.precision.scaler.is_enabled(), weights))
+        return real_step(run, state, batch, params)
+
+    monkeypatch.setattr(trainer, "train_step", spy)
     summary = train(
         _config(**{"train.max_steps": 2, "train.precision": "fp16"}),
         ".",
@@ -182,3 +197,10 @@ def test_resume_can_switch_to_fp16_loss_scaling(tmp_path):
         **FAKES,
     )
     assert summary["steps"] == 2
+    assert [(step, name, scaling) for step, name, scaling, _ in seen] == [(1, "fp16", True)]
+    saved = load_file(step_1)
+    assert all(torch.equal(seen[0][3][k], saved[k]) for k in saved)
+    state = torch.load(
+        ckpt.state_path_for(ckpt.resolve_checkpoint("latest", tmp_path)), weights_only=True
+    )
+    assert state["step"] == 2 and state["scaler"]["scale"] > 0

@@ -139,6 +139,28 @@ def unit_folder(unit: dict[str, Any]) -> str:
     return "/".join(parts)
 
 
+def same_every_seed(protocol: str, fraction: float, spec: str) -> bool:
+    """Whether a unit repeats the same work every seed: zero-shot, or a linear probe at full
+    labels (no draw; the fit is deterministic), of an encoder that does not change with the seed
+    (no ``{seed}`` in its spec)."""
+    at_full = protocol == "zeroshot" or (protocol == "probe" and fraction >= 1)
+    return at_full and "{seed}" not in spec
+
+
+def runs_once_notes(encoders: dict[str, str], protocols: Sequence[str], seeds: int) -> list[str]:
+    """What ``--seeds N`` (N > 1) does not repeat, one line per encoder and protocol."""
+    if seeds < 2:
+        return []
+    return [
+        f"{protocol} of {name} at full labels runs once, not {seeds} times: {name} does not "
+        "change with the seed ({seed} not in its spec), so each seed would give the same "
+        "result (n = 1)"
+        for name, spec in encoders.items()
+        for protocol in protocols
+        if same_every_seed(protocol, 1.0, spec)
+    ]
+
+
 def plan_units(
     tasks: Sequence[Any],
     encoders: dict[str, str],
@@ -149,18 +171,16 @@ def plan_units(
     draws: int,
     first_seed: int,
 ) -> list[dict[str, Any]]:
-    """Every unit to run: zero-shot at full labels only (it trains nothing), once per encoder
-    unless the encoder itself changes with the seed (``{seed}`` in its spec: one pretraining
-    run per seed); the other protocols per fraction and seed."""
+    """Every unit to run: zero-shot at full labels only (it trains nothing); a unit that gives
+    the same result every seed (:func:`same_every_seed`) once, marked ``fixed``; the others
+    per seed (full labels) or label-fraction draw."""
     plan = []
     for task in tasks:
         for protocol in protocols:
             for name in encoders:
                 for fraction in [1.0] if protocol == "zeroshot" else fractions:
-                    if protocol == "zeroshot":
-                        count = seeds if "{seed}" in encoders[name] else 1
-                    else:
-                        count = seeds if fraction >= 1 else draws
+                    fixed = same_every_seed(protocol, fraction, encoders[name])
+                    count = 1 if fixed else seeds if fraction >= 1 else draws
                     for seed in range(first_seed, first_seed + count):
                         unit = {
                             "task": task.name,
@@ -168,6 +188,7 @@ def plan_units(
                             "protocol": protocol,
                             "label_fraction": float(fraction),
                             "seed": seed,
+                            "fixed": fixed,
                         }
                         unit["folder"] = unit_folder(unit)
                         plan.append(unit)
@@ -242,6 +263,9 @@ def run_benchmark(
         "device": device,
         "progress": progress,
     }
+    notes = runs_once_notes(encoders, protocols, seeds)
+    for line in notes:
+        echo(f"note: {line}")
     runs = {name: (spec, kinds[name]) for name, spec in encoders.items()}
     predictions = _run_plan(plan, runs, data, out, protocol_options, echo)
     by_name = {t.name: t for t in ready}
@@ -253,6 +277,7 @@ def run_benchmark(
         "label_fractions": fractions,
         "seeds": {"full_labels": seeds, "label_fraction_draws": draws, "first": first_seed},
         "interval": INTERVAL,
+        "notes": notes,
         "tasks": {t.name: t.describe() for t in tasks},
         "rows": rows,
         "comparisons": comparisons,
@@ -374,7 +399,7 @@ def _write_outputs(out: Path, summary: dict[str, Any], echo: Callable[[str], Non
 
     encoders = list(summary["encoders"])
     write_text(out / "benchmark.json", json.dumps(summary, indent=2, default=str) + "\n")
-    table = format_table(summary["rows"], encoders, summary["missing"])
+    table = format_table(summary["rows"], encoders, summary["missing"], summary["notes"])
     write_text(out / "table.md", table)
     write_text(out / "table.csv", format_csv(summary["rows"], encoders))
     write_report(out / "report.html", summary)

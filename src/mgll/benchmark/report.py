@@ -164,6 +164,8 @@ def render_report(summary: Mapping[str, Any]) -> str:
             for m in summary["missing"]
         )
         parts.append(f"<h2>Not run</h2><ul>{items}</ul>")
+    for line in summary.get("notes", []):
+        parts.append(f"<p class='note'>{html.escape(line)}.</p>")
     skipped = [u for u in summary["units"] if u.get("status") == "skipped"]
     if skipped:
         parts.append(

@@ -66,6 +66,18 @@ def _metric(truth: Mapping[str, Any], scores: np.ndarray, metric: str) -> Statis
     return statistic
 
 
+def paper_numbers(task: BenchmarkTask, protocol: str, fraction: float) -> dict[str, Any]:
+    """The row's ``paper`` (MGLL) and ``paper_other`` (CLIP, best other) numbers: the task's own
+    protocol's, at full labels only (the paper reports no label fraction below 1)."""
+    if fraction < 1:
+        return {"paper": None, "paper_other": {}}
+    others = {m: task.paper_value(protocol, m) for m in ("CLIP", "best other")}
+    return {
+        "paper": task.paper_value(protocol),
+        "paper_other": {m: v for m, v in others.items() if v is not None},
+    }
+
+
 def _group_key(unit: Mapping[str, Any]) -> tuple[str, str, str, float]:
     return unit["task"], unit["encoder"], unit["protocol"], float(unit["label_fraction"])
 
@@ -100,14 +112,10 @@ def build_rows(
             "n_test": None,
             "seeds": [u["seed"] for u in done],
             "per_seed": [],
-            "paper": task.paper_value(protocol),
-            "paper_other": {
-                m: task.paper_value(protocol, m)
-                for m in ("CLIP", "best other")
-                if task.paper_value(protocol, m) is not None
-            },
+            **paper_numbers(task, protocol, fraction),
             "results": [u["folder"] for u in done],
             "skipped": skipped,
+            "fixed": all(u.get("fixed", False) for u in members),
         }
         if done:
             first = predictions[done[0]["folder"]]
@@ -139,9 +147,25 @@ def build_rows(
                 "classes": first["classes"],
                 "task_type": first["task_type"],
                 "by_seed": by_seed,
+                "fixed": row["fixed"],
             }
         rows.append(row)
     return rows, aligned
+
+
+def _paired_seeds(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[int]:
+    """The seeds a comparison pairs: those both ran, or every seed of the one that varies
+    when the other ran once for all seeds (``fixed``)."""
+    if a["fixed"] != b["fixed"]:
+        return list((b if a["fixed"] else a)["by_seed"])
+    return [s for s in a["by_seed"] if s in b["by_seed"]]
+
+
+def _scores_of(group: Mapping[str, Any], seed: int) -> np.ndarray:
+    """A group's scores of ``seed``; a fixed group's one run stands for every seed."""
+    if group["fixed"]:
+        return next(iter(group["by_seed"].values()))
+    return group["by_seed"][seed]
 
 
 def build_comparisons(
@@ -167,13 +191,13 @@ def build_comparisons(
             if key_b not in aligned:
                 continue
             b = aligned[key_b]
-            seeds = [s for s in a["by_seed"] if s in b["by_seed"]]
+            seeds = _paired_seeds(a, b)
             order = _aligned(a, b, f"{row['task']} {other}")
             metric = tasks[row["task"]].metric
             stats = seed_mean_interval(
-                [_metric(a, a["by_seed"][s], metric) for s in seeds],
+                [_metric(a, _scores_of(a, s), metric) for s in seeds],
                 [a["patients"]] * len(seeds),
-                baseline=[_metric(a, b["by_seed"][s][order], metric) for s in seeds],
+                baseline=[_metric(a, _scores_of(b, s)[order], metric) for s in seeds],
                 n_resamples=n_resamples,
                 seed=seed,
             )
@@ -226,9 +250,11 @@ def format_table(
     rows: Sequence[Mapping[str, Any]],
     encoders: Sequence[str],
     missing: Sequence[Mapping[str, Any]] = (),
+    notes: Sequence[str] = (),
 ) -> str:
     """``table.md``: tasks as rows, encoders as columns (percent, 95% interval, seeds), the
-    paper's MGLL and CLIP numbers beside; missing tasks listed below with where to get them."""
+    paper's MGLL and CLIP numbers beside; missing tasks listed below with where to get them,
+    and ``notes`` (e.g. what ran once for every seed)."""
     header, keys = _lines(rows, encoders)
     index = {(r["task"], r["protocol"], r["label_fraction"], r["encoder"]): r for r in rows}
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -274,6 +300,8 @@ def format_table(
         text += "\nNot run:\n\n" + "".join(
             f"- {m['task']}: {m['reason']}; get it: {m['get']}\n" for m in missing
         )
+    if notes:
+        text += "\nNotes:\n\n" + "".join(f"- {line}\n" for line in notes)
     return text
 
 
