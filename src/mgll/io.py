@@ -1,10 +1,12 @@
-"""File writing shared by checkpoints and exports."""
+"""File writing shared by checkpoints, exports, mask caches and heatmaps."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
 from pathlib import Path
+
+import numpy as np
 
 
 def atomic_write(target: Path, write: Callable[[Path], object]) -> None:
@@ -27,3 +29,10 @@ def atomic_write(target: Path, write: Callable[[Path], object]) -> None:
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    """Write ``array`` as .npy at exactly ``path`` (np.save would append a suffix to a name);
+    pass it to :func:`atomic_write` for a file that is never seen half-written."""
+    with open(path, "wb") as handle:
+        np.save(handle, array, allow_pickle=False)
