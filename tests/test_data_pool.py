@@ -336,7 +336,7 @@ def _train_fakes(tmp_path, data, monkeypatch):
     """A one-step run of the test model on ``data`` (a data section); the sampler's weights."""
     from mgll.data import collate_samples
     from mgll.training import loaders, trainer
-    from test_training_fakes import fake_config, fake_model_factory
+    from training_fakes import fake_config, fake_model_factory
 
     seen = []
 

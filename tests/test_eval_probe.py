@@ -19,6 +19,7 @@ from mgll.eval.options import EvalOptions
 from mgll.eval.probe import DEFAULT_C_GRID, linear_probe
 from mgll.eval.results import read_predictions, read_results
 from mgll.eval.task import EvalData, build_task
+from mgll.metrics import HEADLINE
 from test_eval_guards import _stub_features, _StubEncoder
 
 
@@ -150,15 +151,7 @@ def test_probe_on_a_synthetic_set_writes_every_output(tmp_path, capsys):
     assert results["n_test"] == 12 and results["n_patients_test"] == 12
     assert results["encoder"]["spec"] == "random:mgll-vit-test-32:0"
     metrics = results["metrics"]
-    for name in (
-        "auc_macro",
-        "map",
-        "accuracy",
-        "f1_macro",
-        "sensitivity",
-        "specificity",
-        "kappa_quadratic",
-    ):
+    for name in HEADLINE:
         assert name in metrics and f"{name}_ci95" in metrics
     assert metrics["auc_macro"] > 0.9  # brightness separates the classes
     assert results["per_class"]["1"]["n_pos"] == 4

@@ -14,7 +14,7 @@ from dist_helpers import free_port, set_torchrun_env
 from mgll.training import checkpoint as ckpt
 from mgll.training.run_log import read_metrics
 from mgll.training.trainer import train
-from test_training_fakes import FAKES, fake_config
+from training_fakes import FAKES, fake_config
 
 pytestmark = pytest.mark.slow
 

@@ -7,10 +7,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mgll.errors import DataError
+from mgll.schema import ConfigError
 from mgll.training import checkpoint as ckpt
 from mgll.training.step import Precision, optimizer_step
 from mgll.training.trainer import train
-from test_training_fakes import FAKES, FakeModel, fake_config, fake_model_factory
+from training_fakes import FAKES, FakeModel, fake_config, fake_model_factory
 
 
 def _config(**extra):
@@ -156,3 +158,34 @@ def test_signal_handlers_are_restored_after_a_run_and_after_a_failed_one(tmp_pat
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)
+
+
+@pytest.mark.parametrize("error", [DataError("table.csv row 3: no image"), ValueError("a bug")])
+def test_a_data_error_gets_its_section_and_a_bug_keeps_its_traceback(tmp_path, error):
+    """errors.py's rule: a user error is caught to add context; any other error is a bug and
+    reaches the user as itself, with its traceback (before, every ValueError became a
+    one-line ConfigError)."""
+
+    def broken_builder(cfg, data_root, seed):
+        raise error
+
+    fakes = {**FAKES, "data_builder": broken_builder}
+    with pytest.raises(ConfigError if isinstance(error, DataError) else ValueError) as caught:
+        train(_config(), "ROOT", tmp_path, **fakes)
+    if isinstance(error, DataError):
+        assert str(caught.value) == "data section (data root ROOT): table.csv row 3: no image"
+    else:
+        assert caught.value is error and not isinstance(caught.value, ConfigError)
+
+
+def test_every_training_command_spells_resume_alike():
+    from mgll.cli import parse_args
+
+    for argv in (
+        ["pretrain", "cpu-demo", "--output-dir", "o"],
+        ["finetune", "--encoder", "e", "--data", "d", "--level", "0", "--output-dir", "o"],
+        ["segment", "--encoder", "e", "--data", "d", "--output-dir", "o"],
+    ):
+        assert parse_args([*argv, "--resume"]).resume == "latest", argv
+        assert parse_args([*argv, "--resume", "a.safetensors"]).resume == "a.safetensors"
+        assert parse_args(argv).resume is None

@@ -17,7 +17,7 @@ from mgll.cli import main
 from mgll.models import create_model, load_image_encoder
 from mgll.training import checkpoint as ckpt
 from mgll.training.trainer import train
-from test_training_fakes import FAKES, fake_config
+from training_fakes import FAKES, fake_config
 
 # The trainer sections exactly as the earlier code wrote them into config.yaml.
 OLD_TRAINER_SECTIONS = {

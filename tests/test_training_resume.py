@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from mgll.training import checkpoint as ckpt
 from mgll.training.run_log import read_metrics
 from mgll.training.trainer import train
-from test_training_fakes import FAKES, fake_config
+from training_fakes import FAKES, fake_config
 
 
 def _config(**extra):

@@ -22,7 +22,7 @@ from mgll.schema import ConfigError
 from mgll.training import checkpoint as ckpt
 from mgll.training.run_log import read_metrics
 from mgll.training.trainer import train
-from test_training_fakes import FAKES, fake_config
+from training_fakes import FAKES, fake_config
 
 TESTS = Path(__file__).resolve().parent
 SRC = TESTS.parent / "src"
@@ -81,7 +81,7 @@ def test_cuda_without_cuda_is_a_config_error_naming_the_key(tmp_path):
 SLOW_RUN = """
 import sys, time
 from mgll.training.trainer import train
-from test_training_fakes import FAKES, FakeModel, fake_config
+from training_fakes import FAKES, FakeModel, fake_config
 
 class Slow(FakeModel):
     def forward(self, images, texts):
@@ -144,7 +144,7 @@ def test_a_second_run_into_the_same_folder_is_refused_naming_the_first(tmp_path)
 MID_EPOCH_RUN = """
 import sys, time
 from mgll.training.trainer import train
-from test_training_fakes import FAKES, FakeModel, fake_config
+from training_fakes import FAKES, FakeModel, fake_config
 
 class Slow(FakeModel):
     def forward(self, images, texts):

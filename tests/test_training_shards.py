@@ -26,7 +26,7 @@ from mgll.training import checkpoint as ckpt
 from mgll.training.run_log import read_metrics
 from mgll.training.trainer import train
 from test_data_shards import SIZE, corpus, data_cfg
-from test_training_fakes import fake_config, fake_model_factory
+from training_fakes import fake_config, fake_model_factory
 
 TESTS = Path(__file__).resolve().parent
 SRC = TESTS.parent / "src"
@@ -113,7 +113,7 @@ import sys, time
 from mgll.data import collate_samples
 from mgll.training.run_control import RunInterrupted
 from mgll.training.trainer import train
-from test_training_fakes import FakeModel
+from training_fakes import FakeModel
 from test_training_shards import _config
 
 class Slow(FakeModel):

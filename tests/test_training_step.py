@@ -19,7 +19,7 @@ from mgll.training.step import (
 )
 from mgll.training.trainer import train
 from mgll.training.validation import retrieval_metrics
-from test_training_fakes import FAKES, FakeModel, fake_config, fake_datasets, fake_model_factory
+from training_fakes import FAKES, FakeModel, fake_config, fake_datasets, fake_model_factory
 
 
 def _batch(n: int = 16):

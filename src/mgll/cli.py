@@ -35,6 +35,19 @@ COMMAND_MODULES: dict[str, tuple[str, str]] = {
 }
 
 
+def add_resume_argument(parser: argparse.ArgumentParser) -> None:
+    """``--resume [latest|PATH]``, the one spelling of every training command: alone or with
+    ``latest``, the newest checkpoint in ``--output-dir``; else a checkpoint file or folder."""
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        metavar="latest|PATH",
+        help="continue a stopped run from the newest checkpoint in --output-dir (--resume "
+        "alone or --resume latest) or from a checkpoint file",
+    )
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The ``mgll`` parser; only ``command``'s module is imported (the others list their help)."""
     parser = argparse.ArgumentParser(

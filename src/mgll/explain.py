@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mgll.errors import UserError
-from mgll.io import atomic_write
-from mgll.segmentation.data import save_npy
+from mgll.eval.options import resolve_device
+from mgll.io import atomic_write, save_npy
 
 OVERLAY_SIZE = 256
 CAM_METHODS = {"gradcam": "GradCAM", "hirescam": "HiResCAM", "gradcam++": "GradCAMPlusPlus"}
@@ -133,13 +133,14 @@ def gradcam_maps(
     return maps, similarity
 
 
-def load_explain_model(spec: str | os.PathLike, device: str = "cpu") -> Any:
-    """An ``MGLLModel`` from a save_pretrained folder, a run folder or a checkpoint file."""
+def load_explain_model(spec: str | os.PathLike, device: str = "auto") -> Any:
+    """An ``MGLLModel`` from a save_pretrained folder, a run folder or a checkpoint file, on
+    ``device`` (``auto``: cuda when available)."""
     from mgll.models.factory import from_pretrained
     from mgll.models.hub import CONFIG_FILE
     from mgll.training.checkpoint import load_model
 
-    path = Path(spec)
+    path, device = Path(spec), resolve_device(device)
     if (path / CONFIG_FILE).is_file():
         return from_pretrained(path, device)
     model, _ = load_model(path, device)
@@ -240,7 +241,9 @@ def register(subparsers: Any) -> None:
         default="gradcam",
         help="CAM variant of the grad-cam package (default gradcam)",
     )
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument(
+        "--device", default="auto", help="cpu, cuda, cuda:1 or auto (default: cuda if available)"
+    )
     parser.set_defaults(func=run)
 
 

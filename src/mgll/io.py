@@ -1,4 +1,4 @@
-"""File writing shared by checkpoints and exports."""
+"""File writing shared by checkpoints, exports, mask caches and heatmaps."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
+
+import numpy as np
 
 
 def atomic_write(target: Path, write: Callable[[Path], object]) -> None:
@@ -37,3 +39,10 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    """Write ``array`` as .npy at exactly ``path`` (np.save would append a suffix to a name);
+    pass it to :func:`atomic_write` for a file that is never seen half-written."""
+    with open(path, "wb") as handle:
+        np.save(handle, array, allow_pickle=False)

@@ -118,7 +118,10 @@ def _add_check(sub: argparse._SubParsersAction) -> None:
     check.add_argument("--output", metavar="FILE", help="also write the full report as JSON")
     check.add_argument("--json", dest="output", action=_Renamed)
     check.add_argument("--limit", type=int, default=50, help="entries shown per list (default 50)")
-    check.add_argument("--workers", type=int, default=8, help="threads decoding images")
+    check.add_argument(
+        "--num-workers", type=int, default=8, help="threads decoding images (default 8)"
+    )
+    check.add_argument("--workers", dest="num_workers", type=int, action=_Renamed)
     check.set_defaults(func=run_check, command_name="mgll data check")
 
 
@@ -154,7 +157,10 @@ def _add_shard(sub: argparse._SubParsersAction) -> None:
         choices=["npy", "png"],
         help="npy: raw pixels, fastest to read (default); png: lossless, about half the bytes",
     )
-    shard.add_argument("--workers", type=int, default=4, help="threads decoding images")
+    shard.add_argument(
+        "--num-workers", type=int, default=4, help="threads decoding images (default 4)"
+    )
+    shard.add_argument("--workers", dest="num_workers", type=int, action=_Renamed)
     shard.set_defaults(func=run_shard, command_name="mgll data shard")
 
 
@@ -226,7 +232,7 @@ def run_check(args: argparse.Namespace) -> int:
         split=_fractions(args),
         link_identical=args.link_identical,
         seed=args.split_seed,
-        workers=args.workers,
+        workers=args.num_workers,
     )
     print(format_report(report, limit=args.limit))
     if args.output:
@@ -301,7 +307,7 @@ def run_shard(args: argparse.Namespace) -> int:
             resize=args.resize,
             shard_size=args.shard_size,
             image_format=args.image_format,
-            workers=args.workers,
+            workers=args.num_workers,
         )
     except OSError as exc:  # the output folder cannot be written
         raise DataError(f"--output-dir {args.output_dir}: {exc}") from exc

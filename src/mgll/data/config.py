@@ -57,7 +57,7 @@ class DataConfig:
             check_resize_mode(self.resize)
             augmentation_options(self.augmentation)
         except ValueError as err:
-            raise ConfigError(str(err)) from None
+            raise ConfigError(str(err)) from err
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | DataConfig) -> DataConfig:

@@ -50,7 +50,7 @@ from mgll.data.splits import (
     patient_split,
     split_fractions,
 )
-from mgll.errors import DataError
+from mgll.errors import DataError, UserError
 from mgll.schema import ConfigError, from_mapping
 
 _OTHER = "*"  # in a derive map: every label not listed
@@ -383,7 +383,7 @@ class _PoolReader:
                 records, folder = self.read_source(src.source, folder, options=src.options)
         except PoolError:
             raise
-        except ValueError as exc:
+        except UserError as exc:  # the source names its file or row; a bug keeps its traceback
             raise self.fail(src.key, f"source {src.name!r}: {exc}") from exc
         names = [lv.name for lv in records.levels]
         for source_level in src.levels:

@@ -16,6 +16,7 @@ from typing import Any
 
 from mgll.data.spec import is_spec_path
 from mgll.errors import UserError
+from mgll.metrics import DEFAULT_RESAMPLES
 
 ENCODERS = ("random", "clip", "mgll")
 PRETRAINED = ("clip", "mgll")
@@ -24,7 +25,7 @@ SETTINGS_FILE = "demo.json"
 REPORT_FILE = "report.html"
 SUMMARY_FILE = "summary.json"
 C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)  # the probe's C, chosen by inner patient CV per fold
-RESAMPLES = 1000
+RESAMPLES = DEFAULT_RESAMPLES
 QUICK_RESAMPLES = 200
 # --quick: the same recipe with fewer folds and epochs (a smoke run, not a measurement).
 QUICK_FOLDS = 2

@@ -23,16 +23,7 @@ from typing import Any
 import numpy as np
 
 from mgll.errors import UserError
-
-HEADLINE = (
-    "auc_macro",
-    "map",
-    "accuracy",
-    "f1_macro",
-    "sensitivity",
-    "specificity",
-    "kappa_quadratic",
-)
+from mgll.metrics import DEFAULT_RESAMPLES, HEADLINE
 
 
 class CompareError(UserError, ValueError):
@@ -112,7 +103,7 @@ def compare_folders(
     folders: Sequence[str | Path],
     *,
     output_dir: str | Path | None = None,
-    n_resamples: int = 1000,
+    n_resamples: int = DEFAULT_RESAMPLES,
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -226,7 +217,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("folders", nargs="+", metavar="OUT", help="output folders; A first")
     parser.add_argument("--output-dir", help="also write comparison.json and comparison.md here")
-    parser.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="resamples")
+    parser.add_argument(
+        "--bootstrap",
+        type=int,
+        default=DEFAULT_RESAMPLES,
+        metavar="N",
+        help=f"resamples (default {DEFAULT_RESAMPLES})",
+    )
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)

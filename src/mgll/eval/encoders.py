@@ -105,6 +105,24 @@ class Encoder(nn.Module):
         self._feature_dim: int | None = None
         self._digest: str | None = None
 
+    @classmethod
+    def from_tower(
+        cls, tower: Any, name: str, kind: str, run_config: dict[str, Any] | None = None
+    ) -> Encoder:
+        """The encoder of one of mgll's image towers (``ImageTower``, an exported
+        ``ImageEncoder``): its ``visual`` module and what it says of its input and output."""
+        return cls(
+            tower.visual,
+            name=name,
+            kind=kind,
+            arch=tower.arch,
+            image_size=_square(tower.image_size),
+            image_mean=tower.image_mean,
+            image_std=tower.image_std,
+            embed_dim=tower.embed_dim,
+            run_config=run_config,
+        )
+
     @property
     def device(self) -> torch.device:
         """Where the tower's weights are."""
@@ -269,18 +287,7 @@ def encoder_from_model(
     model: nn.Module, name: str, run_config: dict[str, Any] | None = None
 ) -> Encoder:
     """The :class:`Encoder` of an ``MGLLModel``'s image tower (shares its weights)."""
-    tower = model.image_tower
-    return Encoder(
-        tower.visual,
-        name=name,
-        kind="run",
-        arch=tower.arch,
-        image_size=_square(model.image_size),
-        image_mean=model.image_mean,
-        image_std=model.image_std,
-        embed_dim=model.embed_dim,
-        run_config=run_config,
-    )
+    return Encoder.from_tower(model.image_tower, name, "run", run_config)
 
 
 def _from_run(spec: str, path: Path) -> Encoder:
@@ -301,16 +308,7 @@ def _from_export(spec: str, path: Path) -> Encoder:
         exported = load_image_encoder(path)
     except (FileNotFoundError, ValueError, KeyError, OSError) as error:
         raise EncoderError(spec, str(error)) from error
-    return Encoder(
-        exported.visual,
-        name=spec,
-        kind="export",
-        arch=exported.arch,
-        image_size=_square(exported.image_size),
-        image_mean=exported.image_mean,
-        image_std=exported.image_std,
-        embed_dim=exported.embed_dim,
-    )
+    return Encoder.from_tower(exported, spec, "export")
 
 
 def _from_authors(spec: str, path: Path) -> Encoder:
@@ -322,16 +320,7 @@ def _from_authors(spec: str, path: Path) -> Encoder:
         tower = authors_image_tower(checkpoint)
     except AuthorsCheckpointError as error:
         raise EncoderError(spec, str(error)) from error
-    return Encoder(
-        tower.visual,
-        name=spec,
-        kind="authors",
-        arch=tower.arch,
-        image_size=_square(tower.image_size),
-        image_mean=tower.image_mean,
-        image_std=tower.image_std,
-        embed_dim=tower.embed_dim,
-    )
+    return Encoder.from_tower(tower, spec, "authors")
 
 
 FINETUNE_WEIGHTS = "best.safetensors"  # what `mgll finetune` keeps: the best validation epoch

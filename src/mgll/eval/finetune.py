@@ -345,12 +345,8 @@ def fine_tune(
     with run_scope(output_dir, options.device, resume) as scope:
         seed_everything(options.seed)
         run = build(encoder, data, cfg, options, scope.device)
-        settings = EpochSettings(
-            epochs=cfg.epochs,
-            batch_size=cfg.batch_size,
-            lr=cfg.lr,
-            warmup_epochs=cfg.warmup_epochs,
-            grad_clip=cfg.grad_clip,
+        settings = EpochSettings.from_config(  # epochs, batch_size, lr, warm-up, grad_clip
+            cfg,
             precision=options.precision,
             seed=options.seed,
             num_workers=options.num_workers,
@@ -413,6 +409,7 @@ def score(
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``finetune`` sub-command."""
+    from mgll.cli import add_resume_argument
     from mgll.eval.cli import add_run_arguments, add_task_arguments
 
     parser = subparsers.add_parser(
@@ -442,13 +439,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--no-augmentation", action="store_true", help="train without flips/rotation/jitter/crop"
     )
-    parser.add_argument(
-        "--resume",
-        nargs="?",
-        const="latest",
-        metavar="latest|PATH",
-        help="continue from the newest checkpoint in --output-dir (--resume alone) or a file",
-    )
+    add_resume_argument(parser)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="settings overrides")
     parser.set_defaults(func=run)
 
@@ -472,7 +463,7 @@ def run(args: argparse.Namespace) -> int:
     """``mgll finetune``."""
     from mgll.eval.cli import eval_options, load_task, run_offline
     from mgll.eval.encoders import load_encoder
-    from mgll.eval.probe import format_metrics
+    from mgll.eval.results import format_metrics
 
     def body() -> int:
         pairs = parse_overrides(args.overrides) + _flag_overrides(args)

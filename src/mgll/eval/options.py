@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mgll.errors import OptionError
+from mgll.metrics import DEFAULT_RESAMPLES
 
 # Loader workers pay off only when cores are left over for them (measured: on 2 cores, 2
 # workers make extraction 0.79x the bare forward, none 0.95x; benchmarks/eval.py).
@@ -32,7 +33,7 @@ class EvalOptions:
     batch_size: int = 64
     num_workers: int = DEFAULT_WORKERS
     seed: int = 0
-    n_resamples: int = 1000
+    n_resamples: int = DEFAULT_RESAMPLES
     cache_dir: str | Path | bool | None = None
     precision: str = "fp32"
     quiet: bool = False

@@ -355,27 +355,6 @@ def _probe_fraction(
     )
 
 
-def format_metrics(results: dict[str, Any]) -> str:
-    """A short Markdown table of the headline metrics of one results dict."""
-    lines = ["| metric | value | 95% CI |", "|---|---|---|"]
-    for name in (
-        "auc_macro",
-        "map",
-        "accuracy",
-        "f1_macro",
-        "sensitivity",
-        "specificity",
-        "kappa_quadratic",
-    ):
-        if name not in results["metrics"]:
-            continue
-        value, ci = results["metrics"][name], results["metrics"][f"{name}_ci95"]
-        shown = "undefined" if value is None else f"{value:.4f}"
-        interval = "" if ci is None else f"[{ci[0]:.4f}, {ci[1]:.4f}]"
-        lines.append(f"| {name} | {shown} | {interval} |")
-    return "\n".join(lines)
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``probe`` sub-command."""
     from mgll.eval.cli import add_run_arguments, add_task_arguments
@@ -410,6 +389,7 @@ def run(args: argparse.Namespace) -> int:
     def body() -> int:
         from mgll.eval.cli import eval_options, load_task
         from mgll.eval.encoders import load_encoder
+        from mgll.eval.results import format_metrics
 
         try:
             fractions = [float(f) for f in args.label_fraction.split(",") if f.strip()]

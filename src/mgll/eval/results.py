@@ -20,7 +20,13 @@ import numpy as np
 from mgll.errors import UserError
 from mgll.eval.task import EvalData
 from mgll.io import atomic_write
-from mgll.metrics import DEFAULT_RESAMPLES, bootstrap_metrics, summarize, youden_thresholds
+from mgll.metrics import (
+    DEFAULT_RESAMPLES,
+    HEADLINE,
+    bootstrap_metrics,
+    summarize,
+    youden_thresholds,
+)
 
 RESULTS_VERSION = 1
 RESULTS_FILE = "results.json"
@@ -260,3 +266,16 @@ def write_classification_outputs(
     }
     write_json(out / RESULTS_FILE, results)
     return results
+
+
+def format_metrics(results: dict[str, Any]) -> str:
+    """A short Markdown table of the headline metrics of one results dict."""
+    lines = ["| metric | value | 95% CI |", "|---|---|---|"]
+    for name in HEADLINE:
+        if name not in results["metrics"]:
+            continue
+        value, ci = results["metrics"][name], results["metrics"][f"{name}_ci95"]
+        shown = "undefined" if value is None else f"{value:.4f}"
+        interval = "" if ci is None else f"[{ci[0]:.4f}, {ci[1]:.4f}]"
+        lines.append(f"| {name} | {shown} | {interval} |")
+    return "\n".join(lines)

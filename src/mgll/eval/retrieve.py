@@ -41,6 +41,7 @@ import torch
 
 from mgll.eval.options import DEFAULT_OPTIONS, EvalOptions
 from mgll.eval.task import TaskError
+from mgll.metrics import DEFAULT_RESAMPLES
 
 DEFAULT_KS = (1, 5, 10)
 RETRIEVAL_FILE = "retrieval.csv"
@@ -175,7 +176,7 @@ def write_retrieval_outputs(
     text_level: str,
     encoder: dict[str, Any],
     n_texts: int,
-    n_resamples: int = 1000,
+    n_resamples: int = DEFAULT_RESAMPLES,
     seed: int = 0,
     notes: Sequence[str] = (),
     details: dict[str, Any] | None = None,

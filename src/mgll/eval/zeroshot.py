@@ -251,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
     def body() -> int:
         from mgll.eval.cli import eval_options, load_task
         from mgll.eval.encoders import load_run_model
-        from mgll.eval.probe import format_metrics
+        from mgll.eval.results import format_metrics
 
         options = eval_options(args)
         model, config = load_run_model(args.model, options.device)

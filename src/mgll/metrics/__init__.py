@@ -22,6 +22,7 @@ from mgll.metrics.bootstrap import (
     undefined_reason,
 )
 from mgll.metrics.classification import (
+    HEADLINE,
     TASK_TYPES,
     average_precision,
     both_classes_present,
@@ -35,6 +36,7 @@ from mgll.metrics.retrieval import retrieval_hits
 
 __all__ = [
     "DEFAULT_RESAMPLES",
+    "HEADLINE",
     "TASK_TYPES",
     "Statistic",
     "average_precision",

@@ -129,6 +129,19 @@ def _mean_defined(values: np.ndarray) -> float:
     return float(np.mean(values)) if values.size and np.all(np.isfinite(values)) else np.nan
 
 
+HEADLINE = (
+    "auc_macro",
+    "map",
+    "accuracy",
+    "f1_macro",
+    "sensitivity",
+    "specificity",
+    "kappa_quadratic",
+)
+"""The headline metrics of :func:`classification_metrics`, in the order commands print them
+and ``mgll compare`` compares them."""
+
+
 def classification_metrics(
     y: np.ndarray,
     scores: np.ndarray,

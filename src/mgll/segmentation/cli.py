@@ -21,6 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from mgll.cli import add_resume_argument
 from mgll.errors import UsageError
 from mgll.schema import parse_overrides
 from mgll.segmentation.config import SegmentationConfig, load_segmentation_config
@@ -126,14 +127,7 @@ def _add_training_arguments(parser: argparse.ArgumentParser, d: SegmentationConf
     flag("--device", str, f"cpu, cuda, cuda:1 or auto (default {d.device})")
     flag("--num-workers", int, f"data-loader workers ({d.num_workers})")
     flag("--cache-dir", str, "preprocessing cache folder (default: the user cache)")
-    parser.add_argument(
-        "--resume",
-        nargs="?",
-        const="latest",
-        metavar="latest|PATH",
-        help="continue a stopped run from the newest checkpoint in --output-dir (--resume "
-        "alone) or a checkpoint file",
-    )
+    add_resume_argument(parser)
 
 
 def _fractions(flag: str, text: str) -> list[tuple[str, Any]]:

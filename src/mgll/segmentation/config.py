@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from mgll.metrics import DEFAULT_RESAMPLES
 from mgll.schema import (
     ConfigError,
     PrecisionName,
@@ -64,7 +65,7 @@ class SegmentationConfig:
     split: SegSplitConfig = field(default_factory=SegSplitConfig)
     seed: int = 0  # decoder init, batch order, bootstrap (and the split unless split.seed)
     precision: PrecisionName = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 with loss scaling)
-    bootstrap: int = 1000  # patient-bootstrap resamples of each 95% CI
+    bootstrap: int = DEFAULT_RESAMPLES  # patient-bootstrap resamples of each 95% CI
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_workers: int = 0  # data-loader processes
     cache_dir: str | None = None  # preprocessing cache; null: the user cache

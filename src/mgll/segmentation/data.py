@@ -29,7 +29,7 @@ from mgll.data.images import ImageLoadError
 from mgll.data.records import Record
 from mgll.data.splits import SPLIT_NAMES, patient_split, write_split_file
 from mgll.errors import UserError
-from mgll.io import atomic_write
+from mgll.io import atomic_write, save_npy
 
 MASK_CACHE_VERSION = 1
 
@@ -131,12 +131,6 @@ def resize_mask(mask: np.ndarray, size: int, mode: str) -> np.ndarray:
         canvas.paste(pil, ((size - nw) // 2, (size - nh) // 2))
         pil = canvas
     return (np.asarray(pil) > 0).astype(np.uint8)
-
-
-def save_npy(path: Path, array: np.ndarray) -> None:
-    """Write ``array`` as .npy at exactly ``path`` (np.save would append a suffix to a name)."""
-    with open(path, "wb") as handle:
-        np.save(handle, array, allow_pickle=False)
 
 
 class MaskCache:

@@ -170,17 +170,8 @@ def supervised_task(
 
 def epoch_settings(config: SegmentationConfig, progress: bool = True) -> EpochSettings:
     """The engine's settings of a segmentation run (checkpoints stamped ``segment``)."""
-    return EpochSettings(
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        lr=config.lr,
-        warmup_epochs=config.warmup_epochs,
-        precision=config.precision,
-        seed=config.seed,
-        num_workers=config.num_workers,
-        kind="segment",
-        progress=progress,
-    )
+    # epochs, batch_size, lr, warmup_epochs, precision, seed, num_workers
+    return EpochSettings.from_config(config, kind="segment", progress=progress)
 
 
 def _stem(sample: SegSample, index: int) -> str:

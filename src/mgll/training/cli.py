@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mgll.cli import add_resume_argument
 from mgll.process import offline_hubs
 from mgll.training.config import load_config, parse_overrides, shipped_config_names
 
@@ -33,12 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--deterministic", action="store_true", help="deterministic kernels (train.deterministic)"
     )
-    parser.add_argument(
-        "--resume",
-        default=None,
-        metavar="latest|PATH",
-        help="continue from the newest checkpoint in --output-dir, or from a checkpoint file",
-    )
+    add_resume_argument(parser)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     parser.set_defaults(func=run)
 

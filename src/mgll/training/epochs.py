@@ -31,6 +31,7 @@ batch and rank 0 validates and writes.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -84,6 +85,14 @@ class EpochSettings:
     kind: str = "finetune"
     keep_last: int = 1
     progress: bool = True
+
+    @classmethod
+    def from_config(cls, config: Any, **given: Any) -> EpochSettings:
+        """The settings a caller's config names (its fields named like these: ``epochs``,
+        ``batch_size``, ``lr`` ...), then ``given`` (what the config does not hold)."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        named = {name: getattr(config, name) for name in names if hasattr(config, name)}
+        return cls(**{**named, **given})
 
 
 @dataclass

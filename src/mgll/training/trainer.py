@@ -36,6 +36,7 @@ from torch.utils.data import Dataset, IterableDataset
 from mgll.data import collate_samples, prepare_data
 from mgll.data.config import DataConfig
 from mgll.distributed import DistributedInfo, any_rank, barrier
+from mgll.errors import UserError
 from mgll.models import create_model
 from mgll.models.config import ModelConfig
 from mgll.models.model import ContrastiveModel
@@ -183,13 +184,13 @@ def build(
     seed, tcfg = cfg.train.seed, cfg.train
     try:
         data = data_builder(cfg.data, data_root, seed)
-    except ValueError as err:  # the builder names the data.* key, file or row at fault
+    except UserError as err:  # it names the data.* key, file or row; a bug keeps its traceback
         raise ConfigError(f"data section (data root {data_root}): {err}") from err
     num_levels = len(data.levels)
     objective = Objective.from_config(cfg.loss, num_levels)
     try:
         model = model_factory(cfg.model.resolved(), num_levels)
-    except ValueError as err:  # the factory names the model.* key at fault
+    except UserError as err:  # it names the model.* key at fault
         raise ConfigError(f"model section: {err}") from err
     model = model.to(device)  # type: ignore[attr-defined]
     _fit_model_to_run(model, objective, tcfg.grad_checkpointing)
@@ -198,7 +199,7 @@ def build(
         datasets = data.datasets(
             image_size=model.image_size, mean=model.image_mean, std=model.image_std
         )
-    except ValueError as err:
+    except UserError as err:
         raise ConfigError(f"data section (data root {data_root}): {err}") from err
     train_set, val_set = datasets["train"], datasets.get("val")
     # A custom data builder may know nothing of sources, weights or split files.
