@@ -7,9 +7,9 @@ import json
 import pytest
 
 from data_fixtures import require_shared, spec_dataset
+from goldens import ablation_view, matches_golden
 from mgll.cli import main
 from mgll.demo.ablate import label_dropping_builder, variants
-from test_demo import matches_golden
 
 
 def test_variants_cover_the_loss_terms_the_levels_and_missing_labels():
@@ -51,9 +51,9 @@ def test_quick_ablation_on_the_fundus_photos(tmp_path, capsys):
     args = ["ablate", "--data-root", str(root), "--output-dir", str(out), "--quick"]
     assert main([*args, "--seeds", "1"]) == 0
     summary = json.loads((out / "ablation.json").read_text())
-    # The same numbers as recorded (the move onto mgll.eval's probe was checked identical
-    # against commit 7b7ee69; re-recorded after the tiled loss kernel moved the floats).
-    matches_golden([[r["variant"], r["auc_macro"]] for r in summary["rows"]], "ablate-quick.json")
+    # The numbers recorded (tests/goldens.py: exact where the data decide, within the measured
+    # cross-machine spread where a model does; each pretraining run's losses too).
+    matches_golden(ablation_view(out), "ablate-quick.json")
     names = [row["variant"] for row in summary["rows"]]
     assert names[0] == "CLIP (joined caption)" and len(names) == 7  # CSDI has 2 levels
     for row in summary["rows"]:
