@@ -35,7 +35,7 @@ def test_each_fold_pretrains_on_its_training_patients_with_the_seed_of_the_run(
         (output_dir / "summary.json").write_text('{"seconds": 0.0}')
 
     monkeypatch.setattr(mgll.training.trainer, "train", spy)
-    progress = Progress(runs=4, evaluations=0, first_guess_s=1.0, echo=lambda _: None, start=0.0)
+    progress = Progress(runs=4, evaluations=0, echo=lambda _: None, start=0.0)
     pretrain_folds(demo, PRETRAINED, progress)
 
     assert set(trained) == {(e, f"fold{k}") for e in PRETRAINED for k in range(demo.folds)}

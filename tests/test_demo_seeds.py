@@ -4,6 +4,7 @@ patients checked by hand, and a --quick two-seed run on a spec dataset mgll neve
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -115,20 +116,26 @@ levels:
 """
 
 
-def _my_dataset(folder: Path, n: int = 40) -> Path:
-    """A spec dataset mgll never saw: 40 distinct noise images of 20 patients, a 3-class grade
-    (brightness) and one free-text note per image."""
+def _my_dataset(
+    folder: Path,
+    n: int = 40,
+    spec: str = SPEC,
+    columns: Callable[[int], dict[str, str]] = lambda i: {"note": f"note number {i}"},
+) -> Path:
+    """A spec dataset mgll never saw: ``n`` distinct noise images of ``n / 2`` patients, a
+    3-class grade (brightness) and the ``columns`` of image i (by default one free-text note
+    per image)."""
     rng = np.random.default_rng(0)
     (folder / "images").mkdir(parents=True)
-    lines = ["path,patient,grade,note"]
+    lines = [",".join(["path", "patient", "grade", *columns(0)])]
     for i in range(n):
         grade = ("low", "mid", "high")[(i // 2) % 3]
         level = {"low": 50, "mid": 120, "high": 190}[grade]
         pixels = np.clip(level + rng.normal(0, 25, (48, 48, 3)), 0, 255).astype(np.uint8)
         Image.fromarray(pixels).save(folder / "images" / f"{i}.png")
-        lines.append(f"{i}.png,p{i // 2},{grade},note number {i}")
+        lines.append(",".join([f"{i}.png", f"p{i // 2}", grade, *columns(i).values()]))
     (folder / "labels.csv").write_text("\n".join(lines) + "\n")
-    (folder / "spec.yaml").write_text(SPEC)
+    (folder / "spec.yaml").write_text(spec)
     return folder / "spec.yaml"
 
 

@@ -158,7 +158,6 @@ def run_ablation(
     progress = Progress(
         runs=len(rows) * sum(d.folds for d in demos),
         evaluations=len(rows) * len(demos),
-        first_guess_s=20.0 if quick else 30.0,
         echo=echo,
         start=started,
     )

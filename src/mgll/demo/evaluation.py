@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from mgll.demo.folds import fold_models, fold_task
+from mgll.demo.folds import fold_models, fold_task, retrieval_level
 from mgll.demo.settings import C_GRID, Demo, DemoError
 from mgll.eval.options import EvalOptions
 
@@ -87,14 +87,15 @@ def _retrieval(
     models: Sequence[Any],
     embs: Sequence[Any],
 ) -> list[tuple[np.ndarray, Any]]:
-    """Image -> text retrieval of every fold's held-out images among the distinct finest-level
-    texts of the same held-out images (the fold's model, which never saw them), pooled over
-    folds into ``OUT/<encoder>/retrieval-<finest level>``; returns each fold's (rows, scores)
-    (a fold whose held-out images carry no such text has no queries and is left out)."""
+    """Image -> text retrieval of every fold's held-out images among the distinct texts of the
+    retrieved level (:func:`~mgll.demo.folds.retrieval_level`) of the same held-out images
+    (the fold's model, which never saw them), pooled over folds into
+    ``OUT/<encoder>/retrieval-<level>``; returns each fold's (rows, scores) (a fold whose
+    held-out images carry no such text has no queries and is left out)."""
     from mgll.eval.retrieve import retrieval_texts, score_retrieval, write_retrieval_outputs
 
-    text_level = len(records.levels) - 1
-    text_name = records.levels[text_level].name
+    text_name = retrieval_level(records, demo.folds)
+    text_level = [lv.name for lv in records.levels].index(text_name)
     everything = np.arange(len(records.records))
     per_fold, pooled = [], {}
     for k, model in enumerate(models):
@@ -152,7 +153,7 @@ def evaluated(demo: Demo, encoder: str, records: Any, levels: Sequence[str]) -> 
 
     base = demo.out / encoder
     wanted = [base / f"{p}-{lv}" / RESULTS_FILE for lv in levels for p in ("probe", "zeroshot")]
-    retrieval = base / f"retrieval-{records.levels[-1].name}"
+    retrieval = base / f"retrieval-{retrieval_level(records, demo.folds)}"
     if not all(w.is_file() for w in [*wanted, base / REPORT_DATA_FILE]):
         return False
     try:  # retrieval outputs written before the image-blind references are redone
@@ -221,29 +222,38 @@ def _held_out_scores(
 
 
 def evaluate_encoder(
-    demo: Demo, encoder: str, records: Any, fold: np.ndarray, levels: Sequence[str]
+    demo: Demo,
+    encoder: str,
+    records: Any,
+    fold: np.ndarray,
+    levels: Sequence[str],
+    progress: Any,
 ) -> bool:
-    """Probe, zero-shot and retrieval outputs of one encoder for every level; False when all
-    existed (a resumed demo)."""
+    """Probe, zero-shot and retrieval outputs of one encoder for every level, each step said
+    and timed by ``progress`` (:class:`~mgll.demo.progress.Progress`); False when all existed
+    (a resumed demo)."""
     from mgll.eval.probe import INNER_FOLDS
     from mgll.eval.results import write_classification_outputs
 
     base = demo.out / encoder
     if evaluated(demo, encoder, records, levels):
         return False
-    models = fold_models(demo, encoder)
-    feats, embs = _fold_features(demo, encoder, records, models)
-    fold_scores = _retrieval(demo, encoder, records, fold, models, embs)
-    candidates = np.concatenate([rows for rows, _ in fold_scores])
-    queries = _retrieval_queries(records, candidates, demo.recipe.main_level)
-    _save_report_data(base, fold, queries, fold_scores, feats[0].features)
+    text = retrieval_level(records, demo.folds)
+    with progress.step("retrieval", f"{encoder}: features of each fold model, {text} retrieval"):
+        models = fold_models(demo, encoder)
+        feats, embs = _fold_features(demo, encoder, records, models)
+        fold_scores = _retrieval(demo, encoder, records, fold, models, embs)
+        candidates = np.concatenate([rows for rows, _ in fold_scores])
+        queries = _retrieval_queries(records, candidates, demo.recipe.main_level)
+        _save_report_data(base, fold, queries, fold_scores, feats[0].features)
     everything = np.arange(len(records.records))
     for level in levels:
         data = fold_task(demo, records, level, everything[:0], everything)
         test = data.rows["test"]
-        probe, zeroshot, chosen, sources = _held_out_scores(
-            demo, records, level, len(data.task.classes), fold, models, feats, embs
-        )
+        with progress.step(level, f"{encoder}: {level} linear probe and zero-shot, per fold"):
+            probe, zeroshot, chosen, sources = _held_out_scores(
+                demo, records, level, len(data.task.classes), fold, models, feats, embs
+            )
         common = dict(
             val_rows=None,
             val_scores=None,

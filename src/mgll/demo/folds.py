@@ -18,15 +18,54 @@ import numpy as np
 from mgll.demo.settings import Demo, DemoError
 
 
-def classification_levels(records: Any) -> list[str]:
-    """Levels worth a classifier: at least 2 classes and fewer classes than half the labelled
-    images (a caption level, one text per image, is left to retrieval)."""
-    names = []
+def level_kinds(records: Any, folds: int) -> dict[str, str]:
+    """What each level is to the demo, from its distinct values against the images a fold holds
+    out: ``label`` (2 to :func:`~mgll.eval.task.scorable_classes` classes: probed and
+    zero-shot), ``text`` (more classes than a fold's held-out images can score: free text, for
+    retrieval) or ``single`` (one class: nothing to score)."""
+    from mgll.eval.task import scorable_classes
+
+    kinds = {}
     for g, level in enumerate(records.levels):
         labelled = sum(1 for r in records.records if r.labels[g])
-        if 2 <= len(level.vocabulary) < labelled / 2:
-            names.append(level.name)
-    return names
+        classes = len(level.vocabulary)
+        if classes > scorable_classes(labelled // folds):
+            kinds[level.name] = "text"
+        else:
+            kinds[level.name] = "label" if classes >= 2 else "single"
+    return kinds
+
+
+def classification_levels(records: Any, folds: int = 5) -> list[str]:
+    """The levels the demo probes (and scores zero-shot): its ``label`` levels."""
+    return [name for name, kind in level_kinds(records, folds).items() if kind == "label"]
+
+
+def retrieval_level(records: Any, folds: int = 5) -> str:
+    """The level whose texts the demo retrieves: the finest free-text level, else the finest."""
+    texts = [name for name, kind in level_kinds(records, folds).items() if kind == "text"]
+    return texts[-1] if texts else records.levels[-1].name
+
+
+def check_main_level(records: Any, level: str, folds: int) -> None:
+    """DemoError (one line) unless ``level`` is a label the demo can probe and fold on."""
+    from mgll.eval.task import scorable_classes
+
+    g = [lv.name for lv in records.levels].index(level)
+    kind = level_kinds(records, folds)[level]
+    if kind == "label":
+        return
+    labels = ", ".join(classification_levels(records, folds)) or "none of them"
+    classes = len(records.levels[g].vocabulary)
+    held_out = sum(1 for r in records.records if r.labels[g]) // folds
+    why = (
+        f"{classes} distinct values for {held_out} held-out images per fold: more classes "
+        f"than a classifier can score (at most {scorable_classes(held_out)}); it is free text, "
+        "which the demo scores by retrieval"
+        if kind == "text"
+        else "a single class: nothing to probe"
+    )
+    raise DemoError(f"--level {level!r}: {why}; give a label level to probe ({labels})")
 
 
 def patient_folds(records: Any, level: str, k: int, seed: int) -> np.ndarray:

@@ -352,6 +352,8 @@ def write_demo_report(demo: Any, records: Any, summary: Mapping[str, Any]) -> Pa
 
     level = demo.recipe.main_level
     index = [lv.name for lv in records.levels].index(level)
+    text_level = next(r["level"] for r in summary["table"] if r["protocol"] == "retrieval")
+    shown_text = [lv.name for lv in records.levels].index(text_level)
     names = [r.labels[index][0] if r.labels[index] else "(none)" for r in records.records]
     encoders = []
     for encoder in ENCODERS:
@@ -374,9 +376,9 @@ def write_demo_report(demo: Any, records: Any, summary: Mapping[str, Any]) -> Pa
             examples.append(
                 RetrievalExample(
                     image=thumb,
-                    truth=f"{names[i]}: {records.records[i].texts[-1][0]}",
+                    truth=f"{names[i]}: {records.records[i].texts[shown_text][0]}",
                     texts=[
-                        (f"{names[j]}: {records.records[j].texts[-1][0]}", score)
+                        (f"{names[j]}: {records.records[j].texts[shown_text][0]}", score)
                         for j, score in shown
                     ],
                     correct=[names[j] == names[i] for j, _ in shown],
@@ -408,7 +410,7 @@ def write_demo_report(demo: Any, records: Any, summary: Mapping[str, Any]) -> Pa
             f"Probe: {protocol['probe']}. Confidence intervals: {protocol['bootstrap']}.",
             "Loss curves are fold 1's runs; embedding maps show fold 1's held-out images in the "
             "features of fold 1's model (which never saw them); retrieval examples rank the "
-            f"distinct {records.levels[-1].name} texts of the same fold's held-out images.",
+            f"distinct {text_level} texts of the same fold's held-out images.",
             f"Retrieval: {protocol['retrieval']}.",
             "Small public data on one machine: these numbers show what the method does here, "
             "not how it compares at the paper's scale.",

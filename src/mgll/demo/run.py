@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from mgll.demo.evaluation import RETRIEVAL_HEADLINE, RETRIEVAL_KS, evaluate_encoder, evaluated
-from mgll.demo.folds import classification_levels, patient_folds, pretrain_folds, write_folds
+from mgll.demo.folds import (
+    check_main_level,
+    classification_levels,
+    level_kinds,
+    patient_folds,
+    pretrain_folds,
+    retrieval_level,
+    write_folds,
+)
 from mgll.demo.progress import Progress
 from mgll.demo.settings import (
     C_GRID,
@@ -27,6 +35,7 @@ from mgll.demo.settings import (
     DemoError,
     Recipe,
     check_settings,
+    fold_count,
     recipe_for,
 )
 from mgll.demo.summary import compare_encoders, format_table, table_rows, without_split
@@ -59,9 +68,11 @@ def run_demo(
         raise DemoError(
             f"{folder} does not exist; --data-root must hold the {recipe.dataset} folder"
         )
-    names = [lv.name for lv in recipe.load_records(Path(data_root)).levels]
+    records = recipe.load_records(Path(data_root))
+    names = [lv.name for lv in records.levels]
     if recipe.main_level not in names:  # before anything is written
         raise DemoError(f"--level {recipe.main_level!r}: the data's levels are {names}")
+    check_main_level(records, recipe.main_level, fold_count(recipe, quick))
     out = Path(output_dir)
     if n_seeds == 1:
         return run_seed(Demo(recipe, Path(data_root), out, quick, seed), echo)
@@ -136,35 +147,34 @@ def run_seed(demo: Demo, echo: Callable[[str], None] = print) -> dict[str, Any]:
     records = demo.recipe.load_records(demo.data_root)
     fold = patient_folds(records, demo.recipe.main_level, demo.folds, seed)
     write_folds(demo, records, fold)
-    levels = classification_levels(records)
-    text_level = records.levels[-1].name
+    levels = classification_levels(records, demo.folds)
+    text_level = retrieval_level(records, demo.folds)
     progress = Progress(
         runs=sum(  # a resumed demo redoes none
             not (demo.run_dir(e, k) / RUN_SUMMARY).is_file()
             for e in PRETRAINED
             for k in range(demo.folds)
         ),
-        evaluations=sum(not evaluated(demo, e, records, levels) for e in ENCODERS),
-        first_guess_s=20.0 if quick else 100.0,
+        evaluations=[  # per encoder: features and retrieval, then each level's probe
+            kind
+            for e in ENCODERS
+            if not evaluated(demo, e, records, levels)
+            for kind in ("retrieval", *levels)
+        ],
         echo=echo,
         start=started,
     )
     echo(
         f"mgll demo: {dataset}, {len(records.records)} images of "
         f"{len({r.patient_id for r in records.records})} patient groups, {demo.folds}-fold "
-        f"patient cross-validation, levels probed: {', '.join(levels)}"
+        f"patient cross-validation; {_levels_line(records, demo.folds, text_level)}"
         + (" (--quick: a smoke run, not a measurement)" if quick else "")
     )
     pretrain_s = pretrain_folds(demo, PRETRAINED, progress)
 
     table: list[dict[str, Any]] = []
     for encoder in ENCODERS:
-        progress.say(
-            "evaluate", f"{encoder}: linear probe, zero-shot and retrieval, pooled over folds"
-        )
-        t0 = time.perf_counter()
-        if evaluate_encoder(demo, encoder, records, fold, levels):
-            progress.done("eval", time.perf_counter() - t0)
+        evaluate_encoder(demo, encoder, records, fold, levels, progress)
         table.extend(table_rows(demo, encoder, levels, text_level))
 
     progress.say("compare", "paired patient bootstrap")
@@ -185,6 +195,20 @@ def run_seed(demo: Demo, echo: Callable[[str], None] = print) -> dict[str, Any]:
     report = write_demo_report(demo, records, summary)
     echo(f"report: {report}")
     return summary
+
+
+def _levels_line(records: Any, folds: int, text_level: str) -> str:
+    """Which levels the demo probes, which it retrieves and which it leaves, and why."""
+    kinds = level_kinds(records, folds)
+    probed = [name for name, kind in kinds.items() if kind == "label"]
+    line = f"probed (linear probe, zero-shot): {', '.join(probed)}; retrieved (image -> text): "
+    line += f"{text_level}" + (" (free text)" if kinds[text_level] == "text" else "")
+    left = [
+        f"{name} ({'free text' if kind == 'text' else 'a single class'})"
+        for name, kind in kinds.items()
+        if kind != "label" and name != text_level
+    ]
+    return line + (f"; not scored: {', '.join(left)}" if left else "")
 
 
 def _protocol(demo: Demo, records: Any, text_level: str) -> dict[str, Any]:

@@ -122,6 +122,11 @@ def recipe_for(data: str | None, level: str | None, data_root: Path) -> Recipe:
     return Recipe(str(folder.resolve()), DEFAULT_CONFIG, level, source=source)
 
 
+def fold_count(recipe: Recipe, quick: bool) -> int:
+    """The cross-validation folds of a run: the recipe's, or :data:`QUICK_FOLDS` with --quick."""
+    return QUICK_FOLDS if quick else recipe.folds
+
+
 @dataclass
 class Demo:
     """Settings and paths of one demo run (one seed: its folds, pretraining and evaluation)."""
@@ -134,7 +139,7 @@ class Demo:
 
     @property
     def folds(self) -> int:
-        return QUICK_FOLDS if self.quick else self.recipe.folds
+        return fold_count(self.recipe, self.quick)
 
     @property
     def resamples(self) -> int:

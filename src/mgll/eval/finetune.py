@@ -36,7 +36,7 @@ from torch import nn
 
 from mgll.data.transforms import DEFAULT_AUGMENTATION
 from mgll.eval.options import DEFAULT_OPTIONS, EvalOptions
-from mgll.eval.task import TaskError
+from mgll.eval.task import TaskError, check_scorable
 from mgll.metrics import classification_metrics
 from mgll.schema import (
     ConfigError,
@@ -338,6 +338,7 @@ def fine_tune(
     from mgll.process import seed_everything
 
     cfg = FineTuneConfig.from_dict(cfg)
+    check_scorable(data)
     if isinstance(encoder, (str, Path)):
         encoder = load_encoder(encoder)
     if len(data.rows["val"]) == 0:

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from mgll.eval.options import DEFAULT_OPTIONS, EvalOptions, resolve_device
-from mgll.eval.task import TaskError
+from mgll.eval.task import TaskError, check_scorable
 
 DEFAULT_C_GRID = tuple(float(c) for c in np.logspace(-4, 2, 7))
 INNER_FOLDS = 3  # the cross-validated selection's inner folds
@@ -254,6 +254,7 @@ def linear_probe(
     from mgll.eval.encoders import load_encoder
     from mgll.eval.results import write_json
 
+    check_scorable(data)
     if isinstance(encoder, (str, Path)):
         encoder = load_encoder(encoder, resolve_device(options.device))
     started = time.perf_counter()

@@ -324,6 +324,35 @@ def check_split(data: EvalData) -> None:
             )
 
 
+MIN_TEST_PER_CLASS = 2
+"""Held-out images a class needs on average to be a label rather than free text: a level with
+more classes than ``n / 2`` of ``n`` held-out images has mostly distinct values (the demo
+retrieves such a level instead of probing it)."""
+
+
+def scorable_classes(n_test: int) -> int:
+    """The most classes ``n_test`` held-out images score as a label (:data:`MIN_TEST_PER_CLASS`
+    each on average)."""
+    return n_test // MIN_TEST_PER_CLASS
+
+
+def check_scorable(data: EvalData) -> None:
+    """TaskError (one line) when fewer than half of the level's classes can be scored on the
+    test split (a class needs a positive and a negative test image): the macro AUC would leave
+    most out, and probing or fine-tuning such a level (free text) runs long for nothing."""
+    test_y = data.y[data.rows["test"]]
+    positives = test_y.sum(0)
+    scored = int(((positives > 0) & (positives < len(test_y))).sum())
+    classes, level = test_y.shape[1], data.task.level
+    if 2 * scored < classes:
+        raise TaskError(
+            f"level {level!r}: only {scored} of its {classes} classes have a test image "
+            f"({len(test_y)} test images), so a classifier's macro AUC would leave most out; a "
+            "level of mostly distinct values is free text: score it with mgll retrieve --level "
+            f"{level}, or merge classes with --classes"
+        )
+
+
 def label_fraction_rows(
     data: EvalData, fraction: float, seed: int, split: str = "train"
 ) -> np.ndarray:

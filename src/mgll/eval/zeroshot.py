@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from mgll.eval.options import DEFAULT_OPTIONS, EvalOptions
-from mgll.eval.task import TaskError
+from mgll.eval.task import TaskError, check_scorable
 
 DEFAULT_TEMPLATES = (
     "{}.",
@@ -188,6 +188,7 @@ def zero_shot(
     from mgll.eval.features import projected_features
     from mgll.eval.results import write_classification_outputs
 
+    check_scorable(data)
     encoder, features = projected_features(model, data, options, name=name, run_config=run_config)
     bad = features.unreadable
     rows = {k: v[~bad[v]] for k, v in data.rows.items()}
