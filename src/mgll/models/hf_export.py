@@ -47,6 +47,7 @@ from torch import nn
 
 from mgll.errors import UserError
 from mgll.models.hub import write_folder
+from mgll.process import no_loading_bars
 
 PROCESSOR_FILE = "preprocessor_config.json"
 
@@ -219,7 +220,8 @@ def export_hf_clip_vision(
     processor = image_processor_config(preprocess_cfg, int(hf.config.image_size))
 
     def write(folder: Path) -> None:
-        hf.save_pretrained(str(folder), safe_serialization=True)
+        with no_loading_bars():  # transformers' "Writing model shards" bar
+            hf.save_pretrained(str(folder), safe_serialization=True)
         (folder / PROCESSOR_FILE).write_text(json.dumps(processor, indent=2) + "\n")
         info = {"format": "hf-clip-vision", "class": "CLIPVisionModelWithProjection"}
         info.update(extra_info or {})
