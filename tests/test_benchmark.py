@@ -98,6 +98,26 @@ def test_task_file_paths_are_relative_to_it_and_bad_files_are_named(tmp_path):
         resolve_tasks("plam")
 
 
+def test_a_task_on_a_spec_loads_without_a_data_path_warning(tmp_path):
+    """The user set no data.path: a task whose data is a spec (its level by index, too) loads
+    without the pretraining config's advice to set data.path to null."""
+    import warnings
+
+    from test_demo_seeds import _my_dataset
+
+    _my_dataset(tmp_path / "mine")
+    path = tmp_path / "mine.yaml"
+    path.write_text(
+        "name: mine\ndata: mine/spec.yaml\nlevel: 0\n"
+        "split: {train: 0.6, val: 0.2, test: 0.2, seed: 0}\n"
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data = protocols.load_task_data(load_task_file(path), None)
+    assert data.task.level == "grade" and len(data.records.records) == 40
+    assert not [w for w in caught if "data.path" in str(w.message)]
+
+
 def _interval_by_hand(truth, runs, patients, n_resamples, seed, baseline=None):
     """The seed-mean bootstrap written out with scikit-learn: per resample one draw of the
     patients (sorted names, with replacement) for every seed, then the seeds with replacement;
@@ -327,7 +347,8 @@ def test_benchmark_on_a_task_file_writes_rows_comparisons_tables_and_resumes(tmp
     paired = _interval_by_hand(truth, a_runs, patients, 50, 0, baseline=runs)
     assert pair["ci95"] == pytest.approx(paired, abs=1e-6)
     saved = json.loads((out / "benchmark.json").read_text())
-    assert {"rows", "comparisons", "missing"} <= set(saved)
+    assert {"rows", "comparisons", "missing", "settings"} <= set(saved)  # as docs/benchmark.md
+    assert saved["settings"]["bootstrap"] == 50 and saved["settings"]["data_root"] == str(tmp_path)
     table = (out / "table.md").read_text()
     # said in benchmark.json, table.md and on the terminal
     assert [n.split(" at full")[0] for n in saved["notes"]] == ["probe of a", "zeroshot of a"]
@@ -532,6 +553,22 @@ def test_report_is_self_contained_and_its_plots_decode(tmp_path):
     assert _report_row(text, "palm", "probe", "0.1").endswith("<td></td><td></td>")
     assert "mgll better" in text and "amd.grand-challenge.org" in text
     assert "runs/&lt;s{seed}&gt;" in text  # escaped, not markup
+
+
+def test_report_plot_is_in_percent_with_the_papers_numbers_at_full_labels(monkeypatch):
+    import mgll.benchmark.report as report
+
+    axes = []
+    monkeypatch.setattr(report, "_png", lambda fig: axes.append(fig.axes[0]) or "data:,")
+    report.render_report(_summary())
+    (ax,) = axes
+    assert ax.get_ylabel() == "auc_macro (%)"
+    means = {bars.get_label(): list(bars.lines[0].get_ydata()) for bars in ax.containers}
+    assert means["mgll"] == pytest.approx([70.0, 80.0, 90.0])  # the table's 70.00, 80.00, 90.00
+    marks = {c.get_label(): c.get_offsets().tolist() for c in ax.collections}
+    assert marks["paper MGLL"][0] == pytest.approx([1.0, 99.66])  # one mark, at full labels
+    assert marks["paper CLIP"][0] == pytest.approx([1.0, 93.94])
+    assert len(marks["paper MGLL"]) == len(marks["paper CLIP"]) == 1
 
 
 @pytest.mark.slow

@@ -31,6 +31,10 @@ def test_check_clean_dataset_exits_zero(tmp_path, capsys):
     assert "       6  Mass" in out and "       3  Effusion" in out  # "A|B" counts for both
     assert "identical image files (warning): 2" in out  # the PNG ramps, the JPEG ramps
     assert "empty texts where the label is missing (warning): 2" in out
+    # a warning is one line per folder and level, not one per image
+    assert f"       2  {tmp_path / 'images'} (level finding), e.g. 2.png\nimage files" in out
+    assert main(["data", "check", str(spec), "--limit", "1"]) == 0  # the option that exists
+    assert "  ... 1 more (--output FILE.json lists all)" in capsys.readouterr().out
 
 
 def test_check_names_missing_corrupt_and_empty(tmp_path, capsys):
@@ -86,6 +90,12 @@ def test_unreadable_inputs_are_one_line_errors_exit_one(tmp_path, capsys):
     assert "levels[0].label" in err and "'findng'" in err and "labels.csv" in err
     assert main(["data", "check", str(tmp_path), "--source", "csdi"]) == 1  # wrong format named
     assert "CSDI_annotations.csv" in capsys.readouterr().err
+    (tmp_path / "unknown").mkdir()  # no known format: the error names the option that exists
+    assert main(["data", "check", str(tmp_path / "unknown")]) == 1
+    err = capsys.readouterr().err
+    assert (
+        "not a dataset folder in a known format" in err and "name the format with --source" in err
+    )
     spec.write_text(SPEC, encoding="utf-8")
     assert main(["data", "check", str(spec), "--train", "0.9"]) == 1  # 0.9 + 0.1 + 0.1 != 1
     assert "sum to 1" in capsys.readouterr().err
@@ -231,7 +241,11 @@ def test_source_split_from_a_spec_column(tmp_path, capsys):
     # `data check` reports the shipped split and the leak as an error.
     assert main(["data", "check", str(spec), "--no-decode"]) == 1
     out = capsys.readouterr().out
-    assert "split shipped by the source:\n  train       5 images       3 patients" in out
+    assert (
+        "split shipped by the source (pretraining's with data.split: {mode: source}):\n"
+        "  train       5 images       3 patients" in out
+    )
+    assert "patient-level split (pretraining's by default: data.split fractions):" in out
     assert "patients in several source splits (error): 1\n  patient:p2 (train and val)" in out
 
 

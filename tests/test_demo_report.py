@@ -122,6 +122,55 @@ def test_report_is_self_contained_and_every_image_decodes(tmp_path):
     assert "not for clinical use" in text
 
 
+def test_headers_colours_loss_and_details_read_as_meant(tmp_path, monkeypatch):
+    """ "(95% CI)" only above a metric with intervals; a class has one colour in the ROC curves
+    and the embedding map (classes not in alphabetical order, one absent from the test); a
+    single logged loss is a sentence, not a one-dot plot; run details in plain words."""
+    import dataclasses
+
+    import mgll.demo.report as report
+
+    figures = []
+    real_png = report._png
+
+    def spy(fig):
+        figures.append(
+            [
+                {a.get_label(): a.get_color() for a in ax.get_lines() if a.get_label()[0] != "_"}
+                | {c.get_label(): c.get_facecolor()[0] for c in ax.collections}
+                for ax in fig.axes
+            ]
+        )
+        return real_png(fig)
+
+    monkeypatch.setattr(report, "_png", spy)
+    inputs = _inputs()
+    classes = ["Severe", "Mild", "Moderate"]  # sorted, Moderate would come second
+    labels = np.eye(3)[np.arange(30) % 3]
+    labels[:, 0] = 0  # no Severe test image: the ROC draws no Severe curve
+    labels[::3, 1] = 1
+    encoder = dataclasses.replace(
+        inputs.encoders[2],
+        loss_curve=[(5, 4.25)],
+        classes=classes,
+        roc_labels=labels,
+        embedding_labels=[classes[k] for k in np.arange(30) % 3],
+    )
+    extra = {"quick": True, "pretraining seconds": {"clip": 12, "mgll": 13}}
+    text = report.render_report(dataclasses.replace(inputs, encoders=[encoder], extra=extra))
+    assert "<th>auc_macro (95% CI)</th><th>map</th><th>accuracy</th>" in text
+    assert "Training loss</h2>" not in text  # no figure for one logged step
+    assert "mgll 4.2500 at step 5" in text
+    assert "<td>quick</td><td>yes</td>" in text
+    assert "<td>pretraining seconds</td><td>clip 12, mgll 13</td>" in text
+    (roc,), (embedding,) = figures
+    from matplotlib.colors import to_rgba
+
+    assert "Severe" not in roc and set(roc) >= {"Mild", "Moderate"}
+    for name in ("Mild", "Moderate"):
+        assert to_rgba(roc[name]) == tuple(embedding[name]), name
+
+
 def test_report_without_optional_parts_still_renders(tmp_path):
     inputs = ReportInputs(title="t", dataset="d", table=[{"encoder": "random", "auc_macro": None}])
     text = write_report(tmp_path / "r.html", inputs).read_text(encoding="utf-8")

@@ -56,6 +56,26 @@ def test_exported_tower_matches_in_transformers(tmp_path, quick_gelu):
     assert torch.allclose(patch, tokens, atol=1e-4)
     # LLaVA's feature layer -2: the output of the second-to-last block, patch tokens only.
     assert torch.allclose(hf.hidden_states[-2][:, 1:], penultimate, atol=1e-4)
+    # docs/transfer.md's quiet way to the same tower: the projection model's vision_model
+    with torch.no_grad():
+        quiet = with_proj.vision_model(pixel_values=images, output_hidden_states=True)
+    assert torch.equal(quiet.hidden_states[-2], hf.hidden_states[-2])
+
+
+def test_every_exported_file_reads_like_the_users_other_files(tmp_path, capfd):
+    """transformers writes model.safetensors owner-only (0600); the export follows the umask
+    as every other mgll output does, and draws no progress bar of transformers'."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        out = export_hf_clip_vision(perturbed_vit(False), PREPROCESS, tmp_path / "hf")
+    finally:
+        os.umask(old)
+    assert "Writing model shards" not in capfd.readouterr().err
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o644}, modes
 
 
 def test_image_processor_uses_tower_size_mean_std(tmp_path):

@@ -175,6 +175,21 @@ def test_retrieval_metrics_by_hand():
     assert out["P@1"] == pytest.approx(2 / 3)
 
 
+def test_a_level_without_labels_shows_p_at_k_as_not_applicable():
+    """No sample carries a label at the level (ids -1, or all-zero multi-hot rows): R@K is
+    measured, P@K is left out and the printed block says n/a, never a P@K of 0."""
+    from mgll.training.progress import format_val
+
+    images = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    texts_emb = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    for labels in (torch.tensor([-1, -1, -1]), torch.zeros(3, 2)):
+        out = retrieval_metrics(images, texts_emb, ["a", "a", "b"], labels, (1,), (1,))
+        assert out["R@1"] == pytest.approx(2 / 3) and "P@1" not in out
+        block = format_val({"epoch": 1, "step": 3, "loss": 0.5, "levels": {"notes": out}})
+        assert "[notes] R@1 0.667 P@K n/a (no labels at this level) (2 texts)" in block
+        assert "P@1" not in block
+
+
 def test_grad_checkpointing_switch_reaches_the_model(tmp_path):
     made = []
 

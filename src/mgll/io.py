@@ -19,10 +19,7 @@ def atomic_write(target: Path, write: Callable[[Path], object]) -> None:
     """
     tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
     try:
-        # Created here with 0666: the kernel applies the umask, which gives the mode to keep
-        # (reading the umask any other way means changing it, for the whole process).
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666))
-        mode = os.stat(tmp).st_mode & 0o777
+        mode = _create_with_usual_mode(tmp)
         write(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
@@ -46,3 +43,24 @@ def save_npy(path: Path, array: np.ndarray) -> None:
     pass it to :func:`atomic_write` for a file that is never seen half-written."""
     with open(path, "wb") as handle:
         np.save(handle, array, allow_pickle=False)
+
+
+def give_usual_modes(folder: Path) -> None:
+    """Give every file under ``folder`` the mode a new file gets there (0666 minus the umask):
+    a folder written by a library (``save_pretrained``'s owner-only safetensors) reads like
+    the rest of a user's files."""
+    probe = folder / f".mode-probe{os.getpid()}"
+    try:
+        mode = _create_with_usual_mode(probe)
+    finally:
+        probe.unlink(missing_ok=True)
+    for path in folder.rglob("*"):
+        if path.is_file():
+            os.chmod(path, mode)
+
+
+def _create_with_usual_mode(path: Path) -> int:
+    """Create ``path`` empty with 0666, which the kernel cuts by the umask, and return the mode
+    it got (reading the umask any other way means changing it, for the whole process)."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666))
+    return os.stat(path).st_mode & 0o777

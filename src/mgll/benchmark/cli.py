@@ -277,6 +277,10 @@ def run_benchmark(
         "label_fractions": fractions,
         "seeds": {"full_labels": seeds, "label_fraction_draws": draws, "first": first_seed},
         "interval": INTERVAL,
+        "settings": {  # written with default=str: paths as text
+            **{"data_root": data_root, "first_seed": first_seed, "epochs": epochs},
+            **{"bootstrap": n_resamples, "device": device, "cache_dir": cache_dir},
+        },
         "notes": notes,
         "tasks": {t.name: t.describe() for t in tasks},
         "rows": rows,

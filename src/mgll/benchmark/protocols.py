@@ -60,8 +60,13 @@ def resolve_level(task: BenchmarkTask, data_root: str | Path | None) -> str:
     if isinstance(task.level, str) and not task.level.isdigit():
         return task.level
     from mgll.data.build import load_records
+    from mgll.data.spec import is_spec_path
 
-    records, _ = load_records(task.source, task.data_path(data_root), options=task.options)
+    path = task.data_path(data_root)
+    if is_spec_path(path):  # a spec names its own paths
+        records, _ = load_records(task.source or str(path), None)
+    else:
+        records, _ = load_records(task.source, path, options=task.options)
     names = [level.name for level in records.levels]
     index = int(task.level)
     if not 0 <= index < len(names):

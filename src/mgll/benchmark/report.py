@@ -99,6 +99,19 @@ def _png(fig: Any) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def _paper_marks(ax: Any, rows: Sequence[Mapping[str, Any]]) -> None:
+    """The paper's numbers (full labels only) as marks at label fraction 1."""
+    full = next((r for r in rows if r["label_fraction"] >= 1 and r.get("paper") is not None), None)
+    if full is None:
+        return
+    marks = {
+        "paper MGLL": full["paper"],
+        **{f"paper {m}": v for m, v in full["paper_other"].items()},
+    }
+    for (name, value), marker in zip(marks.items(), ("*", "x", "+"), strict=False):
+        ax.scatter([1.0], [100 * value], marker=marker, s=70, color="black", label=name, zorder=3)
+
+
 def _fraction_plot(rows: Sequence[Mapping[str, Any]], title: str) -> str:
     """Value against label fraction per encoder: pooled mean, 95% interval, each seed."""
     import matplotlib
@@ -117,17 +130,18 @@ def _fraction_plot(rows: Sequence[Mapping[str, Any]], title: str) -> str:
             continue
         shift = 1 + 0.06 * (k - (len(encoders) - 1) / 2)  # side by side on the log axis
         x = [r["label_fraction"] * shift for r in mine]
-        y = [r["value"] for r in mine]
+        y = [100 * r["value"] for r in mine]  # percent, as the tables
         # a mean over seeds can sit just outside its percentile interval: no negative bar
-        low = [max(0.0, r["value"] - r["ci95"][0]) if r["ci95"] else 0 for r in mine]
-        high = [max(0.0, r["ci95"][1] - r["value"]) if r["ci95"] else 0 for r in mine]
+        low = [max(0.0, 100 * (r["value"] - r["ci95"][0])) if r["ci95"] else 0 for r in mine]
+        high = [max(0.0, 100 * (r["ci95"][1] - r["value"])) if r["ci95"] else 0 for r in mine]
         line = ax.errorbar(x, y, yerr=[low, high], marker="o", capsize=3, label=encoder)
         for xi, r in zip(x, mine, strict=True):
-            seeds = [v for v in r["per_seed"] if v is not None]
+            seeds = [100 * v for v in r["per_seed"] if v is not None]
             ax.scatter([xi] * len(seeds), seeds, s=8, alpha=0.4, color=line[0].get_color())
+    _paper_marks(ax, rows)
     ax.set_xscale("log")
     ax.set_xlabel("label fraction")
-    ax.set_ylabel(rows[0]["metric"])
+    ax.set_ylabel(f"{rows[0]['metric']} (%)")
     ax.set_title(title)
     ax.legend(fontsize=8)
     return _png(fig)

@@ -15,6 +15,7 @@ from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from mgll.data.images import ImageLoadError, load_image
@@ -265,6 +266,17 @@ def _split_summary(
     return counts, overlap
 
 
+def _per_folder(entries: Sequence[tuple[str, str]]) -> list[str]:
+    """(image path, level) entries as one line per folder and level: count and an example."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for path, level in entries:
+        groups.setdefault((str(Path(path).parent), level), []).append(Path(path).name)
+    return [
+        f"{len(names):6d}  {folder} (level {level}), e.g. {names[0]}"
+        for (folder, level), names in groups.items()
+    ]
+
+
 def format_report(report: CheckReport, *, limit: int = 50) -> str:
     """Human-readable report; lists are cut at ``limit`` entries (counts stay exact)."""
     empty = " (error: no usable samples; pretrain refuses it)" if report.num_records == 0 else ""
@@ -297,11 +309,11 @@ def format_report(report: CheckReport, *, limit: int = 50) -> str:
         if len(counts) > limit:
             lines.append(f"  ... {len(counts) - limit} more classes")
 
-    def section(title: str, items: list[str]) -> None:
-        lines.append(f"{title}: {len(items)}")
+    def section(title: str, items: list[str], count: int | None = None) -> None:
+        lines.append(f"{title}: {len(items) if count is None else count}")
         lines.extend(f"  {item}" for item in items[:limit])
         if len(items) > limit:
-            lines.append(f"  ... {len(items) - limit} more (use --json for all)")
+            lines.append(f"  ... {len(items) - limit} more (--output FILE.json lists all)")
 
     section("missing image files (error)", report.missing)
     if report.decoded:
@@ -309,9 +321,10 @@ def format_report(report: CheckReport, *, limit: int = 50) -> str:
     else:
         lines.append("corrupt image files: not checked (--no-decode)")
     section("empty texts (error)", [f"{p} (level {lv})" for p, lv in report.empty_texts])
-    section(
+    section(  # a warning: one line per folder and level, not one per image
         "empty texts where the label is missing (warning)",
-        [f"{p} (level {lv})" for p, lv in report.empty_unlabelled_texts],
+        _per_folder(report.empty_unlabelled_texts),
+        len(report.empty_unlabelled_texts),
     )
     section(
         "image files used by several records (warning)",
@@ -320,13 +333,15 @@ def format_report(report: CheckReport, *, limit: int = 50) -> str:
     section(
         "identical image files (warning)", [" = ".join(group) for group in report.identical_files]
     )
-    lines.append("patient-level split:")
+    lines.append("patient-level split (pretraining's by default: data.split fractions):")
     for name, counts in report.splits.items():
         lines.append(f"  {name:5s}  {counts['images']:6d} images  {counts['patients']:6d} patients")
     section("patients in several splits (error)", report.split_overlap)
     if report.source_splits:
         shipped_by = "the pool (its file's split)" if report.sources else "the source"
-        lines.append(f"split shipped by {shipped_by}:")
+        lines.append(
+            f"split shipped by {shipped_by} (pretraining's with data.split: {{mode: source}}):"
+        )
         for name, counts in report.source_splits.items():
             lines.append(
                 f"  {name:5s}  {counts['images']:6d} images  {counts['patients']:6d} patients"

@@ -108,11 +108,15 @@ def _format_value(row: Mapping[str, Any], metric: str) -> str:
 
 
 def _results_table(inputs: ReportInputs) -> str:
-    head = "".join(f"<th>{html.escape(m)} (95% CI)</th>" for m in inputs.metrics)
+    shown = [row for row in inputs.table if row.get("protocol") != "retrieval"]
+    head = "".join(  # "(95% CI)" only above a metric that carries one
+        f"<th>{html.escape(m)}"
+        + (" (95% CI)" if any(row.get(f"{m}_ci95") for row in shown) else "")
+        + "</th>"
+        for m in inputs.metrics
+    )
     rows = []
-    for row in inputs.table:
-        if row.get("protocol") == "retrieval":
-            continue
+    for row in shown:
         cells = "".join(f"<td>{html.escape(_format_value(row, m))}</td>" for m in inputs.metrics)
         rows.append(
             f"<tr><td>{html.escape(str(row.get('encoder', '')))}</td>"
@@ -192,7 +196,7 @@ def _comparison_table(comparisons: Sequence[Mapping[str, Any]]) -> str:
 
 
 def _loss_figure(encoders: Sequence[EncoderReport]) -> str | None:
-    curves = [e for e in encoders if len(e.loss_curve)]
+    curves = [e for e in encoders if len(e.loss_curve) >= 2]  # one logged step is no curve
     if not curves:
         return None
     plt = _figures()
@@ -206,6 +210,26 @@ def _loss_figure(encoders: Sequence[EncoderReport]) -> str | None:
     return _png(fig)
 
 
+def _loss_note(encoders: Sequence[EncoderReport]) -> str:
+    """What a run with a single logged loss (a --quick run) shows instead of a one-dot plot."""
+    single = [e for e in encoders if len(e.loss_curve) == 1]
+    if not single:
+        return ""
+    logged = "; ".join(
+        f"{e.name} {e.loss_curve[0][1]:.4f} at step {e.loss_curve[0][0]}" for e in single
+    )
+    return (
+        "<p class='note'>Training loss logged once per run, too few steps for a curve (a "
+        f"--quick run trains one epoch): {html.escape(logged)}.</p>"
+    )
+
+
+def class_colours(classes: Sequence[str]) -> dict[str, str]:
+    """One matplotlib colour per class, in the task's class order: the ROC curves and the
+    embedding map colour a class alike (a label outside ``classes`` is drawn grey)."""
+    return {str(name): f"C{i % 10}" for i, name in enumerate(classes)}
+
+
 def _roc_figure(encoders: Sequence[EncoderReport]) -> str | None:
     from sklearn.metrics import roc_curve
 
@@ -216,12 +240,13 @@ def _roc_figure(encoders: Sequence[EncoderReport]) -> str | None:
     fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 4.0), squeeze=False)
     for ax, enc in zip(axes[0], shown, strict=True):
         labels, scores = np.asarray(enc.roc_labels), np.asarray(enc.roc_scores)
+        colour = class_colours(enc.classes)
         for c, name in enumerate(enc.classes):
             y = labels[:, c]
             if y.min() == y.max():  # a class absent from the test set has no curve
                 continue
             fpr, tpr, _ = roc_curve(y, scores[:, c])
-            ax.plot(fpr, tpr, label=str(name))
+            ax.plot(fpr, tpr, label=str(name), color=colour[str(name)])
         ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
         ax.set_title(f"{enc.name}: ROC (test)")
         ax.set_xlabel("1 - specificity")
@@ -245,9 +270,14 @@ def _embedding_figure(encoders: Sequence[EncoderReport]) -> str | None:
             features / np.maximum(norms, 1e-12)
         )
         labels = np.asarray([str(x) for x in enc.embedding_labels])
-        for name in sorted(set(labels.tolist())):
+        colour = class_colours(enc.classes)
+        present = set(labels.tolist())
+        ordered = [c for c in colour if c in present] + sorted(present - set(colour))
+        for name in ordered:
             mask = labels == name
-            ax.scatter(points[mask, 0], points[mask, 1], s=12, label=name)
+            ax.scatter(
+                points[mask, 0], points[mask, 1], s=12, label=name, color=colour.get(name, "grey")
+            )
         ax.set_title(f"{enc.name}: held-out images (PCA)")
         ax.set_xticks([])
         ax.set_yticks([])
@@ -321,16 +351,29 @@ def render_report(inputs: ReportInputs) -> str:
         if uri is not None:
             alt = html.escape(heading)
             parts.append(f"<h2>{alt}</h2><img class='plot' alt='{alt}' src='{uri}'>")
+    parts.append(_loss_note(inputs.encoders))
     parts.append(_retrieval_section(inputs.encoders))
     if inputs.extra:
         items = "".join(
-            f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>"
+            f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(plain_value(v))}</td></tr>"
             for k, v in inputs.extra.items()
         )
         parts.append(f"<h2>Run details</h2><table>{items}</table>")
     parts.append("<p class='note'>Research demo on small public data: not for clinical use.</p>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def plain_value(value: Any) -> str:
+    """A run detail as a reader writes it: yes/no, ``key value`` pairs, list items by commas
+    (never Python's dict or bool syntax)."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, Mapping):
+        return ", ".join(f"{k} {plain_value(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ", ".join(plain_value(v) for v in value)
+    return "" if value is None else str(value)
 
 
 def write_report(path: str | Path, inputs: ReportInputs) -> Path:
@@ -341,10 +384,38 @@ def write_report(path: str | Path, inputs: ReportInputs) -> Path:
     return path
 
 
-def write_demo_report(demo: Any, records: Any, summary: Mapping[str, Any]) -> Path:
-    """``OUT/report.html`` from the demo's outputs (see :mod:`mgll.demo.report`)."""
+def _retrieval_examples(
+    data: Any, records: Any, names: Sequence[str], text_index: int
+) -> list[RetrievalExample]:
+    """The report data's query images with the texts (level ``text_index``) ranked highest,
+    each text shown with the main-level label ``names`` of the image carrying it."""
     from PIL import Image
 
+    examples = []
+    for q, i in enumerate(data["queries"]):
+        with Image.open(records.records[i].image) as picture:
+            thumb = np.asarray(picture.convert("RGB").resize((96, 96)))
+        shown = [
+            (int(j), float(score))
+            for j, score in zip(data["top_index"][q], data["top_score"][q], strict=True)
+            if j >= 0  # a gallery smaller than RETRIEVAL_TOP leaves places empty
+        ]
+        examples.append(
+            RetrievalExample(
+                image=thumb,
+                truth=f"{names[i]}: {records.records[i].texts[text_index][0]}",
+                texts=[
+                    (f"{names[j]}: {records.records[j].texts[text_index][0]}", score)
+                    for j, score in shown
+                ],
+                correct=[names[j] == names[i] for j, _ in shown],
+            )
+        )
+    return examples
+
+
+def write_demo_report(demo: Any, records: Any, summary: Mapping[str, Any]) -> Path:
+    """``OUT/report.html`` from the demo's outputs (see :mod:`mgll.demo.report`)."""
     from mgll.demo.evaluation import REPORT_DATA_FILE
     from mgll.demo.settings import ENCODERS, PRETRAINED, REPORT_FILE
     from mgll.eval.results import read_predictions
@@ -364,26 +435,7 @@ def write_demo_report(demo: Any, records: Any, summary: Mapping[str, Any]) -> Pa
             curve = [(r["step"], r["loss"]) for r in rows if r.get("kind") == "train"]
         predictions = read_predictions(base / f"probe-{level}")
         data = np.load(base / REPORT_DATA_FILE)
-        examples = []
-        for q, i in enumerate(data["queries"]):
-            with Image.open(records.records[i].image) as picture:
-                thumb = np.asarray(picture.convert("RGB").resize((96, 96)))
-            shown = [
-                (int(j), float(score))
-                for j, score in zip(data["top_index"][q], data["top_score"][q], strict=True)
-                if j >= 0  # a gallery smaller than RETRIEVAL_TOP leaves places empty
-            ]
-            examples.append(
-                RetrievalExample(
-                    image=thumb,
-                    truth=f"{names[i]}: {records.records[i].texts[shown_text][0]}",
-                    texts=[
-                        (f"{names[j]}: {records.records[j].texts[shown_text][0]}", score)
-                        for j, score in shown
-                    ],
-                    correct=[names[j] == names[i] for j, _ in shown],
-                )
-            )
+        examples = _retrieval_examples(data, records, names, shown_text)
         encoders.append(
             EncoderReport(
                 name=encoder,

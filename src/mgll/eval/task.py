@@ -255,8 +255,8 @@ def load_eval_data(
 
     source = data_format
     path: str | Path | None = data
-    if data_format is None and is_spec_path(data):
-        source, path = str(data), None
+    if is_spec_path(data):  # a spec names its own paths: no data.path to warn about
+        source, path = data_format or str(data), None
     records, folder = load_records(source, path, data_root=data_root, options=options)
     records, missing = drop_missing_images(records)  # as pretraining does (counted below)
     if not records.records:

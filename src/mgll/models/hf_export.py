@@ -47,6 +47,7 @@ from torch import nn
 
 from mgll.errors import UserError
 from mgll.models.hub import write_folder
+from mgll.process import no_loading_bars
 
 PROCESSOR_FILE = "preprocessor_config.json"
 
@@ -227,7 +228,8 @@ def _write_hf_folder(
     written in a temporary folder renamed into place (nothing half-written on failure)."""
 
     def write(folder: Path) -> None:
-        hf.save_pretrained(str(folder), safe_serialization=True)
+        with no_loading_bars():  # transformers' "Writing model shards" bar
+            hf.save_pretrained(str(folder), safe_serialization=True)
         if processor is not None:
             (folder / PROCESSOR_FILE).write_text(json.dumps(processor, indent=2) + "\n")
         (folder / "mgll_export.json").write_text(json.dumps(info, indent=2) + "\n")

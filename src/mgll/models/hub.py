@@ -30,6 +30,7 @@ from typing import Any
 from safetensors.torch import save_model
 
 from mgll.errors import ModelFileError
+from mgll.io import give_usual_modes
 from mgll.models.config import ModelConfig
 from mgll.schema import to_dict
 
@@ -60,6 +61,7 @@ def write_folder(output_dir: str | os.PathLike, write: Callable[[Path], None]) -
     tmp.mkdir()
     try:
         write(tmp)
+        give_usual_modes(tmp)
         if output_dir.exists():
             output_dir.rmdir()
         tmp.rename(output_dir)

@@ -105,5 +105,7 @@ def format_val(row: Mapping[str, Any]) -> str:
     parts = [f"val epoch {row['epoch']} step {row['step']}: loss {row.get('loss', math.nan):.4f}"]
     for name, m in row.get("levels", {}).items():
         shown = " ".join(f"{k} {v:.3f}" for k, v in m.items() if "@" in k)
+        if any(k.startswith("R@") for k in m) and not any(k.startswith("P@") for k in m):
+            shown += " P@K n/a (no labels at this level)"  # never a P@K of 0 for no labels
         parts.append(f"  [{name}] {shown} ({m.get('texts', 0)} texts)")
     return "\n".join(parts)

@@ -96,5 +96,5 @@ def detect_adapter(path: str | Path) -> Adapter:
             return adapter
     raise DataError(
         f"{path}: not a dataset folder in a known format ({adapter_names()}); name the format "
-        "with --format / data.source, or describe the table in a dataset spec (docs/data.md)"
+        "with --source / data.source, or describe the table in a dataset spec (docs/data.md)"
     )
