@@ -31,6 +31,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from mgll.io import file_sha256
+from mgll.models.authors import IMAGENET_MEAN, IMAGENET_STD
 from mgll.models.config import ImageConfig
 from mgll.models.image_tower import ImageTower
 from mgll.models.weights import PretrainedWeightsError, offline_hint
@@ -90,8 +91,8 @@ def build_timm_tower(image_cfg: ImageConfig, embed_dim: int | None) -> ImageTowe
     source = None
     if image_cfg.pretrained:
         source = load_trunk_weights(visual.trunk, name, str(image_cfg.pretrained))
-    mean = image_cfg.mean or defaults.get("mean", (0.485, 0.456, 0.406))
-    std = image_cfg.std or defaults.get("std", (0.229, 0.224, 0.225))
+    mean = image_cfg.mean or defaults.get("mean", IMAGENET_MEAN)
+    std = image_cfg.std or defaults.get("std", IMAGENET_STD)
     preprocess = {
         "size": size,
         "mean": tuple(float(v) for v in mean),
