@@ -1,8 +1,10 @@
 """The ``mgll`` command line: one sub-command per capability, each registered by its own module.
 
-Sub-command modules expose ``register(subparsers)``, which adds a parser whose ``func`` takes
-the parsed arguments and returns an exit code. Only the module of the command being run is
-imported, so ``mgll --version`` and ``mgll --help`` stay fast (no torch import).
+Each package has a thin command layer (``cli.py`` / ``*_cli.py``) whose ``register``
+functions add a parser whose ``func`` takes the parsed arguments and returns an exit code; the
+``func`` loads the package's library modules when the command runs. Only the command layer of
+the command being run is imported, so ``mgll --help`` and ``mgll COMMAND --help`` stay fast (no
+torch import; tests/test_imports_at_top.py).
 """
 
 from __future__ import annotations
@@ -16,21 +18,33 @@ from collections.abc import Sequence
 from mgll import __version__
 from mgll.errors import UserError
 
-# name -> (module that registers it, one-line help). Adding a command means adding a line here.
+# name -> (the command-line module that registers it, one-line help); "module:function" where
+# one module registers several commands (else its ``register``). Adding a command means adding
+# a line here. These modules are the command layer: light at import, so that only the library
+# of the command being run is loaded (docs/architecture.md).
 COMMAND_MODULES: dict[str, tuple[str, str]] = {
     "data": ("mgll.data.cli", "validate datasets and write patient-level splits"),
     "pretrain": ("mgll.training.cli", "pretrain an image-text model with MGLL (or CLIP)"),
     "export": ("mgll.training.export_cli", "export the image encoder of a checkpoint"),
     "cache": ("mgll.data.cache_cli", "show or clear the preprocessing cache"),
-    "probe": ("mgll.eval.probe", "linear probe of a frozen image encoder"),
-    "finetune": ("mgll.eval.finetune", "full fine-tuning of an encoder with a linear head"),
-    "zeroshot": ("mgll.eval.zeroshot", "zero-shot classification with class prompts"),
-    "retrieve": ("mgll.eval.retrieve", "image-text retrieval (R@K, label-aware P@K)"),
-    "compare": ("mgll.eval.compare", "paired comparison of evaluation outputs (bootstrap CI, p)"),
+    "probe": ("mgll.eval.cli:register_probe", "linear probe of a frozen image encoder"),
+    "finetune": (
+        "mgll.eval.cli:register_finetune",
+        "full fine-tuning of an encoder with a linear head",
+    ),
+    "zeroshot": ("mgll.eval.cli:register_zeroshot", "zero-shot classification with class prompts"),
+    "retrieve": ("mgll.eval.cli:register_retrieve", "image-text retrieval (R@K, label-aware P@K)"),
+    "compare": (
+        "mgll.eval.cli:register_compare",
+        "paired comparison of evaluation outputs (bootstrap CI, p)",
+    ),
     "segment": ("mgll.segmentation.cli", "train and evaluate a segmentation decoder on an encoder"),
-    "explain": ("mgll.explain", "Grad-CAM heatmaps: where in an image the model sees a text"),
+    "explain": ("mgll.explain_cli", "Grad-CAM heatmaps: where in an image the model sees a text"),
     "demo": ("mgll.demo.cli", "random init vs CLIP vs MGLL, pretrained and evaluated end to end"),
-    "ablate": ("mgll.demo.ablate", "the paper's ablation: loss terms, levels, missing labels"),
+    "ablate": (
+        "mgll.demo.cli:register_ablate",
+        "the paper's ablation: loss terms, levels, missing labels",
+    ),
     "benchmark": ("mgll.benchmark.cli", "encoders over the paper's tasks: one table, seeds pooled"),
 }
 
@@ -59,7 +73,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMAND_MODULES.items():
         if name == command:
-            importlib.import_module(module_name).register(subparsers)
+            module, _, function = module_name.partition(":")
+            getattr(importlib.import_module(module), function or "register")(subparsers)
         else:
             subparsers.add_parser(name, help=help_text, add_help=False)
     return parser

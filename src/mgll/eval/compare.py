@@ -15,7 +15,6 @@ and classification outputs are not compared with each other.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,10 @@ from typing import Any
 import numpy as np
 
 from mgll.errors import UserError
-from mgll.metrics import DEFAULT_RESAMPLES, HEADLINE
+from mgll.eval.results import read_predictions, read_results, write_json
+from mgll.eval.retrieve import read_retrieval_hits
+from mgll.io import atomic_write
+from mgll.metrics import DEFAULT_RESAMPLES, HEADLINE, paired_bootstrap, paired_mean_bootstrap
 
 
 class CompareError(UserError, ValueError):
@@ -31,9 +33,6 @@ class CompareError(UserError, ValueError):
 
 
 def _load(folder: Path) -> dict[str, Any]:
-    from mgll.eval.results import read_predictions, read_results
-    from mgll.eval.retrieve import read_retrieval_hits
-
     results = read_results(folder)
     retrieval = results.get("protocol") == "retrieval"
     rows = read_retrieval_hits(folder) if retrieval else read_predictions(folder)
@@ -84,8 +83,6 @@ def _retrieval_stats(
     n_resamples: int,
     seed: int,
 ) -> dict[str, dict[str, Any]]:
-    from mgll.metrics import paired_mean_bootstrap
-
     return {
         name: paired_mean_bootstrap(
             values,
@@ -109,10 +106,6 @@ def compare_folders(
 ) -> dict[str, Any]:
     """Compare each folder after the first with the first; writes ``comparison.json`` and
     ``comparison.md`` into ``output_dir`` when given. Returns the comparison dict."""
-    from mgll.eval.results import write_json
-    from mgll.io import atomic_write
-    from mgll.metrics import paired_bootstrap
-
     if len(folders) < 2:
         raise CompareError("give at least two output folders to compare")
     loaded = [_load(Path(f)) for f in folders]
@@ -204,44 +197,3 @@ def format_comparison(result: dict[str, Any]) -> str:
             lines.append(f"| {name} | {_fmt(m['a'])} | {_fmt(m['b'])} | {diff} | {ci} | {p} |")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``compare`` sub-command."""
-    parser = subparsers.add_parser(
-        "compare",
-        help="paired comparison of evaluation outputs on the same test set",
-        description="Difference of every metric between output folders of probe/finetune/"
-        "zeroshot (or of retrieve) on the same test images, with a paired patient-bootstrap "
-        "95% CI and p-value.",
-    )
-    parser.add_argument("folders", nargs="+", metavar="OUT", help="output folders; A first")
-    parser.add_argument("--output-dir", help="also write comparison.json and comparison.md here")
-    parser.add_argument(
-        "--bootstrap",
-        type=int,
-        default=DEFAULT_RESAMPLES,
-        metavar="N",
-        help=f"resamples (default {DEFAULT_RESAMPLES})",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    """``mgll compare``."""
-    from mgll.eval.cli import run_offline
-
-    def body() -> int:
-        result = compare_folders(
-            args.folders,
-            output_dir=args.output_dir,
-            n_resamples=args.bootstrap,
-            seed=args.seed,
-            progress=not args.no_progress,
-        )
-        print(format_comparison(result))
-        return 0
-
-    return run_offline(body)

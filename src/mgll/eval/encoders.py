@@ -43,7 +43,25 @@ import torch
 from torch import nn
 
 from mgll.errors import UserError
-from mgll.training.checkpoint import file_kind, list_checkpoints, read_header
+from mgll.eval.options import resolve_device
+from mgll.models import (
+    ImageConfig,
+    PretrainedWeightsError,
+    load_image_encoder,
+    register_model_configs,
+)
+from mgll.models.authors import AuthorsCheckpointError, is_torch_pickle, load_authors_checkpoint
+from mgll.models.export import FOLDER_SIDECAR
+from mgll.models.image_tower import authors_image_tower, build_open_clip
+from mgll.models.timm_tower import TIMM_PREFIX, build_timm_tower, is_timm_arch
+from mgll.schema import ConfigError
+from mgll.training.checkpoint import (
+    CheckpointError,
+    file_kind,
+    list_checkpoints,
+    load_model,
+    read_header,
+)
 
 ACCEPTED_FORMS = (
     "a pretraining run folder or its checkpoints/step_*.safetensors file",
@@ -212,10 +230,6 @@ def _square(size: Any) -> int:
 
 def _from_timm(spec: str, kind: str, arch: str, pretrained: str | None) -> Encoder:
     """``timm:NAME[@SIZE]``: the timm tower with ``pretrained`` weights (None: random)."""
-    from mgll.models import ImageConfig, PretrainedWeightsError
-    from mgll.models.timm_tower import build_timm_tower
-    from mgll.schema import ConfigError
-
     name, _, size_text = arch.partition("@")
     if size_text and not size_text.isdigit():
         raise EncoderError(spec, f"the size {size_text!r} after @ is not a whole number")
@@ -239,10 +253,6 @@ def _from_timm(spec: str, kind: str, arch: str, pretrained: str | None) -> Encod
 
 
 def _from_open_clip_build(spec: str, kind: str, arch: str, pretrained: str | None) -> Encoder:
-    from mgll.models import ImageConfig, PretrainedWeightsError, register_model_configs
-    from mgll.models.image_tower import build_open_clip
-    from mgll.models.timm_tower import is_timm_arch
-
     if is_timm_arch(arch):
         return _from_timm(spec, kind, arch, pretrained)
 
@@ -265,8 +275,6 @@ def _from_open_clip_build(spec: str, kind: str, arch: str, pretrained: str | Non
 
 
 def _random(spec: str, rest: str) -> Encoder:
-    from mgll.models.timm_tower import TIMM_PREFIX
-
     prefix = TIMM_PREFIX if rest.startswith(TIMM_PREFIX) else ""
     arch, _, seed_text = rest[len(prefix) :].partition(":")
     arch = prefix + arch if arch else ""
@@ -291,9 +299,6 @@ def encoder_from_model(
 
 
 def _from_run(spec: str, path: Path) -> Encoder:
-    from mgll.training.checkpoint import CheckpointError, load_model
-    from mgll.training.config import ConfigError
-
     try:
         model, run_config = load_model(path)
     except (CheckpointError, ConfigError, ValueError, KeyError, OSError) as error:
@@ -302,8 +307,6 @@ def _from_run(spec: str, path: Path) -> Encoder:
 
 
 def _from_export(spec: str, path: Path) -> Encoder:
-    from mgll.models import load_image_encoder
-
     try:
         exported = load_image_encoder(path)
     except (FileNotFoundError, ValueError, KeyError, OSError) as error:
@@ -312,9 +315,6 @@ def _from_export(spec: str, path: Path) -> Encoder:
 
 
 def _from_authors(spec: str, path: Path) -> Encoder:
-    from mgll.models.authors import AuthorsCheckpointError, load_authors_checkpoint
-    from mgll.models.image_tower import authors_image_tower
-
     try:
         checkpoint = load_authors_checkpoint(path, "for an open_clip one use open_clip:ARCH:FILE")
         tower = authors_image_tower(checkpoint)
@@ -356,8 +356,6 @@ def _from_finetune(spec: str, folder: Path) -> Encoder:
 
 
 def _from_path(spec: str, path: Path) -> Encoder:
-    from mgll.models.export import FOLDER_SIDECAR
-
     if path.is_dir():
         if (path / FOLDER_SIDECAR).is_file():
             return _from_export(spec, path)
@@ -372,7 +370,6 @@ def _from_path(spec: str, path: Path) -> Encoder:
         )
     if path.name.endswith(".state.pt"):
         return _from_run(spec, path)
-    from mgll.models.authors import is_torch_pickle
 
     if is_torch_pickle(path):
         return _from_authors(spec, path)
@@ -436,7 +433,4 @@ def text_tower_level(model: Any, level: int) -> int:
 def load_run_model(spec: str | Path, device: str = "auto") -> tuple[Any, dict[str, Any]]:
     """The ``MGLLModel`` (image and text towers) and run config of a pretraining run folder or
     checkpoint (``--model``) on ``device`` (``auto``: cuda when available)."""
-    from mgll.eval.options import resolve_device
-    from mgll.training.checkpoint import load_model
-
     return load_model(spec, resolve_device(device))

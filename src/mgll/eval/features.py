@@ -31,7 +31,9 @@ from mgll.data.records import RecordSet
 from mgll.data.transforms import build_transform
 from mgll.eval.encoders import Encoder, encoder_from_model
 from mgll.eval.options import DEFAULT_OPTIONS, EvalOptions
+from mgll.eval.task import EvalData
 from mgll.io import atomic_write
+from mgll.training.step import Precision
 
 FEATURE_CACHE_VERSION = 1
 
@@ -125,8 +127,6 @@ def extract_features(
     when present. ``folder`` is the dataset's folder (its preprocessing cache);
     ``options.cache_dir``: None = :func:`default_feature_cache`, False = no cache; batch size,
     workers, precision and progress bars from ``options`` too."""
-    from mgll.training.step import Precision
-
     n = len(records.records)
     path = None
     if options.cache_dir is not False:
@@ -179,7 +179,7 @@ def extract_features(
 
 def projected_features(
     model: torch.nn.Module,
-    data: Any,
+    data: EvalData,
     options: EvalOptions = DEFAULT_OPTIONS,
     *,
     name: str,

@@ -22,7 +22,6 @@ Optional layer-wise lr decay (``layer_decay: 0.75``) scales block ``i`` of a ViT
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import re
 from collections.abc import Mapping, Sequence
@@ -34,15 +33,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from mgll.data.transforms import DEFAULT_AUGMENTATION
+from mgll.data.cache import PreprocessCache, default_cache_dir
+from mgll.data.dataset import MultiGranularDataset
+from mgll.data.transforms import DEFAULT_AUGMENTATION, build_transform
+from mgll.eval.encoders import Encoder, load_encoder
 from mgll.eval.options import DEFAULT_OPTIONS, EvalOptions
-from mgll.eval.task import TaskError, check_scorable
+from mgll.eval.results import write_classification_outputs
+from mgll.eval.task import EvalData, TaskError, check_scorable
 from mgll.metrics import classification_metrics
+from mgll.process import seed_everything
 from mgll.schema import (
     ConfigError,
     build_section,
     from_mapping,
-    parse_overrides,
     read_config_file,
     to_dict,
 )
@@ -55,6 +58,7 @@ from mgll.training.epochs import (
     run_scope,
 )
 from mgll.training.optim import parameter_groups as decay_groups
+from mgll.training.step import Precision
 
 _AUG = DEFAULT_AUGMENTATION
 
@@ -128,7 +132,7 @@ class FineTuneModel(nn.Module):
     """The encoder's tower and a linear head on its pre-projection features (``features``) or
     on its projected image-text embedding (``projected``, the authors' choice)."""
 
-    def __init__(self, encoder: Any, n_classes: int, head: str = "features") -> None:
+    def __init__(self, encoder: Encoder, n_classes: int, head: str = "features") -> None:
         super().__init__()
         self.encoder = encoder
         self.projected = head == "projected"
@@ -198,11 +202,7 @@ class _LabelledImages(torch.utils.data.Dataset):
         self.images.set_epoch(epoch)
 
 
-def _datasets(encoder: Any, data: Any, augmentation: Any, seed: int) -> dict[str, Any]:
-    from mgll.data.cache import PreprocessCache, default_cache_dir
-    from mgll.data.dataset import MultiGranularDataset
-    from mgll.data.transforms import build_transform
-
+def _datasets(encoder: Encoder, data: EvalData, augmentation: Any, seed: int) -> dict[str, Any]:
     cache_dir = default_cache_dir(data.folder)
     out = {}
     for split in ("train", "val", "test"):
@@ -267,7 +267,11 @@ def _rank_by(select_by: str, auc_defined: bool):
 
 
 def build(
-    encoder: Any, data: Any, cfg: FineTuneConfig, options: EvalOptions, device: torch.device
+    encoder: Encoder,
+    data: EvalData,
+    cfg: FineTuneConfig,
+    options: EvalOptions,
+    device: torch.device,
 ) -> FineTuneRun:
     """Model (tower + head), datasets, AdamW, the loss and the validation of a run."""
     task = data.task
@@ -322,8 +326,8 @@ def build(
 
 
 def fine_tune(
-    encoder: Any,
-    data: Any,
+    encoder: Encoder,
+    data: EvalData,
     output_dir: str | Path,
     options: EvalOptions = DEFAULT_OPTIONS,
     cfg: FineTuneConfig | Mapping[str, Any] | None = None,
@@ -334,9 +338,6 @@ def fine_tune(
     ``checkpoints/`` and ``best.safetensors``) and return results.json's dict (None on ranks
     other than 0). ``resume``: ``latest`` or a checkpoint path. ``options.batch_size`` batches
     the scoring of the validation and test images; ``cfg.batch_size`` is the training batch."""
-    from mgll.eval.encoders import load_encoder
-    from mgll.process import seed_everything
-
     cfg = FineTuneConfig.from_dict(cfg)
     check_scorable(data)
     if isinstance(encoder, (str, Path)):
@@ -361,13 +362,10 @@ def fine_tune(
 
 
 def score(
-    run: FineTuneRun, result: EpochResult, scope: RunScope, data: Any, options: EvalOptions
+    run: FineTuneRun, result: EpochResult, scope: RunScope, data: EvalData, options: EvalOptions
 ) -> dict[str, Any]:
     """Score validation and test once with the best epoch's weights; write the outputs."""
     from safetensors.torch import load_model
-
-    from mgll.eval.results import write_classification_outputs
-    from mgll.training.step import Precision
 
     load_model(run.model, str(result.best_weights))
     precision = Precision(options.precision, scope.device)  # type: ignore[arg-type]
@@ -406,77 +404,3 @@ def score(
         n_resamples=options.n_resamples,
         progress=options.progress,
     )
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``finetune`` sub-command."""
-    from mgll.cli import add_resume_argument
-    from mgll.eval.cli import add_run_arguments, add_task_arguments
-
-    parser = subparsers.add_parser(
-        "finetune",
-        help="full fine-tuning of an encoder with a linear head",
-        description="Full fine-tuning: 50 epochs, lr 1.25e-4, weight decay 1e-3, "
-        "flips/rotation/jitter, best validation epoch, test once. Settings: --config FILE.yaml "
-        "and key=value overrides (keys of FineTuneConfig, e.g. betas=[0.9,0.95] grad_clip=10 "
-        "head=projected augmentation.rotation=30; docs/evaluation.md), then the flags below. "
-        "Ctrl-C (or SIGTERM) stops after the current step with a checkpoint; continue with "
-        "--resume. Runs under torchrun for several GPUs.",
-    )
-    parser.add_argument(
-        "--encoder",
-        required=True,
-        help="run folder/checkpoint, exported encoder, open_clip:ARCH:TAG, hf-hub:ORG/REPO or "
-        "random:ARCH[:SEED], timm:NAME[@SIZE] (ImageNet weights)",
-    )
-    add_task_arguments(parser)
-    add_run_arguments(parser)
-    parser.set_defaults(batch_size=None)
-    parser.add_argument("--config", metavar="FILE.yaml", help="fine-tuning settings (YAML)")
-    parser.add_argument("--epochs", type=int, help="epochs (50)")
-    parser.add_argument("--lr", type=float, help="peak lr (1.25e-4)")
-    parser.add_argument("--weight-decay", type=float, help="AdamW (1e-3)")
-    parser.add_argument("--layer-decay", type=float, help="layer-wise lr decay, e.g. 0.75 (off)")
-    parser.add_argument(
-        "--no-augmentation", action="store_true", help="train without flips/rotation/jitter/crop"
-    )
-    add_resume_argument(parser)
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="settings overrides")
-    parser.set_defaults(func=run)
-
-
-def _flag_overrides(args: argparse.Namespace) -> list[tuple[str, Any]]:
-    """The settings the command's flags give (they win over --config and key=value)."""
-    flags = {
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "weight_decay": args.weight_decay,
-        "layer_decay": args.layer_decay,
-    }
-    pairs = [(key, value) for key, value in flags.items() if value is not None]
-    if args.no_augmentation:
-        pairs.append(("augmentation", to_dict(Augmentation.off())))
-    return pairs
-
-
-def run(args: argparse.Namespace) -> int:
-    """``mgll finetune``."""
-    from mgll.eval.cli import eval_options, load_task, run_offline
-    from mgll.eval.encoders import load_encoder
-    from mgll.eval.results import format_metrics
-
-    def body() -> int:
-        pairs = parse_overrides(args.overrides) + _flag_overrides(args)
-        cfg = load_finetune_config(args.config, pairs)
-        scoring = argparse.Namespace(**{**vars(args), "batch_size": cfg.batch_size})
-        options = eval_options(scoring)
-        encoder = load_encoder(args.encoder)
-        data = load_task(args, encoder.run_config)
-        results = fine_tune(encoder, data, args.output_dir, options, cfg, resume=args.resume)
-        if results is not None:
-            print(format_metrics(results))
-            print(f"wrote {args.output_dir}")
-        return 0
-
-    return run_offline(body)

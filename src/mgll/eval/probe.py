@@ -17,7 +17,6 @@ training rows instead.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import time
@@ -29,8 +28,12 @@ from typing import Any
 
 import numpy as np
 
+from mgll.eval import features as feature_store
+from mgll.eval.encoders import Encoder, load_encoder
 from mgll.eval.options import DEFAULT_OPTIONS, EvalOptions, resolve_device
-from mgll.eval.task import TaskError, check_scorable
+from mgll.eval.results import write_classification_outputs, write_json
+from mgll.eval.task import EvalData, TaskError, check_scorable, label_fraction_rows
+from mgll.metrics import classification_metrics
 
 DEFAULT_C_GRID = tuple(float(c) for c in np.logspace(-4, 2, 7))
 INNER_FOLDS = 3  # the cross-validated selection's inner folds
@@ -102,8 +105,6 @@ def select_and_fit(
     seed: int = 0,
 ) -> tuple[Any, dict[str, Any]]:
     """Fit one classifier per C, keep the best on validation; returns it and the sweep."""
-    from mgll.metrics import classification_metrics
-
     present = [k for k in range(y_val.shape[1]) if 0 < y_val[:, k].sum() < len(y_val)]
     best, best_key, sweep = None, None, []
     model = LinearClassifier(task_type, y_train.shape[1], seed)
@@ -137,8 +138,6 @@ def cross_validated_c(
     CV of the (standardised) training vectors ``x`` that keeps each patient (``groups``) on one
     side; stratified on the class for single-label tasks. Returns C and the sweep."""
     from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
-
-    from mgll.metrics import classification_metrics
 
     groups = np.asarray(groups)
     if task_type == "multilabel":
@@ -187,7 +186,7 @@ class FittedProbe:
 
 def fit_probe(
     features: np.ndarray,
-    data: Any,
+    data: EvalData,
     train_rows: np.ndarray,
     *,
     val_rows: np.ndarray | None = None,
@@ -235,8 +234,8 @@ def fit_probe(
 
 
 def linear_probe(
-    encoder: Any,
-    data: Any,
+    encoder: Encoder,
+    data: EvalData,
     output_dir: str | Path,
     options: EvalOptions = DEFAULT_OPTIONS,
     *,
@@ -250,10 +249,6 @@ def linear_probe(
     Several: one sub-folder ``fraction-<f>`` each, ``output_dir/summary.json`` lists them and
     the dict is ``{"fractions": {f: results}}``.
     """
-    from mgll.eval import features as feature_store
-    from mgll.eval.encoders import load_encoder
-    from mgll.eval.results import write_json
-
     check_scorable(data)
     if isinstance(encoder, (str, Path)):
         encoder = load_encoder(encoder, resolve_device(options.device))
@@ -298,8 +293,8 @@ def linear_probe(
 
 
 def _probe_fraction(
-    encoder: Any,
-    data: Any,
+    encoder: Encoder,
+    data: EvalData,
     features: Any,
     rows: dict[str, np.ndarray],
     fraction: float,
@@ -310,9 +305,6 @@ def _probe_fraction(
     extract_s: float,
 ) -> dict[str, Any]:
     """One label fraction: draw its training images, fit the probe, write ``folder``."""
-    from mgll.eval.results import write_classification_outputs
-    from mgll.eval.task import label_fraction_rows
-
     seed = options.seed
     bad = features.unreadable
     train_rows = label_fraction_rows(data, fraction, seed)
@@ -354,57 +346,3 @@ def _probe_fraction(
         notes=notes,
         progress=options.progress,
     )
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``probe`` sub-command."""
-    from mgll.eval.cli import add_run_arguments, add_task_arguments
-
-    parser = subparsers.add_parser(
-        "probe",
-        help="linear probe of a frozen image encoder",
-        description="Linear probe: cached frozen features, logistic regression with C chosen "
-        "on validation, test metrics with patient-bootstrap 95% CIs (docs/evaluation.md).",
-    )
-    parser.add_argument(
-        "--encoder",
-        required=True,
-        help="run folder/checkpoint, exported encoder, open_clip:ARCH:TAG, hf-hub:ORG/REPO or "
-        "random:ARCH[:SEED], timm:NAME[@SIZE] (ImageNet weights)",
-    )
-    add_task_arguments(parser)
-    add_run_arguments(parser)
-    parser.add_argument(
-        "--label-fraction",
-        default="1.0",
-        metavar="F[,F...]",
-        help="fractions of the training patients to fit on, e.g. 0.01,0.1,1.0 (default 1.0)",
-    )
-    parser.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    """``mgll probe``."""
-    from mgll.eval.cli import run_offline
-
-    def body() -> int:
-        from mgll.eval.cli import eval_options, load_task
-        from mgll.eval.encoders import load_encoder
-        from mgll.eval.results import format_metrics
-
-        try:
-            fractions = [float(f) for f in args.label_fraction.split(",") if f.strip()]
-        except ValueError:
-            raise TaskError(f"--label-fraction: {args.label_fraction!r} is not numbers") from None
-        options = eval_options(args)
-        encoder = load_encoder(args.encoder, resolve_device(options.device))
-        data = load_task(args, encoder.run_config)
-        results = linear_probe(encoder, data, args.output_dir, options, label_fractions=fractions)
-        for fraction, result in results.get("fractions", {"1": results}).items():
-            if "fractions" in results:
-                print(f"label fraction {fraction}:")
-            print(format_metrics(result))
-        print(f"wrote {args.output_dir}")
-        return 0
-
-    return run_offline(body)

@@ -28,7 +28,6 @@ which ``mgll compare`` pairs by image; ``OUT/recall.png`` plots R@K.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 from collections.abc import Sequence
@@ -39,9 +38,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from mgll.eval.encoders import text_tower_level
+from mgll.eval.features import projected_features
 from mgll.eval.options import DEFAULT_OPTIONS, EvalOptions
-from mgll.eval.task import TaskError
-from mgll.metrics import DEFAULT_RESAMPLES
+from mgll.eval.results import ResultsError, write_json
+from mgll.eval.task import EvalData, TaskError
+from mgll.io import atomic_write
+from mgll.metrics import DEFAULT_RESAMPLES, mean_with_ci, retrieval_hits
 
 DEFAULT_KS = (1, 5, 10)
 RETRIEVAL_FILE = "retrieval.csv"
@@ -62,8 +65,6 @@ class RetrievalScores:
         (:func:`mgll.metrics.retrieval_hits`). P@K is NaN (not applicable) for a query without
         a label at the task's level (e.g. a multi-label row whose findings were all left out
         by ``--classes``); the means and CIs leave those queries out, as validation does."""
-        from mgll.metrics import retrieval_hits
-
         out = retrieval_hits(
             self.similarity, self.own_text, self.image_labels, self.text_labels, ks
         )
@@ -129,7 +130,6 @@ def score_retrieval(
     text_labels = np.zeros((len(gallery), image_labels.shape[1]), dtype=int)
     for i, j in enumerate(own_text):
         text_labels[j] |= image_labels[i]
-    from mgll.eval.encoders import text_tower_level
 
     tower_level = text_tower_level(model, text_level)
     with torch.no_grad():
@@ -150,7 +150,9 @@ def score_retrieval(
     )
 
 
-def retrieval_texts(data: Any, rows: np.ndarray, text_level: str) -> tuple[np.ndarray, list[str]]:
+def retrieval_texts(
+    data: EvalData, rows: np.ndarray, text_level: str
+) -> tuple[np.ndarray, list[str]]:
     """The rows that carry a text at ``text_level`` and those texts (a row without one is
     neither a query nor in the gallery)."""
     level = [lv.name for lv in data.records.levels].index(text_level)
@@ -167,7 +169,7 @@ def _mean_defined(values: np.ndarray) -> float | None:
 
 def write_retrieval_outputs(
     output_dir: str | Path,
-    data: Any,
+    data: EvalData,
     rows: np.ndarray,
     texts: Sequence[str],
     hits: dict[str, np.ndarray],
@@ -187,8 +189,6 @@ def write_retrieval_outputs(
     ``references`` as :meth:`RetrievalScores.hits` / :meth:`RetrievalScores.references` give
     them (or their concatenation over galleries); ``n_texts`` is the number of gallery texts in
     all. Returns the results. Image-query CIs resample patients; text-query CIs resample texts."""
-    from mgll.eval.results import write_json
-
     patients = data.patients(rows)
     metrics = _retrieval_metrics(hits, patients, n_resamples, seed)
     chance, blind = _retrieval_baselines(hits, references)
@@ -233,8 +233,6 @@ def _retrieval_metrics(
 ) -> dict[str, Any]:
     """Each hit metric's mean with its 95% CI (image queries resample patients, text queries
     resample texts) and the median rank of an image's own text."""
-    from mgll.metrics import mean_with_ci
-
     metrics: dict[str, Any] = {}
     for key, values in hits.items():
         if key == "i2t_rank":
@@ -266,15 +264,13 @@ def _retrieval_baselines(
 
 def _write_retrieval_csv(
     path: Path,
-    data: Any,
+    data: EvalData,
     rows: np.ndarray,
     texts: Sequence[str],
     hits: dict[str, np.ndarray],
     gallery: np.ndarray,
 ) -> None:
     """``retrieval.csv``: one row per image query with its own text's rank and its hits."""
-    from mgll.io import atomic_write
-
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     columns = [k for k in hits if k.startswith("i2t") and k != "i2t_rank"]
@@ -297,8 +293,6 @@ def _write_retrieval_csv(
 def read_retrieval_hits(folder: str | Path) -> dict[str, Any]:
     """A retrieval folder's per-image-query rows: images, patients, texts and the hit
     columns (``i2t_R@K``, ``i2t_P@K``) as float arrays."""
-    from mgll.eval.results import ResultsError
-
     path = Path(folder) / RETRIEVAL_FILE
     if not path.is_file():
         raise ResultsError(f"{path}: missing; is {folder} an output folder of mgll retrieve?")
@@ -323,7 +317,7 @@ def read_retrieval_hits(folder: str | Path) -> dict[str, Any]:
 
 def retrieval(
     model: Any,
-    data: Any,
+    data: EvalData,
     output_dir: str | Path,
     options: EvalOptions = DEFAULT_OPTIONS,
     *,
@@ -335,8 +329,6 @@ def retrieval(
     """Retrieval on ``data``'s test split with ``model`` (an ``MGLLModel``): the texts of
     ``text_level`` (default: the task's level), label-aware P@K judged by the task's labels;
     writes ``results.json``, ``retrieval.csv``, ``recall.png`` and ``split.csv``."""
-    from mgll.eval.features import projected_features
-
     encoder, features = projected_features(model, data, options, name=name, run_config=run_config)
     text_level = text_level or data.task.level
     names = [lv.name for lv in data.records.levels]
@@ -378,8 +370,6 @@ def _plot_recall(path: Path, ranks: np.ndarray, gallery: np.ndarray) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mgll.io import atomic_write
-
     ks = np.arange(1, int(gallery.max()) + 1)
     fig, ax = plt.subplots(figsize=(5, 4))
     ax.plot(ks, [(ranks <= k).mean() for k in ks], label=f"image -> text ({len(ranks)} queries)")
@@ -412,62 +402,3 @@ def format_retrieval(results: dict[str, Any]) -> str:
             "image queries (100%: the ranking ignores the image)."
         )
     return "\n".join(lines)
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``retrieve`` sub-command."""
-    from mgll.eval.cli import add_model_arguments, add_run_arguments, add_task_arguments
-
-    parser = subparsers.add_parser(
-        "retrieve",
-        help="image-text retrieval (R@K, label-aware P@K)",
-        description="Image->text and text->image retrieval on the test split with the texts "
-        "of one level: R@K and label-aware P@K with bootstrap 95% CIs.",
-    )
-    add_model_arguments(parser)
-    add_task_arguments(parser)
-    add_run_arguments(parser)
-    parser.add_argument(
-        "--text-level",
-        metavar="LEVEL",
-        help="level whose texts are the gallery (default: --level); label-aware P@K is judged "
-        "by the labels of --level, e.g. --text-level notes --level organism",
-    )
-    parser.add_argument(
-        "--k", default="1,5,10", metavar="K[,K...]", help="cut-offs K (default 1,5,10)"
-    )
-    parser.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    """``mgll retrieve``."""
-    from mgll.eval.cli import run_offline
-
-    def body() -> int:
-        from mgll.eval.cli import eval_options, load_task
-        from mgll.eval.encoders import load_run_model
-
-        try:
-            ks = [int(k) for k in args.k.split(",") if k.strip()]
-        except ValueError:
-            raise TaskError(f"--k: {args.k!r} is not a list of integers") from None
-        if not ks or min(ks) < 1:
-            raise TaskError(f"--k: {args.k!r}: cut-offs must be positive integers")
-        options = eval_options(args)
-        model, config = load_run_model(args.model, options.device)
-        data = load_task(args, config)
-        results = retrieval(
-            model,
-            data,
-            args.output_dir,
-            options,
-            name=str(args.model),
-            text_level=args.text_level,
-            run_config=config,
-            ks=ks,
-        )
-        print(format_retrieval(results))
-        print(f"wrote {args.output_dir}")
-        return 0
-
-    return run_offline(body)

@@ -18,9 +18,12 @@ from typing import Any
 import numpy as np
 
 from mgll.data.build import drop_missing_images, load_records, split_records
+from mgll.data.config import SplitConfig
 from mgll.data.records import RecordSet
+from mgll.data.spec import is_spec_path
 from mgll.data.splits import SPLIT_NAMES, patient_key, write_split_file
 from mgll.errors import UserError
+from mgll.schema import from_mapping
 
 
 class TaskError(UserError, ValueError):
@@ -249,10 +252,6 @@ def load_eval_data(
     None takes :func:`default_split` (the run's split when ``encoder_config`` is a run
     pretrained on this folder; else ``mode: source`` when the source ships one).
     """
-    from mgll.data.config import SplitConfig
-    from mgll.data.spec import is_spec_path
-    from mgll.schema import from_mapping
-
     source = data_format
     path: str | Path | None = data
     if is_spec_path(data):  # a spec names its own paths: no data.path to warn about

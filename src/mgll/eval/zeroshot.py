@@ -19,7 +19,6 @@ filled with the class name. ``--template`` (repeatable) and ``--prompts FILE`` (
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,8 +28,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from mgll.eval.encoders import text_tower_level
+from mgll.eval.features import projected_features
 from mgll.eval.options import DEFAULT_OPTIONS, EvalOptions
-from mgll.eval.task import TaskError, check_scorable
+from mgll.eval.results import write_classification_outputs
+from mgll.eval.task import EvalData, TaskError, check_scorable
 
 DEFAULT_TEMPLATES = (
     "{}.",
@@ -38,11 +40,12 @@ DEFAULT_TEMPLATES = (
     "a medical image of {}.",
     "a photo showing {}.",
 )
+
 NEGATIVE_FORM = "no {}"
 MAX_DATA_PROMPTS = 10
 
 
-def data_prompts(data: Any) -> dict[str, list[str]] | None:
+def data_prompts(data: EvalData) -> dict[str, list[str]] | None:
     """Per class, the distinct texts of the training records of that single class at the level
     (None when some class has none or more than :data:`MAX_DATA_PROMPTS`)."""
     names = [lv.name for lv in data.records.levels]
@@ -59,7 +62,7 @@ def data_prompts(data: Any) -> dict[str, list[str]] | None:
 
 
 def class_prompts(
-    data: Any,
+    data: EvalData,
     templates: Sequence[str] | None = None,
     prompts: Mapping[str, Sequence[str]] | None = None,
 ) -> tuple[dict[str, list[str]], dict[str, list[str]] | None, str]:
@@ -94,8 +97,6 @@ def class_embeddings(
 ) -> torch.Tensor:
     """(C, D) normalised class embeddings, row k for ``classes[k]``: the mean of that class's
     normalised prompt embeddings, normalised again (CLIP's prompt ensembling)."""
-    from mgll.eval.encoders import text_tower_level
-
     tower_level = text_tower_level(model, level)
     rows = []
     with torch.no_grad():
@@ -151,7 +152,7 @@ class ZeroShotClassifier:
 
 def build_zero_shot_classifier(
     model: Any,
-    data: Any,
+    data: EvalData,
     templates: Sequence[str] | None = None,
     prompts: Mapping[str, Sequence[str]] | None = None,
 ) -> ZeroShotClassifier:
@@ -174,7 +175,7 @@ def build_zero_shot_classifier(
 
 def zero_shot(
     model: Any,
-    data: Any,
+    data: EvalData,
     output_dir: str | Path,
     options: EvalOptions = DEFAULT_OPTIONS,
     *,
@@ -185,9 +186,6 @@ def zero_shot(
 ) -> dict[str, Any]:
     """Zero-shot classification of ``data``'s test split by ``model`` (an ``MGLLModel``);
     writes the output folder (same layout as the probe) and returns results.json's dict."""
-    from mgll.eval.features import projected_features
-    from mgll.eval.results import write_classification_outputs
-
     check_scorable(data)
     encoder, features = projected_features(model, data, options, name=name, run_config=run_config)
     bad = features.unreadable
@@ -220,55 +218,3 @@ def load_prompts_file(path: str | Path) -> dict[str, list[str]]:
     if not isinstance(raw, dict):
         raise TaskError(f"--prompts {path}: expected an object {{class: [prompts]}}")
     return {str(k): [v] if isinstance(v, str) else [str(p) for p in v] for k, v in raw.items()}
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``zeroshot`` sub-command."""
-    from mgll.eval.cli import add_model_arguments, add_run_arguments, add_task_arguments
-
-    parser = subparsers.add_parser(
-        "zeroshot",
-        help="zero-shot classification with class prompts",
-        description="Zero-shot classification of a level with prompt ensembles (softmax over "
-        "classes; a positive/negative prompt pair per label for multi-label levels).",
-    )
-    add_model_arguments(parser)
-    add_task_arguments(parser)
-    add_run_arguments(parser)
-    parser.add_argument(
-        "--template",
-        action="append",
-        metavar="TEXT",
-        help="prompt template with {} for the class name (repeatable: an ensemble)",
-    )
-    parser.add_argument("--prompts", metavar="FILE", help="JSON {class: [prompt, ...]}")
-    parser.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    """``mgll zeroshot``."""
-    from mgll.eval.cli import run_offline
-
-    def body() -> int:
-        from mgll.eval.cli import eval_options, load_task
-        from mgll.eval.encoders import load_run_model
-        from mgll.eval.results import format_metrics
-
-        options = eval_options(args)
-        model, config = load_run_model(args.model, options.device)
-        data = load_task(args, config)
-        results = zero_shot(
-            model,
-            data,
-            args.output_dir,
-            options,
-            name=str(args.model),
-            run_config=config,
-            templates=args.template,
-            prompts=load_prompts_file(args.prompts) if args.prompts else None,
-        )
-        print(format_metrics(results))
-        print(f"wrote {args.output_dir}")
-        return 0
-
-    return run_offline(body)
