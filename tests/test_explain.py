@@ -136,3 +136,11 @@ def test_explain_images_writes_each_texts_own_map_and_similarity(tmp_path, train
     lesion = np.load(tmp_path / "o" / entries[0]["map"])
     assert lesion[:, :16].sum() / lesion.sum() > 0.55  # 0.62: most of it where the square is
     assert not np.allclose(lesion, np.load(tmp_path / "o" / entries[1]["map"]), atol=1e-3)
+
+
+def test_the_commands_method_choices_are_the_cam_methods():
+    """``mgll explain --method`` lists the names without loading torch: the same names."""
+    from mgll.explain import CAM_METHODS
+    from mgll.explain_cli import CAM_METHOD_NAMES
+
+    assert sorted(CAM_METHOD_NAMES) == sorted(CAM_METHODS)

@@ -32,9 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mgll.data.cache import load_resized
 from mgll.errors import UserError
 from mgll.eval.options import resolve_device
 from mgll.io import atomic_write, save_npy
+from mgll.models.factory import from_pretrained
+from mgll.models.hub import CONFIG_FILE
+from mgll.training.checkpoint import load_model
 
 OVERLAY_SIZE = 256
 CAM_METHODS = {"gradcam": "GradCAM", "hirescam": "HiResCAM", "gradcam++": "GradCAMPlusPlus"}
@@ -136,10 +140,6 @@ def gradcam_maps(
 def load_explain_model(spec: str | os.PathLike, device: str = "auto") -> Any:
     """An ``MGLLModel`` from a save_pretrained folder, a run folder or a checkpoint file, on
     ``device`` (``auto``: cuda when available)."""
-    from mgll.models.factory import from_pretrained
-    from mgll.models.hub import CONFIG_FILE
-    from mgll.training.checkpoint import load_model
-
     path, device = Path(spec), resolve_device(device)
     if (path / CONFIG_FILE).is_file():
         return from_pretrained(path, device)
@@ -179,8 +179,6 @@ def explain_images(
     from PIL import Image
     from pytorch_grad_cam.utils.image import show_cam_on_image
 
-    from mgll.data.cache import load_resized
-
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     size = model.image_size if isinstance(model.image_size, int) else model.image_size[0]
@@ -214,47 +212,3 @@ def explain_images(
     summary = output_dir / "explanations.json"
     atomic_write(summary, lambda p: p.write_text(json.dumps(entries, indent=2) + "\n"))
     return entries
-
-
-def register(subparsers: Any) -> None:
-    """Add the ``explain`` sub-command."""
-    parser = subparsers.add_parser(
-        "explain",
-        help="Grad-CAM heatmaps: where in an image the model sees a text",
-        description="Grad-CAM of the image-text similarity on the image tower's last stage "
-        "(ViT: patch tokens of the last block). Writes an overlay PNG and the raw map (.npy) "
-        "per image and text, and explanations.json.",
-    )
-    parser.add_argument("images", nargs="+", help="image files (any format mgll reads)")
-    parser.add_argument(
-        "--model",
-        required=True,
-        help="a pretraining run folder, a checkpoint file, or a save_pretrained folder",
-    )
-    parser.add_argument(
-        "--text", action="append", required=True, help="a text to explain (repeatable)"
-    )
-    parser.add_argument("--output-dir", required=True, help="folder for the heatmaps")
-    parser.add_argument(
-        "--method",
-        choices=sorted(CAM_METHODS),
-        default="gradcam",
-        help="CAM variant of the grad-cam package (default gradcam)",
-    )
-    parser.add_argument(
-        "--device", default="auto", help="cpu, cuda, cuda:1 or auto (default: cuda if available)"
-    )
-    parser.set_defaults(func=run)
-
-
-def run(args: Any) -> int:
-    """Run ``mgll explain`` (user errors reach ``mgll.cli.main`` as one line)."""
-    from mgll.process import offline_hubs
-
-    with offline_hubs():
-        model = load_explain_model(args.model, args.device)
-        entries = explain_images(model, args.images, args.text, args.output_dir, args.method)
-    for entry in entries:
-        print(f"{entry['overlay']}: similarity {entry['similarity']:.3f}")
-    print(f"wrote {len(entries)} heatmap(s) to {args.output_dir}")
-    return 0
