@@ -1,17 +1,27 @@
 """Multi-granular medical image-text data: the dataset model, adapters for real formats,
 robust image decoding, transforms, a preprocessing cache, patient-level splits and
-``mgll data`` (see docs/data.md; the trainer contract is in docs/architecture.md)."""
+``mgll data`` (see docs/data.md; the trainer contract is in docs/architecture.md).
 
-from mgll.data.adapters import ADAPTERS, adapter_names, detect_adapter, get_adapter
-from mgll.data.build import PreparedData, build_datasets, load_pool, load_records, prepare_data
-from mgll.data.cache import PreprocessCache, load_resized, resize_square
-from mgll.data.config import DataConfig, SplitConfig
-from mgll.data.dataset import MultiGranularDataset, collate_samples
-from mgll.data.images import ImageLoadError, detect_format, load_image
-from mgll.data.records import LevelInfo, Record, RecordSet
-from mgll.data.spec import SpecError, records_from_spec
-from mgll.data.splits import patient_split, read_split_file, write_split_file
-from mgll.data.transforms import CLIP_MEAN, CLIP_STD, build_transform
+The names below load when first asked for (``from mgll.data import X`` loads ``X``'s module),
+so the command layer (``mgll data --help``) and ``from mgll.data.X import Y`` load no torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mgll.data.adapters import ADAPTERS, adapter_names, detect_adapter, get_adapter
+    from mgll.data.build import PreparedData, build_datasets, load_pool, load_records, prepare_data
+    from mgll.data.cache import PreprocessCache, load_resized, resize_square
+    from mgll.data.config import DataConfig, SplitConfig
+    from mgll.data.dataset import MultiGranularDataset, collate_samples
+    from mgll.data.images import ImageLoadError, detect_format, load_image
+    from mgll.data.records import LevelInfo, Record, RecordSet
+    from mgll.data.spec import SpecError, records_from_spec
+    from mgll.data.splits import patient_split, read_split_file, write_split_file
+    from mgll.data.transforms import CLIP_MEAN, CLIP_STD, build_transform
 
 __all__ = [
     "ADAPTERS",
@@ -45,3 +55,42 @@ __all__ = [
     "resize_square",
     "write_split_file",
 ]
+
+_HOMES = {
+    "ADAPTERS": "mgll.data.adapters",
+    "adapter_names": "mgll.data.adapters",
+    "detect_adapter": "mgll.data.adapters",
+    "get_adapter": "mgll.data.adapters",
+    "PreparedData": "mgll.data.build",
+    "build_datasets": "mgll.data.build",
+    "load_pool": "mgll.data.build",
+    "load_records": "mgll.data.build",
+    "prepare_data": "mgll.data.build",
+    "PreprocessCache": "mgll.data.cache",
+    "load_resized": "mgll.data.cache",
+    "resize_square": "mgll.data.cache",
+    "DataConfig": "mgll.data.config",
+    "SplitConfig": "mgll.data.config",
+    "MultiGranularDataset": "mgll.data.dataset",
+    "collate_samples": "mgll.data.dataset",
+    "ImageLoadError": "mgll.data.images",
+    "detect_format": "mgll.data.images",
+    "load_image": "mgll.data.images",
+    "LevelInfo": "mgll.data.records",
+    "Record": "mgll.data.records",
+    "RecordSet": "mgll.data.records",
+    "SpecError": "mgll.data.spec",
+    "records_from_spec": "mgll.data.spec",
+    "patient_split": "mgll.data.splits",
+    "read_split_file": "mgll.data.splits",
+    "write_split_file": "mgll.data.splits",
+    "CLIP_MEAN": "mgll.data.transforms",
+    "CLIP_STD": "mgll.data.transforms",
+    "build_transform": "mgll.data.transforms",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'mgll.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(_HOMES[name]), name)

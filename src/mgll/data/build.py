@@ -22,6 +22,7 @@ from mgll.data.config import DataConfig, SplitConfig
 from mgll.data.dataset import MultiGranularDataset
 from mgll.data.pool import is_pool_file, read_pool, sampling_weights
 from mgll.data.records import LevelInfo, RecordSet
+from mgll.data.shards import prepare_shards
 from mgll.data.spec import find_spec, is_spec_path, records_from_spec, resolve_path
 from mgll.data.splits import (
     SPLIT_NAMES,
@@ -255,8 +256,6 @@ def prepare_data(
     """
     cfg = DataConfig.from_dict(data_cfg)
     if cfg.source == "shards":  # written by `mgll data shard`: records and split are inside
-        from mgll.data.shards import prepare_shards
-
         return prepare_shards(cfg, data_root, seed)  # type: ignore[return-value]
     records, folder = load_records(cfg.source, cfg.path, data_root=data_root, options=cfg.options)
     records = records.select_levels(cfg.levels)

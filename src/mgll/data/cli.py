@@ -10,9 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from mgll.data.adapters import adapter_names
-from mgll.data.build import load_records, split_records
-from mgll.data.check import check_records, format_report
-from mgll.data.config import SplitConfig
 from mgll.data.records import RecordSet
 from mgll.data.spec import is_spec_path
 from mgll.data.splits import SPLIT_NAMES, patient_key, patient_split, write_split_file
@@ -189,6 +186,8 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
 
 
 def _load(args: argparse.Namespace) -> tuple[RecordSet, Path]:
+    from mgll.data.build import load_records
+
     path = Path(args.path)
     if args.path.startswith(PACKAGE_PREFIX):
         path = Path(resolve_package_paths(args.path, "path"))
@@ -225,6 +224,8 @@ def _fractions(args: argparse.Namespace) -> dict[str, float]:
 
 def run_check(args: argparse.Namespace) -> int:
     """Print the check report; exit 1 when it has errors (or the dataset cannot be read)."""
+    from mgll.data.check import check_records, format_report
+
     records, _ = _load(args)
     report = check_records(
         records,
@@ -242,6 +243,9 @@ def run_check(args: argparse.Namespace) -> int:
 
 def run_split(args: argparse.Namespace) -> int:
     """Write the split CSV and print images/patients per split."""
+    from mgll.data.build import split_records
+    from mgll.data.config import SplitConfig
+
     if not args.output:
         raise UsageError("--output FILE is required (the split CSV to write)")
     records, folder = _load(args)
