@@ -22,6 +22,7 @@ import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -210,6 +211,16 @@ def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
             raise ConfigError(f"config key {prefix!r} is not a section; cannot set {dotted!r}")
         node = child
     node[parts[-1]] = value
+
+
+SHIPPED_CONFIG_PACKAGE = "mgll.configs"
+
+
+def shipped_config_names() -> list[str]:
+    """Names of the recipes shipped in ``mgll/configs`` (``cpu-demo``, ``paper``, ...); here,
+    not in the pretraining config, so ``mgll pretrain --help`` lists them without torch."""
+    root = resources.files(SHIPPED_CONFIG_PACKAGE)
+    return sorted(p.name[: -len(".yaml")] for p in root.iterdir() if p.name.endswith(".yaml"))
 
 
 PACKAGE_PREFIX = "package:"

@@ -33,6 +33,8 @@ from torch import nn
 from mgll.distributed import barrier, distributed_info, gather_objects
 from mgll.errors import UserError
 from mgll.io import atomic_write
+from mgll.models import ModelConfig, create_model
+from mgll.models.authors import is_torch_pickle
 from mgll.schema import flatten
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -157,8 +159,6 @@ def read_metadata(weights: Path) -> dict[str, Any]:
     try:
         meta = read_header(weights)
     except CheckpointError as err:
-        from mgll.models.authors import is_torch_pickle
-
         if is_torch_pickle(weights):  # e.g. one of the authors' checkpoint-*.pth files
             raise CheckpointError(
                 f"{weights} is a PyTorch file, not an mgll pretraining checkpoint: the authors' "
@@ -230,7 +230,8 @@ def load_model(
     saved in the checkpoint (a plain dict). This is the one way every consumer (export,
     evaluation, transfer) reads a pretrained run.
     """
-    from mgll.models import ModelConfig, create_model
+    # here, not at the top: fine-tuning and segmentation read checkpoints without loading the
+    # pretraining config (tests/test_import_graph.py); only reading a pretraining run needs it
     from mgll.training.config import migrate
 
     weights = resolve_checkpoint(checkpoint)

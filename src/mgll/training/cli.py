@@ -6,8 +6,7 @@ import argparse
 from pathlib import Path
 
 from mgll.cli import add_resume_argument
-from mgll.process import offline_hubs
-from mgll.training.config import load_config, parse_overrides, shipped_config_names
+from mgll.schema import shipped_config_names
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -48,6 +47,9 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(("train.seed", args.seed))
     if args.deterministic:
         overrides.append(("train.deterministic", True))
+    from mgll.process import offline_hubs
+    from mgll.training.config import load_config, parse_overrides
+
     try:
         pairs = parse_overrides(args.overrides) + overrides
         cfg = load_config(args.config, pairs)

@@ -32,6 +32,7 @@ from mgll.models.config import ModelConfig
 from mgll.schema import (
     MOVED_KEYS,
     PACKAGE_PREFIX,
+    SHIPPED_CONFIG_PACKAGE,
     ConfigError,
     PrecisionName,
     build_section,
@@ -41,6 +42,7 @@ from mgll.schema import (
     read_config_file,
     read_yaml,
     resolve_package_paths,
+    shipped_config_names,
     to_dict,
 )
 
@@ -63,8 +65,6 @@ __all__ = [
     "resolve_package_paths",
     "save_config",
 ]
-
-SHIPPED_CONFIG_PACKAGE = "mgll.configs"
 
 
 @dataclass(frozen=True)
@@ -242,12 +242,6 @@ def migrate(data: Mapping[str, Any]) -> dict[str, Any]:
                 stacklevel=3,
             )
     return raw
-
-
-def shipped_config_names() -> list[str]:
-    """Names of the recipes shipped in ``mgll/configs`` (``cpu-demo``, ``paper``, ...)."""
-    root = resources.files(SHIPPED_CONFIG_PACKAGE)
-    return sorted(p.name[: -len(".yaml")] for p in root.iterdir() if p.name.endswith(".yaml"))
 
 
 def _source_text(name_or_path: str) -> tuple[dict[str, Any], str]:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mgll.losses import label_presence
+from mgll.metrics import retrieval_hits
 from mgll.training.objective import Objective
 from mgll.training.step import Precision
 
@@ -48,8 +49,6 @@ def retrieval_metrics(
     text are neither queries nor gallery; ``P@k`` uses only samples that carry a label. The
     ranking is :func:`mgll.metrics.retrieval_hits`, as in ``mgll retrieve``.
     """
-    from mgll.metrics import retrieval_hits
-
     keep = [i for i, t in enumerate(texts) if t]
     if not keep:
         return {"queries": 0, "texts": 0}
