@@ -17,9 +17,31 @@ each resumed when the command is re-run with the same ``--output-dir``:
    (:mod:`mgll.demo.report`).
 
 See docs/demo.md for the recipe, the protocol and what was measured.
+
+The names below load when first asked for, so the command layer (:mod:`mgll.demo.cli`) lists
+the recipes without loading torch.
 """
 
-from mgll.demo.run import run_demo
-from mgll.demo.settings import RECIPES, DemoError
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mgll.demo.recipes import RECIPES
+    from mgll.demo.run import run_demo
+    from mgll.demo.settings import DemoError
 
 __all__ = ["RECIPES", "DemoError", "run_demo"]
+
+_HOMES = {
+    "RECIPES": "mgll.demo.recipes",
+    "DemoError": "mgll.demo.settings",
+    "run_demo": "mgll.demo.run",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'mgll.demo' has no attribute {name!r}")
+    return getattr(importlib.import_module(_HOMES[name]), name)

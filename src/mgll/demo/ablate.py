@@ -25,9 +25,18 @@ from typing import Any
 
 import numpy as np
 
-from mgll.demo.folds import patient_folds, pretrain_run, write_folds
+from mgll.data import prepare_data
+from mgll.data.records import RecordSet
+from mgll.demo.folds import fold_task, patient_folds, pretrain_run, write_folds
 from mgll.demo.progress import Progress
 from mgll.demo.settings import C_GRID, RECIPES, Demo, DemoError, check_settings, load_demo_records
+from mgll.eval.encoders import encoder_from_model
+from mgll.eval.features import extract_features
+from mgll.eval.options import EvalOptions
+from mgll.eval.probe import fit_probe
+from mgll.io import atomic_write
+from mgll.metrics import classification_metrics
+from mgll.training.checkpoint import load_model
 
 ABLATION_FOLDS = 2  # per seed; seeds give the spread, folds make every image a test image once
 DROP_FRACTION = 0.3
@@ -78,7 +87,6 @@ def variants(num_levels: int) -> list[Variant]:
 def label_dropping_builder(fraction: float, seed: int) -> Callable:
     """A trainer ``data_builder``: the usual prepared data with ``fraction`` of the training
     records' finest-level labels removed (seeded), so the loss treats them as missing."""
-    from mgll.data import prepare_data
 
     def build(data_cfg: Any, data_root: Any, run_seed: int) -> Any:
         prepared = prepare_data(data_cfg, data_root, run_seed)
@@ -97,16 +105,10 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
 
 
-def _pooled_auc(demo: Demo, variant: Variant, records: Any, fold: np.ndarray, level: str) -> float:
+def _pooled_auc(
+    demo: Demo, variant: Variant, records: RecordSet, fold: np.ndarray, level: str
+) -> float:
     """Macro AUC of ``level`` from the variant's fold models, held-out predictions pooled."""
-    from mgll.demo.folds import fold_task
-    from mgll.eval.encoders import encoder_from_model
-    from mgll.eval.features import extract_features
-    from mgll.eval.options import EvalOptions
-    from mgll.eval.probe import fit_probe
-    from mgll.metrics import classification_metrics
-    from mgll.training.checkpoint import load_model
-
     everything = np.arange(len(records.records))
     pooled = fold_task(demo, records, level, everything[:0], everything)
     task, y = pooled.task, pooled.y
@@ -137,8 +139,6 @@ def run_ablation(
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run (or resume) the ablation; writes ``OUT/ablation.json`` and ``OUT/ablation.md``."""
-    from mgll.io import atomic_write
-
     if dataset not in RECIPES:
         raise DemoError(f"--dataset {dataset!r}: choose one of {', '.join(RECIPES)}")
     if seeds < 1:
@@ -200,11 +200,11 @@ def run_ablation(
     return summary
 
 
-def _run_variant(demo: Demo, variant: Any, records: Any, fold: Any, progress: Progress) -> float:
+def _run_variant(
+    demo: Demo, variant: Any, records: RecordSet, fold: Any, progress: Progress
+) -> float:
     """One variant of one seed: pretrain its folds, then the probe's pooled macro AUC (each
     read back when a previous run finished it)."""
-    from mgll.io import atomic_write
-
     slug = _slug(variant.name)
     builder = (
         label_dropping_builder(variant.drop_fraction, demo.seed) if variant.drop_fraction else None
@@ -248,41 +248,6 @@ def format_ablation(summary: dict[str, Any]) -> str:
         per_seed = ", ".join(f"{v:.3f}" for v in row["auc_macro"])
         lines.append(f"| {row['variant']} | {row['mean']:.3f}{spread} | {per_seed} |")
     return "\n".join(lines)
-
-
-def register(subparsers: Any) -> None:
-    """Add the ``ablate`` sub-command."""
-    parser = subparsers.add_parser(
-        "ablate",
-        help="the paper's ablation (loss terms, levels, missing labels) over several seeds",
-        description="Pretrain every ablation variant with the demo's recipe per seed and fold, "
-        "probe each on held-out patients and print the mean and standard deviation over seeds. "
-        "Re-running with the same --output-dir resumes.",
-    )
-    parser.add_argument("--data-root", required=True, help="folder holding the dataset folder")
-    parser.add_argument("--output-dir", required=True, help="folder for every output")
-    parser.add_argument(
-        "--dataset", default="csdi-fundus", choices=sorted(RECIPES), help="default: csdi-fundus"
-    )
-    parser.add_argument("--seeds", type=int, default=3, help="patient splits (default 3)")
-    parser.add_argument("--quick", action="store_true", help="1 epoch per run: a smoke run")
-    parser.set_defaults(func=run)
-
-
-def run(args: Any) -> int:
-    """``mgll ablate`` (user errors reach ``mgll.cli.main`` as one line)."""
-    from mgll.process import offline_hubs
-
-    with offline_hubs():
-        run_ablation(
-            args.data_root,
-            args.output_dir,
-            dataset=args.dataset,
-            seeds=args.seeds,
-            quick=args.quick,
-            echo=lambda line: print(line, flush=True),
-        )
-    return 0
 
 
 __all__: Sequence[str] = ("Variant", "format_ablation", "run_ablation", "variants")

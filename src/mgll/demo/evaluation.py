@@ -15,9 +15,17 @@ from typing import Any
 
 import numpy as np
 
+from mgll.data.records import RecordSet
 from mgll.demo.folds import fold_models, fold_task, retrieval_level
 from mgll.demo.settings import C_GRID, Demo, DemoError
+from mgll.eval.encoders import encoder_from_model
+from mgll.eval.features import extract_features
 from mgll.eval.options import EvalOptions
+from mgll.eval.probe import INNER_FOLDS, fit_probe
+from mgll.eval.results import RESULTS_FILE, ResultsError, read_results, write_classification_outputs
+from mgll.eval.retrieve import retrieval_texts, score_retrieval, write_retrieval_outputs
+from mgll.eval.zeroshot import build_zero_shot_classifier
+from mgll.io import atomic_write
 
 REPORT_DATA_FILE = "report_data.npz"
 RETRIEVAL_EXAMPLES = 3  # held-out images shown with their top texts in the report
@@ -27,7 +35,7 @@ RETRIEVAL_KS = (1, 5, 10)
 RETRIEVAL_HEADLINE = ("i2t_R@5", "i2t_P@5")
 
 
-def _retrieval_queries(records: Any, candidates: np.ndarray, level: str) -> list[int]:
+def _retrieval_queries(records: RecordSet, candidates: np.ndarray, level: str) -> list[int]:
     """A few held-out images, the same for every encoder: one per class of the main level
     (the first of the retrieval queries ``candidates`` of each class in file order), up to
     :data:`RETRIEVAL_EXAMPLES`."""
@@ -51,8 +59,6 @@ def _save_report_data(
     fold 1's model (one model, so one feature space) and, for a few held-out images, the
     gallery texts their fold's retrieval ranked highest (each text shown through the first
     image carrying it, for its label)."""
-    from mgll.io import atomic_write
-
     first_fold = np.flatnonzero(fold == 0)
     top_index = np.full((len(queries), RETRIEVAL_TOP), -1, dtype=np.int64)  # -1: no text
     top_score = np.full((len(queries), RETRIEVAL_TOP), np.nan)
@@ -82,7 +88,7 @@ def _save_report_data(
 def _retrieval(
     demo: Demo,
     encoder: str,
-    records: Any,
+    records: RecordSet,
     fold: np.ndarray,
     models: Sequence[Any],
     embs: Sequence[Any],
@@ -92,8 +98,6 @@ def _retrieval(
     (the fold's model, which never saw them), pooled over folds into
     ``OUT/<encoder>/retrieval-<level>``; returns each fold's (rows, scores) (a fold whose
     held-out images carry no such text has no queries and is left out)."""
-    from mgll.eval.retrieve import retrieval_texts, score_retrieval, write_retrieval_outputs
-
     text_name = retrieval_level(records, demo.folds)
     text_level = [lv.name for lv in records.levels].index(text_name)
     everything = np.arange(len(records.records))
@@ -147,10 +151,8 @@ def _retrieval(
     return per_fold
 
 
-def evaluated(demo: Demo, encoder: str, records: Any, levels: Sequence[str]) -> bool:
+def evaluated(demo: Demo, encoder: str, records: RecordSet, levels: Sequence[str]) -> bool:
     """Whether every output of ``encoder``'s evaluation exists (a resumed demo skips it)."""
-    from mgll.eval.results import RESULTS_FILE, ResultsError, read_results
-
     base = demo.out / encoder
     wanted = [base / f"{p}-{lv}" / RESULTS_FILE for lv in levels for p in ("probe", "zeroshot")]
     retrieval = base / f"retrieval-{retrieval_level(records, demo.folds)}"
@@ -163,13 +165,10 @@ def evaluated(demo: Demo, encoder: str, records: Any, levels: Sequence[str]) -> 
 
 
 def _fold_features(
-    demo: Demo, encoder: str, records: Any, models: Sequence[Any]
+    demo: Demo, encoder: str, records: RecordSet, models: Sequence[Any]
 ) -> tuple[list[Any], list[Any]]:
     """Per fold model, the pre-projection features and the projected embeddings of every
     image (a model shared by all folds, such as CLIP's, is read once)."""
-    from mgll.eval.encoders import encoder_from_model
-    from mgll.eval.features import extract_features
-
     options = EvalOptions(cache_dir=False, quiet=True)  # once per fold model: no cache
     feats, embs = [], []
     for k, model in enumerate(models):
@@ -185,7 +184,7 @@ def _fold_features(
 
 def _held_out_scores(
     demo: Demo,
-    records: Any,
+    records: RecordSet,
     level: str,
     n_classes: int,
     fold: np.ndarray,
@@ -195,9 +194,6 @@ def _held_out_scores(
 ) -> tuple[np.ndarray, np.ndarray, list[float], set[str]]:
     """Probe and zero-shot scores of every image at ``level``, each from the model of the
     fold that held it out; the C each fold's probe chose and the prompt sources used."""
-    from mgll.eval.probe import fit_probe
-    from mgll.eval.zeroshot import build_zero_shot_classifier
-
     everything = np.arange(len(records.records))
     probe = np.zeros((len(everything), n_classes))
     zeroshot = np.zeros_like(probe)
@@ -224,7 +220,7 @@ def _held_out_scores(
 def evaluate_encoder(
     demo: Demo,
     encoder: str,
-    records: Any,
+    records: RecordSet,
     fold: np.ndarray,
     levels: Sequence[str],
     progress: Any,
@@ -232,9 +228,6 @@ def evaluate_encoder(
     """Probe, zero-shot and retrieval outputs of one encoder for every level, each step said
     and timed by ``progress`` (:class:`~mgll.demo.progress.Progress`); False when all existed
     (a resumed demo)."""
-    from mgll.eval.probe import INNER_FOLDS
-    from mgll.eval.results import write_classification_outputs
-
     base = demo.out / encoder
     if evaluated(demo, encoder, records, levels):
         return False

@@ -15,16 +15,23 @@ from typing import Any
 
 import numpy as np
 
+from mgll.data.records import RecordSet
+from mgll.data.splits import write_split_file
 from mgll.demo.settings import Demo, DemoError
+from mgll.eval.task import EvalData, build_task, scorable_classes
+from mgll.models import create_model
+from mgll.process import seed_everything
+from mgll.training import checkpoint as ckpt
+from mgll.training.checkpoint import load_model
+from mgll.training.trainer import SUMMARY_FILE as RUN_SUMMARY
+from mgll.training.trainer import train
 
 
-def level_kinds(records: Any, folds: int) -> dict[str, str]:
+def level_kinds(records: RecordSet, folds: int) -> dict[str, str]:
     """What each level is to the demo, from its distinct values against the images a fold holds
     out: ``label`` (2 to :func:`~mgll.eval.task.scorable_classes` classes: probed and
     zero-shot), ``text`` (more classes than a fold's held-out images can score: free text, for
     retrieval) or ``single`` (one class: nothing to score)."""
-    from mgll.eval.task import scorable_classes
-
     kinds = {}
     for g, level in enumerate(records.levels):
         labelled = sum(1 for r in records.records if r.labels[g])
@@ -36,21 +43,19 @@ def level_kinds(records: Any, folds: int) -> dict[str, str]:
     return kinds
 
 
-def classification_levels(records: Any, folds: int = 5) -> list[str]:
+def classification_levels(records: RecordSet, folds: int = 5) -> list[str]:
     """The levels the demo probes (and scores zero-shot): its ``label`` levels."""
     return [name for name, kind in level_kinds(records, folds).items() if kind == "label"]
 
 
-def retrieval_level(records: Any, folds: int = 5) -> str:
+def retrieval_level(records: RecordSet, folds: int = 5) -> str:
     """The level whose texts the demo retrieves: the finest free-text level, else the finest."""
     texts = [name for name, kind in level_kinds(records, folds).items() if kind == "text"]
     return texts[-1] if texts else records.levels[-1].name
 
 
-def check_main_level(records: Any, level: str, folds: int) -> None:
+def check_main_level(records: RecordSet, level: str, folds: int) -> None:
     """DemoError (one line) unless ``level`` is a label the demo can probe and fold on."""
-    from mgll.eval.task import scorable_classes
-
     g = [lv.name for lv in records.levels].index(level)
     kind = level_kinds(records, folds)[level]
     if kind == "label":
@@ -68,7 +73,7 @@ def check_main_level(records: Any, level: str, folds: int) -> None:
     raise DemoError(f"--level {level!r}: {why}; give a label level to probe ({labels})")
 
 
-def patient_folds(records: Any, level: str, k: int, seed: int) -> np.ndarray:
+def patient_folds(records: RecordSet, level: str, k: int, seed: int) -> np.ndarray:
     """Fold (0..k-1) of every record: patient-group-level folds stratified on ``level``'s
     first label (scikit-learn ``StratifiedGroupKFold``)."""
     from sklearn.model_selection import StratifiedGroupKFold
@@ -85,10 +90,8 @@ def patient_folds(records: Any, level: str, k: int, seed: int) -> np.ndarray:
     return fold
 
 
-def write_folds(demo: Demo, records: Any, fold: np.ndarray) -> None:
+def write_folds(demo: Demo, records: RecordSet, fold: np.ndarray) -> None:
     """``OUT/folds/fold<k>.csv``: fold k's held-out patients as test, the rest as train."""
-    from mgll.data.splits import write_split_file
-
     for k in range(demo.folds):
         split = {
             "train": [int(i) for i in np.flatnonzero(fold != k)],
@@ -104,10 +107,6 @@ def pretrain_run(
 ) -> tuple[float, bool]:
     """Pretrain (or resume, or skip when finished) one run into ``run_dir``; returns its
     seconds and whether it ran now. The trainer's output goes to ``run_dir/train.log``."""
-    from mgll.training import checkpoint as ckpt
-    from mgll.training.trainer import SUMMARY_FILE as RUN_SUMMARY
-    from mgll.training.trainer import train
-
     summary_path = run_dir / RUN_SUMMARY
     if summary_path.is_file():
         return float(json.loads(summary_path.read_text(encoding="utf-8"))["seconds"]), False
@@ -124,10 +123,6 @@ def pretrain_run(
 def fold_models(demo: Demo, encoder: str) -> list[Any]:
     """The encoder's model of every fold: the seeded initial model for ``random`` (the weights
     every pretraining starts from, the same for all folds), else the fold's pretrained run."""
-    from mgll.models import create_model
-    from mgll.process import seed_everything
-    from mgll.training.checkpoint import load_model
-
     if encoder == "random":
         seed_everything(demo.seed)  # as the trainer does right before building the model
         model = create_model(demo.config("mgll", 0).model)
@@ -136,12 +131,10 @@ def fold_models(demo: Demo, encoder: str) -> list[Any]:
 
 
 def fold_task(
-    demo: Demo, records: Any, level: str, train_rows: np.ndarray, test_rows: np.ndarray
+    demo: Demo, records: RecordSet, level: str, train_rows: np.ndarray, test_rows: np.ndarray
 ) -> Any:
     """The task of ``level`` on one fold (or, ``train_rows`` empty, on every held-out image
     pooled): the usable rows of ``train_rows`` and ``test_rows``, no validation part."""
-    from mgll.eval.task import EvalData, build_task
-
     task, y, usable = build_task(records, level)
     rows = {
         "train": np.asarray([i for i in train_rows if usable[i]], dtype=np.int64),
@@ -166,8 +159,6 @@ def fold_task(
 def pretrain_folds(demo: Demo, encoders: tuple[str, ...], progress: Any) -> dict[str, float]:
     """Pretrain (or resume, or keep) every encoder once per fold, each on its fold's training
     patients only (``OUT/folds/fold<k>.csv``); returns each encoder's seconds over folds."""
-    from mgll.training.trainer import SUMMARY_FILE as RUN_SUMMARY
-
     seconds: dict[str, float] = {}
     for encoder in encoders:
         seconds[encoder] = 0.0

@@ -21,8 +21,12 @@ from typing import Any
 
 import numpy as np
 
+from mgll.demo.evaluation import REPORT_DATA_FILE
+from mgll.demo.settings import ENCODERS, PRETRAINED, REPORT_FILE
+from mgll.eval.results import read_predictions
 from mgll.io import atomic_write
 from mgll.metrics import comparison_verdict
+from mgll.training.run_log import read_metrics
 
 
 @dataclass
@@ -416,11 +420,6 @@ def _retrieval_examples(
 
 def write_demo_report(demo: Any, records: Any, summary: Mapping[str, Any]) -> Path:
     """``OUT/report.html`` from the demo's outputs (see :mod:`mgll.demo.report`)."""
-    from mgll.demo.evaluation import REPORT_DATA_FILE
-    from mgll.demo.settings import ENCODERS, PRETRAINED, REPORT_FILE
-    from mgll.eval.results import read_predictions
-    from mgll.training.run_log import read_metrics
-
     level = demo.recipe.main_level
     index = [lv.name for lv in records.levels].index(level)
     text_level = next(r["level"] for r in summary["table"] if r["protocol"] == "retrieval")

@@ -25,6 +25,8 @@ from mgll.demo.folds import (
     write_folds,
 )
 from mgll.demo.progress import Progress
+from mgll.demo.report import write_demo_report
+from mgll.demo.seeds import across_seeds, format_seeds
 from mgll.demo.settings import (
     C_GRID,
     DEFAULT_SEEDS,
@@ -37,8 +39,12 @@ from mgll.demo.settings import (
     check_settings,
     fold_count,
     recipe_for,
+    recipe_records,
 )
 from mgll.demo.summary import compare_encoders, format_table, table_rows, without_split
+from mgll.eval.probe import INNER_FOLDS
+from mgll.io import atomic_write
+from mgll.training.trainer import SUMMARY_FILE as RUN_SUMMARY
 
 
 def run_demo(
@@ -68,7 +74,7 @@ def run_demo(
         raise DemoError(
             f"{folder} does not exist; --data-root must hold the {recipe.dataset} folder"
         )
-    records = recipe.load_records(Path(data_root))
+    records = recipe_records(recipe, Path(data_root))
     names = [lv.name for lv in records.levels]
     if recipe.main_level not in names:  # before anything is written
         raise DemoError(f"--level {recipe.main_level!r}: the data's levels are {names}")
@@ -88,9 +94,6 @@ def run_seeds(
     echo: Callable[[str], None],
 ) -> dict[str, Any]:
     """One single-seed demo per seed in ``OUT/seed<s>``, then ``OUT/summary.json`` over seeds."""
-    from mgll.demo.seeds import across_seeds, format_seeds
-    from mgll.io import atomic_write
-
     started = time.perf_counter()
     demos = [Demo(recipe, data_root, out / f"seed{s}", quick, s) for s in seeds]
     settings = {**demos[0].settings(), "seed": None, "seeds": seeds}
@@ -136,15 +139,11 @@ def run_seeds(
 
 def run_seed(demo: Demo, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """The single-seed demo: folds, pretraining, evaluation and summary in ``demo.out``."""
-    from mgll.demo.report import write_demo_report
-    from mgll.io import atomic_write
-    from mgll.training.trainer import SUMMARY_FILE as RUN_SUMMARY
-
     seed, quick, dataset = demo.seed, demo.quick, demo.recipe.dataset
     started = time.perf_counter()
     check_settings(demo)
 
-    records = demo.recipe.load_records(demo.data_root)
+    records = recipe_records(demo.recipe, demo.data_root)
     fold = patient_folds(records, demo.recipe.main_level, demo.folds, seed)
     write_folds(demo, records, fold)
     levels = classification_levels(records, demo.folds)
@@ -213,8 +212,6 @@ def _levels_line(records: Any, folds: int, text_level: str) -> str:
 
 def _protocol(demo: Demo, records: Any, text_level: str) -> dict[str, Any]:
     """How the single-seed demo measured (summary.json's ``protocol``)."""
-    from mgll.eval.probe import INNER_FOLDS
-
     return {
         "split": f"patient-level stratified {demo.folds}-fold cross-validation "
         "(StratifiedGroupKFold on the main level, patients joined across identical "

@@ -19,7 +19,9 @@ import numpy as np
 
 from mgll.demo.evaluation import RETRIEVAL_HEADLINE
 from mgll.demo.settings import COMPARISONS, ENCODERS, DemoError
-from mgll.metrics import Statistic, seed_mean_interval
+from mgll.eval.results import read_predictions, read_results
+from mgll.eval.retrieve import read_retrieval_hits
+from mgll.metrics import Statistic, classification_metrics, seed_mean_interval
 
 
 def _same_patients(patients: Sequence[Sequence[str]]) -> None:
@@ -29,16 +31,12 @@ def _same_patients(patients: Sequence[Sequence[str]]) -> None:
 
 
 def _classification(folder: Path) -> dict[str, Any]:
-    from mgll.eval.results import read_predictions, read_results
-
     predictions = read_predictions(folder)
     predictions["type"] = read_results(folder)["task"]["type"]
     return predictions
 
 
 def _auc(p: dict[str, Any]) -> Statistic:
-    from mgll.metrics import classification_metrics
-
     y = p["y"].astype(int)
     present = [c for c in range(y.shape[1]) if 0 < y[:, c].sum() < len(y)]
 
@@ -78,8 +76,6 @@ def across_seeds(
     """The across-seed ``table`` (every encoder's macro AUC per level and protocol, and its
     retrieval headline metrics) and ``comparisons`` (MGLL - CLIP, MGLL - random) from the
     per-seed demo folders ``outs``, each with its interval over seeds and patients."""
-    from mgll.eval.retrieve import read_retrieval_hits
-
     table, comparisons = [], []
     tasks = [(lv, p, f"{p}-{lv}", "auc_macro") for lv in levels for p in ("probe", "zeroshot")]
     tasks += [(text_level, "retrieval", f"retrieval-{text_level}", m) for m in RETRIEVAL_HEADLINE]

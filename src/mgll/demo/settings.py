@@ -14,9 +14,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from mgll.data.adapters import adapter_names
+from mgll.data.build import drop_missing_images, load_records
 from mgll.data.spec import is_spec_path
+from mgll.data.splits import linked_patient_keys
+from mgll.demo.recipes import DEFAULT_CONFIG, RECIPES, Recipe
+from mgll.demo.recipes import DEFAULT_SEEDS as DEFAULT_SEEDS  # re-exported
 from mgll.errors import UserError
+from mgll.io import atomic_write
 from mgll.metrics import DEFAULT_RESAMPLES
+from mgll.training.config import load_config
 
 ENCODERS = ("random", "clip", "mgll")
 PRETRAINED = ("clip", "mgll")
@@ -41,10 +48,6 @@ def load_demo_records(folder: Path, source: str | None = None) -> Any:
     ``folder``) with every patient id replaced by its patient *group*: patients joined across
     byte-identical image files, so that no photo is on both sides of a split and the bootstrap
     resamples the groups."""
-    from mgll.data.build import drop_missing_images, load_records
-    from mgll.data.spec import is_spec_path
-    from mgll.data.splits import linked_patient_keys
-
     spec = source is not None and is_spec_path(source)
     records, _ = load_records(source, None if spec else folder)
     records, _missing = drop_missing_images(records)
@@ -55,49 +58,15 @@ def load_demo_records(folder: Path, source: str | None = None) -> Any:
     return records
 
 
-@dataclass(frozen=True)
-class Recipe:
-    """One dataset's demo: its folder under the data root, pretraining config and main level;
-    ``source`` is its ``data.source`` when the config's is not it (a user's format or spec)."""
-
-    dataset: str
-    config: str
-    main_level: str
-    folds: int = 5
-    source: str | None = None
-
-    def overrides(self) -> list[tuple[str, Any]]:
-        """The config overrides that point the recipe's config at this dataset."""
-        if self.shipped:
-            return []
-        path = None if self.source and is_spec_path(self.source) else self.dataset
-        return [("data.source", self.source), ("data.path", path), ("data.levels", None)]
-
-    @property
-    def shipped(self) -> bool:
-        """Whether this is one of :data:`RECIPES` (any main level)."""
-        return self.source is None and self.dataset in RECIPES
-
-    def load_records(self, data_root: Path) -> Any:
-        """The dataset's records, read as pretraining reads them (see :mod:`mgll.demo.folds`)."""
-        return load_demo_records(data_root / self.dataset, self.source)
-
-
-RECIPES = {
-    "csdi-fundus": Recipe("csdi-fundus", "demo-csdi-fundus", "severity"),
-    "covid-cxr": Recipe("covid-cxr", "demo-covid-cxr", "organism"),
-}
-# Any other dataset (`mgll demo --data X --level L`) gets the fundus recipe's small CPU tower.
-DEFAULT_CONFIG = "demo-csdi-fundus"
-DEFAULT_SEEDS = 3  # 3 x the single seed's 5 min 12 s measured on 2 cores (docs/demo.md)
+def recipe_records(recipe: Recipe, data_root: Path) -> Any:
+    """The recipe's records, read as pretraining reads them (see :mod:`mgll.demo.folds`)."""
+    return load_demo_records(data_root / recipe.dataset, recipe.source)
 
 
 def recipe_for(data: str | None, level: str | None, data_root: Path) -> Recipe:
     """The recipe of ``--data``/``--level``: a shipped recipe by name (``--level`` may change
     its main level), else a dataset folder (format detected), a format name (the folder of
     that name under the data root) or a spec file, with the default config."""
-    from mgll.data.adapters import adapter_names
-
     name = data or "csdi-fundus"
     if name in RECIPES:
         recipe = RECIPES[name]
@@ -167,8 +136,6 @@ class Demo:
     def config(self, loss: str, fold: int, extra: Sequence[tuple[str, Any]] = ()) -> Any:
         """The pretraining config of one encoder and fold (``extra``: more overrides): the
         same seed for every encoder, the fold's split file."""
-        from mgll.training.config import load_config
-
         overrides: list[tuple[str, Any]] = [
             *self.recipe.overrides(),
             ("data.split", {"file": str(self.split_file(fold).resolve())}),
@@ -195,8 +162,6 @@ def check_settings(
 ) -> None:
     """Record the run's settings (``wanted``, default ``demo.settings()``) in its folder
     (``out``, default ``demo.out``); a folder holding other settings is refused."""
-    from mgll.io import atomic_write
-
     out = out or demo.out
     path = out / SETTINGS_FILE
     wanted = wanted or demo.settings()

@@ -9,13 +9,13 @@ from typing import Any
 
 from mgll.demo.evaluation import RETRIEVAL_HEADLINE
 from mgll.demo.settings import COMPARISONS, ENCODERS, Demo
+from mgll.eval.compare import compare_folders
+from mgll.eval.results import read_results
 
 
 def table_rows(
     demo: Demo, encoder: str, levels: Sequence[str], text_level: str
 ) -> list[dict[str, Any]]:
-    from mgll.eval.results import read_results
-
     rows = []
     for level in levels:
         for protocol in ("probe", "zeroshot"):
@@ -50,8 +50,6 @@ def table_rows(
 
 
 def compare_encoders(demo: Demo, levels: Sequence[str], text_level: str) -> list[dict[str, Any]]:
-    from mgll.eval.compare import compare_folders
-
     out = []
     tasks = [(level, p, f"{p}-{level}") for level in levels for p in ("probe", "zeroshot")]
     tasks.append((text_level, "retrieval", f"retrieval-{text_level}"))
