@@ -25,7 +25,7 @@ from mgll.cli import add_resume_argument
 from mgll.errors import UsageError
 from mgll.schema import parse_overrides
 from mgll.segmentation.config import SegmentationConfig, load_segmentation_config
-from mgll.segmentation.data import SegDataError
+from mgll.segmentation.samples import SegDataError
 from mgll.segmentation.sources import MASK_FORMATS, format_names, load_source
 
 # flag dest -> config key, for the flags that set a config value (None = not given).

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -28,41 +27,12 @@ from mgll.data.cache import PreprocessCache, check_resize_mode
 from mgll.data.images import ImageLoadError
 from mgll.data.records import Record
 from mgll.data.splits import SPLIT_NAMES, patient_split, write_split_file
-from mgll.errors import UserError
 from mgll.io import atomic_write, save_npy
+from mgll.segmentation.samples import MaskRef, SegSample
+from mgll.segmentation.samples import SegDataError as SegDataError  # re-exported
+from mgll.segmentation.samples import SegSource as SegSource  # re-exported
 
 MASK_CACHE_VERSION = 1
-
-
-class SegDataError(UserError, ValueError):
-    """A segmentation source cannot be read; the message names the file/row and the fix."""
-
-
-@dataclass
-class MaskRef:
-    """One mask file and the pixel value that marks the class (None = any non-black pixel)."""
-
-    path: Path
-    value: int | None = None
-
-
-@dataclass
-class SegSample:
-    """An image, its patient, and per class the masks whose union is that class."""
-
-    image: Path
-    patient_id: str
-    masks: list[list[MaskRef]] = field(default_factory=list)
-
-
-@dataclass
-class SegSource:
-    """Samples and class names of a segmentation dataset."""
-
-    samples: list[SegSample]
-    classes: list[str]
-    folder: Path
-    format: str = ""  # the registry entry that read it (mgll.segmentation.sources)
 
 
 # ---------------------------------------------------------------------------------------------

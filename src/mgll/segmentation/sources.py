@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from mgll.segmentation.data import MaskRef, SegDataError, SegSample, SegSource
+from mgll.segmentation.samples import MaskRef, SegDataError, SegSample, SegSource
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 

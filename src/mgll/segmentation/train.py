@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mgll.io import atomic_write
+from mgll.metrics import bootstrap_indices, patient_groups
 from mgll.segmentation.config import SegmentationConfig
 from mgll.segmentation.data import SegDataset, SegSample
 from mgll.training.epochs import EpochSettings, SupervisedTask
@@ -72,8 +73,6 @@ def summarize_scores(
     scores: np.ndarray, patients: list[str], classes: list[str], n_resamples: int, seed: int
 ) -> dict[str, Any]:
     """Per-class and mean values of an (N, C) score matrix with patient-bootstrap 95% CIs."""
-    from mgll.metrics import bootstrap_indices, patient_groups
-
     point = _class_means(scores)
     boot = np.array(
         [
