@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 SRC = Path(__file__).resolve().parent.parent / "src"
 
 
@@ -87,16 +85,3 @@ def test_fine_tuning_and_segmentation_load_neither_the_trainer_nor_the_pretraini
     from mgll.training import RunConfig, train  # the names themselves still load
 
     assert callable(train) and RunConfig.__name__ == "RunConfig"
-
-
-@pytest.mark.parametrize("argv", [["--help"], ["compare", "--help"], ["benchmark", "--help"]])
-def test_help_loads_no_torch(argv):
-    """``mgll --help`` and the help of a command whose module is light stay fast: no torch.
-    (The commands registered by their heavy protocol module load it today: issue 25, item 3.)"""
-    code = (
-        "import sys\nfrom mgll.cli import main\ntry:\n    main(sys.argv[1:])\n"
-        "except SystemExit:\n    pass\nprint('torch' in sys.modules, file=sys.stderr)"
-    )
-    out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
-    assert out.stderr.strip().splitlines()[-1] == "False", out.stderr
-    assert "usage: mgll" in out.stdout
