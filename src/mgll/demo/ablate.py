@@ -25,10 +25,11 @@ from typing import Any
 
 import numpy as np
 
-from mgll.data import prepare_data
+from mgll.data.build import prepare_data
 from mgll.data.records import RecordSet
 from mgll.demo.folds import fold_task, patient_folds, pretrain_run, write_folds
 from mgll.demo.progress import Progress
+from mgll.demo.recipes import Recipe
 from mgll.demo.settings import C_GRID, RECIPES, Demo, DemoError, check_settings, load_demo_records
 from mgll.eval.encoders import encoder_from_model
 from mgll.eval.features import extract_features
@@ -201,7 +202,7 @@ def run_ablation(
 
 
 def _run_variant(
-    demo: Demo, variant: Any, records: RecordSet, fold: Any, progress: Progress
+    demo: Demo, variant: Variant, records: RecordSet, fold: np.ndarray, progress: Progress
 ) -> float:
     """One variant of one seed: pretrain its folds, then the probe's pooled macro AUC (each
     read back when a previous run finished it)."""
@@ -227,7 +228,7 @@ def _run_variant(
     return value
 
 
-def _ablation_demo(recipe: Any, data_root: Path, out: Path, quick: bool, seed: int) -> Demo:
+def _ablation_demo(recipe: Recipe, data_root: Path, out: Path, quick: bool, seed: int) -> Demo:
     """The demo's settings for one seed of the ablation (its own folds and run folders)."""
     from dataclasses import replace
 

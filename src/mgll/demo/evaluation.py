@@ -17,6 +17,7 @@ import numpy as np
 
 from mgll.data.records import RecordSet
 from mgll.demo.folds import fold_models, fold_task, retrieval_level
+from mgll.demo.progress import Progress
 from mgll.demo.settings import C_GRID, Demo, DemoError
 from mgll.eval.encoders import encoder_from_model
 from mgll.eval.features import extract_features
@@ -223,7 +224,7 @@ def evaluate_encoder(
     records: RecordSet,
     fold: np.ndarray,
     levels: Sequence[str],
-    progress: Any,
+    progress: Progress,
 ) -> bool:
     """Probe, zero-shot and retrieval outputs of one encoder for every level, each step said
     and timed by ``progress`` (:class:`~mgll.demo.progress.Progress`); False when all existed

@@ -17,6 +17,7 @@ import numpy as np
 
 from mgll.data.records import RecordSet
 from mgll.data.splits import write_split_file
+from mgll.demo.progress import Progress
 from mgll.demo.settings import Demo, DemoError
 from mgll.eval.task import EvalData, build_task, scorable_classes
 from mgll.models import create_model
@@ -156,7 +157,7 @@ def fold_task(
     )
 
 
-def pretrain_folds(demo: Demo, encoders: tuple[str, ...], progress: Any) -> dict[str, float]:
+def pretrain_folds(demo: Demo, encoders: tuple[str, ...], progress: Progress) -> dict[str, float]:
     """Pretrain (or resume, or keep) every encoder once per fold, each on its fold's training
     patients only (``OUT/folds/fold<k>.csv``); returns each encoder's seconds over folds."""
     seconds: dict[str, float] = {}

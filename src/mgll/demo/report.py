@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from mgll.data.records import RecordSet
 from mgll.demo.evaluation import REPORT_DATA_FILE
-from mgll.demo.settings import ENCODERS, PRETRAINED, REPORT_FILE
+from mgll.demo.settings import ENCODERS, PRETRAINED, REPORT_FILE, Demo
 from mgll.eval.results import read_predictions
 from mgll.io import atomic_write
 from mgll.metrics import comparison_verdict
@@ -418,7 +419,7 @@ def _retrieval_examples(
     return examples
 
 
-def write_demo_report(demo: Any, records: Any, summary: Mapping[str, Any]) -> Path:
+def write_demo_report(demo: Demo, records: RecordSet, summary: Mapping[str, Any]) -> Path:
     """``OUT/report.html`` from the demo's outputs (see :mod:`mgll.demo.report`)."""
     level = demo.recipe.main_level
     index = [lv.name for lv in records.levels].index(level)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mgll.data.records import RecordSet
 from mgll.demo.evaluation import RETRIEVAL_HEADLINE, RETRIEVAL_KS, evaluate_encoder, evaluated
 from mgll.demo.folds import (
     check_main_level,
@@ -196,7 +197,7 @@ def run_seed(demo: Demo, echo: Callable[[str], None] = print) -> dict[str, Any]:
     return summary
 
 
-def _levels_line(records: Any, folds: int, text_level: str) -> str:
+def _levels_line(records: RecordSet, folds: int, text_level: str) -> str:
     """Which levels the demo probes, which it retrieves and which it leaves, and why."""
     kinds = level_kinds(records, folds)
     probed = [name for name, kind in kinds.items() if kind == "label"]
@@ -210,7 +211,7 @@ def _levels_line(records: Any, folds: int, text_level: str) -> str:
     return line + (f"; not scored: {', '.join(left)}" if left else "")
 
 
-def _protocol(demo: Demo, records: Any, text_level: str) -> dict[str, Any]:
+def _protocol(demo: Demo, records: RecordSet, text_level: str) -> dict[str, Any]:
     """How the single-seed demo measured (summary.json's ``protocol``)."""
     return {
         "split": f"patient-level stratified {demo.folds}-fold cross-validation "

@@ -202,7 +202,9 @@ class _LabelledImages(torch.utils.data.Dataset):
         self.images.set_epoch(epoch)
 
 
-def _datasets(encoder: Encoder, data: EvalData, augmentation: Any, seed: int) -> dict[str, Any]:
+def _datasets(
+    encoder: Encoder, data: EvalData, augmentation: Augmentation, seed: int
+) -> dict[str, Any]:
     cache_dir = default_cache_dir(data.folder)
     out = {}
     for split in ("train", "val", "test"):
