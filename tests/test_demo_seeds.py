@@ -88,7 +88,14 @@ def test_across_seed_comparisons_pair_each_seed_of_a_with_the_same_seed_of_b(mon
 
     monkeypatch.setattr(seeds, "_classification", classification)
     monkeypatch.setattr(retrieve, "read_retrieval_hits", retrieval)
-    _, comparisons = seeds.across_seeds(outs, ["grade"], "note", n_resamples=20)
+    _, comparisons = seeds.across_seeds(
+        outs,
+        ["grade"],
+        "note",
+        encoders=("random", "clip", "mgll"),
+        pairs=(("mgll", "clip"), ("mgll", "random")),
+        n_resamples=20,
+    )
     auc = {key: roc_auc_score(truth, v) for key, v in scores.items()}
     checked = 0
     for c in comparisons:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from mgll.demo.settings import Demo, DemoError
+from mgll.demo.settings import PRETRAINED, Demo, DemoError
 
 
 def level_kinds(records: Any, folds: int) -> dict[str, str]:
@@ -122,13 +122,14 @@ def pretrain_run(
 
 
 def fold_models(demo: Demo, encoder: str) -> list[Any]:
-    """The encoder's model of every fold: the seeded initial model for ``random`` (the weights
-    every pretraining starts from, the same for all folds), else the fold's pretrained run."""
+    """The encoder's model of every fold: the seeded initial model for the start encoder
+    (``random`` or ``imagenet``: the weights every pretraining starts from, the same for all
+    folds), else the fold's pretrained run."""
     from mgll.models import create_model
     from mgll.process import seed_everything
     from mgll.training.checkpoint import load_model
 
-    if encoder == "random":
+    if encoder not in PRETRAINED:
         seed_everything(demo.seed)  # as the trainer does right before building the model
         model = create_model(demo.config("mgll", 0).model)
         return [model.eval()] * demo.folds

@@ -417,7 +417,7 @@ def _retrieval_examples(
 def write_demo_report(demo: Any, records: Any, summary: Mapping[str, Any]) -> Path:
     """``OUT/report.html`` from the demo's outputs (see :mod:`mgll.demo.report`)."""
     from mgll.demo.evaluation import REPORT_DATA_FILE
-    from mgll.demo.settings import ENCODERS, PRETRAINED, REPORT_FILE
+    from mgll.demo.settings import PRETRAINED, REPORT_FILE
     from mgll.eval.results import read_predictions
     from mgll.training.run_log import read_metrics
 
@@ -427,7 +427,7 @@ def write_demo_report(demo: Any, records: Any, summary: Mapping[str, Any]) -> Pa
     shown_text = [lv.name for lv in records.levels].index(text_level)
     names = [r.labels[index][0] if r.labels[index] else "(none)" for r in records.records]
     encoders = []
-    for encoder in ENCODERS:
+    for encoder in demo.encoders:
         base = demo.out / encoder
         curve: list[tuple[int, float]] = []
         if encoder in PRETRAINED:
@@ -450,7 +450,7 @@ def write_demo_report(demo: Any, records: Any, summary: Mapping[str, Any]) -> Pa
         )
     protocol = summary["protocol"]
     inputs = ReportInputs(
-        title=f"mgll demo: random vs CLIP vs MGLL on {summary['dataset']}",
+        title=f"mgll demo: {demo.encoders[0]} vs CLIP vs MGLL on {summary['dataset']}",
         dataset=summary["dataset"],
         table=summary["table"],
         comparisons=summary["comparisons"],
