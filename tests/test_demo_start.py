@@ -86,3 +86,17 @@ def test_a_folder_of_one_start_refuses_the_other(tmp_path, capsys, monkeypatch):
         from mgll.demo.run import run_demo
 
         run_demo(root, tmp_path / "x", quick=True, start="nowhere")
+
+
+def test_the_seed_table_keeps_its_cells_apart():
+    from mgll.demo.seeds import format_seeds
+
+    cell = {"value": 0.872, "ci95": [0.834, 0.904], "per_seed": [0.851, 0.882, 0.883]}
+    table = [
+        {"encoder": e, "level": "severity", "protocol": "linear_probe", "metric": "auc_macro"}
+        | cell
+        for e in ("imagenet", "clip", "mgll")
+    ]
+    text = format_seeds({"settings": {"seeds": [0, 1, 2]}, "table": table, "comparisons": []})
+    row = text.splitlines()[2]
+    assert row.count(")  0.872") == 2  # each 41-character cell, then two spaces, then the next

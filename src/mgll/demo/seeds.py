@@ -128,17 +128,19 @@ def format_seeds(summary: dict[str, Any]) -> str:
     """The across-seed table and comparisons, as printed at the end."""
     n = len(summary["settings"]["seeds"])
     encoders = table_encoders(summary["table"])
-    lines = [
-        f"over {n} seeds: mean (95% interval over seeds and patients) [each seed]",
-        f"{'level':<14}{'protocol':<14}{'metric':<10}" + "".join(f"{e:<40}" for e in encoders),
-    ]
     rows: dict[tuple[str, str, str], dict[str, str]] = {}
     for r in summary["table"]:
         rows.setdefault((r["level"], r["protocol"], r["metric"]), {})[r["encoder"]] = _cell(r)
+    # a column as wide as its widest cell, and two spaces: the cells never run together
+    width = 2 + max(len(text) for cells in rows.values() for text in [*cells.values(), *encoders])
+    lines = [
+        f"over {n} seeds: mean (95% interval over seeds and patients) [each seed]",
+        f"{'level':<14}{'protocol':<14}{'metric':<10}" + "".join(f"{e:<{width}}" for e in encoders),
+    ]
     for (level, protocol, metric), cells in rows.items():
         lines.append(
             f"{level:<14}{protocol:<14}{metric:<10}"
-            + "".join(f"{cells.get(e, ''):<40}" for e in encoders)
+            + "".join(f"{cells.get(e, ''):<{width}}" for e in encoders)
         )
     lines.append("")
     for c in summary["comparisons"]:
