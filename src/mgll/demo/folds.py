@@ -18,7 +18,7 @@ import numpy as np
 from mgll.data.records import RecordSet
 from mgll.data.splits import write_split_file
 from mgll.demo.progress import Progress
-from mgll.demo.settings import Demo, DemoError
+from mgll.demo.settings import PRETRAINED, Demo, DemoError
 from mgll.eval.task import EvalData, build_task, scorable_classes
 from mgll.models import create_model
 from mgll.process import seed_everything
@@ -122,9 +122,10 @@ def pretrain_run(
 
 
 def fold_models(demo: Demo, encoder: str) -> list[Any]:
-    """The encoder's model of every fold: the seeded initial model for ``random`` (the weights
-    every pretraining starts from, the same for all folds), else the fold's pretrained run."""
-    if encoder == "random":
+    """The encoder's model of every fold: the seeded initial model for the start encoder
+    (``random`` or ``imagenet``: the weights every pretraining starts from, the same for all
+    folds), else the fold's pretrained run."""
+    if encoder not in PRETRAINED:
         seed_everything(demo.seed)  # as the trainer does right before building the model
         model = create_model(demo.config("mgll", 0).model)
         return [model.eval()] * demo.folds

@@ -36,6 +36,8 @@ class Recipe:
         return self.source is None and self.dataset in RECIPES
 
 
+# where every encoder starts (mgll demo --from; mgll.demo.settings.IMAGENET_START says how)
+STARTS = ("scratch", "imagenet")
 RECIPES = {
     "csdi-fundus": Recipe("csdi-fundus", "demo-csdi-fundus", "severity"),
     "covid-cxr": Recipe("covid-cxr", "demo-covid-cxr", "organism"),

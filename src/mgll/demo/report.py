@@ -23,7 +23,7 @@ import numpy as np
 
 from mgll.data.records import RecordSet
 from mgll.demo.evaluation import REPORT_DATA_FILE
-from mgll.demo.settings import ENCODERS, PRETRAINED, REPORT_FILE, Demo
+from mgll.demo.settings import PRETRAINED, REPORT_FILE, Demo
 from mgll.eval.results import read_predictions
 from mgll.io import atomic_write
 from mgll.metrics import comparison_verdict
@@ -427,7 +427,7 @@ def write_demo_report(demo: Demo, records: RecordSet, summary: Mapping[str, Any]
     shown_text = [lv.name for lv in records.levels].index(text_level)
     names = [r.labels[index][0] if r.labels[index] else "(none)" for r in records.records]
     encoders = []
-    for encoder in ENCODERS:
+    for encoder in demo.encoders:
         base = demo.out / encoder
         curve: list[tuple[int, float]] = []
         if encoder in PRETRAINED:
@@ -450,7 +450,7 @@ def write_demo_report(demo: Demo, records: RecordSet, summary: Mapping[str, Any]
         )
     protocol = summary["protocol"]
     inputs = ReportInputs(
-        title=f"mgll demo: random vs CLIP vs MGLL on {summary['dataset']}",
+        title=f"mgll demo: {demo.encoders[0]} vs CLIP vs MGLL on {summary['dataset']}",
         dataset=summary["dataset"],
         table=summary["table"],
         comparisons=summary["comparisons"],

@@ -26,12 +26,12 @@ from mgll.demo.folds import (
     write_folds,
 )
 from mgll.demo.progress import Progress
+from mgll.demo.recipes import STARTS
 from mgll.demo.report import write_demo_report
 from mgll.demo.seeds import across_seeds, format_seeds
 from mgll.demo.settings import (
     C_GRID,
     DEFAULT_SEEDS,
-    ENCODERS,
     PRETRAINED,
     SUMMARY_FILE,
     Demo,
@@ -57,17 +57,21 @@ def run_demo(
     quick: bool = False,
     seed: int = 0,
     seeds: int | None = None,
+    start: str = "scratch",
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run (or resume) the demo and return the summary written to ``OUT/summary.json``.
 
     ``dataset``: a shipped recipe, a dataset folder, a format name or a spec file (``--data``),
-    ``level`` its main level. ``seeds`` (default 3, 1 with ``quick``) seeds from ``seed`` on:
-    one seed writes the single-seed layout into ``OUT``; several write one such folder per
-    seed (``OUT/seed<s>``) and the summary over seeds (:mod:`mgll.demo.seeds`).
+    ``level`` its main level, ``start`` where the encoders start (:data:`STARTS`). ``seeds``
+    (default 3, 1 with ``quick``) seeds from ``seed`` on: one seed writes the single-seed
+    layout into ``OUT``; several write one such folder per seed (``OUT/seed<s>``) and the
+    summary over seeds (:mod:`mgll.demo.seeds`).
     """
     recipe = recipe_for(dataset, level, Path(data_root))
     n_seeds = seeds if seeds is not None else (1 if quick else DEFAULT_SEEDS)
+    if start not in STARTS:
+        raise DemoError(f"--from {start}: choose one of {', '.join(STARTS)}")
     if seed < 0 or n_seeds < 1:
         raise DemoError(f"--seed {seed} --seeds {n_seeds}: the seed must be >= 0, seeds >= 1")
     folder = Path(data_root) / recipe.dataset
@@ -82,8 +86,9 @@ def run_demo(
     check_main_level(records, recipe.main_level, fold_count(recipe, quick))
     out = Path(output_dir)
     if n_seeds == 1:
-        return run_seed(Demo(recipe, Path(data_root), out, quick, seed), echo)
-    return run_seeds(recipe, Path(data_root), out, quick, list(range(seed, seed + n_seeds)), echo)
+        return run_seed(Demo(recipe, Path(data_root), out, quick, seed, start), echo)
+    seeds_run = list(range(seed, seed + n_seeds))
+    return run_seeds(recipe, Path(data_root), out, quick, seeds_run, echo, start)
 
 
 def run_seeds(
@@ -93,10 +98,11 @@ def run_seeds(
     quick: bool,
     seeds: list[int],
     echo: Callable[[str], None],
+    start: str = "scratch",
 ) -> dict[str, Any]:
     """One single-seed demo per seed in ``OUT/seed<s>``, then ``OUT/summary.json`` over seeds."""
     started = time.perf_counter()
-    demos = [Demo(recipe, data_root, out / f"seed{s}", quick, s) for s in seeds]
+    demos = [Demo(recipe, data_root, out / f"seed{s}", quick, s, start) for s in seeds]
     settings = {**demos[0].settings(), "seed": None, "seeds": seeds}
     check_settings(demos[0], out, settings)
     runs = []
@@ -108,7 +114,12 @@ def run_seeds(
     text_level = next(r["level"] for r in first["table"] if r["protocol"] == "retrieval")
     echo("[seeds] bootstrap over seeds and patients")
     table, comparisons = across_seeds(
-        [d.out for d in demos], levels, text_level, n_resamples=demos[0].resamples
+        [d.out for d in demos],
+        levels,
+        text_level,
+        encoders=demos[0].encoders,
+        pairs=demos[0].comparisons,
+        n_resamples=demos[0].resamples,
     )
     summary = {
         "dataset": first["dataset"],
@@ -157,7 +168,7 @@ def run_seed(demo: Demo, echo: Callable[[str], None] = print) -> dict[str, Any]:
         ),
         evaluations=[  # per encoder: features and retrieval, then each level's probe
             kind
-            for e in ENCODERS
+            for e in demo.encoders
             if not evaluated(demo, e, records, levels)
             for kind in ("retrieval", *levels)
         ],
@@ -173,7 +184,7 @@ def run_seed(demo: Demo, echo: Callable[[str], None] = print) -> dict[str, Any]:
     pretrain_s = pretrain_folds(demo, PRETRAINED, progress)
 
     table: list[dict[str, Any]] = []
-    for encoder in ENCODERS:
+    for encoder in demo.encoders:
         evaluate_encoder(demo, encoder, records, fold, levels, progress)
         table.extend(table_rows(demo, encoder, levels, text_level))
 

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from mgll.demo.evaluation import RETRIEVAL_HEADLINE
-from mgll.demo.settings import COMPARISONS, ENCODERS, DemoError
+from mgll.demo.settings import DemoError
+from mgll.demo.summary import table_encoders
 from mgll.eval.results import read_predictions, read_results
 from mgll.eval.retrieve import read_retrieval_hits
 from mgll.metrics import Statistic, classification_metrics, seed_mean_interval
@@ -70,19 +71,21 @@ def across_seeds(
     levels: Sequence[str],
     text_level: str,
     *,
+    encoders: Sequence[str],
+    pairs: Sequence[tuple[str, str]],
     n_resamples: int,
     seed: int = 0,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The across-seed ``table`` (every encoder's macro AUC per level and protocol, and its
-    retrieval headline metrics) and ``comparisons`` (MGLL - CLIP, MGLL - random) from the
+    retrieval headline metrics) and ``comparisons`` (each of ``pairs`` ``(a, b)``: a - b) from the
     per-seed demo folders ``outs``, each with its interval over seeds and patients."""
     table, comparisons = [], []
     tasks = [(lv, p, f"{p}-{lv}", "auc_macro") for lv in levels for p in ("probe", "zeroshot")]
     tasks += [(text_level, "retrieval", f"retrieval-{text_level}", m) for m in RETRIEVAL_HEADLINE]
     for level, protocol, name, metric in tasks:
-        read = {e: [] for e in ENCODERS}
+        read: dict[str, list] = {e: [] for e in encoders}
         for out in outs:
-            for encoder in ENCODERS:
+            for encoder in encoders:
                 folder = out / encoder / name
                 if protocol == "retrieval":
                     hits = read_retrieval_hits(folder)
@@ -90,16 +93,16 @@ def across_seeds(
                 else:
                     p = _classification(folder)
                     read[encoder].append((p["images"], p["patients"], _auc(p)))
-        patients = [p for _, p, _ in read[ENCODERS[0]]]
+        patients = [p for _, p, _ in read[encoders[0]]]
         _same_patients(patients)
         shown = {"probe": "linear_probe"}.get(protocol, protocol)
-        for encoder in ENCODERS:
+        for encoder in encoders:
             stats = [stat for _, _, stat in read[encoder]]
             entry = seed_mean_interval(stats, patients, n_resamples=n_resamples, seed=seed)
             table.append(
                 {"encoder": encoder, "level": level, "protocol": shown, "metric": metric, **entry}
             )
-        for a, b in COMPARISONS:
+        for a, b in pairs:
             for s, ((images_a, _, _), (images_b, _, _)) in enumerate(
                 zip(read[a], read[b], strict=True)
             ):
@@ -120,17 +123,20 @@ def across_seeds(
 def format_seeds(summary: dict[str, Any]) -> str:
     """The across-seed table and comparisons, as printed at the end."""
     n = len(summary["settings"]["seeds"])
-    lines = [
-        f"over {n} seeds: mean (95% interval over seeds and patients) [each seed]",
-        f"{'level':<14}{'protocol':<14}{'metric':<10}" + "".join(f"{e:<40}" for e in ENCODERS),
-    ]
+    encoders = table_encoders(summary["table"])
     rows: dict[tuple[str, str, str], dict[str, str]] = {}
     for r in summary["table"]:
         rows.setdefault((r["level"], r["protocol"], r["metric"]), {})[r["encoder"]] = _cell(r)
+    # a column as wide as its widest cell, and two spaces: the cells never run together
+    width = 2 + max(len(text) for cells in rows.values() for text in [*cells.values(), *encoders])
+    lines = [
+        f"over {n} seeds: mean (95% interval over seeds and patients) [each seed]",
+        f"{'level':<14}{'protocol':<14}{'metric':<10}" + "".join(f"{e:<{width}}" for e in encoders),
+    ]
     for (level, protocol, metric), cells in rows.items():
         lines.append(
             f"{level:<14}{protocol:<14}{metric:<10}"
-            + "".join(f"{cells.get(e, ''):<40}" for e in ENCODERS)
+            + "".join(f"{cells.get(e, ''):<{width}}" for e in encoders)
         )
     lines.append("")
     for c in summary["comparisons"]:

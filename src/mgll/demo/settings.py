@@ -25,9 +25,22 @@ from mgll.io import atomic_write
 from mgll.metrics import DEFAULT_RESAMPLES
 from mgll.training.config import load_config
 
-ENCODERS = ("random", "clip", "mgll")
-PRETRAINED = ("clip", "mgll")
-COMPARISONS = (("mgll", "clip"), ("mgll", "random"))
+PRETRAINED = ("clip", "mgll")  # the encoders pretrained per fold (Demo.encoders: all of them)
+# --from: where every encoder starts. "scratch": the recipe's own small tower at random (the
+# demo's default; the first encoder, "random", is that seeded initial model). "imagenet":
+# EfficientNet-Lite0 with its ImageNet weights (offline, mgll[weights]), 160 px, its last three
+# layer groups and the new projections trained for a few epochs at a lower rate (docs/demo.md
+# "From ImageNet"); the first encoder, "imagenet", is that tower as it is.
+START_ENCODER = {"scratch": "random", "imagenet": "imagenet"}
+IMAGENET_START: tuple[tuple[str, Any], ...] = (
+    ("model.image.arch", "timm:tf_efficientnet_lite0"),
+    ("model.image.pretrained", "imagenet"),
+    ("model.image.image_size", 160),
+    ("model.image.unlocked_groups", 3),
+    ("model.embed_dim", 256),
+    ("train.epochs", 5),
+    ("train.lr", 3.0e-4),
+)
 SETTINGS_FILE = "demo.json"
 REPORT_FILE = "report.html"
 SUMMARY_FILE = "summary.json"
@@ -105,6 +118,17 @@ class Demo:
     out: Path
     quick: bool
     seed: int
+    start: str = "scratch"
+
+    @property
+    def encoders(self) -> tuple[str, ...]:
+        """The start (``random`` or ``imagenet``: the initial model), then CLIP and MGLL."""
+        return (START_ENCODER[self.start], *PRETRAINED)
+
+    @property
+    def comparisons(self) -> tuple[tuple[str, str], ...]:
+        """MGLL - CLIP and MGLL - the start."""
+        return (("mgll", "clip"), ("mgll", START_ENCODER[self.start]))
 
     @property
     def folds(self) -> int:
@@ -128,6 +152,8 @@ class Demo:
             "folds": self.folds,
             "data": str(self.folder.resolve()),
         }
+        if self.start != "scratch":  # a demo from scratch records what it always recorded
+            out["start"] = self.start
         recipe = self.recipe
         if not recipe.shipped or recipe.main_level != RECIPES[recipe.dataset].main_level:
             out.update(source=recipe.source, main_level=recipe.main_level)
@@ -138,6 +164,7 @@ class Demo:
         same seed for every encoder, the fold's split file."""
         overrides: list[tuple[str, Any]] = [
             *self.recipe.overrides(),
+            *(IMAGENET_START if self.start == "imagenet" else ()),
             ("data.split", {"file": str(self.split_file(fold).resolve())}),
             ("train.seed", self.seed),
             ("loss.name", loss),

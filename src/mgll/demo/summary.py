@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from mgll.demo.evaluation import RETRIEVAL_HEADLINE
-from mgll.demo.settings import COMPARISONS, ENCODERS, Demo
+from mgll.demo.settings import Demo
 from mgll.eval.compare import compare_folders
 from mgll.eval.results import read_results
 
@@ -54,7 +54,7 @@ def compare_encoders(demo: Demo, levels: Sequence[str], text_level: str) -> list
     tasks = [(level, p, f"{p}-{level}") for level in levels for p in ("probe", "zeroshot")]
     tasks.append((text_level, "retrieval", f"retrieval-{text_level}"))
     for level, protocol, name in tasks:
-        for a, b in COMPARISONS:
+        for a, b in demo.comparisons:
             result = compare_folders(
                 [demo.out / a / name, demo.out / b / name],
                 output_dir=demo.out / "compare" / f"{a}-vs-{b}-{name}",
@@ -87,6 +87,11 @@ def compare_encoders(demo: Demo, levels: Sequence[str], text_level: str) -> list
     return out
 
 
+def table_encoders(table: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The encoders of a summary's table, in the order the demo ran them."""
+    return list(dict.fromkeys(row["encoder"] for row in table))
+
+
 def _fmt_ci(value: float | None, ci: Sequence[float] | None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "undefined"
@@ -105,14 +110,15 @@ def format_table(summary: Mapping[str, Any]) -> str:
         cell = _fmt_ci(r["auc_macro"], r["auc_macro_ci95"])
         rows.setdefault((r["level"], r["protocol"]), {})[r["encoder"]] = cell
     width = 24
+    encoders = table_encoders(summary["table"])
     lines = [
         f"macro AUC (95% patient-bootstrap CI), {summary['protocol']['n_images']} held-out "
         f"images, {summary['settings']['folds']}-fold patient CV",
-        f"{'level':<14}{'protocol':<14}" + "".join(f"{e:<{width}}" for e in ENCODERS),
+        f"{'level':<14}{'protocol':<14}" + "".join(f"{e:<{width}}" for e in encoders),
     ]
     for (level, protocol), cells in rows.items():
         lines.append(
-            f"{level:<14}{protocol:<14}" + "".join(f"{cells.get(e, ''):<{width}}" for e in ENCODERS)
+            f"{level:<14}{protocol:<14}" + "".join(f"{cells.get(e, ''):<{width}}" for e in encoders)
         )
     if retrieval:
         first = next(iter(retrieval.values()))
@@ -122,7 +128,7 @@ def format_table(summary: Mapping[str, Any]) -> str:
             f"held-out images; R@K = own text in the top K, P@K = top K texts of the same "
             f"{first['label_level']} ({first['n_queries']} queries); chance = a random "
             "ranking, blind = the best ranking that ignores the image",
-            f"{'metric':<12}{'chance':<8}{'blind':<8}" + "".join(f"{e:<{width}}" for e in ENCODERS),
+            f"{'metric':<12}{'chance':<8}{'blind':<8}" + "".join(f"{e:<{width}}" for e in encoders),
         ]
         metrics = [k for k in first if k.startswith(("i2t_R@", "i2t_P@")) and "ci95" not in k]
         for metric in metrics:
@@ -132,10 +138,10 @@ def format_table(summary: Mapping[str, Any]) -> str:
                 + "".join(f"{'' if v is None else f'{v:.3f}':<8}" for v in refs)
                 + "".join(
                     f"{_fmt_ci(r.get(metric), r.get(f'{metric}_ci95')):<{width}}"
-                    for r in (retrieval.get(e, {}) for e in ENCODERS)
+                    for r in (retrieval.get(e, {}) for e in encoders)
                 )
             )
-        hub = [retrieval.get(e, {}).get("top1_hub") for e in ENCODERS]
+        hub = [retrieval.get(e, {}).get("top1_hub") for e in encoders]
         hubs = ["" if h is None else f"{h:.0%}" for h in hub]
         lines.append(f"{'top-1 hub':<28}" + "".join(f"{h:<{width}}" for h in hubs))
         lines.append(
