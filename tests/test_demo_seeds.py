@@ -56,7 +56,6 @@ def test_across_seed_comparisons_pair_each_seed_of_a_with_the_same_seed_of_b(mon
     from sklearn.metrics import roc_auc_score
 
     import mgll.demo.seeds as seeds
-    import mgll.eval.retrieve as retrieve
 
     rng = np.random.default_rng(2)
     truth = np.arange(24) % 2
@@ -87,7 +86,7 @@ def test_across_seed_comparisons_pair_each_seed_of_a_with_the_same_seed_of_b(mon
         return {"images": images, "patients": patients, "texts": images, "hits": hit_rates}
 
     monkeypatch.setattr(seeds, "_classification", classification)
-    monkeypatch.setattr(retrieve, "read_retrieval_hits", retrieval)
+    monkeypatch.setattr(seeds, "read_retrieval_hits", retrieval)  # imported at the top
     _, comparisons = seeds.across_seeds(outs, ["grade"], "note", n_resamples=20)
     auc = {key: roc_auc_score(truth, v) for key, v in scores.items()}
     checked = 0
