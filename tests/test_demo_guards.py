@@ -13,7 +13,7 @@ from data_fixtures import require_shared
 def test_each_fold_pretrains_on_its_training_patients_with_the_seed_of_the_run(
     tmp_path, monkeypatch
 ):
-    import mgll.training.trainer
+    import mgll.demo.folds
     from mgll.data.build import prepare_data
     from mgll.demo.folds import patient_folds, pretrain_folds, write_folds
     from mgll.demo.progress import Progress
@@ -34,7 +34,7 @@ def test_each_fold_pretrains_on_its_training_patients_with_the_seed_of_the_run(
         trained[(cfg.loss.name, output_dir.name)] = (cfg.train.seed, images)
         (output_dir / "summary.json").write_text('{"seconds": 0.0}')
 
-    monkeypatch.setattr(mgll.training.trainer, "train", spy)
+    monkeypatch.setattr(mgll.demo.folds, "train", spy)  # folds imports train at the top
     progress = Progress(runs=4, evaluations=0, echo=lambda _: None, start=0.0)
     pretrain_folds(demo, PRETRAINED, progress)
 
