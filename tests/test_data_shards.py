@@ -183,6 +183,17 @@ def test_a_folder_of_another_corpus_is_refused_untouched(tmp_path, capsys):
     assert _files(tmp_path / "shards") == before
 
 
+@pytest.mark.parametrize("size", ["-5", "0"])
+def test_an_image_size_below_one_pixel_is_refused_before_the_folder_exists(tmp_path, capsys, size):
+    spec = corpus(tmp_path / "data", n=10)
+    out = tmp_path / "shards"
+    assert main(["data", "shard", str(spec), "--output-dir", str(out), "--image-size", size]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--image-size must be a side in pixels >= 1" in err
+    assert err.endswith(f"got {size}\n")
+    assert not out.exists()
+
+
 def _epoch(batches, workers: int, epoch: int, start: int = 0) -> list[list[int]]:
     batches.set_epoch(epoch, start)
     loader = DataLoader(batches, batch_size=None, num_workers=workers)

@@ -18,6 +18,7 @@ import yaml
 from safetensors.torch import load_file
 
 from data_fixtures import write_png
+from mgll.errors import DataError, UserError
 from mgll.schema import ConfigError
 from mgll.training import checkpoint as ckpt
 from mgll.training.run_log import read_metrics
@@ -255,3 +256,20 @@ def test_ctrl_c_checkpoints_and_the_resumed_run_equals_an_uninterrupted_one(tmp_
     b = load_file(ckpt.resolve_checkpoint("latest", tmp_path / "stopped"))
     assert ckpt.read_metadata(ckpt.resolve_checkpoint("latest", tmp_path / "full"))["step"] == 24
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_refused_by_its_data_leaves_no_folder_and_no_config(tmp_path):
+    def refusing_data(cfg, data_root, seed):
+        raise DataError("data.path: the shards hold 32 px images but the model takes 64 px")
+
+    new = tmp_path / "new" / "run"
+    fakes = {**FAKES, "data_builder": refusing_data}
+    with pytest.raises(UserError, match="32 px"):  # as the config's data section says it
+        train(fake_config({"train.max_steps": 2}), ".", new, **fakes)
+    assert not (tmp_path / "new").exists()  # the folders the run made are gone
+    held = tmp_path / "held"
+    held.mkdir()
+    (held / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="32 px"):
+        train(fake_config({"train.max_steps": 2}), ".", held, **fakes)
+    assert [p.name for p in held.iterdir()] == ["notes.txt"]  # no config.yaml, no lock

@@ -80,11 +80,14 @@ class RunLock:
         self.path = Path(output_dir) / LOCK_FILE
         self.enabled = enabled
         self._held = False
+        self._created: list[Path] = []  # folders this lock made, deepest first
 
     def __enter__(self) -> RunLock:
         if not self.enabled:
             return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        folder = self.path.parent
+        self._created = [d for d in (folder, *folder.parents) if not d.exists()]
+        folder.mkdir(parents=True, exist_ok=True)
         me = {"host": socket.gethostname(), "pid": os.getpid()}
         for _ in range(2):
             try:
@@ -126,6 +129,13 @@ class RunLock:
         if self._held:
             self.path.unlink(missing_ok=True)
             self._held = False
+        if kind is not None:  # a refused or failed run leaves no folder it made and left empty
+            for folder in self._created:
+                try:
+                    folder.rmdir()
+                except OSError:  # it holds something (e.g. a stopped run's checkpoint): keep it
+                    break
+        self._created = []
 
 
 class StopRequests:

@@ -105,14 +105,15 @@ def train(
     ):
         seed_everything(cfg.train.seed)
         fresh = scope.resume_from is None
-        if scope.info.is_main and fresh:
-            save_config(cfg, output_dir / CONFIG_FILE)
         factories = (model_factory, data_builder, collate_fn)
+        # built before a file is written: data or a model the run refuses leaves no config.yaml
         run = build(cfg, data_root, output_dir, scope.info, scope.device, *factories)
         run.stop = scope.stop
         state = TrainState()
-        if scope.info.is_main and fresh and run.write_split is not None:
-            run.write_split(output_dir / SPLIT_FILE)
+        if scope.info.is_main and fresh:
+            save_config(cfg, output_dir / CONFIG_FILE)
+            if run.write_split is not None:
+                run.write_split(output_dir / SPLIT_FILE)
         if scope.resume_from is not None:
             state = restore(run, scope.resume_from)
             if state.step >= run.max_steps or state.epoch >= cfg.train.epochs:

@@ -139,7 +139,7 @@ def write_shards(
     Resumes an interrupted run into the same folder (shards whose SHA-256 the manifest holds
     are kept); refuses a folder holding another corpus. Returns the manifest.
     """
-    _check_options(prepared, shard_size, image_format)
+    _check_options(prepared, shard_size, image_size, image_format)
     output_dir = Path(output_dir)
     corpus = _Corpus.of(prepared)
     preprocessing = {
@@ -197,8 +197,12 @@ def write_shards(
     return manifest
 
 
-def _check_options(prepared: Any, shard_size: int, image_format: str) -> None:
+def _check_options(prepared: Any, shard_size: int, image_size: int, image_format: str) -> None:
     """Refuse what shards cannot hold, before anything is written."""
+    if image_size < 1:
+        raise ShardError(
+            f"--image-size must be a side in pixels >= 1 (the model's, e.g. 224), got {image_size}"
+        )
     if shard_size < 1:
         raise ShardError(f"--shard-size must be >= 1, got {shard_size}")
     if image_format not in IMAGE_FORMATS:
