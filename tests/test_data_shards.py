@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from data_fixtures import write_png
+from data_fixtures import require_shared, write_png
 from mgll.cli import main
 from mgll.data import prepare_data
 from mgll.data.shards import MANIFEST, ShardError, write_shards
@@ -192,6 +192,20 @@ def test_an_image_size_below_one_pixel_is_refused_before_the_folder_exists(tmp_p
     assert err.count("\n") == 1 and "--image-size must be a side in pixels >= 1" in err
     assert err.endswith(f"got {size}\n")
     assert not out.exists()
+
+
+@pytest.mark.shared_data
+def test_shard_reads_the_folder_as_given_as_data_check_does(tmp_path, monkeypatch, capsys):
+    (tmp_path / "photos").symlink_to(require_shared("csdi-fundus"), target_is_directory=True)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    rest = ["--data-root", "elsewhere", "--split-seed", "0"]
+    assert main(["data", "check", "photos", *rest]) == 0
+    assert "187" in capsys.readouterr().out
+    out = ["--output-dir", "shards", "--image-size", str(SIZE)]
+    assert main(["data", "shard", "photos", *rest, *out]) == 0
+    manifest = json.loads((tmp_path / "shards" / MANIFEST).read_text())
+    assert sum(part["samples"] for part in manifest["splits"].values()) == 187
 
 
 def _epoch(batches, workers: int, epoch: int, start: int = 0) -> list[list[int]]:

@@ -296,7 +296,9 @@ def run_shard(args: argparse.Namespace) -> int:
     cfg = DataConfig.from_dict(
         {
             "source": args.path if spec else args.source,
-            "path": None if spec else args.path,
+            # the folder as given, as `mgll data check` reads it (--data-root is for a pool's
+            # sources): a relative data.path would be read under --data-root
+            "path": None if spec else str(Path(args.path).absolute()),
             "options": parse_options(args.options),
             "split": split,
             "resize": args.resize,
