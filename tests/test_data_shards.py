@@ -204,6 +204,8 @@ def test_shard_reads_the_folder_as_given_as_data_check_does(tmp_path, monkeypatc
     assert "187" in capsys.readouterr().out
     out = ["--output-dir", "shards", "--image-size", str(SIZE)]
     assert main(["data", "shard", "photos", *rest, *out]) == 0
+    # the printed data.path works under any --data-root: it is absolute
+    assert f"data.path={tmp_path / 'shards'}\n" in capsys.readouterr().out
     manifest = json.loads((tmp_path / "shards" / MANIFEST).read_text())
     assert sum(part["samples"] for part in manifest["splits"].values()) == 187
 

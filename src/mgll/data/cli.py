@@ -325,6 +325,7 @@ def run_shard(args: argparse.Namespace) -> int:
         )
     print(
         f"wrote {Path(args.output_dir) / 'manifest.json'}; train on it with "
-        f"data.source=shards data.path={args.output_dir}"
+        # absolute: a relative data.path is read under pretraining's --data-root
+        f"data.source=shards data.path={Path(args.output_dir).absolute()}"
     )
     return 0
