@@ -53,3 +53,17 @@ def test_idrid_rows_on_the_shipped_copy(name, classes):
     released[int(dropped[1 if name == "idrid-dr" else 2])] -= 1
     counts = Counter(data.y[data.rows["test"]].argmax(1).tolist())
     assert [counts[k] for k in range(classes)] == released
+
+
+def test_a_benchmark_where_no_task_has_data_fails_and_writes_nothing(tmp_path, capsys):
+    from mgll.cli import main
+
+    out = tmp_path / "bench"
+    argv = ["benchmark", "--encoder", "random:mgll-rn-tiny-64", "--tasks", "idrid-dr,palm"]
+    argv += ["--data-root", str(tmp_path / "empty"), "--output-dir", str(out)]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert captured.out.count("missing: ") == 2  # each task says where it was looked for
+    err = captured.err.strip()
+    assert "\n" not in err and "no task has its data under --data-root" in err
+    assert not out.exists()

@@ -252,6 +252,12 @@ def run_benchmark(
         for name, spec in encoders.items()
     }
     ready, data, missing = _load_tasks(tasks, data_root, echo)
+    if not ready:  # nothing to measure: a failure, before the folder is touched
+        names = ", ".join(t.name for t in tasks)
+        raise BenchmarkError(
+            f"no task has its data under --data-root {data_root} ({names}; the lines above say "
+            "where each one is looked for): give the folder holding them"
+        )
     check_settings(out, {"encoders": encoders, "tasks": [t.name for t in tasks]})
     plan = plan_units(
         ready, encoders, protocols, fractions, seeds=seeds, draws=draws, first_seed=first_seed
