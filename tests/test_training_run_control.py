@@ -273,3 +273,36 @@ def test_a_run_refused_by_its_data_leaves_no_folder_and_no_config(tmp_path):
     with pytest.raises(UserError, match="32 px"):
         train(fake_config({"train.max_steps": 2}), ".", held, **fakes)
     assert [p.name for p in held.iterdir()] == ["notes.txt"]  # no config.yaml, no lock
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["probe", "--encoder", "random:mgll-rn-tiny-64", "--data", "palm", "--level", "myopia"],
+        ["zeroshot", "--model", "runs/x", "--data", "palm", "--level", "myopia"],
+        ["retrieve", "--model", "runs/x", "--data", "palm", "--level", "myopia"],
+        ["benchmark", "--encoder", "random:mgll-rn-tiny-64", "--tasks", "palm"],
+        ["demo", "--data-root", "."],
+        ["ablate", "--data-root", "."],
+    ],
+)
+def test_an_evaluation_into_a_folder_another_process_holds_is_refused(tmp_path, capsys, command):
+    import json
+    import socket
+
+    from mgll.cli import main
+    from mgll.training.run_control import LOCK_FILE
+
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = out / LOCK_FILE
+        lock.write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid}))
+        assert main([*command, "--output-dir", str(out)]) == 1
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and f"in use by another run (process {holder.pid}" in err, err
+        assert [p.name for p in out.iterdir()] == [LOCK_FILE]  # the holder's lock, nothing else
+    finally:
+        holder.kill()
+        holder.wait()

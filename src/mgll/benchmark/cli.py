@@ -494,4 +494,4 @@ def run(args: argparse.Namespace) -> int:
         )
         return 0
 
-    return run_offline(body)
+    return run_offline(body, args.output_dir)

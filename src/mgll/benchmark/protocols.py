@@ -203,8 +203,9 @@ def resolve_device(name: str) -> str:
     return resolve(name)
 
 
-def run_offline(body: Any) -> int:
-    """``body()`` as the evaluation commands run it (model hubs offline)."""
+def run_offline(body: Any, output_dir: str | Path | None = None) -> int:
+    """``body()`` as the evaluation commands run it (model hubs offline, ``output_dir``'s run
+    lock held)."""
     from mgll.eval.cli import run_offline as run
 
-    return run(body)
+    return run(body, output_dir)

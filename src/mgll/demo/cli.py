@@ -4,6 +4,7 @@ the library loads when a command runs)."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -65,8 +66,10 @@ def run(args: argparse.Namespace) -> int:
     """Run the demo (user errors reach ``mgll.cli.main`` as one line)."""
     from mgll.demo.run import run_demo
     from mgll.process import offline_hubs
+    from mgll.training.run_control import RunLock
 
-    with offline_hubs():
+    # one writer per folder: the run lock pretraining holds (a second demo is refused)
+    with offline_hubs(), RunLock(Path(args.output_dir)):
         run_demo(
             args.data_root,
             args.output_dir,
@@ -106,8 +109,10 @@ def run_ablate(args: argparse.Namespace) -> int:
     """``mgll ablate`` (user errors reach ``mgll.cli.main`` as one line)."""
     from mgll.demo.ablate import run_ablation
     from mgll.process import offline_hubs
+    from mgll.training.run_control import RunLock
 
-    with offline_hubs():
+    # one writer per folder: the run lock pretraining holds (a second demo is refused)
+    with offline_hubs(), RunLock(Path(args.output_dir)):
         run_ablation(
             args.data_root,
             args.output_dir,

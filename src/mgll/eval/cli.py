@@ -171,13 +171,16 @@ def load_task(args: argparse.Namespace, encoder_config: dict[str, Any] | None = 
     )
 
 
-def run_offline(body: Callable[[], int]) -> int:
+def run_offline(body: Callable[[], int], output_dir: str | Path | None = None) -> int:
     """Run ``body`` with the model hubs offline: an evaluation reads local models only, never
-    a download. Errors pass through untouched (``mgll.cli.main`` prints user errors on one
-    line; any other exception is a bug and keeps its traceback)."""
+    a download. With ``output_dir``, hold that folder's run lock meanwhile (pretraining's
+    :class:`~mgll.training.run_control.RunLock`): a second command into the same folder is
+    refused in one line naming the holder. Errors pass through untouched (``mgll.cli.main``
+    prints user errors on one line; any other exception is a bug and keeps its traceback)."""
     from mgll.process import offline_hubs
+    from mgll.training.run_control import RunLock
 
-    with offline_hubs():
+    with offline_hubs(), RunLock(Path(output_dir or "."), enabled=output_dir is not None):
         return body()
 
 
@@ -231,7 +234,7 @@ def run_probe(args: argparse.Namespace) -> int:
         print(f"wrote {args.output_dir}")
         return 0
 
-    return run_offline(body)
+    return run_offline(body, args.output_dir)
 
 
 def register_finetune(subparsers: argparse._SubParsersAction) -> None:
@@ -355,7 +358,7 @@ def run_zeroshot(args: argparse.Namespace) -> int:
         print(f"wrote {args.output_dir}")
         return 0
 
-    return run_offline(body)
+    return run_offline(body, args.output_dir)
 
 
 def register_retrieve(subparsers: argparse._SubParsersAction) -> None:
@@ -412,7 +415,7 @@ def run_retrieve(args: argparse.Namespace) -> int:
         print(f"wrote {args.output_dir}")
         return 0
 
-    return run_offline(body)
+    return run_offline(body, args.output_dir)
 
 
 def register_compare(subparsers: argparse._SubParsersAction) -> None:
@@ -454,4 +457,4 @@ def run_compare(args: argparse.Namespace) -> int:
         print(format_comparison(result))
         return 0
 
-    return run_offline(body)
+    return run_offline(body, args.output_dir)
