@@ -311,28 +311,52 @@ def _run_plan(
     """Run (or read back) every unit of ``plan``, marking each done or skipped with the
     reason; returns the predictions of the done ones by folder. ``encoders``: name -> (spec,
     kind)."""
+    from mgll.training.run_control import StoppedBySignal, StopRequests
+
     progress_line = Progress(plan, echo)
     predictions: dict[str, dict[str, Any]] = {}
-    for unit in plan:
-        spec, kind = encoders[unit["encoder"]]
-        finished, seconds, reason = _run_unit(
-            unit,
-            encoder_for_seed(spec, unit["seed"]),
-            kind,
-            data[unit["task"]],
-            out,
-            progress_line,
-            options,
-        )
-        progress_line.finished(unit, seconds)
-        if finished is None:
-            unit.update(status="skipped", reason=reason)
-            echo(f"skipped: {unit['folder']}: {reason}")
-            continue
-        results, pred = finished
-        unit.update(status="done", seconds=None if seconds is None else round(seconds, 3))
-        predictions[unit["folder"]] = {**pred, "task_type": results["task"]["type"]}
+    with StopRequests(finishing="finishing this unit, then stopping") as stop:
+        for done, unit in enumerate(plan):
+            if stop.received:  # SIGINT or SIGTERM: stop at a unit boundary, as pretraining
+                raise StoppedBySignal(
+                    stop.received,
+                    f"stopped by {stop.received} after {done} of {len(plan)} units (each "
+                    f"finished one is kept in {out}); run the same command again to continue",
+                )
+            _run_one(unit, encoders, data, out, options, progress_line, predictions, echo)
     return predictions
+
+
+def _run_one(
+    unit: dict[str, Any],
+    encoders: dict[str, tuple[str, str]],
+    data: dict[str, Any],
+    out: Path,
+    options: dict[str, Any],
+    progress_line: Progress,
+    predictions: dict[str, dict[str, Any]],
+    echo: Callable[[str], None],
+) -> None:
+    """Run (or read back) one unit, marking it done or skipped; a done one's predictions go
+    into ``predictions``."""
+    spec, kind = encoders[unit["encoder"]]
+    finished, seconds, reason = _run_unit(
+        unit,
+        encoder_for_seed(spec, unit["seed"]),
+        kind,
+        data[unit["task"]],
+        out,
+        progress_line,
+        options,
+    )
+    progress_line.finished(unit, seconds)
+    if finished is None:
+        unit.update(status="skipped", reason=reason)
+        echo(f"skipped: {unit['folder']}: {reason}")
+        return
+    results, pred = finished
+    unit.update(status="done", seconds=None if seconds is None else round(seconds, 3))
+    predictions[unit["folder"]] = {**pred, "task_type": results["task"]["type"]}
 
 
 def _load_tasks(

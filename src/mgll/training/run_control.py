@@ -42,25 +42,34 @@ class RunLockedError(UserError, RuntimeError):
     """Another run is writing the output folder: the message names its host and process."""
 
 
-class RunInterrupted(UserError, RuntimeError):
-    """The run stopped on a signal after checkpointing; the message says how to continue."""
-
-    def __init__(self, signal_name: str, step: int, checkpoint: Path | None) -> None:
-        saved = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint"
-        super().__init__(
-            f"stopped by {signal_name} at step {step} ({saved}); continue the run with "
-            "--resume latest"
-        )
-        self.signal_name = signal_name
-        self.step = step
+class StoppedBySignal(UserError, RuntimeError):
+    """A command stopped on SIGINT/SIGTERM at a boundary of its work (the message says what
+    was kept and how to continue); exits as pretraining's :class:`RunInterrupted` does."""
 
     label = ""  # a requested stop, not an error
+
+    def __init__(self, signal_name: str, message: str) -> None:
+        super().__init__(message)
+        self.signal_name = signal_name
 
     @property
     def exit_code(self) -> int:  # type: ignore[override]
         """128 + the signal's number, as a shell reports a process ended by that signal."""
         names = {s.name: s.value for s in signal.Signals}
         return 128 + names[self.signal_name] if self.signal_name in names else 1
+
+
+class RunInterrupted(StoppedBySignal):
+    """The run stopped on a signal after checkpointing; the message says how to continue."""
+
+    def __init__(self, signal_name: str, step: int, checkpoint: Path | None) -> None:
+        saved = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint"
+        super().__init__(
+            signal_name,
+            f"stopped by {signal_name} at step {step} ({saved}); continue the run with "
+            "--resume latest",
+        )
+        self.step = step
 
 
 def _alive(pid: int) -> bool:
@@ -141,8 +150,13 @@ class RunLock:
 class StopRequests:
     """Turn stop signals into a flag the training loop reads between steps."""
 
-    def __init__(self, extra_signals: tuple[int, ...] = ()) -> None:
+    def __init__(
+        self,
+        extra_signals: tuple[int, ...] = (),
+        finishing: str = "finishing this step and writing a checkpoint",
+    ) -> None:
         self.signals = (signal.SIGINT, signal.SIGTERM, *extra_signals)
+        self.finishing = finishing  # what the run does before it stops, as printed
         self.received: str | None = None
         self._saved: dict[int, object] = {}
 
@@ -157,8 +171,7 @@ class StopRequests:
         for sig, handler in self._saved.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]
         print(
-            f"\n{self.received}: finishing this step and writing a checkpoint "
-            f"(send it again to stop at once)",
+            f"\n{self.received}: {self.finishing} (send it again to stop at once)",
             flush=True,
         )
 
