@@ -575,3 +575,17 @@ def test_unreachable_hub_weights_fail_fast_with_advice():
 def test_embed_dim_cannot_resize_a_pretrained_projection(tmp_path):
     with pytest.raises(ValueError, match=r"model.embed_dim: 64 differs from the 1024 of 'RN50'"):
         create_model(tiny_cfg(image={"arch": "RN50", "pretrained": "openai"}, embed_dim=64))
+
+
+def test_an_unknown_image_architecture_is_a_config_error_naming_the_key(tmp_path):
+    from mgll.cli import main
+    from mgll.models import create_model
+    from mgll.schema import ConfigError
+    from mgll.training.config import load_config
+
+    cfg = load_config("cpu-demo", [("model.image.arch", "no-such-tower")])
+    with pytest.raises(ConfigError, match=r"model\.image\.arch: 'no-such-tower' is not an"):
+        create_model(cfg.model)
+    out = tmp_path / "r"
+    argv = ["pretrain", "cpu-demo", "--data-root", str(tmp_path), "--output-dir", str(out)]
+    assert main([*argv, "model.image.arch=no-such-tower"]) == 1  # one line, not a traceback

@@ -32,7 +32,7 @@ from safetensors.torch import save_model
 from mgll.errors import ModelFileError
 from mgll.io import give_usual_modes
 from mgll.models.config import ModelConfig
-from mgll.schema import to_dict
+from mgll.schema import flatten, to_dict
 
 FORMAT_NAME = "mgll-pretrained"
 FORMAT_VERSION = 1
@@ -74,18 +74,6 @@ def _model_section(model: Any, run_config: Mapping[str, Any]) -> dict[str, Any]:
     """The ``model`` config that rebuilds ``model`` without fetching pretrained image weights."""
     section = ModelConfig.from_dict(run_config.get("model", run_config))
     return to_dict(section.for_rebuild(model.build_facts()))
-
-
-def _flatten(row: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested metric rows (per-level retrieval) as ``level/metric`` keys."""
-    flat: dict[str, Any] = {}
-    for key, value in row.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{name}/"))
-        else:
-            flat[name] = value
-    return flat
 
 
 def _fmt(value: Any) -> str:
@@ -160,7 +148,7 @@ def model_card(
         lines += [f"Last validation of the run ({split} split, step {metrics.get('step')}):", ""]
         lines += ["| metric | value |", "| --- | --- |"]
         skip = {"kind", "split", "step", "epoch"}
-        lines += [f"| {k} | {_fmt(v)} |" for k, v in _flatten(metrics).items() if k not in skip]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in flatten(metrics, "/").items() if k not in skip]
     else:
         lines.append("No validation metrics were recorded for this run.")
     lines += [

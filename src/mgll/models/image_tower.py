@@ -33,6 +33,7 @@ from mgll.models.authors import (
 from mgll.models.config import ImageConfig
 from mgll.models.weights import PretrainedWeightsError, download_failure, resolve_image_weights
 from mgll.process import quiet_random_init
+from mgll.schema import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ def build_open_clip(
     overrides: dict[str, Any] = {}
     if embed_dim is not None and int(embed_dim) != int(base_cfg["embed_dim"]):
         if source or arch.startswith("hf-hub:"):
-            raise ValueError(
+            raise ConfigError(
                 f"model.embed_dim: {embed_dim} differs from the {base_cfg['embed_dim']} of "
                 f"{arch!r}, whose pretrained projection cannot change size; set model.embed_dim "
                 f"to {base_cfg['embed_dim']} or null"
@@ -159,7 +160,7 @@ def build_open_clip(
 def _architecture(image_cfg: ImageConfig) -> tuple[str, dict[str, Any]]:
     """``model.image.arch`` and its open_clip config (an error naming the key if unknown)."""
     if not image_cfg.arch:
-        raise ValueError(
+        raise ConfigError(
             "model.image.arch: missing; give an open_clip architecture name (e.g. ViT-B-16, "
             "RN50), a shipped config (mgll-vit-tiny-64, mgll-vit-small-128) or 'hf-hub:org/repo'"
         )
@@ -171,7 +172,7 @@ def _architecture(image_cfg: ImageConfig) -> tuple[str, dict[str, Any]]:
             f"model.image.arch: could not read the open_clip config of {arch!r} ({error})"
         ) from error
     if base_cfg is None:
-        raise ValueError(
+        raise ConfigError(
             f"model.image.arch: {arch!r} is not an open_clip architecture. Known names: "
             "open_clip.list_models() (includes the shipped mgll-vit-* configs), or use "
             "'hf-hub:org/repo' for an open_clip model on the Hugging Face Hub"

@@ -32,6 +32,7 @@ from mgll.models.packing import (
 from mgll.models.token_cache import DEFAULT_SIZE, TokenCache
 from mgll.models.weights import PretrainedWeightsError, offline_hint
 from mgll.process import no_loading_bars
+from mgll.schema import ConfigError
 
 
 @dataclass
@@ -101,7 +102,7 @@ class HFTextTower(nn.Module):
     ) -> None:
         super().__init__()
         if pooling not in POOLINGS:
-            raise ValueError(
+            raise ConfigError(
                 f"model.text.pooling: {pooling!r} is not supported; use one of {sorted(POOLINGS)}"
             )
         self.encoder = encoder
