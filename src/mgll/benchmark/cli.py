@@ -317,7 +317,7 @@ def _run_plan(
     predictions: dict[str, dict[str, Any]] = {}
     with StopRequests(finishing="finishing this unit, then stopping") as stop:
         for done, unit in enumerate(plan):
-            if stop.received:  # SIGINT or SIGTERM: stop at a unit boundary, as pretraining
+            if stop.requested:  # SIGINT or SIGTERM: stop at a unit boundary, as pretraining
                 raise StoppedBySignal(
                     stop.received,
                     f"stopped by {stop.received} after {done} of {len(plan)} units (each "
@@ -497,7 +497,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``mgll benchmark``."""
-    from mgll.benchmark.protocols import resolve_device, run_offline
+    from mgll.benchmark.protocols import resolve_device
+    from mgll.eval.cli import run_offline
 
     def body() -> int:
         run_benchmark(

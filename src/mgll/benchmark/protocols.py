@@ -201,11 +201,3 @@ def resolve_device(name: str) -> str:
     from mgll.eval.options import resolve_device as resolve
 
     return resolve(name)
-
-
-def run_offline(body: Any, output_dir: str | Path | None = None) -> int:
-    """``body()`` as the evaluation commands run it (model hubs offline, ``output_dir``'s run
-    lock held)."""
-    from mgll.eval.cli import run_offline as run
-
-    return run(body, output_dir)

@@ -8,8 +8,9 @@ so the command layer (``mgll data --help``) and ``from mgll.data.X import Y`` lo
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from mgll.lazy import lazy_names
 
 if TYPE_CHECKING:
     from mgll.data.adapters import ADAPTERS, adapter_names, detect_adapter, get_adapter
@@ -90,7 +91,4 @@ _HOMES = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _HOMES:
-        raise AttributeError(f"module 'mgll.data' has no attribute {name!r}")
-    return getattr(importlib.import_module(_HOMES[name]), name)
+__getattr__ = lazy_names(__name__, _HOMES)

@@ -4,7 +4,8 @@ the library loads when a command runs)."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+
+from mgll.eval.cli import run_offline
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -65,11 +66,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the demo (user errors reach ``mgll.cli.main`` as one line)."""
     from mgll.demo.run import run_demo
-    from mgll.process import offline_hubs
-    from mgll.training.run_control import RunLock
 
-    # one writer per folder: the run lock pretraining holds (a second demo is refused)
-    with offline_hubs(), RunLock(Path(args.output_dir)):
+    def body() -> int:
         run_demo(
             args.data_root,
             args.output_dir,
@@ -81,7 +79,9 @@ def run(args: argparse.Namespace) -> int:
             start=args.start,
             echo=lambda line: print(line, flush=True),
         )
-    return 0
+        return 0
+
+    return run_offline(body, args.output_dir)  # hubs offline, the folder's run lock held
 
 
 def register_ablate(subparsers: argparse._SubParsersAction) -> None:
@@ -108,11 +108,8 @@ def register_ablate(subparsers: argparse._SubParsersAction) -> None:
 def run_ablate(args: argparse.Namespace) -> int:
     """``mgll ablate`` (user errors reach ``mgll.cli.main`` as one line)."""
     from mgll.demo.ablate import run_ablation
-    from mgll.process import offline_hubs
-    from mgll.training.run_control import RunLock
 
-    # one writer per folder: the run lock pretraining holds (a second demo is refused)
-    with offline_hubs(), RunLock(Path(args.output_dir)):
+    def body() -> int:
         run_ablation(
             args.data_root,
             args.output_dir,
@@ -121,4 +118,6 @@ def run_ablate(args: argparse.Namespace) -> int:
             quick=args.quick,
             echo=lambda line: print(line, flush=True),
         )
-    return 0
+        return 0
+
+    return run_offline(body, args.output_dir)

@@ -8,8 +8,9 @@ trainer), so ``from mgll.training.X import Y`` loads ``X`` and what it imports, 
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from mgll.lazy import lazy_names
 
 if TYPE_CHECKING:
     from mgll.schema import ConfigError
@@ -30,7 +31,4 @@ _HOMES = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _HOMES:
-        raise AttributeError(f"module 'mgll.training' has no attribute {name!r}")
-    return getattr(importlib.import_module(_HOMES[name]), name)
+__getattr__ = lazy_names(__name__, _HOMES)
